@@ -1,0 +1,130 @@
+"""Joining a host: pin the coordinator's CA, make the key, send the CSR with the roles token.
+
+agent -> coordinator (no trust yet): GET /agent/ca; its SPKI hash must equal the token's
+ca_fingerprint (or --ca-fingerprint), else stop before the token is ever sent.
+agent -> coordinator (TLS verified against that CA): POST /agent/join with CSR + token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+
+from muster.client import Client, base_url, tls_context
+from muster.domain import pki
+from muster.domain.models import HostReport
+from muster.domain.tokens import read_unverified_claims
+from muster.errors import CAMismatchError, CoordinatorUnreachableError, TokenRefusedError
+from muster.hoststate import HostPaths, write_json, write_private
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class JoinPlan:
+    coordinator: str
+    token: str
+    runner_id: str
+    host_ip: str
+    zone: str
+    capacity_mb: int
+    roles: tuple[str, ...] | None = None
+    public_hostname: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    ca_fingerprint: str | None = None
+    report: HostReport = field(default_factory=HostReport)
+
+
+def pinned_fingerprint(token: str, override: str | None) -> str:
+    """The CA pin: --ca-fingerprint if given, else the token's `ca_fingerprint` claim."""
+    if override:
+        return override
+    pin = read_unverified_claims(token).get("ca_fingerprint")
+    if not isinstance(pin, str) or not pin:
+        raise TokenRefusedError(
+            "malformed_token",
+            "the roles token carries no ca_fingerprint; pass --ca-fingerprint sha256:...",
+        )
+    return pin
+
+
+def fetch_pinned_ca(coordinator: str, pin: str, *, timeout_s: float = 10.0) -> str:
+    """Fetch the coordinator's CA without trusting it yet, and accept it only if it matches the
+    pin. Returns the CA PEM. Raises CAMismatchError or CoordinatorUnreachableError."""
+    url = base_url(coordinator) + "/api/v1/agent/ca"
+    try:
+        # No verification here on purpose: the pin below is the authentication.
+        response = httpx.get(url, verify=False, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise CoordinatorUnreachableError(
+            f"cannot reach the coordinator at {base_url(coordinator)}: {type(exc).__name__}"
+        ) from exc
+    try:
+        ca_pem = str(response.json()["ca_certificate"])
+        ca = pki.load_certificate(ca_pem)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CAMismatchError(
+            f"{base_url(coordinator)} did not send a platform CA; is it a Muster coordinator?"
+        ) from exc
+    if not pki.fingerprints_match(pin, ca):
+        raise CAMismatchError(
+            f"the coordinator's CA ({pki.spki_fingerprint(ca)}) is not the one the roles token "
+            f"pins ({pin}); not sending the token. Check --coordinator-host."
+        )
+    return ca_pem
+
+
+def join(plan: JoinPlan, paths: HostPaths, progress: Progress = lambda _m: None) -> dict[str, Any]:
+    """Run the whole join; on success the key, certificate and CA are in `paths.agent`.
+    Returns the coordinator's join reply. Raises CAMismatchError, CoordinatorUnreachableError,
+    TokenRefusedError, ConflictError (runner id taken), InvalidInputError."""
+    pin = pinned_fingerprint(plan.token, plan.ca_fingerprint)
+    ca_pem = fetch_pinned_ca(plan.coordinator, pin)
+    progress(f"coordinator verified: its CA matches {pin[:23]}...")
+    key = pki.generate_private_key()
+    body: dict[str, Any] = {
+        "token": plan.token,
+        "csr": pki.build_csr(key, plan.runner_id),
+        "runner_id": plan.runner_id,
+        "host_ip": plan.host_ip,
+        "zone": plan.zone,
+        "public_hostname": plan.public_hostname,
+        "capacity_mb": plan.capacity_mb,
+        "tags": plan.tags,
+        "report": plan.report.to_json(),
+    }
+    if plan.roles is not None:
+        body["roles"] = list(plan.roles)
+    with Client([plan.coordinator], verify=tls_context(ca_pem=ca_pem)) as client:
+        reply: dict[str, Any] = client.request("POST", "/api/v1/agent/join", json=body)
+    save_identity(paths, pki.private_key_to_pem(key), reply["certificate"], reply["ca_certificate"])
+    roles = ", ".join(reply["roles"]) or "none"
+    progress(f"identity issued: runner {reply['runner_id']} with roles {roles}")
+    return reply
+
+
+def save_identity(paths: HostPaths, key_pem: str, cert_pem: str, ca_pem: str) -> None:
+    write_private(paths.agent_key, key_pem)  # never leaves the host
+    write_private(paths.agent_cert, cert_pem, 0o644)
+    write_private(paths.agent_ca, ca_pem, 0o644)
+
+
+def save_agent_state(paths: HostPaths, state: dict[str, Any]) -> None:
+    write_json(paths.agent_state, state, 0o600)
+
+
+def client_context(paths: HostPaths) -> Any:
+    return tls_context(ca_file=paths.agent_ca, cert_file=paths.agent_cert, key_file=paths.agent_key)
+
+
+def coordinators_of(reply: dict[str, Any], fallback: Sequence[str]) -> list[str]:
+    listed = [str(c) for c in reply.get("coordinators", []) if c]
+    return listed or list(fallback)
+
+
+def read_certificate(path: Path) -> Any:
+    return pki.load_certificate(path.read_bytes())

@@ -1,0 +1,161 @@
+"""The runner agent's loop: heartbeat over mTLS at the coordinator's interval with jitter, back
+off while no coordinator answers, fail over between coordinators, renew the certificate before
+it expires (with the current certificate, never the token)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from muster import __version__
+from muster.agent import host
+from muster.agent.join import client_context, read_certificate, save_agent_state, save_identity
+from muster.client import Client
+from muster.domain import pki
+from muster.errors import CoordinatorUnreachableError, MusterError, UnauthenticatedError
+from muster.hoststate import HostPaths, read_json
+
+log = logging.getLogger(__name__)
+
+JITTER = 0.2  # each wait is the interval +/- 20 %
+MAX_BACKOFF_S = 60.0
+RENEW_AT_REMAINING = 1 / 3  # renew once two thirds of the certificate's life have passed
+
+
+class Agent:
+    def __init__(
+        self,
+        paths: HostPaths,
+        coordinators: list[str],
+        *,
+        interval_s: float = 10.0,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self.paths = paths
+        self.interval_s = interval_s
+        self.coordinators = coordinators
+        self.stopped = threading.Event()
+        self.on_event = on_event or (lambda message: log.info("%s", message))
+        self.connected = False
+        self.beats = 0
+        self._client: Client | None = None
+        self._rng = random.Random()  # noqa: S311 - jitter, not a secret
+        state = read_json(paths.agent_state) if paths.agent_state.exists() else {}
+        if state.get("coordinators"):
+            self.coordinators = list(dict.fromkeys([*state["coordinators"], *coordinators]))
+        if state.get("heartbeat_interval_seconds"):
+            self.interval_s = float(state["heartbeat_interval_seconds"])
+
+    def _connect(self) -> Client:
+        if self._client is None:
+            self._client = Client(
+                self.coordinators, verify=client_context(self.paths), timeout_s=10.0
+            )
+        return self._client
+
+    def _reset_client(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        self._client = None
+
+    def heartbeat_once(self) -> dict[str, Any]:
+        """One heartbeat. Raises CoordinatorUnreachableError, UnauthenticatedError, MusterError."""
+        report = host.report(self.paths.root, __version__)
+        reply: dict[str, Any] = self._connect().request(
+            "POST", "/api/v1/agent/heartbeat", json=report.to_json()
+        )
+        self.beats += 1
+        self._adopt(reply)
+        return reply
+
+    def _adopt(self, reply: dict[str, Any]) -> None:
+        interval = float(reply.get("heartbeat_interval_seconds") or self.interval_s)
+        listed = [str(c) for c in reply.get("coordinators", []) if c]
+        changed = interval != self.interval_s or (listed and listed != self.coordinators)
+        self.interval_s = interval
+        if listed and self._client is not None:
+            self._client.set_coordinators(listed)
+            self.coordinators = listed
+        if changed:
+            save_agent_state(
+                self.paths,
+                {"coordinators": self.coordinators, "heartbeat_interval_seconds": self.interval_s},
+            )
+
+    def renew_if_due(self, now: datetime | None = None) -> bool:
+        """Renew the client certificate when a third of its life is left. True if renewed."""
+        cert = read_certificate(self.paths.agent_cert)
+        now = now or datetime.now(UTC)
+        life = cert.not_valid_after_utc - cert.not_valid_before_utc
+        if cert.not_valid_after_utc - now > life * RENEW_AT_REMAINING:
+            return False
+        key = pki.generate_private_key()
+        reply = self._connect().request(
+            "POST",
+            "/api/v1/agent/certificate",
+            json={"csr": pki.build_csr(key, pki.certificate_common_name(cert))},
+        )
+        save_identity(
+            self.paths, pki.private_key_to_pem(key), reply["certificate"], reply["ca_certificate"]
+        )
+        self._reset_client()  # new connections present the new certificate
+        self.on_event(f"certificate renewed, valid until {reply_expiry(reply['certificate'])}")
+        return True
+
+    def wait_s(self, failures: int) -> float:
+        """The next wait: the interval with jitter, or exponential backoff after failures."""
+        if failures == 0:
+            base = self.interval_s
+        else:
+            base = min(MAX_BACKOFF_S, self.interval_s * (2 ** min(failures - 1, 6)) / 2)
+            base = max(base, 0.5)
+        return base * self._rng.uniform(1 - JITTER, 1 + JITTER)
+
+    def run(self) -> None:
+        """Heartbeat until `stop()`; never raises for a coordinator that is away."""
+        failures = 0
+        while not self.stopped.is_set():
+            try:
+                self.renew_if_due()
+                self.heartbeat_once()
+                if not self.connected:
+                    self.on_event(
+                        f"heartbeating to {self._connect().current} every ~{self.interval_s:g}s"
+                    )
+                self.connected = True
+                failures = 0
+            except CoordinatorUnreachableError:
+                failures += 1
+                if self.connected or failures == 1:
+                    self.on_event("no coordinator answers; retrying with backoff")
+                self.connected = False
+                self._reset_client()
+            except UnauthenticatedError as exc:
+                failures += 1
+                self.connected = False
+                self.on_event(f"the coordinator refuses this host's certificate: {exc.message}")
+            except MusterError as exc:
+                failures += 1
+                self.connected = False
+                self.on_event(f"heartbeat failed: {exc.message}")
+            except OSError as exc:  # e.g. the storage path vanished
+                failures += 1
+                self.on_event(f"heartbeat failed: {type(exc).__name__}: {exc}")
+            self.stopped.wait(self.wait_s(failures))
+        self._reset_client()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def reply_expiry(cert_pem: str) -> str:
+    return pki.load_certificate(cert_pem).not_valid_after_utc.isoformat()
+
+
+def expires_within(cert_pem: str, delta: timedelta) -> bool:
+    cert = pki.load_certificate(cert_pem)
+    return cert.not_valid_after_utc - datetime.now(UTC) < delta

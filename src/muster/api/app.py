@@ -1,0 +1,280 @@
+"""The coordinator's ASGI app: routes, ECE's error shape for every failure, region paths.
+
+Errors are rendered in exactly one place (`_render`): routes and the domain raise MusterError
+subclasses and this module maps each class to its HTTP status, as ECE does:
+`{"errors": [{"code", "message"}]}` with the code also in `x-cloud-error-codes`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from muster import __version__
+from muster.domain.liveness import Flusher
+from muster.domain.platform import Platform
+from muster.domain.runners import RunnerIdentities
+from muster.errors import MusterError, RateLimitedError, UnauthenticatedError
+
+log = logging.getLogger(__name__)
+
+API = "/api/v1"
+MAX_BODY_BYTES = 1024 * 1024
+WWW_AUTHENTICATE = 'Basic realm="muster", charset="UTF-8"'
+
+# Which error code a malformed request body gets, by path prefix (ECE's per-API codes).
+_VALIDATION_CODES = (
+    (
+        f"{API}/platform/configuration/security/enrollment-tokens",
+        "enrollment_tokens.invalid_token_request",
+    ),
+    (f"{API}/users/auth/keys", "api_keys.invalid_input"),
+    (f"{API}/platform/infrastructure/allocators", "allocators.invalid_input"),
+    (f"{API}/platform/infrastructure/runners", "runners.invalid_input"),
+)
+
+
+def error_body(code: str, message: str, fields: list[str] | None = None) -> dict[str, Any]:
+    element: dict[str, Any] = {"code": code, "message": message}
+    if fields:
+        element["fields"] = fields
+    return {"errors": [element]}
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    fields: list[str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        error_body(code, message, fields),
+        status_code=status,
+        headers={"x-cloud-error-codes": code, **(headers or {})},
+    )
+
+
+def _render(exc: MusterError) -> JSONResponse:
+    headers: dict[str, str] = {}
+    if isinstance(exc, RateLimitedError):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, UnauthenticatedError):
+        headers["WWW-Authenticate"] = WWW_AUTHENTICATE
+    status = exc.status
+    reason = getattr(exc, "reason", None)
+    if reason is not None:
+        from muster.errors import TOKEN_REFUSALS
+
+        status = TOKEN_REFUSALS.get(reason, (status, 0))[0]
+    return error_response(status, exc.code, exc.message, exc.fields, headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, list[str]]:
+    errors = exc.errors()
+    if not errors:
+        return "the request is not valid", []
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
+    field = ".".join(loc) or "body"
+    if first.get("type") == "json_invalid":
+        return "body: malformed JSON; send a JSON object", ["body"]
+    if first.get("type") == "missing":
+        return f"{field}: is required", [field]
+    return f"{field}: {first.get('msg', 'is not valid')}", [field]
+
+
+class RegionPaths:
+    """Serve `/api/v1/regions/{region}/platform/...` as `/api/v1/platform/...` (ecctl and
+    ECE's Go SDK address the platform this way); another region is a 404."""
+
+    _pattern = re.compile(r"^/api/v1/regions/([^/]+)(/platform(?:/.*)?)$")
+
+    def __init__(self, app: ASGIApp, region: str) -> None:
+        self.app = app
+        self.region = region
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/api/v1/regions/"):
+            match = self._pattern.match(scope["path"])
+            if match is None or match.group(1) != self.region:
+                region = match.group(1) if match else scope["path"].split("/")[4]
+                response = error_response(
+                    404,
+                    "root.resource_not_found",
+                    f"region {region[:64]!r} not found; this platform's region is {self.region!r}",
+                )
+                await response(scope, receive, send)
+                return
+            scope = dict(scope)
+            scope["path"] = API + match.group(2)
+            scope["raw_path"] = scope["path"].encode()
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """Refuse bodies over `limit` bytes with 413 before they are read into memory."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await self._refuse(scope, receive, send)
+                    return
+        received = 0
+
+        async def limited_receive() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(
+            413, "root.payload_too_large", f"the request body is larger than {self.limit} bytes"
+        )
+        await response(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+SECURITY_HEADERS = {
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
+    "strict-transport-security": "max-age=31536000",
+}
+
+
+def create_app(
+    platform: Platform, *, flush_period_s: float = 1.0, coordinators: list[str] | None = None
+) -> FastAPI:
+    """The coordinator's ASGI application for `platform`.
+
+    Starts the liveness flusher with the app's lifespan; `coordinators` lists the API addresses
+    agents are told about.
+    """
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        flusher = Flusher(platform.liveness, period_s=flush_period_s)
+        flusher.start()
+        try:
+            yield
+        finally:
+            flusher.stop()
+
+    app = FastAPI(
+        title="Muster API",
+        version=__version__,
+        description="Muster's platform API: Elastic Cloud Enterprise's paths and shapes, plus "
+        "Muster's additions.",
+        openapi_url=f"{API}/api-docs/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.platform = platform
+    app.state.identities = RunnerIdentities(platform)
+    app.state.coordinators = coordinators or []
+
+    @app.exception_handler(MusterError)
+    async def _muster_error(_request: Request, exc: MusterError) -> Response:
+        return _render(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        code = next(
+            (c for prefix, c in _VALIDATION_CODES if request.url.path.startswith(prefix)),
+            "root.invalid_input",
+        )
+        message, fields = _validation_message(exc)
+        return error_response(400, code, message, fields)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            return error_response(
+                404, "root.resource_not_found", f"no such path: {request.url.path[:200]}"
+            )
+        if exc.status_code == 405:
+            return error_response(
+                405, "root.method_not_allowed", f"{request.method} is not allowed here"
+            )
+        return error_response(exc.status_code, "root.http_error", str(exc.detail)[:200])
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> Response:
+        log.error("unexpected error: %s", type(exc).__name__, exc_info=exc)
+        return error_response(500, "root.unexpected_error", "the coordinator failed; see its log")
+
+    @app.middleware("http")
+    async def _headers(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        if request.url.path.startswith(API):
+            response.headers.setdefault("cache-control", "no-store")
+        return response
+
+    from muster.api.routes import agent, audit, tokens, users
+
+    for module in (tokens, users, audit, agent):
+        app.include_router(module.router, prefix=API)
+    _include_optional(app)
+    app.add_middleware(BodyLimit)
+    app.add_middleware(RegionPaths, region=platform.region)
+    return app
+
+
+def _include_optional(app: FastAPI) -> None:
+    """Routers that land later (allocators, runners, UI) register here when present."""
+    import importlib
+
+    for name in ("muster.api.routes.allocators", "muster.api.routes.runners"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        app.include_router(module.router, prefix=API)
+    try:
+        ui = importlib.import_module("muster.ui.views")
+    except ModuleNotFoundError as exc:
+        if exc.name != "muster.ui.views":
+            raise
+        return
+    ui.install(app)

@@ -1,0 +1,178 @@
+"""Who is calling: Basic auth, API keys, session tokens (users) and client certificates (runners).
+
+The FastAPI dependencies here are the only place routes get a Principal from; `require_admin`
+is the RBAC rule: every write needs the admin role.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime
+
+from fastapi import Depends, Request
+
+from muster.api.tls import peer_certificate
+from muster.domain import audit
+from muster.domain.platform import Platform
+from muster.domain.runners import RunnerIdentities
+from muster.domain.users import (
+    API_KEY_PREFIX,
+    SESSION_PREFIX,
+    Principal,
+    hash_secret,
+    verify_password,
+)
+from muster.errors import ForbiddenError, RateLimitedError, UnauthenticatedError
+
+SESSION_COOKIE = "muster_session"
+
+
+def platform_of(request: Request) -> Platform:
+    platform: Platform = request.app.state.platform
+    return platform
+
+
+def source_of(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _unauthenticated(
+    message: str = "authentication required: send Basic, ApiKey or Bearer credentials",
+) -> UnauthenticatedError:
+    return UnauthenticatedError(message, code="root.unauthenticated")
+
+
+def check_login_allowed(platform: Platform, source: str) -> None:
+    wait = platform.login_failures.retry_after_s(source, now_s=platform.clock.monotonic())
+    if wait:
+        raise RateLimitedError(
+            "too many failed sign-ins from this address; try again later",
+            retry_after_s=wait,
+            code="root.too_many_failed_logins",
+        )
+
+
+def record_login_failure(platform: Platform, source: str, username: str, method: str) -> None:
+    platform.login_failures.record_failure(source, now_s=platform.clock.monotonic())
+    with platform.store.write() as tx:
+        audit.record(
+            tx,
+            platform.clock,
+            audit.LOGIN_FAILED,
+            actor=username[:64],
+            source=source,
+            outcome="root.unauthenticated",
+            method=method,
+        )
+
+
+def check_password(platform: Platform, username: str, password: str, source: str) -> Principal:
+    """Verify a username and password (argon2id, or the short-lived cache of recent successes).
+    Raises RateLimitedError or UnauthenticatedError; failures are counted and audited."""
+    check_login_allowed(platform, source)
+    now_s = platform.clock.monotonic()
+    user = platform.credentials.get(username, password, now_s=now_s)
+    if user is None:
+        with platform.store.read() as tx:
+            found = tx.find_user(username)
+        if found is not None and verify_password(found.password_hash, password):
+            user = found
+            platform.credentials.put(username, password, found, now_s=now_s)
+    if user is None:
+        record_login_failure(platform, source, username, "password")
+        raise _unauthenticated("the username or password is not correct")
+    return Principal(name=user.username, role=user.role, method="basic")
+
+
+def _expired(at: datetime | None, now: datetime) -> bool:
+    return at is not None and now >= at
+
+
+def _from_api_key(platform: Platform, key: str, source: str) -> Principal:
+    check_login_allowed(platform, source)
+    with platform.store.read() as tx:
+        record = (
+            tx.find_api_key_by_hash(hash_secret(key)) if key.startswith(API_KEY_PREFIX) else None
+        )
+        user = tx.find_user(record.username) if record else None
+    if record is None or user is None or _expired(record.expires_at, platform.clock.now()):
+        record_login_failure(platform, source, "", "apikey")
+        raise _unauthenticated("the API key is not valid (unknown, deleted or expired)")
+    return Principal(name=user.username, role=user.role, method="apikey")
+
+
+def principal_from_session(platform: Platform, token: str) -> Principal | None:
+    if not token.startswith(SESSION_PREFIX):
+        return None
+    with platform.store.read() as tx:
+        session = tx.find_session(hash_secret(token))
+        user = tx.find_user(session.username) if session else None
+    if session is None or user is None or _expired(session.expires_at, platform.clock.now()):
+        return None
+    return Principal(name=user.username, role=user.role, method="session")
+
+
+def _from_session(platform: Platform, token: str, source: str) -> Principal:
+    check_login_allowed(platform, source)
+    principal = principal_from_session(platform, token)
+    if principal is None:
+        record_login_failure(platform, source, "", "session")
+        raise _unauthenticated("the session is not valid (expired or logged out); log in again")
+    return principal
+
+
+def authenticate(request: Request) -> Principal:
+    """The calling user, from the Authorization header (or the UI's session cookie).
+    Raises UnauthenticatedError (401) or RateLimitedError (429)."""
+    platform = platform_of(request)
+    source = source_of(request)
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    scheme = scheme.lower()
+    value = value.strip()
+    if scheme == "basic" and value:
+        try:
+            username, sep, password = base64.b64decode(value, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise _unauthenticated("malformed Basic credentials") from None
+        if not sep:
+            raise _unauthenticated("malformed Basic credentials")
+        return check_password(platform, username, password, source)
+    if scheme == "apikey" and value:
+        return _from_api_key(platform, value, source)
+    if scheme == "bearer" and value:
+        return _from_session(platform, value, source)
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if not header and cookie:
+        principal = _from_session(platform, cookie, source)
+        request.state.cookie_session = True
+        return principal
+    raise _unauthenticated()
+
+
+def require_user(principal: Principal = Depends(authenticate)) -> Principal:
+    """Any signed-in user (admin or readonly) may read."""
+    return principal
+
+
+def require_admin(principal: Principal = Depends(authenticate)) -> Principal:
+    """Writes need the admin role."""
+    if not principal.can_write:
+        raise ForbiddenError(
+            f"user {principal.name!r} may only read; this change needs the admin user",
+            code="root.unauthorized.rbac",
+        )
+    return principal
+
+
+def require_runner(request: Request) -> Principal:
+    """The runner named by the verified client certificate. Raises UnauthenticatedError."""
+    cert = peer_certificate(request.scope)
+    if cert is None:
+        raise UnauthenticatedError(
+            "this endpoint needs the host's client certificate (mTLS)",
+            code="runners.certificate_required",
+        )
+    identities: RunnerIdentities = request.app.state.identities
+    return identities.authenticate(cert)

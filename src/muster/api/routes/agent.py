@@ -1,0 +1,123 @@
+"""Muster's agent API (not ECE's): join with a roles token, then heartbeat and renew over mTLS.
+
+/agent/join is the only route a host reaches without a certificate; the token is its credential.
+/agent/heartbeat is the hot path (one per host per interval): async, in memory, no store write.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from muster.api.auth import platform_of, require_runner, source_of
+from muster.api.routes import errors
+from muster.api.schemas import (
+    HeartbeatReply,
+    HostReportModel,
+    JoinReply,
+    JoinRequestModel,
+    PlatformCAReply,
+    RenewRequestModel,
+)
+from muster.domain import runners
+from muster.domain.models import HostReport
+from muster.domain.users import Principal
+
+router = APIRouter(prefix="/agent", tags=["Agent"])
+
+
+def _report(model: HostReportModel) -> HostReport:
+    return HostReport(
+        memory_mb=model.memory_mb,
+        storage_mib=model.storage_mib,
+        cpus=model.cpus,
+        healthy=model.healthy,
+        checks=dict(model.checks),
+        version=model.version,
+    )
+
+
+def _coordinators(request: Request) -> list[str]:
+    return list(request.app.state.coordinators)
+
+
+@router.get("/ca", operation_id="get-platform-ca", response_model=PlatformCAReply)
+def get_platform_ca(request: Request) -> PlatformCAReply:
+    """The platform CA, unauthenticated on purpose: a joining host checks it against the pin in
+    its roles token before it sends anything."""
+    platform = platform_of(request)
+    return PlatformCAReply(
+        ca_certificate=platform.ca.certificate_pem(), ca_fingerprint=platform.ca_fingerprint
+    )
+
+
+@router.post(
+    "/join",
+    operation_id="join-host",
+    response_model=JoinReply,
+    responses=errors(400, 401, 403, 409, 429),
+)
+def join_host(body: JoinRequestModel, request: Request) -> JoinReply:
+    platform = platform_of(request)
+    result = runners.join_host(
+        platform,
+        runners.JoinRequest(
+            token=body.token,
+            csr_pem=body.csr,
+            runner_id=body.runner_id,
+            host_ip=body.host_ip,
+            zone_id=body.zone,
+            roles=tuple(body.roles) if body.roles is not None else None,
+            public_hostname=body.public_hostname,
+            capacity_mb=body.capacity_mb,
+            tags=dict(body.tags),
+            report=_report(body.report),
+        ),
+        source=source_of(request),
+    )
+    return JoinReply(
+        runner_id=result.runner.runner_id,
+        roles=list(result.runner.roles),
+        certificate=result.certificate_pem,
+        ca_certificate=result.ca_pem,
+        heartbeat_interval_seconds=result.heartbeat_interval_s,
+        coordinators=_coordinators(request),
+    )
+
+
+@router.post(
+    "/heartbeat",
+    operation_id="heartbeat",
+    response_model=HeartbeatReply,
+    responses=errors(400, 401),
+)
+async def heartbeat(
+    body: HostReportModel, request: Request, runner: Principal = Depends(require_runner)
+) -> HeartbeatReply:
+    platform = platform_of(request)
+    runners.record_heartbeat(platform, runner, _report(body))
+    return HeartbeatReply(
+        heartbeat_interval_seconds=platform.heartbeat_interval_s,
+        coordinators=_coordinators(request),
+    )
+
+
+@router.post(
+    "/certificate",
+    operation_id="renew-certificate",
+    response_model=JoinReply,
+    responses=errors(400, 401),
+)
+def renew_certificate(
+    body: RenewRequestModel, request: Request, runner: Principal = Depends(require_runner)
+) -> JoinReply:
+    platform = platform_of(request)
+    result = runners.renew_certificate(platform, runner, body.csr)
+    request.app.state.identities.forget(runner.name)
+    return JoinReply(
+        runner_id=result.runner.runner_id,
+        roles=list(result.runner.roles),
+        certificate=result.certificate_pem,
+        ca_certificate=result.ca_pem,
+        heartbeat_interval_seconds=result.heartbeat_interval_s,
+        coordinators=_coordinators(request),
+    )

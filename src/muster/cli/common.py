@@ -1,0 +1,220 @@
+"""What every `muster` admin command shares: connection and credential options, the API
+client, output as a table or JSON, and one-line errors with stable exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from muster.errors import (
+    TOKEN_REFUSALS,
+    CAMismatchError,
+    ConflictError,
+    CoordinatorUnreachableError,
+    ForbiddenError,
+    InvalidInputError,
+    MusterError,
+    NotFoundError,
+    RateLimitedError,
+    TokenRefusedError,
+    UnauthenticatedError,
+)
+
+console = Console()
+err_console = Console(stderr=True)
+
+# Exit codes: scripts depend on them, so they never change meaning.
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_ALREADY_INSTALLED = 3
+EXIT_UNAUTHENTICATED = 4
+EXIT_FORBIDDEN = 5
+EXIT_NOT_FOUND = 6
+EXIT_RATE_LIMITED = 7
+EXIT_CA_MISMATCH = 20
+EXIT_UNREACHABLE = 21
+EXIT_RUNNER_ID_TAKEN = 22
+
+
+class Output(StrEnum):
+    table = "table"
+    json = "json"
+
+
+CoordinatorOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--coordinator-host",
+        envvar="MUSTER_COORDINATOR_HOST",
+        help="HOST[:PORT] of a coordinator; repeat for several (default: this host's, or "
+        "127.0.0.1:12443)",
+    ),
+]
+CACertOpt = Annotated[
+    Path | None,
+    typer.Option("--cacert", envvar="MUSTER_CACERT", help="the platform CA (PEM) to trust"),
+]
+StorageOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--host-storage-path",
+        envvar="MUSTER_HOST_STORAGE_PATH",
+        help="read the coordinator address and CA from this host's storage path",
+    ),
+]
+UserOpt = Annotated[
+    str | None, typer.Option("--user", "-u", envvar="MUSTER_USER", help="user name")
+]
+PassOpt = Annotated[
+    str | None,
+    typer.Option("--pass", envvar="MUSTER_PASS", help="password (prefer the MUSTER_PASS variable)"),
+]
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="MUSTER_API_KEY", help="API key (prefer MUSTER_API_KEY)"),
+]
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json")]
+
+
+def exit_code_of(exc: MusterError) -> int:
+    if isinstance(exc, TokenRefusedError):
+        return TOKEN_REFUSALS.get(exc.reason, (0, EXIT_ERROR))[1]
+    if isinstance(exc, CAMismatchError):
+        return EXIT_CA_MISMATCH
+    if isinstance(exc, CoordinatorUnreachableError):
+        return EXIT_UNREACHABLE
+    if isinstance(exc, ConflictError):
+        if exc.code == "runners.runner_id_taken":
+            return EXIT_RUNNER_ID_TAKEN
+        if exc.code == "install.already_installed":
+            return EXIT_ALREADY_INSTALLED
+        return EXIT_ERROR
+    if isinstance(exc, UnauthenticatedError):
+        return EXIT_UNAUTHENTICATED
+    if isinstance(exc, ForbiddenError):
+        return EXIT_FORBIDDEN
+    if isinstance(exc, NotFoundError):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, RateLimitedError):
+        return EXIT_RATE_LIMITED
+    if isinstance(exc, InvalidInputError):
+        return EXIT_USAGE
+    return EXIT_ERROR
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def errors_as_exit() -> Iterator[None]:
+    """Turn Muster errors into one line on stderr and the error's exit code: no tracebacks."""
+    try:
+        yield
+    except MusterError as exc:
+        fail(f"{exc.message} ({exc.code})", exit_code_of(exc))
+    except OSError as exc:
+        fail(f"{exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}".rstrip(": "))
+
+
+def _from_storage(storage: Path | None) -> tuple[list[str], Path | None]:
+    from muster.hoststate import HostPaths, load_host
+
+    if storage is None:
+        return [], None
+    paths = HostPaths(storage)
+    config = load_host(paths)
+    if config is None:
+        fail(f"{storage} holds no Muster installation", EXIT_USAGE)
+    hosts = [f"127.0.0.1:{config.api_port}"] if config.serves_api else list(config.coordinators)
+    return hosts, paths.ca_file()
+
+
+def make_client(
+    coordinators: Sequence[str] | None,
+    cacert: Path | None,
+    storage: Path | None,
+    user: str | None,
+    password: str | None,
+    api_key: str | None,
+) -> Any:
+    """An API client from flags and environment. The CA comes from --cacert or the storage path;
+    without one the command refuses rather than trust any certificate."""
+    from muster.client import Client, tls_context
+
+    hosts, ca = _from_storage(storage)
+    hosts = list(coordinators or hosts or ["127.0.0.1:12443"])
+    ca = cacert or ca
+    if ca is None:
+        fail("no platform CA: pass --cacert PATH or --host-storage-path PATH", EXIT_USAGE)
+    if not ca.exists():
+        fail(f"--cacert: {ca} does not exist", EXIT_USAGE)
+    headers: dict[str, str] = {}
+    auth: tuple[str, str] | None = None
+    if api_key:
+        headers["Authorization"] = f"ApiKey {api_key}"
+    elif user and password is not None:
+        auth = (user, password)
+    else:
+        fail("no credentials: set MUSTER_USER and MUSTER_PASS, or MUSTER_API_KEY", EXIT_USAGE)
+    return Client(hosts, verify=tls_context(ca_file=ca), auth=auth, headers=headers)
+
+
+@dataclass(frozen=True)
+class Connection:
+    """The global options (`muster --coordinator-host H --cacert F ... COMMAND`), kept in
+    typer's context for every admin command."""
+
+    coordinators: list[str] | None = None
+    cacert: Path | None = None
+    storage: Path | None = None
+    user: str | None = None
+    password: str | None = None
+    api_key: str | None = None
+
+
+def client_from(ctx: typer.Context) -> Any:
+    conn = ctx.obj if isinstance(ctx.obj, Connection) else Connection()
+    return make_client(
+        conn.coordinators, conn.cacert, conn.storage, conn.user, conn.password, conn.api_key
+    )
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, empty: str) -> None:
+    if not rows:
+        console.print(empty, highlight=False)
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*["" if cell is None else str(cell) for cell in row])
+    console.print(table)
+
+
+def emit(data: Any, output: Output, render: Callable[[Any], None]) -> None:
+    """JSON with --output json, else the command's table."""
+    if output is Output.json:
+        print_json(data)
+    else:
+        render(data)
+
+
+def env(name: str) -> str | None:
+    return os.environ.get(name) or None

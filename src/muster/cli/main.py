@@ -1,0 +1,290 @@
+"""The `muster` command: install and start hosts, and ecctl-shaped admin commands.
+
+Server code is imported inside the commands that need it: `muster token list` should not pay
+for importing the web framework.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from muster import __version__
+from muster.cli.common import (
+    EXIT_USAGE,
+    ApiKeyOpt,
+    CACertOpt,
+    Connection,
+    CoordinatorOpt,
+    PassOpt,
+    StorageOpt,
+    UserOpt,
+    console,
+    err_console,
+    errors_as_exit,
+    fail,
+)
+from muster.cli.tokens import token_app
+
+app = typer.Typer(
+    name="muster",
+    help="Muster: a self-hosted platform control plane (ECE's platform API).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(token_app, name="token")
+
+
+def _register_optional() -> None:
+    import importlib
+
+    try:
+        infra = importlib.import_module("muster.cli.infra")
+    except ModuleNotFoundError as exc:
+        if exc.name != "muster.cli.infra":
+            raise
+        return
+    app.add_typer(infra.allocator_app, name="allocator")
+    app.add_typer(infra.runner_app, name="runner")
+
+
+_register_optional()
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"muster {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    coordinator_host: CoordinatorOpt = None,
+    cacert: CACertOpt = None,
+    host_storage_path: StorageOpt = None,
+    user: UserOpt = None,
+    password: PassOpt = None,
+    api_key: ApiKeyOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:
+        logging.getLogger("muster").setLevel(logging.INFO)
+    ctx.obj = Connection(coordinator_host, cacert, host_storage_path, user, password, api_key)
+
+
+def _split(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+def _tags(value: str | None) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for item in _split(value):
+        key, sep, val = item.partition(":")
+        if not sep or not key:
+            fail(f"--allocator-tags: expected key:value pairs, got {item!r}", EXIT_USAGE)
+        tags[key] = val
+    return tags
+
+
+def _read_token(token: str | None, token_file: Path | None) -> str | None:
+    """--roles-token, --roles-token - (stdin) or --roles-token-file: the latter two keep the
+    token out of shell history and process lists."""
+    if token is not None and token_file is not None:
+        fail("give either --roles-token or --roles-token-file, not both", EXIT_USAGE)
+    if token_file is not None:
+        try:
+            return token_file.read_text().strip()
+        except OSError as exc:
+            fail(f"--roles-token-file: cannot read {token_file}: {exc.strerror}", EXIT_USAGE)
+    if token == "-":
+        return sys.stdin.readline().strip()
+    return token.strip() if token is not None else None
+
+
+def _step(message: str) -> None:
+    console.print(f"[green]✓[/] {message}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def install(
+    host_storage_path: Annotated[Path, typer.Option(help="where this host keeps its state")],
+    coordinator_host: Annotated[
+        str | None, typer.Option(help="join the platform at HOST[:PORT] (omit on the first host)")
+    ] = None,
+    roles_token: Annotated[
+        str | None, typer.Option(help="the roles token, or - to read it from stdin")
+    ] = None,
+    roles_token_file: Annotated[
+        Path | None, typer.Option(help="read the roles token from a file")
+    ] = None,
+    roles: Annotated[
+        str | None,
+        typer.Option(help='roles to take, e.g. "allocator,proxy" (default: the token\'s)'),
+    ] = None,
+    ca_fingerprint: Annotated[
+        str | None, typer.Option(help="sha256:... of the platform CA (default: from the token)")
+    ] = None,
+    api_port: Annotated[int, typer.Option(help="the coordinator's HTTPS port")] = 12443,
+    bind: Annotated[str, typer.Option(help="address the coordinator listens on")] = "0.0.0.0",
+    host_ip: Annotated[
+        str | None, typer.Option(help="this host's IP (default: the default route's)")
+    ] = None,
+    external_hostname: Annotated[
+        str | None,
+        typer.Option(help="more names for the coordinator's certificate, comma-separated"),
+    ] = None,
+    availability_zone: Annotated[str, typer.Option(help="this host's zone")] = "ece-zone-1",
+    region: Annotated[str, typer.Option(help="the platform's region (first host)")] = "ece-region",
+    capacity: Annotated[
+        int | None,
+        typer.Option(help="allocator memory in MB (default: ECE's rule from host memory)"),
+    ] = None,
+    runner_id: Annotated[
+        str | None, typer.Option(help="this host's runner id (default: its IP)")
+    ] = None,
+    allocator_tags: Annotated[
+        str | None, typer.Option(help="k:v,k:v tags for the allocator")
+    ] = None,
+    public_hostname: Annotated[
+        str | None, typer.Option(help="the name users reach this host by")
+    ] = None,
+    heartbeat_interval: Annotated[
+        float, typer.Option(help="seconds between agent heartbeats (first host)", min=0.2, max=3600)
+    ] = 10.0,
+    no_start: Annotated[bool, typer.Option("--no-start", help="set up only; start later")] = False,
+) -> None:
+    """Install Muster on this host: the first host creates the platform; with
+    --coordinator-host the host joins an existing one using a roles token."""
+    from muster import install as installer
+
+    with errors_as_exit():
+        if coordinator_host is None:
+            if roles_token or roles_token_file:
+                fail("--roles-token needs --coordinator-host (the platform to join)", EXIT_USAGE)
+            first = installer.install_first_host(
+                installer.FirstHostOptions(
+                    storage=host_storage_path.absolute(),
+                    api_port=api_port,
+                    bind=bind,
+                    host_ip=host_ip,
+                    external_hostnames=_split(external_hostname),
+                    availability_zone=availability_zone,
+                    region=region,
+                    heartbeat_interval_s=heartbeat_interval,
+                    capacity_mb=capacity,
+                    runner_id=runner_id,
+                ),
+                progress=_step,
+            )
+            _print_first_host(first)
+        else:
+            token = _read_token(roles_token, roles_token_file)
+            if not token:
+                fail(
+                    "--roles-token or --roles-token-file is required to join a platform", EXIT_USAGE
+                )
+            config = installer.install_additional_host(
+                installer.JoinOptions(
+                    storage=host_storage_path.absolute(),
+                    coordinator=coordinator_host,
+                    token=token,
+                    roles=tuple(_split(roles)) if roles is not None else None,
+                    availability_zone=availability_zone,
+                    capacity_mb=capacity,
+                    host_ip=host_ip,
+                    runner_id=runner_id,
+                    tags=_tags(allocator_tags),
+                    public_hostname=public_hostname or "",
+                    ca_fingerprint=ca_fingerprint,
+                ),
+                progress=_step,
+            )
+            _step(
+                f"host installed in {host_storage_path} (runner {config.runner_id}, zone "
+                f"{config.availability_zone})"
+            )
+    if no_start:
+        console.print(f"Start it with: muster start --host-storage-path {host_storage_path}")
+        return
+    _start(host_storage_path.absolute())
+
+
+def _print_first_host(first: object) -> None:
+    from muster.install import FirstHost
+
+    assert isinstance(first, FirstHost)
+    config, boot = first.config, first.bootstrap
+    address = f"https://{config.host_ip}:{config.api_port}"
+    console.print()
+    console.print("[bold]Muster is installed.[/]")
+    console.print(f"  Cloud UI and API   {address}/", highlight=False)
+    console.print(f"  admin password     {boot.admin_password}", highlight=False)
+    console.print(f"  readonly password  {boot.readonly_password}", highlight=False)
+    console.print(f"  CA fingerprint     {boot.ca_fingerprint}", highlight=False, soft_wrap=True)
+    console.print(
+        f"  CA certificate     {first.secrets_file.parent.parent / 'coordinator' / 'ca.crt'}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(f"  secrets file       {first.secrets_file}", highlight=False)
+    console.print("\nAdd an allocator host (run on that host):", highlight=False)
+    console.print(
+        f"  muster install --coordinator-host {config.host_ip}:{config.api_port} "
+        f"--roles-token '{boot.tokens['allocator_only_token']}' --roles allocator "
+        "--host-storage-path /var/lib/muster",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print()
+
+
+@app.command()
+def start(
+    host_storage_path: Annotated[Path, typer.Option(help="where this host keeps its state")],
+) -> None:
+    """Run an installed host again in the foreground (SIGINT/SIGTERM stop it)."""
+    _start(host_storage_path.absolute())
+
+
+def _start(path: Path) -> None:
+    from muster.hoststate import HostPaths, load_host
+    from muster.server import run_agent, serve_coordinator
+
+    paths = HostPaths(path)
+    config = load_host(paths)
+    if config is None:
+        fail(f"{path} holds no Muster installation; run `muster install` first", EXIT_USAGE)
+    with errors_as_exit():
+        if config.serves_api:
+            address = f"https://{config.host_ip}:{config.api_port}/"
+            serve_coordinator(
+                paths,
+                config,
+                on_ready=lambda: _step(f"coordinator serving {address} (Ctrl-C stops it)"),
+            )
+        else:
+            _step(f"agent started for runner {config.runner_id}")
+            run_agent(
+                paths, config, on_event=lambda message: err_console.print(message, highlight=False)
+            )
+    console.print("stopped")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

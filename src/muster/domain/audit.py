@@ -1,0 +1,65 @@
+"""The audit trail: who did what to which token, key, session or runner, from where."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from muster.clock import Clock
+from muster.domain.models import AuditEvent
+from muster.storage.base import Transaction
+
+# The kinds of event, as stored and filtered on.
+TOKEN_CREATED = "token.created"
+TOKEN_USED = "token.used"
+TOKEN_REFUSED = "token.refused"
+TOKEN_REVOKED = "token.revoked"
+API_KEY_CREATED = "api_key.created"
+API_KEY_DELETED = "api_key.deleted"
+LOGIN_SUCCEEDED = "login.succeeded"
+LOGIN_FAILED = "login.failed"
+RUNNER_JOINED = "runner.joined"
+RUNNER_DELETED = "runner.deleted"
+RUNNER_ROLES_CHANGED = "runner.roles_changed"
+ALLOCATOR_MAINTENANCE = "allocator.maintenance"
+
+KINDS = (
+    TOKEN_CREATED,
+    TOKEN_USED,
+    TOKEN_REFUSED,
+    TOKEN_REVOKED,
+    API_KEY_CREATED,
+    API_KEY_DELETED,
+    LOGIN_SUCCEEDED,
+    LOGIN_FAILED,
+    RUNNER_JOINED,
+    RUNNER_DELETED,
+    RUNNER_ROLES_CHANGED,
+    ALLOCATOR_MAINTENANCE,
+)
+
+
+def record(
+    tx: Transaction,
+    clock: Clock,
+    kind: str,
+    *,
+    actor: str,
+    source: str,
+    outcome: str = "success",
+    token_id: str | None = None,
+    runner_id: str | None = None,
+    **detail: Any,
+) -> None:
+    """Append one event in the caller's transaction. `detail` must never hold a secret."""
+    tx.append_audit(
+        AuditEvent(
+            kind=kind,
+            actor=actor,
+            source=source,
+            outcome=outcome,
+            at=clock.now(),
+            token_id=token_id,
+            runner_id=runner_id,
+            detail=detail,
+        )
+    )

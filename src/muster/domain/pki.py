@@ -1,0 +1,226 @@
+"""The platform's X.509: the CA, the coordinator's server certificate, runner client certificates.
+
+Every key is ECDSA P-256. A runner's identity is the common name of its client certificate,
+signed by the platform CA; the CA is pinned by the SHA-256 of its SubjectPublicKeyInfo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from muster.errors import InvalidInputError
+
+CA_VALIDITY = timedelta(days=3650)
+SERVER_CERT_VALIDITY = timedelta(days=825)
+RUNNER_CERT_VALIDITY = timedelta(days=30)
+# Certificates are back-dated a little so that a host whose clock runs behind accepts them.
+CLOCK_SKEW = timedelta(minutes=5)
+MAX_CSR_BYTES = 8192
+
+
+@dataclass(frozen=True)
+class CertificateAuthority:
+    key: ec.EllipticCurvePrivateKey
+    certificate: x509.Certificate
+
+    @property
+    def fingerprint(self) -> str:
+        return spki_fingerprint(self.certificate)
+
+    def certificate_pem(self) -> str:
+        return certificate_to_pem(self.certificate)
+
+
+def generate_private_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def private_key_to_pem(key: ec.EllipticCurvePrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+def load_private_key(pem: str) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(pem.encode(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise InvalidInputError("expected an ECDSA private key")
+    return key
+
+
+def certificate_to_pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def load_certificate(pem: str | bytes) -> x509.Certificate:
+    data = pem.encode() if isinstance(pem, str) else pem
+    return x509.load_pem_x509_certificate(data)
+
+
+def spki_fingerprint(cert: x509.Certificate) -> str:
+    """`sha256:<hex>` of the certificate's SubjectPublicKeyInfo (kubeadm's CA-hash format)."""
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "sha256:" + hashlib.sha256(spki).hexdigest()
+
+
+def fingerprints_match(expected: str, cert: x509.Certificate) -> bool:
+    """Compare a pinned fingerprint with a certificate's, ignoring case and the `sha256:` prefix."""
+    want = expected.lower().removeprefix("sha256:").replace(":", "")
+    have = spki_fingerprint(cert).removeprefix("sha256:")
+    return hmac.compare_digest(want.encode(), have.encode())
+
+
+def create_ca(now: datetime, common_name: str = "Muster platform CA") -> CertificateAuthority:
+    key = generate_private_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return CertificateAuthority(key=key, certificate=cert)
+
+
+def _leaf_builder(
+    ca: CertificateAuthority,
+    public_key: ec.EllipticCurvePublicKey,
+    common_name: str,
+    now: datetime,
+    validity: timedelta,
+) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + validity)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+            critical=False,
+        )
+    )
+
+
+def issue_server_certificate(
+    ca: CertificateAuthority,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    dns_names: list[str],
+    ip_addresses: list[str],
+    now: datetime,
+) -> x509.Certificate:
+    """A TLS server certificate for a coordinator, valid for each DNS name and IP given."""
+    sans: list[x509.GeneralName] = [x509.DNSName(name) for name in dict.fromkeys(dns_names)]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in dict.fromkeys(ip_addresses)]
+    common_name = dns_names[0] if dns_names else ip_addresses[0]
+    return (
+        _leaf_builder(ca, public_key, common_name, now, SERVER_CERT_VALIDITY)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+
+
+def build_csr(key: ec.EllipticCurvePrivateKey, common_name: str) -> str:
+    """agent side: a PEM certificate signing request for the host's own key."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def load_csr_public_key(csr_pem: str) -> ec.EllipticCurvePublicKey:
+    """Parse a CSR, check that its holder signed it, and return its P-256 public key.
+
+    Raises InvalidInputError for anything else; the subject is ignored: the coordinator names
+    the certificate, never the requester.
+    """
+    if len(csr_pem) > MAX_CSR_BYTES:
+        raise InvalidInputError("csr: larger than a P-256 signing request can be", fields=["csr"])
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+    except (ValueError, TypeError, UnicodeEncodeError) as exc:
+        raise InvalidInputError(
+            "csr: not a PEM certificate signing request", fields=["csr"]
+        ) from exc
+    public_key = csr.public_key()
+    if (
+        not isinstance(public_key, ec.EllipticCurvePublicKey)
+        or public_key.curve.name != "secp256r1"
+    ):
+        raise InvalidInputError("csr: the key must be ECDSA P-256", fields=["csr"])
+    try:
+        if not csr.is_signature_valid:
+            raise InvalidInputError("csr: signature does not match its key", fields=["csr"])
+    except InvalidSignature as exc:
+        raise InvalidInputError("csr: signature does not match its key", fields=["csr"]) from exc
+    return public_key
+
+
+def issue_client_certificate(
+    ca: CertificateAuthority,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    runner_id: str,
+    now: datetime,
+    validity: timedelta = RUNNER_CERT_VALIDITY,
+) -> x509.Certificate:
+    """A client certificate naming `runner_id` as its common name."""
+    return (
+        _leaf_builder(ca, public_key, runner_id, now, validity)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+
+
+def certificate_common_name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        return ""
+    value = names[0].value
+    return value if isinstance(value, str) else value.decode()
+
+
+def serial_hex(cert: x509.Certificate) -> str:
+    return format(cert.serial_number, "x")

@@ -1,0 +1,349 @@
+"""Runners (hosts): joining with a roles token, certificate renewal, heartbeats, roles, deletion.
+
+agent -> coordinator: CSR + roles token + requested roles and host facts. The coordinator checks
+the token, records the runner (and its allocator) and the token's use in one transaction, and
+signs a client certificate naming the runner. From then on the certificate is the runner's only
+credential: every agent request is bound to the runner it names.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from cryptography import x509
+
+from muster.domain import audit, pki
+from muster.domain.models import ROLES, AllocatorRecord, HostReport, RunnerRecord
+from muster.domain.platform import Platform
+from muster.domain.tokens import check_roles, check_token_usable, decode_token
+from muster.domain.users import Principal
+from muster.errors import (
+    ConflictError,
+    InvalidInputError,
+    MusterError,
+    NotFoundError,
+    RateLimitedError,
+    TokenRefusedError,
+    UnauthenticatedError,
+)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
+_TAG = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+MAX_CAPACITY_MB = 64 * 1024 * 1024  # 64 TiB: anything larger is a typo
+
+
+@dataclass(frozen=True)
+class JoinRequest:
+    token: str
+    csr_pem: str
+    runner_id: str
+    host_ip: str
+    zone_id: str = "ece-zone-1"
+    roles: tuple[str, ...] | None = None  # None: every role the token grants
+    public_hostname: str = ""
+    capacity_mb: int = 0
+    tags: dict[str, str] = field(default_factory=dict)
+    report: HostReport = field(default_factory=HostReport)
+
+
+@dataclass(frozen=True)
+class JoinResult:
+    runner: RunnerRecord
+    certificate_pem: str
+    ca_pem: str
+    heartbeat_interval_s: float
+
+
+def _check_name(value: str, field_name: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise InvalidInputError(
+            f"{field_name}: 1-255 characters of letters, digits, '.', '_', ':' or '-', "
+            "starting with a letter or digit",
+            fields=[field_name],
+        )
+    return value
+
+
+def validate_join(request: JoinRequest) -> None:
+    """Raises InvalidInputError naming the first bad field."""
+    _check_name(request.runner_id, "runner_id")
+    _check_name(request.zone_id, "zone")
+    try:
+        ipaddress.ip_address(request.host_ip)
+    except ValueError:
+        raise InvalidInputError("host_ip: not an IP address", fields=["host_ip"]) from None
+    if request.public_hostname and not _NAME.match(request.public_hostname):
+        raise InvalidInputError("public_hostname: not a host name", fields=["public_hostname"])
+    if not 0 <= request.capacity_mb <= MAX_CAPACITY_MB:
+        raise InvalidInputError(f"capacity: must be 0..{MAX_CAPACITY_MB} MB", fields=["capacity"])
+    for key, value in request.tags.items():
+        if not _TAG.match(key) or not isinstance(value, str) or len(value) > 256:
+            raise InvalidInputError(
+                "allocator_tags: keys are 1-64 letters, digits, '.', '_' or '-'; values at most "
+                "256 characters",
+                fields=["allocator_tags"],
+            )
+    if request.roles is not None:
+        check_roles(request.roles)
+
+
+def join_host(platform: Platform, request: JoinRequest, *, source: str) -> JoinResult:
+    """Admit a host: verify the token, record runner, allocator and token use atomically, and
+    sign the host's certificate.
+
+    Raises RateLimitedError, InvalidInputError, TokenRefusedError (each reason its own code),
+    ConflictError(runners.runner_id_taken). A refused join changes nothing but the audit log.
+    """
+    clock = platform.clock
+    wait = platform.join_failures.retry_after_s(source, now_s=clock.monotonic())
+    if wait:
+        raise RateLimitedError(
+            "too many failed joins from this address; try again later",
+            retry_after_s=wait,
+            code="enrollment_tokens.rate_limited",
+        )
+    try:
+        claims = decode_token(request.token, key=platform.signing_key)
+        validate_join(request)
+        public_key = pki.load_csr_public_key(request.csr_pem)
+        roles = request.roles if request.roles is not None else claims.roles
+        now = clock.now()
+        with platform.store.write() as tx:
+            record = check_token_usable(
+                tx.find_token(claims.token_id, for_update=True),
+                claims,
+                requested_roles=roles,
+                now=now,
+            )
+            if tx.find_runner(request.runner_id) is not None:
+                raise ConflictError(
+                    f"runner id {request.runner_id!r} is already taken; choose another with "
+                    "--runner-id, or delete the old runner first",
+                    code="runners.runner_id_taken",
+                )
+            cert = pki.issue_client_certificate(
+                platform.ca, public_key, runner_id=request.runner_id, now=now
+            )
+            runner = RunnerRecord(
+                runner_id=request.runner_id,
+                host_ip=request.host_ip,
+                public_hostname=request.public_hostname or request.host_ip,
+                zone_id=request.zone_id,
+                roles=tuple(roles),
+                cert_serial=pki.serial_hex(cert),
+                cert_expires_at=cert.not_valid_after_utc,
+                joined_at=now,
+                token_id=record.token_id,
+                report=request.report,
+                last_heartbeat_at=now,
+            )
+            tx.create_runner(runner)
+            if "allocator" in roles:
+                tx.create_allocator(
+                    AllocatorRecord(
+                        allocator_id=request.runner_id,
+                        zone_id=request.zone_id,
+                        capacity_mb=request.capacity_mb,
+                        tags=dict(request.tags),
+                    )
+                )
+            uses = tx.record_token_use(record.token_id, now)
+            audit.record(
+                tx,
+                clock,
+                audit.TOKEN_USED,
+                actor=request.runner_id,
+                source=source,
+                token_id=record.token_id,
+                runner_id=request.runner_id,
+                uses=uses,
+            )
+            audit.record(
+                tx,
+                clock,
+                audit.RUNNER_JOINED,
+                actor=request.runner_id,
+                source=source,
+                token_id=record.token_id,
+                runner_id=request.runner_id,
+                roles=list(roles),
+                zone=request.zone_id,
+                host_ip=request.host_ip,
+            )
+    except (TokenRefusedError, ConflictError, InvalidInputError) as exc:
+        platform.join_failures.record_failure(source, now_s=clock.monotonic())
+        _record_refusal(platform, request, exc, source=source)
+        raise
+    platform.liveness.beat(runner.runner_id, request.report)
+    return JoinResult(
+        runner=runner,
+        certificate_pem=pki.certificate_to_pem(cert),
+        ca_pem=platform.ca.certificate_pem(),
+        heartbeat_interval_s=platform.heartbeat_interval_s,
+    )
+
+
+def _record_refusal(
+    platform: Platform, request: JoinRequest, exc: MusterError, *, source: str
+) -> None:
+    token_id = exc.token_id if isinstance(exc, TokenRefusedError) else None
+    runner_id = request.runner_id if isinstance(request.runner_id, str) else None
+    try:
+        with platform.store.write() as tx:
+            audit.record(
+                tx,
+                platform.clock,
+                audit.TOKEN_REFUSED,
+                actor=(runner_id or "")[:255],
+                source=source,
+                outcome=exc.code,
+                token_id=token_id,
+                runner_id=(runner_id or "")[:255] or None,
+            )
+    except MusterError:
+        pass  # the refusal stands even if the audit cannot be written
+
+
+class RunnerIdentities:
+    """Maps a verified client certificate to its runner, refusing deleted runners and
+    superseded certificates. Answers are cached for `ttl_s` so a heartbeat costs no read;
+    deletions on this coordinator take effect at once, on another within `ttl_s`."""
+
+    def __init__(self, platform: Platform, ttl_s: float = 2.0) -> None:
+        self.platform = platform
+        self.ttl_s = ttl_s
+        self._cache: dict[tuple[str, str], tuple[float, bool]] = {}
+        self._lock = threading.Lock()
+
+    def authenticate(self, cert: x509.Certificate) -> Principal:
+        """Raises UnauthenticatedError if the certificate names no live runner."""
+        runner_id = pki.certificate_common_name(cert)
+        serial = pki.serial_hex(cert)
+        now_s = self.platform.clock.monotonic()
+        key = (runner_id, serial)
+        cached = self._cache.get(key)
+        if cached is None or cached[0] <= now_s:
+            with self.platform.store.read() as tx:
+                runner = tx.find_runner(runner_id)
+                ok = (
+                    runner is not None
+                    and serial in (runner.cert_serial, runner.previous_cert_serial)
+                    and not tx.is_certificate_revoked(serial)
+                )
+            with self._lock:
+                if len(self._cache) > 100_000:
+                    self._cache.clear()
+                self._cache[key] = (now_s + self.ttl_s, ok)
+        else:
+            ok = cached[1]
+        if not ok:
+            raise UnauthenticatedError(
+                f"the client certificate of runner {runner_id!r} is not valid any more; "
+                "join the host again with a roles token",
+                code="runners.certificate_revoked",
+            )
+        return Principal(name=runner_id, role="runner", method="certificate")
+
+    def forget(self, runner_id: str) -> None:
+        with self._lock:
+            for key in [k for k in self._cache if k[0] == runner_id]:
+                del self._cache[key]
+
+
+def record_heartbeat(platform: Platform, runner: Principal, report: HostReport) -> None:
+    """In memory only; persisted by the liveness flush."""
+    platform.liveness.beat(runner.name, report)
+
+
+def renew_certificate(platform: Platform, runner: Principal, csr_pem: str) -> JoinResult:
+    """A new certificate for the calling runner's new key; the previous one stays valid until
+    the next renewal, so a lost answer does not lock the host out."""
+    public_key = pki.load_csr_public_key(csr_pem)
+    now = platform.clock.now()
+    with platform.store.write() as tx:
+        record = tx.get_runner(runner.name)
+        cert = pki.issue_client_certificate(platform.ca, public_key, runner_id=runner.name, now=now)
+        tx.update_runner(
+            runner.name,
+            cert_serial=pki.serial_hex(cert),
+            previous_cert_serial=record.cert_serial,
+            cert_expires_at=cert.not_valid_after_utc,
+        )
+        updated = tx.get_runner(runner.name)
+    return JoinResult(
+        runner=updated,
+        certificate_pem=pki.certificate_to_pem(cert),
+        ca_pem=platform.ca.certificate_pem(),
+        heartbeat_interval_s=platform.heartbeat_interval_s,
+    )
+
+
+def delete_runner(
+    platform: Platform, principal: Principal, runner_id: str, *, source: str
+) -> RunnerRecord:
+    """Delete a runner, its allocator, and revoke its certificates. Raises NotFoundError."""
+    with platform.store.write() as tx:
+        runner = tx.delete_runner(runner_id, platform.clock.now())
+        audit.record(
+            tx,
+            platform.clock,
+            audit.RUNNER_DELETED,
+            actor=principal.name,
+            source=source,
+            runner_id=runner_id,
+        )
+    platform.liveness.forget(runner_id)
+    return runner
+
+
+def set_runner_roles(
+    platform: Platform, principal: Principal, runner_id: str, roles: Sequence[str], *, source: str
+) -> RunnerRecord:
+    """Replace a runner's roles; adding `allocator` creates its allocator, removing it deletes
+    the allocator (refused while the allocator holds instances)."""
+    checked = check_roles(roles, field="roles")
+    with platform.store.write() as tx:
+        runner = tx.get_runner(runner_id)
+        tx.update_runner(runner_id, roles=checked)
+        allocator = tx.find_allocator(runner_id)
+        if "allocator" in checked and allocator is None:
+            tx.create_allocator(
+                AllocatorRecord(
+                    allocator_id=runner_id,
+                    zone_id=runner.zone_id,
+                    capacity_mb=runner.report.memory_mb,
+                )
+            )
+        elif "allocator" not in checked and allocator is not None:
+            tx.delete_allocator(runner_id)
+        audit.record(
+            tx,
+            platform.clock,
+            audit.RUNNER_ROLES_CHANGED,
+            actor=principal.name,
+            source=source,
+            runner_id=runner_id,
+            roles=list(checked),
+        )
+        return tx.get_runner(runner_id)
+
+
+def is_known_role(role: str) -> bool:
+    return role in ROLES
+
+
+def require_runner(platform: Platform, runner_id: str) -> RunnerRecord:
+    with platform.store.read() as tx:
+        runner = tx.find_runner(runner_id)
+    if runner is None:
+        raise NotFoundError(f"runner {runner_id!r} not found", code="runners.runner_not_found")
+    return runner
+
+
+def last_seen(platform: Platform, runner: RunnerRecord) -> datetime | None:
+    return platform.liveness.last_seen(runner.runner_id, runner.last_heartbeat_at)

@@ -1,0 +1,158 @@
+"""Users, passwords, API keys and login sessions.
+
+Passwords are kept only as argon2id hashes. A verify costs ~130 ms of CPU, so a successful
+Basic-auth check is remembered for a short time under an HMAC of the credentials with a key that
+lives only in this process: the cache never holds a password, and a wrong password still pays
+the full verify. API keys and session tokens are 256-bit random values; the store keeps their
+SHA-256 (they have too much entropy to guess, so a slow hash adds nothing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from muster.domain.models import ApiKeyRecord, UserRecord
+from muster.errors import InvalidInputError
+
+ADMIN = "admin"
+READONLY = "readonly"
+ROLE_OF_USER = {ADMIN: "admin", READONLY: "readonly"}
+
+SESSION_TTL = timedelta(hours=1)
+API_KEY_PREFIX = "mk_"
+SESSION_PREFIX = "ms_"
+
+_hasher = PasswordHasher()  # argon2id with the library's current recommended costs
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a user (by password, API key or session) or a runner (by certificate)."""
+
+    name: str
+    role: str  # "admin", "readonly" or "runner"
+    method: str  # "basic", "apikey", "session", "certificate"
+
+    @property
+    def can_write(self) -> bool:
+        return self.role == "admin"
+
+
+def generate_password() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def verify_password(password_hash: str, password: str) -> bool:
+    try:
+        return _hasher.verify(password_hash, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+def new_user(username: str, password: str, *, now: datetime) -> UserRecord:
+    return UserRecord(
+        username=username,
+        password_hash=hash_password(password),
+        role=ROLE_OF_USER.get(username, "readonly"),
+        created_at=now,
+    )
+
+
+def hash_secret(value: str) -> str:
+    """SHA-256 of a high-entropy secret (API key, session token): what the store keeps."""
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def generate_api_key() -> str:
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def generate_session_token() -> str:
+    return SESSION_PREFIX + secrets.token_urlsafe(32)
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str, *, field: str) -> timedelta:
+    """'90s', '15m', '3h', '1d', '2w' -> timedelta. Raises InvalidInputError naming `field`."""
+    match = _DURATION.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise InvalidInputError(
+            f"{field}: expected a duration such as '30m', '3h' or '1d', got {text!r}",
+            fields=[field],
+        )
+    seconds = int(match.group(1)) * _UNIT_S[match.group(2)]
+    if seconds <= 0 or seconds > 10 * 365 * 86400:
+        raise InvalidInputError(f"{field}: must be between 1s and 10 years", fields=[field])
+    return timedelta(seconds=seconds)
+
+
+def new_api_key(
+    username: str, description: str, *, expires_in: timedelta | None, now: datetime
+) -> tuple[ApiKeyRecord, str]:
+    """A new API key record and the key itself (shown once, never stored)."""
+    key = generate_api_key()
+    record = ApiKeyRecord(
+        id=secrets.token_hex(8),
+        username=username,
+        description=description,
+        key_hash=hash_secret(key),
+        created_at=now.replace(microsecond=0),
+        expires_at=(now + expires_in).replace(microsecond=0) if expires_in else None,
+    )
+    return record, key
+
+
+class CredentialCache:
+    """Remembers recently verified (username, password) pairs for `ttl_s` seconds.
+
+    Entries are keyed by HMAC-SHA256(process key, username NUL password): nothing in memory
+    can be turned back into a password, and a changed password misses the cache.
+    """
+
+    def __init__(self, ttl_s: float = 60.0, max_entries: int = 10_000) -> None:
+        self._key = secrets.token_bytes(32)
+        self._ttl_s = ttl_s
+        self._max = max_entries
+        self._entries: dict[bytes, tuple[float, UserRecord]] = {}
+        self._lock = threading.Lock()
+
+    def _digest(self, username: str, password: str) -> bytes:
+        return hmac.new(self._key, f"{username}\0{password}".encode(), hashlib.sha256).digest()
+
+    def get(self, username: str, password: str, *, now_s: float) -> UserRecord | None:
+        digest = self._digest(username, password)
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is None:
+                return None
+            if entry[0] <= now_s:
+                del self._entries[digest]
+                return None
+            return entry[1]
+
+    def put(self, username: str, password: str, user: UserRecord, *, now_s: float) -> None:
+        digest = self._digest(username, password)
+        with self._lock:
+            if len(self._entries) >= self._max:
+                self._entries.clear()
+            self._entries[digest] = (now_s + self._ttl_s, user)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()

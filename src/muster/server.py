@@ -1,0 +1,124 @@
+"""Running a host in the foreground: the coordinator's HTTPS server (with this host's own runner
+agent beside it) or, on other hosts, the agent alone. SIGINT and SIGTERM stop either cleanly."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import ssl
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from muster.agent.loop import Agent
+from muster.api.app import create_app
+from muster.api.tls import PeerCertProtocol, server_context
+from muster.clock import SystemClock
+from muster.domain.platform import load_platform
+from muster.hoststate import HostConfig, HostPaths
+from muster.storage import open_store
+
+log = logging.getLogger(__name__)
+
+
+def database_url(paths: HostPaths, config: HostConfig) -> str:
+    return config.database_url or f"sqlite:///{paths.database}"
+
+
+def advertised(config: HostConfig) -> str:
+    return (
+        f"{config.host_ip}:{config.api_port}"
+        if ":" not in config.host_ip
+        else (f"[{config.host_ip}]:{config.api_port}")
+    )
+
+
+def serve_coordinator(
+    paths: HostPaths,
+    config: HostConfig,
+    *,
+    on_ready: Callable[[], None] | None = None,
+    log_level: str = "warning",
+) -> None:
+    """Serve the API and UI until SIGINT/SIGTERM, with the local agent heartbeating to it."""
+    store = open_store(database_url(paths, config))
+    platform = load_platform(store, SystemClock(), heartbeat_interval_s=config.heartbeat_interval_s)
+    coordinators = list(dict.fromkeys([advertised(config), *config.coordinators]))
+    app = create_app(platform, coordinators=coordinators)
+
+    def tls(_config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        return server_context(
+            certfile=paths.server_cert, keyfile=paths.server_key, cafile=paths.coordinator_ca
+        )
+
+    uv_config = uvicorn.Config(
+        app,
+        host=config.bind,
+        port=config.api_port,
+        http=PeerCertProtocol,
+        ssl_context_factory=tls,
+        lifespan="on",
+        log_level=log_level,
+        access_log=False,
+        server_header=False,
+        timeout_keep_alive=75,  # agents keep one connection across heartbeats
+        timeout_graceful_shutdown=5,
+        h11_max_incomplete_event_size=64 * 1024,
+        limit_concurrency=None,
+        backlog=4096,
+    )
+    server = uvicorn.Server(uv_config)
+    agent = (
+        Agent(paths, [f"127.0.0.1:{config.api_port}"], interval_s=config.heartbeat_interval_s)
+        if paths.agent_cert.exists()
+        else None
+    )
+    agent_thread: threading.Thread | None = None
+
+    def start_agent() -> None:
+        nonlocal agent_thread
+        if agent is not None:
+            agent_thread = threading.Thread(target=agent.run, name="agent", daemon=True)
+            agent_thread.start()
+        if on_ready is not None:
+            on_ready()
+
+    watcher = threading.Thread(target=_when_started, args=(server, start_agent), daemon=True)
+    watcher.start()
+    try:
+        server.run()
+    finally:
+        if agent is not None:
+            agent.stop()
+        if agent_thread is not None:
+            agent_thread.join(timeout=5)
+        store.close()
+
+
+def _when_started(server: uvicorn.Server, then: Callable[[], None]) -> None:
+    while not server.started and not server.should_exit:
+        threading.Event().wait(0.05)
+    if server.started:
+        then()
+
+
+def run_agent(paths: HostPaths, config: HostConfig, *, on_event: Callable[[str], None]) -> None:
+    """Heartbeat in the foreground until SIGINT/SIGTERM."""
+    agent = Agent(
+        paths, config.coordinators, interval_s=config.heartbeat_interval_s, on_event=on_event
+    )
+
+    def stop(_sig: int, _frame: FrameType | None) -> None:
+        agent.stop()
+
+    previous: dict[int, Any] = {
+        sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        agent.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

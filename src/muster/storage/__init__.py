@@ -1,0 +1,27 @@
+"""Persistent state: the Store protocol and its backends, chosen by URL scheme."""
+
+from __future__ import annotations
+
+from muster.storage.base import Store, Transaction
+from muster.storage.migrations import upgrade
+
+__all__ = ["Store", "Transaction", "open_store"]
+
+
+def open_store(url: str, *, migrate: bool = True) -> Store:
+    """Open the store at `url` (`sqlite:///PATH` or `postgresql://...`), migrated to the newest
+    schema unless `migrate` is False."""
+    store: Store
+    if url.startswith("sqlite:"):
+        from muster.storage.sqlite import open_sqlite
+
+        store = open_sqlite(url)
+    elif url.startswith(("postgresql:", "postgres:", "postgresql+psycopg:")):
+        from muster.storage.postgres import open_postgres
+
+        store = open_postgres(url)
+    else:
+        raise ValueError(f"unsupported database URL scheme in {url.split(':', 1)[0]!r}")
+    if migrate:
+        upgrade(store)
+    return store

@@ -1,0 +1,126 @@
+"""The store's tables, as SQLAlchemy Core objects shared by every backend.
+
+Changes to these tables go through a migration in `muster/storage/migrations/versions/`.
+Times are timezone-aware UTC; columns that hold one end in `_at`.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+# Platform-wide values and secrets: CA, token signing key, region, session key.
+platform_settings = Table(
+    "platform_settings",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("username", String(64), primary_key=True),
+    Column("password_hash", Text, nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("username", String(64), nullable=False, index=True),
+    Column("description", Text, nullable=False),
+    Column("key_hash", String(128), nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("token_hash", String(128), primary_key=True),
+    Column("username", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+enrollment_tokens = Table(
+    "enrollment_tokens",
+    metadata,
+    Column("token_id", String(64), primary_key=True),
+    Column("roles", JSON, nullable=False),
+    Column("persistent", Boolean, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+    Column("max_uses", Integer, nullable=True),
+    Column("uses", Integer, nullable=False, default=0),
+    Column("last_used_at", DateTime(timezone=True), nullable=True),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+    Column("description", Text, nullable=False, default=""),
+    Column("created_by", String(64), nullable=False),
+)
+
+runners = Table(
+    "runners",
+    metadata,
+    Column("runner_id", String(255), primary_key=True),
+    Column("host_ip", String(64), nullable=False),
+    Column("public_hostname", String(255), nullable=False),
+    Column("zone_id", String(255), nullable=False),
+    Column("roles", JSON, nullable=False),
+    Column("cert_serial", String(64), nullable=False),
+    Column("previous_cert_serial", String(64), nullable=True),
+    Column("cert_expires_at", DateTime(timezone=True), nullable=False),
+    Column("token_id", String(64), nullable=True),
+    Column("joined_at", DateTime(timezone=True), nullable=False),
+    Column("last_heartbeat_at", DateTime(timezone=True), nullable=True),
+    # The latest report of the agent: memory_mb, storage_mib, cpus, healthy, checks.
+    Column("report", JSON, nullable=False),
+)
+
+allocators = Table(
+    "allocators",
+    metadata,
+    Column("allocator_id", String(255), primary_key=True),
+    Column("zone_id", String(255), nullable=False, index=True),
+    Column("capacity_mb", Integer, nullable=False),
+    Column("maintenance", Boolean, nullable=False, default=False),
+    Column("tags", JSON, nullable=False),
+    Column("metadata", JSON, nullable=False),
+    Column("settings", JSON, nullable=False),
+)
+
+revoked_certificates = Table(
+    "revoked_certificates",
+    metadata,
+    Column("serial", String(64), primary_key=True),
+    Column("runner_id", String(255), nullable=False),
+    Column("revoked_at", DateTime(timezone=True), nullable=False),
+)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False, index=True),
+    Column("kind", String(64), nullable=False, index=True),
+    Column("actor", String(255), nullable=False),
+    Column("source", String(64), nullable=False),
+    Column("outcome", String(64), nullable=False),
+    Column("token_id", String(64), nullable=True),
+    Column("runner_id", String(255), nullable=True),
+    Column("detail", JSON, nullable=False),
+)
