@@ -163,6 +163,13 @@ def install(
     heartbeat_interval: Annotated[
         float, typer.Option(help="seconds between agent heartbeats (first host)", min=0.2, max=3600)
     ] = 10.0,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MUSTER_DATABASE_URL",
+            help="postgresql://... to keep the platform in PostgreSQL (default: embedded SQLite)",
+        ),
+    ] = None,
     no_start: Annotated[bool, typer.Option("--no-start", help="set up only; start later")] = False,
 ) -> None:
     """Install Muster on this host: the first host creates the platform; with
@@ -185,6 +192,7 @@ def install(
                     heartbeat_interval_s=heartbeat_interval,
                     capacity_mb=capacity,
                     runner_id=runner_id,
+                    database_url=database_url,
                 ),
                 progress=_step,
             )
@@ -253,12 +261,16 @@ def _print_first_host(first: object) -> None:
 @app.command()
 def start(
     host_storage_path: Annotated[Path, typer.Option(help="where this host keeps its state")],
+    database_url: Annotated[
+        str | None,
+        typer.Option(envvar="MUSTER_DATABASE_URL", help="override the store's URL (coordinators)"),
+    ] = None,
 ) -> None:
     """Run an installed host again in the foreground (SIGINT/SIGTERM stop it)."""
-    _start(host_storage_path.absolute())
+    _start(host_storage_path.absolute(), database_url)
 
 
-def _start(path: Path) -> None:
+def _start(path: Path, database_url: str | None = None) -> None:
     from muster.hoststate import HostPaths, load_host
     from muster.server import run_agent, serve_coordinator
 
@@ -266,6 +278,8 @@ def _start(path: Path) -> None:
     config = load_host(paths)
     if config is None:
         fail(f"{path} holds no Muster installation; run `muster install` first", EXIT_USAGE)
+    if database_url:
+        config.database_url = database_url
     with errors_as_exit():
         if config.serves_api:
             address = f"https://{config.host_ip}:{config.api_port}/"

@@ -23,5 +23,14 @@ def open_store(url: str, *, migrate: bool = True) -> Store:
     else:
         raise ValueError(f"unsupported database URL scheme in {url.split(':', 1)[0]!r}")
     if migrate:
-        upgrade(store)
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from muster.errors import StoreError
+
+        try:
+            upgrade(store)
+        except SQLAlchemyError as exc:
+            store.close()
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
+            raise StoreError(f"cannot open the store: {reason}") from exc
     return store
