@@ -63,6 +63,9 @@ class JoinOptions:
     tags: dict[str, str] = field(default_factory=dict)
     public_hostname: str = ""
     ca_fingerprint: str | None = None
+    api_port: int = 12443  # used when the host takes the coordinator role
+    bind: str = "0.0.0.0"
+    external_hostnames: Sequence[str] = ()
 
 
 def refuse_if_installed(paths: HostPaths) -> None:
@@ -142,6 +145,7 @@ def _install_first_host(
                 capacity_mb=options.capacity_mb
                 or host.default_capacity_mb(memory_mb, allocator_only=False),
                 report=host.report(paths.root, "install"),
+                api_port=options.api_port,
             ),
             source="install",
         )
@@ -248,6 +252,8 @@ def install_additional_host(
                 tags=options.tags,
                 ca_fingerprint=options.ca_fingerprint,
                 report=host.report(paths.root, "install"),
+                api_port=options.api_port if "coordinator" in roles else None,
+                server_names=(socket.gethostname(), *options.external_hostnames),
             ),
             paths,
             progress,
@@ -261,6 +267,7 @@ def install_additional_host(
         dict.fromkeys([options.coordinator, *map(str, reply.get("coordinators", []))])
     )
     interval = float(reply["heartbeat_interval_seconds"])
+    serves_api = bool(reply.get("server_certificate"))
     config = HostConfig(
         roles=list(reply["roles"]),
         runner_id=str(reply["runner_id"]),
@@ -268,6 +275,10 @@ def install_additional_host(
         availability_zone=options.availability_zone,
         coordinators=coordinators,
         heartbeat_interval_s=interval,
+        api_port=options.api_port,
+        bind=options.bind,
+        database_url=reply.get("database_url") if serves_api else None,
+        serves_api=serves_api,
     )
     save_agent_state(paths, {"coordinators": coordinators, "heartbeat_interval_seconds": interval})
     save_host(paths, config)

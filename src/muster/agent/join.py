@@ -37,6 +37,9 @@ class JoinPlan:
     tags: dict[str, str] = field(default_factory=dict)
     ca_fingerprint: str | None = None
     report: HostReport = field(default_factory=HostReport)
+    # Coordinator role: serve the API on this port with a server key made here.
+    api_port: int | None = None
+    server_names: tuple[str, ...] = ()
 
 
 def pinned_fingerprint(token: str, override: str | None) -> str:
@@ -99,9 +102,20 @@ def join(plan: JoinPlan, paths: HostPaths, progress: Progress = lambda _m: None)
     }
     if plan.roles is not None:
         body["roles"] = list(plan.roles)
+    server_key = None
+    if plan.api_port is not None:
+        server_key = pki.generate_private_key()
+        body["api_port"] = plan.api_port
+        body["server_csr"] = pki.build_csr(server_key, plan.host_ip)
+        body["server_names"] = [n for n in plan.server_names if n]
     with Client([plan.coordinator], verify=tls_context(ca_pem=ca_pem)) as client:
         reply: dict[str, Any] = client.request("POST", "/api/v1/agent/join", json=body)
     save_identity(paths, pki.private_key_to_pem(key), reply["certificate"], reply["ca_certificate"])
+    if server_key is not None and reply.get("server_certificate"):
+        write_private(paths.server_key, pki.private_key_to_pem(server_key))
+        write_private(paths.server_cert, reply["server_certificate"], 0o644)
+        write_private(paths.coordinator_ca, reply["ca_certificate"], 0o644)
+        progress("coordinator identity issued: this host serves the API too")
     roles = ", ".join(reply["roles"]) or "none"
     progress(f"identity issued: runner {reply['runner_id']} with roles {roles}")
     return reply

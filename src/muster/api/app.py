@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from muster import __version__
 from muster.domain.liveness import Flusher
 from muster.domain.platform import Platform
-from muster.domain.runners import RunnerIdentities
+from muster.domain.runners import CoordinatorDirectory, RunnerIdentities
 from muster.errors import MusterError, RateLimitedError, UnauthenticatedError
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ def create_app(
     )
     app.state.platform = platform
     app.state.identities = RunnerIdentities(platform)
-    app.state.coordinators = coordinators or []
+    app.state.coordinators = CoordinatorDirectory(platform, coordinators or [])
 
     @app.exception_handler(MusterError)
     async def _muster_error(_request: Request, exc: MusterError) -> Response:

@@ -5,13 +5,37 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 INT32_MAX = 2**31 - 1
 
 
+def _is_storable(value: Any) -> bool:
+    """False for text no store can keep: lone surrogates (JSON's "\\ud800" escapes) are not
+    UTF-8, and PostgreSQL refuses NUL characters."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return "\x00" not in value
+    if isinstance(value, dict):
+        return all(_is_storable(k) and _is_storable(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_is_storable(item) for item in value)
+    return True
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _storable_text(cls, value: Any) -> Any:
+        # Bad text must be a 400 here, not a driver error (500/503) when it reaches the store.
+        if not _is_storable(value):
+            raise ValueError("text must be valid Unicode without NUL characters")
+        return value
 
 
 class Reply(BaseModel):
@@ -145,6 +169,9 @@ class JoinRequestModel(Strict):
     capacity_mb: int = Field(default=0, ge=0)
     tags: dict[str, str] = Field(default_factory=dict, max_length=64)
     report: HostReportModel = Field(default_factory=HostReportModel)
+    api_port: int | None = Field(default=None, description="coordinator role: the API port")
+    server_csr: str | None = Field(default=None, max_length=8192, description="coordinator role")
+    server_names: list[str] = Field(default_factory=list, max_length=32)
 
 
 class JoinReply(Reply):
@@ -154,6 +181,8 @@ class JoinReply(Reply):
     ca_certificate: str
     heartbeat_interval_seconds: float
     coordinators: list[str]
+    server_certificate: str | None = None
+    database_url: str | None = None
 
 
 class PlatformCAReply(Reply):

@@ -216,6 +216,9 @@ def install(
                     tags=_tags(allocator_tags),
                     public_hostname=public_hostname or "",
                     ca_fingerprint=ca_fingerprint,
+                    api_port=api_port,
+                    bind=bind,
+                    external_hostnames=_split(external_hostname),
                 ),
                 progress=_step,
             )

@@ -99,6 +99,7 @@ class RunnerRecord:
     previous_cert_serial: str | None = None
     token_id: str | None = None
     last_heartbeat_at: datetime | None = None
+    api_address: str | None = None  # host:port, for runners that serve the API
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,10 @@ class JoinRequest:
     capacity_mb: int = 0
     tags: dict[str, str] = field(default_factory=dict)
     report: HostReport = field(default_factory=HostReport)
+    # A host that will serve the API (coordinator role): its port, and a CSR for its server key.
+    api_port: int | None = None
+    server_csr_pem: str | None = None
+    server_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,9 @@ class JoinResult:
     certificate_pem: str
     ca_pem: str
     heartbeat_interval_s: float
+    server_certificate_pem: str | None = None
+    # Only for a new coordinator, only over the CA-pinned channel: where the shared store is.
+    database_url: str | None = None
 
 
 def _check_name(value: str, field_name: str) -> str:
@@ -90,6 +97,33 @@ def validate_join(request: JoinRequest) -> None:
             )
     if request.roles is not None:
         check_roles(request.roles)
+    if request.api_port is not None and not 0 < request.api_port < 65536:
+        raise InvalidInputError("api_port: must be 1..65535", fields=["api_port"])
+    for name in request.server_names:
+        if not _NAME.match(name):
+            raise InvalidInputError(
+                "server_names: not a host name or address", fields=["server_names"]
+            )
+
+
+def _serves_api(request: JoinRequest, roles: Sequence[str]) -> bool:
+    return "coordinator" in roles and request.api_port is not None
+
+
+def _check_shared_store(platform: Platform, request: JoinRequest, roles: Sequence[str]) -> None:
+    """A second coordinator must share the first one's store: SQLite lives on one host."""
+    if (
+        request.server_csr_pem
+        and "coordinator" in roles
+        and platform.store.url.startswith("sqlite")
+    ):
+        raise InvalidInputError(
+            "this platform keeps its state in SQLite on its first host, so it cannot have a "
+            "second coordinator; install the first host with --database-url postgresql://... "
+            "to run several",
+            code="runners.coordinator_needs_shared_store",
+            fields=["roles"],
+        )
 
 
 def join_host(platform: Platform, request: JoinRequest, *, source: str) -> JoinResult:
@@ -111,7 +145,11 @@ def join_host(platform: Platform, request: JoinRequest, *, source: str) -> JoinR
         claims = decode_token(request.token, key=platform.signing_key)
         validate_join(request)
         public_key = pki.load_csr_public_key(request.csr_pem)
+        server_key = (
+            pki.load_csr_public_key(request.server_csr_pem) if request.server_csr_pem else None
+        )
         roles = request.roles if request.roles is not None else claims.roles
+        _check_shared_store(platform, request, roles)
         now = clock.now()
         with platform.store.write() as tx:
             record = check_token_usable(
@@ -141,6 +179,9 @@ def join_host(platform: Platform, request: JoinRequest, *, source: str) -> JoinR
                 token_id=record.token_id,
                 report=request.report,
                 last_heartbeat_at=now,
+                api_address=_address(request.host_ip, request.api_port)
+                if _serves_api(request, roles)
+                else None,
             )
             tx.create_runner(runner)
             if "allocator" in roles:
@@ -180,12 +221,59 @@ def join_host(platform: Platform, request: JoinRequest, *, source: str) -> JoinR
         _record_refusal(platform, request, exc, source=source)
         raise
     platform.liveness.beat(runner.runner_id, request.report)
+    server_cert: str | None = None
+    database_url: str | None = None
+    if server_key is not None and "coordinator" in roles:
+        names = [n for n in request.server_names if not _is_ip(n)]
+        ips = [request.host_ip, "127.0.0.1", *[n for n in request.server_names if _is_ip(n)]]
+        server_cert = pki.certificate_to_pem(
+            pki.issue_server_certificate(
+                platform.ca, server_key, dns_names=[*names, "localhost"], ip_addresses=ips, now=now
+            )
+        )
+        database_url = platform.store.url
     return JoinResult(
         runner=runner,
         certificate_pem=pki.certificate_to_pem(cert),
         ca_pem=platform.ca.certificate_pem(),
         heartbeat_interval_s=platform.heartbeat_interval_s,
+        server_certificate_pem=server_cert,
+        database_url=database_url,
     )
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _address(host_ip: str, port: int | None) -> str:
+    return f"[{host_ip}]:{port}" if ":" in host_ip else f"{host_ip}:{port}"
+
+
+class CoordinatorDirectory:
+    """Every coordinator's API address, for agents: this coordinator's own first, then those
+    recorded in the store (re-read at most every `ttl_s`, since every heartbeat reply has it)."""
+
+    def __init__(self, platform: Platform, own: list[str], ttl_s: float = 5.0) -> None:
+        self.platform = platform
+        self.own = own
+        self.ttl_s = ttl_s
+        self._cached: tuple[float, list[str]] = (float("-inf"), list(own))
+
+    def addresses(self) -> list[str]:
+        now_s = self.platform.clock.monotonic()
+        if now_s - self._cached[0] >= self.ttl_s:
+            try:
+                with self.platform.store.read() as tx:
+                    stored = tx.list_api_addresses()
+            except MusterError:
+                stored = self._cached[1]
+            self._cached = (now_s, list(dict.fromkeys([*self.own, *stored])))
+        return self._cached[1]
 
 
 def _record_refusal(

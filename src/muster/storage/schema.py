@@ -89,6 +89,8 @@ runners = Table(
     Column("last_heartbeat_at", DateTime(timezone=True), nullable=True),
     # The latest report of the agent: memory_mb, storage_mib, cpus, healthy, checks.
     Column("report", JSON, nullable=False),
+    # host:port of the API, for runners that serve it (coordinators); migration 0002.
+    Column("api_address", String(300), nullable=True),
 )
 
 allocators = Table(

@@ -233,6 +233,7 @@ class SqlTransaction:
                 "joined_at": runner.joined_at,
                 "last_heartbeat_at": runner.last_heartbeat_at,
                 "report": runner.report.to_json(),
+                "api_address": runner.api_address,
             },
             conflict=f"runner id {runner.runner_id!r} is already taken",
             code="runners.runner_id_taken",
@@ -290,6 +291,13 @@ class SqlTransaction:
             .values(last_heartbeat_at=bindparam("at"), report=bindparam("report"))
         )
         self.conn.execute(stmt, params)
+
+    def list_api_addresses(self) -> list[str]:
+        c = t.runners.c
+        rows = self.conn.execute(
+            select(c.api_address).where(c.api_address.is_not(None)).order_by(c.runner_id)
+        )
+        return [str(r[0]) for r in rows]
 
     def is_certificate_revoked(self, serial: str) -> bool:
         row = self.conn.execute(
@@ -440,6 +448,7 @@ def _runner(row: Row[Any]) -> RunnerRecord:
         joined_at=_req_utc(row.joined_at),
         last_heartbeat_at=_utc(row.last_heartbeat_at),
         report=HostReport.from_json(dict(row.report)),
+        api_address=row.api_address,
     )
 
 

@@ -37,7 +37,7 @@ def _report(model: HostReportModel) -> HostReport:
 
 
 def _coordinators(request: Request) -> list[str]:
-    return list(request.app.state.coordinators)
+    return list(request.app.state.coordinators.addresses())
 
 
 @router.get("/ca", operation_id="get-platform-ca", response_model=PlatformCAReply)
@@ -54,6 +54,7 @@ def get_platform_ca(request: Request) -> PlatformCAReply:
     "/join",
     operation_id="join-host",
     response_model=JoinReply,
+    response_model_exclude_none=True,
     responses=errors(400, 401, 403, 409, 429),
 )
 def join_host(body: JoinRequestModel, request: Request) -> JoinReply:
@@ -71,6 +72,9 @@ def join_host(body: JoinRequestModel, request: Request) -> JoinReply:
             capacity_mb=body.capacity_mb,
             tags=dict(body.tags),
             report=_report(body.report),
+            api_port=body.api_port,
+            server_csr_pem=body.server_csr,
+            server_names=tuple(body.server_names),
         ),
         source=source_of(request),
     )
@@ -81,6 +85,8 @@ def join_host(body: JoinRequestModel, request: Request) -> JoinReply:
         ca_certificate=result.ca_pem,
         heartbeat_interval_seconds=result.heartbeat_interval_s,
         coordinators=_coordinators(request),
+        server_certificate=result.server_certificate_pem,
+        database_url=result.database_url,
     )
 
 
