@@ -92,7 +92,8 @@ class HostConfig:
     bind: str = "0.0.0.0"
     region: str = "ece-region"
     heartbeat_interval_s: float = 10.0
-    database_url: str | None = None
+    # May carry the database password: kept out of repr() and so out of logs and tracebacks.
+    database_url: str | None = field(default=None, repr=False)
     serves_api: bool = False
 
     def to_json(self) -> dict[str, Any]:

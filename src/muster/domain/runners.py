@@ -63,7 +63,7 @@ class JoinResult:
     heartbeat_interval_s: float
     server_certificate_pem: str | None = None
     # Only for a new coordinator, only over the CA-pinned channel: where the shared store is.
-    database_url: str | None = None
+    database_url: str | None = field(default=None, repr=False)
 
 
 def _check_name(value: str, field_name: str) -> str:
