@@ -202,10 +202,11 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, empty:
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column in columns:
-        table.add_column(column, overflow="fold")
+        table.add_column(column, no_wrap=True)
     for row in rows:
         table.add_row(*["" if cell is None else str(cell) for cell in row])
-    console.print(table)
+    # Piped output (scripts, grep) gets whole lines, never wrapped at 80 columns.
+    console.print(table, width=None if console.is_terminal else 10_000)
 
 
 def emit(data: Any, output: Output, render: Callable[[Any], None]) -> None:

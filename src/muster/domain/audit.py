@@ -21,6 +21,9 @@ RUNNER_JOINED = "runner.joined"
 RUNNER_DELETED = "runner.deleted"
 RUNNER_ROLES_CHANGED = "runner.roles_changed"
 ALLOCATOR_MAINTENANCE = "allocator.maintenance"
+ALLOCATOR_METADATA_CHANGED = "allocator.metadata_changed"
+ALLOCATOR_SETTINGS_CHANGED = "allocator.settings_changed"
+ALLOCATOR_DELETED = "allocator.deleted"
 
 KINDS = (
     TOKEN_CREATED,
@@ -35,6 +38,9 @@ KINDS = (
     RUNNER_DELETED,
     RUNNER_ROLES_CHANGED,
     ALLOCATOR_MAINTENANCE,
+    ALLOCATOR_METADATA_CHANGED,
+    ALLOCATOR_SETTINGS_CHANGED,
+    ALLOCATOR_DELETED,
 )
 
 
