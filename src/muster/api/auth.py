@@ -1,13 +1,16 @@
 """Who is calling: Basic auth, API keys, session tokens (users) and client certificates (runners).
 
 The FastAPI dependencies here are the only place routes get a Principal from; `require_admin`
-is the RBAC rule: every write needs the admin role.
+is the RBAC rule: every write needs the admin role. A request authenticated by the UI's session
+cookie must also carry the session's CSRF token (`X-CSRF-Token`) for every unsafe method.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 from datetime import datetime
 
 from fastapi import Depends, Request
@@ -26,6 +29,8 @@ from muster.domain.users import (
 from muster.errors import ForbiddenError, RateLimitedError, UnauthenticatedError
 
 SESSION_COOKIE = "muster_session"
+CSRF_HEADER = "x-csrf-token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def platform_of(request: Request) -> Platform:
@@ -122,6 +127,29 @@ def _from_session(platform: Platform, token: str, source: str) -> Principal:
     return principal
 
 
+def csrf_token(platform: Platform, session_token: str) -> str:
+    """The CSRF token of a UI session: HMAC-SHA256 of the session token under a key derived from
+    the platform's signing key. Nothing is stored, and every coordinator sharing the store
+    computes the same value; it cannot be derived without the key, so a page on another origin
+    cannot forge it."""
+    key = hmac.new(platform.signing_key, b"muster ui csrf v1", hashlib.sha256).digest()
+    return hmac.new(key, session_token.encode(), hashlib.sha256).hexdigest()
+
+
+def check_csrf(request: Request, platform: Platform, session_token: str) -> None:
+    """A cookie-authenticated unsafe request must echo the session's CSRF token in X-CSRF-Token
+    (the browser attaches the cookie to cross-site requests; only our pages know the token).
+    Raises ForbiddenError (root.csrf_failed)."""
+    if request.method in SAFE_METHODS:
+        return
+    sent = request.headers.get(CSRF_HEADER, "").encode()
+    if not hmac.compare_digest(sent, csrf_token(platform, session_token).encode()):
+        raise ForbiddenError(
+            "missing or wrong X-CSRF-Token for this session; reload the page and try again",
+            code="root.csrf_failed",
+        )
+
+
 def authenticate(request: Request) -> Principal:
     """The calling user, from the Authorization header (or the UI's session cookie).
     Raises UnauthenticatedError (401) or RateLimitedError (429)."""
@@ -146,6 +174,7 @@ def authenticate(request: Request) -> Principal:
     cookie = request.cookies.get(SESSION_COOKIE)
     if not header and cookie:
         principal = _from_session(platform, cookie, source)
+        check_csrf(request, platform, cookie)
         request.state.cookie_session = True
         return principal
     raise _unauthenticated()

@@ -1,0 +1,308 @@
+"""The Cloud UI: page shells rendered with Jinja2 whose scripts read and change the platform
+through the same JSON API as every other client, plus the login and logout that set and clear
+the `muster_session` cookie. No page holds data the API does not serve.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.concurrency import run_in_threadpool
+
+from muster import __version__
+from muster.api.auth import (
+    SESSION_COOKIE,
+    check_password,
+    csrf_token,
+    platform_of,
+    principal_from_session,
+    source_of,
+)
+from muster.api.routes.users import start_session
+from muster.domain import audit
+from muster.domain.models import ROLES
+from muster.domain.runners import CoordinatorDirectory
+from muster.domain.users import SESSION_TTL, Principal, hash_secret
+from muster.errors import RateLimitedError, UnauthenticatedError
+
+HERE = Path(__file__).parent
+TEMPLATES = HERE / "templates"
+STATIC = HERE / "static"
+UI = "/ui"
+HOME = f"{UI}/overview"
+
+# Pages run only our own static scripts and styles; nothing inline, nothing from elsewhere.
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; font-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+    "base-uri 'none'"
+)
+# Every page carries its session's CSRF token (and the token page shows a secret once): the
+# pages must never be stored by the browser or a proxy.
+PAGE_HEADERS = {"content-security-policy": CSP, "cache-control": "no-store"}
+
+_env = Environment(
+    loader=FileSystemLoader(TEMPLATES),
+    autoescape=select_autoescape(("html",), default_for_string=True),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """The signed-in user looking at a page, and the CSRF token their scripts send."""
+
+    principal: Principal
+    csrf: str
+
+
+def _asset_version() -> str:
+    """Changes whenever a static file does, so browsers fetch new scripts after an upgrade."""
+    newest = max((p.stat().st_mtime_ns for p in STATIC.rglob("*") if p.is_file()), default=0)
+    return f"{__version__}-{newest % 10**9:x}"
+
+
+def _viewer(request: Request) -> Viewer | None:
+    token = request.cookies.get(SESSION_COOKIE)
+    if not token:
+        return None
+    platform = platform_of(request)
+    principal = principal_from_session(platform, token)
+    if principal is None:
+        return None
+    return Viewer(principal, csrf_token(platform, token))
+
+
+def _render(
+    request: Request, template: str, viewer: Viewer | None, status: int = 200, **context: Any
+) -> HTMLResponse:
+    platform = platform_of(request)
+    html = _env.get_template(template).render(
+        viewer=viewer,
+        region=platform.region,
+        version=__version__,
+        asset_version=request.app.state.ui_asset_version,
+        **context,
+    )
+    return HTMLResponse(html, status_code=status, headers=PAGE_HEADERS)
+
+
+def _safe_next(value: str | None) -> str:
+    """Where to go after login: only a path of this UI (never another site)."""
+    if not value or not value.startswith(f"{UI}/") or "//" in value or "\\" in value:
+        return HOME
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc:
+        return HOME
+    return value
+
+
+def _to_login(request: Request) -> RedirectResponse:
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return RedirectResponse(f"{UI}/login?next={quote(target, safe='/')}", status_code=303)
+
+
+def _is_same_origin(request: Request) -> bool:
+    """Login-CSRF defence: refuse a sign-in form that another site made the browser send.
+
+    Browsers name the sending site in Sec-Fetch-Site. `Origin` is the fallback, but under this
+    app's `Referrer-Policy: no-referrer` a browser sends `Origin: null` even for our own forms,
+    so only a real origin that differs counts against the request."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site in ("same-origin", "none")
+    origin = request.headers.get("origin")
+    if origin is None or origin == "null":
+        return True
+    return urlsplit(origin).netloc == request.headers.get("host", "")
+
+
+async def _form(request: Request) -> dict[str, str]:
+    body = (await request.body()).decode("utf-8", "replace")
+    return {k: v[0] for k, v in parse_qs(body, keep_blank_values=True).items()}
+
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/")
+@router.get(UI)
+@router.get(f"{UI}/")
+def root() -> RedirectResponse:
+    return RedirectResponse(HOME, status_code=303)
+
+
+@router.get(f"{UI}/login")
+def login_page(request: Request) -> Response:
+    target = _safe_next(request.query_params.get("next"))
+    if _viewer(request) is not None:
+        return RedirectResponse(target, status_code=303)
+    notice = None
+    if request.query_params.get("logged_out"):
+        notice = "You have logged out."
+    elif request.query_params.get("expired"):
+        notice = "Your session has ended. Log in again to continue."
+    return _render(request, "login.html", None, title="Log in", next=target, notice=notice)
+
+
+@router.post(f"{UI}/login")
+async def login(request: Request) -> Response:
+    form = await _form(request)
+    target = _safe_next(form.get("next"))
+    username = form.get("username", "")[:256]
+    if not _is_same_origin(request):
+        return _render(
+            request,
+            "login.html",
+            None,
+            403,
+            title="Log in",
+            next=target,
+            username=username,
+            error="This sign-in form was sent from another site and was refused. Open the "
+            "Cloud UI address directly and sign in there.",
+        )
+    platform = platform_of(request)
+    source = source_of(request)
+    try:
+        principal = await run_in_threadpool(
+            check_password, platform, username, form.get("password", ""), source
+        )
+    except (UnauthenticatedError, RateLimitedError) as exc:
+        status = 429 if isinstance(exc, RateLimitedError) else 401
+        message = (
+            "Too many failed sign-ins from this address. Wait a minute, then try again."
+            if status == 429
+            else "The username or password is not correct. The passwords are in "
+            "bootstrap-state/bootstrap-secrets.json on the first host."
+        )
+        return _render(
+            request,
+            "login.html",
+            None,
+            status,
+            title="Log in",
+            next=target,
+            username=username,
+            error=message,
+        )
+    token, _expires_at = await run_in_threadpool(start_session, platform, principal.name)
+    with platform.store.write() as tx:
+        audit.record(
+            tx, platform.clock, audit.LOGIN_SUCCEEDED, actor=principal.name, source=source, via="ui"
+        )
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        token,
+        max_age=int(SESSION_TTL.total_seconds()),
+        path="/",
+        secure=True,
+        httponly=True,
+        samesite="strict",
+    )
+    return response
+
+
+@router.post(f"{UI}/logout")
+async def logout(request: Request) -> Response:
+    form = await _form(request)
+    viewer = _viewer(request)
+    token = request.cookies.get(SESSION_COOKIE)
+    if viewer is not None and token:
+        if form.get("csrf_token", "") != viewer.csrf:
+            return _render(
+                request,
+                "message.html",
+                viewer,
+                403,
+                title="Logout refused",
+                message="The logout form did not carry this session's security token. Reload "
+                "the page and log out again.",
+            )
+        platform = platform_of(request)
+        with platform.store.write() as tx:
+            tx.delete_session(hash_secret(token))
+    response = RedirectResponse(f"{UI}/login?logged_out=1", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/", secure=True, httponly=True, samesite="strict")
+    return response
+
+
+def _page(request: Request, template: str, page: str, title: str, **context: Any) -> Response:
+    viewer = _viewer(request)
+    if viewer is None:
+        return _to_login(request)
+    return _render(request, template, viewer, page=page, title=title, **context)
+
+
+@router.get(f"{UI}/overview")
+def overview(request: Request) -> Response:
+    return _page(request, "overview.html", "overview", "Platform overview")
+
+
+@router.get(f"{UI}/allocators")
+def allocators(request: Request) -> Response:
+    return _page(request, "allocators.html", "allocators", "Allocators")
+
+
+@router.get(f"{UI}/allocators/{{allocator_id}}")
+def allocator(request: Request, allocator_id: str) -> Response:
+    return _page(
+        request,
+        "allocator.html",
+        "allocators",
+        f"Allocator {allocator_id}",
+        allocator_id=allocator_id,
+    )
+
+
+@router.get(f"{UI}/runners")
+def runners(request: Request) -> Response:
+    return _page(request, "runners.html", "runners", "Hosts", roles=ROLES)
+
+
+@router.get(f"{UI}/tokens")
+def tokens(request: Request) -> Response:
+    directory: CoordinatorDirectory = request.app.state.coordinators
+    addresses = directory.addresses()
+    address = addresses[0] if addresses else request.headers.get("host", "HOST:12443")
+    return _page(request, "tokens.html", "tokens", "Roles tokens", roles=ROLES, address=address)
+
+
+@router.get(f"{UI}/audit")
+def audit_log(request: Request) -> Response:
+    return _page(request, "audit.html", "audit", "Audit log", kinds=json.dumps(audit.KINDS))
+
+
+@router.get(f"{UI}/{{rest:path}}")
+def not_found(request: Request, rest: str) -> Response:
+    viewer = _viewer(request)
+    if viewer is None:
+        return _to_login(request)
+    return _render(
+        request,
+        "message.html",
+        viewer,
+        404,
+        page="",
+        title="Page not found",
+        message=f"There is no Cloud UI page at /ui/{rest[:100]}. Use the menu to find the "
+        "page you want.",
+    )
+
+
+def install(app: FastAPI) -> None:
+    """Mount the Cloud UI on `app`: pages under /ui (and / redirecting there), static files
+    under /ui/static."""
+    app.state.ui_asset_version = _asset_version()
+    app.mount(f"{UI}/static", StaticFiles(directory=STATIC), name="ui-static")
+    app.include_router(router)
