@@ -20,9 +20,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from muster import __version__
+from muster.api.fastpath import FastPath, RunnerSnapshot
 from muster.domain.liveness import Flusher
 from muster.domain.platform import Platform
-from muster.domain.runners import CoordinatorDirectory, RunnerIdentities
+from muster.domain.runners import CoordinatorDirectory
 from muster.errors import MusterError, RateLimitedError, UnauthenticatedError
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,16 @@ _VALIDATION_CODES = (
     ),
     (f"{API}/users/auth/keys", "api_keys.invalid_input"),
     (f"{API}/platform/infrastructure/allocators", "allocators.invalid_input"),
+    (f"{API}/platform/infrastructure/runners/_search", "runners.search_failed"),
+    (f"{API}/platform/infrastructure/runners/", "runners.runner_set_roles_failed"),
     (f"{API}/platform/infrastructure/runners", "runners.invalid_input"),
 )
+
+
+def _validation_code(path: str) -> str:
+    return next(
+        (c for prefix, c in _VALIDATION_CODES if path.startswith(prefix)), "root.invalid_input"
+    )
 
 
 def error_body(code: str, message: str, fields: list[str] | None = None) -> dict[str, Any]:
@@ -122,7 +131,11 @@ class RegionPaths:
 
 
 class BodyLimit:
-    """Refuse bodies over `limit` bytes with 413 before they are read into memory."""
+    """Refuse bodies over `limit` bytes with 413 before the app sees them.
+
+    The body is read here (at most `limit` bytes are held) and replayed to the app: an overflow
+    found while the app reads a chunked body would otherwise surface as a parse error.
+    """
 
     def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
         self.app = app
@@ -141,31 +154,37 @@ class BodyLimit:
                 if too_big:
                     await self._refuse(scope, receive, send)
                     return
+        chunks: list[bytes] = []
         received = 0
-
-        async def limited_receive() -> Any:
-            nonlocal received
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":
+                break  # the client went away; let the app see the disconnect
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await self._refuse(scope, receive, send)
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return message
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(
             413, "root.payload_too_large", f"the request body is larger than {self.limit} bytes"
         )
         await response(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 SECURITY_HEADERS = {
@@ -177,21 +196,27 @@ SECURITY_HEADERS = {
 
 
 def create_app(
-    platform: Platform, *, flush_period_s: float = 1.0, coordinators: list[str] | None = None
+    platform: Platform,
+    *,
+    flush_period_s: float = 1.0,
+    coordinators: list[str] | None = None,
+    bench_routes: bool = False,
 ) -> FastAPI:
     """The coordinator's ASGI application for `platform`.
 
     Starts the liveness flusher with the app's lifespan; `coordinators` lists the API addresses
-    agents are told about.
+    agents are told about; `bench_routes` adds the benchmark's floor route (muster.api.fastpath).
     """
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         flusher = Flusher(platform.liveness, period_s=flush_period_s)
         flusher.start()
+        identities.start()
         try:
             yield
         finally:
+            identities.stop()
             flusher.stop()
 
     app = FastAPI(
@@ -203,9 +228,13 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
+        # ECE accepts a JSON body sent without a Content-Type (curl -d with no -H).
+        strict_content_type=False,
     )
     app.state.platform = platform
-    app.state.identities = RunnerIdentities(platform)
+    # RunnerIdentities plus an in-memory snapshot of valid serials: no store read per heartbeat.
+    identities = RunnerSnapshot(platform)
+    app.state.identities = identities
     app.state.coordinators = CoordinatorDirectory(platform, coordinators or [])
 
     @app.exception_handler(MusterError)
@@ -214,10 +243,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        code = next(
-            (c for prefix, c in _VALIDATION_CODES if request.url.path.startswith(prefix)),
-            "root.invalid_input",
-        )
+        code = _validation_code(request.url.path)
         message, fields = _validation_message(exc)
         return error_response(400, code, message, fields)
 
@@ -231,6 +257,10 @@ def create_app(
             return error_response(
                 405, "root.method_not_allowed", f"{request.method} is not allowed here"
             )
+        if exc.status_code == 400:
+            # FastAPI's own body parser failed (e.g. JSON nested too deep): the route's code.
+            code = _validation_code(request.url.path)
+            return error_response(400, code, "body: not valid JSON; send a JSON object", ["body"])
         return error_response(exc.status_code, "root.http_error", str(exc.detail)[:200])
 
     @app.exception_handler(Exception)
@@ -256,6 +286,8 @@ def create_app(
     _include_optional(app)
     app.add_middleware(BodyLimit)
     app.add_middleware(RegionPaths, region=platform.region)
+    # Outermost: the agent hot path skips every layer it does not need.
+    app.add_middleware(FastPath, state=app.state, ping=bench_routes)
     return app
 
 

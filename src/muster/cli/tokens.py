@@ -93,6 +93,23 @@ def delete(
     output: OutputOpt = Output.table,
 ) -> None:
     """Revoke a token at once."""
-    with errors_as_exit(), client_from(ctx) as client:
-        reply = client.request("DELETE", f"{PATH}/{token}")
+    with errors_as_exit():
+        token_id = _token_id(token)
+        with client_from(ctx) as client:
+            reply = client.request("DELETE", f"{PATH}/{token_id}")
     emit(reply, output, lambda _d: console.print("token revoked", highlight=False))
+
+
+def _token_id(token: str) -> str:
+    """The id to revoke. A whole token is reduced to its id here, so that the secret never
+    travels in a URL (URLs end up in debug output and proxy logs); an admin may revoke any id.
+    Raises TokenRefusedError(malformed_token) for a token whose claims cannot be read."""
+    if token.count(".") != 2:
+        return token
+    from muster.domain.tokens import read_unverified_claims
+    from muster.errors import TokenRefusedError
+
+    sub = read_unverified_claims(token).get("sub")
+    if not isinstance(sub, str) or not sub:
+        raise TokenRefusedError("malformed_token", "the roles token carries no token id (sub)")
+    return sub

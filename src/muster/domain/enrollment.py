@@ -71,7 +71,10 @@ def _token_id_of(token_or_id: str, platform: Platform) -> str:
     except TokenRefusedError:
         # A token of ours with a damaged signature must not revoke anything; an id is never
         # shaped like a JWT, so this is simply not found.
-        sub = read_unverified_claims(token_or_id).get("sub") if token_or_id else None
+        try:
+            sub = read_unverified_claims(token_or_id).get("sub")
+        except TokenRefusedError:
+            sub = None  # three dots but no JWT at all: still just an unknown token
         raise NotFoundError(
             "token not found" + (f": {sub}" if isinstance(sub, str) and len(sub) < 80 else ""),
             code="enrollment_tokens.invalid_token_id",

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine.url import make_url
 
+from muster.errors import StoreError
 from muster.storage.sql import SqlStore
 
 
@@ -37,11 +38,15 @@ def _engine(url: str, *, immediate: bool) -> Engine:
 
 
 def create_file(path: Path) -> None:
-    """Create the database file 0600 before SQLite does, so it is never world-readable."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    os.close(fd)
-    os.chmod(path, 0o600)
+    """Create the database file 0600 before SQLite does, so it is never world-readable.
+    Raises StoreError if the file cannot be created or opened for writing."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        os.close(fd)
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot open the store at {path}: {exc.strerror or exc}") from exc
 
 
 def open_sqlite(url: str) -> SqlStore:

@@ -1,0 +1,277 @@
+"""The agent hot path as a bare ASGI callable in front of FastAPI: POST /api/v1/agent/heartbeat
+(one request per host per interval), the runner-certificate snapshot that lets it skip a store
+read, and the benchmark's floor route (off unless asked for).
+
+Only a heartbeat that will succeed is answered here; anything else (no or refused certificate,
+a body that is not a valid report, a body too large) is handed, body replayed, to the FastAPI
+route, which answers exactly as it always has. So behaviour and error shapes live in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from cryptography import x509
+from pydantic import ValidationError
+from starlette.datastructures import State
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from muster.api.schemas import HeartbeatReply, HostReportModel
+from muster.api.tls import peer_certificate
+from muster.domain import pki
+from muster.domain.models import HostReport
+from muster.domain.platform import Platform
+from muster.domain.runners import RunnerIdentities
+from muster.domain.users import Principal
+from muster.errors import MusterError
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_PATH = "/api/v1/agent/heartbeat"
+PING_PATH = "/api/v1/agent/_ping"
+# A report is ~150 bytes; larger bodies take the FastAPI route (and its 1 MiB limit, 413).
+MAX_REPORT_BYTES = 64 * 1024
+
+_EMPTY_200: Message = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [(b"content-length", b"0")],
+}
+_EMPTY_BODY: Message = {"type": "http.response.body", "body": b""}
+# The headers FastAPI's route and app.py's header middleware give a heartbeat reply.
+_REPLY_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"strict-transport-security", b"max-age=31536000"),
+    (b"cache-control", b"no-store"),
+]
+
+
+class RunnerSnapshot(RunnerIdentities):
+    """RunnerIdentities with every runner's valid certificate serials held in memory.
+
+    A background thread reloads the serials in one read every `ttl_s / 2`; a certificate found
+    in a snapshot younger than `ttl_s` is accepted without a store read, so answers are never
+    older than the per-certificate cache's. Anything else (a runner joined since the snapshot, a
+    refused or superseded certificate, a snapshot too old because the store is away) takes
+    RunnerIdentities' own path: a store read, cached `ttl_s`. `forget` takes effect at once.
+    """
+
+    def __init__(self, platform: Platform, ttl_s: float = 2.0) -> None:
+        super().__init__(platform, ttl_s)
+        self._serials: dict[str, tuple[str, ...]] = {}
+        self._loaded_at = float("-inf")
+        self._forgotten: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def authenticate(self, cert: x509.Certificate) -> Principal:
+        runner_id = pki.certificate_common_name(cert)
+        if self.platform.clock.monotonic() - self._loaded_at < self.ttl_s:
+            serials = self._serials.get(runner_id)
+            if serials is not None and pki.serial_hex(cert) in serials:
+                return Principal(name=runner_id, role="runner", method="certificate")
+        return super().authenticate(cert)
+
+    def forget(self, runner_id: str) -> None:
+        with self._lock:
+            self._forgotten[runner_id] = self.platform.clock.monotonic()
+            self._serials.pop(runner_id, None)
+        super().forget(runner_id)
+
+    def reload(self) -> int:
+        """Read every runner's serials in one statement; returns how many runners."""
+        started = self.platform.clock.monotonic()
+        with self.platform.store.read() as tx:
+            rows = list(_runner_serials(tx))
+            revoked = _revoked_serials(tx)
+        serials = {
+            rid: tuple(s for s in (current, previous) if s and s not in revoked)
+            for rid, current, previous in rows
+        }
+        with self._lock:
+            # A runner forgotten while this read ran may be in it: leave it out.
+            for rid, at in list(self._forgotten.items()):
+                if at >= started:
+                    serials.pop(rid, None)
+                else:
+                    del self._forgotten[rid]
+            self._serials = serials
+            self._loaded_at = started
+        return len(serials)
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="runner-snapshot", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        period = self.ttl_s / 2
+        while not self._stop.is_set():
+            try:
+                self.reload()
+            except MusterError as exc:  # the per-certificate path still answers
+                log.warning("could not load runner certificates: %s", exc)
+            self._stop.wait(period)
+
+
+def _runner_serials(tx: Any) -> Iterable[tuple[str, str, str | None]]:
+    """(runner id, current serial, previous serial) of every runner, in one read."""
+    method = getattr(tx, "list_runner_serials", None)
+    if method is not None:
+        rows: Iterable[tuple[str, str, str | None]] = method()
+        return rows
+    # The SQL stores' connection, until the Store protocol has list_runner_serials().
+    from sqlalchemy import select
+
+    from muster.storage import schema
+
+    c = schema.runners.c
+    query = select(c.runner_id, c.cert_serial, c.previous_cert_serial)
+    return [(r[0], r[1], r[2]) for r in tx.conn.execute(query)]
+
+
+def _revoked_serials(tx: Any) -> frozenset[str]:
+    method = getattr(tx, "list_revoked_serials", None)
+    if method is not None:
+        return frozenset(method())
+    from sqlalchemy import select
+
+    from muster.storage import schema
+
+    return frozenset(r[0] for r in tx.conn.execute(select(schema.revoked_certificates.c.serial)))
+
+
+class FastPath:
+    """Serves the routes above before FastAPI sees the request; everything else passes on.
+
+    `ping` enables PING_PATH: an empty 200 over the same TLS server, the floor the benchmark
+    (bench/) compares every figure with. Never enable it in production.
+    """
+
+    def __init__(self, app: ASGIApp, *, state: State, ping: bool = False) -> None:
+        self.app = app
+        self.state = state
+        self.ping = ping
+        self._reply_key: tuple[float, tuple[str, ...]] | None = None
+        self._reply: list[Message] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            if path == HEARTBEAT_PATH and scope["method"] == "POST":
+                await self._heartbeat(scope, receive, send)
+                return
+            if self.ping and path == PING_PATH:
+                await send(_EMPTY_200)
+                await send(_EMPTY_BODY)
+                return
+        await self.app(scope, receive, send)
+
+    async def _heartbeat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        cert = peer_certificate(scope)
+        if cert is None or not _is_json(scope["headers"]):
+            await self.app(scope, receive, send)
+            return
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > MAX_REPORT_BYTES:
+                break
+        report = _parse_report(body) if not more else None
+        runner = self._runner(cert) if report is not None else None
+        if report is None or runner is None:
+            await self.app(scope, _replay(body, more, receive), send)
+            return
+        platform: Platform = self.state.platform
+        platform.liveness.beat(runner.name, report)
+        for message in self._render(platform.heartbeat_interval_s, self.state.coordinators):
+            await send(message)
+
+    def _runner(self, cert: x509.Certificate) -> Principal | None:
+        identities: RunnerIdentities = self.state.identities
+        try:
+            return identities.authenticate(cert)
+        except MusterError:
+            return None  # the FastAPI route raises it again and renders it
+
+    def _render(self, interval_s: float, coordinators: Any) -> list[Message]:
+        # app.state.coordinators: a CoordinatorDirectory (or, in older apps, a plain list).
+        addresses = getattr(coordinators, "addresses", None)
+        key = (interval_s, tuple(addresses() if addresses is not None else coordinators))
+        if key != self._reply_key:
+            reply = HeartbeatReply(heartbeat_interval_seconds=interval_s, coordinators=list(key[1]))
+            # Starlette's JSONResponse rendering, byte for byte.
+            body = json.dumps(
+                reply.model_dump(mode="json"),
+                ensure_ascii=False,
+                allow_nan=False,
+                indent=None,
+                separators=(",", ":"),
+            ).encode()
+            headers = [(b"content-length", str(len(body)).encode()), *_REPLY_HEADERS]
+            self._reply = [
+                {"type": "http.response.start", "status": 200, "headers": headers},
+                {"type": "http.response.body", "body": body},
+            ]
+            self._reply_key = key
+        return self._reply
+
+
+def _is_json(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """As FastAPI decides: no Content-Type, or application/json or application/*+json."""
+    for name, value in headers:
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            return media == b"application/json" or (
+                media.startswith(b"application/") and media.endswith(b"+json")
+            )
+    return True
+
+
+def _parse_report(body: bytes) -> HostReport | None:
+    """The report, validated exactly as the FastAPI route validates it; None if it is not."""
+    if not body:
+        return None
+    try:
+        model = HostReportModel.model_validate(json.loads(body))
+    except (ValueError, RecursionError, ValidationError):
+        return None
+    return HostReport(
+        memory_mb=model.memory_mb,
+        storage_mib=model.storage_mib,
+        cpus=model.cpus,
+        healthy=model.healthy,
+        checks=dict(model.checks),
+        version=model.version,
+    )
+
+
+def _replay(body: bytes, more: bool, receive: Receive) -> Receive:
+    """A receive that hands over the body already read, then continues with the client's."""
+    pending = True
+
+    async def replayed() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": more}
+        return await receive()
+
+    return replayed

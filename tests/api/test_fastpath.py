@@ -1,0 +1,119 @@
+"""The heartbeat fast path answers exactly as the FastAPI route did; refusals still come from
+the route, in ECE's shape; the runner snapshot never outlives a deletion."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from cryptography import x509
+from fastapi.testclient import TestClient
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from muster.api.app import create_app
+from muster.api.fastpath import RunnerSnapshot
+from muster.api.tls import TLS_EXTENSION
+from muster.domain import pki, runners
+from muster.domain.models import HostReport
+from muster.domain.users import Principal
+from tests.conftest import Installed, create_token, join
+
+HEARTBEAT = "/api/v1/agent/heartbeat"
+REPORT = {"memory_mb": 8192, "storage_mib": 1000, "cpus": 4, "checks": {"disk": True}}
+
+
+class WithCert:
+    """Puts a client certificate where muster.api.tls puts the verified one."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.cert: x509.Certificate | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope["extensions"] = {TLS_EXTENSION: {"client_cert": self.cert}}
+        await self.app(scope, receive, send)
+
+
+@pytest.fixture
+def agent(installed: Installed) -> Iterator[tuple[TestClient, WithCert, Any]]:
+    app = create_app(installed.platform, flush_period_s=3600, coordinators=["10.0.0.1:12443"])
+    wrapper = WithCert(app)
+    with TestClient(wrapper, base_url="https://testserver") as client:
+        yield client, wrapper, app
+
+
+def _joined(client: TestClient, installed: Installed, runner_id: str) -> x509.Certificate:
+    token = create_token(client, installed)["token"]
+    reply = join(client, token, runner_id)
+    assert reply.status_code == 200, reply.text
+    return pki.load_certificate(reply.json()["certificate"])
+
+
+def test_heartbeat_is_recorded_and_answered_with_interval_and_coordinators(
+    agent: Any, installed: Installed
+) -> None:
+    client, wrapper, _app = agent
+    wrapper.cert = _joined(client, installed, "10.0.0.5")
+    installed.clock.advance(7)
+    response = client.post(HEARTBEAT, json=REPORT)
+    assert response.status_code == 200
+    assert response.json() == {
+        "heartbeat_interval_seconds": installed.platform.heartbeat_interval_s,
+        "coordinators": ["10.0.0.1:12443"],
+    }
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    liveness = installed.platform.liveness
+    assert liveness.last_seen("10.0.0.5", None) == installed.clock.now()
+    assert liveness.latest_report("10.0.0.5", HostReport()).memory_mb == 8192
+
+
+def test_invalid_report_gets_the_routes_400_in_ece_shape(agent: Any, installed: Installed) -> None:
+    client, wrapper, _app = agent
+    wrapper.cert = _joined(client, installed, "10.0.0.6")
+    response = client.post(HEARTBEAT, json={"memory_mb": -1})
+    assert response.status_code == 400
+    assert response.json()["errors"][0]["fields"] == ["memory_mb"]
+    assert response.headers["x-cloud-error-codes"] == response.json()["errors"][0]["code"]
+    malformed = client.post(
+        HEARTBEAT, content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert malformed.status_code == 400
+    assert malformed.json()["errors"][0]["fields"] == ["body"]
+
+
+def test_heartbeat_without_certificate_is_refused(agent: Any) -> None:
+    client, _wrapper, _app = agent
+    response = client.post(HEARTBEAT, json=REPORT)
+    assert response.status_code == 401
+    assert response.json()["errors"][0]["code"] == "runners.certificate_required"
+
+
+def test_deleted_runner_is_refused_although_the_snapshot_held_it(
+    agent: Any, installed: Installed
+) -> None:
+    client, wrapper, app = agent
+    wrapper.cert = _joined(client, installed, "10.0.0.7")
+    snapshot: RunnerSnapshot = app.state.identities
+    assert snapshot.reload() >= 1
+    assert client.post(HEARTBEAT, json=REPORT).status_code == 200
+    admin = Principal(name="admin", role="admin", method="basic")
+    runners.delete_runner(installed.platform, admin, "10.0.0.7", source="test")
+    snapshot.forget("10.0.0.7")
+    response = client.post(HEARTBEAT, json=REPORT)
+    assert response.status_code == 401
+    assert response.json()["errors"][0]["code"] == "runners.certificate_revoked"
+    snapshot.reload()  # a reload after the deletion does not bring it back either
+    assert client.post(HEARTBEAT, json=REPORT).status_code == 401
+
+
+def test_floor_route_exists_only_when_asked_for(installed: Installed) -> None:
+    plain = TestClient(create_app(installed.platform, flush_period_s=3600))
+    assert plain.get("/api/v1/agent/_ping").status_code == 404
+    bench = TestClient(create_app(installed.platform, flush_period_s=3600, bench_routes=True))
+    response = bench.get("/api/v1/agent/_ping")
+    assert response.status_code == 200
+    assert response.content == b""

@@ -1,0 +1,488 @@
+"""The Store contract, written once and run on every backend (see `store` in conftest.py):
+each Transaction method, its errors and codes, atomicity, and migrations."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from muster.domain.models import (
+    AllocatorRecord,
+    ApiKeyRecord,
+    AuditEvent,
+    HostReport,
+    RunnerRecord,
+    SessionRecord,
+    TokenRecord,
+    UserRecord,
+)
+from muster.errors import ConflictError, MusterError, NotFoundError
+from muster.storage import Store, open_store
+from muster.storage.migrations import current_revision
+
+T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def token(tid: str = "tok-1", **kw: Any) -> TokenRecord:
+    base = TokenRecord(
+        token_id=tid,
+        roles=("allocator", "proxy"),
+        persistent=True,
+        created_at=T0,
+        created_by="admin",
+        description="for the rack",
+    )
+    return replace(base, **kw)
+
+
+def runner(runner_id: str = "10.0.0.2", **kw: Any) -> RunnerRecord:
+    base = RunnerRecord(
+        runner_id=runner_id,
+        host_ip="10.0.0.2",
+        public_hostname="host-2.example",
+        zone_id="ece-zone-1",
+        roles=("allocator",),
+        cert_serial=f"{runner_id}-serial-1",
+        cert_expires_at=at(86400),
+        joined_at=T0,
+        report=HostReport(memory_mb=8192, storage_mib=1000, cpus=4, checks={"disk": True}),
+        token_id="tok-1",
+        last_heartbeat_at=T0,
+    )
+    return replace(base, **kw)
+
+
+def allocator(allocator_id: str = "10.0.0.2", **kw: Any) -> AllocatorRecord:
+    base = AllocatorRecord(
+        allocator_id=allocator_id, zone_id="ece-zone-1", capacity_mb=4096, tags={"ssd": "true"}
+    )
+    return replace(base, **kw)
+
+
+def event(kind: str, n: int) -> AuditEvent:
+    return AuditEvent(
+        kind=kind,
+        actor="admin",
+        source="192.0.2.1",
+        outcome="success",
+        at=at(n),
+        token_id=f"tok-{n}",
+        detail={"n": n, "roles": ["allocator"]},
+    )
+
+
+def raises(exc: type[MusterError], code: str, action: Callable[[], Any]) -> None:
+    with pytest.raises(exc) as info:
+        action()
+    assert info.value.code == code
+
+
+# -- settings ----------------------------------------------------------------------------------
+def test_setting_is_created_then_replaced(store: Store) -> None:
+    with store.read() as tx:
+        assert tx.find_setting("platform.region") is None
+    with store.write() as tx:
+        tx.put_setting("platform.region", "ece-region")
+    with store.write() as tx:
+        tx.put_setting("platform.region", "eu-west")
+    with store.read() as tx:
+        assert tx.find_setting("platform.region") == "eu-west"
+
+
+def test_setting_holds_long_text(store: Store) -> None:
+    pem = "-----BEGIN CERTIFICATE-----\n" + "A" * 5000 + "\n-----END CERTIFICATE-----\n"
+    with store.write() as tx:
+        tx.put_setting("ca.certificate", pem)
+    with store.read() as tx:
+        assert tx.find_setting("ca.certificate") == pem
+
+
+# -- users, API keys, sessions ----------------------------------------------------------------
+def test_users_are_created_found_and_listed_by_name(store: Store) -> None:
+    users = [UserRecord(name, f"$argon2id${name}", "readonly", T0) for name in ("zed", "admin")]
+    with store.write() as tx:
+        for user in users:
+            tx.create_user(user)
+    with store.read() as tx:
+        assert tx.find_user("admin") == users[1]
+        assert tx.find_user("nobody") is None
+        assert [u.username for u in tx.list_users()] == ["admin", "zed"]
+
+
+def test_duplicate_user_is_a_conflict(store: Store) -> None:
+    user = UserRecord("admin", "$argon2id$x", "admin", T0)
+    with store.write() as tx:
+        tx.create_user(user)
+    with store.write() as tx:
+        raises(ConflictError, "root.conflict", lambda: tx.create_user(user))
+
+
+def test_api_keys_are_found_by_hash_and_id_and_listed_per_user(store: Store) -> None:
+    keys = [
+        ApiKeyRecord("k2", "admin", "ci", "h2", at(2), expires_at=at(3600)),
+        ApiKeyRecord("k1", "admin", "laptop", "h1", at(1)),
+        ApiKeyRecord("k3", "readonly", "dash", "h3", at(3)),
+    ]
+    with store.write() as tx:
+        for key in keys:
+            tx.create_api_key(key)
+    with store.read() as tx:
+        assert tx.find_api_key_by_hash("h2") == keys[0]
+        assert tx.find_api_key_by_hash("nope") is None
+        assert tx.get_api_key("k3") == keys[2]
+        assert [k.id for k in tx.list_api_keys("admin")] == ["k1", "k2"]
+        assert [k.id for k in tx.list_api_keys()] == ["k1", "k2", "k3"]
+
+
+def test_api_key_delete_and_its_errors(store: Store) -> None:
+    key = ApiKeyRecord("k1", "admin", "ci", "h1", T0)
+    with store.write() as tx:
+        tx.create_api_key(key)
+    with store.write() as tx:
+        raises(ConflictError, "root.conflict", lambda: tx.create_api_key(key))
+        raises(
+            ConflictError, "root.conflict", lambda: tx.create_api_key(replace(key, id="k2"))
+        )  # the same hash twice
+        tx.delete_api_key("k1")
+    with store.read() as tx:
+        assert tx.find_api_key_by_hash("h1") is None
+        raises(NotFoundError, "api_keys.key_not_found", lambda: tx.get_api_key("k1"))
+    with store.write() as tx:
+        raises(NotFoundError, "api_keys.key_not_found", lambda: tx.delete_api_key("k1"))
+
+
+def test_sessions_are_found_deleted_and_expired(store: Store) -> None:
+    sessions = [SessionRecord(f"s{n}", "admin", T0, at(n * 100)) for n in (1, 2, 3)]
+    with store.write() as tx:
+        for session in sessions:
+            tx.create_session(session)
+        raises(ConflictError, "root.conflict", lambda: tx.create_session(sessions[0]))
+    with store.write() as tx:
+        assert tx.delete_session("s3") is True
+        assert tx.delete_session("s3") is False
+        assert tx.delete_sessions_expired(at(200)) == 2  # expiry is inclusive
+    with store.read() as tx:
+        assert tx.find_session("s1") is None
+        assert tx.find_session("s2") is None
+
+
+def test_session_round_trips(store: Store) -> None:
+    session = SessionRecord("hash", "admin", T0, at(3600))
+    with store.write() as tx:
+        tx.create_session(session)
+    with store.read() as tx:
+        assert tx.find_session("hash") == session
+        assert tx.find_session("hash").expires_at.utcoffset() == timedelta(0)  # type: ignore[union-attr]
+
+
+# -- enrollment tokens -------------------------------------------------------------------------
+def test_token_round_trips_with_every_field(store: Store) -> None:
+    record = token(expires_at=at(3600), max_uses=3, persistent=False, description="ünïcode ✓")
+    with store.write() as tx:
+        tx.create_token(record)
+    with store.read() as tx:
+        found = tx.find_token("tok-1")
+    assert found == record
+    assert found is not None
+    assert found.created_at.tzinfo is not None
+
+
+def test_duplicate_token_id_is_a_conflict(store: Store) -> None:
+    with store.write() as tx:
+        tx.create_token(token())
+    with store.write() as tx:
+        raises(ConflictError, "root.conflict", lambda: tx.create_token(token()))
+
+
+def test_listing_tokens_skips_revoked_keeps_expired_oldest_first(store: Store) -> None:
+    with store.write() as tx:
+        tx.create_token(token("b", created_at=at(2)))
+        tx.create_token(token("a", created_at=at(3), expires_at=at(4), persistent=False))
+        tx.create_token(token("c", created_at=at(1)))
+        tx.create_token(token("gone", created_at=at(0)))
+        tx.revoke_token("gone", at(5))
+    with store.read() as tx:
+        assert [t.token_id for t in tx.list_tokens()] == ["c", "b", "a"]
+        assert tx.find_token("gone").revoked_at == at(5)  # type: ignore[union-attr]
+
+
+def test_token_use_is_counted_with_its_time(store: Store) -> None:
+    with store.write() as tx:
+        tx.create_token(token())
+    with store.write() as tx:
+        assert tx.record_token_use("tok-1", at(10)) == 1
+        assert tx.record_token_use("tok-1", at(20)) == 2
+    with store.read() as tx:
+        found = tx.find_token("tok-1")
+    assert found is not None
+    assert (found.uses, found.last_used_at) == (2, at(20))
+
+
+def test_using_or_revoking_an_unknown_token_is_not_found(store: Store) -> None:
+    with store.write() as tx:
+        code = "enrollment_tokens.invalid_token_id"
+        raises(NotFoundError, code, lambda: tx.record_token_use("nope", T0))
+        raises(NotFoundError, code, lambda: tx.revoke_token("nope", T0))
+        tx.create_token(token())
+        tx.revoke_token("tok-1", T0)
+        raises(NotFoundError, code, lambda: tx.revoke_token("tok-1", at(1)))
+
+
+def test_concurrent_uses_under_row_lock_respect_the_limit(store: Store) -> None:
+    with store.write() as tx:
+        tx.create_token(token(max_uses=5))
+    admitted: list[int] = []
+    errors: list[BaseException] = []
+
+    def use() -> None:
+        try:
+            for _ in range(3):
+                with store.write() as tx:
+                    record = tx.find_token("tok-1", for_update=True)
+                    assert record is not None
+                    if record.max_uses is None or record.uses < record.max_uses:
+                        admitted.append(tx.record_token_use("tok-1", T0))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=use) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    assert sorted(admitted) == [1, 2, 3, 4, 5]
+    with store.read() as tx:
+        assert tx.find_token("tok-1").uses == 5  # type: ignore[union-attr]
+
+
+# -- runners -----------------------------------------------------------------------------------
+def test_runners_are_created_found_and_listed_by_id(store: Store) -> None:
+    records = [runner("10.0.0.3"), runner("10.0.0.2", api_address="10.0.0.2:12443")]
+    with store.write() as tx:
+        for record in records:
+            tx.create_runner(record)
+    with store.read() as tx:
+        assert tx.get_runner("10.0.0.2") == records[1]
+        assert tx.find_runner("10.0.0.3") == records[0]
+        assert tx.find_runner("10.0.0.9") is None
+        assert [r.runner_id for r in tx.list_runners()] == ["10.0.0.2", "10.0.0.3"]
+        assert tx.list_api_addresses() == ["10.0.0.2:12443"]
+
+
+def test_runner_errors_carry_runner_codes(store: Store) -> None:
+    with store.write() as tx:
+        tx.create_runner(runner())
+    with store.write() as tx:
+        raises(ConflictError, "runners.runner_id_taken", lambda: tx.create_runner(runner()))
+        raises(NotFoundError, "runners.runner_not_found", lambda: tx.get_runner("nope"))
+        raises(
+            NotFoundError, "runners.runner_not_found", lambda: tx.update_runner("nope", zone_id="z")
+        )
+        raises(NotFoundError, "runners.runner_not_found", lambda: tx.delete_runner("nope", T0))
+
+
+def test_runner_update_sets_the_given_columns(store: Store) -> None:
+    with store.write() as tx:
+        tx.create_runner(runner())
+    report = HostReport(memory_mb=1, healthy=False, checks={"disk": False}, version="1.2")
+    with store.write() as tx:
+        tx.update_runner("10.0.0.2", roles=("proxy", "director"), report=report, zone_id="z2")
+    with store.read() as tx:
+        updated = tx.get_runner("10.0.0.2")
+    assert updated == runner(roles=("proxy", "director"), report=report, zone_id="z2")
+
+
+def test_deleting_a_runner_revokes_its_certificates_and_drops_its_allocator(store: Store) -> None:
+    with store.write() as tx:
+        tx.create_runner(runner(previous_cert_serial="old-serial"))
+        tx.create_allocator(allocator())
+        tx.create_runner(runner("10.0.0.3"))
+        tx.create_allocator(allocator("10.0.0.3"))
+    with store.write() as tx:
+        deleted = tx.delete_runner("10.0.0.2", at(60))
+    assert deleted.runner_id == "10.0.0.2"
+    with store.read() as tx:
+        assert tx.find_runner("10.0.0.2") is None
+        assert tx.find_allocator("10.0.0.2") is None
+        assert tx.is_certificate_revoked("10.0.0.2-serial-1")
+        assert tx.is_certificate_revoked("old-serial")
+        assert not tx.is_certificate_revoked("10.0.0.3-serial-1")
+        assert tx.find_allocator("10.0.0.3") is not None
+
+
+def test_a_runner_id_can_be_reused_after_deletion(store: Store) -> None:
+    with store.write() as tx:
+        tx.create_runner(runner())
+    with store.write() as tx:
+        tx.delete_runner("10.0.0.2", T0)
+    with store.write() as tx:
+        tx.create_runner(runner(cert_serial="new-serial"))
+    with store.read() as tx:
+        assert tx.is_certificate_revoked("10.0.0.2-serial-1")
+        assert not tx.is_certificate_revoked("new-serial")
+
+
+def test_heartbeats_are_recorded_in_one_batch(store: Store) -> None:
+    ids = [f"10.0.1.{n}" for n in range(50)]
+    with store.write() as tx:
+        for runner_id in ids:
+            tx.create_runner(runner(runner_id))
+    beats = [(rid, at(n), HostReport(memory_mb=n, cpus=2)) for n, rid in enumerate(ids)]
+    with store.write() as tx:
+        tx.record_heartbeats([*beats, ("deleted-runner", at(99), HostReport())])
+        tx.record_heartbeats([])
+    with store.read() as tx:
+        found = {r.runner_id: r for r in tx.list_runners()}
+        assert tx.find_runner("deleted-runner") is None
+    for n, rid in enumerate(ids):
+        assert found[rid].last_heartbeat_at == at(n)
+        assert found[rid].report == HostReport(memory_mb=n, cpus=2)
+
+
+# -- allocators --------------------------------------------------------------------------------
+def test_allocators_are_created_found_listed_and_updated(store: Store) -> None:
+    with store.write() as tx:
+        tx.create_allocator(allocator("b"))
+        tx.create_allocator(allocator("a", zone_id="ece-zone-2"))
+    with store.write() as tx:
+        tx.update_allocator(
+            "a", maintenance=True, tags={"x": "1"}, metadata={"rack": "r1"}, settings={"k": [1]}
+        )
+    with store.read() as tx:
+        assert [a.allocator_id for a in tx.list_allocators()] == ["a", "b"]
+        assert tx.get_allocator("a") == allocator(
+            "a",
+            zone_id="ece-zone-2",
+            maintenance=True,
+            tags={"x": "1"},
+            metadata={"rack": "r1"},
+            settings={"k": [1]},
+        )
+        assert tx.find_allocator("b") == allocator("b")
+        assert tx.find_allocator("c") is None
+
+
+def test_allocator_errors_carry_allocator_codes(store: Store) -> None:
+    code = "allocators.allocator_not_found"
+    with store.write() as tx:
+        tx.create_allocator(allocator())
+    with store.write() as tx:
+        raises(ConflictError, "root.conflict", lambda: tx.create_allocator(allocator()))
+        raises(NotFoundError, code, lambda: tx.get_allocator("nope"))
+        raises(NotFoundError, code, lambda: tx.update_allocator("nope", maintenance=True))
+        raises(NotFoundError, code, lambda: tx.delete_allocator("nope"))
+        tx.delete_allocator("10.0.0.2")
+    with store.read() as tx:
+        assert tx.list_allocators() == []
+
+
+# -- audit -------------------------------------------------------------------------------------
+def test_audit_pages_newest_first_with_total(store: Store) -> None:
+    kinds = ["token.created", "token.used", "token.refused"]
+    with store.write() as tx:
+        for n in range(10):
+            tx.append_audit(event(kinds[n % 3], n))
+    with store.read() as tx:
+        first, total = tx.list_audit(limit=4)
+        second, _ = tx.list_audit(limit=4, offset=4)
+        last, _ = tx.list_audit(limit=4, offset=8)
+        beyond, total_beyond = tx.list_audit(limit=4, offset=20)
+    assert total == total_beyond == 10
+    assert [e.detail["n"] for e in first + second + last] == list(range(9, -1, -1))
+    assert beyond == []
+    ids = [e.id for e in first + second + last]
+    assert ids == sorted(ids, reverse=True)  # type: ignore[type-var]
+    newest = first[0]
+    assert newest == replace(event("token.created", 9), id=newest.id)
+
+
+def test_audit_kind_filter_counts_only_that_kind(store: Store) -> None:
+    with store.write() as tx:
+        for n in range(7):
+            tx.append_audit(event("token.refused" if n % 2 else "login.failed", n))
+    with store.read() as tx:
+        refused, total = tx.list_audit(limit=2, kind="token.refused")
+        none, zero = tx.list_audit(limit=10, kind="runner.deleted")
+    assert total == 3
+    assert [e.detail["n"] for e in refused] == [5, 3]
+    assert (none, zero) == ([], 0)
+
+
+# -- transactions ------------------------------------------------------------------------------
+def test_exception_inside_write_rolls_everything_back(store: Store) -> None:
+    def write_then_fail() -> None:
+        with store.write() as tx:
+            tx.create_token(token())
+            tx.create_runner(runner())
+            tx.put_setting("x", "y")
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        write_then_fail()
+    with store.read() as tx:
+        assert tx.find_token("tok-1") is None
+        assert tx.find_runner("10.0.0.2") is None
+        assert tx.find_setting("x") is None
+
+
+def test_muster_error_inside_write_passes_through_and_rolls_back(store: Store) -> None:
+    def create_then_revoke_unknown() -> None:
+        with store.write() as tx:
+            tx.create_token(token())
+            tx.revoke_token("nope", T0)
+
+    raises(NotFoundError, "enrollment_tokens.invalid_token_id", create_then_revoke_unknown)
+    with store.read() as tx:
+        assert tx.find_token("tok-1") is None
+
+
+def test_caught_conflict_leaves_the_rest_of_the_transaction_usable(store: Store) -> None:
+    with store.write() as tx:
+        tx.create_token(token())
+    with store.write() as tx:
+        with pytest.raises(ConflictError):
+            tx.create_token(token())
+        tx.create_token(token("tok-2"))
+    with store.read() as tx:
+        assert [t.token_id for t in tx.list_tokens()] == ["tok-1", "tok-2"]
+
+
+def test_second_store_on_the_same_database_sees_a_revocation_at_once(
+    store: Store, store_url: str
+) -> None:
+    other = open_store(store_url)
+    try:
+        with store.write() as tx:
+            tx.create_token(token())
+        with other.read() as tx:
+            assert tx.find_token("tok-1").revoked_at is None  # type: ignore[union-attr]
+        with store.write() as tx:
+            tx.revoke_token("tok-1", at(5))
+        with other.read() as tx:
+            assert tx.find_token("tok-1").revoked_at == at(5)  # type: ignore[union-attr]
+    finally:
+        other.close()
+
+
+def test_migrations_are_idempotent(store: Store, store_url: str) -> None:
+    with store.write() as tx:
+        tx.create_token(token())
+    revision = current_revision(store)
+    assert revision is not None
+    again = open_store(store_url)
+    try:
+        assert current_revision(again) == revision
+        with again.read() as tx:
+            assert tx.find_token("tok-1") == token()
+    finally:
+        again.close()
