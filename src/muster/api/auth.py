@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
+import secrets
 from datetime import datetime
 
 from fastapi import Depends, Request
@@ -23,14 +25,22 @@ from muster.domain.users import (
     API_KEY_PREFIX,
     SESSION_PREFIX,
     Principal,
+    hash_password,
     hash_secret,
     verify_password,
 )
 from muster.errors import ForbiddenError, RateLimitedError, UnauthenticatedError
 
 SESSION_COOKIE = "muster_session"
+
 CSRF_HEADER = "x-csrf-token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """A hash of a random password, verified against when the user is unknown."""
+    return hash_password(secrets.token_urlsafe(16))
 
 
 def platform_of(request: Request) -> Platform:
@@ -81,7 +91,9 @@ def check_password(platform: Platform, username: str, password: str, source: str
     if user is None:
         with platform.store.read() as tx:
             found = tx.find_user(username)
-        if found is not None and verify_password(found.password_hash, password):
+        # An unknown user pays the same argon2 verify as a known one: timing reveals no names.
+        known_hash = found.password_hash if found is not None else _dummy_hash()
+        if verify_password(known_hash, password) and found is not None:
             user = found
             platform.credentials.put(username, password, found, now_s=now_s)
     if user is None:
