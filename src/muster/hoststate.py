@@ -95,6 +95,10 @@ class HostConfig:
     # May carry the database password: kept out of repr() and so out of logs and tracebacks.
     database_url: str | None = field(default=None, repr=False)
     serves_api: bool = False
+    # Hardening knobs (docs/security.md): the time a client has to send a whole request, and the
+    # longest wait of the agent between attempts while no coordinator answers.
+    read_timeout_s: float = 30.0
+    agent_max_backoff_s: float = 60.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

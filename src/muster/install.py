@@ -11,19 +11,19 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from muster.agent import host
 from muster.agent.join import JoinPlan, join, save_agent_state, save_identity
 from muster.clock import Clock, SystemClock
-from muster.domain import enrollment, pki
+from muster.domain import pki
 from muster.domain.models import ROLES
-from muster.domain.platform import Bootstrap, create_platform, load_platform
-from muster.domain.runners import JoinRequest, join_host
 from muster.domain.tokens import read_unverified_claims
-from muster.domain.users import Principal
 from muster.errors import ConflictError, InvalidInputError
 from muster.hoststate import HostConfig, HostPaths, save_host, write_json, write_private
-from muster.storage import open_store
+
+if TYPE_CHECKING:
+    from muster.domain.platform import Bootstrap
 
 Progress = Callable[[str], None]
 
@@ -110,6 +110,14 @@ def install_first_host(
 def _install_first_host(
     options: FirstHostOptions, paths: HostPaths, host_ip: str, clock: Clock, progress: Progress
 ) -> FirstHost:
+    # The store and the coordinator's side of a join are imported only here: a joining host
+    # needs neither, and importing them (alembic, SQLAlchemy) costs most of a second.
+    from muster.domain import enrollment
+    from muster.domain.platform import create_platform, load_platform
+    from muster.domain.runners import JoinRequest, join_host
+    from muster.domain.users import Principal
+    from muster.storage import open_store
+
     url = options.database_url or f"sqlite:///{paths.database}"
     store = open_store(url)
     try:
@@ -229,7 +237,7 @@ def install_additional_host(
     paths = HostPaths(options.storage)
     refuse_if_installed(paths)
     roles = options.roles if options.roles is not None else token_roles(options.token)
-    host_ip = options.host_ip or host.host_ip()
+    host_ip = options.host_ip or host.host_ip(toward=options.coordinator)
     memory_mb = host.total_memory_mb()
     capacity = options.capacity_mb
     if capacity is None:

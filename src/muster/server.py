@@ -4,6 +4,7 @@ agent beside it) or, on other hosts, the agent alone. SIGINT and SIGTERM stop ei
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import ssl
 import threading
@@ -15,7 +16,7 @@ import uvicorn
 
 from muster.agent.loop import Agent
 from muster.api.app import create_app
-from muster.api.tls import PeerCertProtocol, server_context
+from muster.api.tls import peer_cert_protocol, server_context
 from muster.clock import SystemClock
 from muster.domain.platform import load_platform
 from muster.hoststate import HostConfig, HostPaths
@@ -36,6 +37,13 @@ def advertised(config: HostConfig) -> str:
     )
 
 
+def local_address(config: HostConfig) -> str:
+    """Where this host's own agent reaches the API: loopback when the server listens on every
+    address, else the one address it listens on (a loopback connection would be refused)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(config.bind, config.bind)
+    return f"[{host}]:{config.api_port}" if ":" in host else f"{host}:{config.api_port}"
+
+
 def serve_coordinator(
     paths: HostPaths,
     config: HostConfig,
@@ -47,7 +55,9 @@ def serve_coordinator(
     store = open_store(database_url(paths, config))
     platform = load_platform(store, SystemClock(), heartbeat_interval_s=config.heartbeat_interval_s)
     coordinators = list(dict.fromkeys([advertised(config), *config.coordinators]))
-    app = create_app(platform, coordinators=coordinators)
+    # The benchmark's floor route (bench/, muster.api.fastpath); never set in production.
+    bench_routes = os.environ.get("MUSTER_BENCH_ROUTES") == "1"
+    app = create_app(platform, coordinators=coordinators, bench_routes=bench_routes)
 
     def tls(_config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         return server_context(
@@ -58,7 +68,7 @@ def serve_coordinator(
         app,
         host=config.bind,
         port=config.api_port,
-        http=PeerCertProtocol,
+        http=peer_cert_protocol(read_timeout_s=config.read_timeout_s),
         ssl_context_factory=tls,
         lifespan="on",
         log_level=log_level,
@@ -72,7 +82,12 @@ def serve_coordinator(
     )
     server = uvicorn.Server(uv_config)
     agent = (
-        Agent(paths, [f"127.0.0.1:{config.api_port}"], interval_s=config.heartbeat_interval_s)
+        Agent(
+            paths,
+            [local_address(config)],
+            interval_s=config.heartbeat_interval_s,
+            max_backoff_s=config.agent_max_backoff_s,
+        )
         if paths.agent_cert.exists()
         else None
     )
@@ -88,14 +103,31 @@ def serve_coordinator(
 
     watcher = threading.Thread(target=_when_started, args=(server, start_agent), daemon=True)
     watcher.start()
+    previous = _exit_on_signals(server)
     try:
         server.run()
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if agent is not None:
             agent.stop()
         if agent_thread is not None:
             agent_thread.join(timeout=5)
         store.close()
+
+
+def _exit_on_signals(server: uvicorn.Server) -> dict[int, Any]:
+    """SIGINT/SIGTERM ask the server to stop. uvicorn installs its own handlers while it runs
+    and, after its graceful shutdown, raises the signal again into the handler it found: this
+    one, so the process finishes its cleanup (agent, store) and exits 0 instead of dying by
+    the signal. Returns the handlers to restore (none outside the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def request_exit(_sig: int, _frame: FrameType | None) -> None:
+        server.should_exit = True
+
+    return {sig: signal.signal(sig, request_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _when_started(server: uvicorn.Server, then: Callable[[], None]) -> None:
@@ -108,7 +140,11 @@ def _when_started(server: uvicorn.Server, then: Callable[[], None]) -> None:
 def run_agent(paths: HostPaths, config: HostConfig, *, on_event: Callable[[str], None]) -> None:
     """Heartbeat in the foreground until SIGINT/SIGTERM."""
     agent = Agent(
-        paths, config.coordinators, interval_s=config.heartbeat_interval_s, on_event=on_event
+        paths,
+        config.coordinators,
+        interval_s=config.heartbeat_interval_s,
+        max_backoff_s=config.agent_max_backoff_s,
+        on_event=on_event,
     )
 
     def stop(_sig: int, _frame: FrameType | None) -> None:

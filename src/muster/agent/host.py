@@ -3,11 +3,14 @@ allocator capacity."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from muster.client import base_url
 from muster.domain.models import HostReport
 
 
@@ -43,14 +46,35 @@ def cpu_count() -> int:
     )
 
 
-def host_ip() -> str:
-    """The address this host uses to reach the outside (no packet is sent)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: routing lookup only, nothing is sent
-            return str(probe.getsockname()[0])
-        except OSError:
-            return "127.0.0.1"
+def host_ip(toward: str | None = None) -> str:
+    """This host's address: the one its route toward `toward` (the coordinator's HOST[:PORT])
+    leaves from, unless that is a loopback address; else the default route's; else 127.0.0.1.
+
+    The coordinator comes first because a host on a network without a default route, or with
+    several interfaces, is reached by the coordinator on that address. No packet is sent.
+    """
+    if toward:
+        address = source_address(urlsplit(base_url(toward)).hostname or "")
+        if address is not None and not ipaddress.ip_address(address).is_loopback:
+            return address
+    # TEST-NET-1: a routing lookup toward "the outside" only.
+    return source_address("192.0.2.1") or "127.0.0.1"
+
+
+def source_address(destination: str) -> str | None:
+    """The local address a datagram to `destination` would leave from, or None when there is
+    no route (or the name does not resolve). A UDP connect picks the route; nothing is sent."""
+    if not destination:
+        return None
+    try:
+        family, kind, proto, _name, target = socket.getaddrinfo(
+            destination, 9, type=socket.SOCK_DGRAM
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.connect(target)
+            return str(probe.getsockname()[0]).split("%", 1)[0]
+    except (OSError, IndexError, UnicodeError):
+        return None
 
 
 def report(storage_path: Path, version: str) -> HostReport:

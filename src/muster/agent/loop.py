@@ -22,6 +22,8 @@ from muster.hoststate import HostPaths, read_json
 log = logging.getLogger(__name__)
 
 JITTER = 0.2  # each wait is the interval +/- 20 %
+# The longest wait between attempts while no coordinator answers; `agent_max_backoff_s` in
+# host.json overrides it (tests compress minutes of absence into seconds this way).
 MAX_BACKOFF_S = 60.0
 RENEW_AT_REMAINING = 1 / 3  # renew once two thirds of the certificate's life have passed
 
@@ -33,10 +35,12 @@ class Agent:
         coordinators: list[str],
         *,
         interval_s: float = 10.0,
+        max_backoff_s: float = MAX_BACKOFF_S,
         on_event: Callable[[str], None] | None = None,
     ) -> None:
         self.paths = paths
         self.interval_s = interval_s
+        self.max_backoff_s = max_backoff_s
         self.coordinators = coordinators
         self.stopped = threading.Event()
         self.on_event = on_event or (lambda message: log.info("%s", message))
@@ -111,8 +115,8 @@ class Agent:
         if failures == 0:
             base = self.interval_s
         else:
-            base = min(MAX_BACKOFF_S, self.interval_s * (2 ** min(failures - 1, 6)) / 2)
-            base = max(base, 0.5)
+            base = min(self.max_backoff_s, self.interval_s * (2 ** min(failures - 1, 6)) / 2)
+            base = max(base, min(0.5, self.max_backoff_s))
         return base * self._rng.uniform(1 - JITTER, 1 + JITTER)
 
     def run(self) -> None:

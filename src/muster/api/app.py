@@ -279,11 +279,13 @@ def create_app(
             response.headers.setdefault("cache-control", "no-store")
         return response
 
-    from muster.api.routes import agent, audit, tokens, users
+    from muster.api.routes import agent, allocators, audit, runners, tokens, users
+    from muster.ui import views as ui
 
-    for module in (tokens, users, audit, agent):
+    for module in (tokens, users, audit, agent, allocators, runners):
         app.include_router(module.router, prefix=API)
-    _include_optional(app)
+    ui.install(app)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(BodyLimit)
     app.add_middleware(RegionPaths, region=platform.region)
     # Outermost: the agent hot path skips every layer it does not need.
@@ -291,22 +293,29 @@ def create_app(
     return app
 
 
-def _include_optional(app: FastAPI) -> None:
-    """Routers that land later (allocators, runners, UI) register here when present."""
-    import importlib
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, less its 422 entries: Muster answers every invalid request with 400
+    in ECE's error shape (see the RequestValidationError handler above)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
 
-    for name in ("muster.api.routes.allocators", "muster.api.routes.runners"):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        app.include_router(module.router, prefix=API)
-    try:
-        ui = importlib.import_module("muster.ui.views")
-    except ModuleNotFoundError as exc:
-        if exc.name != "muster.ui.views":
-            raise
-        return
-    ui.install(app)
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None and "400" not in responses:
+                    responses["400"] = {
+                        "description": "The request is not valid",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/BasicFailedReply"}
+                            }
+                        },
+                    }
+        components = schema.get("components", {}).get("schemas", {})
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        app.openapi_schema = schema
+    return app.openapi_schema

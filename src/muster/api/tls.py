@@ -1,4 +1,5 @@
-"""HTTPS for the coordinator: the TLS context, and the peer certificate handed to the app.
+"""HTTPS for the coordinator: the TLS context, the peer certificate handed to the app, and the
+connection-level guards uvicorn lacks (request head size, time allowed to send a request).
 
 uvicorn verifies a client certificate but does not pass it to the ASGI app, so this module's
 protocol subclass puts the verified DER certificate into `scope["extensions"]["tls"]`
@@ -8,14 +9,34 @@ uvicorn's minor version is pinned and tests/api/test_tls.py fails if the hook st
 
 from __future__ import annotations
 
+import asyncio
+import json
 import ssl
 from pathlib import Path
 from typing import Any, cast
 
+import httptools
 from cryptography import x509
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 TLS_EXTENSION = "tls"
+# The request line and headers together; a Muster request needs a few hundred bytes. Larger
+# heads are refused (431) before httptools buffers them.
+MAX_HEAD_BYTES = 32 * 1024
+MAX_URL_BYTES = 8 * 1024
+# A request must arrive whole (head and body) within this many seconds of its first byte (or of
+# the connection opening): a client that sends half a request is dropped (slowloris).
+READ_TIMEOUT_S = 30.0
+
+_REASONS = {
+    408: (b"Request Timeout", "root.request_timeout", "the request did not arrive in time"),
+    414: (b"URI Too Long", "root.uri_too_long", f"the URL is longer than {MAX_URL_BYTES} bytes"),
+    431: (
+        b"Request Header Fields Too Large",
+        "root.headers_too_large",
+        f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes",
+    ),
+}
 
 
 def server_context(*, certfile: Path, keyfile: Path, cafile: Path) -> ssl.SSLContext:
@@ -29,10 +50,38 @@ def server_context(*, certfile: Path, keyfile: Path, cafile: Path) -> ssl.SSLCon
     return ctx
 
 
-class PeerCertProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, plus the verified client certificate in the scope."""
+class _Refused(httptools.HttpParserError):
+    """Raised from a parser callback to stop parsing; uvicorn answers it via send_400_response."""
 
+
+def _error_reply(status: int) -> bytes:
+    """A raw HTTP/1.1 error reply in ECE's shape, sent before any ASGI app runs."""
+    reason, code, message = _REASONS[status]
+    body = json.dumps({"errors": [{"code": code, "message": message}]}).encode()
+    return b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\n" % (status, reason),
+            b"content-type: application/json\r\n",
+            b"x-cloud-error-codes: %s\r\n" % code.encode(),
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+            body,
+        ]
+    )
+
+
+class PeerCertProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus the verified client certificate in the scope, a cap on
+    the request head (414/431) and a deadline for receiving each request (408, then close)."""
+
+    read_timeout_s: float = READ_TIMEOUT_S
     _tls: dict[str, Any] | None = None
+    _refusal: int | None = None
+    _reading_head = True  # between the end of one message and the end of the next one's head
+    _head_bytes = 0
+    _line_seen = False
+    _url_bytes = 0
+    _deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -43,11 +92,101 @@ class PeerCertProtocol(HttpToolsProtocol):
             "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
             "client_cert": x509.load_der_x509_certificate(der) if der else None,
         }
+        self._arm_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._reading_head and self._refusal is None:
+            # Count the head as it arrives, before httptools buffers it.
+            end = data.find(b"\r\n\r\n")
+            size = len(data) if end < 0 else end + 4
+            if not self._line_seen:
+                newline = data.find(b"\r\n")
+                if self._head_bytes + (len(data) if newline < 0 else newline) > MAX_URL_BYTES:
+                    self._refuse(414)
+                    return
+                self._line_seen = newline >= 0
+            if self._head_bytes + size > MAX_HEAD_BYTES:
+                self._refuse(431)
+                return
+            self._head_bytes += size
+        super().data_received(data)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._url_bytes = 0
+        if self._deadline is None:
+            self._arm_deadline()
         scope = cast(dict[str, Any], self.scope)
         scope["extensions"] = {TLS_EXTENSION: self._tls or {}}
+
+    def on_url(self, url: bytes) -> None:
+        # Also guards heads that reach the parser within one read as a pipelined request.
+        self._url_bytes += len(url)
+        if self._url_bytes > MAX_URL_BYTES:
+            self._refusal = 414
+            raise _Refused("URL too long")
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._refusal = 431
+            raise _Refused("headers too large")
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._reading_head, self._head_bytes, self._line_seen = False, 0, False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm_deadline()
+        self._reading_head = True
+        super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if self._refusal is None:
+            super().send_400_response(msg)
+        else:
+            self._refuse(self._refusal)
+
+    def _refuse(self, status: int) -> None:
+        self._refusal = status
+        self._disarm_deadline()
+        if not self.transport.is_closing():
+            self.transport.write(_error_reply(status))
+            self.transport.close()
+
+    def _arm_deadline(self) -> None:
+        self._disarm_deadline()
+        self._deadline = self.loop.call_later(self.read_timeout_s, self._on_read_timeout)
+
+    def _disarm_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _on_read_timeout(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        if self._reading_head:
+            self._refuse(408)  # nothing handed to the app yet: say why, then close
+        else:
+            # A body that does not come: closing tells the app (if it waits) the client left.
+            self.transport.close()
+
+
+def peer_cert_protocol(*, read_timeout_s: float = READ_TIMEOUT_S) -> type[PeerCertProtocol]:
+    """PeerCertProtocol with its own read deadline (uvicorn builds one protocol per connection
+    from the class it is given)."""
+    return cast(
+        type[PeerCertProtocol],
+        type("PeerCertProtocol", (PeerCertProtocol,), {"read_timeout_s": read_timeout_s}),
+    )
 
 
 def peer_certificate(scope: Any) -> x509.Certificate | None:

@@ -148,8 +148,7 @@ def join_host(platform: Platform, request: JoinRequest, *, source: str) -> JoinR
         server_key = (
             pki.load_csr_public_key(request.server_csr_pem) if request.server_csr_pem else None
         )
-        roles = request.roles if request.roles is not None else claims.roles
-        _check_shared_store(platform, request, roles)
+        roles = check_roles(request.roles) if request.roles is not None else claims.roles
         now = clock.now()
         with platform.store.write() as tx:
             record = check_token_usable(
@@ -158,6 +157,8 @@ def join_host(platform: Platform, request: JoinRequest, *, source: str) -> JoinR
                 requested_roles=roles,
                 now=now,
             )
+            # Only a host whose token grants the roles learns how this platform is set up.
+            _check_shared_store(platform, request, roles)
             if tx.find_runner(request.runner_id) is not None:
                 raise ConflictError(
                     f"runner id {request.runner_id!r} is already taken; choose another with "

@@ -1,0 +1,165 @@
+"""muster.api.tls against a real uvicorn over real TLS: the verified client certificate reaches
+the ASGI scope. This is the test that breaks when uvicorn's protocol internals change."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+import uvicorn
+
+from muster.api.tls import PeerCertProtocol, peer_certificate, server_context
+from muster.clock import SystemClock
+from muster.domain import pki
+from tests.conftest import free_port, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("api-tls")]
+
+
+async def echo_peer(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A bare ASGI app answering with what the scope says about the client certificate."""
+    assert scope["type"] == "http"
+    cert = peer_certificate(scope)
+    tls = scope.get("extensions", {}).get("tls", {})
+    body = {
+        "common_name": pki.certificate_common_name(cert) if cert is not None else None,
+        "chain": tls.get("client_cert_chain"),
+    }
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca_file: Path
+    identities: dict[str, tuple[Path, Path]]  # name -> (certificate, key)
+
+
+def write_identity(
+    folder: Path, name: str, ca: pki.CertificateAuthority, *, server: bool = False, cn: str = ""
+) -> tuple[Path, Path]:
+    key = pki.generate_private_key()
+    now = SystemClock().now()
+    cert = (
+        pki.issue_server_certificate(
+            ca, key.public_key(), dns_names=["localhost"], ip_addresses=["127.0.0.1"], now=now
+        )
+        if server
+        else pki.issue_client_certificate(ca, key.public_key(), runner_id=cn or name, now=now)
+    )
+    cert_file, key_file = folder / f"{name}.crt", folder / f"{name}.key"
+    cert_file.write_text(pki.certificate_to_pem(cert))
+    key_file.write_text(pki.private_key_to_pem(key))
+    return cert_file, key_file
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    folder = tmp_path_factory.mktemp("tls")
+    now = SystemClock().now()
+    ca, rogue = pki.create_ca(now), pki.create_ca(now, "rogue CA")
+    (folder / "ca.crt").write_text(ca.certificate_pem())
+    return Pki(
+        folder / "ca.crt",
+        {
+            "server": write_identity(folder, "server", ca, server=True),
+            "host-a": write_identity(folder, "host-a", ca),
+            "host-b": write_identity(folder, "host-b", ca),
+            "rogue": write_identity(folder, "rogue", rogue, cn="host-a"),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def server_url(certificates: Pki) -> Iterator[str]:
+    """uvicorn with Muster's TLS context and protocol, serving `echo_peer` on a free port."""
+    cert_file, key_file = certificates.identities["server"]
+    port = free_port()
+    config = uvicorn.Config(
+        echo_peer,
+        host="127.0.0.1",
+        port=port,
+        http=PeerCertProtocol,
+        ssl_context_factory=lambda _config, _default: server_context(
+            certfile=cert_file, keyfile=key_file, cafile=certificates.ca_file
+        ),
+        lifespan="off",
+        log_level="warning",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, timeout_s=15, what="uvicorn to start")
+        yield f"https://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def client(certificates: Pki, identity: str | None) -> httpx.Client:
+    context = ssl.create_default_context(cafile=str(certificates.ca_file))
+    if identity is not None:
+        cert_file, key_file = certificates.identities[identity]
+        context.load_cert_chain(str(cert_file), str(key_file))
+    return httpx.Client(verify=context, timeout=10)
+
+
+def test_verified_client_certificate_is_in_the_asgi_scope(
+    certificates: Pki, server_url: str
+) -> None:
+    with client(certificates, "host-a") as host_a:
+        seen = host_a.get(server_url + "/").json()
+    assert seen["common_name"] == "host-a"
+    sent = certificates.identities["host-a"][0].read_text()
+    assert [pki.load_certificate(pem) for pem in seen["chain"]] == [pki.load_certificate(sent)]
+
+
+def test_every_request_on_a_kept_alive_connection_carries_the_certificate(
+    certificates: Pki, server_url: str
+) -> None:
+    with client(certificates, "host-b") as host_b:
+        answers = [host_b.get(f"{server_url}/{n}").json()["common_name"] for n in range(5)]
+    assert answers == ["host-b"] * 5
+
+
+def test_connections_each_see_only_their_own_certificate(
+    certificates: Pki, server_url: str
+) -> None:
+    with (
+        client(certificates, "host-a") as host_a,
+        client(certificates, "host-b") as host_b,
+        client(certificates, None) as anonymous,
+    ):
+        seen = [
+            c.get(server_url + "/").json()["common_name"]
+            for c in (host_a, host_b, anonymous, host_b, host_a, anonymous)
+        ]
+    assert seen == ["host-a", "host-b", None, "host-b", "host-a", None]
+
+
+def test_request_without_a_client_certificate_has_none_in_the_scope(
+    certificates: Pki, server_url: str
+) -> None:
+    with client(certificates, None) as anonymous:
+        seen = anonymous.get(server_url + "/").json()
+    assert seen == {"common_name": None, "chain": []}
+
+
+def test_certificate_from_another_ca_is_refused_in_the_handshake(
+    certificates: Pki, server_url: str
+) -> None:
+    with client(certificates, "rogue") as rogue, pytest.raises(httpx.TransportError):
+        rogue.get(server_url + "/")
+
+
+def test_scope_without_the_tls_extension_has_no_peer_certificate() -> None:
+    assert peer_certificate({"type": "http"}) is None
+    assert peer_certificate({"type": "http", "extensions": {"tls": {"client_cert": "x"}}}) is None
