@@ -100,6 +100,12 @@ class HostConfig:
     read_timeout_s: float = 30.0
     agent_max_backoff_s: float = 60.0
 
+    def local_api_address(self) -> str:
+        """Where this host itself reaches its API: loopback when the server listens on every
+        address, else the one address it listens on (a loopback connection would be refused)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.bind, self.bind)
+        return f"[{host}]:{self.api_port}" if ":" in host else f"{host}:{self.api_port}"
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -37,13 +37,6 @@ def advertised(config: HostConfig) -> str:
     )
 
 
-def local_address(config: HostConfig) -> str:
-    """Where this host's own agent reaches the API: loopback when the server listens on every
-    address, else the one address it listens on (a loopback connection would be refused)."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(config.bind, config.bind)
-    return f"[{host}]:{config.api_port}" if ":" in host else f"{host}:{config.api_port}"
-
-
 def serve_coordinator(
     paths: HostPaths,
     config: HostConfig,
@@ -84,7 +77,7 @@ def serve_coordinator(
     agent = (
         Agent(
             paths,
-            [local_address(config)],
+            [config.local_api_address()],
             interval_s=config.heartbeat_interval_s,
             max_backoff_s=config.agent_max_backoff_s,
         )

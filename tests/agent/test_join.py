@@ -141,3 +141,35 @@ def test_revoked_token_is_refused_with_its_reason(
     assert refused.value.reason == "revoked_token"
     assert created["token"] not in refused.value.message
     assert_no_identity(paths)
+
+
+def test_interrupted_renewal_falls_back_to_the_previous_key_pair(tmp_path: Path) -> None:
+    """A crash after the new key was written but before the new certificate leaves a mismatched
+    pair; the agent must still present a working (previous) identity."""
+    from muster.agent.join import client_context, save_identity
+    from muster.clock import SystemClock
+    from muster.domain import pki
+    from muster.hoststate import HostPaths
+
+    paths = HostPaths(tmp_path)
+    ca = pki.create_ca(SystemClock().now())
+    old_key = pki.generate_private_key()
+    old_cert = pki.issue_client_certificate(
+        ca, old_key.public_key(), runner_id="h", now=SystemClock().now()
+    )
+    save_identity(
+        paths,
+        pki.private_key_to_pem(old_key),
+        pki.certificate_to_pem(old_cert),
+        ca.certificate_pem(),
+    )
+    new_key = pki.generate_private_key()
+    save_identity(
+        paths,
+        pki.private_key_to_pem(new_key),
+        pki.certificate_to_pem(old_cert),
+        ca.certificate_pem(),
+    )  # as if the new certificate never arrived
+    context = client_context(paths)
+    assert context is not None
+    assert (tmp_path / "agent" / "key.pem.prev").stat().st_mode & 0o777 == 0o600

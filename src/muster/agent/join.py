@@ -7,6 +7,7 @@ agent -> coordinator (TLS verified against that CA): POST /agent/join with CSR +
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,9 +123,21 @@ def join(plan: JoinPlan, paths: HostPaths, progress: Progress = lambda _m: None)
 
 
 def save_identity(paths: HostPaths, key_pem: str, cert_pem: str, ca_pem: str) -> None:
-    write_private(paths.agent_key, key_pem)  # never leaves the host
+    """Write the host's key (0600; it never leaves the host), certificate and CA.
+
+    The pair in use is kept as `*.prev` first: a crash between writing the new key and the new
+    certificate leaves a mismatched pair, and `client_context` then falls back to the previous
+    one, which the coordinator still accepts until the next renewal."""
+    if paths.agent_key.exists() and paths.agent_cert.exists():
+        write_private(_prev(paths.agent_key), paths.agent_key.read_bytes())
+        write_private(_prev(paths.agent_cert), paths.agent_cert.read_bytes(), 0o644)
+    write_private(paths.agent_key, key_pem)
     write_private(paths.agent_cert, cert_pem, 0o644)
     write_private(paths.agent_ca, ca_pem, 0o644)
+
+
+def _prev(path: Path) -> Path:
+    return path.with_name(path.name + ".prev")
 
 
 def save_agent_state(paths: HostPaths, state: dict[str, Any]) -> None:
@@ -132,7 +145,17 @@ def save_agent_state(paths: HostPaths, state: dict[str, Any]) -> None:
 
 
 def client_context(paths: HostPaths) -> Any:
-    return tls_context(ca_file=paths.agent_ca, cert_file=paths.agent_cert, key_file=paths.agent_key)
+    """The agent's mTLS context: its current key pair, or the previous one if an interrupted
+    renewal left the current pair mismatched."""
+    try:
+        return tls_context(
+            ca_file=paths.agent_ca, cert_file=paths.agent_cert, key_file=paths.agent_key
+        )
+    except ssl.SSLError:
+        key, cert = _prev(paths.agent_key), _prev(paths.agent_cert)
+        if not (key.exists() and cert.exists()):
+            raise
+        return tls_context(ca_file=paths.agent_ca, cert_file=cert, key_file=key)
 
 
 def coordinators_of(reply: dict[str, Any], fallback: Sequence[str]) -> list[str]:

@@ -138,7 +138,7 @@ def _from_storage(storage: Path | None) -> tuple[list[str], Path | None]:
     config = load_host(paths)
     if config is None:
         fail(f"{storage} holds no Muster installation", EXIT_USAGE)
-    hosts = [f"127.0.0.1:{config.api_port}"] if config.serves_api else list(config.coordinators)
+    hosts = [config.local_api_address()] if config.serves_api else list(config.coordinators)
     return hosts, paths.ca_file()
 
 

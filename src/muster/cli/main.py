@@ -249,7 +249,7 @@ def _print_first_host(first: object) -> None:
         highlight=False,
         soft_wrap=True,
     )
-    console.print(f"  secrets file       {first.secrets_file}", highlight=False)
+    console.print(f"  secrets file       {first.secrets_file}", highlight=False, soft_wrap=True)
     console.print("\nAdd an allocator host (run on that host):", highlight=False)
     console.print(
         f"  muster install --coordinator-host {config.host_ip}:{config.api_port} "

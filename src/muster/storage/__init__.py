@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from muster.storage.base import Store, Transaction
-from muster.storage.migrations import upgrade
 
 __all__ = ["Store", "Transaction", "open_store"]
 
@@ -26,6 +25,7 @@ def open_store(url: str, *, migrate: bool = True) -> Store:
         from sqlalchemy.exc import SQLAlchemyError
 
         from muster.errors import StoreError
+        from muster.storage.migrations import upgrade
 
         try:
             upgrade(store)
