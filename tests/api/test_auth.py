@@ -4,8 +4,6 @@ readonly user's 403 on every write, and the per-address limit on failed sign-ins
 from __future__ import annotations
 
 import base64
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,36 +13,13 @@ from fastapi.testclient import TestClient
 
 import muster.api.auth
 from muster.clock import FakeClock
-from muster.domain.platform import Bootstrap, create_platform, load_platform
 from muster.domain.users import hash_secret
-from muster.storage import open_store
 from tests.conftest import TOKENS, Installed, create_token
 
 KEYS = "/api/v1/users/auth/keys"
 LOGIN = "/api/v1/users/auth/_login"
 REFRESH = "/api/v1/users/auth/_refresh"
 LOGOUT = "/api/v1/users/auth/_logout"
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Bootstrap]:
-    """One created platform per module (argon2 is slow); each test works on a copy."""
-    path = tmp_path_factory.mktemp("template") / "muster.db"
-    store = open_store(f"sqlite:///{path}")
-    _ca, bootstrap = create_platform(store, FakeClock())
-    store.close()
-    return path, bootstrap
-
-
-@pytest.fixture
-def installed(
-    template: tuple[Path, Bootstrap], tmp_path: Path, clock: FakeClock
-) -> Iterator[Installed]:
-    copy = tmp_path / "muster.db"
-    shutil.copyfile(template[0], copy)
-    store = open_store(f"sqlite:///{copy}")
-    yield Installed(load_platform(store, clock), template[1], clock)
-    store.close()
 
 
 def ece_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:

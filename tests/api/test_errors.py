@@ -4,9 +4,7 @@ bodies, unknown paths and methods, region paths, oversized bodies."""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -17,44 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from muster.api.app import MAX_BODY_BYTES, create_app
-from muster.clock import FakeClock
 from muster.domain.models import ROLES
-from muster.domain.platform import Bootstrap, create_platform, load_platform
 from muster.domain.ratelimit import FailureLimiter
-from muster.domain.users import CredentialCache
-from muster.storage import open_store
 from tests.conftest import TOKENS, Installed, create_token, join_body
 
 INVALID = "enrollment_tokens.invalid_token_request"
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Bootstrap]:
-    """One created platform per module (argon2 is slow); each test works on a copy."""
-    path = tmp_path_factory.mktemp("template") / "muster.db"
-    store = open_store(f"sqlite:///{path}")
-    _ca, bootstrap = create_platform(store, FakeClock())
-    store.close()
-    return path, bootstrap
-
-
-@pytest.fixture(scope="module")
-def credentials() -> CredentialCache:
-    """Every copy holds the same users: one argon2 verify per module is enough."""
-    return CredentialCache(ttl_s=24 * 3600)
-
-
-@pytest.fixture
-def installed(
-    template: tuple[Path, Bootstrap], tmp_path: Path, clock: FakeClock, credentials: CredentialCache
-) -> Iterator[Installed]:
-    copy = tmp_path / "muster.db"
-    shutil.copyfile(template[0], copy)
-    store = open_store(f"sqlite:///{copy}")
-    platform = load_platform(store, clock)
-    platform.credentials = credentials
-    yield Installed(platform, template[1], clock)
-    store.close()
 
 
 def ece_error(response: httpx.Response, status: int | None = None, code: str | None = None) -> str:

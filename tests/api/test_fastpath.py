@@ -117,3 +117,19 @@ def test_floor_route_exists_only_when_asked_for(installed: Installed) -> None:
     response = bench.get("/api/v1/agent/_ping")
     assert response.status_code == 200
     assert response.content == b""
+
+
+def test_snapshot_rereads_serials_only_after_a_change_another_coordinator_made(
+    agent: Any, installed: Installed
+) -> None:
+    client, wrapper, app = agent
+    wrapper.cert = _joined(client, installed, "10.0.0.8")
+    snapshot: RunnerSnapshot = app.state.identities
+    snapshot.reload()
+    assert snapshot.refresh() is False  # nothing changed: confirmed without reading serials
+    assert client.post(HEARTBEAT, json=REPORT).status_code == 200
+    # Deleted elsewhere: this coordinator's snapshot is not told (no forget).
+    admin = Principal(name="admin", role="admin", method="basic")
+    runners.delete_runner(installed.platform, admin, "10.0.0.8", source="elsewhere")
+    assert snapshot.refresh() is True
+    assert client.post(HEARTBEAT, json=REPORT).status_code == 401
