@@ -31,7 +31,8 @@ from muster.errors import (
     UnauthenticatedError,
 )
 
-console = Console()
+# Piped output (scripts, grep, tests) gets whole lines, never cut at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 10_000)
 err_console = Console(stderr=True)
 
 # Exit codes: scripts depend on them, so they never change meaning.
@@ -205,8 +206,7 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, empty:
         table.add_column(column, no_wrap=True)
     for row in rows:
         table.add_row(*["" if cell is None else str(cell) for cell in row])
-    # Piped output (scripts, grep) gets whole lines, never wrapped at 80 columns.
-    console.print(table, width=None if console.is_terminal else 10_000)
+    console.print(table)
 
 
 def emit(data: Any, output: Output, render: Callable[[Any], None]) -> None:
