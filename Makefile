@@ -38,5 +38,8 @@ bench: $(STAMP) ## the benchmarks (quick; FULL=1 for the whole table)
 demo: $(STAMP) ## the tutorial on this machine: first host, a token, two more hosts, the allocators
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m bench.demo
 
+fuzz: $(STAMP) ## fuzz every API operation with hundreds of examples (long; MUSTER_FUZZ_EXAMPLES=N)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -p no:cacheprovider tests/fuzz --fuzz-long -q
+
 clean: ## remove the virtual environment and local state
 	rm -rf $(VENV) var

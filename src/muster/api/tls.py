@@ -78,9 +78,10 @@ class PeerCertProtocol(HttpToolsProtocol):
     _tls: dict[str, Any] | None = None
     _refusal: int | None = None
     _reading_head = True  # between the end of one message and the end of the next one's head
-    _head_bytes = 0
+    _head_bytes = 0  # raw bytes of the head, counted as they arrive
     _line_seen = False
-    _url_bytes = 0
+    _url_bytes = 0  # as parsed, per message
+    _field_bytes = 0  # as parsed, per message
     _deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:
@@ -117,7 +118,7 @@ class PeerCertProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._url_bytes = 0
+        self._url_bytes = self._field_bytes = 0
         if self._deadline is None:
             self._arm_deadline()
         scope = cast(dict[str, Any], self.scope)
@@ -132,8 +133,8 @@ class PeerCertProtocol(HttpToolsProtocol):
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value)
-        if self._head_bytes > MAX_HEAD_BYTES:
+        self._field_bytes += len(name) + len(value)
+        if self._field_bytes > MAX_HEAD_BYTES:
             self._refusal = 431
             raise _Refused("headers too large")
         super().on_header(name, value)

@@ -139,7 +139,7 @@ _REASON = Query(None, max_length=1024, description="Why; recorded in the audit t
     operation_id="start-allocator-maintenance-mode",
     status_code=202,
     response_model=EmptyResponse,
-    responses=errors(401, 403, 404, 429),
+    responses=errors(400, 401, 403, 404, 429),
 )
 def start_allocator_maintenance_mode(
     allocator_id: str,
@@ -155,7 +155,7 @@ def start_allocator_maintenance_mode(
     operation_id="stop-allocator-maintenance-mode",
     status_code=202,
     response_model=EmptyResponse,
-    responses=errors(401, 403, 404, 429),
+    responses=errors(400, 401, 403, 404, 429),
 )
 def stop_allocator_maintenance_mode(
     allocator_id: str,
@@ -224,7 +224,7 @@ def set_allocator_metadata_item(
     ONE + "/metadata/{key}",
     operation_id="delete-allocator-metadata-item",
     response_model=list[MetadataItem],
-    responses=errors(401, 403, 404, 409, 429),
+    responses=errors(400, 401, 403, 404, 409, 429),
 )
 def delete_allocator_metadata_item(
     allocator_id: str,
