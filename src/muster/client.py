@@ -102,7 +102,15 @@ class Client:
         if not coordinators:
             raise InvalidInputError("no coordinator given: pass --coordinator-host")
         self.coordinators = [base_url(c) for c in coordinators]
-        self._http = httpx.Client(verify=verify, auth=auth, headers=headers, timeout=timeout_s)
+        # Keep connections open across heartbeats (the interval is 10 s; httpx's default expiry
+        # of 5 s would make every heartbeat a new mTLS handshake); under the server's 75 s.
+        self._http = httpx.Client(
+            verify=verify,
+            auth=auth,
+            headers=headers,
+            timeout=timeout_s,
+            limits=httpx.Limits(keepalive_expiry=60),
+        )
         self._current = 0
 
     def close(self) -> None:

@@ -69,6 +69,9 @@ def serve_coordinator(
         log_level=log_level,
         access_log=False,
         server_header=False,
+        # Muster is not behind a proxy: never take the client address from X-Forwarded-For
+        # (rate limits and the audit trail key on it).
+        proxy_headers=False,
         timeout_keep_alive=75,  # agents keep one connection across heartbeats
         timeout_graceful_shutdown=5,
         h11_max_incomplete_event_size=64 * 1024,

@@ -35,6 +35,7 @@ HEARTBEAT_PATH = "/api/v1/agent/heartbeat"
 PING_PATH = "/api/v1/agent/_ping"
 # A report is ~150 bytes; larger bodies take the FastAPI route (and its 1 MiB limit, 413).
 MAX_REPORT_BYTES = 64 * 1024
+FULL_RELOAD_S = 30.0
 
 _EMPTY_200: Message = {
     "type": "http.response.start",
@@ -56,17 +57,24 @@ _REPLY_HEADERS = [
 class RunnerSnapshot(RunnerIdentities):
     """RunnerIdentities with every runner's valid certificate serials held in memory.
 
-    A background thread reloads the serials in one read every `ttl_s / 2`; a certificate found
-    in a snapshot younger than `ttl_s` is accepted without a store read, so answers are never
-    older than the per-certificate cache's. Anything else (a runner joined since the snapshot, a
-    refused or superseded certificate, a snapshot too old because the store is away) takes
-    RunnerIdentities' own path: a store read, cached `ttl_s`. `forget` takes effect at once.
+    Every `ttl_s / 2` a background thread confirms the snapshot against the store; a certificate
+    found in a snapshot confirmed less than `ttl_s` ago is accepted without a store read, so
+    answers are never older than the per-certificate cache's. Anything else (a runner joined
+    since, a refused or superseded certificate, a snapshot too old because the store is away)
+    takes RunnerIdentities' own path: a store read, cached `ttl_s`. `forget` acts at once.
+
+    Confirming is cheap: one aggregate read of what any change to a runner's valid serials moves
+    (runner count and newest certificate expiry: joins and renewals; revoked count: deletions).
+    Only when it moved (or every FULL_RELOAD_S, in case a future change does not move it) are
+    all serials read again (~3-5 µs per runner: ~100 ms for 25,000).
     """
 
     def __init__(self, platform: Platform, ttl_s: float = 2.0) -> None:
         super().__init__(platform, ttl_s)
         self._serials: dict[str, tuple[str, ...]] = {}
-        self._loaded_at = float("-inf")
+        self._loaded_at = float("-inf")  # when the store last confirmed the snapshot
+        self._read_at = float("-inf")  # when all serials were last read
+        self._version: tuple[Any, ...] | None = None
         self._forgotten: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -85,12 +93,31 @@ class RunnerSnapshot(RunnerIdentities):
             self._serials.pop(runner_id, None)
         super().forget(runner_id)
 
+    def refresh(self) -> bool:
+        """Confirm the snapshot, reading all serials again only if they may have changed.
+        True if they were read."""
+        started = self.platform.clock.monotonic()
+        with self.platform.store.read() as tx:  # one consistent snapshot for both reads
+            version = _certificates_version(tx)
+            if version == self._version and started - self._read_at < FULL_RELOAD_S:
+                with self._lock:
+                    self._loaded_at = started
+                return False
+            self._install(started, list(_runner_serials(tx)), _revoked_serials(tx))
+        self._version = version
+        return True
+
     def reload(self) -> int:
         """Read every runner's serials in one statement; returns how many runners."""
         started = self.platform.clock.monotonic()
         with self.platform.store.read() as tx:
-            rows = list(_runner_serials(tx))
-            revoked = _revoked_serials(tx)
+            self._version = _certificates_version(tx)
+            self._install(started, list(_runner_serials(tx)), _revoked_serials(tx))
+        return len(self._serials)
+
+    def _install(
+        self, started: float, rows: list[tuple[str, str, str | None]], revoked: frozenset[str]
+    ) -> None:
         serials = {
             rid: tuple(s for s in (current, previous) if s and s not in revoked)
             for rid, current, previous in rows
@@ -103,8 +130,7 @@ class RunnerSnapshot(RunnerIdentities):
                 else:
                     del self._forgotten[rid]
             self._serials = serials
-            self._loaded_at = started
-        return len(serials)
+            self._loaded_at = self._read_at = started
 
     def start(self) -> None:
         self._stop.clear()
@@ -120,7 +146,7 @@ class RunnerSnapshot(RunnerIdentities):
         period = self.ttl_s / 2
         while not self._stop.is_set():
             try:
-                self.reload()
+                self.refresh()
             except MusterError as exc:  # the per-certificate path still answers
                 log.warning("could not load runner certificates: %s", exc)
             self._stop.wait(period)
@@ -140,6 +166,25 @@ def _runner_serials(tx: Any) -> Iterable[tuple[str, str, str | None]]:
     c = schema.runners.c
     query = select(c.runner_id, c.cert_serial, c.previous_cert_serial)
     return [(r[0], r[1], r[2]) for r in tx.conn.execute(query)]
+
+
+def _certificates_version(tx: Any) -> tuple[Any, ...]:
+    """What moves whenever a runner's valid serials change: (runners, newest certificate
+    expiry, revoked certificates). Joins add a runner; a renewal issues a certificate expiring
+    later than every earlier one (fixed validity); a deletion revokes."""
+    method = getattr(tx, "runner_certificates_version", None)
+    if method is not None:
+        version: tuple[Any, ...] = method()
+        return version
+    from sqlalchemy import func, select
+
+    from muster.storage import schema
+
+    runners = tx.conn.execute(
+        select(func.count(), func.max(schema.runners.c.cert_expires_at))
+    ).one()
+    revoked = tx.conn.execute(select(func.count()).select_from(schema.revoked_certificates))
+    return (runners[0], runners[1], revoked.scalar_one())
 
 
 def _revoked_serials(tx: Any) -> frozenset[str]:

@@ -26,8 +26,13 @@ class Liveness:
         self.store = store
         self.clock = clock
         self.interval_s = interval_s
-        self._latest: dict[str, tuple[datetime, HostReport]] = {}
-        self._pending: dict[str, tuple[datetime, HostReport]] = {}
+        # Times and reports apart, and a report kept while it does not change: a heartbeat then
+        # leaves no new object behind that Python's garbage collector tracks. With tens of
+        # thousands of hosts, such leftovers trigger full collections, each a pause as long as
+        # the whole heap takes to scan (docs/benchmarks.md).
+        self._seen: dict[str, datetime] = {}
+        self._reports: dict[str, HostReport] = {}
+        self._pending: set[str] = set()
         self._lock = threading.Lock()
 
     @property
@@ -36,28 +41,30 @@ class Liveness:
 
     def beat(self, runner_id: str, report: HostReport) -> None:
         """Record a heartbeat in memory; it reaches the store at the next flush."""
-        entry = (self.clock.now(), report)
+        now = self.clock.now()
         with self._lock:
-            self._latest[runner_id] = entry
-            self._pending[runner_id] = entry
+            self._seen[runner_id] = now
+            if self._reports.get(runner_id) != report:
+                self._reports[runner_id] = report
+            self._pending.add(runner_id)
 
     def forget(self, runner_id: str) -> None:
         with self._lock:
-            self._latest.pop(runner_id, None)
-            self._pending.pop(runner_id, None)
+            self._seen.pop(runner_id, None)
+            self._reports.pop(runner_id, None)
+            self._pending.discard(runner_id)
 
     def last_seen(self, runner_id: str, persisted: datetime | None) -> datetime | None:
         """The newest heartbeat time known: this coordinator's memory or the store's."""
-        seen = self._latest.get(runner_id)
+        seen = self._seen.get(runner_id)
         if seen is None:
             return persisted
-        if persisted is None or seen[0] >= persisted:
-            return seen[0]
+        if persisted is None or seen >= persisted:
+            return seen
         return persisted
 
     def latest_report(self, runner_id: str, persisted: HostReport) -> HostReport:
-        seen = self._latest.get(runner_id)
-        return persisted if seen is None else seen[1]
+        return self._reports.get(runner_id, persisted)
 
     def is_connected(self, runner_id: str, persisted: datetime | None) -> bool:
         last = self.last_seen(runner_id, persisted)
@@ -67,17 +74,20 @@ class Liveness:
         """Write pending heartbeats in one batch; returns how many. On a store error the batch
         is kept for the next flush (newer heartbeats replace older ones)."""
         with self._lock:
-            batch, self._pending = self._pending, {}
+            pending, self._pending = self._pending, set()
+            batch = [
+                (rid, self._seen[rid], self._reports[rid]) for rid in pending if rid in self._seen
+            ]
         if not batch:
             return 0
         try:
             with self.store.write() as tx:
-                tx.record_heartbeats((rid, at, report) for rid, (at, report) in batch.items())
+                tx.record_heartbeats(batch)
         except MusterError as exc:
             log.warning("could not persist %d heartbeats, will retry: %s", len(batch), exc)
             with self._lock:
-                for rid, entry in batch.items():
-                    self._pending.setdefault(rid, entry)
+                # The next flush writes each runner's newest heartbeat, whichever that is then.
+                self._pending.update(rid for rid, _at, _report in batch if rid in self._seen)
             return 0
         return len(batch)
 

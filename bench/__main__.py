@@ -1,0 +1,91 @@
+"""`python -m bench`: the quick benchmark (under 3 minutes); `--full` for the whole table.
+
+Results go to bench/.cache/results/<date>.json and a summary table to stdout; `--plot` draws
+heartbeat latency against hosts (the full run draws docs/heartbeat-latency.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+
+from bench.fleet import CACHE
+from bench.loadgen import raise_fd_limit
+from bench.report import plot, table
+from bench.run import full_plan, quick_plan, run
+
+DOCS_PNG = Path(__file__).resolve().parent.parent / "docs" / "heartbeat-latency.png"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--full", action="store_true", help="the whole table (about 15 minutes)")
+    parser.add_argument("--hosts", type=int, nargs="+", help="host levels, e.g. 1000 5000")
+    parser.add_argument("--window", type=float, help="seconds measured per level")
+    parser.add_argument("--sustain", type=float, help="seconds measured at the last level")
+    parser.add_argument("--settle", type=float, help="seconds between connecting and measuring")
+    parser.add_argument("--interval", type=float, help="seconds between a host's heartbeats")
+    parser.add_argument(
+        "--sustain-interval", type=float, help="interval for a final sustained step (faster)"
+    )
+    parser.add_argument("--fleet", type=int, help="hosts in the cached fleet")
+    parser.add_argument("--listing", type=int, help="requests per allocator listing query")
+    parser.add_argument("--saturate", type=float, help="seconds per floor/heartbeat round")
+    parser.add_argument("--rounds", type=int, help="floor/heartbeat rounds")
+    parser.add_argument("--joins", type=int, help="hosts joined in the join benchmark")
+    parser.add_argument("--processes", type=int, help="load generator processes")
+    parser.add_argument("--out", type=Path, help="write the results JSON here")
+    parser.add_argument("--plot", type=Path, help="draw the latency picture here")
+    parser.add_argument("--keep", action="store_true", help="keep the run's coordinator state")
+    args = parser.parse_args(argv)
+
+    plan = full_plan() if args.full else quick_plan()
+    overrides = {
+        "levels": args.hosts,
+        "window_s": args.window,
+        "sustain_s": args.sustain,
+        "settle_s": args.settle,
+        "interval_s": args.interval,
+        "sustain_interval_s": args.sustain_interval,
+        "fleet": args.fleet,
+        "listing_requests": args.listing,
+        "saturate_s": args.saturate,
+        "saturate_rounds": args.rounds,
+        "joins": args.joins,
+        "processes": args.processes,
+    }
+    plan = replace(plan, **{k: v for k, v in overrides.items() if v is not None})
+    if plan.listing_allocators and plan.listing_allocators > plan.hosts:
+        plan = replace(plan, listing_allocators=None)
+    raise_fd_limit()
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the coordinator is stopped.
+    signal.signal(signal.SIGTERM, _exit)
+    command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    results = run(plan, keep=args.keep)
+    data = {"command": command.strip(), **results.__dict__}
+    out = args.out or CACHE / "results" / f"{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2))
+    print(table(data))
+    picture = args.plot or (DOCS_PNG if args.full else None)
+    if picture is not None:
+        plot(data, picture)
+        print(f"picture: {picture}")
+    print(f"results: {out}")
+    errors = results.errors()
+    print(f"errors: {errors}")
+    return 0 if errors == 0 else 1
+
+
+def _exit(_sig: int, _frame: FrameType | None) -> None:
+    raise SystemExit(143)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

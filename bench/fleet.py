@@ -1,0 +1,168 @@
+"""The benchmark's fleet: N hosts really joined through the join API, cached under bench/.cache/.
+
+A fleet is one coordinator installation holding N joined runners (allocators, spread over three
+zones), each host's key and certificate (one PEM per host) and, for fleets larger than 10,000,
+a copy of the installation taken at exactly 10,000 allocators. It is rebuilt when its key
+changes (the number of hosts, the layout, Muster's version, the schema and its migrations) or
+when its certificates near expiry. Runs copy it and never change it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import muster
+from bench.coordinator import Coordinator, copy_storage, free_port, install, secrets
+from bench.loadgen import Pool
+from muster.domain import pki
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+FORMAT = 2  # bump when the layout below changes
+MAX_AGE = timedelta(days=20)  # runner certificates live 30 days
+SNAPSHOTS = (10000,)  # allocator counts a fleet larger than that keeps a copy at
+SRC = Path(muster.__file__).resolve().parent
+KEYED_SOURCES = ("storage/schema.py", "storage/migrations")
+ZONES = ("ece-zone-1", "ece-zone-2", "ece-zone-3")
+FAMILIES = ("gp", "memory", "cpu")
+CAPACITIES_MB = (16384, 32768, 65536, 131072)
+
+Progress = Callable[[str], None]
+
+
+def runner_id(index: int) -> str:
+    return f"bench-{index:05d}"
+
+
+def join_body(token: str, csr: str, index: int, *, rid: str | None = None) -> bytes:
+    body = {
+        "token": token,
+        "csr": csr,
+        "runner_id": rid or runner_id(index),
+        "host_ip": f"10.{(index >> 16) & 255}.{(index >> 8) & 255}.{index & 255}",
+        "roles": ["allocator"],
+        "zone": ZONES[index % len(ZONES)],
+        "capacity_mb": CAPACITIES_MB[index % len(CAPACITIES_MB)],
+        "tags": {"instance_family": FAMILIES[index % len(FAMILIES)], "ssd": str(index % 2 == 0)},
+        "report": {"memory_mb": 65536, "storage_mib": 512000, "cpus": 16, "version": "0.1.0"},
+    }
+    return json.dumps(body).encode()
+
+
+def fleet_key(hosts: int) -> str:
+    digest = hashlib.sha256(f"{FORMAT}|{hosts}|{SNAPSHOTS}|{muster.__version__}".encode())
+    for name in KEYED_SOURCES:
+        path = SRC / name
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for file in files:
+            digest.update(file.relative_to(SRC).as_posix().encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Fleet:
+    root: Path
+    hosts: int
+
+    @property
+    def storage(self) -> Path:
+        return self.root / "storage"
+
+    def snapshot(self, allocators: int) -> Path:
+        return self.root / f"storage-{allocators}"
+
+    def identity(self, index: int) -> Path:
+        return self.root / "hosts" / f"{index:05d}.pem"
+
+    def identities(self, n: int | None = None) -> list[tuple[int, Path]]:
+        return [(i, self.identity(i)) for i in range(n if n is not None else self.hosts)]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.root / "meta.json").read_text())
+        return data
+
+
+def ensure_fleet(
+    hosts: int,
+    *,
+    processes: int = 2,
+    progress: Progress = print,
+    cache: Path = CACHE,
+) -> Fleet:
+    """The cached fleet of `hosts` hosts under `cache`, built through the join API if missing
+    or stale."""
+    key = fleet_key(hosts)
+    root = cache / f"fleet-{hosts}-{key}"
+    meta = root / "meta.json"
+    if meta.exists():
+        built = datetime.fromisoformat(json.loads(meta.read_text())["built_at"])
+        if datetime.now(UTC) - built < MAX_AGE:
+            return Fleet(root, hosts)
+    for stale in cache.glob(f"fleet-{hosts}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    progress(f"building the fleet cache: {hosts} hosts joined through the join API ({root.name})")
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "hosts").mkdir(parents=True)
+    _build(tmp, hosts, [s for s in SNAPSHOTS if s < hosts], processes, progress)
+    tmp.rename(root)
+    return Fleet(root, hosts)
+
+
+def _build(
+    root: Path, hosts: int, snapshots: list[int], processes: int, progress: Progress
+) -> None:
+    storage = root / "storage"
+    port = free_port()
+    log = root / "build.log"
+    install(storage, port, log)
+    token = secrets(storage)["allocator_only_token"]
+    coordinator = Coordinator.start(storage, port, log, bench_routes=False)
+    pool = Pool(port, coordinator.ca_file, [], processes=processes)
+    started = time.monotonic()
+    try:
+        # The first host is an allocator too: a snapshot of A allocators holds A - 1 joined.
+        marks = [s - 1 for s in snapshots] + [hosts]
+        done = 0
+        for mark in marks:
+            while done < mark:
+                chunk = range(done, min(mark, done + 2000))
+                keys = [pki.generate_private_key() for _ in chunk]
+                bodies = [
+                    join_body(token, pki.build_csr(k, runner_id(i)), i)
+                    for k, i in zip(keys, chunk, strict=True)
+                ]
+                share = [bodies[n::processes] for n in range(processes)]
+                results = pool.ask_each([("join", s, 64) for s in share])
+                certs: dict[str, str] = {}
+                for result in results:
+                    if result["failures"]:
+                        raise RuntimeError(f"joins failed while building: {result['failures']}")
+                    certs.update(zip(result["runner_ids"], result["certificates"], strict=True))
+                for key, i in zip(keys, chunk, strict=True):
+                    pem = certs[runner_id(i)] + pki.private_key_to_pem(key)
+                    (root / "hosts" / f"{i:05d}.pem").write_text(pem)
+                done = chunk.stop
+                rate = done / (time.monotonic() - started)
+                progress(f"  {done}/{hosts} joined ({rate:.0f}/s)")
+            if mark != hosts:
+                copy_storage(storage, root / f"storage-{mark + 1}")
+    finally:
+        pool.close()
+        coordinator.stop()
+    meta = {
+        "hosts": hosts,
+        "snapshots": snapshots,
+        "built_at": datetime.now(UTC).isoformat(),
+        "build_seconds": round(time.monotonic() - started, 1),
+    }
+    (root / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -1,0 +1,390 @@
+"""The benchmark scenarios, run against one coordinator process, and their figures.
+
+1. floor vs heartbeat: closed loop on the same mTLS connections, alternating the empty-200
+   route and the heartbeat route; throughput, latency and coordinator CPU per request.
+2. fleet levels: hosts connect (each its own certificate and keep-alive connection) and
+   heartbeat every interval; at each level, latency percentiles, failures, missed slots and the
+   coordinator's resident memory. The last level is the sustained one.
+3. joins: concurrent joiners, each a new TLS connection, through the real join API.
+4. allocator listing: GET /platform/infrastructure/allocators, unfiltered and filtered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.coordinator import Coordinator, copy_storage, free_port, secrets, set_port
+from bench.fleet import CACHE, Fleet, ensure_fleet, join_body
+from bench.loadgen import Pool
+from bench.stats import loadavg, machine, merge, summary_ms
+from bench.wire import Conn, client_context, request_bytes
+from muster.domain import pki
+
+Progress = Callable[[str], None]
+ALLOCATORS = "/api/v1/platform/infrastructure/allocators"
+
+
+@dataclass
+class Plan:
+    levels: list[int]
+    window_s: float  # per level, except the last
+    sustain_s: float  # the last level
+    settle_s: float = 12.0
+    interval_s: float = 10.0
+    # After the levels: the largest level again at this interval (None: the last level's window
+    # is the sustained one), e.g. 19,000 hosts every 7.6 s = 2,500 heartbeats/s.
+    sustain_interval_s: float | None = None
+    processes: int = 2
+    saturate_conns: int = 32  # per process
+    saturate_s: float = 3.0
+    saturate_rounds: int = 2
+    joins: int = 300
+    join_concurrency: int = 32
+    listing_allocators: int | None = None  # the snapshot to list; None: the fleet itself
+    listing_requests: int = 20
+
+    fleet: int | None = None  # hosts in the cached fleet (default: the largest level)
+
+    @property
+    def hosts(self) -> int:
+        return max(self.fleet or 0, *self.levels)
+
+
+def quick_plan() -> Plan:
+    return Plan(levels=[500, 2000], window_s=15, sustain_s=20)
+
+
+def full_plan() -> Plan:
+    # 25,000 hosts are out of reach for one coordinator process here (docs/benchmarks.md): its
+    # core saturates near 1,400 heartbeats/s, and RLIMIT_NOFILE (hard 20,000, not raisable)
+    # caps connections. The sustained step is the largest level that holds.
+    return Plan(
+        levels=[1000, 5000, 10000, 12500],
+        fleet=25000,
+        window_s=30,
+        sustain_s=120,
+        settle_s=20,
+        saturate_conns=64,
+        saturate_s=10,
+        saturate_rounds=3,
+        joins=1000,
+        join_concurrency=64,
+        listing_allocators=10000,
+        listing_requests=10,
+    )
+
+
+def _cpu_of(pid: int) -> float:
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Results:
+    plan: dict[str, Any]
+    machine: dict[str, Any]
+    load_before: str
+    floor: dict[str, Any] = field(default_factory=dict)
+    levels: list[dict[str, Any]] = field(default_factory=list)
+    joins: dict[str, Any] = field(default_factory=dict)
+    listing: dict[str, Any] = field(default_factory=dict)
+    persisted: dict[str, Any] = field(default_factory=dict)
+    load_after: str = ""
+    seconds: float = 0.0
+
+    def errors(self) -> int:
+        """Every failure the run saw: refused or failed requests, missed slots, lost joins."""
+        total = sum(sum(level["failures"].values()) + level["missed"] for level in self.levels)
+        total += sum(level.get("connect_failures", 0) for level in self.levels)
+        total += sum(self.floor.get("failures", {}).values())
+        total += sum(self.joins.get("failures", {}).values())
+        return total
+
+
+def run(
+    plan: Plan, *, progress: Progress = print, keep: bool = False, cache: Path = CACHE
+) -> Results:
+    """Run `plan` against a coordinator started on a copy of the cached fleet (built first if
+    needed); the coordinator and the load generator are stopped before this returns."""
+    started = time.monotonic()
+    results = Results(asdict(plan), machine(), loadavg())
+    cache.mkdir(parents=True, exist_ok=True)
+    fleet = ensure_fleet(plan.hosts, processes=plan.processes, progress=progress, cache=cache)
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=cache))
+    try:
+        coordinator = _start_copy(fleet.storage, work / "storage", work / "coordinator.log")
+        try:
+            pool = Pool(
+                coordinator.port,
+                coordinator.ca_file,
+                fleet.identities(),
+                processes=plan.processes,
+                interval_s=plan.interval_s,
+            )
+            try:
+                results.floor = _floor(plan, pool, coordinator, progress)
+                mark = datetime.now(UTC)
+                results.levels = _levels(plan, pool, coordinator, progress)
+            finally:
+                pool.close()
+            results.joins = _joins(plan, coordinator, progress)
+            if plan.listing_allocators is None and plan.listing_requests:
+                results.listing = _listing(plan, coordinator, fleet.hosts + 1, progress)
+        finally:
+            coordinator.stop()
+        results.persisted = _persisted(work / "storage", mark, max(plan.levels))
+        if plan.listing_allocators is not None:
+            results.listing = _listing_snapshot(plan, fleet, work, progress)
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    results.load_after = loadavg()
+    results.seconds = round(time.monotonic() - started, 1)
+    return results
+
+
+def _start_copy(src: Path, dst: Path, log: Path) -> Coordinator:
+    copy_storage(src, dst)
+    port = free_port()
+    set_port(dst, port)
+    return Coordinator.start(dst, port, log)
+
+
+def _floor(plan: Plan, pool: Pool, coordinator: Coordinator, progress: Progress) -> dict[str, Any]:
+    """Closed loop on the same connections: the empty 200 (floor) and the heartbeat."""
+    runs: dict[str, list[dict[str, Any]]] = {"ping": [], "heartbeat": []}
+    for _ in range(plan.saturate_rounds):
+        for kind in ("ping", "heartbeat"):
+            cpu0, t0 = coordinator.cpu_s(), time.monotonic()
+            answers = pool.ask("saturate", kind, plan.saturate_conns, plan.saturate_s)
+            cpu, wall = coordinator.cpu_s() - cpu0, time.monotonic() - t0
+            requests = sum(a["requests"] for a in answers)
+            seconds = max(a["seconds"] for a in answers)
+            runs[kind].append(
+                {
+                    "rps": requests / seconds,
+                    "cpu_us_per_request": cpu / max(1, requests) * 1e6,
+                    "coordinator_cpu_share": cpu / wall,
+                    "latency": merge(a["latency"] for a in answers),
+                    "failures": Counter[str](),
+                }
+            )
+            for a in answers:
+                runs[kind][-1]["failures"].update(a["failures"])
+            progress(f"  {kind:9s} {requests / seconds:7.0f} req/s")
+    out: dict[str, Any] = {"connections": plan.saturate_conns * plan.processes}
+    failures: Counter[str] = Counter()
+    for kind, rounds in runs.items():
+        best = max(rounds, key=lambda r: r["rps"])
+        out[kind] = {
+            "rps_best": round(best["rps"]),
+            "rps_all": [round(r["rps"]) for r in rounds],
+            "cpu_us_per_request": round(best["cpu_us_per_request"]),
+            "coordinator_cpu_share": round(best["coordinator_cpu_share"], 2),
+            "latency": summary_ms(best["latency"]),
+        }
+        for r in rounds:
+            failures.update(r["failures"])
+    out["ratio"] = round(out["heartbeat"]["rps_best"] / max(1, out["ping"]["rps_best"]), 3)
+    # Same-round ratios: the load others put on the machine changes between rounds.
+    out["ratio_per_round"] = [
+        round(h["rps"] / p["rps"], 3) for p, h in zip(runs["ping"], runs["heartbeat"], strict=True)
+    ]
+    out["failures"] = dict(failures)
+    progress(f"floor: heartbeat/ping = {out['ratio']:.2f}")
+    return out
+
+
+def _levels(
+    plan: Plan, pool: Pool, coordinator: Coordinator, progress: Progress
+) -> list[dict[str, Any]]:
+    levels = []
+    steps = [(level, plan.interval_s, plan.window_s) for level in plan.levels]
+    if plan.sustain_interval_s is None:
+        steps[-1] = (plan.levels[-1], plan.interval_s, plan.sustain_s)
+    else:
+        steps.append((plan.levels[-1], plan.sustain_interval_s, plan.sustain_s))
+    interval = plan.interval_s
+    for level, step_interval, window in steps:
+        per = [len(range(i, level, plan.processes)) for i in range(plan.processes)]
+        t_connect = time.monotonic()
+        connected = pool.ask_each([("connect", k) for k in per])
+        connect_s = time.monotonic() - t_connect
+        hosts = sum(c["connected"] for c in connected)
+        connect_failures = sum(sum(c["connect_failures"].values()) for c in connected)
+        if step_interval != interval:
+            pool.ask("interval", step_interval)
+            interval = step_interval
+            # Each host moves to the new interval after its next heartbeat.
+            time.sleep(plan.interval_s)
+        progress(f"level {level}: {hosts} connected in {connect_s:.1f}s; settling")
+        time.sleep(plan.settle_s)
+        gen_pids = [p.pid for p in pool.procs]
+        cpu0, gen0 = coordinator.cpu_s(), sum(_cpu_of(p) for p in gen_pids)
+        t0 = time.monotonic()
+        time.sleep(window)
+        t1 = time.monotonic()
+        cpu, gen = coordinator.cpu_s() - cpu0, sum(_cpu_of(p) for p in gen_pids) - gen0
+        rss = coordinator.rss_mb()
+        answers = pool.ask("window", t0, t1)
+        latency = merge(a["latency"] for a in answers)
+        lag = merge(a["lag"] for a in answers)
+        failures: Counter[str] = Counter()
+        for a in answers:
+            failures.update(a["failures"])
+        missed = sum(a["missed"] for a in answers)
+        row = {
+            "hosts": hosts,
+            "target": level,
+            "interval_s": interval,
+            "sustained": window == plan.sustain_s,
+            "connect_s": round(connect_s, 1),
+            "connect_failures": connect_failures,
+            "window_s": round(t1 - t0, 1),
+            "heartbeats": len(latency),
+            "rate": round(len(latency) / (t1 - t0)),
+            "expected_rate": round(hosts / interval),
+            "latency": summary_ms(latency),
+            "schedule_lag": summary_ms(lag),
+            "failures": dict(failures),
+            "missed": missed,
+            "rss_mb": round(rss, 1),
+            "coordinator_cpu_share": round(cpu / (t1 - t0), 3),
+            "generator_cpu_share": round(gen / (t1 - t0), 3),
+        }
+        levels.append(row)
+        progress(
+            f"level {level}: {row['rate']}/s p50 {row['latency']['p50_ms']} ms "
+            f"p99 {row['latency']['p99_ms']} ms, failures {sum(failures.values())}, "
+            f"missed {missed}, RSS {rss:.0f} MB, coordinator CPU {row['coordinator_cpu_share']}"
+        )
+    return levels
+
+
+def _joins(plan: Plan, coordinator: Coordinator, progress: Progress) -> dict[str, Any]:
+    token = secrets(coordinator.root)["allocator_only_token"]
+    stamp = datetime.now(UTC).strftime("%H%M%S")
+    bodies = []
+    for i in range(plan.joins):
+        key = pki.generate_private_key()
+        rid = f"join-{stamp}-{i:05d}"
+        bodies.append(join_body(token, pki.build_csr(key, rid), 60000 + i, rid=rid))
+    pool = Pool(coordinator.port, coordinator.ca_file, [], processes=plan.processes)
+    try:
+        share = [bodies[n :: plan.processes] for n in range(plan.processes)]
+        conc = math.ceil(plan.join_concurrency / plan.processes)
+        cpu0, t0 = coordinator.cpu_s(), time.monotonic()
+        answers = pool.ask_each([("join", s, conc) for s in share])
+        wall, cpu = time.monotonic() - t0, coordinator.cpu_s() - cpu0
+    finally:
+        pool.close()
+    joined = sum(a["joined"] for a in answers)
+    latency = merge(a["latency"] for a in answers)
+    failures: Counter[str] = Counter()
+    for a in answers:
+        failures.update(a["failures"])
+    out = {
+        "joins": plan.joins,
+        "concurrency": plan.join_concurrency,
+        "joined": joined,
+        "rate": round(joined / wall),
+        "latency": summary_ms(latency),
+        "coordinator_cpu_ms_per_join": round(cpu / max(1, joined) * 1000, 2),
+        "failures": dict(failures),
+    }
+    progress(
+        f"joins: {out['rate']}/s p50 {out['latency']['p50_ms']} ms p99 "
+        f"{out['latency']['p99_ms']} ms, failures {sum(failures.values())}"
+    )
+    return out
+
+
+def _listing_queries() -> dict[str, str]:
+    return {
+        "unfiltered (default page)": ALLOCATORS,
+        "unfiltered, size=10000": ALLOCATORS + "?size=10000",
+        "filtered q=zone": ALLOCATORS + "?q=zone_id:ece-zone-2",
+        "filtered q=id": ALLOCATORS + "?q=allocator_id:bench-00042",
+    }
+
+
+def _listing(
+    plan: Plan, coordinator: Coordinator, allocators: int, progress: Progress
+) -> dict[str, Any]:
+    password = secrets(coordinator.root)["adminconsole_root_password"]
+    auth = base64.b64encode(f"admin:{password}".encode()).decode()
+
+    async def measure() -> dict[str, Any]:
+        ctx = client_context(coordinator.ca_file)
+        conn = await Conn.open("127.0.0.1", coordinator.port, ctx)
+        out: dict[str, Any] = {"allocators": allocators}
+        try:
+            for name, path in _listing_queries().items():
+                raw = request_bytes(
+                    "GET",
+                    path,
+                    f"127.0.0.1:{coordinator.port}",
+                    headers={"Authorization": f"Basic {auth}"},
+                )
+                first = await conn.call(raw, timeout_s=120)
+                if first.status != 200:
+                    out[name] = {"status": first.status, "body": first.body[:200].decode()}
+                    continue
+                listed = len(json.loads(first.body).get("zones", []))
+                times = []
+                for _ in range(plan.listing_requests):
+                    t = time.monotonic()
+                    reply = await conn.call(raw, timeout_s=120)
+                    times.append(time.monotonic() - t)
+                    assert reply.status == 200
+                out[name] = {
+                    **summary_ms(sorted(times)),
+                    "bytes": len(first.body),
+                    "zones": listed,
+                }
+                progress(f"listing {name}: p50 {out[name]['p50_ms']} ms")
+        finally:
+            conn.abort()
+            await asyncio.sleep(0)  # let the transport finish closing inside this loop
+        return out
+
+    return asyncio.run(measure())
+
+
+def _listing_snapshot(plan: Plan, fleet: Fleet, work: Path, progress: Progress) -> dict[str, Any]:
+    assert plan.listing_allocators is not None
+    src = fleet.snapshot(plan.listing_allocators)
+    coordinator = _start_copy(src, work / "listing", work / "listing.log")
+    try:
+        return _listing(plan, coordinator, plan.listing_allocators, progress)
+    finally:
+        coordinator.stop()
+
+
+def _persisted(storage: Path, since: datetime, hosts: int) -> dict[str, Any]:
+    """After the coordinator stopped (and flushed): how many fleet hosts' heartbeats reached
+    the store during the run."""
+    db = storage / "coordinator" / "muster.db"
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT last_heartbeat_at FROM runners WHERE runner_id LIKE 'bench-%'"
+        ).fetchall()
+    conn.close()
+    stamp = since.replace(tzinfo=None).isoformat(sep=" ")
+    fresh = sum(1 for (at,) in rows if at is not None and str(at) >= stamp)
+    return {"hosts_heartbeating": hosts, "heartbeat_persisted": fresh}
