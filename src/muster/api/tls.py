@@ -79,7 +79,6 @@ class PeerCertProtocol(HttpToolsProtocol):
     _refusal: int | None = None
     _reading_head = True  # between the end of one message and the end of the next one's head
     _head_bytes = 0  # raw bytes of the head, counted as they arrive
-    _line_seen = False
     _url_bytes = 0  # as parsed, per message
     _field_bytes = 0  # as parsed, per message
     _deadline: asyncio.TimerHandle | None = None
@@ -102,16 +101,16 @@ class PeerCertProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._reading_head and self._refusal is None:
             # Count the head as it arrives, before httptools buffers it.
+            # The URL's own limit (414) is enforced by on_url as the parser sees it: counting
+            # raw bytes here cannot tell where a pipelined request's line began.
             end = data.find(b"\r\n\r\n")
             size = len(data) if end < 0 else end + 4
-            if not self._line_seen:
-                newline = data.find(b"\r\n")
-                if self._head_bytes + (len(data) if newline < 0 else newline) > MAX_URL_BYTES:
-                    self._refuse(414)
-                    return
-                self._line_seen = newline >= 0
             if self._head_bytes + size > MAX_HEAD_BYTES:
-                self._refuse(431)
+                # Let the parser see what fits first: a URL over its own limit inside it is then
+                # refused 414 by on_url; otherwise the head is too large (431).
+                super().data_received(data[: max(MAX_HEAD_BYTES - self._head_bytes, 0)])
+                if self._refusal is None:
+                    self._refuse(431)
                 return
             self._head_bytes += size
         super().data_received(data)
@@ -140,7 +139,7 @@ class PeerCertProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._reading_head, self._head_bytes, self._line_seen = False, 0, False
+        self._reading_head, self._head_bytes = False, 0
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
