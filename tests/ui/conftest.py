@@ -50,8 +50,10 @@ def ui_coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordin
         coordinator.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[sync_api.Browser]:
+    """Package scope: Playwright's sync API keeps an event loop running in this thread while it
+    is open, which would break asyncio.run() in tests that a worker runs after these."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
     with sync_api.sync_playwright() as playwright:

@@ -8,7 +8,7 @@ agent -> coordinator (TLS verified against that CA): POST /agent/join with CSR +
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,11 +156,6 @@ def client_context(paths: HostPaths) -> Any:
         if not (key.exists() and cert.exists()):
             raise
         return tls_context(ca_file=paths.agent_ca, cert_file=cert, key_file=key)
-
-
-def coordinators_of(reply: dict[str, Any], fallback: Sequence[str]) -> list[str]:
-    listed = [str(c) for c in reply.get("coordinators", []) if c]
-    return listed or list(fallback)
 
 
 def read_certificate(path: Path) -> Any:

@@ -8,7 +8,7 @@ import logging
 import random
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from muster import __version__
@@ -158,8 +158,3 @@ class Agent:
 
 def reply_expiry(cert_pem: str) -> str:
     return pki.load_certificate(cert_pem).not_valid_after_utc.isoformat()
-
-
-def expires_within(cert_pem: str, delta: timedelta) -> bool:
-    cert = pki.load_certificate(cert_pem)
-    return cert.not_valid_after_utc - datetime.now(UTC) < delta

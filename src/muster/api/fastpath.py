@@ -298,14 +298,7 @@ def _parse_report(body: bytes) -> HostReport | None:
         model = HostReportModel.model_validate(json.loads(body))
     except (ValueError, RecursionError, ValidationError):
         return None
-    return HostReport(
-        memory_mb=model.memory_mb,
-        storage_mib=model.storage_mib,
-        cpus=model.cpus,
-        healthy=model.healthy,
-        checks=dict(model.checks),
-        version=model.version,
-    )
+    return model.to_report()
 
 
 def _replay(body: bytes, more: bool, receive: Receive) -> Receive:

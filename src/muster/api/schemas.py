@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from muster.domain.models import HostReport
+
 INT32_MAX = 2**31 - 1
 
 
@@ -156,6 +158,16 @@ class HostReportModel(Strict):
     healthy: bool = True
     checks: dict[str, bool] = Field(default_factory=dict, max_length=64)
     version: str = Field(default="", max_length=64)
+
+    def to_report(self) -> HostReport:
+        return HostReport(
+            memory_mb=self.memory_mb,
+            storage_mib=self.storage_mib,
+            cpus=self.cpus,
+            healthy=self.healthy,
+            checks=dict(self.checks),
+            version=self.version,
+        )
 
 
 class JoinRequestModel(Strict):

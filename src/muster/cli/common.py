@@ -4,7 +4,6 @@ client, output as a table or JSON, and one-line errors with stable exit codes.""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -215,7 +214,3 @@ def emit(data: Any, output: Output, render: Callable[[Any], None]) -> None:
         print_json(data)
     else:
         render(data)
-
-
-def env(name: str) -> str | None:
-    return os.environ.get(name) or None

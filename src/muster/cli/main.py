@@ -28,6 +28,7 @@ from muster.cli.common import (
     errors_as_exit,
     fail,
 )
+from muster.cli.infra import allocator_app, runner_app
 from muster.cli.tokens import token_app
 
 app = typer.Typer(
@@ -40,20 +41,8 @@ app = typer.Typer(
 app.add_typer(token_app, name="token")
 
 
-def _register_optional() -> None:
-    import importlib
-
-    try:
-        infra = importlib.import_module("muster.cli.infra")
-    except ModuleNotFoundError as exc:
-        if exc.name != "muster.cli.infra":
-            raise
-        return
-    app.add_typer(infra.allocator_app, name="allocator")
-    app.add_typer(infra.runner_app, name="runner")
-
-
-_register_optional()
+app.add_typer(allocator_app, name="allocator")
+app.add_typer(runner_app, name="runner")
 
 
 def _version(value: bool) -> None:

@@ -13,12 +13,11 @@ import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from cryptography import x509
 
 from muster.domain import audit, pki
-from muster.domain.models import ROLES, AllocatorRecord, HostReport, RunnerRecord
+from muster.domain.models import AllocatorRecord, HostReport, RunnerRecord
 from muster.domain.platform import Platform
 from muster.domain.tokens import check_roles, check_token_usable, decode_token
 from muster.domain.users import Principal
@@ -26,7 +25,6 @@ from muster.errors import (
     ConflictError,
     InvalidInputError,
     MusterError,
-    NotFoundError,
     RateLimitedError,
     TokenRefusedError,
     UnauthenticatedError,
@@ -422,17 +420,7 @@ def set_runner_roles(
         return tx.get_runner(runner_id)
 
 
-def is_known_role(role: str) -> bool:
-    return role in ROLES
-
-
 def require_runner(platform: Platform, runner_id: str) -> RunnerRecord:
+    """The runner's record. Raises NotFoundError (runners.runner_not_found)."""
     with platform.store.read() as tx:
-        runner = tx.find_runner(runner_id)
-    if runner is None:
-        raise NotFoundError(f"runner {runner_id!r} not found", code="runners.runner_not_found")
-    return runner
-
-
-def last_seen(platform: Platform, runner: RunnerRecord) -> datetime | None:
-    return platform.liveness.last_seen(runner.runner_id, runner.last_heartbeat_at)
+        return tx.get_runner(runner_id)

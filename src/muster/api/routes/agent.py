@@ -19,21 +19,9 @@ from muster.api.schemas import (
     RenewRequestModel,
 )
 from muster.domain import runners
-from muster.domain.models import HostReport
 from muster.domain.users import Principal
 
 router = APIRouter(prefix="/agent", tags=["Agent"])
-
-
-def _report(model: HostReportModel) -> HostReport:
-    return HostReport(
-        memory_mb=model.memory_mb,
-        storage_mib=model.storage_mib,
-        cpus=model.cpus,
-        healthy=model.healthy,
-        checks=dict(model.checks),
-        version=model.version,
-    )
 
 
 def _coordinators(request: Request) -> list[str]:
@@ -71,7 +59,7 @@ def join_host(body: JoinRequestModel, request: Request) -> JoinReply:
             public_hostname=body.public_hostname,
             capacity_mb=body.capacity_mb,
             tags=dict(body.tags),
-            report=_report(body.report),
+            report=body.report.to_report(),
             api_port=body.api_port,
             server_csr_pem=body.server_csr,
             server_names=tuple(body.server_names),
@@ -100,7 +88,7 @@ async def heartbeat(
     body: HostReportModel, request: Request, runner: Principal = Depends(require_runner)
 ) -> HeartbeatReply:
     platform = platform_of(request)
-    runners.record_heartbeat(platform, runner, _report(body))
+    runners.record_heartbeat(platform, runner, body.to_report())
     return HeartbeatReply(
         heartbeat_interval_seconds=platform.heartbeat_interval_s,
         coordinators=_coordinators(request),
