@@ -486,3 +486,118 @@ def test_migrations_are_idempotent(store: Store, store_url: str) -> None:
             assert tx.find_token("tok-1") == token()
     finally:
         again.close()
+
+
+# -- runner certificates in bulk (the coordinator's in-memory snapshot) -------------------------
+
+
+def test_runner_serials_list_current_and_previous_of_every_runner(store: Store) -> None:
+    with store.read() as tx:
+        assert tx.list_runner_serials() == []
+    with store.write() as tx:
+        tx.create_runner(runner("10.0.0.3"))
+        tx.create_runner(runner("10.0.0.2", previous_cert_serial="old-serial"))
+    with store.read() as tx:
+        assert tx.list_runner_serials() == [
+            ("10.0.0.2", "10.0.0.2-serial-1", "old-serial"),
+            ("10.0.0.3", "10.0.0.3-serial-1", None),
+        ]
+
+
+def test_revoked_serials_are_listed_once_a_runner_is_deleted(store: Store) -> None:
+    with store.write() as tx:
+        tx.create_runner(runner(previous_cert_serial="old-serial"))
+        tx.create_runner(runner("10.0.0.3"))
+    with store.read() as tx:
+        assert tx.list_revoked_serials() == []
+    with store.write() as tx:
+        tx.delete_runner("10.0.0.2", at(60))
+    with store.read() as tx:
+        assert sorted(tx.list_revoked_serials()) == ["10.0.0.2-serial-1", "old-serial"]
+        assert tx.list_runner_serials() == [("10.0.0.3", "10.0.0.3-serial-1", None)]
+
+
+def test_certificates_version_moves_with_joins_renewals_and_deletions_only(store: Store) -> None:
+    def version() -> tuple[int, datetime | None, int]:
+        with store.read() as tx:
+            return tx.get_certificates_version()
+
+    empty = version()
+    assert empty == (0, None, 0)
+    with store.write() as tx:
+        tx.create_runner(runner("10.0.0.2"))
+        tx.create_runner(runner("10.0.0.3", cert_expires_at=at(90000)))
+    joined = version()
+    assert joined == (2, at(90000), 0)
+    with store.write() as tx:
+        tx.record_heartbeats([("10.0.0.2", at(5), HostReport(memory_mb=1))])
+    assert version() == joined  # heartbeats do not move it
+    with store.write() as tx:  # a renewal: a new serial expiring later than every earlier one
+        tx.update_runner(
+            "10.0.0.2",
+            cert_serial="renewed",
+            previous_cert_serial="10.0.0.2-serial-1",
+            cert_expires_at=at(100000),
+        )
+    renewed = version()
+    assert renewed == (2, at(100000), 0)
+    with store.write() as tx:
+        tx.delete_runner("10.0.0.3", at(60))
+    assert version() == (1, at(100000), 1)
+
+
+# -- listings at fleet scale -------------------------------------------------------------------
+def test_allocator_columns_hold_what_the_records_hold_and_none_without_a_runner(
+    store: Store,
+) -> None:
+    host = runner("10.0.0.2", roles=("allocator", "proxy"), last_heartbeat_at=at(5))
+    placed = allocator("10.0.0.2", maintenance=True, metadata={"k": "v"}, settings={"capacity": 8})
+    orphan = allocator("10.0.0.1", zone_id="ece-zone-2")  # its runner is gone
+    with store.write() as tx:
+        tx.create_runner(host)
+        tx.create_allocator(placed)
+        tx.create_allocator(orphan)
+    own = ["zone_id", "capacity_mb", "maintenance", "tags", "metadata", "settings"]
+    theirs = ["runner_id", "host_ip", "roles", "report", "last_heartbeat_at", "joined_at"]
+    with store.read() as tx:
+        assert tx.list_allocator_columns([]) == [("10.0.0.1",), ("10.0.0.2",)]
+        rows = tx.list_allocator_columns(own + [f"runner.{name}" for name in theirs])
+        with pytest.raises(ValueError, match="no column"):
+            tx.list_allocator_columns(["runner.nope"])
+    assert rows == [
+        (orphan.allocator_id, *(getattr(orphan, name) for name in own), *[None] * len(theirs)),
+        (
+            placed.allocator_id,
+            *(getattr(placed, name) for name in own),
+            *(getattr(host, name) for name in theirs),
+        ),
+    ]
+
+
+def test_runner_columns_hold_what_the_records_hold(store: Store) -> None:
+    records = [runner("10.0.0.3", last_heartbeat_at=None), runner("10.0.0.2", zone_id="z2")]
+    with store.write() as tx:
+        for record in records:
+            tx.create_runner(record)
+    names = ["zone_id", "roles", "report", "joined_at", "last_heartbeat_at", "api_address"]
+    with store.read() as tx:
+        rows = tx.list_runner_columns(names)
+        with pytest.raises(ValueError, match="no column"):
+            tx.list_runner_columns(["capacity_mb"])
+    assert rows == [(r.runner_id, *(getattr(r, name) for name in names)) for r in reversed(records)]
+
+
+def test_records_by_id_skip_unknown_ids_past_any_parameter_limit(store: Store) -> None:
+    ids = [f"10.0.{i // 250}.{i % 250}" for i in range(1100)]  # more than one IN list holds
+    with store.write() as tx:
+        for rid in ids:
+            tx.create_allocator(allocator(rid))
+        for rid in ids[:3]:
+            tx.create_runner(runner(rid))
+    with store.read() as tx:
+        found = tx.list_allocators_by_id([*reversed(ids), "nope", ids[0]])
+        hosts = tx.list_runners_by_id([ids[2], "nope", ids[0]])
+        assert tx.list_allocators_by_id([]) == tx.list_runners_by_id([]) == []
+    assert sorted(found, key=lambda a: a.allocator_id) == [allocator(rid) for rid in sorted(ids)]
+    assert sorted(r.runner_id for r in hosts) == [ids[0], ids[2]]
+    assert hosts == [runner(r.runner_id) for r in hosts]

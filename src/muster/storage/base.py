@@ -84,8 +84,9 @@ class Transaction(Protocol):
         """Every token not revoked, oldest first (expired ones too; callers filter by time)."""
         ...
 
-    def record_token_use(self, token_id: str, at: datetime) -> int:
-        """Add one use, set last_used_at; returns the new use count."""
+    def record_token_use(self, token_id: str, at: datetime, count: int = 1) -> int:
+        """Add `count` uses, set last_used_at; returns the new use count. Raises NotFoundError
+        (code enrollment_tokens.invalid_token_id)."""
         ...
 
     def revoke_token(self, token_id: str, at: datetime) -> None:
@@ -95,6 +96,12 @@ class Transaction(Protocol):
     # -- runners and allocators ---------------------------------------------------------------
     def create_runner(self, runner: RunnerRecord) -> None:
         """Raises ConflictError (code runners.runner_id_taken) if the runner id exists."""
+        ...
+
+    def create_runners(self, runners: Iterable[RunnerRecord]) -> None:
+        """Create several runners in one statement. Raises ConflictError (code
+        runners.runner_id_taken) if any runner id exists or repeats; some may have been written
+        by then, so the caller lets the transaction roll back."""
         ...
 
     def find_runner(self, runner_id: str) -> RunnerRecord | None: ...
@@ -128,6 +135,12 @@ class Transaction(Protocol):
 
     def create_allocator(self, allocator: AllocatorRecord) -> None: ...
 
+    def create_allocators(self, allocators: Iterable[AllocatorRecord]) -> None:
+        """Create several allocators in one statement. Raises ConflictError if any id exists or
+        repeats; some may have been written by then, so the caller lets the transaction roll
+        back."""
+        ...
+
     def find_allocator(self, allocator_id: str) -> AllocatorRecord | None: ...
 
     def get_allocator(self, allocator_id: str) -> AllocatorRecord:
@@ -145,10 +158,52 @@ class Transaction(Protocol):
     # -- audit ----------------------------------------------------------------------------------
     def append_audit(self, event: AuditEvent) -> None: ...
 
+    def append_audits(self, events: Iterable[AuditEvent]) -> None:
+        """Append several events in one statement, in order."""
+        ...
+
     def list_audit(
         self, *, limit: int, offset: int = 0, kind: str | None = None
     ) -> tuple[list[AuditEvent], int]:
         """Newest first; returns (page, total matching)."""
+        ...
+
+    # -- runner certificates, in bulk (the coordinator's in-memory snapshot) ---------------------
+    def list_runner_serials(self) -> list[tuple[str, str, str | None]]:
+        """(runner id, current certificate serial, previous serial or None) of every runner,
+        in one read, ordered by runner id. Revoked serials are not filtered out."""
+        ...
+
+    def list_revoked_serials(self) -> list[str]:
+        """Every revoked certificate serial, in one read."""
+        ...
+
+    def get_certificates_version(self) -> tuple[int, datetime | None, int]:
+        """(runners, newest certificate expiry or None, revoked certificates): a value that
+        changes whenever any runner's set of valid serials changes (a join adds a runner, a
+        renewal issues a certificate expiring later than every earlier one, a deletion revokes).
+        Heartbeats do not move it. Never raises NotFoundError."""
+        ...
+
+    # -- listings at fleet scale: a few columns of every row, whole records of one page ---------
+    def list_allocator_columns(self, columns: Iterable[str]) -> list[tuple[Any, ...]]:
+        """(allocator id, *values of `columns`) of every allocator, in one read, ordered by
+        allocator id. A column is an AllocatorRecord field, or `runner.` and a RunnerRecord
+        field of the runner with the allocator's id (None when there is none); values are as
+        the records hold them. Raises ValueError for an unknown column (a programming error)."""
+        ...
+
+    def list_runner_columns(self, columns: Iterable[str]) -> list[tuple[Any, ...]]:
+        """(runner id, *values of `columns`, RunnerRecord fields) of every runner, in one read,
+        ordered by runner id. Raises ValueError for an unknown column."""
+        ...
+
+    def list_allocators_by_id(self, allocator_ids: Iterable[str]) -> list[AllocatorRecord]:
+        """The allocators with these ids, in no particular order; unknown ids are skipped."""
+        ...
+
+    def list_runners_by_id(self, runner_ids: Iterable[str]) -> list[RunnerRecord]:
+        """The runners with these ids, in no particular order; unknown ids are skipped."""
         ...
 
 

@@ -6,8 +6,9 @@ Backends differ only in how their engine is made and how a write transaction sta
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,12 +42,40 @@ def _req_utc(value: datetime) -> datetime:
     return result
 
 
-class SqlTransaction:
-    """One open transaction on a SQLAlchemy connection."""
+# Statements on the join and heartbeat paths, built once: building a Core statement per call
+# (`insert().values(...)`, `select().where(...)`) costs more CPU than SQLite takes to run it.
+# Values are bound per execution; SQLAlchemy's compiled cache then skips compilation too.
+_tokens, _runners = t.enrollment_tokens.c, t.runners.c
+_INSERT = {table: insert(table) for table in t.metadata.sorted_tables}
+_FIND_TOKEN = select(t.enrollment_tokens).where(_tokens.token_id == bindparam("token_id"))
+_FIND_TOKEN_FOR_UPDATE = _FIND_TOKEN.with_for_update()
+_USE_TOKEN = (
+    update(t.enrollment_tokens)
+    .where(_tokens.token_id == bindparam("tid"))
+    .values(uses=_tokens.uses + bindparam("count"), last_used_at=bindparam("at"))
+    .returning(_tokens.uses)
+)
+_FIND_RUNNER = select(t.runners).where(_runners.runner_id == bindparam("runner_id"))
+_FIND_ALLOCATOR = select(t.allocators).where(
+    t.allocators.c.allocator_id == bindparam("allocator_id")
+)
+_IS_REVOKED = select(t.revoked_certificates.c.serial).where(
+    t.revoked_certificates.c.serial == bindparam("serial")
+)
 
-    def __init__(self, conn: Connection, *, writable: bool) -> None:
+
+class SqlTransaction:
+    """One open transaction on a SQLAlchemy connection.
+
+    `savepoints`: wrap each insert that may conflict in a savepoint, for backends where a failed
+    statement aborts the whole transaction (PostgreSQL). SQLite undoes only the failed statement,
+    so there a caught conflict leaves the transaction usable without one.
+    """
+
+    def __init__(self, conn: Connection, *, writable: bool, savepoints: bool = True) -> None:
         self.conn = conn
         self.writable = writable
+        self.savepoints = savepoints
 
     # -- settings --------------------------------------------------------------------------------
     def find_setting(self, name: str) -> str | None:
@@ -176,10 +205,8 @@ class SqlTransaction:
         )
 
     def find_token(self, token_id: str, *, for_update: bool = False) -> TokenRecord | None:
-        query = select(t.enrollment_tokens).where(t.enrollment_tokens.c.token_id == token_id)
-        if for_update and self.writable:
-            query = query.with_for_update()
-        row = self.conn.execute(query).first()
+        query = _FIND_TOKEN_FOR_UPDATE if for_update and self.writable else _FIND_TOKEN
+        row = self.conn.execute(query, {"token_id": token_id}).first()
         return None if row is None else _token(row)
 
     def list_tokens(self) -> list[TokenRecord]:
@@ -190,14 +217,9 @@ class SqlTransaction:
         )
         return [_token(r) for r in rows]
 
-    def record_token_use(self, token_id: str, at: datetime) -> int:
-        c = t.enrollment_tokens.c
-        self.conn.execute(
-            update(t.enrollment_tokens)
-            .where(c.token_id == token_id)
-            .values(uses=c.uses + 1, last_used_at=at)
-        )
-        row = self.conn.execute(select(c.uses).where(c.token_id == token_id)).first()
+    def record_token_use(self, token_id: str, at: datetime, count: int = 1) -> int:
+        # One round trip: UPDATE ... RETURNING (SQLite >= 3.35, PostgreSQL).
+        row = self.conn.execute(_USE_TOKEN, {"tid": token_id, "count": count, "at": at}).first()
         if row is None:
             raise NotFoundError(
                 f"token {token_id} not found", code="enrollment_tokens.invalid_token_id"
@@ -220,27 +242,23 @@ class SqlTransaction:
     def create_runner(self, runner: RunnerRecord) -> None:
         self._insert(
             t.runners,
-            {
-                "runner_id": runner.runner_id,
-                "host_ip": runner.host_ip,
-                "public_hostname": runner.public_hostname,
-                "zone_id": runner.zone_id,
-                "roles": list(runner.roles),
-                "cert_serial": runner.cert_serial,
-                "previous_cert_serial": runner.previous_cert_serial,
-                "cert_expires_at": runner.cert_expires_at,
-                "token_id": runner.token_id,
-                "joined_at": runner.joined_at,
-                "last_heartbeat_at": runner.last_heartbeat_at,
-                "report": runner.report.to_json(),
-                "api_address": runner.api_address,
-            },
+            _runner_row(runner),
             conflict=f"runner id {runner.runner_id!r} is already taken",
             code="runners.runner_id_taken",
         )
 
+    def create_runners(self, runners: Iterable[RunnerRecord]) -> None:
+        rows = [_runner_row(runner) for runner in runners]
+        if rows:
+            self._insert_many(
+                t.runners,
+                rows,
+                conflict="a runner id is already taken",
+                code="runners.runner_id_taken",
+            )
+
     def find_runner(self, runner_id: str) -> RunnerRecord | None:
-        row = self.conn.execute(select(t.runners).where(t.runners.c.runner_id == runner_id)).first()
+        row = self.conn.execute(_FIND_RUNNER, {"runner_id": runner_id}).first()
         return None if row is None else _runner(row)
 
     def get_runner(self, runner_id: str) -> RunnerRecord:
@@ -300,31 +318,24 @@ class SqlTransaction:
         return [str(r[0]) for r in rows]
 
     def is_certificate_revoked(self, serial: str) -> bool:
-        row = self.conn.execute(
-            select(t.revoked_certificates.c.serial).where(t.revoked_certificates.c.serial == serial)
-        ).first()
+        row = self.conn.execute(_IS_REVOKED, {"serial": serial}).first()
         return row is not None
 
     # -- allocators ----------------------------------------------------------------------------
     def create_allocator(self, allocator: AllocatorRecord) -> None:
         self._insert(
             t.allocators,
-            {
-                "allocator_id": allocator.allocator_id,
-                "zone_id": allocator.zone_id,
-                "capacity_mb": allocator.capacity_mb,
-                "maintenance": allocator.maintenance,
-                "tags": dict(allocator.tags),
-                "metadata": dict(allocator.metadata),
-                "settings": dict(allocator.settings),
-            },
+            _allocator_row(allocator),
             conflict=f"allocator {allocator.allocator_id!r} exists",
         )
 
+    def create_allocators(self, allocators: Iterable[AllocatorRecord]) -> None:
+        rows = [_allocator_row(allocator) for allocator in allocators]
+        if rows:
+            self._insert_many(t.allocators, rows, conflict="an allocator exists")
+
     def find_allocator(self, allocator_id: str) -> AllocatorRecord | None:
-        row = self.conn.execute(
-            select(t.allocators).where(t.allocators.c.allocator_id == allocator_id)
-        ).first()
+        row = self.conn.execute(_FIND_ALLOCATOR, {"allocator_id": allocator_id}).first()
         return None if row is None else _allocator(row)
 
     def get_allocator(self, allocator_id: str) -> AllocatorRecord:
@@ -361,18 +372,12 @@ class SqlTransaction:
 
     # -- audit ---------------------------------------------------------------------------------
     def append_audit(self, event: AuditEvent) -> None:
-        self.conn.execute(
-            insert(t.audit_events).values(
-                at=event.at,
-                kind=event.kind,
-                actor=event.actor,
-                source=event.source,
-                outcome=event.outcome,
-                token_id=event.token_id,
-                runner_id=event.runner_id,
-                detail=dict(event.detail),
-            )
-        )
+        self.conn.execute(_INSERT[t.audit_events], _audit_row(event))
+
+    def append_audits(self, events: Iterable[AuditEvent]) -> None:
+        rows = [_audit_row(event) for event in events]
+        if rows:
+            self.conn.execute(_INSERT[t.audit_events], rows)  # one executemany
 
     def list_audit(
         self, *, limit: int, offset: int = 0, kind: str | None = None
@@ -391,11 +396,159 @@ class SqlTransaction:
     def _insert(
         self, table: Any, values: dict[str, Any], *, conflict: str, code: str | None = None
     ) -> None:
+        """Insert one row; a duplicate key is a ConflictError that leaves the transaction
+        usable (a savepoint where the backend needs one)."""
         try:
-            with self.conn.begin_nested():
-                self.conn.execute(insert(table).values(**values))
+            with self.conn.begin_nested() if self.savepoints else nullcontext():
+                self.conn.execute(_INSERT[table], values)
         except IntegrityError as exc:
             raise ConflictError(conflict, code=code) from exc
+
+    def _insert_many(
+        self, table: Any, rows: list[dict[str, Any]], *, conflict: str, code: str | None = None
+    ) -> None:
+        """Insert rows in one executemany. No savepoint: after a ConflictError some rows may be
+        written, and the caller lets the transaction roll back."""
+        try:
+            self.conn.execute(_INSERT[table], rows)
+        except IntegrityError as exc:
+            raise ConflictError(conflict, code=code) from exc
+
+    # -- runner certificates, in bulk --------------------------------------------------------------
+    def list_runner_serials(self) -> list[tuple[str, str, str | None]]:
+        c = t.runners.c
+        rows = self.conn.execute(
+            select(c.runner_id, c.cert_serial, c.previous_cert_serial).order_by(c.runner_id)
+        )
+        return [(str(r[0]), str(r[1]), None if r[2] is None else str(r[2])) for r in rows]
+
+    def list_revoked_serials(self) -> list[str]:
+        rows = self.conn.execute(select(t.revoked_certificates.c.serial))
+        return [str(r[0]) for r in rows]
+
+    def get_certificates_version(self) -> tuple[int, datetime | None, int]:
+        runners = self.conn.execute(
+            select(func.count(), func.max(t.runners.c.cert_expires_at))
+        ).one()
+        revoked = self.conn.execute(select(func.count()).select_from(t.revoked_certificates))
+        return (int(runners[0]), _utc(runners[1]), int(revoked.scalar_one()))
+
+    # -- listings at fleet scale: a few columns of every row, whole records of one page ---------
+    # Reading only the columns a search needs (no JSON or dates it does not look at) is what
+    # makes searching 10,000 allocators cheap; IN lists stay under SQLite's parameter limit.
+    _IN_CHUNK = 500
+
+    def list_allocator_columns(self, columns: Iterable[str]) -> list[tuple[Any, ...]]:
+        a, r = t.allocators.c, t.runners.c
+        picked = [a.allocator_id]
+        for name in columns:
+            table, field = (
+                (r, name.removeprefix("runner.")) if name.startswith("runner.") else (a, name)
+            )
+            if field not in table:
+                raise ValueError(f"allocators have no column {name!r}")
+            picked.append(table[field])
+        query = select(*picked).order_by(a.allocator_id)
+        if any(c.table is t.runners for c in picked):
+            query = query.select_from(
+                t.allocators.outerjoin(t.runners, r.runner_id == a.allocator_id)
+            )
+        return self._column_rows(query, picked)
+
+    def list_runner_columns(self, columns: Iterable[str]) -> list[tuple[Any, ...]]:
+        r = t.runners.c
+        picked = [r.runner_id]
+        for name in columns:
+            if name not in r:
+                raise ValueError(f"runners have no column {name!r}")
+            picked.append(r[name])
+        return self._column_rows(select(*picked).order_by(r.runner_id), picked)
+
+    def _column_rows(self, query: Any, picked: list[Any]) -> list[tuple[Any, ...]]:
+        """Rows of `query` with values as the records hold them (SQLAlchemy already decodes
+        JSON and booleans): dates in UTC, roles a tuple, the report a HostReport."""
+        converters: list[tuple[int, Any]] = []
+        for i, column in enumerate(picked):
+            if column.name == "roles":
+                converters.append((i, tuple))
+            elif column.name == "report":
+                converters.append((i, lambda v: HostReport.from_json(dict(v))))
+            elif column.type.python_type is datetime:
+                converters.append((i, _utc))
+        rows = self.conn.execute(query).all()  # one fetchall, not a fetch per row
+        if not converters:
+            return [tuple(row) for row in rows]
+        result = []
+        for row in rows:
+            values = list(row)
+            for i, convert in converters:
+                if values[i] is not None:
+                    values[i] = convert(values[i])
+            result.append(tuple(values))
+        return result
+
+    def list_allocators_by_id(self, allocator_ids: Iterable[str]) -> list[AllocatorRecord]:
+        ids, c = sorted(set(allocator_ids)), t.allocators.c
+        return [
+            _allocator(row)
+            for start in range(0, len(ids), self._IN_CHUNK)
+            for row in self.conn.execute(
+                select(t.allocators).where(c.allocator_id.in_(ids[start : start + self._IN_CHUNK]))
+            )
+        ]
+
+    def list_runners_by_id(self, runner_ids: Iterable[str]) -> list[RunnerRecord]:
+        ids, c = sorted(set(runner_ids)), t.runners.c
+        return [
+            _runner(row)
+            for start in range(0, len(ids), self._IN_CHUNK)
+            for row in self.conn.execute(
+                select(t.runners).where(c.runner_id.in_(ids[start : start + self._IN_CHUNK]))
+            )
+        ]
+
+
+def _runner_row(runner: RunnerRecord) -> dict[str, Any]:
+    return {
+        "runner_id": runner.runner_id,
+        "host_ip": runner.host_ip,
+        "public_hostname": runner.public_hostname,
+        "zone_id": runner.zone_id,
+        "roles": list(runner.roles),
+        "cert_serial": runner.cert_serial,
+        "previous_cert_serial": runner.previous_cert_serial,
+        "cert_expires_at": runner.cert_expires_at,
+        "token_id": runner.token_id,
+        "joined_at": runner.joined_at,
+        "last_heartbeat_at": runner.last_heartbeat_at,
+        "report": runner.report.to_json(),
+        "api_address": runner.api_address,
+    }
+
+
+def _allocator_row(allocator: AllocatorRecord) -> dict[str, Any]:
+    return {
+        "allocator_id": allocator.allocator_id,
+        "zone_id": allocator.zone_id,
+        "capacity_mb": allocator.capacity_mb,
+        "maintenance": allocator.maintenance,
+        "tags": dict(allocator.tags),
+        "metadata": dict(allocator.metadata),
+        "settings": dict(allocator.settings),
+    }
+
+
+def _audit_row(event: AuditEvent) -> dict[str, Any]:
+    return {
+        "at": event.at,
+        "kind": event.kind,
+        "actor": event.actor,
+        "source": event.source,
+        "outcome": event.outcome,
+        "token_id": event.token_id,
+        "runner_id": event.runner_id,
+        "detail": dict(event.detail),
+    }
 
 
 def _user(row: Row[Any]) -> UserRecord:
@@ -479,22 +632,35 @@ def _audit(row: Row[Any]) -> AuditEvent:
 
 
 class SqlStore:
-    """A Store on SQLAlchemy engines: `reader` for snapshots, `writer` for serialised writes."""
+    """A Store on SQLAlchemy engines: `reader` for snapshots, `writer` for serialised writes.
 
-    def __init__(self, url: str, *, reader: Engine, writer: Engine) -> None:
+    `single_writer` (SQLite): the database takes one writer at a time, so this process's writers
+    queue on a lock before they ask for the database's. Without it, threads that find the
+    database locked sleep in SQLite's busy handler (1, 2, 5 ... 100 ms) however soon the lock is
+    free again. Other processes on the same file still wait in the busy handler.
+    """
+
+    def __init__(
+        self, url: str, *, reader: Engine, writer: Engine, single_writer: bool = False
+    ) -> None:
         self.url = url
         self._reader = reader
         self._writer = writer
+        # A re-entrant lock: a write nested in another on one thread waits in SQLite's busy
+        # handler and fails as it always did, rather than deadlocking here.
+        self._write_lock: threading.RLock | None = threading.RLock() if single_writer else None
+        self._savepoints = writer.dialect.name != "sqlite"
 
     @contextmanager
     def read(self) -> Iterator[SqlTransaction]:
         with self._translate(), self._reader.connect() as conn, conn.begin():
-            yield SqlTransaction(conn, writable=False)
+            yield SqlTransaction(conn, writable=False, savepoints=self._savepoints)
 
     @contextmanager
     def write(self) -> Iterator[SqlTransaction]:
-        with self._translate(), self._writer.connect() as conn, conn.begin():
-            yield SqlTransaction(conn, writable=True)
+        lock: AbstractContextManager[Any] = self._write_lock or nullcontext()
+        with lock, self._translate(), self._writer.connect() as conn, conn.begin():
+            yield SqlTransaction(conn, writable=True, savepoints=self._savepoints)
 
     def close(self) -> None:
         self._reader.dispose()

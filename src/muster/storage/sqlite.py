@@ -55,7 +55,12 @@ def open_sqlite(url: str) -> SqlStore:
         raise ValueError("the SQLite store needs a file path: sqlite:///PATH")
     path = Path(database)
     create_file(path)
-    store = SqlStore(url, reader=_engine(url, immediate=False), writer=_engine(url, immediate=True))
+    store = SqlStore(
+        url,
+        reader=_engine(url, immediate=False),
+        writer=_engine(url, immediate=True),
+        single_writer=True,
+    )
     # WAL side files take the database's mode from SQLite; tighten them too.
     for suffix in ("-wal", "-shm"):
         side = path.with_name(path.name + suffix)
