@@ -11,10 +11,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from muster.domain.models import HostReport
+from muster.api.schemas_infra import AllocatorOverview, RunnerOverview
+from muster.domain.models import AllocatorRecord, HostReport
 from tests.conftest import Installed, create_token, join
 
 ALLOCATORS = "/api/v1/platform/infrastructure/allocators"
+RUNNERS = "/api/v1/platform/infrastructure/runners"
 SPEC = Path("/work/shared/reference/apidocs.json")
 
 
@@ -145,6 +147,56 @@ def test_from_size_and_sort_page_the_allocators(client: TestClient, fleet: Insta
     assert ids(page) == ["10.0.0.3"]
     assert [z["zone_id"] for z in page["zones"]] == ["ece-zone-2"]
     assert ids(get(client, fleet, size=0)) == []
+
+
+def test_listing_replies_are_the_bytes_their_response_models_serialise(
+    client: TestClient, fleet: Installed
+) -> None:
+    # Listings are serialised without validating them again: they must still be, byte for
+    # byte, what validating them as their response models and serialising would give.
+    platform = fleet.platform
+    platform.liveness.beat(
+        "10.0.0.2", HostReport(checks={"is_docker_healthy": False, "disk": True})
+    )
+    platform.liveness.beat("10.0.0.3", HostReport(storage_mib=7, version="1.2.3"))
+    with platform.store.write() as tx:  # an allocator whose runner is gone
+        tx.create_allocator(AllocatorRecord("10.0.0.9", "ece-zone-3", 1024, tags={"rack": "r"}))
+    client.put(ALLOCATORS + "/10.0.0.1/settings", json={"capacity": 16384}, auth=fleet.admin)
+    client.put(ALLOCATORS + "/10.0.0.1/metadata/zkey", json={"value": 'é\n"x'}, auth=fleet.admin)
+    client.post(ALLOCATORS + "/10.0.0.3/maintenance-mode/_start", auth=fleet.admin)
+    replies = [
+        (AllocatorOverview, client.get(ALLOCATORS, auth=fleet.readonly)),
+        (AllocatorOverview, client.get(ALLOCATORS + "?q=zone:ece-zone-2", auth=fleet.readonly)),
+        (AllocatorOverview, client.post(ALLOCATORS + "/_search", json={}, auth=fleet.readonly)),
+        (RunnerOverview, client.get(RUNNERS, auth=fleet.readonly)),
+        (RunnerOverview, client.post(RUNNERS + "/_search", json={}, auth=fleet.readonly)),
+    ]
+    for model, reply in replies:
+        assert reply.status_code == 200, reply.text
+        assert reply.headers["content-type"] == "application/json"
+        validated = model.model_validate(reply.json())
+        assert reply.content == validated.model_dump_json(by_alias=True, exclude_none=True).encode()
+    assert len(ids(replies[0][1].json())) == 4
+    assert_ece_shape(replies[0][1].json(), "AllocatorOverview")
+
+
+def test_pages_of_a_larger_fleet_add_up_to_the_whole_listing(
+    client: TestClient, installed: Installed
+) -> None:
+    with installed.platform.store.write() as tx:
+        for i in range(45):
+            zone = f"ece-zone-{i % 3}"
+            tx.create_allocator(AllocatorRecord(f"a{(i * 7) % 45:02d}", zone, 1024 * (i % 4 + 1)))
+    sort = "zone_id,-capacity,allocator_id"  # zone first: grouping a page keeps this order
+    whole = ids(get(client, installed, sort=sort, size=100))
+    assert len(whole) == 45
+    pages = [ids(get(client, installed, sort=sort, size=8, **{"from": f})) for f in range(0, 48, 8)]
+    assert [i for page in pages for i in page] == whole
+    assert ids(get(client, installed, q="zone:ece-zone-1", sort=sort)) == [
+        i
+        for i in whole
+        if int(i[1:]) * 13 % 45 % 3 == 1  # a{7i mod 45} is in zone i mod 3
+    ]
 
 
 def test_malformed_q_is_a_400_naming_the_problem(client: TestClient, fleet: Installed) -> None:

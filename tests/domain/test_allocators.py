@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from muster.domain import allocators
-from muster.domain.allocators import Search
+from muster.domain import allocators, listing
+from muster.domain.listing import Search
 from muster.domain.liveness import GRACE_INTERVALS
 from muster.domain.models import AllocatorRecord, HostReport, RunnerRecord
 from muster.domain.platform import Platform
@@ -72,8 +72,8 @@ def search(platform: Platform, q: str = "", **params: Any) -> dict[str, Any]:
     params.setdefault("from_", 0)
     params.setdefault("size", 100)
     params.setdefault("sort", None)
-    return allocators.search_allocators(
-        platform, allocators.search_from_params(q, code=allocators.QUERY_CODE, **params)
+    return listing.search_allocators(
+        platform, listing.search_from_params(q, code=listing.QUERY_CODE, **params)
     )
 
 
@@ -188,10 +188,10 @@ def test_bad_query_and_bad_sort_are_400_with_allocator_code(fleet: Platform) -> 
 
 def test_search_body_filters_and_refuses_cursors(fleet: Platform) -> None:
     body = {"query": {"term": {"zone_id": "ece-zone-1"}}, "size": 1}
-    parsed = allocators.search_from_body(body, code=allocators.QUERY_CODE)
-    assert ids(allocators.search_allocators(fleet, parsed)) == ["a1"]
+    parsed = listing.search_from_body(body, code=listing.QUERY_CODE)
+    assert ids(listing.search_allocators(fleet, parsed)) == ["a1"]
     with pytest.raises(InvalidInputError) as err:
-        allocators.search_from_body({"cursor": "abc"}, code=allocators.RUNNER_QUERY_CODE)
+        listing.search_from_body({"cursor": "abc"}, code=listing.RUNNER_QUERY_CODE)
     assert err.value.code == "runners.search_failed"
 
 
@@ -227,8 +227,8 @@ def test_listing_a_fleet_costs_one_read_and_no_per_allocator_lookup(platform: Pl
         add_host(platform, f"h{i:02d}", zone=f"ece-zone-{i % 3}")
     counting = CountingStore(platform.store)
     platform.store = counting  # type: ignore[assignment]
-    assert len(ids(allocators.search_allocators(platform, Search(MATCH_ALL)))) == 40
-    assert len(allocators.search_runners(platform, Search(MATCH_ALL))["runners"]) == 40
+    assert len(ids(listing.search_allocators(platform, Search(MATCH_ALL)))) == 40
+    assert len(listing.search_runners(platform, Search(MATCH_ALL))["runners"]) == 40
     assert (counting.reads, counting.lookups) == (2, 0)
 
 
@@ -375,10 +375,10 @@ def test_runner_query_short_names_mean_the_runners_own_fields(installed: Install
     add_host(platform, "new", roles=("proxy",))
 
     def runner_ids(q: str) -> list[str]:
-        found = allocators.search_from_params(
-            q, from_=0, size=100, sort=None, code=allocators.RUNNER_QUERY_CODE
+        found = listing.search_from_params(
+            q, from_=0, size=100, sort=None, code=listing.RUNNER_QUERY_CODE
         )
-        return [r["runner_id"] for r in allocators.search_runners(platform, found)["runners"]]
+        return [r["runner_id"] for r in listing.search_runners(platform, found)["runners"]]
 
     assert runner_ids("connected:false") == ["old"]
     assert runner_ids("roles.role_name:proxy") == ["new"]

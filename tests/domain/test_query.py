@@ -11,13 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from muster.domain.query import (
+    FIELD_ALIASES,
     Query,
     QueryError,
-    paginate,
     parse_query_string,
-    parse_search_request,
-    sort_documents,
+    resolve_field,
 )
+from muster.domain.search_body import parse_search_request
+from muster.domain.sorting import paginate, sort_documents
 from muster.errors import InvalidInputError
 
 
@@ -811,3 +812,84 @@ def test_sort_returns_a_permutation_in_order(docs: list[dict[str, Any]], sort: s
 @given(st.lists(st.integers(), max_size=20), st.integers(0, 25), st.integers(0, 25))
 def test_paginate_equals_slicing(items: list[int], from_: int, size: int) -> None:
     assert paginate(items, from_, size) == items[from_ : from_ + size]
+
+
+# ---- the fields a query reads -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("q", "fields"),
+    [
+        ("", set()),
+        ("*", set()),
+        ("zone:ece-zone-2", {"zone"}),
+        ("connected:true AND NOT (id:a* OR capacity:>4096)", {"connected", "id", "capacity"}),
+        ("metadata.rack:* status.healthy:false", {"metadata.rack", "status.healthy"}),
+        ("zone_id:(a OR b)", {"zone_id"}),
+        ("*:*", set()),
+        ("beta", None),  # a bare term reads every string
+        ('connected:true AND "gamma host"', None),
+        ("*:gamma", None),
+    ],
+)
+def test_a_query_names_the_fields_it_reads(q: str, fields: set[str] | None) -> None:
+    assert parse_query_string(q).fields == (None if fields is None else frozenset(fields))
+
+
+def test_a_search_body_names_the_fields_it_reads() -> None:
+    body = {
+        "bool": {
+            "must": [{"term": {"zone_id": "z"}}, {"range": {"capacity": {"gt": 1}}}],
+            "should": [{"prefix": {"host_ip": "10."}}, {"exists": {"field": "last_heartbeat"}}],
+            "must_not": [{"nested": {"path": "metadata", "query": {"match": {"metadata.k": 1}}}}],
+            "minimum_should_match": 1,
+        }
+    }
+    parsed = parse_search_request({"query": body})
+    assert parsed.fields == {"zone_id", "capacity", "host_ip", "last_heartbeat", "metadata.k"}
+    del body["bool"]["minimum_should_match"]  # with `must`, `should` turns optional: unread
+    assert parse_search_request({"query": body}).fields == {"zone_id", "capacity", "metadata.k"}
+    text = {"query_string": {"query": "rack"}}
+    assert parse_search_request({"query": {"bool": {"filter": [text]}}}).fields is None
+
+
+def _flatten(values: Any) -> list[Any]:
+    out: list[Any] = []
+    for value in values:
+        if isinstance(value, list | tuple):
+            out.extend(_flatten(value))
+        elif value is not None:
+            out.append(value)
+    return out
+
+
+def reference_resolve(doc: Mapping[str, Any], field: str) -> list[Any]:
+    """resolve_field as first written: every node flattened at every step."""
+    path = FIELD_ALIASES.get(field, field)
+    if path.startswith("metadata."):
+        key = path.removeprefix("metadata.")
+        entries = [e for e in _flatten([doc.get("metadata")]) if isinstance(e, Mapping)]
+        hits = [e.get("value") for e in entries if e.get("key") == key]
+        if hits or key not in ("key", "value"):
+            return _flatten(hits)
+    nodes: list[Any] = [doc]
+    for part in path.split("."):
+        nodes = [n[part] for n in _flatten(nodes) if isinstance(n, Mapping) and part in n]
+    return _flatten(nodes)
+
+
+keys = st.sampled_from(["a", "b", "metadata", "key", "value", "status", "connected"])
+nested = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.sampled_from(["x", "y"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3),
+    max_leaves=15,
+)
+fields = st.one_of(
+    st.sampled_from(["connected", "zone", "capacity", "metadata", "metadata.key"]),
+    st.lists(keys, min_size=1, max_size=4).map(".".join),
+)
+
+
+@given(st.dictionaries(keys, nested, max_size=4), fields)
+def test_resolve_field_agrees_with_the_plain_reference(doc: dict[str, Any], field: str) -> None:
+    assert resolve_field(doc, field) == reference_resolve(doc, field)

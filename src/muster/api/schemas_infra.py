@@ -7,12 +7,23 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from muster.api.schemas import Reply, Strict
 
 INT32_MAX = 2**31 - 1
 MAX_PAGE = 10_000
+
+
+_AS_IS = TypeAdapter(Any)
+
+
+def reply_json(value: Any) -> bytes:
+    """A reply the domain built (`muster.domain.documents`: no nulls, keys in the order of its
+    wire model's fields) serialised as FastAPI serialises that `response_model` with
+    `response_model_exclude_none`, byte for byte, but without validating it again: validating a
+    10,000-allocator listing costs half a second. Listing routes return these bytes."""
+    return _AS_IS.dump_json(value)
 
 
 class StrictForbid(BaseModel):

@@ -1,6 +1,6 @@
-"""Allocators and runners as ECE's API shows them: AllocatorInfo and RunnerInfo documents rendered
-from the store and liveness, searched with `muster.domain.query`, and the admin operations on
-them (maintenance, metadata, settings, deletion, roles), each audited.
+"""The admin operations on allocators and runners, each audited: maintenance mode, metadata,
+settings, deletion, roles; and one allocator's or runner's document. Rendering lives in
+`muster.domain.documents`, listing and search in `muster.domain.listing`.
 """
 
 from __future__ import annotations
@@ -12,194 +12,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from muster.domain import audit, runners
-from muster.domain.models import ROLES, AllocatorRecord, HostReport, RunnerRecord
-from muster.domain.platform import Platform, utc_iso
-from muster.domain.query import (
-    FIELD_ALIASES,
-    Query,
-    QueryError,
-    paginate,
-    parse_query_string,
-    parse_search_request,
-    sort_documents,
+from muster.domain.documents import (
+    allocator_instances,
+    effective_metadata,
+    metadata_items,
+    render_allocator,
+    render_runner,
 )
+from muster.domain.models import ROLES
+from muster.domain.platform import Platform
 from muster.domain.runners import MAX_CAPACITY_MB
 from muster.domain.users import Principal
 from muster.errors import ConflictError, InvalidInputError, NotFoundError
 from muster.storage.base import Transaction
 
-DEFAULT_SIZE = 100
 MAX_METADATA_ITEMS = 100
 MAX_METADATA_KEY = 128
 MAX_METADATA_VALUE = 1024
 
-QUERY_CODE = "allocators.invalid_query"
-RUNNER_QUERY_CODE = "runners.search_failed"
 INVALID_INPUT = "allocators.invalid_input"
 
 
-@dataclass(frozen=True)
-class Search:
-    """A parsed search: which documents, in which order, which page."""
-
-    query: Query
-    from_: int = 0
-    size: int = DEFAULT_SIZE
-    sort: str | Sequence[Any] | None = None
-
-
-# ---- parsing searches ---------------------------------------------------------------------------
-
-
-def search_from_params(
-    q: str | None, *, from_: int, size: int, sort: str | None, code: str
-) -> Search:
-    """A Search from the `q`, `from`, `size` and `sort` query parameters.
-
-    Raises InvalidInputError with `code` (field `q`) when `q` cannot be parsed."""
-    try:
-        query = parse_query_string(q or "")
-    except QueryError as exc:
-        raise InvalidInputError(f"q: {exc.message}", code=code, fields=["q"]) from None
-    return Search(query, from_, size, sort)
-
-
-def search_from_body(body: Mapping[str, Any] | None, *, code: str) -> Search:
-    """A Search from ECE's SearchRequest body (None: match all, first DEFAULT_SIZE).
-
-    Raises InvalidInputError with `code` for a bad query or a `cursor` (Muster never issues
-    cursors; page with `from` and `size`)."""
-    body = body or {}
-    if body.get("cursor"):
-        raise InvalidInputError(
-            "cursor: this platform does not issue cursors; page with from and size",
-            code=code,
-            fields=["cursor"],
-        )
-    try:
-        query = parse_search_request({"query": body.get("query")})
-    except QueryError as exc:
-        raise InvalidInputError(exc.message, code=code, fields=["query"]) from None
-    from_ = body.get("from")
-    size = body.get("size")
-    return Search(
-        query,
-        0 if from_ is None else int(from_),
-        DEFAULT_SIZE if size is None else int(size),
-        body.get("sort"),
-    )
-
-
-def _run(
-    search: Search,
-    docs: list[dict[str, Any]],
-    *,
-    default_sort: str,
-    code: str,
-    view: Callable[[dict[str, Any]], dict[str, Any]] = lambda d: d,
-) -> list[dict[str, Any]]:
-    """Filter, sort and page `docs`; `view` is what the query and sort see of each one."""
-    matched = [(v, d) for d in docs if search.query.matches(v := view(d))]
-    by_view = {id(v): d for v, d in matched}
-    try:
-        ordered = sort_documents([v for v, _ in matched], search.sort, default=default_sort)
-        page = paginate(ordered, search.from_, search.size)
-    except QueryError as exc:
-        raise InvalidInputError(exc.message, code=code, fields=["sort"]) from None
-    return [by_view[id(v)] for v in page]
-
-
-# ---- allocators: rendering ----------------------------------------------------------------------
-
-
-def allocator_instances(_allocator: AllocatorRecord) -> list[dict[str, Any]]:
-    """The instances an allocator holds (ECE's AllocatedInstanceStatus). Muster places no
-    instances yet, so this is always empty; every capacity and deletion rule reads it."""
-    return []
-
-
-def effective_metadata(allocator: AllocatorRecord) -> dict[str, str]:
-    """The allocator's metadata: its install-time tags (`--allocator-tags`, as in ECE), overlaid
-    by what was set through the API. Writes fold the tags in (`AllocatorAdmin._update`)."""
-    return {**allocator.tags, **allocator.metadata}
-
-
-def _metadata_items(metadata: Mapping[str, str]) -> list[dict[str, str]]:
-    return [{"key": k, "value": metadata[k]} for k in sorted(metadata)]
-
-
-def render_allocator(
-    platform: Platform, allocator: AllocatorRecord, runner: RunnerRecord | None
-) -> dict[str, Any]:
-    """ECE's AllocatorInfo for `allocator` on host `runner` (None: the runner is gone, so the
-    allocator shows disconnected with no address)."""
-    instances = allocator_instances(allocator)
-    if runner is None:
-        connected, report, last = False, HostReport(healthy=False), None
-    else:
-        last = platform.liveness.last_seen(runner.runner_id, runner.last_heartbeat_at)
-        connected = platform.liveness.is_connected(runner.runner_id, runner.last_heartbeat_at)
-        report = platform.liveness.latest_report(runner.runner_id, runner.report)
-    override = allocator.settings.get("capacity")
-    total = override if isinstance(override, int) else allocator.capacity_mb
-    doc: dict[str, Any] = {
-        "allocator_id": allocator.allocator_id,
-        "zone_id": allocator.zone_id,
-        "host_ip": runner.host_ip if runner else "",
-        "public_hostname": runner.public_hostname if runner else "",
-        "capacity": {
-            "memory": {"total": total, "used": sum(i["node_memory"] for i in instances)},
-            "storage": {"total": report.storage_mib},
-            "available_cpus": report.cpus,
-        },
-        "settings": dict(allocator.settings),
-        "instances": instances,
-        "metadata": _metadata_items(effective_metadata(allocator)),
-        "features": [],
-        "external_links": [],
-        "status": {
-            "connected": connected,
-            # ECE: healthy means "either connected or has no instances"; the host must agree.
-            "healthy": report.healthy and (connected or not instances),
-            "maintenance_mode": allocator.maintenance,
-            # The host's own checks by name; ECE's three always win over a same-named one.
-            "health_checks": {
-                **report.checks,
-                "is_docker_healthy": report.healthy,
-                "is_connected_to_zk": connected,
-                "has_instances": bool(instances),
-            },
-        },
-    }
-    if report.version:
-        doc["build_info"] = {"version": report.version}
-    if last is not None:
-        doc["last_heartbeat"] = utc_iso(last)
-    return doc
-
-
-def allocator_documents(platform: Platform) -> list[dict[str, Any]]:
-    """Every allocator's AllocatorInfo, from one read of allocators and one of runners."""
-    with platform.store.read() as tx:
-        allocators = tx.list_allocators()
-        hosts = {r.runner_id: r for r in tx.list_runners()}
-    return [render_allocator(platform, a, hosts.get(a.allocator_id)) for a in allocators]
-
-
-def allocator_overview(docs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """ECE's AllocatorOverview: `docs` grouped by zone (zones sorted by id, allocators kept in
-    the order given)."""
-    zones: dict[str, list[Mapping[str, Any]]] = {}
-    for doc in docs:
-        zones.setdefault(str(doc["zone_id"]), []).append(doc)
-    return {"zones": [{"zone_id": z, "allocators": zones[z]} for z in sorted(zones)]}
-
-
-def search_allocators(platform: Platform, search: Search) -> dict[str, Any]:
-    """The AllocatorOverview of the page of allocators `search` selects (default sort:
-    allocator_id). Raises InvalidInputError (allocators.invalid_query) on a bad sort."""
-    docs = _run(search, allocator_documents(platform), default_sort="allocator_id", code=QUERY_CODE)
-    return allocator_overview(docs)
+# ---- reading one ----------------------------------------------------------------------------
 
 
 def get_allocator(platform: Platform, allocator_id: str) -> dict[str, Any]:
@@ -208,6 +42,11 @@ def get_allocator(platform: Platform, allocator_id: str) -> dict[str, Any]:
         allocator = tx.get_allocator(allocator_id)
         runner = tx.find_runner(allocator_id)
     return render_allocator(platform, allocator, runner)
+
+
+def get_runner(platform: Platform, runner_id: str) -> dict[str, Any]:
+    """One runner's RunnerInfo. Raises NotFoundError (runners.runner_not_found)."""
+    return render_runner(platform, runners.require_runner(platform, runner_id))
 
 
 # ---- allocators: operations -----------------------------------------------------------------
@@ -234,7 +73,7 @@ def get_metadata(platform: Platform, allocator_id: str) -> list[dict[str, str]]:
     """The allocator's metadata as ECE's MetadataItem list, sorted by key.
     Raises NotFoundError (allocators.allocator_not_found)."""
     with platform.store.read() as tx:
-        return _metadata_items(effective_metadata(tx.get_allocator(allocator_id)))
+        return metadata_items(effective_metadata(tx.get_allocator(allocator_id)))
 
 
 def get_settings(platform: Platform, allocator_id: str) -> dict[str, Any]:
@@ -309,7 +148,7 @@ class AllocatorAdmin:
             allocator = tx.get_allocator(allocator_id)
             metadata = part == "metadata"
             current = effective_metadata(allocator) if metadata else dict(allocator.settings)
-            _check_version(version, _metadata_items(current) if metadata else current, part)
+            _check_version(version, metadata_items(current) if metadata else current, part)
             updated = change(dict(current))
             if metadata and len(updated) > MAX_METADATA_ITEMS:
                 raise InvalidInputError(
@@ -342,7 +181,7 @@ class AllocatorAdmin:
                 code=INVALID_INPUT,
                 fields=["items"],
             )
-        return _metadata_items(
+        return metadata_items(
             self._update(allocator_id, "metadata", lambda _: dict(items), version)
         )
 
@@ -353,7 +192,7 @@ class AllocatorAdmin:
         Raises InvalidInputError (allocators.invalid_empty_metadata_item)."""
         _check_item(key, value, code="allocators.invalid_empty_metadata_item")
         updated = self._update(allocator_id, "metadata", lambda old: {**old, key: value}, version)
-        return _metadata_items(updated)
+        return metadata_items(updated)
 
     def delete_metadata_item(
         self, allocator_id: str, key: str, *, version: str | None = None
@@ -369,7 +208,7 @@ class AllocatorAdmin:
                 )
             return {k: v for k, v in old.items() if k != key}
 
-        return _metadata_items(self._update(allocator_id, "metadata", remove, version))
+        return metadata_items(self._update(allocator_id, "metadata", remove, version))
 
     def set_settings(
         self, allocator_id: str, settings: Mapping[str, Any], *, version: str | None = None
@@ -436,67 +275,3 @@ class AllocatorAdmin:
             self.platform, self.who, runner_id, roles, source=self.source
         )
         return list(runner.roles)
-
-
-# ---- runners ------------------------------------------------------------------------------------
-
-
-def render_runner(platform: Platform, runner: RunnerRecord) -> dict[str, Any]:
-    """ECE's RunnerInfo, plus Muster's `zone_id`, `last_heartbeat`, `joined` and `capacity`
-    (the host's own report)."""
-    connected = platform.liveness.is_connected(runner.runner_id, runner.last_heartbeat_at)
-    report = platform.liveness.latest_report(runner.runner_id, runner.report)
-    last = platform.liveness.last_seen(runner.runner_id, runner.last_heartbeat_at)
-    doc: dict[str, Any] = {
-        "runner_id": runner.runner_id,
-        "zone": runner.zone_id,
-        "zone_id": runner.zone_id,
-        "host_ip": runner.host_ip,
-        "public_hostname": runner.public_hostname,
-        "containers": [],
-        "roles": [{"role_name": role} for role in runner.roles],
-        "connected": connected,
-        "healthy": connected and report.healthy,
-        "health_checks": {
-            **report.checks,
-            "is_docker_healthy": report.healthy,
-            "is_connected_to_zk": connected,
-            "has_containers": False,
-        },
-        "capacity": {
-            "memory_mb": report.memory_mb,
-            "storage_mib": report.storage_mib,
-            "cpus": report.cpus,
-        },
-        "joined": utc_iso(runner.joined_at),
-    }
-    if report.version:
-        doc["build_info"] = {"version": report.version}
-    if last is not None:
-        doc["last_heartbeat"] = utc_iso(last)
-    return doc
-
-
-def _runner_view(doc: dict[str, Any]) -> dict[str, Any]:
-    """What queries see of a RunnerInfo: the query language's short names (`connected`,
-    `healthy`) point at `status.*`, which for a runner are its own top-level fields."""
-    view = dict(doc)
-    for short, path in FIELD_ALIASES.items():
-        if short in doc and path.startswith("status."):
-            view.setdefault("status", {})[path.removeprefix("status.")] = doc[short]
-    return view
-
-
-def search_runners(platform: Platform, search: Search) -> dict[str, Any]:
-    """ECE's RunnerOverview of the page `search` selects (default sort: runner_id), from one
-    read. Raises InvalidInputError (runners.search_failed) on a bad sort."""
-    with platform.store.read() as tx:
-        records = tx.list_runners()
-    docs = [render_runner(platform, r) for r in records]
-    page = _run(search, docs, default_sort="runner_id", code=RUNNER_QUERY_CODE, view=_runner_view)
-    return {"runners": page}
-
-
-def get_runner(platform: Platform, runner_id: str) -> dict[str, Any]:
-    """One runner's RunnerInfo. Raises NotFoundError (runners.runner_not_found)."""
-    return render_runner(platform, runners.require_runner(platform, runner_id))

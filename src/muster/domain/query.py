@@ -1,12 +1,15 @@
-"""The allocator search language of ECE's API: `q` query_string text and `_search` SearchRequest
-bodies, evaluated over allocators rendered as plain dicts; sorting and paging of the hits."""
+"""The allocator search language of ECE's API: `q` query_string text, parsed into queries that
+are evaluated over allocators rendered as plain dicts. Each query names the fields it reads, so
+it can run on partial documents. `_search` bodies: `muster.domain.search_body`; sorting and
+paging: `muster.domain.sorting`."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from functools import lru_cache
+from typing import Any, Protocol
 
 from muster.errors import InvalidInputError
 
@@ -15,11 +18,8 @@ __all__ = [
     "MATCH_ALL",
     "Query",
     "QueryError",
-    "paginate",
     "parse_query_string",
-    "parse_search_request",
     "resolve_field",
-    "sort_documents",
 ]
 
 # Short names ECE users type for the fields they filter on most.
@@ -34,12 +34,14 @@ FIELD_ALIASES: Mapping[str, str] = {
 }
 MAX_DEPTH = 64  # bounds recursion on hostile input: "((((..." or deeply nested bool bodies
 
-D = TypeVar("D", bound=Mapping[str, Any])
-T = TypeVar("T")
 Scalar = str | int | float | bool
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 # Glob elements are 1-char literals or these 2-char markers, so an escaped `\*` stays literal.
 _STAR, _ANY = "**", "??"
+# isinstance() checks run per document: tuples of types, built once.
+_LISTS = (list, tuple)
+_SCALARS = (str, int, float, bool)
+_NUMBERS = (int, float)
 
 
 class QueryError(InvalidInputError, ValueError):
@@ -49,38 +51,73 @@ class QueryError(InvalidInputError, ValueError):
 class Query(Protocol):
     """A parsed query: decides whether one allocator document matches."""
 
+    @property
+    def fields(self) -> frozenset[str] | None:
+        """The fields it reads, as written (aliases not applied); None when it may read any
+        (a bare term searches every string of the document)."""
+        ...
+
     def matches(self, doc: Mapping[str, Any], /) -> bool: ...
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
 
 
-def _flatten(values: Iterable[Any]) -> Iterator[Any]:
-    for value in values:
-        if isinstance(value, list | tuple):
-            yield from _flatten(value)
-        elif value is not None:
-            yield value
+def _collect(value: Any, into: list[Any]) -> None:
+    """Append `value` to `into`, lists flattened and nulls dropped."""
+    if isinstance(value, _LISTS):
+        for item in value:
+            _collect(item, into)
+    elif value is not None:
+        into.append(value)
+
+
+@lru_cache(maxsize=1024)
+def _path(field: str) -> tuple[str, ...]:
+    return tuple(FIELD_ALIASES.get(field, field).split("."))
 
 
 def resolve_field(doc: Mapping[str, Any], field: str) -> list[Any]:
     """Return every non-null value at the dotted `field` (aliases applied, lists flattened)."""
-    path = FIELD_ALIASES.get(field, field)
-    if path.startswith("metadata."):
+    parts = _path(field)
+    if parts[0] == "metadata" and len(parts) > 1:
         # ECE metadata is a list of {key, value}: `metadata.KEY` addresses the entry by its key.
-        key = path.removeprefix("metadata.")
-        entries = [e for e in _flatten([doc.get("metadata")]) if isinstance(e, Mapping)]
-        hits = [e.get("value") for e in entries if e.get("key") == key]
+        key = ".".join(parts[1:])
+        entries: list[Any] = []
+        _collect(doc.get("metadata"), entries)
+        hits = [e.get("value") for e in entries if isinstance(e, Mapping) and e.get("key") == key]
         if hits or key not in ("key", "value"):
-            return list(_flatten(hits))
-    nodes: list[Any] = [doc]
-    for part in path.split("."):
-        nodes = [n[part] for n in _flatten(nodes) if isinstance(n, Mapping) and part in n]
-    return list(_flatten(nodes))
+            values: list[Any] = []
+            _collect(hits, values)
+            return values
+    # Run for every document and field of a search over a fleet: objects are stepped through
+    # directly, and only a list on the way fans out into several nodes.
+    node: Any = doc
+    for depth, part in enumerate(parts):
+        if type(node) is not dict and not isinstance(node, Mapping):
+            return []
+        node = node.get(part)
+        if node is None:
+            return []
+        if isinstance(node, _LISTS):
+            return _resolve_many(node, parts[depth + 1 :])
+    return [node]
+
+
+def _resolve_many(values: list[Any] | tuple[Any, ...], parts: tuple[str, ...]) -> list[Any]:
+    nodes: list[Any] = []
+    _collect(values, nodes)
+    for part in parts:
+        found: list[Any] = []
+        for node in nodes:
+            if isinstance(node, Mapping) and part in node:
+                _collect(node[part], found)
+        nodes = found
+    return nodes
 
 
 def _is_scalar(value: Any) -> bool:
-    return isinstance(value, str | int | float | bool)
+    return isinstance(value, _SCALARS)
 
 
 def _render(value: Any) -> str:
@@ -90,24 +127,32 @@ def _render(value: Any) -> str:
 
 
 def _as_number(value: Any) -> int | float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, _NUMBERS) and not isinstance(value, bool):
         return value
     if isinstance(value, str) and _NUMBER.fullmatch(text := value.strip()):
         return int(text) if text.lstrip("+-").isdigit() else float(text)
     return None
 
 
-def _equals(actual: Any, expected: Scalar) -> bool:
-    if isinstance(actual, bool):
-        return _render(actual) == _render(expected).lower()
-    if isinstance(actual, int | float):
-        return actual == _as_number(expected)
-    return isinstance(actual, str) and actual == _render(expected)
+def _equality(expected: Scalar) -> Callable[[Any], bool]:
+    """The test of a value against `expected`: booleans by name, numbers by value, strings
+    exactly. Its renderings are worked out once, not per document."""
+    text, number = _render(expected), _as_number(expected)
+    lower = text.lower()
+
+    def equals(actual: Any) -> bool:
+        if isinstance(actual, bool):
+            return ("true" if actual else "false") == lower
+        if isinstance(actual, _NUMBERS):
+            return actual == number
+        return isinstance(actual, str) and actual == text
+
+    return equals
 
 
 def _compare(actual: Any, bound: Scalar) -> int | None:
     """Return -1, 0 or 1 as `actual` is below, at or above `bound`; None if incomparable."""
-    if isinstance(actual, int | float) and not isinstance(actual, bool):
+    if isinstance(actual, _NUMBERS) and not isinstance(actual, bool):
         number = _as_number(bound)
         return None if number is None else (actual > number) - (actual < number)
     if isinstance(actual, str):
@@ -141,9 +186,10 @@ def _strings(node: Any) -> Iterator[str]:
 
 @dataclass(frozen=True)
 class _Predicate:
-    """A parsed query; `test` decides one doc."""
+    """A parsed query; `test` decides one doc, `fields` are those it reads (None: any)."""
 
     test: Callable[[Mapping[str, Any]], bool]
+    fields: frozenset[str] | None = frozenset()
 
     def matches(self, doc: Mapping[str, Any], /) -> bool:
         return self.test(doc)
@@ -153,27 +199,40 @@ MATCH_ALL: Query = _Predicate(lambda d: True)
 MATCH_NONE: Query = _Predicate(lambda d: False)
 
 
+def _fields_of(clauses: Iterable[Query]) -> frozenset[str] | None:
+    fields: set[str] = set()
+    for clause in clauses:
+        if clause.fields is None:
+            return None
+        fields |= clause.fields
+    return frozenset(fields)
+
+
 def _all_of(clauses: Sequence[Query]) -> Query:
     if len(clauses) == 1:
         return clauses[0]
-    return _Predicate(lambda d: all(c.matches(d) for c in clauses))
+    return _Predicate(lambda d: all(c.matches(d) for c in clauses), _fields_of(clauses))
 
 
 def _at_least(count: int, clauses: Sequence[Query]) -> Query:
-    return _Predicate(lambda d: sum(1 for c in clauses if c.matches(d)) >= count)
+    return _Predicate(
+        lambda d: sum(1 for c in clauses if c.matches(d)) >= count, _fields_of(clauses)
+    )
 
 
 def _not(clause: Query) -> Query:
-    return _Predicate(lambda d: not clause.matches(d))
+    return _Predicate(lambda d: not clause.matches(d), clause.fields)
 
 
 def _equals_query(field: str, value: Scalar) -> Query:
-    return _Predicate(lambda d: any(_equals(v, value) for v in resolve_field(d, field)))
+    equals = _equality(value)
+    return _Predicate(lambda d: any(map(equals, resolve_field(d, field))), frozenset({field}))
 
 
 def _glob_query(field: str, glob: tuple[str, ...]) -> Query:
     return _Predicate(
-        lambda d: any(_glob_matches(glob, _render(v)) for v in resolve_field(d, field))
+        lambda d: any(_glob_matches(glob, _render(v)) for v in resolve_field(d, field)),
+        frozenset({field}),
     )
 
 
@@ -184,20 +243,22 @@ def _range_query(field: str, **bounds: Scalar | None) -> Query:
     def holds(value: Any) -> bool:
         return all(_compare(value, bound) in ok for bound, ok in checks)
 
-    return _Predicate(lambda d: any(holds(v) for v in resolve_field(d, field)))
+    return _Predicate(lambda d: any(holds(v) for v in resolve_field(d, field)), frozenset({field}))
 
 
 def _exists_query(field: str) -> Query:
-    return _Predicate(lambda d: bool(resolve_field(d, field)))
+    return _Predicate(lambda d: bool(resolve_field(d, field)), frozenset({field}))
 
 
 def _text_query(raw: str, *, quoted: bool) -> Query:
     """A bare term: a case-insensitive substring (or glob) of any string value in the doc."""
     glob = None if quoted else _to_glob(raw.lower())
     if glob is not None:
-        return _Predicate(lambda d: any(_glob_matches(glob, s.lower()) for s in _strings(d)))
+        return _Predicate(
+            lambda d: any(_glob_matches(glob, s.lower()) for s in _strings(d)), fields=None
+        )
     needle = (raw if quoted else _unescape(raw)).casefold()
-    return _Predicate(lambda d: any(needle in s.casefold() for s in _strings(d)))
+    return _Predicate(lambda d: any(needle in s.casefold() for s in _strings(d)), fields=None)
 
 
 # ---- query_string -------------------------------------------------------------------------------
@@ -349,198 +410,3 @@ def parse_query_string(
     if default_operator.upper() not in ("AND", "OR"):
         raise QueryError(f"default_operator must be AND or OR, not '{default_operator}'")
     return _Parser(_tokenize(q), default_field, default_operator.upper() == "AND").parse()
-
-
-# ---- SearchRequest ------------------------------------------------------------------------------
-
-
-def _expect_object(spec: Any, where: str) -> Mapping[str, Any]:
-    if not isinstance(spec, Mapping):
-        raise QueryError(f"{where}: expected an object")
-    return spec
-
-
-def _field_arg(spec: Any, where: str) -> tuple[str, Any]:
-    if not isinstance(spec, Mapping) or len(spec) != 1:
-        raise QueryError(f"{where}: expected an object with exactly one field")
-    ((field, arg),) = spec.items()
-    if not isinstance(field, str) or not field:
-        raise QueryError(f"{where}: field names must be non-empty strings")
-    return field, arg
-
-
-def _reject_unknown(spec: Mapping[str, Any], known: set[str], where: str) -> None:
-    if unknown := sorted(str(k) for k in spec if k not in known):
-        raise QueryError(f"{where}: unknown option '{unknown[0]}'")
-
-
-def _parse_field_clause(name: str, spec: Any, where: str) -> Query:
-    """term / match / prefix: `{field: X}` or `{field: {value|query: X}}`; range."""
-    field, arg = _field_arg(spec, where)
-    if name == "range":
-        bounds = _expect_object(arg, f"{where}.{field}")
-        _reject_unknown(bounds, {"gt", "gte", "lt", "lte", "boost", "format", "time_zone"}, where)
-        values = {k: bounds[k] for k in ("gt", "gte", "lt", "lte") if bounds.get(k) is not None}
-        if not values or not all(_is_scalar(v) for v in values.values()):
-            raise QueryError(f"{where}.{field}: needs gt, gte, lt or lte bounds (numbers/strings)")
-        return _range_query(field, **values)
-    key = "query" if name == "match" else "value"
-    if isinstance(arg, Mapping):
-        arg = arg.get(key)
-    if not _is_scalar(arg):
-        raise QueryError(f"{where}.{field}: expected a string, number or boolean ({key})")
-    if name == "prefix":
-        return _glob_query(field, (*_render(arg), _STAR))
-    return _equals_query(field, arg)  # allocator fields are keywords: `match` acts as `term`
-
-
-def _parse_query_string_clause(spec: Any, where: str) -> Query:
-    body = _expect_object(spec, where)
-    text, field = body.get("query"), body.get("default_field")
-    operator = body.get("default_operator", "AND")
-    if not isinstance(text, str) or not isinstance(operator, str):
-        raise QueryError(f"{where}: 'query' and 'default_operator' must be strings")
-    if field is not None and not isinstance(field, str):
-        raise QueryError(f"{where}: 'default_field' must be a string")
-    try:
-        return parse_query_string(text, default_field=field, default_operator=operator)
-    except QueryError as exc:
-        raise QueryError(f"{where}: {exc}") from None
-
-
-def _parse_bool_clause(spec: Any, where: str, depth: int) -> Query:
-    body = _expect_object(spec, where)
-    occurs = ("must", "filter", "should", "must_not")
-    _reject_unknown(body, {*occurs, "minimum_should_match", "boost"}, where)
-    lists: dict[str, list[Query]] = {}
-    for occur in occurs:
-        items = body.get(occur, [])
-        items = [items] if isinstance(items, Mapping) else items
-        if not isinstance(items, list):
-            raise QueryError(f"{where}.{occur}: expected a list of queries")
-        lists[occur] = [
-            _parse_clause(item, f"{where}.{occur}[{i}]", depth) for i, item in enumerate(items)
-        ]
-    required = lists["must"] + lists["filter"]
-    minimum = body.get("minimum_should_match")
-    if minimum is None:  # Elasticsearch: should turns optional once must or filter is present
-        minimum = 1 if lists["should"] and not required else 0
-    if isinstance(minimum, str) and minimum.isdigit():
-        minimum = int(minimum)
-    if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 0:
-        raise QueryError(f"{where}.minimum_should_match: expected a non-negative integer")
-    parts = list(required)
-    if lists["must_not"]:
-        parts.append(_not(_at_least(1, lists["must_not"])))
-    if minimum:
-        parts.append(_at_least(minimum, lists["should"]))
-    return _all_of(parts) if parts else MATCH_ALL
-
-
-_FIELD_CLAUSES = ("term", "match", "prefix", "range")
-_CLAUSES = ("match_all", "match_none", "exists", "nested", "query_string", "bool", *_FIELD_CLAUSES)
-
-
-def _parse_clause(node: Any, where: str, depth: int) -> Query:
-    if depth > MAX_DEPTH:
-        raise QueryError(f"{where}: query nests deeper than {MAX_DEPTH} levels")
-    if not (body := _expect_object(node, where)):
-        return MATCH_ALL
-    if len(body) != 1:
-        raise QueryError(f"{where}: expected one query clause, got {len(body)}")
-    ((name, spec),) = body.items()
-    if name not in _CLAUSES:
-        supported = ", ".join(sorted(_CLAUSES))
-        raise QueryError(f"{where}: unsupported query clause '{name}' (supported: {supported})")
-    where = f"{where}.{name}"
-    if name in ("match_all", "match_none"):
-        _expect_object(spec, where)
-        return MATCH_ALL if name == "match_all" else MATCH_NONE
-    if name == "exists":
-        if not isinstance(field := _expect_object(spec, where).get("field"), str) or not field:
-            raise QueryError(f"{where}: 'field' must be a non-empty string")
-        return _exists_query(field)
-    if name == "nested":
-        # The inner fields carry their full path, so the inner query runs on the whole doc.
-        if not isinstance(_expect_object(spec, where).get("path"), str) or "query" not in spec:
-            raise QueryError(f"{where}: needs 'path' (a string) and 'query'")
-        return _parse_clause(spec["query"], f"{where}.query", depth + 1)
-    if name == "query_string":
-        return _parse_query_string_clause(spec, where)
-    if name == "bool":
-        return _parse_bool_clause(spec, where, depth + 1)
-    return _parse_field_clause(name, spec, where)
-
-
-def parse_search_request(body: Mapping[str, Any]) -> Query:
-    """Parse the `query` of ECE's SearchRequest (size, from and sort are the caller's); no
-    query matches all. Raises QueryError naming the offending clause by its path in the body."""
-    if not isinstance(body, Mapping):
-        raise QueryError("search request: expected a JSON object")
-    query = body.get("query")
-    return MATCH_ALL if query is None else _parse_clause(query, "query", 0)
-
-
-# ---- sort and page ------------------------------------------------------------------------------
-
-
-def _parse_order(order: Any, where: str) -> bool:
-    if not isinstance(order, str) or order.lower() not in ("asc", "desc"):
-        raise QueryError(f"{where}: sort order must be 'asc' or 'desc'")
-    return order.lower() == "desc"
-
-
-def _parse_sort(sort: str | Sequence[Any] | None) -> list[tuple[str, bool]]:
-    """Return (field, descending) pairs, most significant first."""
-    if sort is None:
-        return []
-    if isinstance(sort, str):
-        keys = []
-        for item in filter(None, (part.strip() for part in sort.split(","))):
-            field, colon, order = item.removeprefix("-").partition(":")
-            if not field or (colon and item.startswith("-")):
-                raise QueryError(f"sort '{item}': expected field, field:asc|desc or -field")
-            desc = _parse_order(order, f"sort '{item}'") if colon else item.startswith("-")
-            keys.append((field, desc))
-        return keys
-    if not isinstance(sort, Sequence) or isinstance(sort, bytes | bytearray):
-        raise QueryError("sort: expected a comma-separated string or a list")
-    keys = []
-    for i, item in enumerate(sort):
-        if isinstance(item, str):
-            keys.extend(_parse_sort(item))
-            continue
-        field, option = _field_arg(item, f"sort[{i}]")
-        option = {"order": option} if isinstance(option, str) else option
-        _reject_unknown(_expect_object(option, f"sort[{i}].{field}"), {"order"}, f"sort[{i}]")
-        keys.append((field, _parse_order(option.get("order", "asc"), f"sort[{i}].{field}")))
-    return keys
-
-
-def _sort_value(doc: Mapping[str, Any], field: str, desc: bool) -> tuple[bool, Any] | None:
-    keys = [(isinstance(v, str), v) for v in resolve_field(doc, field) if _is_scalar(v)]
-    # Elasticsearch sorts a multi-valued field by its min ascending and its max descending.
-    return (max(keys) if desc else min(keys)) if keys else None
-
-
-def sort_documents(
-    docs: Iterable[D], sort: str | Sequence[Any] | None, default: str = "allocator_id"
-) -> list[D]:
-    """Return `docs` sorted by ECE's `sort` (the query param's text or a SearchRequest list),
-    by `default` when empty. Stable; missing values go last. Raises QueryError on a bad sort."""
-    result = list(docs)
-    for field, desc in reversed(_parse_sort(sort) or _parse_sort(default)):
-        if field in ("_score", "_doc"):  # nothing is scored here: keep the current order
-            continue
-        keyed = [(_sort_value(d, field, desc), d) for d in result]
-        present = [(k, d) for k, d in keyed if k is not None]
-        present.sort(key=lambda kd: kd[0], reverse=desc)  # reverse=True keeps ties in order
-        result = [d for _, d in present] + [d for k, d in keyed if k is None]
-    return result
-
-
-def paginate(items: Sequence[T], from_: int, size: int) -> list[T]:
-    """Return at most `size` items starting at offset `from_`. Raises QueryError if negative."""
-    if from_ < 0 or size < 0:
-        raise QueryError(f"from and size must not be negative (from={from_}, size={size})")
-    return list(items[from_ : from_ + size])

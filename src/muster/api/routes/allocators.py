@@ -21,8 +21,9 @@ from muster.api.schemas_infra import (
     MetadataItems,
     MetadataItemValue,
     SearchRequest,
+    reply_json,
 )
-from muster.domain import allocators
+from muster.domain import allocators, listing
 from muster.domain.users import Principal
 
 router = APIRouter(tags=["PlatformInfrastructure"])
@@ -52,6 +53,13 @@ def _settings(response: Response, settings: dict[str, Any]) -> AllocatorSettings
     return AllocatorSettings.model_validate(settings)
 
 
+def _overview(request: Request, search: listing.Search) -> Response:
+    # The domain builds the whole reply, in its wire model's order: it is serialised as it is,
+    # not validated again through the response_model (which stays, for the OpenAPI document).
+    overview = listing.search_allocators(platform_of(request), search)
+    return Response(reply_json(overview), media_type="application/json")
+
+
 @router.get(
     PATH,
     operation_id="get-allocators",
@@ -63,15 +71,14 @@ def get_allocators(
     request: Request,
     q: str | None = Query(None, max_length=4096, description="An Elasticsearch query_string"),
     from_: int = Query(0, alias="from", ge=0, le=2**31 - 1),
-    size: int = Query(allocators.DEFAULT_SIZE, ge=0, le=MAX_PAGE),
+    size: int = Query(listing.DEFAULT_SIZE, ge=0, le=MAX_PAGE),
     sort: str | None = Query(None, max_length=1024, description="Defaults to allocator_id"),
     _principal: Principal = Depends(require_user),
-) -> AllocatorOverview:
-    search = allocators.search_from_params(
-        q, from_=from_, size=size, sort=sort, code=allocators.QUERY_CODE
+) -> Response:
+    search = listing.search_from_params(
+        q, from_=from_, size=size, sort=sort, code=listing.QUERY_CODE
     )
-    overview = allocators.search_allocators(platform_of(request), search)
-    return AllocatorOverview.model_validate(overview)
+    return _overview(request, search)
 
 
 @router.post(
@@ -85,12 +92,9 @@ def search_allocators(
     request: Request,
     body: SearchRequest | None = Body(None),
     _principal: Principal = Depends(require_user),
-) -> AllocatorOverview:
-    search = allocators.search_from_body(
-        body.as_body() if body else None, code=allocators.QUERY_CODE
-    )
-    overview = allocators.search_allocators(platform_of(request), search)
-    return AllocatorOverview.model_validate(overview)
+) -> Response:
+    search = listing.search_from_body(body.as_body() if body else None, code=listing.QUERY_CODE)
+    return _overview(request, search)
 
 
 @router.get(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
 
 from muster.api.auth import platform_of, require_admin, require_user, source_of
 from muster.api.routes import errors
@@ -14,14 +14,21 @@ from muster.api.schemas_infra import (
     RunnerRolesInfo,
     RunnerRolesInfoRequest,
     SearchRequest,
+    reply_json,
 )
-from muster.domain import allocators, runners
+from muster.domain import allocators, listing, runners
 from muster.domain.runners import RunnerIdentities
 from muster.domain.users import Principal
 
 router = APIRouter(tags=["PlatformInfrastructure"])
 PATH = "/platform/infrastructure/runners"
 ONE = PATH + "/{runner_id}"
+
+
+def _overview(request: Request, search: listing.Search) -> Response:
+    # Serialised as the domain built it; the response_model stays for the OpenAPI document.
+    overview = listing.search_runners(platform_of(request), search)
+    return Response(reply_json(overview), media_type="application/json")
 
 
 @router.get(
@@ -35,12 +42,12 @@ def get_runners(
     request: Request,
     q: str | None = Query(None, max_length=4096, description="An Elasticsearch query_string"),
     _principal: Principal = Depends(require_user),
-) -> RunnerOverview:
+) -> Response:
     # ECE's GET takes only `q` and returns every match: no page.
-    search = allocators.search_from_params(
-        q, from_=0, size=2**31 - 1, sort=None, code=allocators.RUNNER_QUERY_CODE
+    search = listing.search_from_params(
+        q, from_=0, size=2**31 - 1, sort=None, code=listing.RUNNER_QUERY_CODE
     )
-    return RunnerOverview.model_validate(allocators.search_runners(platform_of(request), search))
+    return _overview(request, search)
 
 
 @router.post(
@@ -54,11 +61,11 @@ def search_runners(
     request: Request,
     body: SearchRequest | None = Body(None),
     _principal: Principal = Depends(require_user),
-) -> RunnerOverview:
-    search = allocators.search_from_body(
-        body.as_body() if body else None, code=allocators.RUNNER_QUERY_CODE
+) -> Response:
+    search = listing.search_from_body(
+        body.as_body() if body else None, code=listing.RUNNER_QUERY_CODE
     )
-    return RunnerOverview.model_validate(allocators.search_runners(platform_of(request), search))
+    return _overview(request, search)
 
 
 @router.get(
