@@ -288,6 +288,8 @@ def create_app(
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(BodyLimit)
     app.add_middleware(RegionPaths, region=platform.region)
+    # Joins arrive in bursts: served in front of FastAPI's layers (muster.api.routes.agent).
+    app.add_middleware(agent.JoinFastPath, state=app.state)
     # Outermost: the agent hot path skips every layer it does not need.
     app.add_middleware(FastPath, state=app.state, ping=bench_routes)
     return app

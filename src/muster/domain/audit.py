@@ -58,14 +58,39 @@ def record(
 ) -> None:
     """Append one event in the caller's transaction. `detail` must never hold a secret."""
     tx.append_audit(
-        AuditEvent(
-            kind=kind,
+        event(
+            clock,
+            kind,
             actor=actor,
             source=source,
             outcome=outcome,
-            at=clock.now(),
             token_id=token_id,
             runner_id=runner_id,
-            detail=detail,
+            **detail,
         )
+    )
+
+
+def event(
+    clock: Clock,
+    kind: str,
+    *,
+    actor: str,
+    source: str,
+    outcome: str = "success",
+    token_id: str | None = None,
+    runner_id: str | None = None,
+    **detail: Any,
+) -> AuditEvent:
+    """One event, stamped now, for `Transaction.append_audits` (several in one statement).
+    `detail` must never hold a secret."""
+    return AuditEvent(
+        kind=kind,
+        actor=actor,
+        source=source,
+        outcome=outcome,
+        at=clock.now(),
+        token_id=token_id,
+        runner_id=runner_id,
+        detail=detail,
     )

@@ -11,6 +11,7 @@ import hmac
 import ipaddress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cached_property
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -33,12 +34,21 @@ class CertificateAuthority:
     key: ec.EllipticCurvePrivateKey
     certificate: x509.Certificate
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         return spki_fingerprint(self.certificate)
 
     def certificate_pem(self) -> str:
+        return self._certificate_pem
+
+    # Worked out once, not per signed certificate (every join signs one).
+    @cached_property
+    def _certificate_pem(self) -> str:
         return certificate_to_pem(self.certificate)
+
+    @cached_property
+    def key_identifier(self) -> x509.AuthorityKeyIdentifier:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key())
 
 
 def generate_private_key() -> ec.EllipticCurvePrivateKey:
@@ -133,10 +143,7 @@ def _leaf_builder(
         .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
-            critical=False,
-        )
+        .add_extension(ca.key_identifier, critical=False)
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import uuid
 from collections.abc import Sequence
@@ -158,7 +159,16 @@ def decode_token(token: str, *, key: bytes) -> TokenClaims:
     asymmetric algorithms and extra header fields (`kid`, `jku`, ...) are refused before any key
     is used. The signature is compared in constant time (PyJWT uses hmac.compare_digest).
     Raises TokenRefusedError: malformed_token or invalid_signature.
+
+    Claims verified once are remembered for the same token and key: a fleet joins with a few
+    tokens, and PyJWT spends ~40 µs on each check. Only verified tokens are remembered; whether
+    a token may still be used is always decided against its stored record.
     """
+    return _verified_claims(token, key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _verified_claims(token: str, key: bytes) -> TokenClaims:
     parts = _split(token)
     try:
         header = _b64_json(parts[0])
