@@ -18,6 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from muster.errors import InvalidInputError
+
+# More worker processes than cores only adds context switches; the cap keeps a typo from
+# forking hundreds of servers.
+MAX_WORKERS = 64
+
 
 @dataclass(frozen=True)
 class HostPaths:
@@ -99,6 +105,8 @@ class HostConfig:
     # longest wait of the agent between attempts while no coordinator answers.
     read_timeout_s: float = 30.0
     agent_max_backoff_s: float = 60.0
+    # Coordinator server processes on this host (`--workers`, docs/high-availability.md).
+    workers: int = 1
 
     def local_api_address(self) -> str:
         """Where this host itself reaches its API: loopback when the server listens on every
@@ -113,6 +121,17 @@ class HostConfig:
     def from_json(cls, data: dict[str, Any]) -> HostConfig:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def check_workers(workers: object) -> int:
+    """`workers` if it is a whole number from 1 to MAX_WORKERS. Raises InvalidInputError."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+        raise InvalidInputError(
+            f"--workers: must be a whole number of server processes from 1 to {MAX_WORKERS} "
+            f"(one per CPU core is the most that helps), got {workers!r}",
+            fields=["workers"],
+        )
+    return workers
 
 
 def write_private(path: Path, data: str | bytes, mode: int = 0o600) -> None:

@@ -20,7 +20,14 @@ from muster.domain import pki
 from muster.domain.models import ROLES
 from muster.domain.tokens import read_unverified_claims
 from muster.errors import ConflictError, InvalidInputError
-from muster.hoststate import HostConfig, HostPaths, save_host, write_json, write_private
+from muster.hoststate import (
+    HostConfig,
+    HostPaths,
+    check_workers,
+    save_host,
+    write_json,
+    write_private,
+)
 
 if TYPE_CHECKING:
     from muster.domain.platform import Bootstrap
@@ -41,6 +48,7 @@ class FirstHostOptions:
     capacity_mb: int | None = None
     runner_id: str | None = None
     database_url: str | None = None
+    workers: int = 1  # coordinator server processes
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,7 @@ class JoinOptions:
     api_port: int = 12443  # used when the host takes the coordinator role
     bind: str = "0.0.0.0"
     external_hostnames: Sequence[str] = ()
+    workers: int = 1  # used when the host takes the coordinator role
 
 
 def refuse_if_installed(paths: HostPaths) -> None:
@@ -94,6 +103,7 @@ def install_first_host(
 ) -> FirstHost:
     paths = HostPaths(options.storage)
     refuse_if_installed(paths)
+    check_workers(options.workers)
     clock = clock or SystemClock()
     host_ip = options.host_ip or host.host_ip()
     created = _fresh(paths)
@@ -182,6 +192,7 @@ def _install_first_host(
         heartbeat_interval_s=options.heartbeat_interval_s,
         database_url=options.database_url,
         serves_api=True,
+        workers=options.workers,
     )
     save_agent_state(
         paths,
@@ -236,6 +247,7 @@ def install_additional_host(
     are written. Raises what `muster.agent.join.join` raises, or ConflictError if installed."""
     paths = HostPaths(options.storage)
     refuse_if_installed(paths)
+    check_workers(options.workers)
     roles = options.roles if options.roles is not None else token_roles(options.token)
     host_ip = options.host_ip or host.host_ip(toward=options.coordinator)
     memory_mb = host.total_memory_mb()
@@ -287,6 +299,7 @@ def install_additional_host(
         bind=options.bind,
         database_url=reply.get("database_url") if serves_api else None,
         serves_api=serves_api,
+        workers=options.workers if serves_api else 1,
     )
     save_agent_state(paths, {"coordinators": coordinators, "heartbeat_interval_seconds": interval})
     save_host(paths, config)

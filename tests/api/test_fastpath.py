@@ -16,7 +16,9 @@ from muster.api.fastpath import RunnerSnapshot
 from muster.api.tls import TLS_EXTENSION
 from muster.domain import pki, runners
 from muster.domain.models import HostReport
+from muster.domain.platform import load_platform
 from muster.domain.users import Principal
+from muster.storage import open_store
 from tests.conftest import Installed, create_token, join
 
 HEARTBEAT = "/api/v1/agent/heartbeat"
@@ -133,3 +135,30 @@ def test_snapshot_rereads_serials_only_after_a_change_another_coordinator_made(
     runners.delete_runner(installed.platform, admin, "10.0.0.8", source="elsewhere")
     assert snapshot.refresh() is True
     assert client.post(HEARTBEAT, json=REPORT).status_code == 401
+
+
+def test_heartbeat_answered_by_one_worker_shows_connected_on_another_after_a_flush(
+    agent: Any, installed: Installed
+) -> None:
+    """Two worker processes of one coordinator: each its own store connection and liveness
+    memory; a heartbeat reaches the other one through the store's flush (once a second)."""
+    client, wrapper, _app = agent
+    wrapper.cert = _joined(client, installed, "10.0.0.9")
+    other_store = open_store(installed.platform.store.url, migrate=False)
+    try:
+        other = load_platform(other_store, installed.clock)
+
+        def connected_on_the_other() -> bool:
+            with other_store.read() as tx:
+                persisted = tx.get_runner("10.0.0.9").last_heartbeat_at
+            return other.liveness.is_connected("10.0.0.9", persisted)
+
+        installed.clock.advance(other.liveness.grace.total_seconds() + 1)  # the join ages out
+        assert not connected_on_the_other()
+        assert client.post(HEARTBEAT, json=REPORT).status_code == 200
+        assert installed.platform.liveness.is_connected("10.0.0.9", None)  # this one's memory
+        assert not connected_on_the_other()  # not flushed yet
+        assert installed.platform.liveness.flush() == 1
+        assert connected_on_the_other()
+    finally:
+        other_store.close()

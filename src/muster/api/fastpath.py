@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 from cryptography import x509
@@ -74,7 +75,7 @@ class RunnerSnapshot(RunnerIdentities):
         self._serials: dict[str, tuple[str, ...]] = {}
         self._loaded_at = float("-inf")  # when the store last confirmed the snapshot
         self._read_at = float("-inf")  # when all serials were last read
-        self._version: tuple[Any, ...] | None = None
+        self._version: tuple[int, datetime | None, int] | None = None
         self._forgotten: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -97,22 +98,26 @@ class RunnerSnapshot(RunnerIdentities):
         """Confirm the snapshot, reading all serials again only if they may have changed.
         True if they were read."""
         started = self.platform.clock.monotonic()
-        with self.platform.store.read() as tx:  # one consistent snapshot for both reads
-            version = _certificates_version(tx)
+        # The version is read before the serials (PostgreSQL's READ COMMITTED gives each
+        # statement its own snapshot): a change between the two reads makes the next
+        # confirmation read again, where the other order would hide it until a full reload.
+        with self.platform.store.read() as tx:
+            version = tx.get_certificates_version()
             if version == self._version and started - self._read_at < FULL_RELOAD_S:
                 with self._lock:
                     self._loaded_at = started
                 return False
-            self._install(started, list(_runner_serials(tx)), _revoked_serials(tx))
+            self._install(started, tx.list_runner_serials(), frozenset(tx.list_revoked_serials()))
         self._version = version
         return True
 
     def reload(self) -> int:
-        """Read every runner's serials in one statement; returns how many runners."""
+        """Read every runner's serials (and the version they belong to); returns how many
+        runners."""
         started = self.platform.clock.monotonic()
         with self.platform.store.read() as tx:
-            self._version = _certificates_version(tx)
-            self._install(started, list(_runner_serials(tx)), _revoked_serials(tx))
+            self._version = tx.get_certificates_version()
+            self._install(started, tx.list_runner_serials(), frozenset(tx.list_revoked_serials()))
         return len(self._serials)
 
     def _install(
@@ -150,52 +155,6 @@ class RunnerSnapshot(RunnerIdentities):
             except MusterError as exc:  # the per-certificate path still answers
                 log.warning("could not load runner certificates: %s", exc)
             self._stop.wait(period)
-
-
-def _runner_serials(tx: Any) -> Iterable[tuple[str, str, str | None]]:
-    """(runner id, current serial, previous serial) of every runner, in one read."""
-    method = getattr(tx, "list_runner_serials", None)
-    if method is not None:
-        rows: Iterable[tuple[str, str, str | None]] = method()
-        return rows
-    # The SQL stores' connection, until the Store protocol has list_runner_serials().
-    from sqlalchemy import select
-
-    from muster.storage import schema
-
-    c = schema.runners.c
-    query = select(c.runner_id, c.cert_serial, c.previous_cert_serial)
-    return [(r[0], r[1], r[2]) for r in tx.conn.execute(query)]
-
-
-def _certificates_version(tx: Any) -> tuple[Any, ...]:
-    """What moves whenever a runner's valid serials change: (runners, newest certificate
-    expiry, revoked certificates). Joins add a runner; a renewal issues a certificate expiring
-    later than every earlier one (fixed validity); a deletion revokes."""
-    method = getattr(tx, "runner_certificates_version", None)
-    if method is not None:
-        version: tuple[Any, ...] = method()
-        return version
-    from sqlalchemy import func, select
-
-    from muster.storage import schema
-
-    runners = tx.conn.execute(
-        select(func.count(), func.max(schema.runners.c.cert_expires_at))
-    ).one()
-    revoked = tx.conn.execute(select(func.count()).select_from(schema.revoked_certificates))
-    return (runners[0], runners[1], revoked.scalar_one())
-
-
-def _revoked_serials(tx: Any) -> frozenset[str]:
-    method = getattr(tx, "list_revoked_serials", None)
-    if method is not None:
-        return frozenset(method())
-    from sqlalchemy import select
-
-    from muster.storage import schema
-
-    return frozenset(r[0] for r in tx.conn.execute(select(schema.revoked_certificates.c.serial)))
 
 
 class FastPath:

@@ -102,6 +102,28 @@ def _read_token(token: str | None, token_file: Path | None) -> str | None:
     return token.strip() if token is not None else None
 
 
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="coordinator server processes on this host (default 1; at most one per CPU core "
+        "helps); kept in host.json for later starts",
+        show_default=False,
+    ),
+]
+
+
+def _workers(value: int | None) -> None:
+    """Refuse a bad --workers before anything is changed."""
+    from muster.errors import InvalidInputError
+    from muster.hoststate import check_workers
+
+    if value is not None:
+        try:
+            check_workers(value)
+        except InvalidInputError as exc:
+            fail(exc.message, EXIT_USAGE)
+
+
 def _step(message: str) -> None:
     console.print(f"[green]✓[/] {message}", highlight=False, soft_wrap=True)
 
@@ -159,12 +181,14 @@ def install(
             help="postgresql://... to keep the platform in PostgreSQL (default: embedded SQLite)",
         ),
     ] = None,
+    workers: WorkersOpt = None,
     no_start: Annotated[bool, typer.Option("--no-start", help="set up only; start later")] = False,
 ) -> None:
     """Install Muster on this host: the first host creates the platform; with
     --coordinator-host the host joins an existing one using a roles token."""
     from muster import install as installer
 
+    _workers(workers)
     with errors_as_exit():
         if coordinator_host is None:
             if roles_token or roles_token_file:
@@ -182,6 +206,7 @@ def install(
                     capacity_mb=capacity,
                     runner_id=runner_id,
                     database_url=database_url,
+                    workers=workers or 1,
                 ),
                 progress=_step,
             )
@@ -208,6 +233,7 @@ def install(
                     api_port=api_port,
                     bind=bind,
                     external_hostnames=_split(external_hostname),
+                    workers=workers or 1,
                 ),
                 progress=_step,
             )
@@ -257,28 +283,38 @@ def start(
         str | None,
         typer.Option(envvar="MUSTER_DATABASE_URL", help="override the store's URL (coordinators)"),
     ] = None,
+    workers: WorkersOpt = None,
 ) -> None:
     """Run an installed host again in the foreground (SIGINT/SIGTERM stop it)."""
-    _start(host_storage_path.absolute(), database_url)
+    _workers(workers)
+    _start(host_storage_path.absolute(), database_url, workers)
 
 
-def _start(path: Path, database_url: str | None = None) -> None:
-    from muster.hoststate import HostPaths, load_host
+def _start(path: Path, database_url: str | None = None, workers: int | None = None) -> None:
+    from muster.hoststate import HostPaths, load_host, save_host
     from muster.server import run_agent, serve_coordinator
 
     paths = HostPaths(path)
     config = load_host(paths)
     if config is None:
         fail(f"{path} holds no Muster installation; run `muster install` first", EXIT_USAGE)
+    if workers is not None and workers != config.workers:
+        if not config.serves_api:
+            fail("--workers: this host runs no coordinator, only its agent", EXIT_USAGE)
+        config.workers = workers
+        save_host(paths, config)  # later starts keep it
     if database_url:
-        config.database_url = database_url
+        config.database_url = database_url  # this run only
     with errors_as_exit():
         if config.serves_api:
             address = f"https://{config.host_ip}:{config.api_port}/"
+            processes = f" with {config.workers} workers" if config.workers != 1 else ""
             serve_coordinator(
                 paths,
                 config,
-                on_ready=lambda: _step(f"coordinator serving {address} (Ctrl-C stops it)"),
+                on_ready=lambda: _step(
+                    f"coordinator serving {address}{processes} (Ctrl-C stops it)"
+                ),
             )
         else:
             _step(f"agent started for runner {config.runner_id}")
