@@ -272,3 +272,21 @@ def test_chunked_small_body_reaches_the_route(client: TestClient, installed: Ins
     assert response.status_code == 200, response.text
     created = response.json()["token_id"]
     assert created != create_token(client, installed)["token_id"]
+
+
+@pytest.mark.parametrize(
+    ("query", "name"),
+    [("from=0&from=5", "from"), ("q=&size=1&q=zone_id:x", "q"), ("size=1&size=", "size")],
+)
+@pytest.mark.parametrize("prefix", ["/api/v1", "/api/v1/regions/ece-region"])
+def test_a_repeated_query_parameter_is_a_400_naming_it(
+    client: TestClient, installed: Installed, query: str, name: str, prefix: str
+) -> None:
+    """Which of two values a layer would read is ambiguous: refused, not guessed."""
+    path = f"{prefix}/platform/infrastructure/allocators?{query}"
+    response = client.get(path, auth=installed.admin)
+    ece_error(response, 400, "allocators.invalid_input")
+    assert response.json()["errors"][0]["fields"] == [name]
+    single = client.get(f"{prefix}/platform/infrastructure/allocators?from=0&size=1")
+    assert single.status_code == 401  # unauthenticated, but past the query check
+    assert client.get(f"{path.split('?')[0]}?from=0&size=1", auth=installed.admin).is_success

@@ -84,7 +84,11 @@ def test_hosts_carry_on_through_the_other_coordinator_when_one_is_killed(tmp_pat
 
             assert a.process is not None
             a.process.kill(signal.SIGKILL)
-            # Past the grace period (5 intervals of 1 s) host-1 must have moved to B by itself.
+            # host-1 (joined through A) moves to B by itself and says so ...
+            host_1 = processes[1]
+            host_1.wait_for_output(f"heartbeating to {b.url}", timeout_s=60)
+            # ... and past the grace period (5 intervals of 1 s) both hosts are still connected:
+            # their heartbeats reach B, not just A's last record of them.
             time.sleep(7)
             wait_until(lambda: connected(b), timeout_s=60, what="both hosts connected through B")
 

@@ -122,14 +122,15 @@ class Agent:
     def run(self) -> None:
         """Heartbeat until `stop()`; never raises for a coordinator that is away."""
         failures = 0
+        talking_to = ""  # the coordinator of the last heartbeat: a failover is said, too
         while not self.stopped.is_set():
             try:
                 self.renew_if_due()
                 self.heartbeat_once()
-                if not self.connected:
-                    self.on_event(
-                        f"heartbeating to {self._connect().current} every ~{self.interval_s:g}s"
-                    )
+                current = self._connect().current
+                if not self.connected or current != talking_to:
+                    self.on_event(f"heartbeating to {current} every ~{self.interval_s:g}s")
+                talking_to = current
                 self.connected = True
                 failures = 0
             except CoordinatorUnreachableError:

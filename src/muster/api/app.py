@@ -12,6 +12,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -127,6 +128,32 @@ class RegionPaths:
             scope = dict(scope)
             scope["path"] = API + match.group(2)
             scope["raw_path"] = scope["path"].encode()
+        await self.app(scope, receive, send)
+
+
+class SingleQueryValues:
+    """Refuse an API request that repeats a query parameter (`?from=0&from=5`): every query
+    parameter of ECE's API takes one value, and which of several a layer would read is
+    ambiguous. 400 with the route's invalid-input code, naming the parameter."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        query = scope.get("query_string", b"") if scope["type"] == "http" else b""
+        if query and scope["path"].startswith(API):
+            seen: set[str] = set()
+            for name, _value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+                if name in seen:
+                    response = error_response(
+                        400,
+                        _validation_code(scope["path"]),
+                        f"{name[:100]}: given more than once; send it once",
+                        [name[:100]],
+                    )
+                    await response(scope, receive, send)
+                    return
+                seen.add(name)
         await self.app(scope, receive, send)
 
 
@@ -286,6 +313,7 @@ def create_app(
         app.include_router(module.router, prefix=API)
     ui.install(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.add_middleware(SingleQueryValues)
     app.add_middleware(BodyLimit)
     app.add_middleware(RegionPaths, region=platform.region)
     # Joins arrive in bursts: served in front of FastAPI's layers (muster.api.routes.agent).
