@@ -115,6 +115,7 @@ def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget
     # (tests/e2e/test_limits.py) and must not turn every later case into a 429 here.
     platform.login_failures = FailureLimiter(max_failures=10**9, window_s=1.0)
     platform.join_failures = FailureLimiter(max_failures=10**9, window_s=1.0)
+    platform.token_join_failures = FailureLimiter(max_failures=10**9, window_s=1.0)
     app = create_app(platform, flush_period_s=3600)
     target = FuzzTarget(app, platform, bootstrap, database, known={})
     with TestClient(app, base_url="https://testserver") as client:

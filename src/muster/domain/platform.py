@@ -46,6 +46,11 @@ class Platform:
     join_failures: FailureLimiter = field(
         default_factory=lambda: FailureLimiter(max_failures=20, window_s=60.0)
     )
+    # Per token id, counting only joins whose token's signature held: a host fleet spread over
+    # many addresses cannot keep probing one token (roles, runner ids, after revocation).
+    token_join_failures: FailureLimiter = field(
+        default_factory=lambda: FailureLimiter(max_failures=50, window_s=60.0)
+    )
 
     def __post_init__(self) -> None:
         self.liveness = Liveness(self.store, self.clock, interval_s=self.heartbeat_interval_s)

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from muster.domain import admission, audit, pki
 from muster.domain.models import AllocatorRecord, HostReport, RunnerRecord
 from muster.domain.platform import Platform
-from muster.domain.tokens import check_roles, decode_token
+from muster.domain.tokens import TokenClaims, check_roles, decode_token
 from muster.domain.users import Principal
 from muster.errors import (
     ConflictError,
@@ -131,6 +131,7 @@ def _shared_store_refusal(
 
 
 _REFUSALS = (TokenRefusedError, ConflictError, InvalidInputError)
+_TOKEN_STATES = frozenset({"revoked_token", "expired_token", "exhausted_token"})
 
 
 def join_host(platform: Platform, request: JoinRequest, *, source: str) -> JoinResult:
@@ -143,11 +144,13 @@ def join_host(platform: Platform, request: JoinRequest, *, source: str) -> JoinR
     audit log.
     """
     _check_join_rate(platform, source)
+    claims: TokenClaims | None = None  # once the token's signature held
     try:
-        prepared = _prepare_join(platform, request, source=source)
+        claims = _verify_token(platform, request)
+        prepared = _prepare_join(platform, request, claims, source=source)
         admission.commit(platform, prepared.pending)
     except _REFUSALS as exc:
-        _refuse_join(platform, request, exc, source=source)
+        _refuse_join(platform, request, exc, source=source, claims=claims)
         raise
     return _joined(platform, request, prepared)
 
@@ -157,11 +160,13 @@ async def join_host_async(platform: Platform, request: JoinRequest, *, source: s
     about 0.3 ms); the commit is awaited without holding a thread; a refusal's audit event is
     written from a worker thread. Raises as `join_host` does."""
     _check_join_rate(platform, source)
+    claims: TokenClaims | None = None
     try:
-        prepared = _prepare_join(platform, request, source=source)
+        claims = _verify_token(platform, request)
+        prepared = _prepare_join(platform, request, claims, source=source)
         await admission.commit_async(platform, prepared.pending)
     except _REFUSALS as exc:
-        await asyncio.to_thread(_refuse_join, platform, request, exc, source=source)
+        await asyncio.to_thread(_refuse_join, platform, request, exc, source=source, claims=claims)
         raise
     return _joined(platform, request, prepared)
 
@@ -184,10 +189,26 @@ def _check_join_rate(platform: Platform, source: str) -> None:
         )
 
 
-def _prepare_join(platform: Platform, request: JoinRequest, *, source: str) -> _PreparedJoin:
-    """Everything a join needs before the store: token signature, request, CSR, roles, and the
-    signed certificate. CPU only. Raises TokenRefusedError, InvalidInputError."""
+def _verify_token(platform: Platform, request: JoinRequest) -> TokenClaims:
+    """The token's claims once its signature held, unless the token has failed too often.
+    Raises TokenRefusedError, RateLimitedError."""
     claims = decode_token(request.token, key=platform.signing_key)
+    now_s = platform.clock.monotonic()
+    wait = platform.token_join_failures.retry_after_s(claims.token_id, now_s=now_s)
+    if wait:
+        raise RateLimitedError(
+            "too many failed joins with this roles token; try again later",
+            retry_after_s=wait,
+            code="enrollment_tokens.rate_limited",
+        )
+    return claims
+
+
+def _prepare_join(
+    platform: Platform, request: JoinRequest, claims: TokenClaims, *, source: str
+) -> _PreparedJoin:
+    """Everything a join needs before the store: request, CSR, roles, and the signed
+    certificate. CPU only. Raises InvalidInputError."""
     validate_join(request)
     public_key = pki.load_csr_public_key(request.csr_pem)
     server_key = pki.load_csr_public_key(request.server_csr_pem) if request.server_csr_pem else None
@@ -237,9 +258,22 @@ def _prepare_join(platform: Platform, request: JoinRequest, *, source: str) -> _
 
 
 def _refuse_join(
-    platform: Platform, request: JoinRequest, exc: MusterError, *, source: str
+    platform: Platform,
+    request: JoinRequest,
+    exc: MusterError,
+    *,
+    source: str,
+    claims: TokenClaims | None,
 ) -> None:
-    platform.join_failures.record_failure(source, now_s=platform.clock.monotonic())
+    """Count a refused join against its source and, when the token's signature held, against
+    its token id. Forgeries naming a token do not count against it (whoever knows a token's id
+    could otherwise lock the real token out; they count against their source), nor do refusals
+    that only restate the token's own state (revoked, expired, exhausted: a retry can neither
+    learn nor change anything, and hosts racing for the last use should hear 'exhausted')."""
+    now_s = platform.clock.monotonic()
+    platform.join_failures.record_failure(source, now_s=now_s)
+    if claims is not None and getattr(exc, "reason", None) not in _TOKEN_STATES:
+        platform.token_join_failures.record_failure(claims.token_id, now_s=now_s)
     _record_refusal(platform, request, exc, source=source)
 
 
@@ -304,6 +338,13 @@ class CoordinatorDirectory:
                 stored = self._cached[1]
             self._cached = (now_s, list(dict.fromkeys([*self.own, *stored])))
         return self._cached[1]
+
+    def admitted(self, runner: RunnerRecord) -> None:
+        """A runner this process just admitted: if it serves the API, it is listed from now on
+        (the host that joins next must learn of it, even if this coordinator dies before that
+        host's first heartbeat)."""
+        if runner.api_address and runner.api_address not in self._cached[1]:
+            self._cached = (self._cached[0], [*self._cached[1], runner.api_address])
 
 
 def _record_refusal(

@@ -59,6 +59,7 @@ def join_host(body: JoinRequestModel, request: Request) -> JoinReply:
     if refused is not None:
         raise refused  # met by JoinFastPath; raised here to be rendered in the one place
     result = runners.join_host(platform_of(request), _join_request(body), source=source_of(request))
+    request.app.state.coordinators.admitted(result.runner)
     return _join_reply(result, _coordinators(request))
 
 
@@ -143,6 +144,7 @@ class JoinFastPath:
             result = await runners.join_host_async(
                 platform, _join_request(model), source=client[0] if client else "unknown"
             )
+            self.state.coordinators.admitted(result.runner)
             reply = _join_reply(result, list(self.state.coordinators.addresses()))
         except Exception as exc:
             await self.app({**scope, JOIN_REFUSED: exc}, _replay(body, False, receive), send)
