@@ -1,13 +1,15 @@
 """`python -m bench`: the quick benchmark (under 3 minutes); `--full` for the whole table.
 
 Results go to bench/.cache/results/<date>.json and a summary table to stdout; `--plot` draws
-heartbeat latency against hosts (the full run draws docs/heartbeat-latency.png).
+heartbeat latency against hosts (the full run draws docs/heartbeat-latency.png). The store is
+SQLite unless --database-url names a PostgreSQL server.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from dataclasses import replace
@@ -15,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
+from bench.coordinator import SQLITE, Store
 from bench.fleet import CACHE
 from bench.loadgen import raise_fd_limit
 from bench.report import plot, table
@@ -40,6 +43,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="floor/heartbeat rounds")
     parser.add_argument("--joins", type=int, help="hosts joined in the join benchmark")
     parser.add_argument("--processes", type=int, help="load generator processes")
+    parser.add_argument(
+        "--workers",
+        type=_at_least_one,
+        help=f"coordinator server processes, `muster start --workers` (default: {_cpus()}, "
+        "the number of CPUs)",
+    )
+    parser.add_argument(
+        "--database-url",
+        type=_postgres,
+        metavar="postgresql://USER@HOST:PORT/DB",
+        help="run the coordinator on PostgreSQL (default: SQLite). A server URL: its database "
+        "DB (e.g. test) is only connected to for CREATE and DROP DATABASE; the fleet is cached "
+        "as the database muster_bench_fleet_<key> (and _10000, the listing snapshot), and each "
+        "run works on its own copies, muster_bench_run_<random> (CREATE DATABASE ... TEMPLATE), "
+        "dropped after the run unless --keep. MUSTER_DATABASE_URL is not read.",
+    )
     parser.add_argument("--out", type=Path, help="write the results JSON here")
     parser.add_argument("--plot", type=Path, help="draw the latency picture here")
     parser.add_argument("--keep", action="store_true", help="keep the run's coordinator state")
@@ -59,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "saturate_rounds": args.rounds,
         "joins": args.joins,
         "processes": args.processes,
+        "workers": args.workers,
     }
     plan = replace(plan, **{k: v for k, v in overrides.items() if v is not None})
     if plan.listing_allocators and plan.listing_allocators > plan.hosts:
@@ -67,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the coordinator is stopped.
     signal.signal(signal.SIGTERM, _exit)
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    results = run(plan, keep=args.keep)
+    results = run(plan, keep=args.keep, store=args.database_url or SQLITE)
     data = {"command": command.strip(), **results.__dict__}
     out = args.out or CACHE / "results" / f"{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +101,26 @@ def main(argv: list[str] | None = None) -> int:
     errors = results.errors()
     print(f"errors: {errors}")
     return 0 if errors == 0 else 1
+
+
+def _cpus() -> int:
+    return os.cpu_count() or 1
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _postgres(text: str) -> Store:
+    try:
+        return Store(text)
+    except Exception as exc:  # the URL's parser raises several kinds
+        raise argparse.ArgumentTypeError(
+            f"a postgresql:// server URL, got {text!r}: {exc}"
+        ) from exc
 
 
 def _exit(_sig: int, _frame: FrameType | None) -> None:

@@ -5,12 +5,18 @@ zones), each host's key and certificate (one PEM per host) and, for fleets large
 a copy of the installation taken at exactly 10,000 allocators. It is rebuilt when its key
 changes (the number of hosts, the layout, Muster's version, the schema and its migrations) or
 when its certificates near expiry. Runs copy it and never change it.
+
+On PostgreSQL (`Store` with a server) the fleet's store is the database
+muster_bench_fleet_<key> on that server (its snapshot: muster_bench_fleet_<key>_10000), the key
+also covering the backend, the server and the cache folder; the folder is
+fleet-<hosts>-postgresql-<key>. A fleet whose databases are gone is rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -20,7 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import muster
-from bench.coordinator import Coordinator, copy_storage, free_port, install, secrets
+from bench.coordinator import (
+    SQLITE,
+    Coordinator,
+    Store,
+    copy_storage,
+    database_name,
+    database_url,
+    drop_storage,
+    free_port,
+    install,
+    secrets,
+)
 from bench.loadgen import Pool
 from muster.domain import pki
 
@@ -56,7 +73,9 @@ def join_body(token: str, csr: str, index: int, *, rid: str | None = None) -> by
     return json.dumps(body).encode()
 
 
-def fleet_key(hosts: int) -> str:
+def fleet_key(hosts: int, store: Store = SQLITE, cache: Path = CACHE) -> str:
+    """The cache key; on PostgreSQL it also covers the server and the cache folder, so two
+    caches (e.g. a test's) never share a database."""
     digest = hashlib.sha256(f"{FORMAT}|{hosts}|{SNAPSHOTS}|{muster.__version__}".encode())
     for name in KEYED_SOURCES:
         path = SRC / name
@@ -64,7 +83,14 @@ def fleet_key(hosts: int) -> str:
         for file in files:
             digest.update(file.relative_to(SRC).as_posix().encode())
             digest.update(file.read_bytes())
+    if store.server:
+        digest.update(f"|{store.backend}|{store.location()}|{cache.resolve()}".encode())
     return digest.hexdigest()[:16]
+
+
+def fleet_database(key: str, allocators: int | None = None) -> str:
+    """The PostgreSQL database of a fleet (or of its snapshot at `allocators`)."""
+    return f"muster_bench_fleet_{key}" + (f"_{allocators}" if allocators else "")
 
 
 @dataclass(frozen=True)
@@ -79,6 +105,10 @@ class Fleet:
     def snapshot(self, allocators: int) -> Path:
         return self.root / f"storage-{allocators}"
 
+    def installations(self) -> list[Path]:
+        """The fleet's installation and its snapshots."""
+        return [self.storage, *sorted(self.root.glob("storage-*"))]
+
     def identity(self, index: int) -> Path:
         return self.root / "hosts" / f"{index:05d}.pem"
 
@@ -91,40 +121,113 @@ class Fleet:
         return data
 
 
+def _folders(cache: Path, hosts: int, store: Store) -> list[Path]:
+    """This backend's fleet folders of `hosts` hosts in `cache` (any key, built or not)."""
+    middle = "postgresql-" if store.server else ""
+    pattern = re.compile(rf"fleet-{hosts}-{middle}[0-9a-f]{{16}}(\.tmp)?")
+    return [
+        p
+        for p in cache.glob(f"fleet-{hosts}-*")
+        if pattern.fullmatch(p.name) and _on(p / "storage", store)
+    ]
+
+
+def _on(installation: Path, store: Store) -> bool:
+    """Whether an installation's store is on `store` (PostgreSQL: the same server; one not
+    installed yet counts), so that dropping it is ours to do."""
+    if not store.server or not (installation / "host.json").exists():
+        return True
+    url = database_url(installation)
+    return url is None or store.holds(url)
+
+
+def _usable(root: Path, hosts: int, store: Store) -> bool:
+    meta = root / "meta.json"
+    if not meta.exists():
+        return False
+    built = datetime.fromisoformat(json.loads(meta.read_text())["built_at"])
+    if datetime.now(UTC) - built >= MAX_AGE:
+        return False
+    for installation in Fleet(root, hosts).installations():
+        database = database_name(installation)
+        if database is not None and not store.exists(database):
+            return False
+    return True
+
+
+def _forget(root: Path, store: Store) -> None:
+    """Remove a fleet folder and drop its databases (those on this store's server)."""
+    for installation in Fleet(root, 0).installations():
+        if (installation / "host.json").exists():
+            drop_storage(installation, store)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def forget_fleets(cache: Path, store: Store) -> None:
+    """Remove every fleet cached in `cache` on `store`'s backend, dropping its databases."""
+    for hosts in {p.name.split("-")[1] for p in cache.glob("fleet-*-*")}:
+        if hosts.isdigit():
+            for folder in _folders(cache, int(hosts), store):
+                _forget(folder, store)
+
+
 def ensure_fleet(
     hosts: int,
     *,
     processes: int = 2,
     progress: Progress = print,
     cache: Path = CACHE,
+    store: Store = SQLITE,
 ) -> Fleet:
     """The cached fleet of `hosts` hosts under `cache`, built through the join API if missing
-    or stale."""
-    key = fleet_key(hosts)
-    root = cache / f"fleet-{hosts}-{key}"
-    meta = root / "meta.json"
-    if meta.exists():
-        built = datetime.fromisoformat(json.loads(meta.read_text())["built_at"])
-        if datetime.now(UTC) - built < MAX_AGE:
-            return Fleet(root, hosts)
-    for stale in cache.glob(f"fleet-{hosts}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    or stale; its store on `store`."""
+    key = fleet_key(hosts, store, cache)
+    middle = "postgresql-" if store.server else ""
+    root = cache / f"fleet-{hosts}-{middle}{key}"
+    if _usable(root, hosts, store):
+        return Fleet(root, hosts)
+    for stale in _folders(cache, hosts, store):
+        _forget(stale, store)
     progress(f"building the fleet cache: {hosts} hosts joined through the join API ({root.name})")
     tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "hosts").mkdir(parents=True)
-    _build(tmp, hosts, [s for s in SNAPSHOTS if s < hosts], processes, progress)
+    try:
+        _build(tmp, hosts, [s for s in SNAPSHOTS if s < hosts], processes, progress, store, key)
+    except BaseException:
+        _forget(tmp, store)
+        raise
     tmp.rename(root)
     return Fleet(root, hosts)
 
 
 def _build(
-    root: Path, hosts: int, snapshots: list[int], processes: int, progress: Progress
+    root: Path,
+    hosts: int,
+    snapshots: list[int],
+    processes: int,
+    progress: Progress,
+    store: Store,
+    cache_key: str,
 ) -> None:
     storage = root / "storage"
     port = free_port()
     log = root / "build.log"
-    install(storage, port, log)
+    url = None
+    if store.server:
+        # Left over by an interrupted build whose folder is gone: dropped first.
+        for database in [
+            fleet_database(cache_key),
+            *(fleet_database(cache_key, s) for s in snapshots),
+        ]:
+            store.drop(database)
+        store.create(fleet_database(cache_key))
+        url = store.url(fleet_database(cache_key))
+    try:
+        install(storage, port, log, database_url=url)
+    except BaseException:
+        if store.server:
+            store.drop(fleet_database(cache_key))
+        raise
     token = secrets(storage)["allocator_only_token"]
     coordinator = Coordinator.start(storage, port, log, bench_routes=False)
     pool = Pool(port, coordinator.ca_file, [], processes=processes)
@@ -154,13 +257,23 @@ def _build(
                 done = chunk.stop
                 rate = done / (time.monotonic() - started)
                 progress(f"  {done}/{hosts} joined ({rate:.0f}/s)")
-            if mark != hosts:
+            if mark != hosts and not store.server:
                 copy_storage(storage, root / f"storage-{mark + 1}")
+            elif mark != hosts:
+                # A template database must have no connection: the coordinator stops (and
+                # flushes) for the copy and starts again.
+                pool.close()
+                coordinator.stop()
+                database = fleet_database(cache_key, mark + 1)
+                copy_storage(storage, root / f"storage-{mark + 1}", store, database=database)
+                coordinator = Coordinator.start(storage, port, log, bench_routes=False)
+                pool = Pool(port, coordinator.ca_file, [], processes=processes)
     finally:
         pool.close()
         coordinator.stop()
     meta = {
         "hosts": hosts,
+        "store": store.backend,
         "snapshots": snapshots,
         "built_at": datetime.now(UTC).isoformat(),
         "build_seconds": round(time.monotonic() - started, 1),

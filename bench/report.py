@@ -18,16 +18,27 @@ def _mb_per_1000(levels: list[dict[str, Any]]) -> list[tuple[int, int, float]]:
     return [(x, y, round(s * 1000, 1)) for x, y, s in slopes]
 
 
+def store_name(data: dict[str, Any]) -> str:
+    """The results' store: "SQLite 3.x" or "PostgreSQL 15.x (server)"; results from before
+    the store was recorded were SQLite."""
+    store = data.get("store") or {"backend": "sqlite"}
+    if store["backend"] == "postgresql":
+        return f"PostgreSQL {store.get('version', '')} ({store.get('server', '?')})"
+    return f"SQLite {store.get('version', '')}".strip()
+
+
 def table(data: dict[str, Any]) -> str:
     m = data["machine"]
     lines = [
         f"command: {data['command']}",
         f"date: {m['date']}  nproc: {m['nproc']}  cpu: {m['cpu_model']}",
         f"load average before: {data['load_before']}  after: {data['load_after']}",
+        f"coordinator: {data['plan'].get('workers', 1)} worker process(es), store: "
+        + store_name(data),
         "",
         "| hosts | every | heartbeats/s (expected) | p50 ms | p99 ms | max ms | failed | missed "
-        "| RSS MB | coordinator CPU |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| RSS MB | coordinator CPU | open files per process |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for level in data["levels"]:
         lat = level["latency"]
@@ -36,7 +47,8 @@ def table(data: dict[str, Any]) -> str:
             f"| {level['hosts']:,} | {level['interval_s']:g} s "
             f"| {level['rate']:,} ({level['expected_rate']:,}) "
             f"| {lat['p50_ms']} | {lat['p99_ms']} | {lat['max_ms']} | {failed} "
-            f"| {level['missed']} | {level['rss_mb']} | {level['coordinator_cpu_share']:.0%} |"
+            f"| {level['missed']} | {level['rss_mb']} | {level['coordinator_cpu_share']:.0%} "
+            f"| {' / '.join(f'{n:,}' for n in level.get('open_files_per_process', []))} |"
         )
     floor = data["floor"]
     if floor:
@@ -120,8 +132,11 @@ def plot(data: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("heartbeat latency, ms")
     ax.set_yscale("log")
     m = data["machine"]
+    workers = data["plan"].get("workers", 1)
     ax.set_title(
-        f"Muster coordinator, SQLite, TLS; {m['nproc']} cores {m['cpu_model']}; {m['date'][:10]}",
+        f"Muster coordinator ({workers} worker{'s' if workers != 1 else ''}), "
+        f"{store_name(data).split(' (')[0]}, TLS; "
+        f"{m['nproc']} cores {m['cpu_model']}; {m['date'][:10]}",
         fontsize=9,
     )
     ax.grid(True, which="both", alpha=0.3)

@@ -1,4 +1,5 @@
-"""The benchmark scenarios, run against one coordinator process, and their figures.
+"""The benchmark scenarios, run against one coordinator (`Plan.workers` server processes), and
+their figures.
 
 1. floor vs heartbeat: closed loop on the same mTLS connections, alternating the empty-200
    route and the heartbeat route; throughput, latency and coordinator CPU per request.
@@ -7,6 +8,10 @@
    coordinator's resident memory. The last level is the sustained one.
 3. joins: concurrent joiners, each a new TLS connection, through the real join API.
 4. allocator listing: GET /platform/infrastructure/allocators, unfiltered and filtered.
+
+The store is SQLite, or PostgreSQL with `run(..., store=Store(server))`: each run then works on
+its own databases (muster_bench_run_<random>, copies of the cached fleet's), dropped after the
+run unless `keep`.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import asyncio
 import base64
 import json
 import math
+import os
 import shutil
 import sqlite3
 import tempfile
@@ -26,7 +32,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.coordinator import Coordinator, copy_storage, free_port, secrets, set_port
+from bench.coordinator import (
+    SQLITE,
+    Coordinator,
+    Store,
+    copy_storage,
+    database_name,
+    database_url,
+    drop_storage,
+    free_port,
+    secrets,
+    set_port,
+)
 from bench.fleet import CACHE, Fleet, ensure_fleet, join_body
 from bench.loadgen import Pool
 from bench.stats import loadavg, machine, merge, summary_ms
@@ -57,6 +74,8 @@ class Plan:
     listing_requests: int = 20
 
     fleet: int | None = None  # hosts in the cached fleet (default: the largest level)
+    # The coordinator's server processes (`muster start --workers`): one per core by default.
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @property
     def hosts(self) -> int:
@@ -88,8 +107,6 @@ def full_plan() -> Plan:
 
 
 def _cpu_of(pid: int) -> float:
-    import os
-
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -99,6 +116,7 @@ class Results:
     plan: dict[str, Any]
     machine: dict[str, Any]
     load_before: str
+    store: dict[str, Any] = field(default_factory=lambda: {"backend": "sqlite"})
     floor: dict[str, Any] = field(default_factory=dict)
     levels: list[dict[str, Any]] = field(default_factory=list)
     joins: dict[str, Any] = field(default_factory=dict)
@@ -113,21 +131,35 @@ class Results:
         total += sum(level.get("connect_failures", 0) for level in self.levels)
         total += sum(self.floor.get("failures", {}).values())
         total += sum(self.joins.get("failures", {}).values())
-        return total
+        return int(total)
 
 
 def run(
-    plan: Plan, *, progress: Progress = print, keep: bool = False, cache: Path = CACHE
+    plan: Plan,
+    *,
+    progress: Progress = print,
+    keep: bool = False,
+    cache: Path = CACHE,
+    store: Store = SQLITE,
 ) -> Results:
     """Run `plan` against a coordinator started on a copy of the cached fleet (built first if
-    needed); the coordinator and the load generator are stopped before this returns."""
+    needed), its store on `store`; the coordinator and the load generator are stopped, and
+    (unless `keep`) the run's copies removed, before this returns."""
     started = time.monotonic()
-    results = Results(asdict(plan), machine(), loadavg())
+    results = Results(asdict(plan), machine(), loadavg(), store.describe())
     cache.mkdir(parents=True, exist_ok=True)
-    fleet = ensure_fleet(plan.hosts, processes=plan.processes, progress=progress, cache=cache)
+    fleet = ensure_fleet(
+        plan.hosts, processes=plan.processes, progress=progress, cache=cache, store=store
+    )
     work = Path(tempfile.mkdtemp(prefix="run-", dir=cache))
     try:
-        coordinator = _start_copy(fleet.storage, work / "storage", work / "coordinator.log")
+        coordinator = _start_copy(
+            fleet.storage,
+            work / "storage",
+            work / "coordinator.log",
+            workers=plan.workers,
+            store=store,
+        )
         try:
             pool = Pool(
                 coordinator.port,
@@ -149,20 +181,31 @@ def run(
             coordinator.stop()
         results.persisted = _persisted(work / "storage", mark, max(plan.levels))
         if plan.listing_allocators is not None:
-            results.listing = _listing_snapshot(plan, fleet, work, progress)
+            results.listing = _listing_snapshot(plan, fleet, work, progress, store)
     finally:
-        if not keep:
+        copies = [work / "storage", work / "listing"]
+        if keep:
+            kept = [name for c in copies if c.exists() and (name := database_name(c))]
+            progress(f"kept: {work}" + (f" (databases {', '.join(kept)})" if kept else ""))
+        else:
+            for copy in copies:
+                if (copy / "host.json").exists():
+                    drop_storage(copy, store)
             shutil.rmtree(work, ignore_errors=True)
     results.load_after = loadavg()
     results.seconds = round(time.monotonic() - started, 1)
     return results
 
 
-def _start_copy(src: Path, dst: Path, log: Path) -> Coordinator:
-    copy_storage(src, dst)
+def _start_copy(
+    src: Path, dst: Path, log: Path, *, workers: int = 1, store: Store = SQLITE
+) -> Coordinator:
+    """A coordinator on a copy of the installation `src` (on PostgreSQL, with its own copy of
+    the database, which `drop_storage(dst, store)` drops)."""
+    copy_storage(src, dst, store)
     port = free_port()
     set_port(dst, port)
-    return Coordinator.start(dst, port, log)
+    return Coordinator.start(dst, port, log, workers=workers)
 
 
 def _floor(plan: Plan, pool: Pool, coordinator: Coordinator, progress: Progress) -> dict[str, Any]:
@@ -235,12 +278,20 @@ def _levels(
         progress(f"level {level}: {hosts} connected in {connect_s:.1f}s; settling")
         time.sleep(plan.settle_s)
         gen_pids = [p.pid for p in pool.procs]
-        cpu0, gen0 = coordinator.cpu_s(), sum(_cpu_of(p) for p in gen_pids)
+        by_process0, gen0 = coordinator.cpu_by_process(), sum(_cpu_of(p) for p in gen_pids)
         t0 = time.monotonic()
         time.sleep(window)
         t1 = time.monotonic()
-        cpu, gen = coordinator.cpu_s() - cpu0, sum(_cpu_of(p) for p in gen_pids) - gen0
+        by_process = coordinator.cpu_by_process()
+        gen = sum(_cpu_of(p) for p in gen_pids) - gen0
+        cpu = sum(by_process.values()) - sum(by_process0.values())
+        # How the heartbeat load spread: each process's share of a core (supervisor first).
+        cpu_shares = [
+            round((used - by_process0.get(pid, 0.0)) / (t1 - t0), 3)
+            for pid, used in by_process.items()
+        ]
         rss = coordinator.rss_mb()
+        open_files = coordinator.open_files()
         answers = pool.ask("window", t0, t1)
         latency = merge(a["latency"] for a in answers)
         lag = merge(a["lag"] for a in answers)
@@ -264,14 +315,17 @@ def _levels(
             "failures": dict(failures),
             "missed": missed,
             "rss_mb": round(rss, 1),
+            "open_files_per_process": open_files,
             "coordinator_cpu_share": round(cpu / (t1 - t0), 3),
+            "cpu_share_per_process": cpu_shares,
             "generator_cpu_share": round(gen / (t1 - t0), 3),
         }
         levels.append(row)
         progress(
             f"level {level}: {row['rate']}/s p50 {row['latency']['p50_ms']} ms "
             f"p99 {row['latency']['p99_ms']} ms, failures {sum(failures.values())}, "
-            f"missed {missed}, RSS {rss:.0f} MB, coordinator CPU {row['coordinator_cpu_share']}"
+            f"missed {missed}, RSS {rss:.0f} MB, coordinator CPU {row['coordinator_cpu_share']} "
+            f"(per process {cpu_shares}), open files per process {open_files}"
         )
     return levels
 
@@ -366,10 +420,14 @@ def _listing(
     return asyncio.run(measure())
 
 
-def _listing_snapshot(plan: Plan, fleet: Fleet, work: Path, progress: Progress) -> dict[str, Any]:
+def _listing_snapshot(
+    plan: Plan, fleet: Fleet, work: Path, progress: Progress, store: Store
+) -> dict[str, Any]:
     assert plan.listing_allocators is not None
     src = fleet.snapshot(plan.listing_allocators)
-    coordinator = _start_copy(src, work / "listing", work / "listing.log")
+    coordinator = _start_copy(
+        src, work / "listing", work / "listing.log", workers=plan.workers, store=store
+    )
     try:
         return _listing(plan, coordinator, plan.listing_allocators, progress)
     finally:
@@ -378,7 +436,18 @@ def _listing_snapshot(plan: Plan, fleet: Fleet, work: Path, progress: Progress) 
 
 def _persisted(storage: Path, since: datetime, hosts: int) -> dict[str, Any]:
     """After the coordinator stopped (and flushed): how many fleet hosts' heartbeats reached
-    the store during the run."""
+    the store during the run, read from the store itself (SQLite file or PostgreSQL)."""
+    url = database_url(storage)
+    if url is not None:
+        import psycopg
+
+        with psycopg.connect(url) as pg:
+            row = pg.execute(
+                "SELECT count(*) FROM runners WHERE runner_id LIKE 'bench-%%' "
+                "AND last_heartbeat_at >= %s",
+                (since,),
+            ).fetchone()
+        return {"hosts_heartbeating": hosts, "heartbeat_persisted": row[0] if row else 0}
     db = storage / "coordinator" / "muster.db"
     with sqlite3.connect(db) as conn:
         rows = conn.execute(

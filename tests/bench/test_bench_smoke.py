@@ -1,19 +1,24 @@
 """The benchmark harness works end to end on a tiny fleet: a real coordinator process, hosts
-joined through the join API, heartbeats over mTLS, the floor route, joins. No timing is
-asserted: only that every part produced results and nothing failed."""
+joined through the join API, heartbeats over mTLS, the floor route, joins, the check that every
+heartbeat reached the store; on SQLite and on PostgreSQL. No timing is asserted: only that
+every part produced results and nothing failed."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from bench.run import Plan, run
+from bench.coordinator import Store
+from bench.fleet import forget_fleets
+from bench.run import Plan, Results, run
+
+from tests.pgdb import ADMIN_URL, require_postgres
 
 pytestmark = pytest.mark.e2e
 
 
-def test_quick_bench_on_twenty_hosts_produces_results_without_errors(tmp_path: Path) -> None:
-    plan = Plan(
+def _tiny_plan() -> Plan:
+    return Plan(
         levels=[20],
         window_s=3,
         sustain_s=3,
@@ -27,7 +32,9 @@ def test_quick_bench_on_twenty_hosts_produces_results_without_errors(tmp_path: P
         join_concurrency=2,
         listing_requests=1,
     )
-    results = run(plan, progress=lambda _m: None, cache=tmp_path / "cache")
+
+
+def _assert_complete(results: Results) -> None:
     assert results.errors() == 0
     [level] = results.levels
     assert level["hosts"] == 20
@@ -35,4 +42,27 @@ def test_quick_bench_on_twenty_hosts_produces_results_without_errors(tmp_path: P
     assert results.floor["ping"]["rps_best"] > 0
     assert results.floor["heartbeat"]["rps_best"] > 0
     assert results.joins["joined"] == 5
+    assert results.listing["allocators"] == 21
     assert results.persisted["heartbeat_persisted"] == 20
+
+
+def test_quick_bench_on_twenty_hosts_produces_results_without_errors(tmp_path: Path) -> None:
+    results = run(_tiny_plan(), progress=lambda _m: None, cache=tmp_path / "cache")
+    _assert_complete(results)
+    assert results.store["backend"] == "sqlite"
+
+
+def test_quick_bench_on_postgresql_produces_results_without_errors(tmp_path: Path) -> None:
+    require_postgres()  # skips without a server, fails under CI=true
+    store = Store(ADMIN_URL)
+    cache = tmp_path / "cache"
+    try:
+        results = run(_tiny_plan(), progress=lambda _m: None, cache=cache, store=store)
+        _assert_complete(results)
+        assert results.store["backend"] == "postgresql"
+        # The run's own database copy is gone; the cached fleet's database is the only one.
+        [fleet] = cache.glob("fleet-20-postgresql-*")
+        assert not list(cache.glob("run-*"))
+        assert store.exists(f"muster_bench_fleet_{fleet.name.rsplit('-', 1)[1]}")
+    finally:
+        forget_fleets(cache, store)
