@@ -281,6 +281,18 @@ def test_session_expires_after_an_hour(
     unauthenticated(client.get(TOKENS, headers=bearer(token)))
 
 
+def test_login_session_does_not_slide_however_busy(
+    client: TestClient, installed: Installed, clock: FakeClock
+) -> None:
+    """ECE's rule: a `_login` session ends an hour after login; clients `_refresh` it."""
+    token = login(client, *installed.admin)["token"]
+    for _ in range(59):
+        clock.advance(60)
+        assert client.get(TOKENS, headers=bearer(token)).status_code == 200
+    clock.advance(60)
+    unauthenticated(client.get(TOKENS, headers=bearer(token)))
+
+
 def test_session_token_is_stored_only_as_a_hash(client: TestClient, installed: Installed) -> None:
     token = login(client, *installed.admin)["token"]
     with installed.platform.store.read() as tx:

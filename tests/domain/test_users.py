@@ -1,25 +1,33 @@
 """Users in the domain: argon2id passwords, API keys and session secrets kept only as hashes,
-durations, and the credential cache that spares a second argon2 verify."""
+when a UI session slides, durations, and the credential cache that spares a second argon2
+verify."""
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
 from muster.clock import FakeClock
+from muster.domain.models import SessionRecord
 from muster.domain.users import (
     API_KEY_PREFIX,
+    SESSION_MAX_LIFE,
     SESSION_PREFIX,
+    SESSION_TTL,
     CredentialCache,
     Principal,
+    extended_expiry,
     generate_api_key,
     generate_password,
     generate_session_token,
     hash_password,
     hash_secret,
     new_api_key,
+    new_session,
     new_user,
     parse_duration,
     verify_password,
@@ -99,6 +107,60 @@ def test_new_api_key_keeps_only_the_hash() -> None:
 def test_api_key_without_expiry_never_expires() -> None:
     record, _key = new_api_key("admin", "ci", expires_in=None, now=FakeClock().now())
     assert record.expires_at is None
+
+
+# -- login sessions ----------------------------------------------------------------------------
+NOW = FakeClock().now()
+MINUTE = timedelta(minutes=1)
+
+
+def ui_session(**changes: Any) -> SessionRecord:
+    record, _token = new_session("admin", now=NOW, sliding=True)
+    return replace(record, **changes)
+
+
+def test_new_session_keeps_only_the_hash_and_ends_in_an_hour() -> None:
+    record, token = new_session("admin", now=NOW, sliding=False)
+    assert token.startswith(SESSION_PREFIX)
+    assert record.token_hash == hash_secret(token)
+    assert token not in repr(record)
+    assert (record.username, record.created_at) == ("admin", NOW)
+    assert record.expires_at == NOW + SESSION_TTL
+    assert record.max_expires_at is None  # an API `_login` session never slides
+
+
+def test_ui_session_may_slide_for_twelve_hours_from_login() -> None:
+    record, _token = new_session("admin", now=NOW, sliding=True)
+    assert record.expires_at == NOW + SESSION_TTL
+    assert record.max_expires_at == NOW + SESSION_MAX_LIFE == NOW + timedelta(hours=12)
+
+
+def test_session_used_with_less_than_half_its_hour_left_moves_an_hour_ahead() -> None:
+    now = NOW + 31 * MINUTE
+    assert extended_expiry(ui_session(), now=now) == now + SESSION_TTL
+
+
+@pytest.mark.parametrize("used_after_min", [0, 1, 29, 30])
+def test_session_used_with_half_its_hour_left_or_more_stays_as_it_is(used_after_min: int) -> None:
+    assert extended_expiry(ui_session(), now=NOW + used_after_min * MINUTE) is None
+
+
+def test_api_session_never_slides() -> None:
+    record, _token = new_session("admin", now=NOW, sliding=False)
+    assert extended_expiry(record, now=NOW + 59 * MINUTE) is None
+
+
+@pytest.mark.parametrize("used_after_min", [60, 61, 600])
+def test_ended_session_is_never_extended(used_after_min: int) -> None:
+    assert extended_expiry(ui_session(), now=NOW + used_after_min * MINUTE) is None
+
+
+def test_extension_stops_at_the_maximum_life() -> None:
+    last_hour = ui_session(expires_at=NOW + timedelta(hours=11, minutes=50))
+    now = NOW + timedelta(hours=11, minutes=25)
+    assert extended_expiry(last_hour, now=now) == NOW + SESSION_MAX_LIFE
+    at_the_limit = ui_session(expires_at=NOW + SESSION_MAX_LIFE)
+    assert extended_expiry(at_the_limit, now=NOW + timedelta(hours=11, minutes=45)) is None
 
 
 @pytest.mark.parametrize(

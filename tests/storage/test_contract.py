@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from alembic import command
+from sqlalchemy import insert
 
 from muster.domain.models import (
     AllocatorRecord,
@@ -23,7 +25,8 @@ from muster.domain.models import (
 )
 from muster.errors import ConflictError, MusterError, NotFoundError
 from muster.storage import Store, open_store
-from muster.storage.migrations import current_revision
+from muster.storage import schema as tables
+from muster.storage.migrations import alembic_config, current_revision, upgrade
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -601,3 +604,58 @@ def test_records_by_id_skip_unknown_ids_past_any_parameter_limit(store: Store) -
     assert sorted(found, key=lambda a: a.allocator_id) == [allocator(rid) for rid in sorted(ids)]
     assert sorted(r.runner_id for r in hosts) == [ids[0], ids[2]]
     assert hosts == [runner(r.runner_id) for r in hosts]
+
+
+# -- sliding sessions ------------------------------------------------------------------------------
+def test_session_round_trips_its_maximum_life(store: Store) -> None:
+    session = SessionRecord("ui", "admin", T0, at(3600), max_expires_at=at(43200))
+    with store.write() as tx:
+        tx.create_session(session)
+    with store.read() as tx:
+        found = tx.find_session("ui")
+    assert found == session
+    assert found.max_expires_at.utcoffset() == timedelta(0)  # type: ignore[union-attr]
+
+
+def test_session_is_extended_later_only_and_never_past_its_maximum(store: Store) -> None:
+    with store.write() as tx:
+        tx.create_session(SessionRecord("ui", "admin", T0, at(3600), max_expires_at=at(43200)))
+        assert tx.extend_session("ui", at(5400)) is True
+        assert tx.extend_session("ui", at(5400)) is False  # no later than its end
+        assert tx.extend_session("ui", at(4000)) is False  # never back
+        assert tx.extend_session("ui", at(43201)) is False  # past its maximum
+        assert tx.extend_session("ui", at(43200)) is True  # up to it
+    with store.read() as tx:
+        assert tx.find_session("ui") == SessionRecord(
+            "ui", "admin", T0, at(43200), max_expires_at=at(43200)
+        )
+
+
+def test_session_without_a_maximum_or_gone_is_never_extended(store: Store) -> None:
+    with store.write() as tx:
+        tx.create_session(SessionRecord("api", "admin", T0, at(3600)))
+        tx.create_session(SessionRecord("ui", "admin", T0, at(3600), max_expires_at=at(43200)))
+        assert tx.extend_session("api", at(5400)) is False
+        assert tx.delete_session("ui") is True
+        assert tx.extend_session("ui", at(5400)) is False
+        assert tx.extend_session("unknown", at(5400)) is False
+    with store.read() as tx:
+        assert tx.find_session("api") == SessionRecord("api", "admin", T0, at(3600))
+        assert tx.find_session("ui") is None  # a logout racing an extension stays a logout
+
+
+def test_sessions_from_before_the_sliding_revision_keep_their_end(store: Store) -> None:
+    config = alembic_config()
+    with store._writer.begin() as conn:  # type: ignore[attr-defined]
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0002")
+    with store._writer.begin() as conn:  # type: ignore[attr-defined]
+        conn.execute(
+            insert(tables.sessions).values(
+                token_hash="old", username="admin", created_at=T0, expires_at=at(3600)
+            )
+        )
+    upgrade(store)
+    with store.write() as tx:
+        assert tx.find_session("old") == SessionRecord("old", "admin", T0, at(3600))
+        assert tx.extend_session("old", at(5400)) is False

@@ -1,16 +1,25 @@
-"""The Cloud UI's server side in-process: login and logout, the session cookie's flags, CSRF on
-cookie-authenticated writes, and the headers of its pages."""
+"""The Cloud UI's server side in-process: login and logout, the session cookie's flags, the
+session sliding while it is used, CSRF on cookie-authenticated writes, and the headers of its
+pages."""
 
 from __future__ import annotations
+
+from datetime import datetime, timedelta
+from itertools import pairwise
 
 import pytest
 from fastapi.testclient import TestClient
 from httpx2 import Response
 
 from muster.api.auth import csrf_token
+from muster.clock import FakeClock
+from muster.domain.models import SessionRecord
+from muster.domain.users import SESSION_MAX_LIFE, SESSION_TTL, hash_secret
 from tests.conftest import TOKENS, Installed
 
 PAGES = ["/ui/overview", "/ui/allocators", "/ui/runners", "/ui/tokens", "/ui/audit"]
+RUNNERS = "/api/v1/platform/infrastructure/runners"  # one of the overview page's polls
+MINUTE = timedelta(minutes=1)
 
 
 def login(client: TestClient, username: str, password: str) -> str:
@@ -188,3 +197,136 @@ def test_unknown_ui_page_says_where_to_go(client: TestClient, installed: Install
     response = client.get("/ui/nowhere")
     assert response.status_code == 404
     assert "Use the menu" in response.text
+
+
+# -- the session slides while it is used -------------------------------------------------------
+def stored_session(installed: Installed, token: str) -> SessionRecord | None:
+    with installed.platform.store.read() as tx:
+        return tx.find_session(hash_secret(token))
+
+
+def assert_signed_out(client: TestClient) -> None:
+    page = client.get("/ui/overview", follow_redirects=False)
+    assert page.status_code == 303
+    assert page.headers["location"] == "/ui/login?next=/ui/overview"
+    assert client.get(RUNNERS).status_code == 401
+
+
+def test_session_used_at_40_minutes_is_still_valid_at_90(
+    client: TestClient, installed: Installed, clock: FakeClock
+):
+    token = login(client, "admin", installed.bootstrap.admin_password)
+    csrf = csrf_token(installed.platform, token)
+    clock.advance(40 * MINUTE)
+    assert client.get(RUNNERS).status_code == 200
+    clock.advance(50 * MINUTE)
+    page = client.get("/ui/tokens", follow_redirects=False)
+    assert page.status_code == 200
+    # The same session token, so the CSRF token the first page carried still holds.
+    assert client.cookies.get("muster_session") == token
+    assert f'<meta name="csrf-token" content="{csrf}">' in page.text
+    created = client.post(
+        TOKENS, json={"persistent": True, "roles": ["allocator"]}, headers={"X-CSRF-Token": csrf}
+    )
+    assert created.status_code == 200, created.text
+
+
+def test_unused_session_ends_an_hour_after_login(
+    client: TestClient, installed: Installed, clock: FakeClock
+):
+    login(client, "admin", installed.bootstrap.admin_password)
+    clock.advance(29 * MINUTE)
+    assert client.get(RUNNERS).status_code == 200  # more than half its hour left: unchanged
+    clock.advance(31 * MINUTE)
+    assert_signed_out(client)
+
+
+def test_session_ends_an_unused_hour_after_its_last_use(
+    client: TestClient, installed: Installed, clock: FakeClock
+):
+    login(client, "admin", installed.bootstrap.admin_password)
+    clock.advance(40 * MINUTE)
+    assert client.get("/ui/overview").status_code == 200
+    clock.advance(SESSION_TTL - timedelta(seconds=1))
+    assert client.get(RUNNERS).status_code == 200  # moves it on again
+    clock.advance(SESSION_TTL)
+    assert_signed_out(client)
+
+
+def test_polled_session_never_outlives_its_maximum_life(
+    client: TestClient, installed: Installed, clock: FakeClock
+):
+    token = login(client, "admin", installed.bootstrap.admin_password)
+    signed_in_at = clock.now()
+    while clock.now() < signed_in_at + SESSION_MAX_LIFE - 10 * MINUTE:
+        clock.advance(10 * MINUTE)
+        assert client.get(RUNNERS).status_code == 200, clock.now() - signed_in_at
+    session = stored_session(installed, token)
+    assert session is not None
+    assert session.expires_at == signed_in_at + SESSION_MAX_LIFE
+    clock.advance(10 * MINUTE)
+    assert_signed_out(client)
+
+
+def test_polling_writes_the_session_at_most_once_per_half_hour(
+    client: TestClient, installed: Installed, clock: FakeClock
+):
+    token = login(client, "admin", installed.bootstrap.admin_password)
+    signed_in_at = clock.now()
+    expires_at = signed_in_at + SESSION_TTL
+    moves: list[datetime] = []
+    while clock.now() < signed_in_at + 2 * SESSION_TTL:
+        clock.advance(15)
+        assert client.get(RUNNERS).status_code == 200, clock.now() - signed_in_at
+        session = stored_session(installed, token)
+        assert session is not None
+        if session.expires_at != expires_at:
+            assert expires_at - clock.now() < SESSION_TTL / 2  # only with under half left
+            assert session.expires_at == clock.now() + SESSION_TTL
+            expires_at = session.expires_at
+            moves.append(clock.now())
+    assert len(moves) >= 3  # two hours of polling outlived the first hour
+    assert all(later - earlier >= SESSION_TTL / 2 for earlier, later in pairwise(moves))
+
+
+def test_logout_ends_an_extended_session_at_once(
+    client: TestClient, installed: Installed, clock: FakeClock
+):
+    token = login(client, "admin", installed.bootstrap.admin_password)
+    clock.advance(40 * MINUTE)
+    assert client.get(RUNNERS).status_code == 200
+    response = client.post(
+        "/ui/logout",
+        data={"csrf_token": csrf_token(installed.platform, token)},
+        follow_redirects=False,
+    )
+    assert response.status_code == 303
+    assert stored_session(installed, token) is None
+    client.cookies.clear()
+    reused = client.get(RUNNERS, headers={"Cookie": f"muster_session={token}"})
+    assert reused.status_code == 401
+
+
+def test_session_cookie_lasts_while_the_browser_does_and_is_never_reset(
+    client: TestClient, installed: Installed, clock: FakeClock
+):
+    """The server alone ends the session, so the cookie carries no Max-Age or Expires that
+    could end it first, and extending responses leave the hardened cookie as it is."""
+    response = client.post(
+        "/ui/login",
+        data={"username": "admin", "password": installed.bootstrap.admin_password},
+        follow_redirects=False,
+    )
+    flags = {part.strip().lower() for part in response.headers["set-cookie"].split(";")[1:]}
+    assert {"httponly", "secure", "samesite=strict", "path=/"} <= flags
+    assert not [flag for flag in flags if flag.startswith(("max-age", "expires"))]
+    token = client.cookies.get("muster_session")
+    assert token
+    clock.advance(40 * MINUTE)
+    page, polled = client.get("/ui/overview"), client.get(RUNNERS)
+    assert (page.status_code, polled.status_code) == (200, 200)
+    session = stored_session(installed, token)
+    assert session is not None
+    assert session.expires_at == clock.now() + SESSION_TTL  # the page's request extended it
+    assert "set-cookie" not in page.headers
+    assert "set-cookie" not in polled.headers

@@ -2,7 +2,8 @@
 
 The FastAPI dependencies here are the only place routes get a Principal from; `require_admin`
 is the RBAC rule: every write needs the admin role. A request authenticated by the UI's session
-cookie must also carry the session's CSRF token (`X-CSRF-Token`) for every unsafe method.
+cookie must also carry the session's CSRF token (`X-CSRF-Token`) for every unsafe method; using
+a UI session slides its end (`muster.domain.users.extended_expiry`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from muster.domain.users import (
     API_KEY_PREFIX,
     SESSION_PREFIX,
     Principal,
+    extended_expiry,
     hash_password,
     hash_secret,
     verify_password,
 )
-from muster.errors import ForbiddenError, RateLimitedError, UnauthenticatedError
+from muster.errors import ForbiddenError, RateLimitedError, StoreError, UnauthenticatedError
 
 SESSION_COOKIE = "muster_session"
 
@@ -120,13 +122,26 @@ def _from_api_key(platform: Platform, key: str, source: str) -> Principal:
 
 
 def principal_from_session(platform: Platform, token: str) -> Principal | None:
+    """The user of a live session, or None (unknown, logged out or ended). Using a UI session
+    slides its end (`extended_expiry`); the token stays the same, and so does its CSRF token."""
     if not token.startswith(SESSION_PREFIX):
         return None
+    token_hash = hash_secret(token)
+    now = platform.clock.now()
     with platform.store.read() as tx:
-        session = tx.find_session(hash_secret(token))
+        session = tx.find_session(token_hash)
         user = tx.find_user(session.username) if session else None
-    if session is None or user is None or _expired(session.expires_at, platform.clock.now()):
+    if session is None or user is None or _expired(session.expires_at, now):
         return None
+    expires_at = extended_expiry(session, now=now)
+    if expires_at is not None:
+        try:
+            with platform.store.write() as tx:
+                tx.extend_session(token_hash, expires_at)
+        except StoreError:
+            # Reads go on when the store refuses writes (a full disk): the session keeps its
+            # current end, and a later use tries again.
+            pass
     return Principal(name=user.username, role=user.role, method="session")
 
 

@@ -50,6 +50,8 @@ class SessionRecord:
     username: str
     created_at: datetime
     expires_at: datetime
+    # The latest `expires_at` may move to; None for a session that never slides (`_login`).
+    max_expires_at: datetime | None = None
 
 
 @dataclass(frozen=True)

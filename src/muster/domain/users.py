@@ -5,6 +5,10 @@ Basic-auth check is remembered for a short time under an HMAC of the credentials
 lives only in this process: the cache never holds a password, and a wrong password still pays
 the full verify. API keys and session tokens are 256-bit random values; the store keeps their
 SHA-256 (they have too much entropy to guess, so a slow hash adds nothing).
+
+A session of the API's `_login` ends SESSION_TTL after it began (ECE's rule: clients `_refresh`
+it). A session of the Cloud UI slides: while it is used it ends only after SESSION_TTL unused,
+and never later than SESSION_MAX_LIFE after login.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from datetime import datetime, timedelta
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from muster.domain.models import ApiKeyRecord, UserRecord
+from muster.domain.models import ApiKeyRecord, SessionRecord, UserRecord
 from muster.errors import InvalidInputError
 
 ADMIN = "admin"
@@ -28,6 +32,9 @@ READONLY = "readonly"
 ROLE_OF_USER = {ADMIN: "admin", READONLY: "readonly"}
 
 SESSION_TTL = timedelta(hours=1)
+# However busy, a UI session ends this long after login and its user signs in again (a stolen
+# cookie kept alive by polling is good for a working day at most, as in Teleport's console).
+SESSION_MAX_LIFE = timedelta(hours=12)
 API_KEY_PREFIX = "mk_"
 SESSION_PREFIX = "ms_"
 
@@ -82,6 +89,34 @@ def generate_api_key() -> str:
 
 def generate_session_token() -> str:
     return SESSION_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_session(username: str, *, now: datetime, sliding: bool) -> tuple[SessionRecord, str]:
+    """A new session record and its token (returned once, never stored). The session ends at
+    `now + SESSION_TTL`; a `sliding` one (the UI's) may be extended up to `now +
+    SESSION_MAX_LIFE` by `extended_expiry`."""
+    token = generate_session_token()
+    record = SessionRecord(
+        token_hash=hash_secret(token),
+        username=username,
+        created_at=now,
+        expires_at=now + SESSION_TTL,
+        max_expires_at=now + SESSION_MAX_LIFE if sliding else None,
+    )
+    return record, token
+
+
+def extended_expiry(session: SessionRecord, *, now: datetime) -> datetime | None:
+    """The new end of a session used at `now`: SESSION_TTL from now, at most its
+    `max_expires_at`. None when it keeps the end it has: it does not slide, has ended, cannot
+    move any later, or has more than half of SESSION_TTL left. That last rule keeps a page that
+    polls every 2 s to one store write per session per half hour."""
+    if session.max_expires_at is None or now >= session.expires_at:
+        return None
+    if session.expires_at - now >= SESSION_TTL / 2:
+        return None
+    expires_at = min(now + SESSION_TTL, session.max_expires_at)
+    return expires_at if expires_at > session.expires_at else None
 
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")

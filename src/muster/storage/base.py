@@ -206,6 +206,14 @@ class Transaction(Protocol):
         """The runners with these ids, in no particular order; unknown ids are skipped."""
         ...
 
+    # -- sliding sessions ---------------------------------------------------------------------
+    def extend_session(self, token_hash: str, expires_at: datetime) -> bool:
+        """Move the session's end later, to `expires_at`. True if it moved; False (and nothing
+        changes) if the session is gone (logged out, swept), has no `max_expires_at` (it never
+        slides), or `expires_at` is not later than its end or is past its `max_expires_at`.
+        Never creates a session: a logout racing an extension stays a logout."""
+        ...
+
 
 class Store(Protocol):
     url: str

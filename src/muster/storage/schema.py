@@ -55,6 +55,7 @@ sessions = Table(
     Column("username", String(64), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("max_expires_at", DateTime(timezone=True), nullable=True),
 )
 
 enrollment_tokens = Table(

@@ -159,6 +159,7 @@ class SqlTransaction:
                 "username": session.username,
                 "created_at": session.created_at,
                 "expires_at": session.expires_at,
+                "max_expires_at": session.max_expires_at,
             },
             conflict="session exists",
         )
@@ -174,6 +175,7 @@ class SqlTransaction:
             username=row.username,
             created_at=_req_utc(row.created_at),
             expires_at=_req_utc(row.expires_at),
+            max_expires_at=_utc(row.max_expires_at),
         )
 
     def delete_session(self, token_hash: str) -> bool:
@@ -506,6 +508,22 @@ class SqlTransaction:
                 select(t.runners).where(c.runner_id.in_(ids[start : start + self._IN_CHUNK]))
             )
         ]
+
+    # -- sliding sessions ------------------------------------------------------------------------
+    def extend_session(self, token_hash: str, expires_at: datetime) -> bool:
+        sessions = t.sessions.c
+        # One conditional UPDATE: concurrent extensions never move an end back, and a session
+        # without a limit (NULL compares false) or already logged out is never touched.
+        result = self.conn.execute(
+            update(t.sessions)
+            .where(
+                sessions.token_hash == token_hash,
+                sessions.expires_at < expires_at,
+                sessions.max_expires_at >= expires_at,
+            )
+            .values(expires_at=expires_at)
+        )
+        return bool(result.rowcount)
 
 
 def _runner_row(runner: RunnerRecord) -> dict[str, Any]:

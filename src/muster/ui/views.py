@@ -30,7 +30,7 @@ from muster.api.routes.users import start_session
 from muster.domain import audit
 from muster.domain.models import ROLES
 from muster.domain.runners import CoordinatorDirectory
-from muster.domain.users import SESSION_TTL, Principal, hash_secret
+from muster.domain.users import Principal, hash_secret
 from muster.errors import RateLimitedError, UnauthenticatedError
 
 HERE = Path(__file__).parent
@@ -195,16 +195,21 @@ async def login(request: Request) -> Response:
             username=username,
             error=message,
         )
-    token, _expires_at = await run_in_threadpool(start_session, platform, principal.name)
+    token, _expires_at = await run_in_threadpool(
+        start_session, platform, principal.name, sliding=True
+    )
     with platform.store.write() as tx:
         audit.record(
             tx, platform.clock, audit.LOGIN_SUCCEEDED, actor=principal.name, source=source, via="ui"
         )
     response = RedirectResponse(target, status_code=303)
+    # A browser-session cookie (no Max-Age): the server alone says when the session ends (an
+    # unused hour, or SESSION_MAX_LIFE after login) and the cookie can never end first, so
+    # no response has to carry a fresh Max-Age (and none is lost with a cancelled poll).
+    # Closing the browser drops it.
     response.set_cookie(
         SESSION_COOKIE,
         token,
-        max_age=int(SESSION_TTL.total_seconds()),
         path="/",
         secure=True,
         httponly=True,

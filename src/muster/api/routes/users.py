@@ -25,14 +25,13 @@ from muster.api.schemas import (
     TokenResponse,
 )
 from muster.domain import audit
-from muster.domain.models import ApiKeyRecord, SessionRecord
+from muster.domain.models import ApiKeyRecord
 from muster.domain.platform import Platform, utc_iso
 from muster.domain.users import (
-    SESSION_TTL,
     Principal,
-    generate_session_token,
     hash_secret,
     new_api_key,
+    new_session,
     parse_duration,
 )
 from muster.errors import InvalidInputError, UnauthenticatedError
@@ -40,15 +39,17 @@ from muster.errors import InvalidInputError, UnauthenticatedError
 router = APIRouter(tags=["Authentication"])
 
 
-def start_session(platform: Platform, username: str) -> tuple[str, datetime]:
-    """A new session token (returned once; the store keeps its hash) and its expiry."""
+def start_session(
+    platform: Platform, username: str, *, sliding: bool = False
+) -> tuple[str, datetime]:
+    """A new session token (returned once; the store keeps its hash) and its expiry. `_login`
+    sessions keep ECE's fixed end (clients `_refresh` them); the UI's are `sliding`."""
     now = platform.clock.now()
-    token = generate_session_token()
-    expires_at = now + SESSION_TTL
+    record, token = new_session(username, now=now, sliding=sliding)
     with platform.store.write() as tx:
         tx.delete_sessions_expired(now)
-        tx.create_session(SessionRecord(hash_secret(token), username, now, expires_at))
-    return token, expires_at
+        tx.create_session(record)
+    return token, record.expires_at
 
 
 def _bearer(request: Request) -> str | None:
