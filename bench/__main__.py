@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2))
     print(table(data))
-    picture = args.plot or (DOCS_PNG if args.full else None)
+    # The docs' picture is the whole table's: a run that picks its own levels draws only on --plot.
+    picture = args.plot or (DOCS_PNG if args.full and not args.hosts else None)
     if picture is not None:
         plot(data, picture)
         print(f"picture: {picture}")

@@ -180,7 +180,7 @@ def run(
         finally:
             coordinator.stop()
         results.persisted = _persisted(work / "storage", mark, max(plan.levels))
-        if plan.listing_allocators is not None:
+        if plan.listing_allocators is not None and plan.listing_requests:
             results.listing = _listing_snapshot(plan, fleet, work, progress, store)
     finally:
         copies = [work / "storage", work / "listing"]

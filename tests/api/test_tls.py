@@ -4,6 +4,7 @@ the ASGI scope. This is the test that breaks when uvicorn's protocol internals c
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import threading
 from collections.abc import Iterator
@@ -163,3 +164,29 @@ def test_certificate_from_another_ca_is_refused_in_the_handshake(
 def test_scope_without_the_tls_extension_has_no_peer_certificate() -> None:
     assert peer_certificate({"type": "http"}) is None
     assert peer_certificate({"type": "http", "extensions": {"tls": {"client_cert": "x"}}}) is None
+
+
+def _tls_socket(certificates: Pki, server_url: str) -> ssl.SSLSocket:
+    context = ssl.create_default_context(cafile=str(certificates.ca_file))
+    host, port = server_url.removeprefix("https://").split(":")
+    return context.wrap_socket(
+        socket.create_connection((host, int(port)), timeout=10), server_hostname=host
+    )
+
+
+@pytest.mark.parametrize("connection", ["keep-alive", "close"])
+def test_a_reply_goes_out_as_one_tls_record(
+    certificates: Pki, server_url: str, connection: str
+) -> None:
+    """The app sends the head and the body as two messages; they leave in one TLS record (one
+    read of the socket returns both), also when the connection closes right after."""
+    request = f"GET / HTTP/1.1\r\nHost: x\r\nConnection: {connection}\r\n\r\n".encode()
+    with _tls_socket(certificates, server_url) as sock:
+        for _ in range(2 if connection == "keep-alive" else 1):
+            sock.sendall(request)
+            reply = sock.recv(65536)  # one SSL_read returns at most one record
+            assert reply.startswith(b"HTTP/1.1 200 OK\r\n"), reply
+            assert b'"common_name": null' in reply
+            assert reply.endswith(b"\r\n0\r\n\r\n"), reply  # the chunked body's end
+        if connection == "close":
+            assert sock.recv(65536) == b""

@@ -67,6 +67,13 @@ def test_journal_is_wal(store: Store) -> None:
     assert journal == "wal"
 
 
+def test_commits_are_synced_to_disk(store: Store) -> None:
+    """synchronous=FULL (2): an admitted host survives a power loss, not only a crash."""
+    with store.read() as tx:
+        level = tx.conn.execute(text("PRAGMA synchronous")).scalar_one()  # type: ignore[attr-defined]
+    assert level == 2
+
+
 def test_write_transaction_takes_the_write_lock_up_front(store: Store, path: Path) -> None:
     other = sqlite3.connect(path, timeout=0, isolation_level=None)
     try:

@@ -70,6 +70,47 @@ def _error_reply(status: int) -> bytes:
     )
 
 
+class _CoalescingTransport:
+    """The connection's TLS transport, with the writes made in one turn of the event loop sent
+    together: uvicorn writes a response's head and its body separately, which costs two TLS
+    records and two send calls per reply (a heartbeat's reply is both). Everything else is the
+    transport's own."""
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(bytes(data))
+
+    def writelines(self, chunks: Any) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending.clear()
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class PeerCertProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, plus the verified client certificate in the scope, a cap on
     the request head (414/431) and a deadline for receiving each request (408, then close)."""
@@ -84,7 +125,7 @@ class PeerCertProtocol(HttpToolsProtocol):
     _deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
+        super().connection_made(cast(asyncio.Transport, _CoalescingTransport(transport, self.loop)))
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         # Parsed once per connection: an agent sends many heartbeats over one connection.
