@@ -1,7 +1,8 @@
 """The Transaction protocol on SQLAlchemy Core: one implementation for SQLite and PostgreSQL.
 
 Backends differ only in how their engine is made and how a write transaction starts
-(`muster.storage.sqlite`, `muster.storage.postgres`).
+(`muster.storage.sqlite`, `muster.storage.postgres`). How records map to rows is in
+`muster.storage._rows`; the reads over every runner or allocator in `muster.storage._fleet`.
 """
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from muster.domain.models import (
@@ -26,21 +27,9 @@ from muster.domain.models import (
     UserRecord,
 )
 from muster.errors import ConflictError, MusterError, NotFoundError, StoreError
+from muster.storage import _rows as rec
 from muster.storage import schema as t
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes: they were stored as UTC."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
-
-
-def _req_utc(value: datetime) -> datetime:
-    result = _utc(value)
-    assert result is not None
-    return result
-
+from muster.storage._fleet import FleetReads
 
 # Statements on the join and heartbeat paths, built once: building a Core statement per call
 # (`insert().values(...)`, `select().where(...)`) costs more CPU than SQLite takes to run it.
@@ -64,7 +53,7 @@ _IS_REVOKED = select(t.revoked_certificates.c.serial).where(
 )
 
 
-class SqlTransaction:
+class SqlTransaction(FleetReads):
     """One open transaction on a SQLAlchemy connection.
 
     `savepoints`: wrap each insert that may conflict in a savepoint, for backends where a failed
@@ -108,11 +97,11 @@ class SqlTransaction:
 
     def find_user(self, username: str) -> UserRecord | None:
         row = self.conn.execute(select(t.users).where(t.users.c.username == username)).first()
-        return None if row is None else _user(row)
+        return None if row is None else rec.user_record(row)
 
     def list_users(self) -> list[UserRecord]:
         rows = self.conn.execute(select(t.users).order_by(t.users.c.username))
-        return [_user(r) for r in rows]
+        return [rec.user_record(r) for r in rows]
 
     # -- API keys --------------------------------------------------------------------------------
     def create_api_key(self, key: ApiKeyRecord) -> None:
@@ -131,19 +120,19 @@ class SqlTransaction:
 
     def find_api_key_by_hash(self, key_hash: str) -> ApiKeyRecord | None:
         row = self.conn.execute(select(t.api_keys).where(t.api_keys.c.key_hash == key_hash)).first()
-        return None if row is None else _api_key(row)
+        return None if row is None else rec.api_key_record(row)
 
     def get_api_key(self, key_id: str) -> ApiKeyRecord:
         row = self.conn.execute(select(t.api_keys).where(t.api_keys.c.id == key_id)).first()
         if row is None:
             raise NotFoundError(f"API key {key_id!r} not found", code="api_keys.key_not_found")
-        return _api_key(row)
+        return rec.api_key_record(row)
 
     def list_api_keys(self, username: str | None = None) -> list[ApiKeyRecord]:
         query = select(t.api_keys).order_by(t.api_keys.c.created_at, t.api_keys.c.id)
         if username is not None:
             query = query.where(t.api_keys.c.username == username)
-        return [_api_key(r) for r in self.conn.execute(query)]
+        return [rec.api_key_record(r) for r in self.conn.execute(query)]
 
     def delete_api_key(self, key_id: str) -> None:
         result = self.conn.execute(delete(t.api_keys).where(t.api_keys.c.id == key_id))
@@ -173,9 +162,9 @@ class SqlTransaction:
         return SessionRecord(
             token_hash=row.token_hash,
             username=row.username,
-            created_at=_req_utc(row.created_at),
-            expires_at=_req_utc(row.expires_at),
-            max_expires_at=_utc(row.max_expires_at),
+            created_at=rec.required_utc(row.created_at),
+            expires_at=rec.required_utc(row.expires_at),
+            max_expires_at=rec.utc(row.max_expires_at),
         )
 
     def delete_session(self, token_hash: str) -> bool:
@@ -209,7 +198,7 @@ class SqlTransaction:
     def find_token(self, token_id: str, *, for_update: bool = False) -> TokenRecord | None:
         query = _FIND_TOKEN_FOR_UPDATE if for_update and self.writable else _FIND_TOKEN
         row = self.conn.execute(query, {"token_id": token_id}).first()
-        return None if row is None else _token(row)
+        return None if row is None else rec.token_record(row)
 
     def list_tokens(self) -> list[TokenRecord]:
         rows = self.conn.execute(
@@ -217,7 +206,7 @@ class SqlTransaction:
             .where(t.enrollment_tokens.c.revoked_at.is_(None))
             .order_by(t.enrollment_tokens.c.created_at, t.enrollment_tokens.c.token_id)
         )
-        return [_token(r) for r in rows]
+        return [rec.token_record(r) for r in rows]
 
     def record_token_use(self, token_id: str, at: datetime, count: int = 1) -> int:
         # One round trip: UPDATE ... RETURNING (SQLite >= 3.35, PostgreSQL).
@@ -244,13 +233,13 @@ class SqlTransaction:
     def create_runner(self, runner: RunnerRecord) -> None:
         self._insert(
             t.runners,
-            _runner_row(runner),
+            rec.runner_row(runner),
             conflict=f"runner id {runner.runner_id!r} is already taken",
             code="runners.runner_id_taken",
         )
 
     def create_runners(self, runners: Iterable[RunnerRecord]) -> None:
-        rows = [_runner_row(runner) for runner in runners]
+        rows = [rec.runner_row(runner) for runner in runners]
         if rows:
             self._insert_many(
                 t.runners,
@@ -261,7 +250,7 @@ class SqlTransaction:
 
     def find_runner(self, runner_id: str) -> RunnerRecord | None:
         row = self.conn.execute(_FIND_RUNNER, {"runner_id": runner_id}).first()
-        return None if row is None else _runner(row)
+        return None if row is None else rec.runner_record(row)
 
     def get_runner(self, runner_id: str) -> RunnerRecord:
         runner = self.find_runner(runner_id)
@@ -271,7 +260,8 @@ class SqlTransaction:
 
     def list_runners(self) -> list[RunnerRecord]:
         return [
-            _runner(r) for r in self.conn.execute(select(t.runners).order_by(t.runners.c.runner_id))
+            rec.runner_record(r)
+            for r in self.conn.execute(select(t.runners).order_by(t.runners.c.runner_id))
         ]
 
     def update_runner(self, runner_id: str, **changes: Any) -> None:
@@ -327,18 +317,18 @@ class SqlTransaction:
     def create_allocator(self, allocator: AllocatorRecord) -> None:
         self._insert(
             t.allocators,
-            _allocator_row(allocator),
+            rec.allocator_row(allocator),
             conflict=f"allocator {allocator.allocator_id!r} exists",
         )
 
     def create_allocators(self, allocators: Iterable[AllocatorRecord]) -> None:
-        rows = [_allocator_row(allocator) for allocator in allocators]
+        rows = [rec.allocator_row(allocator) for allocator in allocators]
         if rows:
             self._insert_many(t.allocators, rows, conflict="an allocator exists")
 
     def find_allocator(self, allocator_id: str) -> AllocatorRecord | None:
         row = self.conn.execute(_FIND_ALLOCATOR, {"allocator_id": allocator_id}).first()
-        return None if row is None else _allocator(row)
+        return None if row is None else rec.allocator_record(row)
 
     def get_allocator(self, allocator_id: str) -> AllocatorRecord:
         allocator = self.find_allocator(allocator_id)
@@ -350,7 +340,7 @@ class SqlTransaction:
 
     def list_allocators(self) -> list[AllocatorRecord]:
         rows = self.conn.execute(select(t.allocators).order_by(t.allocators.c.allocator_id))
-        return [_allocator(r) for r in rows]
+        return [rec.allocator_record(r) for r in rows]
 
     def update_allocator(self, allocator_id: str, **changes: Any) -> None:
         result = self.conn.execute(
@@ -374,10 +364,10 @@ class SqlTransaction:
 
     # -- audit ---------------------------------------------------------------------------------
     def append_audit(self, event: AuditEvent) -> None:
-        self.conn.execute(_INSERT[t.audit_events], _audit_row(event))
+        self.conn.execute(_INSERT[t.audit_events], rec.audit_row(event))
 
     def append_audits(self, events: Iterable[AuditEvent]) -> None:
-        rows = [_audit_row(event) for event in events]
+        rows = [rec.audit_row(event) for event in events]
         if rows:
             self.conn.execute(_INSERT[t.audit_events], rows)  # one executemany
 
@@ -392,7 +382,7 @@ class SqlTransaction:
             count = count.where(c.kind == kind)
         rows = self.conn.execute(query.order_by(c.id.desc()).limit(limit).offset(offset))
         total = int(self.conn.execute(count).scalar_one())
-        return [_audit(r) for r in rows], total
+        return [rec.audit_event(r) for r in rows], total
 
     # -- helpers ---------------------------------------------------------------------------------
     def _insert(
@@ -416,99 +406,6 @@ class SqlTransaction:
         except IntegrityError as exc:
             raise ConflictError(conflict, code=code) from exc
 
-    # -- runner certificates, in bulk --------------------------------------------------------------
-    def list_runner_serials(self) -> list[tuple[str, str, str | None]]:
-        c = t.runners.c
-        rows = self.conn.execute(
-            select(c.runner_id, c.cert_serial, c.previous_cert_serial).order_by(c.runner_id)
-        )
-        return [(str(r[0]), str(r[1]), None if r[2] is None else str(r[2])) for r in rows]
-
-    def list_revoked_serials(self) -> list[str]:
-        rows = self.conn.execute(select(t.revoked_certificates.c.serial))
-        return [str(r[0]) for r in rows]
-
-    def get_certificates_version(self) -> tuple[int, datetime | None, int]:
-        runners = self.conn.execute(
-            select(func.count(), func.max(t.runners.c.cert_expires_at))
-        ).one()
-        revoked = self.conn.execute(select(func.count()).select_from(t.revoked_certificates))
-        return (int(runners[0]), _utc(runners[1]), int(revoked.scalar_one()))
-
-    # -- listings at fleet scale: a few columns of every row, whole records of one page ---------
-    # Reading only the columns a search needs (no JSON or dates it does not look at) is what
-    # makes searching 10,000 allocators cheap; IN lists stay under SQLite's parameter limit.
-    _IN_CHUNK = 500
-
-    def list_allocator_columns(self, columns: Iterable[str]) -> list[tuple[Any, ...]]:
-        a, r = t.allocators.c, t.runners.c
-        picked = [a.allocator_id]
-        for name in columns:
-            table, field = (
-                (r, name.removeprefix("runner.")) if name.startswith("runner.") else (a, name)
-            )
-            if field not in table:
-                raise ValueError(f"allocators have no column {name!r}")
-            picked.append(table[field])
-        query = select(*picked).order_by(a.allocator_id)
-        if any(c.table is t.runners for c in picked):
-            query = query.select_from(
-                t.allocators.outerjoin(t.runners, r.runner_id == a.allocator_id)
-            )
-        return self._column_rows(query, picked)
-
-    def list_runner_columns(self, columns: Iterable[str]) -> list[tuple[Any, ...]]:
-        r = t.runners.c
-        picked = [r.runner_id]
-        for name in columns:
-            if name not in r:
-                raise ValueError(f"runners have no column {name!r}")
-            picked.append(r[name])
-        return self._column_rows(select(*picked).order_by(r.runner_id), picked)
-
-    def _column_rows(self, query: Any, picked: list[Any]) -> list[tuple[Any, ...]]:
-        """Rows of `query` with values as the records hold them (SQLAlchemy already decodes
-        JSON and booleans): dates in UTC, roles a tuple, the report a HostReport."""
-        converters: list[tuple[int, Any]] = []
-        for i, column in enumerate(picked):
-            if column.name == "roles":
-                converters.append((i, tuple))
-            elif column.name == "report":
-                converters.append((i, lambda v: HostReport.from_json(dict(v))))
-            elif column.type.python_type is datetime:
-                converters.append((i, _utc))
-        rows = self.conn.execute(query).all()  # one fetchall, not a fetch per row
-        if not converters:
-            return [tuple(row) for row in rows]
-        result = []
-        for row in rows:
-            values = list(row)
-            for i, convert in converters:
-                if values[i] is not None:
-                    values[i] = convert(values[i])
-            result.append(tuple(values))
-        return result
-
-    def list_allocators_by_id(self, allocator_ids: Iterable[str]) -> list[AllocatorRecord]:
-        ids, c = sorted(set(allocator_ids)), t.allocators.c
-        return [
-            _allocator(row)
-            for start in range(0, len(ids), self._IN_CHUNK)
-            for row in self.conn.execute(
-                select(t.allocators).where(c.allocator_id.in_(ids[start : start + self._IN_CHUNK]))
-            )
-        ]
-
-    def list_runners_by_id(self, runner_ids: Iterable[str]) -> list[RunnerRecord]:
-        ids, c = sorted(set(runner_ids)), t.runners.c
-        return [
-            _runner(row)
-            for start in range(0, len(ids), self._IN_CHUNK)
-            for row in self.conn.execute(
-                select(t.runners).where(c.runner_id.in_(ids[start : start + self._IN_CHUNK]))
-            )
-        ]
-
     # -- sliding sessions ------------------------------------------------------------------------
     def extend_session(self, token_hash: str, expires_at: datetime) -> bool:
         sessions = t.sessions.c
@@ -524,129 +421,6 @@ class SqlTransaction:
             .values(expires_at=expires_at)
         )
         return bool(result.rowcount)
-
-
-def _runner_row(runner: RunnerRecord) -> dict[str, Any]:
-    return {
-        "runner_id": runner.runner_id,
-        "host_ip": runner.host_ip,
-        "public_hostname": runner.public_hostname,
-        "zone_id": runner.zone_id,
-        "roles": list(runner.roles),
-        "cert_serial": runner.cert_serial,
-        "previous_cert_serial": runner.previous_cert_serial,
-        "cert_expires_at": runner.cert_expires_at,
-        "token_id": runner.token_id,
-        "joined_at": runner.joined_at,
-        "last_heartbeat_at": runner.last_heartbeat_at,
-        "report": runner.report.to_json(),
-        "api_address": runner.api_address,
-    }
-
-
-def _allocator_row(allocator: AllocatorRecord) -> dict[str, Any]:
-    return {
-        "allocator_id": allocator.allocator_id,
-        "zone_id": allocator.zone_id,
-        "capacity_mb": allocator.capacity_mb,
-        "maintenance": allocator.maintenance,
-        "tags": dict(allocator.tags),
-        "metadata": dict(allocator.metadata),
-        "settings": dict(allocator.settings),
-    }
-
-
-def _audit_row(event: AuditEvent) -> dict[str, Any]:
-    return {
-        "at": event.at,
-        "kind": event.kind,
-        "actor": event.actor,
-        "source": event.source,
-        "outcome": event.outcome,
-        "token_id": event.token_id,
-        "runner_id": event.runner_id,
-        "detail": dict(event.detail),
-    }
-
-
-def _user(row: Row[Any]) -> UserRecord:
-    return UserRecord(
-        username=row.username,
-        password_hash=row.password_hash,
-        role=row.role,
-        created_at=_req_utc(row.created_at),
-    )
-
-
-def _api_key(row: Row[Any]) -> ApiKeyRecord:
-    return ApiKeyRecord(
-        id=row.id,
-        username=row.username,
-        description=row.description,
-        key_hash=row.key_hash,
-        created_at=_req_utc(row.created_at),
-        expires_at=_utc(row.expires_at),
-    )
-
-
-def _token(row: Row[Any]) -> TokenRecord:
-    return TokenRecord(
-        token_id=row.token_id,
-        roles=tuple(row.roles),
-        persistent=bool(row.persistent),
-        created_at=_req_utc(row.created_at),
-        created_by=row.created_by,
-        expires_at=_utc(row.expires_at),
-        max_uses=row.max_uses,
-        uses=int(row.uses),
-        last_used_at=_utc(row.last_used_at),
-        revoked_at=_utc(row.revoked_at),
-        description=row.description,
-    )
-
-
-def _runner(row: Row[Any]) -> RunnerRecord:
-    return RunnerRecord(
-        runner_id=row.runner_id,
-        host_ip=row.host_ip,
-        public_hostname=row.public_hostname,
-        zone_id=row.zone_id,
-        roles=tuple(row.roles),
-        cert_serial=row.cert_serial,
-        previous_cert_serial=row.previous_cert_serial,
-        cert_expires_at=_req_utc(row.cert_expires_at),
-        token_id=row.token_id,
-        joined_at=_req_utc(row.joined_at),
-        last_heartbeat_at=_utc(row.last_heartbeat_at),
-        report=HostReport.from_json(dict(row.report)),
-        api_address=row.api_address,
-    )
-
-
-def _allocator(row: Row[Any]) -> AllocatorRecord:
-    return AllocatorRecord(
-        allocator_id=row.allocator_id,
-        zone_id=row.zone_id,
-        capacity_mb=int(row.capacity_mb),
-        maintenance=bool(row.maintenance),
-        tags=dict(row.tags),
-        metadata=dict(row.metadata),
-        settings=dict(row.settings),
-    )
-
-
-def _audit(row: Row[Any]) -> AuditEvent:
-    return AuditEvent(
-        id=row.id,
-        at=_req_utc(row.at),
-        kind=row.kind,
-        actor=row.actor,
-        source=row.source,
-        outcome=row.outcome,
-        token_id=row.token_id,
-        runner_id=row.runner_id,
-        detail=dict(row.detail),
-    )
 
 
 class SqlStore:

@@ -1,0 +1,112 @@
+"""Reads at fleet scale, mixed into the SQL transaction: every runner's certificate serials (for
+the heartbeat path's in-memory identities), and a few columns of every allocator or runner plus
+whole records of one page (for searches over tens of thousands of hosts)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, func, select
+
+from muster.domain.models import AllocatorRecord, HostReport, RunnerRecord
+from muster.storage import _rows as rec
+from muster.storage import schema as t
+
+
+class FleetReads:
+    conn: Connection
+
+    # -- runner certificates, in bulk --------------------------------------------------------------
+    def list_runner_serials(self) -> list[tuple[str, str, str | None]]:
+        c = t.runners.c
+        rows = self.conn.execute(
+            select(c.runner_id, c.cert_serial, c.previous_cert_serial).order_by(c.runner_id)
+        )
+        return [(str(r[0]), str(r[1]), None if r[2] is None else str(r[2])) for r in rows]
+
+    def list_revoked_serials(self) -> list[str]:
+        rows = self.conn.execute(select(t.revoked_certificates.c.serial))
+        return [str(r[0]) for r in rows]
+
+    def get_certificates_version(self) -> tuple[int, datetime | None, int]:
+        runners = self.conn.execute(
+            select(func.count(), func.max(t.runners.c.cert_expires_at))
+        ).one()
+        revoked = self.conn.execute(select(func.count()).select_from(t.revoked_certificates))
+        return (int(runners[0]), rec.utc(runners[1]), int(revoked.scalar_one()))
+
+    # -- listings at fleet scale: a few columns of every row, whole records of one page ---------
+    # Reading only the columns a search needs (no JSON or dates it does not look at) is what
+    # makes searching 10,000 allocators cheap; IN lists stay under SQLite's parameter limit.
+    _IN_CHUNK = 500
+
+    def list_allocator_columns(self, columns: Iterable[str]) -> list[tuple[Any, ...]]:
+        a, r = t.allocators.c, t.runners.c
+        picked = [a.allocator_id]
+        for name in columns:
+            table, field = (
+                (r, name.removeprefix("runner.")) if name.startswith("runner.") else (a, name)
+            )
+            if field not in table:
+                raise ValueError(f"allocators have no column {name!r}")
+            picked.append(table[field])
+        query = select(*picked).order_by(a.allocator_id)
+        if any(c.table is t.runners for c in picked):
+            query = query.select_from(
+                t.allocators.outerjoin(t.runners, r.runner_id == a.allocator_id)
+            )
+        return self._column_rows(query, picked)
+
+    def list_runner_columns(self, columns: Iterable[str]) -> list[tuple[Any, ...]]:
+        r = t.runners.c
+        picked = [r.runner_id]
+        for name in columns:
+            if name not in r:
+                raise ValueError(f"runners have no column {name!r}")
+            picked.append(r[name])
+        return self._column_rows(select(*picked).order_by(r.runner_id), picked)
+
+    def _column_rows(self, query: Any, picked: list[Any]) -> list[tuple[Any, ...]]:
+        """Rows of `query` with values as the records hold them (SQLAlchemy already decodes
+        JSON and booleans): dates in UTC, roles a tuple, the report a HostReport."""
+        converters: list[tuple[int, Any]] = []
+        for i, column in enumerate(picked):
+            if column.name == "roles":
+                converters.append((i, tuple))
+            elif column.name == "report":
+                converters.append((i, lambda v: HostReport.from_json(dict(v))))
+            elif column.type.python_type is datetime:
+                converters.append((i, rec.utc))
+        rows = self.conn.execute(query).all()  # one fetchall, not a fetch per row
+        if not converters:
+            return [tuple(row) for row in rows]
+        result = []
+        for row in rows:
+            values = list(row)
+            for i, convert in converters:
+                if values[i] is not None:
+                    values[i] = convert(values[i])
+            result.append(tuple(values))
+        return result
+
+    def list_allocators_by_id(self, allocator_ids: Iterable[str]) -> list[AllocatorRecord]:
+        ids, c = sorted(set(allocator_ids)), t.allocators.c
+        return [
+            rec.allocator_record(row)
+            for start in range(0, len(ids), self._IN_CHUNK)
+            for row in self.conn.execute(
+                select(t.allocators).where(c.allocator_id.in_(ids[start : start + self._IN_CHUNK]))
+            )
+        ]
+
+    def list_runners_by_id(self, runner_ids: Iterable[str]) -> list[RunnerRecord]:
+        ids, c = sorted(set(runner_ids)), t.runners.c
+        return [
+            rec.runner_record(row)
+            for start in range(0, len(ids), self._IN_CHUNK)
+            for row in self.conn.execute(
+                select(t.runners).where(c.runner_id.in_(ids[start : start + self._IN_CHUNK]))
+            )
+        ]
