@@ -185,7 +185,7 @@ class FastPath:
 
     async def _heartbeat(self, scope: Scope, receive: Receive, send: Send) -> None:
         cert = peer_certificate(scope)
-        if cert is None or not _is_json(scope["headers"]):
+        if cert is None or not is_json(scope["headers"]):
             await self.app(scope, receive, send)
             return
         body = b""
@@ -201,7 +201,7 @@ class FastPath:
         report = _parse_report(body) if not more else None
         runner = self._runner(cert) if report is not None else None
         if report is None or runner is None:
-            await self.app(scope, _replay(body, more, receive), send)
+            await self.app(scope, replay_body(body, more, receive), send)
             return
         platform: Platform = self.state.platform
         platform.liveness.beat(runner.name, report)
@@ -238,7 +238,7 @@ class FastPath:
         return self._reply
 
 
-def _is_json(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+def is_json(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     """As FastAPI decides: no Content-Type, or application/json or application/*+json."""
     for name, value in headers:
         if name == b"content-type":
@@ -260,7 +260,7 @@ def _parse_report(body: bytes) -> HostReport | None:
     return model.to_report()
 
 
-def _replay(body: bytes, more: bool, receive: Receive) -> Receive:
+def replay_body(body: bytes, more: bool, receive: Receive) -> Receive:
     """A receive that hands over the body already read, then continues with the client's."""
     pending = True
 

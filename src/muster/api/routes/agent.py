@@ -9,15 +9,15 @@ FastAPI; the route below answers whatever the fast path hands on, and documents 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
 from starlette.datastructures import State
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from muster.api.app import SECURITY_HEADERS
 from muster.api.auth import platform_of, require_runner, source_of
+from muster.api.fastpath import is_json, replay_body
 from muster.api.routes import errors
 from muster.api.schemas import (
     HeartbeatReply,
@@ -122,7 +122,7 @@ class JoinFastPath:
             scope["type"] != "http"
             or scope["path"] != JOIN_PATH
             or scope["method"] != "POST"
-            or not _is_json(scope["headers"])
+            or not is_json(scope["headers"])
         ):
             await self.app(scope, receive, send)
             return
@@ -136,7 +136,7 @@ class JoinFastPath:
             more = message.get("more_body", False)
         model = _parse_join(body) if not more and len(body) <= MAX_JOIN_BYTES else None
         if model is None:
-            await self.app(scope, _replay(body, more, receive), send)
+            await self.app(scope, replay_body(body, more, receive), send)
             return
         platform = self.state.platform
         client = scope.get("client")
@@ -147,7 +147,7 @@ class JoinFastPath:
             self.state.coordinators.admitted(result.runner)
             reply = _join_reply(result, list(self.state.coordinators.addresses()))
         except Exception as exc:
-            await self.app({**scope, JOIN_REFUSED: exc}, _replay(body, False, receive), send)
+            await self.app({**scope, JOIN_REFUSED: exc}, replay_body(body, False, receive), send)
             return
         # The route's reply as FastAPI renders it (pydantic's JSON, response_model_exclude_none),
         # with the headers app.py's middleware adds to every API reply.
@@ -173,31 +173,6 @@ def _parse_join(body: bytes) -> JoinRequestModel | None:
         return JoinRequestModel.model_validate(json.loads(body))
     except (ValueError, RecursionError, ValidationError):
         return None
-
-
-def _is_json(headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    """As FastAPI decides: no Content-Type, or application/json or application/*+json."""
-    for name, value in headers:
-        if name == b"content-type":
-            media = value.split(b";", 1)[0].strip().lower()
-            return media == b"application/json" or (
-                media.startswith(b"application/") and media.endswith(b"+json")
-            )
-    return True
-
-
-def _replay(body: bytes, more: bool, receive: Receive) -> Receive:
-    """A receive that hands over the body already read, then continues with the client's."""
-    pending = True
-
-    async def replayed() -> Message:
-        nonlocal pending
-        if pending:
-            pending = False
-            return {"type": "http.request", "body": body, "more_body": more}
-        return await receive()
-
-    return replayed
 
 
 @router.post(
