@@ -9,13 +9,14 @@ from typing import Any
 import pytest
 
 from muster.clock import SystemClock
-from muster.domain import admission, audit, enrollment, pki
+from muster.domain import admission, audit, enrollment
 from muster.domain.platform import Platform, create_platform, load_platform
 from muster.domain.runners import JoinRequest, join_host
 from muster.domain.users import Principal
 from muster.errors import ConflictError, TokenRefusedError
 from muster.storage import Store
 from tests.processes import wait_until
+from tests.storage._joining import join_request, race
 
 ADMIN = Principal(name="admin", role="admin", method="basic")
 
@@ -26,35 +27,16 @@ def platform(store: Store) -> Platform:
     return load_platform(store, SystemClock())
 
 
-def _request(token: str, runner_id: str) -> JoinRequest:
-    return JoinRequest(
-        token=token,
-        csr_pem=pki.build_csr(pki.generate_private_key(), runner_id),
-        runner_id=runner_id,
-        host_ip="10.1.0.2",
-        roles=("allocator",),
-        capacity_mb=1024,
-    )
-
-
 def _join_all(platform: Platform, requests: list[JoinRequest]) -> list[Any]:
     """Join every request from its own thread, all released at once; each result or error."""
-    barrier = threading.Barrier(len(requests))
-    results: list[Any] = [None] * len(requests)
-
-    def run(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = join_host(platform, requests[i], source=f"10.0.{i // 250}.{i % 250}")
-        except Exception as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    return results
+    return race(
+        [
+            lambda i=i, request=request: join_host(
+                platform, request, source=f"10.0.{i // 250}.{i % 250}"
+            )
+            for i, request in enumerate(requests)
+        ]
+    )
 
 
 def _token(platform: Platform, **limits: Any) -> tuple[str, str]:
@@ -75,7 +57,7 @@ def test_concurrent_joins_are_each_recorded_once_with_exact_token_uses(
     platform: Platform,
 ) -> None:
     token_id, token = _token(platform)
-    results = _join_all(platform, [_request(token, f"host-{i:02d}") for i in range(40)])
+    results = _join_all(platform, [join_request(token, f"host-{i:02d}") for i in range(40)])
     assert [r for r in results if isinstance(r, Exception)] == []
     assert _uses(platform, token_id) == 40
     with platform.store.read() as tx:
@@ -90,7 +72,7 @@ def test_concurrent_joins_are_each_recorded_once_with_exact_token_uses(
 
 def test_limited_token_raced_by_many_hosts_admits_exactly_its_uses(platform: Platform) -> None:
     token_id, token = _token(platform, max_uses=5)
-    results = _join_all(platform, [_request(token, f"racer-{i:02d}") for i in range(30)])
+    results = _join_all(platform, [join_request(token, f"racer-{i:02d}") for i in range(30)])
     admitted = [r.runner.runner_id for r in results if not isinstance(r, Exception)]
     refused = [r.code for r in results if isinstance(r, TokenRefusedError)]
     assert len(admitted) == 5
@@ -103,9 +85,9 @@ def test_limited_token_raced_by_many_hosts_admits_exactly_its_uses(platform: Pla
 
 def test_taken_and_twice_claimed_runner_ids_fail_only_their_own_joins(platform: Platform) -> None:
     token_id, token = _token(platform)
-    join_host(platform, _request(token, "taken"), source="10.9.9.9")
+    join_host(platform, join_request(token, "taken"), source="10.9.9.9")
     names = ["taken", "twin", "twin", *[f"new-{i}" for i in range(5)]]
-    requests = [_request(token, name) for name in names]
+    requests = [join_request(token, name) for name in names]
     results: list[Any] = []
     # Hold the token's row (and SQLite's write lock) until every join waits for its commit:
     # then at most one of them is in a group of its own, and the others in one group.

@@ -3,20 +3,20 @@ settle. Each Platform has its own engine and connections, as two coordinator pro
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from muster.clock import SystemClock
-from muster.domain import enrollment, pki
+from muster.domain import enrollment
 from muster.domain.platform import Platform, create_platform, load_platform
-from muster.domain.runners import JoinRequest, join_host
+from muster.domain.runners import join_host
 from muster.domain.users import Principal
 from muster.errors import ConflictError, TokenRefusedError
 from muster.storage import open_store
 from tests.pgdb import fresh_database
+from tests.storage._joining import join_request, race
 
 pytestmark = pytest.mark.postgres
 ADMIN = Principal(name="admin", role="admin", method="basic")
@@ -34,37 +34,6 @@ def coordinators() -> Iterator[tuple[Platform, Platform]]:
             second.close()
 
 
-def _request(token: str, runner_id: str) -> JoinRequest:
-    return JoinRequest(
-        token=token,
-        csr_pem=pki.build_csr(pki.generate_private_key(), runner_id),
-        runner_id=runner_id,
-        host_ip="10.1.0.2",
-        roles=("allocator",),
-        capacity_mb=1024,
-    )
-
-
-def _race(calls: list[Any]) -> list[Any]:
-    """Run the calls at the same instant (a barrier), returning each result or exception."""
-    barrier = threading.Barrier(len(calls))
-    results: list[Any] = [None] * len(calls)
-
-    def run(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = calls[i]()
-        except Exception as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
-
-
 def test_single_use_token_admits_exactly_one_host_across_coordinators(
     coordinators: tuple[Platform, Platform],
 ) -> None:
@@ -73,10 +42,10 @@ def test_single_use_token_admits_exactly_one_host_across_coordinators(
         one, ADMIN, source="test", roles=["allocator"], persistent=True, max_uses=1
     )
     calls = [
-        (lambda p=p, i=i: join_host(p, _request(token, f"host-{i}"), source=f"10.0.0.{i}"))
+        (lambda p=p, i=i: join_host(p, join_request(token, f"host-{i}"), source=f"10.0.0.{i}"))
         for i, p in enumerate([one, two] * 4)
     ]
-    results = _race(calls)
+    results = race(calls)
     admitted = [r for r in results if not isinstance(r, Exception)]
     refused = [r for r in results if isinstance(r, TokenRefusedError)]
     assert len(admitted) == 1
@@ -96,7 +65,7 @@ def test_token_revoked_on_one_coordinator_is_refused_by_the_other_at_once(
     )
     enrollment.revoke_token(one, ADMIN, record.token_id, source="test")
     with pytest.raises(TokenRefusedError) as refused:
-        join_host(two, _request(token, "late-host"), source="10.0.0.9")
+        join_host(two, join_request(token, "late-host"), source="10.0.0.9")
     assert refused.value.reason == "revoked_token"
 
 
@@ -107,10 +76,10 @@ def test_two_hosts_claiming_one_runner_id_exactly_one_wins(
     _record, token = enrollment.create_token(
         one, ADMIN, source="test", roles=["allocator"], persistent=True
     )
-    results = _race(
+    results = race(
         [
-            lambda: join_host(one, _request(token, "same-id"), source="10.0.0.1"),
-            lambda: join_host(two, _request(token, "same-id"), source="10.0.0.2"),
+            lambda: join_host(one, join_request(token, "same-id"), source="10.0.0.1"),
+            lambda: join_host(two, join_request(token, "same-id"), source="10.0.0.2"),
         ]
     )
     winners = [r for r in results if not isinstance(r, Exception)]
@@ -130,7 +99,7 @@ def test_heartbeat_seen_by_one_coordinator_shows_connected_on_the_other(
     _record, token = enrollment.create_token(
         one, ADMIN, source="test", roles=["allocator"], persistent=True
     )
-    result = join_host(one, _request(token, "beating"), source="10.0.0.1")
+    result = join_host(one, join_request(token, "beating"), source="10.0.0.1")
     # Make the join's own heartbeat old, then heartbeat through coordinator one only.
     with one.store.write() as tx:
         tx.update_runner("beating", last_heartbeat_at=result.runner.joined_at.replace(year=2000))

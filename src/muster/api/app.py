@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from muster import __version__
 from muster.api.fastpath import FastPath, RunnerSnapshot
+from muster.api.headers import SECURITY_HEADERS
 from muster.domain.liveness import Flusher
 from muster.domain.platform import Platform
 from muster.domain.runners import CoordinatorDirectory
@@ -212,14 +213,6 @@ class BodyLimit:
             413, "root.payload_too_large", f"the request body is larger than {self.limit} bytes"
         )
         await response(scope, receive, send)
-
-
-SECURITY_HEADERS = {
-    "x-content-type-options": "nosniff",
-    "x-frame-options": "DENY",
-    "referrer-policy": "no-referrer",
-    "strict-transport-security": "max-age=31536000",
-}
 
 
 def create_app(

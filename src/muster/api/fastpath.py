@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from muster.api.headers import JSON_REPLY_HEADERS
 from muster.api.schemas import HeartbeatReply, HostReportModel
 from muster.api.tls import peer_certificate
 from muster.domain import pki
@@ -44,15 +45,6 @@ _EMPTY_200: Message = {
     "headers": [(b"content-length", b"0")],
 }
 _EMPTY_BODY: Message = {"type": "http.response.body", "body": b""}
-# The headers FastAPI's route and app.py's header middleware give a heartbeat reply.
-_REPLY_HEADERS = [
-    (b"content-type", b"application/json"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"strict-transport-security", b"max-age=31536000"),
-    (b"cache-control", b"no-store"),
-]
 
 
 class RunnerSnapshot(RunnerIdentities):
@@ -229,7 +221,7 @@ class FastPath:
                 indent=None,
                 separators=(",", ":"),
             ).encode()
-            headers = [(b"content-length", str(len(body)).encode()), *_REPLY_HEADERS]
+            headers = [(b"content-length", str(len(body)).encode()), *JSON_REPLY_HEADERS]
             self._reply = [
                 {"type": "http.response.start", "status": 200, "headers": headers},
                 {"type": "http.response.body", "body": body},

@@ -117,11 +117,10 @@ def _light_paths(search: Search, light: LightView, id_path: str, code: str) -> l
         keys = parse_sort(search.sort, id_path)
     except QueryError as exc:
         raise InvalidInputError(exc.message, code=code, fields=["sort"]) from None
-    fields = getattr(search.query, "fields", None)  # a Query made elsewhere may not say
-    if fields is None:
+    if search.query.fields is None:
         return None
     sorts = (field for field, _ in keys if field not in UNSCORED)
-    return light.covering({id_path, *fields, *sorts})
+    return light.covering({id_path, *search.query.fields, *sorts})
 
 
 def _page_ids(

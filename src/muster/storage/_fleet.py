@@ -92,21 +92,23 @@ class FleetReads:
         return result
 
     def list_allocators_by_id(self, allocator_ids: Iterable[str]) -> list[AllocatorRecord]:
-        ids, c = sorted(set(allocator_ids)), t.allocators.c
         return [
             rec.allocator_record(row)
-            for start in range(0, len(ids), self._IN_CHUNK)
-            for row in self.conn.execute(
-                select(t.allocators).where(c.allocator_id.in_(ids[start : start + self._IN_CHUNK]))
-            )
+            for row in self._rows_by_id(t.allocators.c.allocator_id, allocator_ids)
         ]
 
     def list_runners_by_id(self, runner_ids: Iterable[str]) -> list[RunnerRecord]:
-        ids, c = sorted(set(runner_ids)), t.runners.c
         return [
-            rec.runner_record(row)
+            rec.runner_record(row) for row in self._rows_by_id(t.runners.c.runner_id, runner_ids)
+        ]
+
+    def _rows_by_id(self, id_column: Any, wanted: Iterable[str]) -> list[Any]:
+        """Whole rows of `id_column`'s table whose id is in `wanted`, in chunks of IN lists."""
+        ids = sorted(set(wanted))
+        return [
+            row
             for start in range(0, len(ids), self._IN_CHUNK)
             for row in self.conn.execute(
-                select(t.runners).where(c.runner_id.in_(ids[start : start + self._IN_CHUNK]))
+                select(id_column.table).where(id_column.in_(ids[start : start + self._IN_CHUNK]))
             )
         ]

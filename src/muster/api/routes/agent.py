@@ -15,9 +15,9 @@ from pydantic import ValidationError
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from muster.api.app import SECURITY_HEADERS
 from muster.api.auth import platform_of, require_runner, source_of
 from muster.api.fastpath import is_json, replay_body
+from muster.api.headers import JSON_REPLY_HEADERS
 from muster.api.routes import errors
 from muster.api.schemas import (
     HeartbeatReply,
@@ -154,17 +154,10 @@ class JoinFastPath:
         content = reply.model_dump_json(exclude_none=True).encode()
         headers = [
             (b"content-length", str(len(content)).encode()),
-            (b"content-type", b"application/json"),
-            *_SECURITY_HEADERS,
+            *JSON_REPLY_HEADERS,
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": content})
-
-
-_SECURITY_HEADERS = [
-    *((name.encode(), value.encode()) for name, value in SECURITY_HEADERS.items()),
-    (b"cache-control", b"no-store"),
-]
 
 
 def _parse_join(body: bytes) -> JoinRequestModel | None:
