@@ -24,6 +24,7 @@ from datetime import datetime
 from muster.domain import audit
 from muster.domain.models import AllocatorRecord, RunnerRecord, TokenRecord
 from muster.domain.platform import Platform
+from muster.domain.store import Store, Transaction
 from muster.domain.tokens import TokenClaims, check_token_usable
 from muster.errors import (
     ConflictError,
@@ -32,7 +33,6 @@ from muster.errors import (
     StoreError,
     TokenRefusedError,
 )
-from muster.storage.base import Store, Transaction
 
 log = logging.getLogger(__name__)
 

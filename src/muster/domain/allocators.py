@@ -22,9 +22,9 @@ from muster.domain.documents import (
 from muster.domain.models import ROLES
 from muster.domain.platform import Platform
 from muster.domain.runners import MAX_CAPACITY_MB
+from muster.domain.store import Transaction
 from muster.domain.users import Principal
 from muster.errors import ConflictError, InvalidInputError, NotFoundError
-from muster.storage.base import Transaction
 
 MAX_METADATA_ITEMS = 100
 MAX_METADATA_KEY = 128

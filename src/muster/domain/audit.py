@@ -6,7 +6,7 @@ from typing import Any
 
 from muster.clock import Clock
 from muster.domain.models import AuditEvent
-from muster.storage.base import Transaction
+from muster.domain.store import Transaction
 
 # The kinds of event, as stored and filtered on.
 TOKEN_CREATED = "token.created"

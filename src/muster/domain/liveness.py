@@ -14,8 +14,8 @@ from datetime import datetime, timedelta
 
 from muster.clock import Clock
 from muster.domain.models import HostReport
+from muster.domain.store import Store
 from muster.errors import MusterError
-from muster.storage.base import Store
 
 GRACE_INTERVALS = 5
 log = logging.getLogger(__name__)

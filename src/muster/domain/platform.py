@@ -13,10 +13,10 @@ from muster.domain import pki
 from muster.domain.liveness import Liveness
 from muster.domain.models import TokenRecord
 from muster.domain.ratelimit import FailureLimiter
+from muster.domain.store import Store
 from muster.domain.tokens import encode_token, new_token_record
 from muster.domain.users import ADMIN, READONLY, CredentialCache, generate_password, new_user
 from muster.errors import ConflictError, StoreError
-from muster.storage.base import Store
 
 DEFAULT_REGION = "ece-region"
 

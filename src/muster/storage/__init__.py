@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from muster.storage.base import Store, Transaction
+from muster.domain.store import Store, Transaction
 
 __all__ = ["Store", "Transaction", "open_store"]
 

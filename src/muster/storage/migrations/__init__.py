@@ -9,7 +9,7 @@ from alembic import command
 from alembic.config import Config
 
 if TYPE_CHECKING:
-    from muster.storage.base import Store
+    from muster.domain.store import Store
 
 HERE = Path(__file__).parent
 

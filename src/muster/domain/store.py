@@ -1,4 +1,5 @@
-"""The Store protocol: every backend (SQLite, PostgreSQL) implements exactly this.
+"""The Store protocol the domain needs: every backend in `muster.storage` (SQLite, PostgreSQL)
+implements exactly this, and only `muster.domain` opens its transactions.
 
 A store hands out transactions. `read()` sees one consistent snapshot; `write()` is serialised
 against every other writer (SQLite `BEGIN IMMEDIATE`, PostgreSQL row locks via `for update`),
