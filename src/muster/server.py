@@ -38,13 +38,13 @@ from typing import Any
 import uvicorn
 
 from muster.agent.loop import Agent
-from muster.api.app import create_app
 from muster.api.tls import peer_cert_protocol, server_context
 from muster.clock import SystemClock
 from muster.domain.platform import load_platform
 from muster.errors import MusterError
 from muster.hoststate import HostConfig, HostPaths, check_workers
 from muster.storage import open_store
+from muster.web import build_app
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _serve(
         coordinators = list(dict.fromkeys([advertised(config), *config.coordinators]))
         # The benchmark's floor route (bench/, muster.api.fastpath); never set in production.
         bench_routes = os.environ.get("MUSTER_BENCH_ROUTES") == "1"
-        app = create_app(platform, coordinators=coordinators, bench_routes=bench_routes)
+        app = build_app(platform, coordinators=coordinators, bench_routes=bench_routes)
         _tune_gc()
         server = uvicorn.Server(_uvicorn_config(app, paths, config, log_level))
         agent = (
@@ -375,7 +375,7 @@ def _prepare(paths: HostPaths, config: HostConfig) -> None:
         platform = load_platform(
             store, SystemClock(), heartbeat_interval_s=config.heartbeat_interval_s
         )
-        create_app(platform)  # not started: no thread, no connection kept
+        build_app(platform)  # not started: no thread, no connection kept
     finally:
         store.close()
 

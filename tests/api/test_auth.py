@@ -11,7 +11,7 @@ import httpx2 as httpx
 import pytest
 from fastapi.testclient import TestClient
 
-import muster.api.auth
+import muster.domain.sessions
 from muster.clock import FakeClock
 from muster.domain.users import hash_secret
 from tests.conftest import TOKENS, Installed, create_token
@@ -306,13 +306,13 @@ def verifies(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Counts argon2 verifications done for Basic auth (a unit seam, not a mock of behaviour:
     the real verify still runs)."""
     calls: list[str] = []
-    real = muster.api.auth.verify_password
+    real = muster.domain.sessions.verify_password
 
     def counting(password_hash: str, password: str) -> bool:
         calls.append(password_hash)
         return real(password_hash, password)
 
-    monkeypatch.setattr(muster.api.auth, "verify_password", counting)
+    monkeypatch.setattr(muster.domain.sessions, "verify_password", counting)
     return calls
 
 

@@ -4,6 +4,7 @@ pages."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from itertools import pairwise
 
@@ -11,15 +12,25 @@ import pytest
 from fastapi.testclient import TestClient
 from httpx2 import Response
 
-from muster.api.auth import csrf_token
 from muster.clock import FakeClock
 from muster.domain.models import SessionRecord
+from muster.domain.sessions import csrf_token
 from muster.domain.users import SESSION_MAX_LIFE, SESSION_TTL, hash_secret
+from muster.web import build_app
 from tests.conftest import TOKENS, Installed
 
 PAGES = ["/ui/overview", "/ui/allocators", "/ui/runners", "/ui/tokens", "/ui/audit"]
 RUNNERS = "/api/v1/platform/infrastructure/runners"  # one of the overview page's polls
 MINUTE = timedelta(minutes=1)
+
+
+@pytest.fixture
+def client(installed: Installed) -> Iterator[TestClient]:
+    """The API with the Cloud UI mounted, as the coordinator serves them."""
+    with TestClient(
+        build_app(installed.platform, flush_period_s=3600), base_url="https://testserver"
+    ) as c:
+        yield c
 
 
 def login(client: TestClient, username: str, password: str) -> str:
