@@ -389,3 +389,22 @@ def test_failed_logins_under_the_limit_do_not_block(
 ) -> None:
     fail_logins(client, 9)
     assert client.get(TOKENS, auth=installed.admin).status_code == 200
+
+
+def test_failed_refreshes_count_but_a_live_session_still_refreshes(
+    client: TestClient, installed: Installed
+) -> None:
+    token = login(client, *installed.admin)["token"]
+    for _ in range(10):
+        refused = client.post(REFRESH, headers=bearer("ms_" + "B" * 43))
+        ece_error(refused, 401, "root.unauthorized")
+    ece_error(client.get(TOKENS, auth=installed.admin), 429, "root.too_many_failed_logins")
+    assert client.post(REFRESH, headers=bearer(token)).status_code == 200
+
+
+def test_failed_bearer_tokens_count_towards_the_limit(
+    client: TestClient, installed: Installed
+) -> None:
+    for _ in range(10):
+        unauthenticated(client.get(TOKENS, headers=bearer("ms_" + "B" * 43)))
+    ece_error(client.get(TOKENS, auth=installed.admin), 429, "root.too_many_failed_logins")

@@ -341,3 +341,36 @@ def test_session_cookie_lasts_while_the_browser_does_and_is_never_reset(
     assert session.expires_at == clock.now() + SESSION_TTL  # the page's request extended it
     assert "set-cookie" not in page.headers
     assert "set-cookie" not in polled.headers
+
+
+# -- a cookie naming no live session -----------------------------------------------------------
+STALE_COOKIE = {"Cookie": "muster_session=ms_" + "C" * 43}
+
+
+def failed_sign_ins(installed: Installed) -> list[str]:
+    with installed.platform.store.read() as tx:
+        events, _total = tx.list_audit(limit=1000, kind="login.failed")
+    return [e.detail["method"] for e in events]
+
+
+def test_stale_cookie_counts_once_and_is_cleared(client: TestClient, installed: Installed):
+    page = client.get("/ui/overview", headers=STALE_COOKIE, follow_redirects=False)
+    assert page.status_code == 303
+    assert 'muster_session=""' in page.headers["set-cookie"]  # the browser drops it
+    assert client.get(page.headers["location"]).status_code == 200  # the login page
+    assert failed_sign_ins(installed) == ["session"]
+
+
+def test_stale_cookies_count_towards_the_sign_in_limit(client: TestClient, installed: Installed):
+    for path in ["/ui/login", *PAGES, "/ui/nowhere", "/ui/login", "/ui/tokens", "/ui/audit"]:
+        response = client.get(path, headers=STALE_COOKIE, follow_redirects=False)
+        assert response.status_code in (200, 303)
+        assert 'muster_session=""' in response.headers["set-cookie"]
+    assert len(failed_sign_ins(installed)) == 10
+    response = client.post(
+        "/ui/login",
+        data={"username": "admin", "password": installed.bootstrap.admin_password},
+        follow_redirects=False,
+    )
+    assert response.status_code == 429
+    assert "Too many failed sign-ins" in response.text
