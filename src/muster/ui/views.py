@@ -6,7 +6,6 @@ does not serve. Async handlers call the domain in a thread: the store may wait f
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,14 +194,12 @@ async def login(request: Request) -> Response:
         )
     try:
         started = await run_in_threadpool(
-            functools.partial(
-                sessions.log_in,
-                platform_of(request),
-                username,
-                form.get("password", ""),
-                source=source_of(request),
-                ui=True,
-            )
+            sessions.log_in,
+            platform_of(request),
+            username,
+            form.get("password", ""),
+            source=source_of(request),
+            ui=True,
         )
     except (UnauthenticatedError, RateLimitedError) as exc:
         status = 429 if isinstance(exc, RateLimitedError) else 401
@@ -256,7 +253,7 @@ async def logout(request: Request) -> Response:
                 "the page and log out again.",
             )
         await run_in_threadpool(
-            functools.partial(sessions.log_out, platform, token, source=source_of(request), ui=True)
+            sessions.log_out, platform, token, source=source_of(request), ui=True
         )
     return _delete_cookie(RedirectResponse(f"{UI}/login?logged_out=1", status_code=303))
 
