@@ -192,8 +192,8 @@ def _exit_on_signals(server: uvicorn.Server) -> dict[int, Any]:
 
 def _tune_gc() -> None:
     """Keep Python's full garbage collections rare: each one pauses every request for as long as
-    scanning all live objects takes (~0.3-0.9 s with 5,000-10,000 connected hosts, measured:
-    docs/benchmarks.md). What exists after start-up is frozen out of every later scan, and the
+    scanning all live objects takes (at fleet scale, the p99: see item 3 of 'Profile evidence'
+    in docs/benchmarks.md). What exists after start-up is frozen out of every later scan, and the
     young generations are collected in larger, still short, steps. A full collection then runs
     after 100 young-generation passes at the earliest (minutes, not seconds), so cyclic garbage
     (e.g. closed connections) waits that long to be freed."""

@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import muster.domain.sessions
+import muster.domain.users
 from muster.clock import FakeClock
 from muster.domain.users import hash_secret
 from tests.conftest import TOKENS, Installed, create_token
@@ -26,6 +27,7 @@ def ece_error(response: httpx.Response, status: int, code: str) -> dict[str, Any
     assert response.status_code == status, response.text
     body = response.json()
     assert list(body) == ["errors"]
+    element: dict[str, Any]
     [element] = body["errors"]
     assert element["code"] == code
     assert element["message"]
@@ -306,7 +308,7 @@ def verifies(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Counts argon2 verifications done for Basic auth (a unit seam, not a mock of behaviour:
     the real verify still runs)."""
     calls: list[str] = []
-    real = muster.domain.sessions.verify_password
+    real = muster.domain.users.verify_password
 
     def counting(password_hash: str, password: str) -> bool:
         calls.append(password_hash)

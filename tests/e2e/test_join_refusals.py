@@ -78,7 +78,8 @@ class Refusal:
 def _revoked(first: Coordinator, _other: Coordinator, _logs: Path) -> str:
     created = first.create_token()
     assert first.api("DELETE", f"{TOKENS}/{created['token_id']}").status_code == 200
-    return created["token"]
+    token: str = created["token"]
+    return token
 
 
 def _expired(first: Coordinator, _other: Coordinator, _logs: Path) -> str:

@@ -140,8 +140,9 @@ class _Group:
                     return
                 gather = len(self._waiting) < MAX_GROUP
             if gather and time.monotonic() - last_written < BURST_S:
-                # In a burst, a group costs ~300 µs of CPU however small, each join in it
-                # ~60 µs more: let the joins being checked right now join this one.
+                # In a burst, a group's fixed cost dwarfs what each join in it adds
+                # (docs/benchmarks.md, 'Profile evidence', item 4): let the joins being
+                # checked right now join this one.
                 time.sleep(GATHER_S)
             with self._changed:
                 group = self._waiting[:MAX_GROUP]

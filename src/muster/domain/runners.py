@@ -157,8 +157,9 @@ def join_host(platform: Platform, request: JoinRequest, *, source: str) -> JoinR
 
 async def join_host_async(platform: Platform, request: JoinRequest, *, source: str) -> JoinResult:
     """`join_host` for the event loop. The checks and the signature run on the loop (CPU only,
-    about 0.3 ms); the commit is awaited without holding a thread; a refusal's audit event is
-    written from a worker thread. Raises as `join_host` does."""
+    and brief: docs/benchmarks.md, 'What bounds each figure'); the commit is awaited without
+    holding a thread; a refusal's audit event is written from a worker thread. Raises as
+    `join_host` does."""
     _check_join_rate(platform, source)
     claims: TokenClaims | None = None
     try:
