@@ -31,8 +31,9 @@ InstanceKey = tuple[str, str, str]  # (deployment id, resource id, instance name
 class InstanceSpec:
     """One instance this host should run, as the coordinator's plan placed it.
 
-    `plan_version` grows with every plan of the resource; a container of an older version is
-    replaced, and a desired version older than the running one is refused (see Runtime).
+    `plan_version` grows with every plan of the resource and names its content: a container of
+    an older version is replaced, a desired version older than the running one is refused (see
+    Runtime), and within one version the image, command and environment are taken as unchanged.
     The container gets `env` plus HOST=host_ip and PORT=port, and listens there.
     Raises InvalidInputError on an id that cannot name a container, or a bad size, address, port.
     """

@@ -2,8 +2,9 @@
 the coordinator placed here, adopting what already runs, fencing older plans, and restarting
 crashed instances with backoff.
 
-Every call blocks on the engine (a pull can take minutes): the async agent loop runs `reconcile`
-and `health` in a worker thread (`await asyncio.to_thread(runtime.reconcile, desired)`).
+Every call blocks on the engine (a pull can take minutes): run `reconcile` and `health` in a thread
+of their own, like the agent's heartbeat loop, or from async code through
+`await asyncio.to_thread(runtime.reconcile, desired)`; never on an event loop.
 """
 
 from __future__ import annotations
@@ -247,6 +248,9 @@ class Runtime:
         self, spec: InstanceSpec, container: Any, track: _Track, now: float
     ) -> InstanceState:
         engine = self._engine()
+        # Starting a container that has run before is a restart; a first start after a failed
+        # create or pull is not.
+        restarting = container is not None and container.status != "created"
         # The engine cannot start a dead container again; make a fresh one.
         if (
             container is not None
@@ -264,8 +268,8 @@ class Runtime:
             return self._state(spec, container, track, started=False)
         except (DockerException, OSError) as exc:
             raise _DockerUnavailableError(_short(exc)) from exc
-        if track.failures:
-            track.restarts += 1  # a start after a crash or a failed start
+        if restarting:
+            track.restarts += 1
         log.info("started container %s (%s)", container.name, container.short_id)
         track.started_at, track.retry_at, track.last_error = now, None, None
         return self._state(spec, container, track, started=container.status == "running")
