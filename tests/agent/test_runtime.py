@@ -312,6 +312,25 @@ def test_backoff_starts_over_once_an_instance_has_run_a_while(
     assert crashed.last_error == "exited with code 137; next start in 10s"
 
 
+def test_a_new_runtime_restarts_an_instance_that_crashed_while_no_agent_ran(
+    engine: Any, image: str, clock: FakeClock, make_runtime: Callable[[], Runtime]
+) -> None:
+    instance = spec(image, secrets.token_hex(16))
+    (started,) = make_runtime().reconcile([instance])
+    kill(engine, started.container_id or "")
+    runtime = make_runtime()
+
+    (crashed,) = runtime.reconcile([instance])
+    clock.advance(BACKOFF.base_s)
+    (restarted,) = runtime.reconcile([instance])
+
+    assert not crashed.container_started
+    assert crashed.container_id == started.container_id
+    assert restarted.container_started
+    assert restarted.container_id == started.container_id
+    assert restarted.restarts == 1
+
+
 def test_backoff_doubles_up_to_its_cap() -> None:
     assert [BACKOFF.delay_s(n) for n in range(1, 6)] == [10, 20, 40, 40, 40]
 
@@ -405,8 +424,16 @@ def test_an_image_that_cannot_be_pulled_is_reported_not_raised(
     assert owned(engine, runner_id) == []
 
 
-def test_a_runtime_without_an_engine_is_unhealthy_and_does_not_raise(tmp_path: Path) -> None:
-    runtime = Runtime("runner", clock=FakeClock(), docker_url=f"unix://{tmp_path}/docker.sock")
+@pytest.mark.parametrize("where", ["missing socket", "nobody listening"])
+def test_a_runtime_without_an_engine_is_unhealthy_and_does_not_raise(
+    tmp_path: Path, where: str
+) -> None:
+    url = (
+        f"unix://{tmp_path}/docker.sock"
+        if where == "missing socket"
+        else f"tcp://127.0.0.1:{free_port()}"
+    )
+    runtime = Runtime("runner", clock=FakeClock(), docker_url=url)
     instance = spec("muster-test/busybox:1", secrets.token_hex(16), port=8080)
 
     ok, message = runtime.health()
