@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-import docker  # type: ignore[import-untyped]
-from docker.errors import (  # type: ignore[import-untyped]
+import docker
+from docker.errors import (
     APIError,
     DockerException,
     ImageNotFound,
