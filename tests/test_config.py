@@ -204,7 +204,7 @@ def test_a_bad_variable_is_named_even_when_host_json_has_the_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MUSTER_WORKERS", "0")
-    with pytest.raises(InvalidInputError, match="^MUSTER_WORKERS: must be a whole number"):
+    with pytest.raises(InvalidInputError, match=r"^MUSTER_WORKERS: must be a whole number"):
         load_settings({}, installed(workers=2))
 
 
@@ -251,7 +251,7 @@ def test_replace_validates_the_copy_and_leaves_the_original() -> None:
     settings = installed()
     assert settings.replace(workers=3).workers == 3
     assert settings.workers == 1
-    with pytest.raises(InvalidInputError, match="^api_port: must be a port number"):
+    with pytest.raises(InvalidInputError, match=r"^api_port: must be a port number"):
         settings.replace(api_port=-1)
 
 
