@@ -215,6 +215,7 @@ def test_the_environment_cannot_change_what_the_join_established(
     for name, value in [
         ("MUSTER_RUNNER_ID", "someone-else"),
         ("MUSTER_ROLES", '["director"]'),
+        ("MUSTER_COORDINATORS", "not JSON"),
         ("MUSTER_API_PORT", "1"),
         ("MUSTER_SERVES_API", "false"),
     ]:

@@ -205,11 +205,12 @@ def load_settings(flags: Mapping[str, object], saved: Settings | None = None) ->
     variables of ENV_KEYS over `saved` (host.json) over the defaults. Reads the environment;
     call it once, where the command starts. Raises InvalidInputError naming the flag or
     variable of a bad value."""
-    env = {
-        key: value
-        for key, value in EnvSettingsSource(Settings)().items()
-        if key in ENV_KEYS and value not in (None, "")
-    }
+    source = EnvSettingsSource(Settings)
+    env: dict[str, object] = {}
+    for key in ENV_KEYS:  # only these: a variable for another key is not even parsed
+        value, _name, _complex = source.get_field_value(Settings.model_fields[key], key)
+        if value not in (None, ""):
+            env[key] = value
     given = {key: value for key, value in flags.items() if value is not None}
     base = {} if saved is None else {name: getattr(saved, name) for name in HOST_KEYS}
     origin = {key: f"{ENV_PREFIX}{key.upper()}" for key in env}
