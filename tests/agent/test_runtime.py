@@ -237,7 +237,9 @@ def test_a_new_runtime_adopts_running_instances_instead_of_starting_twins(
 
     assert [s.container_id for s in after] == [s.container_id for s in before]
     assert all(s.container_started and s.service_running and s.restarts == 0 for s in after)
-    assert sorted(c.id for c in owned(engine, runner_id)) == sorted(str(s.container_id) for s in before)
+    assert sorted(c.id for c in owned(engine, runner_id)) == sorted(
+        str(s.container_id) for s in before
+    )
 
 
 def test_reconcile_removes_instances_no_longer_desired(

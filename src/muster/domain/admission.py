@@ -30,6 +30,7 @@ from muster.errors import (
     ConflictError,
     InvalidInputError,
     MusterError,
+    RunnerIdTakenError,
     StoreError,
     TokenRefusedError,
 )
@@ -44,7 +45,6 @@ WRITER_IDLE_S = 5.0
 # store's own commit_delay): a lone join is written at once.
 BURST_S = 0.05
 GATHER_S = 0.01
-_TAKEN = "runners.runner_id_taken"
 
 
 @dataclass(eq=False)
@@ -195,7 +195,8 @@ def _write_group(platform: Platform, group: list[Admission]) -> None:
             return
         (admission,) = group
         admission.uses = 0
-        admission.error = _runner_id_taken(admission) if exc.code == _TAKEN else exc
+        taken = isinstance(exc, RunnerIdTakenError)
+        admission.error = _runner_id_taken(admission) if taken else exc
     except MusterError as exc:
         for admission in group:
             if admission.uses or admission.error is None:  # its refusal, if any, stands
@@ -204,11 +205,10 @@ def _write_group(platform: Platform, group: list[Admission]) -> None:
                 admission.error.__cause__ = exc
 
 
-def _runner_id_taken(admission: Admission) -> ConflictError:
-    return ConflictError(
+def _runner_id_taken(admission: Admission) -> RunnerIdTakenError:
+    return RunnerIdTakenError(
         f"runner id {admission.runner.runner_id!r} is already taken; choose another with "
-        "--runner-id, or delete the old runner first",
-        code=_TAKEN,
+        "--runner-id, or delete the old runner first"
     )
 
 

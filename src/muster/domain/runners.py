@@ -19,6 +19,7 @@ from datetime import datetime
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from muster.address import host_port
 from muster.domain import admission, audit, pki
 from muster.domain.models import AllocatorRecord, HostReport, RunnerRecord
 from muster.domain.platform import Platform
@@ -316,7 +317,8 @@ def _is_ip(value: str) -> bool:
 
 
 def _address(host_ip: str, port: int | None) -> str:
-    return f"[{host_ip}]:{port}" if ":" in host_ip else f"{host_ip}:{port}"
+    assert port is not None  # _serves_api: a coordinator's join names its port
+    return host_port(host_ip, port)
 
 
 class CoordinatorDirectory:
