@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from muster import __version__
+from muster.cli.backup import backup_app
 from muster.cli.common import (
     EXIT_USAGE,
     ApiKeyOpt,
@@ -45,6 +46,7 @@ app.add_typer(token_app, name="token")
 app.add_typer(allocator_app, name="allocator")
 app.add_typer(runner_app, name="runner")
 app.add_typer(service_app, name="service")
+app.add_typer(backup_app)
 
 
 def _version(value: bool) -> None:
