@@ -343,3 +343,21 @@ def test_the_store_copy_is_whole_and_leaves_side_files_to_the_stores_owner(
     with sqlite3.connect(copy) as conn:
         (users,) = conn.execute("select count(*) from users").fetchone()
     assert users == 2  # admin and readonly
+
+
+def test_a_sqlite_store_kept_elsewhere_comes_back_inside_the_storage_path(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere" / "platform.db"
+    install_first_host(
+        FirstHostOptions(
+            storage=tmp_path / "host", host_ip="127.0.0.1", database_url=f"sqlite:///{elsewhere}"
+        )
+    )
+    assert not (tmp_path / "host" / backup.DATABASE).exists()
+    made = backup.create_backup(tmp_path / "host", tmp_path / "b.tar.gz", datetime.now(UTC))
+    assert backup.DATABASE in made.members
+    restored = backup.restore_backup(made.archive, tmp_path / "new")
+    assert restored.config.database_url is None
+    assert json.loads((tmp_path / "new" / "host.json").read_text())["database_url"] is None
+    with sqlite3.connect(tmp_path / "new" / backup.DATABASE) as conn:
+        (users,) = conn.execute("select count(*) from users").fetchone()
+    assert users == 2

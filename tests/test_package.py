@@ -77,7 +77,14 @@ def test_the_wheel_installs_in_a_fresh_venv_and_serves_a_first_host(tmp_path: Pa
     run([sys.executable, "-m", "venv", str(venv)], cwd=outside, env=env)
     # Wheels only: nothing is compiled; pip's cache makes the second run quick.
     run(
-        [str(venv / "bin" / "pip"), "install", "--only-binary", ":all:", str(wheel)],
+        [
+            str(venv / "bin" / "pip"),
+            "install",
+            "--no-compile",
+            "--only-binary",
+            ":all:",
+            str(wheel),
+        ],
         cwd=outside,
         env=env,
     )

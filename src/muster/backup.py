@@ -79,7 +79,7 @@ def create_backup(storage: Path, target: Path, now: datetime) -> Backup:
     with tempfile.TemporaryDirectory(prefix="muster-backup-") as scratch:
         if kind == "sqlite":
             snapshot = Path(scratch) / "muster.db"
-            copy_sqlite(paths.database, snapshot)
+            copy_sqlite(_sqlite_file(paths, config), snapshot)
             files[DATABASE] = snapshot.read_bytes()
         manifest = {
             "format": FORMAT,
@@ -95,6 +95,15 @@ def create_backup(storage: Path, target: Path, now: datetime) -> Backup:
         _write_archive(target, manifest, files, now)
     dump = pg_dump_command(config.database_url or "") if kind == "postgresql" else None
     return Backup(target, sorted(files), kind, dump)
+
+
+def _sqlite_file(paths: HostPaths, config: HostConfig) -> Path:
+    """The store's file: the storage path's own, unless host.json names another sqlite URL."""
+    if config.database_url:
+        from sqlalchemy.engine.url import make_url
+
+        return Path(make_url(config.database_url).database or paths.database)
+    return paths.database
 
 
 def pg_dump_command(database_url: str) -> str:
@@ -219,7 +228,8 @@ def restore_backup(archive: Path, storage: Path, *, database_url: str | None = N
             write_private(staging / name, data, 0o644 if name in PUBLIC else 0o600)
         config = load_host(HostPaths(staging))
         assert config is not None  # read_archive checked host.json is there
-        if database_url is not None:
+        if database_url is not None or manifest.get("store") == "sqlite":
+            # A SQLite store comes back inside the storage path, wherever it was before.
             config.database_url = database_url
             save_host(HostPaths(staging), config)
         # Whole folders move into place last: an interrupted restore leaves only the staging

@@ -102,8 +102,22 @@ def render_units(config: HostConfig, options: UnitOptions) -> list[Unit]:
     after = "network-online.target"
     if (config.database_url or "").startswith("postgres"):
         after += " postgresql.service"  # ordering only: the database may live elsewhere
+    for path in (options.storage, options.executable):
+        if any(ch in str(path) for ch in "\n\r\"'\\"):
+            raise InvalidInputError(
+                f"{path!r}: systemd cannot be given a path with quotes, backslashes or line "
+                "breaks; move it",
+                fields=["host_storage_path"],
+            )
+    # systemd expands %specifiers everywhere and $VARIABLES in ExecStart: double them.
     start = shlex.join(
         [str(options.executable), "start", "--host-storage-path", str(options.storage)]
+    )
+    start = start.replace("%", "%%").replace("$", "$$")
+    what = "".join(ch for ch in what if ch.isprintable()).replace("%", "%%")
+    writable = str(options.storage)
+    writable = (f'"{writable}"' if any(ch.isspace() for ch in writable) else writable).replace(
+        "%", "%%"
     )
     lines = [
         f"# Written by `muster service install` (Muster {__version__}); run it again rather",
@@ -130,7 +144,7 @@ def render_units(config: HostConfig, options: UnitOptions) -> list[Unit]:
         f"LimitNOFILE={nofile}",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
-        f"ReadWritePaths={options.storage}",
+        f"ReadWritePaths={writable}",
         # read-only, not yes: the executable may live in a home (pipx), and still runs.
         "ProtectHome=read-only",
         "PrivateTmp=yes",

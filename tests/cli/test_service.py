@@ -158,6 +158,23 @@ def test_chown_gives_the_user_the_storage_path_and_keys_stay_private(
         assert (storage / key).stat().st_mode & 0o777 == 0o600
 
 
+def test_a_storage_path_with_a_space_and_a_percent_sign_is_escaped_for_systemd(
+    coordinator_host: Coordinator, tmp_path: Path
+) -> None:
+    storage = tmp_path / "muster data %n"
+    shutil.copytree(coordinator_host.storage_path, storage)
+    units = tmp_path / "units"
+    result = service_install(storage, units, logs=tmp_path)
+    assert result.returncode == 0, result.output
+    unit = units / "muster-coordinator.service"
+    verify(unit)
+    service = read_unit(unit)["Service"]
+    assert (
+        service["ExecStart"] == f"{MUSTER} start --host-storage-path '{tmp_path}/muster data %%n'"
+    )
+    assert service["ReadWritePaths"] == f'"{tmp_path}/muster data %%n"'
+
+
 def test_agent_host_gets_an_agent_unit(running_coordinator: Coordinator, tmp_path: Path) -> None:
     token = running_coordinator.create_token(roles=["allocator"])["token"]
     storage = tmp_path / "agent-host"
