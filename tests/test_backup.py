@@ -361,3 +361,15 @@ def test_a_sqlite_store_kept_elsewhere_comes_back_inside_the_storage_path(tmp_pa
     with sqlite3.connect(tmp_path / "new" / backup.DATABASE) as conn:
         (users,) = conn.execute("select count(*) from users").fetchone()
     assert users == 2
+
+
+def test_what_is_not_a_muster_backup_is_refused_with_nothing_left_behind(tmp_path: Path) -> None:
+    other = tmp_path / "other.tar.gz"
+    with tarfile.open(other, "w:gz") as tar:
+        tar.add(__file__, arcname="host.json")
+    text = tmp_path / "notes.txt"
+    text.write_text("not an archive\n")
+    for archive in (other, text):
+        with pytest.raises(InvalidInputError, match="not a"):
+            backup.restore_backup(archive, tmp_path / "new")
+        assert not (tmp_path / "new").exists()

@@ -15,6 +15,7 @@ import shutil
 import sqlite3
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -22,10 +23,11 @@ from typing import Any
 
 from muster import __version__
 from muster.errors import ConflictError, InvalidInputError, StoreError
-from muster.hoststate import HostConfig, HostPaths, load_host, save_host, write_private
+from muster.hoststate import HostConfig, HostPaths, load_host, save_host
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+CHUNK = 1 << 20
 DATABASE = "coordinator/muster.db"
 # The folders of a storage path that hold the host's identity and secrets (hoststate.py).
 FOLDERS = ("bootstrap-state", "coordinator", "agent")
@@ -75,22 +77,19 @@ def create_backup(storage: Path, target: Path, now: datetime) -> Backup:
     if target.exists():
         raise InvalidInputError(f"--to: {target} exists; choose a new file name", fields=["to"])
     kind = store_kind(config)
-    files = _read_files(paths)
+    files: dict[str, bytes | Path] = {**_read_files(paths)}
     with tempfile.TemporaryDirectory(prefix="muster-backup-") as scratch:
         if kind == "sqlite":
             snapshot = Path(scratch) / "muster.db"
             copy_sqlite(_sqlite_file(paths, config), snapshot)
-            files[DATABASE] = snapshot.read_bytes()
+            files[DATABASE] = snapshot  # streamed: a store may be larger than memory allows
         manifest = {
             "format": FORMAT,
             "muster_version": __version__,
             "created_at": now.isoformat(),
             "runner_id": config.runner_id,
             "store": kind,
-            "members": {
-                name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-                for name, data in sorted(files.items())
-            },
+            "members": {name: _digest(source) for name, source in sorted(files.items())},
         }
         _write_archive(target, manifest, files, now)
     dump = pg_dump_command(config.database_url or "") if kind == "postgresql" else None
@@ -177,8 +176,21 @@ def _read_files(paths: HostPaths) -> dict[str, bytes]:
     return files
 
 
+def _digest(source: bytes | Path) -> dict[str, Any]:
+    digest, size = hashlib.sha256(), 0
+    if isinstance(source, bytes):
+        digest.update(source)
+        size = len(source)
+    else:
+        with source.open("rb") as handle:
+            while chunk := handle.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+    return {"sha256": digest.hexdigest(), "size": size}
+
+
 def _write_archive(
-    target: Path, manifest: dict[str, Any], files: dict[str, bytes], now: datetime
+    target: Path, manifest: dict[str, Any], files: dict[str, bytes | Path], now: datetime
 ) -> None:
     """The manifest first, then each member; created 0600 under a temporary name and renamed,
     so a failed backup leaves no partial archive that looks whole."""
@@ -189,12 +201,17 @@ def _write_archive(
         with os.fdopen(fd, "wb") as raw:
             with tarfile.open(fileobj=raw, mode="w:gz") as tar:
                 entries = {MANIFEST: json.dumps(manifest, indent=2).encode() + b"\n", **files}
-                for name, data in entries.items():
+                for name, source in entries.items():
                     info = tarfile.TarInfo(name)
-                    info.size = len(data)
                     info.mode = 0o644 if name in PUBLIC else 0o600
                     info.mtime = int(now.timestamp())
-                    tar.addfile(info, io.BytesIO(data))
+                    if isinstance(source, bytes):
+                        info.size = len(source)
+                        tar.addfile(info, io.BytesIO(source))
+                    else:
+                        info.size = source.stat().st_size
+                        with source.open("rb") as handle:
+                            tar.addfile(info, handle)
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, target)
@@ -206,7 +223,7 @@ def _write_archive(
 
 def restore_backup(archive: Path, storage: Path, *, database_url: str | None = None) -> Restored:
     """Put the host in `archive` at `storage`, which must not hold an installation. Every member
-    is checked against the manifest before anything is written at `storage`; keys, secrets and
+    is checked against the manifest before any of it is moved into `storage`; keys, secrets and
     the store are written 0600, folders 0700. With `database_url` the restored host.json points
     at that store (a PostgreSQL database restored under another name). Raises ConflictError
     (install.already_installed), InvalidInputError (code backup.invalid_archive), OSError."""
@@ -214,76 +231,96 @@ def restore_backup(archive: Path, storage: Path, *, database_url: str | None = N
 
     paths = HostPaths(storage)
     refuse_if_installed(paths)
-    manifest, files = read_archive(archive)
-    clashes = [name for name in files if (storage / name).exists()]
-    if clashes:
-        raise ConflictError(
-            f"{storage} already holds {clashes[0]}; restore into an empty or new folder",
-            code="install.already_installed",
-        )
+    created = not storage.exists()
     storage.mkdir(parents=True, exist_ok=True, mode=0o700)
     staging = Path(tempfile.mkdtemp(dir=storage, prefix=".restore-"))
     try:
-        for name, data in files.items():
-            write_private(staging / name, data, 0o644 if name in PUBLIC else 0o600)
+        manifest = extract_archive(archive, staging)
+        clashes = [name for name in manifest["members"] if (storage / name).exists()]
+        if clashes:
+            raise ConflictError(
+                f"{storage} already holds {clashes[0]}; restore into an empty or new folder",
+                code="install.already_installed",
+            )
         config = load_host(HostPaths(staging))
-        assert config is not None  # read_archive checked host.json is there
+        assert config is not None  # extract_archive checked host.json is there
         if database_url is not None or manifest.get("store") == "sqlite":
             # A SQLite store comes back inside the storage path, wherever it was before.
             config.database_url = database_url
             save_host(HostPaths(staging), config)
-        # Whole folders move into place last: an interrupted restore leaves only the staging
-        # folder, never a half-restored host that `muster start` would run.
+        # host.json moves into place last: an interrupted restore never leaves a host that
+        # `muster start` would run.
         for entry in sorted(staging.iterdir(), key=lambda p: p.name == "host.json"):
             os.replace(entry, storage / entry.name)
-    finally:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                storage.rmdir()  # only if still empty
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     return Restored(storage, manifest, config)
 
 
-def read_archive(archive: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The manifest and every member of a backup, each checked against the manifest's size and
-    SHA-256. Raises InvalidInputError (code backup.invalid_archive) for anything else in the
-    archive: another format, a link or device, a path outside the storage path, a member
-    missing, extra or changed."""
+def extract_archive(archive: Path, into: Path) -> dict[str, Any]:
+    """Write every member of a backup under `into` (0600, certificates 0644), streamed and
+    checked against the manifest's size and SHA-256; returns the manifest. Raises
+    InvalidInputError (code backup.invalid_archive) for anything else: another format, a link
+    or device, a path outside the host's files, a member missing, extra or changed."""
     try:
         with tarfile.open(archive, mode="r:gz") as tar:
-            found = {info.name: info for info in tar.getmembers()}
-            if MANIFEST not in found:
-                raise _invalid(f"{archive} is not a Muster backup (no {MANIFEST})")
-            manifest = json.loads(_member(tar, found[MANIFEST]))
+            first = tar.next()
+            if first is None or first.name != MANIFEST or not first.isfile():
+                raise _invalid(f"{archive} is not a Muster backup (no {MANIFEST} first)")
+            handle = tar.extractfile(first)
+            assert handle is not None  # a regular file
+            manifest = json.loads(handle.read())
             if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
                 raise _invalid(f"{archive}: unknown backup format; restore it with its Muster")
-            expected: dict[str, Any] = manifest.get("members") or {}
-            del found[MANIFEST]
-            if set(found) != set(expected):
-                odd = sorted(set(found) ^ set(expected))
-                raise _invalid(f"{archive} does not match its manifest: {', '.join(odd)}")
-            files = {}
-            for name, info in found.items():
-                _check_name(name)
-                data = _member(tar, info)
-                want = expected[name]
-                if len(data) != want.get("size") or (
-                    hashlib.sha256(data).hexdigest() != want.get("sha256")
-                ):
-                    raise _invalid(f"{archive}: {name} fails its checksum; the file is damaged")
-                files[name] = data
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
+            expected = manifest.get("members")
+            if not isinstance(expected, dict) or "host.json" not in expected:
+                raise _invalid(f"{archive}: its manifest lists no host.json")
+            seen: set[str] = set()
+            for info in tar:
+                if info is first:
+                    continue
+                _check_name(info.name)
+                if not info.isfile():
+                    raise _invalid(f"{info.name}: only regular files belong in a Muster backup")
+                if info.name in seen or info.name not in expected:
+                    raise _invalid(f"{archive}: {info.name} is not in its manifest")
+                seen.add(info.name)
+                _extract(tar, info, into, expected[info.name], archive)
+    except (tarfile.TarError, EOFError, ValueError, zlib.error) as exc:
         raise _invalid(f"{archive} is not a readable Muster backup: {exc}") from exc
-    if "host.json" not in files:
-        raise _invalid(f"{archive} holds no host.json")
-    return manifest, files
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise _invalid(f"{archive} lacks what its manifest lists: {', '.join(missing)}")
+    return manifest
 
 
-def _member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
-    if not info.isfile():
-        raise _invalid(f"{info.name}: only regular files belong in a Muster backup")
-    handle = tar.extractfile(info)
-    assert handle is not None  # a regular file
-    return handle.read()
+def _extract(
+    tar: tarfile.TarFile, info: tarfile.TarInfo, into: Path, want: Any, archive: Path
+) -> None:
+    target = into / info.name
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    source = tar.extractfile(info)
+    assert source is not None  # a regular file
+    digest, size = hashlib.sha256(), 0
+    fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.fchmod(fd, 0o644 if info.name in PUBLIC else 0o600)
+    with os.fdopen(fd, "wb") as out:
+        while chunk := source.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    if not isinstance(want, dict) or (size, digest.hexdigest()) != (
+        want.get("size"),
+        want.get("sha256"),
+    ):
+        raise _invalid(f"{archive}: {info.name} fails its checksum; the file is damaged")
 
 
 def _check_name(name: str) -> None:
