@@ -61,6 +61,11 @@ def install(
         else:
             for path in service.write_units(units, unit_dir):
                 console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+        if options.executable.is_relative_to("/root") or options.executable.is_relative_to("/home"):
+            _note(
+                f"{options.executable} is in a home folder, where {user} may not reach it: "
+                "install Muster under /opt or /usr/local (docs/systemd.md)"
+            )
         _tell_user_needs(user, storage, chown=chown, dry_run=dry_run)
         names = " ".join(unit.name for unit in units)
         _note(
