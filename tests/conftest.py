@@ -36,6 +36,7 @@ from tests.processes import (  # noqa: F401 - re-exported for the test modules
 
 # What the test modules import from here, the process helpers included (for mypy's re-export rule).
 __all__ = [
+    "MUSTER",
     "TOKENS",
     "Coordinator",
     "Finished",

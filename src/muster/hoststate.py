@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from muster.errors import AlreadyInstalledError
+
 
 @dataclass(frozen=True)
 class HostPaths:
@@ -110,3 +112,14 @@ def write_json(path: Path, data: Any, mode: int = 0o600) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+def refuse_if_installed(paths: HostPaths) -> None:
+    """Raises AlreadyInstalledError if the path holds an install."""
+    for marker in (paths.host_file, paths.bootstrap_secrets, paths.database, paths.agent_key):
+        if marker.exists():
+            raise AlreadyInstalledError(
+                f"{paths.root} already holds a Muster installation ({marker.name} exists); "
+                f"start it with `muster start --host-storage-path {paths.root}`, or choose "
+                "another path"
+            )

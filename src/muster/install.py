@@ -21,8 +21,8 @@ from muster.config import Settings, save_host
 from muster.domain import pki
 from muster.domain.models import ROLES
 from muster.domain.tokens import read_unverified_claims
-from muster.errors import AlreadyInstalledError, InvalidInputError
-from muster.hoststate import HostPaths, write_json, write_private
+from muster.errors import InvalidInputError
+from muster.hoststate import HostPaths, refuse_if_installed, write_json, write_private
 
 if TYPE_CHECKING:
     from muster.domain.platform import Bootstrap
@@ -61,17 +61,6 @@ class JoinOptions:
     public_hostname: str = ""
     ca_fingerprint: str | None = None
     external_hostnames: Sequence[str] = ()
-
-
-def refuse_if_installed(paths: HostPaths) -> None:
-    """Raises AlreadyInstalledError if the path holds an install."""
-    for marker in (paths.host_file, paths.bootstrap_secrets, paths.database, paths.agent_key):
-        if marker.exists():
-            raise AlreadyInstalledError(
-                f"{paths.root} already holds a Muster installation ({marker.name} exists); "
-                f"start it with `muster start --host-storage-path {paths.root}`, or choose "
-                "another path"
-            )
 
 
 def _check_capacity(capacity_mb: int | None) -> None:
