@@ -20,8 +20,8 @@ from fastapi import Depends, Request
 
 from muster.api.tls import peer_certificate
 from muster.domain import audit
+from muster.domain.identities import RunnerIdentities
 from muster.domain.platform import Platform
-from muster.domain.runners import RunnerIdentities
 from muster.domain.users import (
     API_KEY_PREFIX,
     SESSION_PREFIX,

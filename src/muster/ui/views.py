@@ -28,8 +28,8 @@ from muster.api.auth import (
 )
 from muster.api.routes.users import start_session
 from muster.domain import audit
+from muster.domain.identities import CoordinatorDirectory
 from muster.domain.models import ROLES
-from muster.domain.runners import CoordinatorDirectory
 from muster.domain.users import Principal, hash_secret
 from muster.errors import RateLimitedError, UnauthenticatedError
 
