@@ -104,7 +104,7 @@ def _serve(
             store, SystemClock(), heartbeat_interval_s=config.heartbeat_interval_s
         )
         coordinators = list(dict.fromkeys([advertised(config), *config.coordinators]))
-        # The benchmark's floor route (bench/, muster.api.fastpath); never set in production.
+        # The benchmark's floor route (bench/, muster.api.edge); never set in production.
         bench_routes = os.environ.get("MUSTER_BENCH_ROUTES") == "1"
         app = create_app(platform, coordinators=coordinators, bench_routes=bench_routes)
         _tune_gc()
