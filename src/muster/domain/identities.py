@@ -260,11 +260,12 @@ class Refresher:
         # Logged when the store is lost and when it is back, not once a second in between.
         try:
             refresh()
-        except MusterError as exc:
+        except Exception as exc:  # any: were the thread to end, heartbeats would read the store
             if what not in self._failing:
                 self._failing.add(what)
-                log.warning("could not read %s, answering from memory: %s", what, exc)
+                reason = exc.message if isinstance(exc, MusterError) else type(exc).__name__
+                log.warning("could not read %s, answering from memory: %s", what, reason)
             return
         if what in self._failing:
             self._failing.discard(what)
-            log.warning("read %s again", what)
+            log.warning("can read %s again", what)
