@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy.engine import URL, make_url
 
 MUSTER = str(Path(sys.executable).with_name("muster"))
-# The benchmark's floor route (an empty 200, see muster.api.fastpath) is served only when this
+# The benchmark's floor route (an empty 200, see muster.api.edge) is served only when this
 # is set in the coordinator's environment.
 BENCH_ENV = "MUSTER_BENCH_ROUTES"
 # Would override host.json's store in `muster install` and `muster start`: never passed on.

@@ -151,7 +151,7 @@ class Settings(BaseSettings):
     agent_max_backoff_s: Seconds = 60.0
     # Coordinator server processes on this host (`--workers`, docs/high-availability.md).
     workers: Workers = 1
-    # The benchmark's floor route (bench/, muster.api.fastpath): MUSTER_BENCH_ROUTES=1 only,
+    # The benchmark's floor route (bench/, muster.api.edge): MUSTER_BENCH_ROUTES=1 only,
     # never kept in host.json, never set in production.
     bench_routes: bool = False
 

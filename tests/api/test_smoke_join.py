@@ -4,6 +4,7 @@ import json
 
 import httpx2 as httpx
 
+from tests.api.test_fastpath import guard_routes
 from tests.conftest import Installed, create_token, join, join_body
 
 JOIN = "/api/v1/agent/join"
@@ -19,12 +20,15 @@ def test_host_joins_with_token_and_is_recorded(client, installed: Installed) -> 
 
 
 def test_join_reply_is_the_routes_reply(client, installed: Installed) -> None:
-    """JoinFastPath answers a join itself; a body it does not take (here over 64 KiB, padded
-    with JSON whitespace) goes to the FastAPI route. Both replies must be the same."""
+    """The edge answers a join itself; a body it does not take (here over 64 KiB, padded with
+    JSON whitespace) goes to the FastAPI route. Both replies must be the same."""
     token = create_token(client, installed)["token"]
+    routes = guard_routes(client.app, JOIN, block=False)
     fast = join(client, token, "10.0.0.3")
+    assert routes == []
     padded = json.dumps(join_body(token, "10.0.0.4")) + " " * (70 * 1024)
     routed = client.post(JOIN, content=padded, headers={"content-type": "application/json"})
+    assert routes == [JOIN]
     assert fast.status_code == routed.status_code == 200, (fast.text, routed.text)
     assert _headers(fast) == _headers(routed)
     assert (
@@ -47,8 +51,10 @@ def test_join_reply_is_the_routes_reply(client, installed: Installed) -> None:
 
 def test_refused_join_keeps_its_ece_error_and_is_audited_once(client, installed: Installed) -> None:
     token = create_token(client, installed, max_uses=1)["token"]
+    routes = guard_routes(client.app, JOIN, block=False)
     assert join(client, token, "10.0.0.5").status_code == 200
     refused = join(client, token, "10.0.0.6")
+    assert routes == [JOIN]  # the edge's refusal, rendered by the route (not joined again)
     assert refused.status_code == 403
     assert refused.headers["x-cloud-error-codes"] == "enrollment_tokens.exhausted_token"
     assert refused.json()["errors"][0]["code"] == "enrollment_tokens.exhausted_token"

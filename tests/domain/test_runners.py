@@ -1,17 +1,14 @@
-"""Joins refused too often with one token, and the coordinator directory agents learn from
-join and heartbeat replies."""
+"""Joins refused too often with one token. (The coordinator directory agents learn from join
+and heartbeat replies: tests/domain/test_identities.py.)"""
 
 from __future__ import annotations
-
-from datetime import timedelta
 
 import pytest
 
 from muster.clock import FakeClock
 from muster.domain import enrollment, pki
-from muster.domain.models import HostReport, RunnerRecord
 from muster.domain.platform import Platform
-from muster.domain.runners import CoordinatorDirectory, JoinRequest, join_host
+from muster.domain.runners import JoinRequest, join_host
 from muster.domain.users import Principal
 from muster.errors import RateLimitedError, TokenRefusedError
 
@@ -64,33 +61,6 @@ def test_forged_signatures_do_not_count_against_the_token_they_name(platform: Pl
         with pytest.raises(TokenRefusedError):
             join(platform, forged, f"host-{n}", f"10.2.{n // 250}.{n % 250}")
     join(platform, real, "good-host", "10.9.9.9")
-
-
-def runner(runner_id: str, api_address: str | None, clock: FakeClock) -> RunnerRecord:
-    return RunnerRecord(
-        runner_id=runner_id,
-        host_ip="10.0.0.9",
-        public_hostname="10.0.0.9",
-        zone_id="ece-zone-1",
-        roles=("coordinator",),
-        cert_serial="01",
-        cert_expires_at=clock.now() + timedelta(days=1),
-        joined_at=clock.now(),
-        report=HostReport(),
-        api_address=api_address,
-    )
-
-
-def test_a_coordinator_admitted_here_is_listed_before_the_cache_expires(
-    platform: Platform, clock: FakeClock
-) -> None:
-    directory = CoordinatorDirectory(platform, ["10.0.0.1:12443"], ttl_s=3600)
-    assert directory.addresses() == ["10.0.0.1:12443"]
-    directory.admitted(runner("coord-b", "10.0.0.9:12443", clock))
-    directory.admitted(runner("host-1", None, clock))  # serves no API: not listed
-    assert directory.addresses() == ["10.0.0.1:12443", "10.0.0.9:12443"]
-    directory.admitted(runner("coord-b", "10.0.0.9:12443", clock))
-    assert directory.addresses() == ["10.0.0.1:12443", "10.0.0.9:12443"]  # listed once
 
 
 def test_refusals_that_restate_the_tokens_state_do_not_count(platform: Platform) -> None:

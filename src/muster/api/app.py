@@ -21,16 +21,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from muster import __version__
-from muster.api.fastpath import FastPath, RunnerSnapshot
 from muster.api.headers import SECURITY_HEADERS
+from muster.domain.identities import CoordinatorDirectory, Refresher, RunnerIdentities
 from muster.domain.liveness import Flusher
 from muster.domain.platform import Platform
-from muster.domain.runners import CoordinatorDirectory
 from muster.errors import MusterError, RateLimitedError, UnauthenticatedError
 
 log = logging.getLogger(__name__)
 
 API = "/api/v1"
+# Every request body, read whole by the edge (muster.api.edge) before any route sees it.
 MAX_BODY_BYTES = 1024 * 1024
 WWW_AUTHENTICATE = 'Basic realm="muster", charset="UTF-8"'
 
@@ -158,63 +158,6 @@ class SingleQueryValues:
         await self.app(scope, receive, send)
 
 
-class BodyLimit:
-    """Refuse bodies over `limit` bytes with 413 before the app sees them.
-
-    The body is read here (at most `limit` bytes are held) and replayed to the app: an overflow
-    found while the app reads a chunked body would otherwise surface as a parse error.
-    """
-
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > self.limit
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    await self._refuse(scope, receive, send)
-                    return
-        chunks: list[bytes] = []
-        received = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break  # the client went away; let the app see the disconnect
-            chunk = message.get("body", b"")
-            received += len(chunk)
-            if received > self.limit:
-                await self._refuse(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-                break
-        replayed = False
-
-        async def replay() -> Any:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return message
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(
-            413, "root.payload_too_large", f"the request body is larger than {self.limit} bytes"
-        )
-        await response(scope, receive, send)
-
-
 def create_app(
     platform: Platform,
     *,
@@ -225,19 +168,25 @@ def create_app(
     """The API's ASGI application for `platform` (`muster.web.build_app` mounts the Cloud UI
     on it for the coordinator).
 
-    Starts the liveness flusher with the app's lifespan; `coordinators` lists the API addresses
-    agents are told about; `bench_routes` adds the benchmark's floor route (muster.api.fastpath).
+    Starts the liveness flusher and the identities' refresher with the app's lifespan;
+    `coordinators` lists the API addresses agents are told about; `bench_routes` adds the
+    benchmark's floor route (muster.api.edge).
     """
+    # Runner certificates and coordinator addresses in memory, refreshed by one thread: no
+    # request reads either from the store on the event loop.
+    identities = RunnerIdentities(platform)
+    directory = CoordinatorDirectory(platform, coordinators or [])
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         flusher = Flusher(platform.liveness, period_s=flush_period_s)
         flusher.start()
-        identities.start()
+        refresher = Refresher(identities, directory)
+        refresher.start()
         try:
             yield
         finally:
-            identities.stop()
+            refresher.stop()
             flusher.stop()
 
     app = FastAPI(
@@ -253,10 +202,8 @@ def create_app(
         strict_content_type=False,
     )
     app.state.platform = platform
-    # RunnerIdentities plus an in-memory snapshot of valid serials: no store read per heartbeat.
-    identities = RunnerSnapshot(platform)
     app.state.identities = identities
-    app.state.coordinators = CoordinatorDirectory(platform, coordinators or [])
+    app.state.coordinators = directory
 
     @app.exception_handler(MusterError)
     async def _muster_error(_request: Request, exc: MusterError) -> Response:
@@ -300,18 +247,19 @@ def create_app(
             response.headers.setdefault("cache-control", "no-store")
         return response
 
+    from muster.api.edge import Edge
     from muster.api.routes import agent, allocators, audit, runners, tokens, users
 
     for module in (tokens, users, audit, agent, allocators, runners):
         app.include_router(module.router, prefix=API)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(SingleQueryValues)
-    app.add_middleware(BodyLimit)
     app.add_middleware(RegionPaths, region=platform.region)
-    # Joins arrive in bursts: served in front of FastAPI's layers (muster.api.routes.agent).
-    app.add_middleware(agent.JoinFastPath, state=app.state)
-    # Outermost: the agent hot path skips every layer it does not need.
-    app.add_middleware(FastPath, state=app.state, ping=bench_routes)
+    # Outermost: reads every body (413 past MAX_BODY_BYTES); heartbeats and joins skip every
+    # layer they do not need.
+    app.add_middleware(
+        Edge, platform=platform, identities=identities, directory=directory, ping=bench_routes
+    )
     return app
 
 

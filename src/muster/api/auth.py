@@ -12,8 +12,8 @@ from fastapi import Depends, Request
 
 from muster.api.tls import peer_certificate
 from muster.domain import sessions
+from muster.domain.identities import RunnerIdentities
 from muster.domain.platform import Platform
-from muster.domain.runners import RunnerIdentities
 from muster.domain.users import Principal
 from muster.errors import ForbiddenError, UnauthenticatedError
 

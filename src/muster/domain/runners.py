@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,7 +30,6 @@ from muster.errors import (
     MusterError,
     RateLimitedError,
     TokenRefusedError,
-    UnauthenticatedError,
 )
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
@@ -321,35 +319,6 @@ def _address(host_ip: str, port: int | None) -> str:
     return host_port(host_ip, port)
 
 
-class CoordinatorDirectory:
-    """Every coordinator's API address, for agents: this coordinator's own first, then those
-    recorded in the store (re-read at most every `ttl_s`, since every heartbeat reply has it)."""
-
-    def __init__(self, platform: Platform, own: list[str], ttl_s: float = 5.0) -> None:
-        self.platform = platform
-        self.own = own
-        self.ttl_s = ttl_s
-        self._cached: tuple[float, list[str]] = (float("-inf"), list(own))
-
-    def addresses(self) -> list[str]:
-        now_s = self.platform.clock.monotonic()
-        if now_s - self._cached[0] >= self.ttl_s:
-            try:
-                with self.platform.store.read() as tx:
-                    stored = tx.list_api_addresses()
-            except MusterError:
-                stored = self._cached[1]
-            self._cached = (now_s, list(dict.fromkeys([*self.own, *stored])))
-        return self._cached[1]
-
-    def admitted(self, runner: RunnerRecord) -> None:
-        """A runner this process just admitted: if it serves the API, it is listed from now on
-        (the host that joins next must learn of it, even if this coordinator dies before that
-        host's first heartbeat)."""
-        if runner.api_address and runner.api_address not in self._cached[1]:
-            self._cached = (self._cached[0], [*self._cached[1], runner.api_address])
-
-
 def _record_refusal(
     platform: Platform, request: JoinRequest, exc: MusterError, *, source: str
 ) -> None:
@@ -371,54 +340,10 @@ def _record_refusal(
         pass  # the refusal stands even if the audit cannot be written
 
 
-class RunnerIdentities:
-    """Maps a verified client certificate to its runner, refusing deleted runners and
-    superseded certificates. Answers are cached for `ttl_s` so a heartbeat costs no read;
-    deletions on this coordinator take effect at once, on another within `ttl_s`."""
-
-    def __init__(self, platform: Platform, ttl_s: float = 2.0) -> None:
-        self.platform = platform
-        self.ttl_s = ttl_s
-        self._cache: dict[tuple[str, str], tuple[float, bool]] = {}
-        self._lock = threading.Lock()
-
-    def authenticate(self, cert: x509.Certificate) -> Principal:
-        """Raises UnauthenticatedError if the certificate names no live runner."""
-        runner_id = pki.certificate_common_name(cert)
-        serial = pki.serial_hex(cert)
-        now_s = self.platform.clock.monotonic()
-        key = (runner_id, serial)
-        cached = self._cache.get(key)
-        if cached is None or cached[0] <= now_s:
-            with self.platform.store.read() as tx:
-                runner = tx.find_runner(runner_id)
-                ok = (
-                    runner is not None
-                    and serial in (runner.cert_serial, runner.previous_cert_serial)
-                    and not tx.is_certificate_revoked(serial)
-                )
-            with self._lock:
-                if len(self._cache) > 100_000:
-                    self._cache.clear()
-                self._cache[key] = (now_s + self.ttl_s, ok)
-        else:
-            ok = cached[1]
-        if not ok:
-            raise UnauthenticatedError(
-                f"the client certificate of runner {runner_id!r} is not valid any more; "
-                "join the host again with a roles token",
-                code="runners.certificate_revoked",
-            )
-        return Principal(name=runner_id, role="runner", method="certificate")
-
-    def forget(self, runner_id: str) -> None:
-        with self._lock:
-            for key in [k for k in self._cache if k[0] == runner_id]:
-                del self._cache[key]
-
-
 def record_heartbeat(platform: Platform, runner: Principal, report: HostReport) -> None:
-    """In memory only; persisted by the liveness flush."""
+    """Record a heartbeat of `runner`, already authenticated. Every heartbeat comes here, the
+    API edge's fast path's (on the event loop) as the route's, so a rule belongs here: keep it
+    in memory, without a store call or a per-call allocation. Persisted by the liveness flush."""
     platform.liveness.beat(runner.name, report)
 
 

@@ -20,9 +20,9 @@ from starlette.concurrency import run_in_threadpool
 
 from muster import __version__
 from muster.domain import audit, sessions
+from muster.domain.identities import CoordinatorDirectory
 from muster.domain.models import ROLES
 from muster.domain.platform import Platform
-from muster.domain.runners import CoordinatorDirectory
 from muster.domain.sessions import SESSION_COOKIE
 from muster.domain.users import Principal
 from muster.errors import RateLimitedError, UnauthenticatedError

@@ -17,7 +17,7 @@ from muster.api.schemas_infra import (
     reply_json,
 )
 from muster.domain import allocators, listing, runners
-from muster.domain.runners import RunnerIdentities
+from muster.domain.identities import RunnerIdentities
 from muster.domain.users import Principal
 
 router = APIRouter(tags=["PlatformInfrastructure"])

@@ -1,0 +1,241 @@
+"""The coordinator's ASGI edge, outermost in front of FastAPI: every request body is read here,
+once (413 past the limit, chunked or not), and the agents' two hot requests are answered here
+without FastAPI's layers: heartbeats (one per host per interval) and joins (in bursts).
+
+A fast path answers only what succeeds, with the route's reply byte for byte. Anything else (no
+or unknown client certificate, a body the route's model refuses, a larger body than an agent
+sends) goes to the FastAPI route, body replayed; a refusal met here travels in the scope under
+`REFUSED` for the route to raise. So every error keeps its ECE shape from app.py, and no
+heartbeat or join is recorded twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from muster.api.app import MAX_BODY_BYTES, error_response
+from muster.api.headers import JSON_REPLY_HEADERS
+from muster.api.routes.agent import REFUSED, join_reply, join_request
+from muster.api.schemas import HeartbeatReply, HostReportModel, JoinRequestModel
+from muster.api.tls import peer_certificate
+from muster.domain import runners
+from muster.domain.identities import CoordinatorDirectory, RunnerIdentities
+from muster.domain.platform import Platform
+from muster.errors import PayloadTooLargeError
+
+HEARTBEAT_PATH = "/api/v1/agent/heartbeat"
+JOIN_PATH = "/api/v1/agent/join"
+PING_PATH = "/api/v1/agent/_ping"
+# A report is ~150 bytes, a join 2-3 KB: a larger body is not an agent's, and the route takes it.
+FAST_BODY_BYTES = 64 * 1024
+
+_Model = TypeVar("_Model", bound=BaseModel)
+_EMPTY_200: list[Message] = [
+    {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]},
+    {"type": "http.response.body", "body": b""},
+]
+
+
+class Edge:
+    """Reads every HTTP request's body (at most `limit` bytes), answers the agents' heartbeats
+    and joins, and hands everything else to `app` with the body replayed.
+
+    `ping` enables PING_PATH: an empty 200 over the same TLS server, the floor the benchmark
+    (bench/) compares every figure with. Never enable it in production.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        platform: Platform,
+        identities: RunnerIdentities,
+        directory: CoordinatorDirectory,
+        limit: int = MAX_BODY_BYTES,
+        ping: bool = False,
+    ) -> None:
+        self.app = app
+        self.platform = platform
+        self.identities = identities
+        self.directory = directory
+        self.limit = limit
+        self.ping = ping
+        # The heartbeat reply, rendered again only when what it says changes.
+        self._reply_interval_s = 0.0
+        self._reply_addresses: tuple[str, ...] | None = None
+        self._reply: list[Message] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if self.ping and path == PING_PATH:
+            for message in _EMPTY_200:
+                await send(message)
+            return
+        try:
+            body = await read_body(scope, receive, self.limit)
+        except PayloadTooLargeError as exc:
+            response = error_response(exc.status, exc.code, exc.message)
+            await response(scope, receive, send)
+            return
+        if body is None:
+            return  # the client left before its request was whole: nobody to answer
+        if (
+            scope["method"] == "POST"
+            and path in (HEARTBEAT_PATH, JOIN_PATH)
+            and len(body) <= FAST_BODY_BYTES
+            and is_json(scope["headers"])
+        ):
+            if path == HEARTBEAT_PATH:
+                await self._heartbeat(scope, body, receive, send)
+            else:
+                await self._join(scope, body, receive, send)
+            return
+        await self.app(scope, replay(body, receive), send)
+
+    async def _heartbeat(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+        # Only a certificate memory vouches for is taken here: checking any other may read the
+        # store, which the route does from a worker thread.
+        cert = peer_certificate(scope)
+        runner = self.identities.vouch(cert) if cert is not None else None
+        model = _parse(HostReportModel, body) if runner is not None else None
+        if runner is None or model is None:
+            await self.app(scope, replay(body, receive), send)
+            return
+        try:
+            runners.record_heartbeat(self.platform, runner, model.to_report())
+        except Exception as exc:
+            await self.app({**scope, REFUSED: exc}, replay(body, receive), send)
+            return
+        for message in self._heartbeat_reply():
+            await send(message)
+
+    def _heartbeat_reply(self) -> list[Message]:
+        interval_s = self.platform.heartbeat_interval_s
+        addresses = self.directory.addresses()
+        if addresses is not self._reply_addresses or interval_s != self._reply_interval_s:
+            reply = HeartbeatReply(heartbeat_interval_seconds=interval_s, coordinators=[*addresses])
+            # Starlette's JSONResponse rendering (the route's), byte for byte.
+            content = json.dumps(
+                reply.model_dump(mode="json"),
+                ensure_ascii=False,
+                allow_nan=False,
+                indent=None,
+                separators=(",", ":"),
+            ).encode()
+            self._reply = _json_reply(content)
+            self._reply_interval_s, self._reply_addresses = interval_s, addresses
+        return self._reply
+
+    async def _join(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+        # FastAPI's layers, its thread pool hop and its response validation cost about as much
+        # CPU as the join itself. Here the join's checks and signature run on the loop and its
+        # commit is awaited (`runners.join_host_async`).
+        model = _parse(JoinRequestModel, body)
+        if model is None:
+            await self.app(scope, replay(body, receive), send)
+            return
+        client = scope.get("client")
+        try:
+            result = await runners.join_host_async(
+                self.platform, join_request(model), source=client[0] if client else "unknown"
+            )
+            self.directory.admitted(result.runner)
+            reply = join_reply(result, [*self.directory.addresses()])
+        except Exception as exc:
+            await self.app({**scope, REFUSED: exc}, replay(body, receive), send)
+            return
+        # As FastAPI renders the route's reply (pydantic's JSON, response_model_exclude_none).
+        for message in _json_reply(reply.model_dump_json(exclude_none=True).encode()):
+            await send(message)
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+    """The request's whole body, or None if the client left first. Raises PayloadTooLargeError
+    past `limit` bytes, declared or received (chunked): at most `limit` bytes are held. Read
+    here rather than as the app reads: an overflow found then would surface as a parse error."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                declared = 0  # the HTTP layer refuses a malformed length before us
+            if declared > limit:
+                raise _too_large(limit)
+    message = await receive()
+    if message["type"] != "http.request":
+        return None
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):  # the usual case: one message, nothing copied
+        if len(body) > limit:
+            raise _too_large(limit)
+        return body
+    chunks = [body]
+    received = len(body)
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunk = message.get("body", b"")
+        received += len(chunk)
+        if received > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that hands the app the body read by `read_body`, whole, then the client's own
+    messages (a disconnect)."""
+    pending = True
+
+    async def replayed() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+def is_json(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """As FastAPI decides: no Content-Type, or application/json or application/*+json."""
+    for name, value in headers:
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            return media == b"application/json" or (
+                media.startswith(b"application/") and media.endswith(b"+json")
+            )
+    return True
+
+
+def _parse(model: type[_Model], body: bytes) -> _Model | None:
+    """`body` validated exactly as FastAPI validates the route's; None if it is not valid."""
+    if not body:
+        return None
+    try:
+        return model.model_validate(json.loads(body))
+    except (ValueError, RecursionError, ValidationError):
+        return None
+
+
+def _json_reply(content: bytes) -> list[Message]:
+    """A 200 JSON reply with the headers app.py's middleware gives every API reply."""
+    headers = [(b"content-length", str(len(content)).encode()), *JSON_REPLY_HEADERS]
+    return [
+        {"type": "http.response.start", "status": 200, "headers": headers},
+        {"type": "http.response.body", "body": content},
+    ]
+
+
+def _too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"the request body is larger than {limit} bytes")

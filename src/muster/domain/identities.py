@@ -1,0 +1,271 @@
+"""Who a runner's client certificate speaks for, and where the coordinators are: both answered
+from memory, kept current by one background thread (`Refresher`), so that no request (and above
+all no heartbeat, on the event loop) waits for the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+from cryptography import x509
+
+from muster.domain import pki
+from muster.domain.models import RunnerRecord
+from muster.domain.platform import Platform
+from muster.domain.users import Principal
+from muster.errors import MusterError, StoreError, UnauthenticatedError
+
+log = logging.getLogger(__name__)
+
+# All serials are read again at least this often, even if the version did not move (in case a
+# future change to a runner's certificates does not move it).
+FULL_RELOAD_S = 30.0
+# Store answers about single certificates kept at most (a flood of unknown certificates must
+# not grow memory without bound).
+MAX_CHECKED = 100_000
+
+
+class RunnerIdentities:
+    """Maps a verified client certificate to its runner, refusing deleted runners and superseded
+    certificates.
+
+    Every runner's valid certificate serials are held in memory; `refresh` (every `ttl_s / 2`,
+    from the Refresher's thread) confirms them against the store. A certificate found in a
+    snapshot confirmed less than `ttl_s` ago is accepted from memory (`vouch`), so no answer is
+    older than `ttl_s`: a runner deleted through another process is refused within `ttl_s`.
+    Anything else (a runner joined or renewed since, a refused certificate) takes
+    `authenticate`'s store read, its answer cached `ttl_s`. `forget` acts at once.
+
+    While the store is down, the last good snapshot keeps answering (and certificates it does
+    not vouch for are refused with StoreError, 503, without a store call). Why not refuse
+    everyone: a heartbeat writes nothing but this process's memory, so accepting it risks
+    nothing; refusing it would mark every host disconnected for as long as the outage lasts.
+    A deletion needs the store, so the only runner accepted wrongly is one deleted through
+    another coordinator that still reaches the store, until this one reaches it again. And no
+    store call per request: each would hold a worker thread for the store's timeout, and a
+    fleet's heartbeats would exhaust the thread pool that every other request needs.
+
+    Refreshing is cheap: one aggregate read of what any change to a runner's valid serials
+    moves (runner count and newest certificate expiry: joins and renewals; revoked count:
+    deletions). Only when it moved (or every FULL_RELOAD_S) are all serials read again.
+    """
+
+    def __init__(self, platform: Platform, ttl_s: float = 2.0) -> None:
+        self.platform = platform
+        self.ttl_s = ttl_s
+        self._serials: dict[str, tuple[str, ...]] = {}
+        self._confirmed_at = float("-inf")  # when the store last confirmed the snapshot
+        self._read_at = float("-inf")  # when all serials were last read
+        self._version: tuple[int, datetime | None, int] | None = None
+        self._store_down = False  # the last refresh could not reach the store
+        self._forgotten: dict[str, float] = {}  # runner id -> when this process forgot it
+        self._checked: dict[tuple[str, str], tuple[float, bool]] = {}  # -> (until, valid)
+        self._lock = threading.Lock()
+
+    @property
+    def store_down(self) -> bool:
+        """True while the snapshot is the last good one because refreshing failed."""
+        return self._store_down
+
+    def vouch(self, cert: x509.Certificate) -> Principal | None:
+        """The runner `cert` names if memory shows the certificate valid, else None (then only
+        `authenticate` can tell). Never reads the store: safe on the event loop."""
+        runner_id = pki.certificate_common_name(cert)
+        serial = pki.serial_hex(cert)
+        now_s = self.platform.clock.monotonic()
+        if self._store_down or now_s - self._confirmed_at < self.ttl_s:
+            serials = self._serials.get(runner_id)
+            if serials is not None and serial in serials:
+                return Principal(name=runner_id, role="runner", method="certificate")
+        checked = self._checked.get((runner_id, serial))
+        if checked is not None and checked[1] and (self._store_down or checked[0] > now_s):
+            return Principal(name=runner_id, role="runner", method="certificate")
+        return None
+
+    def authenticate(self, cert: x509.Certificate) -> Principal:
+        """The runner `cert` names. May read the store, once per certificate per `ttl_s`: call it
+        from a worker thread, never on the event loop. Raises UnauthenticatedError
+        (runners.certificate_revoked) if the certificate names no live runner, StoreError if
+        only the store could tell and it is down."""
+        known = self.vouch(cert)
+        if known is not None:
+            return known
+        runner_id = pki.certificate_common_name(cert)
+        serial = pki.serial_hex(cert)
+        key = (runner_id, serial)
+        started = self.platform.clock.monotonic()
+        checked = self._checked.get(key)
+        if checked is not None and (self._store_down or checked[0] > started):
+            valid = checked[1]
+        elif self._store_down:
+            raise StoreError(
+                f"cannot check the client certificate of runner {runner_id!r} while the "
+                "coordinator cannot reach its store; the host retries on its own"
+            )
+        else:
+            with self.platform.store.read() as tx:
+                runner = tx.find_runner(runner_id)
+                valid = (
+                    runner is not None
+                    and serial in (runner.cert_serial, runner.previous_cert_serial)
+                    and not tx.is_certificate_revoked(serial)
+                )
+            with self._lock:
+                # A runner forgotten while this read ran may be in it: not cached then.
+                if self._forgotten.get(runner_id, float("-inf")) < started:
+                    if len(self._checked) > MAX_CHECKED:
+                        self._checked.clear()
+                    self._checked[key] = (started + self.ttl_s, valid)
+        if not valid:
+            raise UnauthenticatedError(
+                f"the client certificate of runner {runner_id!r} is not valid any more; "
+                "join the host again with a roles token",
+                code="runners.certificate_revoked",
+            )
+        return Principal(name=runner_id, role="runner", method="certificate")
+
+    def forget(self, runner_id: str) -> None:
+        """Drop what this process knows of the runner's certificates (it was deleted, or renewed
+        its certificate): its next request is checked in the store. Takes effect at once."""
+        with self._lock:
+            self._forgotten[runner_id] = self.platform.clock.monotonic()
+            self._serials.pop(runner_id, None)
+            for key in [k for k in self._checked if k[0] == runner_id]:
+                del self._checked[key]
+
+    def refresh(self, *, full: bool = False) -> bool:
+        """Confirm the snapshot against the store, reading all serials again only if they may
+        have changed (or if `full`). True if they were read. Raises StoreError (and the
+        snapshot then keeps answering: see the class comment)."""
+        started = self.platform.clock.monotonic()
+        try:
+            # The version is read before the serials (PostgreSQL's READ COMMITTED gives each
+            # statement its own snapshot): a change between the two reads makes the next
+            # refresh read again, where the other order would hide it until a full reload.
+            with self.platform.store.read() as tx:
+                version = tx.get_certificates_version()
+                unchanged = version == self._version and started - self._read_at < FULL_RELOAD_S
+                if unchanged and not full:
+                    self._confirmed_at = started
+                    self._store_down = False
+                    return False
+                rows = tx.list_runner_serials()
+                revoked = frozenset(tx.list_revoked_serials())
+        except MusterError:
+            self._store_down = True
+            raise
+        self._install(started, rows, revoked)
+        self._version = version
+        self._store_down = False
+        return True
+
+    def _install(
+        self, started: float, rows: list[tuple[str, str, str | None]], revoked: frozenset[str]
+    ) -> None:
+        serials = {
+            rid: tuple(s for s in (current, previous) if s and s not in revoked)
+            for rid, current, previous in rows
+        }
+        with self._lock:
+            # A runner forgotten while this read ran may be in it: leave it out.
+            for rid, at in list(self._forgotten.items()):
+                if at >= started:
+                    serials.pop(rid, None)
+                else:
+                    del self._forgotten[rid]
+            self._serials = serials
+            self._confirmed_at = self._read_at = started
+
+
+class CoordinatorDirectory:
+    """Every coordinator's API address, for agents: this coordinator's own first, then those
+    recorded in the store as of the last `refresh` (every `ttl_s`, from the Refresher's
+    thread), then those admitted here since."""
+
+    def __init__(self, platform: Platform, own: Sequence[str], ttl_s: float = 5.0) -> None:
+        self.platform = platform
+        self.own = tuple(own)
+        self.ttl_s = ttl_s
+        self._addresses: tuple[str, ...] = tuple(dict.fromkeys(own))
+        self._admitted: dict[str, float] = {}  # address -> when admitted here
+        self._lock = threading.Lock()
+
+    def addresses(self) -> tuple[str, ...]:
+        """From memory, never the store. The same tuple until the list changes, so a reply
+        rendered from it stays good while `addresses() is` the tuple it was rendered from."""
+        return self._addresses
+
+    def refresh(self) -> None:
+        """Read the addresses recorded in the store. Raises StoreError (the list stays)."""
+        started = self.platform.clock.monotonic()
+        with self.platform.store.read() as tx:
+            stored = tx.list_api_addresses()
+        with self._lock:
+            # Admitted while this read ran: perhaps not in it yet, so kept.
+            self._admitted = {a: at for a, at in self._admitted.items() if at >= started}
+            addresses = tuple(dict.fromkeys([*self.own, *stored, *self._admitted]))
+            if addresses != self._addresses:
+                self._addresses = addresses
+
+    def admitted(self, runner: RunnerRecord) -> None:
+        """A runner this process just admitted: if it serves the API, it is listed from now on
+        (the host that joins next must learn of it, even if this coordinator dies before that
+        host's first heartbeat)."""
+        address = runner.api_address
+        if address:
+            with self._lock:
+                self._admitted[address] = self.platform.clock.monotonic()
+                if address not in self._addresses:
+                    self._addresses = (*self._addresses, address)
+
+
+class Refresher:
+    """One daemon thread that keeps a RunnerIdentities and a CoordinatorDirectory current: the
+    only place either reads the store while the server runs. The snapshot is refreshed every
+    `identities.ttl_s / 2`, the directory every `directory.ttl_s`."""
+
+    def __init__(self, identities: RunnerIdentities, directory: CoordinatorDirectory) -> None:
+        self.identities = identities
+        self.directory = directory
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing: set[str] = set()
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="identities-refresh", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _run(self) -> None:
+        period_s = self.identities.ttl_s / 2
+        directory_every = max(1, round(self.directory.ttl_s / period_s))
+        rounds = 0
+        while not self._stop.is_set():
+            self._attempt("runner certificates", self.identities.refresh)
+            if rounds % directory_every == 0:
+                self._attempt("coordinator addresses", self.directory.refresh)
+            rounds += 1
+            self._stop.wait(period_s)
+
+    def _attempt(self, what: str, refresh: Callable[[], object]) -> None:
+        # Logged when the store is lost and when it is back, not once a second in between.
+        try:
+            refresh()
+        except Exception as exc:  # any: were the thread to end, heartbeats would read the store
+            if what not in self._failing:
+                self._failing.add(what)
+                reason = exc.message if isinstance(exc, MusterError) else type(exc).__name__
+                log.warning("could not read %s, answering from memory: %s", what, reason)
+            return
+        if what in self._failing:
+            self._failing.discard(what)
+            log.warning("can read %s again", what)

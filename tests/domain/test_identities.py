@@ -1,0 +1,268 @@
+"""Runner identities and the coordinator directory answer from memory; only their refresh, in
+its own thread, reads the store; with the store down the last good snapshot answers, without a
+store call per request; a forgotten runner is refused at once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from datetime import timedelta
+
+import pytest
+from cryptography import x509
+
+from muster.clock import FakeClock
+from muster.domain import enrollment, pki
+from muster.domain.identities import CoordinatorDirectory, Refresher, RunnerIdentities
+from muster.domain.models import HostReport, RunnerRecord
+from muster.domain.platform import Platform, load_platform
+from muster.domain.runners import JoinRequest, delete_runner, join_host
+from muster.domain.store import Store, Transaction
+from muster.domain.users import Principal
+from muster.errors import StoreError, UnauthenticatedError
+from tests.conftest import Installed
+
+ADMIN = Principal(name="admin", role="admin", method="basic")
+
+
+class RecordingStore:
+    """The real store, recording which thread opened each transaction and whether an event loop
+    was running there; `down` makes every transaction fail as an unreachable store does."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.url = store.url
+        self.down = False
+        self.calls: list[tuple[str, bool]] = []  # (thread name, on an event loop)
+
+    def read(self) -> AbstractContextManager[Transaction]:
+        self._record()
+        return self.store.read()
+
+    def write(self) -> AbstractContextManager[Transaction]:
+        self._record()
+        return self.store.write()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def on_the_loop(self) -> list[str]:
+        return [thread for thread, on_loop in self.calls if on_loop]
+
+    def _record(self) -> None:
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        self.calls.append((threading.current_thread().name, on_loop))
+        if self.down:
+            raise StoreError("the store cannot be reached (test)")
+
+
+@pytest.fixture
+def recording(installed: Installed) -> RecordingStore:
+    return RecordingStore(installed.platform.store)
+
+
+@pytest.fixture
+def platform(installed: Installed, recording: RecordingStore) -> Platform:
+    return load_platform(recording, installed.clock)
+
+
+def joined(platform: Platform, runner_id: str) -> x509.Certificate:
+    _record, token = enrollment.create_token(
+        platform, ADMIN, source="198.51.100.1", roles=["allocator"], persistent=True
+    )
+    request = JoinRequest(
+        token=token,
+        csr_pem=pki.build_csr(pki.generate_private_key(), runner_id),
+        runner_id=runner_id,
+        host_ip="10.0.0.2",
+        capacity_mb=2048,
+    )
+    return pki.load_certificate(join_host(platform, request, source="10.0.0.2").certificate_pem)
+
+
+@pytest.fixture
+def identities(platform: Platform) -> RunnerIdentities:
+    return RunnerIdentities(platform, ttl_s=2.0)
+
+
+def test_a_runner_in_the_snapshot_is_vouched_for_without_a_store_read(
+    platform: Platform, identities: RunnerIdentities, recording: RecordingStore
+) -> None:
+    cert = joined(platform, "host-a")
+    assert identities.vouch(cert) is None  # not loaded yet: only the store can tell
+    assert identities.refresh() is True
+    before = len(recording.calls)
+    runner = identities.vouch(cert)
+    assert runner is not None
+    assert (runner.name, runner.role) == ("host-a", "runner")
+    assert identities.authenticate(cert).name == "host-a"
+    assert len(recording.calls) == before
+
+
+def test_a_certificate_memory_cannot_vouch_for_is_read_once_then_cached(
+    platform: Platform, identities: RunnerIdentities, recording: RecordingStore
+) -> None:
+    identities.refresh()
+    cert = joined(platform, "host-b")  # joined since the refresh
+    assert identities.vouch(cert) is None
+    before = len(recording.calls)
+    assert identities.authenticate(cert).name == "host-b"
+    assert len(recording.calls) == before + 1
+    assert identities.vouch(cert) is not None  # the store's answer, for ttl_s
+    assert len(recording.calls) == before + 1
+
+
+def test_a_stale_snapshot_is_not_trusted_while_the_store_answers(
+    platform: Platform, identities: RunnerIdentities, clock: FakeClock
+) -> None:
+    cert = joined(platform, "host-c")
+    identities.refresh()
+    clock.advance(identities.ttl_s)  # no refresh since: the snapshot may miss a deletion
+    assert identities.vouch(cert) is None
+    delete_runner(platform, ADMIN, "host-c", source="elsewhere")
+    with pytest.raises(UnauthenticatedError):
+        identities.authenticate(cert)
+
+
+def test_forget_refuses_a_deleted_runner_at_once_and_a_later_refresh_keeps_it_out(
+    platform: Platform, identities: RunnerIdentities
+) -> None:
+    cert = joined(platform, "host-d")
+    identities.refresh()
+    assert identities.authenticate(cert).name == "host-d"
+    delete_runner(platform, ADMIN, "host-d", source="test")
+    identities.forget("host-d")
+    assert identities.vouch(cert) is None
+    with pytest.raises(UnauthenticatedError) as info:
+        identities.authenticate(cert)
+    assert info.value.code == "runners.certificate_revoked"
+    identities.refresh(full=True)
+    assert identities.vouch(cert) is None
+
+
+def test_a_deletion_elsewhere_is_seen_by_the_next_refresh(
+    platform: Platform, identities: RunnerIdentities
+) -> None:
+    cert = joined(platform, "host-e")
+    identities.refresh()
+    assert identities.refresh() is False  # nothing moved: confirmed without reading serials
+    delete_runner(platform, ADMIN, "host-e", source="elsewhere")  # no forget here
+    assert identities.refresh() is True
+    assert identities.vouch(cert) is None
+    with pytest.raises(UnauthenticatedError):
+        identities.authenticate(cert)
+
+
+def test_with_the_store_down_the_last_good_snapshot_answers_without_store_calls(
+    platform: Platform, identities: RunnerIdentities, recording: RecordingStore, clock: FakeClock
+) -> None:
+    known = joined(platform, "host-f")
+    identities.refresh()
+    later = joined(platform, "host-g")  # not in the last good snapshot
+    recording.down = True
+    with pytest.raises(StoreError):
+        identities.refresh()
+    assert identities.store_down
+    clock.advance(10 * identities.ttl_s)  # long stale
+    before = len(recording.calls)
+    for _ in range(3):
+        assert identities.vouch(known) is not None
+        assert identities.authenticate(known).name == "host-f"
+        with pytest.raises(StoreError):
+            identities.authenticate(later)  # only the store could tell: 503, no call
+    assert len(recording.calls) == before
+    recording.down = False
+    identities.refresh()
+    assert not identities.store_down
+    assert identities.authenticate(later).name == "host-g"
+
+
+def test_the_refresher_reads_the_store_from_its_own_thread_only(
+    platform: Platform, identities: RunnerIdentities, recording: RecordingStore
+) -> None:
+    cert = joined(platform, "host-h")
+    directory = CoordinatorDirectory(platform, ["10.0.0.1:12443"])
+    before = len(recording.calls)
+    refresher = Refresher(identities, directory)
+    refresher.start()
+    try:
+        loaded = threading.Event()
+        for _ in range(500):
+            if identities.vouch(cert) is not None:
+                loaded.set()
+                break
+            loaded.wait(0.01)
+        assert loaded.is_set()
+    finally:
+        refresher.stop()
+    threads = {thread for thread, _on_loop in recording.calls[before:]}
+    assert threads == {"identities-refresh"}
+    assert recording.on_the_loop() == []
+
+
+def runner(runner_id: str, api_address: str | None, clock: FakeClock) -> RunnerRecord:
+    return RunnerRecord(
+        runner_id=runner_id,
+        host_ip="10.0.0.9",
+        public_hostname="10.0.0.9",
+        zone_id="ece-zone-1",
+        roles=("coordinator",),
+        cert_serial="01",
+        cert_expires_at=clock.now() + timedelta(days=1),
+        joined_at=clock.now(),
+        report=HostReport(),
+        api_address=api_address,
+    )
+
+
+def test_a_coordinator_admitted_here_is_listed_before_the_next_refresh(
+    platform: Platform, clock: FakeClock
+) -> None:
+    directory = CoordinatorDirectory(platform, ["10.0.0.1:12443"], ttl_s=3600)
+    assert directory.addresses() == ("10.0.0.1:12443",)
+    directory.admitted(runner("coord-b", "10.0.0.9:12443", clock))
+    directory.admitted(runner("host-1", None, clock))  # serves no API: not listed
+    assert directory.addresses() == ("10.0.0.1:12443", "10.0.0.9:12443")
+    directory.admitted(runner("coord-b", "10.0.0.9:12443", clock))
+    assert directory.addresses() == ("10.0.0.1:12443", "10.0.0.9:12443")  # listed once
+
+
+def test_the_directory_lists_stored_coordinators_and_keeps_them_while_the_store_is_down(
+    platform: Platform, recording: RecordingStore
+) -> None:
+    request = JoinRequest(
+        token=enrollment.create_token(
+            platform, ADMIN, source="198.51.100.1", roles=["coordinator"], persistent=True
+        )[1],
+        csr_pem=pki.build_csr(pki.generate_private_key(), "coord-c"),
+        runner_id="coord-c",
+        host_ip="10.0.0.3",
+        api_port=12443,
+    )
+    join_host(platform, request, source="10.0.0.3")
+    directory = CoordinatorDirectory(platform, ["10.0.0.1:12443"])
+    before = len(recording.calls)
+    first = directory.addresses()
+    assert first == ("10.0.0.1:12443",)  # memory only, until a refresh
+    assert len(recording.calls) == before
+    directory.refresh()
+    assert directory.addresses() == ("10.0.0.1:12443", "10.0.0.3:12443")
+    unchanged = directory.addresses()
+    directory.refresh()
+    assert directory.addresses() is unchanged  # the same tuple while nothing changed
+    recording.down = True
+    with pytest.raises(StoreError):
+        directory.refresh()
+    assert directory.addresses() == ("10.0.0.1:12443", "10.0.0.3:12443")
+
+
+@pytest.fixture(autouse=True)
+def _no_thread_left() -> Iterator[None]:
+    yield
+    assert not [t for t in threading.enumerate() if t.name == "identities-refresh"]
