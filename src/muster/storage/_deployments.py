@@ -11,7 +11,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from muster.domain.models import (
@@ -154,19 +154,20 @@ class DeploymentTables:
 
     # -- placement -----------------------------------------------------------------------------
     def list_placement_candidates(self) -> list[PlacementCandidate]:
+        # The capacity override is read out of the settings JSON by the database: decoding
+        # every allocator's settings in Python costs more than the rest of this read.
         rows = self.conn.execute(
             select(
                 _a.allocator_id,
                 _a.zone_id,
-                _a.capacity_mb,
-                _a.settings,
+                func.coalesce(_a.settings["capacity"].as_integer(), _a.capacity_mb),
                 _a.memory_used_mb,
                 _a.maintenance,
             ).order_by(_a.allocator_id)
         ).all()
         return [
-            PlacementCandidate(aid, zone, _capacity(cap, settings), int(used), bool(maint))
-            for aid, zone, cap, settings, used, maint in rows
+            PlacementCandidate(aid, zone, int(cap), int(used), bool(maint))
+            for aid, zone, cap, used, maint in rows
         ]
 
     def create_instances(
