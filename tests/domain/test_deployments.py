@@ -299,3 +299,20 @@ def test_connected_allocators_come_from_heartbeats(installed: Installed) -> None
                 )
             )
     assert deployments.connected_allocators(platform) == {"alive"}
+
+
+def test_prune_orphans_removes_resources_left_out(admin: DeploymentAdmin) -> None:
+    request = body()
+    extra = copy.deepcopy(request["resources"]["container"][0])
+    extra["ref_id"] = "sidecar"
+    extra["plan"]["cluster_topology"][0]["zone_count"] = 1
+    request["resources"]["container"].append(extra)
+    created = admin.create(request)
+    assert written(admin.platform)[1] == 3
+    # Without prune_orphans the sidecar stays; with it, it goes.
+    admin.update(created["id"], body() | {"prune_orphans": False})
+    assert written(admin.platform)[1] == 3
+    reply = admin.update(created["id"], body() | {"prune_orphans": True})
+    assert [r["ref_id"] for r in reply["resources"]] == ["main"]
+    assert written(admin.platform)[1] == 2
+    assert sum(used(admin.platform).values()) == 1024

@@ -244,3 +244,22 @@ def test_lease_across_two_stores_is_taken_by_one(store: Store, store_url: str) -
             assert not tx.acquire_lease("constructor", "coord-1", T0 + TTL, TTL)
     finally:
         other.close()
+
+
+def test_resource_is_deleted_with_its_attempts_once_it_holds_no_instance(store: Store) -> None:
+    with_fleet(store, 2048)
+    with store.write() as tx:
+        tx.create_resource(resource("r2", ref_id="other"))
+        tx.create_plan_attempt(PlanAttemptRecord("a1", "r1", 1, "pending", PLAN, T0))
+        tx.create_instances([instance("instance-0", "alloc-0")], PORTS)
+    with store.write() as tx, pytest.raises(ConflictError) as held:
+        tx.delete_resource("r1")
+    assert held.value.code == "deployments.resource_has_instances"
+    with store.write() as tx:
+        tx.delete_instances("r1")
+        tx.delete_resource("r1")
+        with pytest.raises(NotFoundError):
+            tx.delete_resource("r1")
+    with store.read() as tx:
+        assert [r.id for r in tx.list_resources(["d1"])] == ["r2"]
+        assert tx.list_plan_attempts(["r1"]) == []

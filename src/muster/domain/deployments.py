@@ -180,7 +180,9 @@ class DeploymentAdmin:
         self, deployment_id: str, body: Any, *, validate_only: bool = False
     ) -> dict[str, Any]:
         """Apply ECE's DeploymentUpdateRequest: a new name, and a new plan for each container
-        resource given (a new ref_id adds a resource; resources not given keep their plan).
+        resource given (a new ref_id adds a resource). Resources not given keep their plan,
+        unless `prune_orphans` is true and `resources` is given: then they are removed, their
+        instances released.
         Instances whose topology element keeps its size stay where they are and take the new
         plan version; the others are released and their replacements placed, in the same
         transaction (the released memory counts as free for them). Returns ECE's
@@ -189,10 +191,10 @@ class DeploymentAdmin:
         Raises NotFoundError (deployments.deployment_not_found), ConflictError
         (deployments.deployment_shut_down) for a shut-down deployment, InvalidInputError as
         `create` does; on any error nothing changes."""
-        name, specs = check_update(body, self.platform.region)
+        name, specs, prune = check_update(body, self.platform.region)
         connected, now = self._connected(), self.platform.clock.now()
         try:
-            return self._update(deployment_id, name, specs, connected, now, validate_only)
+            return self._update(deployment_id, name, specs, prune, connected, now, validate_only)
         except _Validated as dry_run:
             return dry_run.result
 
@@ -200,7 +202,8 @@ class DeploymentAdmin:
         self,
         deployment_id: str,
         name: str | None,
-        specs: Sequence[ResourceSpec],
+        specs: Sequence[ResourceSpec] | None,
+        prune: bool,
         connected: Collection[str],
         now: datetime,
         validate_only: bool,
@@ -214,9 +217,14 @@ class DeploymentAdmin:
                 )
             existing = {r.ref_id: r for r in tx.list_resources([deployment_id])}
             candidates = tx.list_placement_candidates()
-            _zones_exist(specs, candidates)
+            _zones_exist(specs or [], candidates)
+            if prune and specs is not None:
+                given = {spec.ref_id for spec in specs}
+                for orphan in [r for ref_id, r in existing.items() if ref_id not in given]:
+                    tx.delete_instances(orphan.id)
+                    tx.delete_resource(orphan.id)
             changed: list[ResourceRecord] = []
-            for spec in specs:
+            for spec in specs or []:
                 resource = existing.get(spec.ref_id)
                 if resource is None:
                     resource = ResourceRecord(

@@ -240,11 +240,14 @@ def check_create(body: Any, region: str) -> tuple[str | None, list[ResourceSpec]
     return name, specs
 
 
-def check_update(body: Any, region: str) -> tuple[str | None, list[ResourceSpec]]:
-    """(new name or None, resources with a new plan) of ECE's DeploymentUpdateRequest.
-    Raises InvalidInputError."""
+def check_update(body: Any, region: str) -> tuple[str | None, list[ResourceSpec] | None, bool]:
+    """(new name or None, resources with a new plan or None when `resources` is absent,
+    prune_orphans) of ECE's DeploymentUpdateRequest. Raises InvalidInputError."""
     if not isinstance(body, Mapping):
         raise _refuse("body", "must be an object", code=INVALID_REQUEST)
     name = None if body.get("name") is None else check_name(body["name"])
+    prune = body.get("prune_orphans", False)
+    if not isinstance(prune, bool):
+        raise _refuse("prune_orphans", "must be true or false", code=INVALID_REQUEST)
     resources = body.get("resources")
-    return name, [] if resources is None else check_resources(resources, region)
+    return name, None if resources is None else check_resources(resources, region), prune

@@ -258,6 +258,12 @@ class Transaction(Protocol):
         (deployments.resource_not_found)."""
         ...
 
+    def delete_resource(self, resource_id: str) -> None:
+        """Delete a resource with its plan attempts. Raises NotFoundError
+        (deployments.resource_not_found), and ConflictError
+        (deployments.resource_has_instances) while any of its instances is recorded."""
+        ...
+
     def create_plan_attempt(self, attempt: PlanAttemptRecord) -> None:
         """Raises ConflictError if the attempt id exists."""
         ...

@@ -130,6 +130,25 @@ class DeploymentTables:
                 f"resource {resource_id!r} not found", code="deployments.resource_not_found"
             )
 
+    def delete_resource(self, resource_id: str) -> None:
+        held = self.conn.execute(
+            select(_i.instance_name).where(_i.resource_id == resource_id).limit(1)
+        ).first()
+        if held is not None:
+            raise ConflictError(
+                f"resource {resource_id!r} still has instances; release them first",
+                code="deployments.resource_has_instances",
+            )
+        self.conn.execute(
+            delete(t.plan_attempts).where(t.plan_attempts.c.resource_id == resource_id)
+        )
+        r = t.deployment_resources.c
+        result = self.conn.execute(delete(t.deployment_resources).where(r.id == resource_id))
+        if result.rowcount == 0:
+            raise NotFoundError(
+                f"resource {resource_id!r} not found", code="deployments.resource_not_found"
+            )
+
     def create_plan_attempt(self, attempt: PlanAttemptRecord) -> None:
         self._insert(t.plan_attempts, rec.plan_attempt_row(attempt), conflict="plan attempt exists")
 
