@@ -299,10 +299,10 @@ def create_app(
             response.headers.setdefault("cache-control", "no-store")
         return response
 
-    from muster.api.routes import agent, allocators, audit, runners, tokens, users
+    from muster.api.routes import agent, allocators, audit, deployments, runners, tokens, users
     from muster.ui import views as ui
 
-    for module in (tokens, users, audit, agent, allocators, runners):
+    for module in (tokens, users, audit, agent, allocators, runners, deployments):
         app.include_router(module.router, prefix=API)
     ui.install(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from muster.domain.deployments import check_id
 from muster.domain.models import (
     DeploymentRecord,
     InstanceRecord,
@@ -53,7 +54,7 @@ def get_deployment(
     """ECE's DeploymentGetResponse, with container resources under `resources.container`.
     Raises NotFoundError (deployments.deployment_not_found)."""
     with platform.store.read() as tx:
-        deployment = tx.get_deployment(deployment_id)
+        deployment = tx.get_deployment(check_id(deployment_id))
         resources = tx.list_resources([deployment_id])
         ids = [r.id for r in resources]
         instances = tx.list_instances(resource_ids=ids)

@@ -23,7 +23,7 @@ from muster.domain.plans import KIND, ResourceSpec, check_create, check_update
 from muster.domain.platform import Platform
 from muster.domain.store import Transaction
 from muster.domain.users import Principal
-from muster.errors import ConflictError, InvalidInputError
+from muster.errors import ConflictError, InvalidInputError, NotFoundError
 
 RUNNING, STOPPED = "running", "stopped"
 # Plan attempt statuses (PlanAttemptRecord.status).
@@ -36,7 +36,18 @@ def instance_name(number: int) -> str:
 
 
 def new_id() -> str:
+    """A deployment's or resource's id: 32 lowercase hex digits, as ECE's."""
     return secrets.token_hex(16)
+
+
+def check_id(deployment_id: str) -> str:
+    """Raises NotFoundError (deployments.deployment_not_found) for what no deployment id can be,
+    before the store sees it (a NUL is not even storable text)."""
+    if len(deployment_id) != 32 or not all(ch in "0123456789abcdef" for ch in deployment_id):
+        raise NotFoundError(
+            f"deployment {deployment_id[:64]!r} not found", code="deployments.deployment_not_found"
+        )
+    return deployment_id
 
 
 def connected_allocators(platform: Platform) -> frozenset[str]:
@@ -191,6 +202,7 @@ class DeploymentAdmin:
         Raises NotFoundError (deployments.deployment_not_found), ConflictError
         (deployments.deployment_shut_down) for a shut-down deployment, InvalidInputError as
         `create` does; on any error nothing changes."""
+        check_id(deployment_id)
         name, specs, prune = check_update(body, self.platform.region)
         connected, now = self._connected(), self.platform.clock.now()
         try:
@@ -298,7 +310,7 @@ class DeploymentAdmin:
         NotFoundError (deployments.deployment_not_found)."""
         now = self.platform.clock.now()
         with self.platform.store.write() as tx:
-            deployment = tx.get_deployment(deployment_id, for_update=True)
+            deployment = tx.get_deployment(check_id(deployment_id), for_update=True)
             released = 0
             for resource in tx.list_resources([deployment_id]):
                 released += tx.delete_instances(resource.id)
@@ -317,7 +329,7 @@ class DeploymentAdmin:
         DeploymentDeleteResponse. Raises NotFoundError (deployments.deployment_not_found) and,
         as ECE does, InvalidInputError (deployments.resource_not_shutdown) while it runs."""
         with self.platform.store.write() as tx:
-            deployment = tx.get_deployment(deployment_id, for_update=True)
+            deployment = tx.get_deployment(check_id(deployment_id), for_update=True)
             if deployment.status != STOPPED:
                 raise InvalidInputError(
                     f"deployment {deployment_id!r} is running; shut it down first "
