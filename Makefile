@@ -29,7 +29,7 @@ run: $(STAMP) ## install the first host under var/ (once) and serve it on https:
 test: $(STAMP) ## run the checks and every test
 	PATH=$(CURDIR)/$(BIN):$$PATH scripts/test
 
-check: $(STAMP) ## ruff format --check, ruff check, mypy --strict
+check: $(STAMP) ## ruff format --check, ruff check, mypy --strict, the layers (lint-imports)
 	PATH=$(CURDIR)/$(BIN):$$PATH scripts/check
 
 bench: $(STAMP) ## the benchmarks (quick; FULL=1 for the whole table)

@@ -28,7 +28,7 @@ DOCS_PNG = Path(__file__).resolve().parent.parent / "docs" / "heartbeat-latency.
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--full", action="store_true", help="the whole table (about 15 minutes)")
+    parser.add_argument("--full", action="store_true", help="the whole table (docs/benchmarks.md)")
     parser.add_argument("--hosts", type=int, nargs="+", help="host levels, e.g. 1000 5000")
     parser.add_argument("--window", type=float, help="seconds measured per level")
     parser.add_argument("--sustain", type=float, help="seconds measured at the last level")

@@ -68,7 +68,7 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_for(probe: Callable[[], T], timeout_s: float, what: str) -> T:
+def wait_for(probe: Callable[[], T | None], timeout_s: float, what: str) -> T:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = probe()
@@ -304,8 +304,12 @@ def demo(folder: Path, stack: ExitStack, *, use_netns: bool) -> None:
         console.print(f"  on {host.name}, {where}:")
         show(host.command(args)[4 if host.netns else 0 :], token)
         processes.start(host.name, host.command(args))
+
+    def started(name: str) -> Callable[[], bool]:
+        return lambda: "agent started" in processes.output(name)
+
     for host in hosts:
-        wait_for(lambda h=host: "agent started" in processes.output(h.name), 30, f"{host.name}")
+        wait_for(started(host.name), 30, f"{host.name}")
         for line in processes.output(host.name).splitlines():
             if line.startswith("✓"):
                 console.print(f"    {host.name}: {line}")

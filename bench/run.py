@@ -87,9 +87,9 @@ def quick_plan() -> Plan:
 
 
 def full_plan() -> Plan:
-    # 25,000 hosts need more than one coordinator process here (docs/benchmarks.md): one
-    # process's core saturates near 1,400 heartbeats/s, and RLIMIT_NOFILE (hard 20,000, not
-    # raisable) caps its connections; `--workers` (default: the CPUs) spreads both.
+    # 25,000 hosts need more than one coordinator process here: one process's core saturates,
+    # and RLIMIT_NOFILE (not raisable here) caps its connections (docs/benchmarks.md, 'What
+    # bounds each figure'); `--workers` (default: the CPUs) spreads both.
     return Plan(
         levels=[1000, 5000, 10000, 25000],
         fleet=25000,

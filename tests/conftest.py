@@ -34,6 +34,22 @@ from tests.processes import (  # noqa: F401 - re-exported for the test modules
     wait_until,
 )
 
+# What the test modules import from here, the process helpers included (for mypy's re-export rule).
+__all__ = [
+    "TOKENS",
+    "Coordinator",
+    "Finished",
+    "Installed",
+    "MusterProcess",
+    "create_token",
+    "free_port",
+    "install_coordinator",
+    "join",
+    "join_body",
+    "run_muster",
+    "wait_until",
+]
+
 
 @dataclass
 class Installed:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import OperationalError
 
 ADMIN_URL = os.environ.get(
@@ -20,7 +20,7 @@ ADMIN_URL = os.environ.get(
 )
 
 
-def _admin_engine():  # type: ignore[no-untyped-def]
+def _admin_engine() -> Engine:
     return create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
 
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx2 as httpx
 import pytest
@@ -43,7 +43,12 @@ def log_tail(path: Path, lines: int = 40) -> str:
 
 
 def wait_until(
-    probe: Callable[[], T], *, timeout_s: float, what: str, interval_s: float = 0.2
+    # `...`: a probe made in a loop binds its loop variable as a lambda default (`r=runner_id`).
+    probe: Callable[..., T | Literal[False] | None],
+    *,
+    timeout_s: float,
+    what: str,
+    interval_s: float = 0.2,
 ) -> T:
     """Poll `probe` until it returns something truthy (returned), failing after `timeout_s`."""
     deadline = time.monotonic() + timeout_s

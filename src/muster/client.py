@@ -13,8 +13,10 @@ from typing import Any
 
 import httpx2 as httpx
 
+from muster.address import host_port
 from muster.errors import (
     TOKEN_REFUSALS,
+    AlreadyInstalledError,
     ConflictError,
     CoordinatorUnreachableError,
     ForbiddenError,
@@ -23,9 +25,11 @@ from muster.errors import (
     NotFoundError,
     PayloadTooLargeError,
     RateLimitedError,
+    RunnerIdTakenError,
     StoreError,
     TokenRefusedError,
     UnauthenticatedError,
+    UntrustedCertificateError,
 )
 
 _BY_STATUS: dict[int, type[MusterError]] = {
@@ -36,6 +40,10 @@ _BY_STATUS: dict[int, type[MusterError]] = {
     409: ConflictError,
     413: PayloadTooLargeError,
     503: StoreError,
+}
+# Errors told apart by their code within one status.
+_BY_CODE: dict[str, type[MusterError]] = {
+    cls.code: cls for cls in (AlreadyInstalledError, RunnerIdTakenError)
 }
 DEFAULT_PORT = 12443
 
@@ -48,7 +56,7 @@ def base_url(host: str, default_port: int = DEFAULT_PORT) -> str:
     if value.count(":") == 1:
         return f"https://{value}"
     if value.count(":") > 1:  # a bare IPv6 address
-        return f"https://[{value}]:{default_port}"
+        return f"https://{host_port(value, default_port)}"
     return f"https://{value}:{default_port}"
 
 
@@ -83,8 +91,21 @@ def error_from_response(response: httpx.Response) -> MusterError:
         return RateLimitedError(
             message, retry_after_s=int(retry) if retry.isdigit() else 1, code=code
         )
-    cls = _BY_STATUS.get(response.status_code, MusterError)
+    cls = _BY_CODE.get(code) or _BY_STATUS.get(response.status_code, MusterError)
     return cls(message, code=code)
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether `kind` is in `exc`'s chain of causes (httpx wraps httpcore's error, which wraps
+    the ssl module's)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, kind):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 class Client:
@@ -148,13 +169,10 @@ class Client:
             try:
                 response = self._http.request(method, url, json=json, params=params)
             except httpx.ConnectError as exc:
-                if isinstance(
-                    exc.__cause__, ssl.SSLCertVerificationError
-                ) or "CERTIFICATE_VERIFY" in str(exc):
-                    raise MusterError(
+                if _caused_by(exc, ssl.SSLCertVerificationError):
+                    raise UntrustedCertificateError(
                         f"{self.coordinators[index]} presented a certificate this host does not "
-                        "trust (not signed by the platform CA, or not for this host name)",
-                        code="client.untrusted_certificate",
+                        "trust (not signed by the platform CA, or not for this host name)"
                     ) from exc
                 last = exc
                 continue

@@ -1,19 +1,24 @@
-"""The one exception tree of Muster; every error carries an ECE-style code.
+"""The one exception tree of Muster, and the `muster` command's exit code for each error.
 
-    MusterError                      (code, message; never a secret in either)
-     +-- InvalidInputError           400  bad request body, query or flag
+    MusterError                      500  (code, message; never a secret in either)
+     +-- InvalidInputError           400  bad request body, query, flag, variable or host.json key
      +-- UnauthenticatedError        401  no or wrong credentials
      +-- ForbiddenError              403  authenticated, not allowed
-     |    +-- TokenRefusedError      403  a roles token that may not join (see `reason`)
+     |    +-- TokenRefusedError      403  a roles token that may not join (status by `reason`)
      +-- NotFoundError               404  no such token, allocator, runner, key
      +-- ConflictError               409  already exists / in the wrong state
+     |    +-- AlreadyInstalledError  409  the storage path holds an installation
+     |    +-- RunnerIdTakenError     409  another runner has this id
      +-- PayloadTooLargeError        413
      +-- RateLimitedError            429  too many failures from one address
      +-- StoreError                  503  the store cannot be reached or written
-     +-- CoordinatorUnreachableError      (client side) no coordinator answered
-     +-- CAMismatchError                  (client side) coordinator's CA is not the pinned one
+     +-- CoordinatorUnreachableError 503  (client side) no coordinator answered
+     +-- CAMismatchError             495  (client side) coordinator's CA is not the pinned one
+     +-- UntrustedCertificateError   495  (client side) coordinator's certificate is not trusted
 
-The API maps class -> status in one table (`muster.api.app`); `muster.client` maps statuses back.
+Each class carries its HTTP status (a TokenRefusedError's depends on its reason: TOKEN_REFUSALS);
+`muster.api.app` renders any of them, `muster.client` maps statuses and codes back to the same
+classes, and EXIT_CODES below gives the `muster` command's exit code for each.
 """
 
 from __future__ import annotations
@@ -60,18 +65,6 @@ class TokenRefusedError(ForbiddenError):
         self.token_id = token_id
 
 
-# reason -> (HTTP status, CLI exit code). Exit codes are stable: scripts depend on them.
-TOKEN_REFUSALS: dict[str, tuple[int, int]] = {
-    "malformed_token": (400, 10),
-    "invalid_signature": (401, 11),
-    "unknown_token": (401, 12),
-    "revoked_token": (401, 13),
-    "expired_token": (401, 14),
-    "exhausted_token": (403, 15),
-    "roles_not_granted": (403, 16),
-}
-
-
 class NotFoundError(MusterError):
     code = "root.resource_not_found"
     status = 404
@@ -80,6 +73,18 @@ class NotFoundError(MusterError):
 class ConflictError(MusterError):
     code = "root.conflict"
     status = 409
+
+
+class AlreadyInstalledError(ConflictError):
+    """`muster install` on a storage path that already holds an installation."""
+
+    code = "install.already_installed"
+
+
+class RunnerIdTakenError(ConflictError):
+    """A join (or a runner's creation) with a runner id another runner has."""
+
+    code = "runners.runner_id_taken"
 
 
 class PayloadTooLargeError(MusterError):
@@ -109,3 +114,59 @@ class CoordinatorUnreachableError(MusterError):
 class CAMismatchError(MusterError):
     code = "client.ca_mismatch"
     status = 495
+
+
+class UntrustedCertificateError(MusterError):
+    code = "client.untrusted_certificate"
+    status = 495
+
+
+# Exit codes of the `muster` command. Scripts depend on them: a code never changes meaning, and
+# README.md documents every one (tests/test_errors.py checks both).
+EXIT_ERROR = 1  # any other failure
+EXIT_USAGE = 2  # a bad flag, environment variable or host.json value
+
+# The one table: error class, or a TokenRefusedError's reason, -> exit code. An error not listed
+# takes the code of its nearest listed base class, else EXIT_ERROR.
+EXIT_CODES: dict[type[MusterError] | str, int] = {
+    InvalidInputError: EXIT_USAGE,
+    AlreadyInstalledError: 3,
+    UnauthenticatedError: 4,
+    ForbiddenError: 5,
+    NotFoundError: 6,
+    RateLimitedError: 7,
+    "malformed_token": 10,
+    "invalid_signature": 11,
+    "unknown_token": 12,
+    "revoked_token": 13,
+    "expired_token": 14,
+    "exhausted_token": 15,
+    "roles_not_granted": 16,
+    CAMismatchError: 20,
+    CoordinatorUnreachableError: 21,
+    RunnerIdTakenError: 22,
+}
+
+# A refused roles token: reason -> (HTTP status, exit code).
+TOKEN_REFUSALS: dict[str, tuple[int, int]] = {
+    reason: (status, EXIT_CODES[reason])
+    for reason, status in {
+        "malformed_token": 400,
+        "invalid_signature": 401,
+        "unknown_token": 401,
+        "revoked_token": 401,
+        "expired_token": 401,
+        "exhausted_token": 403,
+        "roles_not_granted": 403,
+    }.items()
+}
+
+
+def exit_code_of(exc: MusterError) -> int:
+    """The `muster` command's exit code for `exc` (EXIT_CODES)."""
+    if isinstance(exc, TokenRefusedError) and exc.reason in EXIT_CODES:
+        return EXIT_CODES[exc.reason]
+    listed = [cls for cls in EXIT_CODES if isinstance(cls, type) and isinstance(exc, cls)]
+    if not listed:
+        return EXIT_ERROR
+    return EXIT_CODES[max(listed, key=lambda cls: len(cls.__mro__))]

@@ -13,21 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from muster.address import host_port
 from muster.agent import host
 from muster.agent.join import JoinPlan, join, save_agent_state, save_identity
 from muster.clock import Clock, SystemClock
+from muster.config import Settings, save_host
 from muster.domain import pki
 from muster.domain.models import ROLES
 from muster.domain.tokens import read_unverified_claims
-from muster.errors import ConflictError, InvalidInputError
-from muster.hoststate import (
-    HostConfig,
-    HostPaths,
-    check_workers,
-    save_host,
-    write_json,
-    write_private,
-)
+from muster.errors import AlreadyInstalledError, InvalidInputError
+from muster.hoststate import HostPaths, write_json, write_private
 
 if TYPE_CHECKING:
     from muster.domain.platform import Bootstrap
@@ -38,22 +33,16 @@ Progress = Callable[[str], None]
 @dataclass(frozen=True)
 class FirstHostOptions:
     storage: Path
-    api_port: int = 12443
-    bind: str = "0.0.0.0"
-    host_ip: str | None = None
+    # From the flags and environment: api_port, bind, availability_zone, region,
+    # heartbeat_interval_s, database_url, workers; host_ip and runner_id if given (else found).
+    settings: Settings = field(default_factory=Settings)
     external_hostnames: Sequence[str] = ()
-    availability_zone: str = "ece-zone-1"
-    region: str = "ece-region"
-    heartbeat_interval_s: float = 10.0
     capacity_mb: int | None = None
-    runner_id: str | None = None
-    database_url: str | None = None
-    workers: int = 1  # coordinator server processes
 
 
 @dataclass(frozen=True)
 class FirstHost:
-    config: HostConfig
+    config: Settings
     bootstrap: Bootstrap
     secrets_file: Path
 
@@ -64,29 +53,30 @@ class JoinOptions:
     coordinator: str
     token: str
     roles: tuple[str, ...] | None = None
-    availability_zone: str = "ece-zone-1"
+    # From the flags and environment: availability_zone; host_ip and runner_id if given; and,
+    # used when the host takes the coordinator role, api_port, bind and workers.
+    settings: Settings = field(default_factory=Settings)
     capacity_mb: int | None = None
-    host_ip: str | None = None
-    runner_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     public_hostname: str = ""
     ca_fingerprint: str | None = None
-    api_port: int = 12443  # used when the host takes the coordinator role
-    bind: str = "0.0.0.0"
     external_hostnames: Sequence[str] = ()
-    workers: int = 1  # used when the host takes the coordinator role
 
 
 def refuse_if_installed(paths: HostPaths) -> None:
-    """Raises ConflictError (code install.already_installed) if the path holds an install."""
+    """Raises AlreadyInstalledError if the path holds an install."""
     for marker in (paths.host_file, paths.bootstrap_secrets, paths.database, paths.agent_key):
         if marker.exists():
-            raise ConflictError(
+            raise AlreadyInstalledError(
                 f"{paths.root} already holds a Muster installation ({marker.name} exists); "
                 f"start it with `muster start --host-storage-path {paths.root}`, or choose "
-                "another path",
-                code="install.already_installed",
+                "another path"
             )
+
+
+def _check_capacity(capacity_mb: int | None) -> None:
+    if capacity_mb is not None and capacity_mb <= 0:
+        raise InvalidInputError("--capacity: must be a positive number of MB", fields=["capacity"])
 
 
 def _fresh(paths: HostPaths) -> list[Path]:
@@ -103,9 +93,9 @@ def install_first_host(
 ) -> FirstHost:
     paths = HostPaths(options.storage)
     refuse_if_installed(paths)
-    check_workers(options.workers)
+    _check_capacity(options.capacity_mb)
     clock = clock or SystemClock()
-    host_ip = options.host_ip or host.host_ip()
+    host_ip = options.settings.host_ip or host.host_ip()
     created = _fresh(paths)
     paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
@@ -128,15 +118,15 @@ def _install_first_host(
     from muster.domain.users import Principal
     from muster.storage import open_store
 
-    url = options.database_url or f"sqlite:///{paths.database}"
-    store = open_store(url)
+    settings = options.settings
+    store = open_store(settings.store_url(paths))
     try:
-        ca, bootstrap = create_platform(store, clock, region=options.region)
+        ca, bootstrap = create_platform(store, clock, region=settings.region)
         progress(f"platform created: CA {ca.fingerprint}")
         write_server_identity(paths, ca, host_ip, options.external_hostnames, clock)
         progress("coordinator certificate issued")
-        runner_id = options.runner_id or host_ip
-        platform = load_platform(store, clock, heartbeat_interval_s=options.heartbeat_interval_s)
+        runner_id = settings.runner_id or host_ip
+        platform = load_platform(store, clock, heartbeat_interval_s=settings.heartbeat_interval_s)
         memory_mb = host.total_memory_mb()
         installer = Principal(name="install", role="admin", method="local")
         record, token = enrollment.create_token(
@@ -157,13 +147,13 @@ def _install_first_host(
                 csr_pem=pki.build_csr(key, runner_id),
                 runner_id=runner_id,
                 host_ip=host_ip,
-                zone_id=options.availability_zone,
+                zone_id=settings.availability_zone,
                 roles=ROLES,
                 public_hostname=socket.gethostname(),
                 capacity_mb=options.capacity_mb
                 or host.default_capacity_mb(memory_mb, allocator_only=False),
                 report=host.report(paths.root, "install"),
-                api_port=options.api_port,
+                api_port=settings.api_port,
             ),
             source="install",
         )
@@ -180,25 +170,14 @@ def _install_first_host(
         "ca_fingerprint": bootstrap.ca_fingerprint,
     }
     write_json(paths.bootstrap_secrets, secrets, 0o600)
-    config = HostConfig(
-        roles=list(ROLES),
-        runner_id=runner_id,
-        host_ip=host_ip,
-        availability_zone=options.availability_zone,
-        coordinators=[],
-        api_port=options.api_port,
-        bind=options.bind,
-        region=options.region,
-        heartbeat_interval_s=options.heartbeat_interval_s,
-        database_url=options.database_url,
-        serves_api=True,
-        workers=options.workers,
+    config = settings.replace(
+        roles=ROLES, runner_id=runner_id, host_ip=host_ip, coordinators=(), serves_api=True
     )
     save_agent_state(
         paths,
         {
-            "coordinators": [f"127.0.0.1:{options.api_port}"],
-            "heartbeat_interval_seconds": options.heartbeat_interval_s,
+            "coordinators": [host_port("127.0.0.1", settings.api_port)],
+            "heartbeat_interval_seconds": settings.heartbeat_interval_s,
         },
     )
     save_host(paths, config)
@@ -240,22 +219,19 @@ def token_roles(token: str) -> tuple[str, ...]:
     return tuple(str(r) for r in roles)
 
 
-def install_additional_host(
-    options: JoinOptions, progress: Progress = lambda _m: None
-) -> HostConfig:
+def install_additional_host(options: JoinOptions, progress: Progress = lambda _m: None) -> Settings:
     """Join the platform at `options.coordinator`; on success the host's identity and host.json
-    are written. Raises what `muster.agent.join.join` raises, or ConflictError if installed."""
+    are written. Raises what `muster.agent.join.join` raises, or AlreadyInstalledError."""
     paths = HostPaths(options.storage)
     refuse_if_installed(paths)
-    check_workers(options.workers)
+    _check_capacity(options.capacity_mb)
+    settings = options.settings
     roles = options.roles if options.roles is not None else token_roles(options.token)
-    host_ip = options.host_ip or host.host_ip(toward=options.coordinator)
+    host_ip = settings.host_ip or host.host_ip(toward=options.coordinator)
     memory_mb = host.total_memory_mb()
     capacity = options.capacity_mb
     if capacity is None:
         capacity = host.default_capacity_mb(memory_mb, allocator_only=set(roles) == {"allocator"})
-    if options.capacity_mb is not None and options.capacity_mb <= 0:
-        raise InvalidInputError("--capacity: must be a positive number of MB", fields=["capacity"])
     created = _fresh(paths)
     paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
@@ -263,16 +239,16 @@ def install_additional_host(
             JoinPlan(
                 coordinator=options.coordinator,
                 token=options.token,
-                runner_id=options.runner_id or host_ip,
+                runner_id=settings.runner_id or host_ip,
                 host_ip=host_ip,
-                zone=options.availability_zone,
+                zone=settings.availability_zone,
                 capacity_mb=capacity,
                 roles=options.roles,
                 public_hostname=options.public_hostname,
                 tags=options.tags,
                 ca_fingerprint=options.ca_fingerprint,
                 report=host.report(paths.root, "install"),
-                api_port=options.api_port if "coordinator" in roles else None,
+                api_port=settings.api_port if "coordinator" in roles else None,
                 server_names=(socket.gethostname(), *options.external_hostnames),
             ),
             paths,
@@ -288,18 +264,15 @@ def install_additional_host(
     )
     interval = float(reply["heartbeat_interval_seconds"])
     serves_api = bool(reply.get("server_certificate"))
-    config = HostConfig(
-        roles=list(reply["roles"]),
+    config = settings.replace(
+        roles=tuple(reply["roles"]),
         runner_id=str(reply["runner_id"]),
         host_ip=host_ip,
-        availability_zone=options.availability_zone,
-        coordinators=coordinators,
+        coordinators=tuple(coordinators),
         heartbeat_interval_s=interval,
-        api_port=options.api_port,
-        bind=options.bind,
         database_url=reply.get("database_url") if serves_api else None,
         serves_api=serves_api,
-        workers=options.workers if serves_api else 1,
+        workers=settings.workers if serves_api else 1,
     )
     save_agent_state(paths, {"coordinators": coordinators, "heartbeat_interval_seconds": interval})
     save_host(paths, config)

@@ -38,13 +38,14 @@ from typing import Any
 import uvicorn
 
 from muster.agent.loop import Agent
-from muster.api.app import create_app
 from muster.api.tls import peer_cert_protocol, server_context
 from muster.clock import SystemClock
+from muster.config import Settings
 from muster.domain.platform import load_platform
 from muster.errors import MusterError
-from muster.hoststate import HostConfig, HostPaths, check_workers
+from muster.hoststate import HostPaths
 from muster.storage import open_store
+from muster.web import build_app
 
 log = logging.getLogger(__name__)
 
@@ -58,29 +59,17 @@ STOP_TIMEOUT_S = 20.0
 _PR_SET_PDEATHSIG = 1
 
 
-def database_url(paths: HostPaths, config: HostConfig) -> str:
-    return config.database_url or f"sqlite:///{paths.database}"
-
-
-def advertised(config: HostConfig) -> str:
-    return (
-        f"{config.host_ip}:{config.api_port}"
-        if ":" not in config.host_ip
-        else (f"[{config.host_ip}]:{config.api_port}")
-    )
-
-
 def serve_coordinator(
     paths: HostPaths,
-    config: HostConfig,
+    config: Settings,
     *,
     on_ready: Callable[[], None] | None = None,
     log_level: str = "warning",
 ) -> None:
     """Serve the API and UI until SIGINT/SIGTERM, with the local agent heartbeating to it: in
     this process (`config.workers` == 1) or in that many worker processes. Raises
-    InvalidInputError for a bad worker count, MusterError if workers keep failing."""
-    workers = check_workers(config.workers)
+    MusterError if workers keep failing."""
+    workers = config.workers
     if workers == 1:
         _serve(paths, config, log_level=log_level, on_started=on_ready)
     else:
@@ -89,7 +78,7 @@ def serve_coordinator(
 
 def _serve(
     paths: HostPaths,
-    config: HostConfig,
+    config: Settings,
     *,
     log_level: str,
     sockets: list[socket.socket] | None = None,
@@ -98,15 +87,13 @@ def _serve(
 ) -> None:
     """One server process: store, platform, app and uvicorn, until SIGINT/SIGTERM. With
     `sockets` it serves those (a worker; the supervisor migrated the store), else it binds."""
-    store = open_store(database_url(paths, config), migrate=sockets is None)
+    store = open_store(config.store_url(paths), migrate=sockets is None)
     try:
         platform = load_platform(
             store, SystemClock(), heartbeat_interval_s=config.heartbeat_interval_s
         )
-        coordinators = list(dict.fromkeys([advertised(config), *config.coordinators]))
-        # The benchmark's floor route (bench/, muster.api.fastpath); never set in production.
-        bench_routes = os.environ.get("MUSTER_BENCH_ROUTES") == "1"
-        app = create_app(platform, coordinators=coordinators, bench_routes=bench_routes)
+        coordinators = list(dict.fromkeys([config.advertised_address(), *config.coordinators]))
+        app = build_app(platform, coordinators=coordinators, bench_routes=config.bench_routes)
         _tune_gc()
         server = uvicorn.Server(_uvicorn_config(app, paths, config, log_level))
         agent = (
@@ -147,9 +134,7 @@ def _serve(
         store.close()
 
 
-def _uvicorn_config(
-    app: Any, paths: HostPaths, config: HostConfig, log_level: str
-) -> uvicorn.Config:
+def _uvicorn_config(app: Any, paths: HostPaths, config: Settings, log_level: str) -> uvicorn.Config:
     def tls(_config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         return server_context(
             certfile=paths.server_cert, keyfile=paths.server_key, cafile=paths.coordinator_ca
@@ -192,8 +177,8 @@ def _exit_on_signals(server: uvicorn.Server) -> dict[int, Any]:
 
 def _tune_gc() -> None:
     """Keep Python's full garbage collections rare: each one pauses every request for as long as
-    scanning all live objects takes (~0.3-0.9 s with 5,000-10,000 connected hosts, measured:
-    docs/benchmarks.md). What exists after start-up is frozen out of every later scan, and the
+    scanning all live objects takes (at fleet scale, the p99: see item 3 of 'Profile evidence'
+    in docs/benchmarks.md). What exists after start-up is frozen out of every later scan, and the
     young generations are collected in larger, still short, steps. A full collection then runs
     after 100 young-generation passes at the earliest (minutes, not seconds), so cyclic garbage
     (e.g. closed connections) waits that long to be freed."""
@@ -220,11 +205,11 @@ class Supervisor:
     """
 
     def __init__(
-        self, paths: HostPaths, config: HostConfig, count: int, *, log_level: str = "warning"
+        self, paths: HostPaths, config: Settings, count: int, *, log_level: str = "warning"
     ) -> None:
         self.paths = paths
         self.config = config
-        self.count = check_workers(count)
+        self.count = count
         self.log_level = log_level
         self._fork = multiprocessing.get_context("fork")
         self._sockets: list[list[socket.socket]] = []
@@ -365,17 +350,17 @@ class Supervisor:
             raise SystemExit(1) from None
 
 
-def _prepare(paths: HostPaths, config: HostConfig) -> None:
+def _prepare(paths: HostPaths, config: Settings) -> None:
     """Before any worker exists: migrate the store and check it holds a platform (so workers
     never migrate concurrently, and a bad store fails before forking), and build the app once
     so that every module it imports lazily is loaded here, shared by the forked workers. Raises
     StoreError."""
-    store = open_store(database_url(paths, config))
+    store = open_store(config.store_url(paths))
     try:
         platform = load_platform(
             store, SystemClock(), heartbeat_interval_s=config.heartbeat_interval_s
         )
-        create_app(platform)  # not started: no thread, no connection kept
+        build_app(platform)  # not started: no thread, no connection kept
     finally:
         store.close()
 
@@ -439,11 +424,11 @@ def _exit_status(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def run_agent(paths: HostPaths, config: HostConfig, *, on_event: Callable[[str], None]) -> None:
+def run_agent(paths: HostPaths, config: Settings, *, on_event: Callable[[str], None]) -> None:
     """Heartbeat in the foreground until SIGINT/SIGTERM."""
     agent = Agent(
         paths,
-        config.coordinators,
+        list(config.coordinators),
         interval_s=config.heartbeat_interval_s,
         max_backoff_s=config.agent_max_backoff_s,
         on_event=on_event,

@@ -89,7 +89,7 @@ def ids(overview: dict[str, Any]) -> list[str]:
     return [a["allocator_id"] for zone in overview["zones"] for a in zone["allocators"]]
 
 
-def get(client: TestClient, installed: Installed, path: str = "", **params: Any) -> Any:
+def get(client: TestClient, installed: Installed, path: str = "", /, **params: Any) -> Any:
     response = client.get(ALLOCATORS + path, params=params, auth=installed.readonly)
     assert response.status_code == 200, response.text
     return response.json()
@@ -164,7 +164,7 @@ def test_listing_replies_are_the_bytes_their_response_models_serialise(
     client.put(ALLOCATORS + "/10.0.0.1/settings", json={"capacity": 16384}, auth=fleet.admin)
     client.put(ALLOCATORS + "/10.0.0.1/metadata/zkey", json={"value": 'é\n"x'}, auth=fleet.admin)
     client.post(ALLOCATORS + "/10.0.0.3/maintenance-mode/_start", auth=fleet.admin)
-    replies = [
+    replies: list[tuple[type[AllocatorOverview | RunnerOverview], Any]] = [
         (AllocatorOverview, client.get(ALLOCATORS, auth=fleet.readonly)),
         (AllocatorOverview, client.get(ALLOCATORS + "?q=zone:ece-zone-2", auth=fleet.readonly)),
         (AllocatorOverview, client.post(ALLOCATORS + "/_search", json={}, auth=fleet.readonly)),

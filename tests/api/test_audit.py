@@ -217,3 +217,32 @@ def test_readonly_user_may_not_read_the_trail(client: TestClient, installed: Ins
     assert response.status_code == 403
     assert response.json()["errors"][0]["code"] == "root.unauthorized.rbac"
     assert client.get(AUDIT).status_code == 401
+
+
+def test_a_name_that_is_no_user_is_never_recorded(client: TestClient, installed: Installed) -> None:
+    """A password typed into the user-name field stays out of the trail: an unknown name is
+    recorded as a keyed digest, the same for the same text."""
+    typed = installed.admin[1]
+    client.get(TOKENS, auth=(typed, "x"))
+    client.post("/api/v1/users/auth/_login", json={"username": typed, "password": "x"})
+    client.post("/api/v1/users/auth/_login", json={"username": "nobody", "password": "x"})
+    other, second, first = [e["actor"] for e in events(client, installed, kind="login.failed")]
+    assert first == second != other
+    assert first.startswith("unknown user ")
+    assert other.startswith("unknown user ")
+    trail = client.get(AUDIT, params={"size": 1000}, auth=installed.admin).text
+    assert typed not in trail
+    assert "nobody" not in trail
+
+
+def test_each_refused_session_is_recorded_once(client: TestClient, installed: Installed) -> None:
+    refused = client.post(
+        "/api/v1/users/auth/_refresh", headers={"Authorization": "Bearer ms_" + "D" * 43}
+    )
+    assert refused.status_code == 401
+    client.cookies.set("muster_session", "ms_" + "E" * 43)
+    assert client.get(TOKENS).status_code == 401
+    client.cookies.clear()
+    failed = events(client, installed, kind="login.failed")
+    assert [e["detail"]["method"] for e in failed] == ["session", "refresh"]
+    assert {(e["actor"], e["source"]) for e in failed} == {("", "testclient")}

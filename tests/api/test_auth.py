@@ -11,7 +11,8 @@ import httpx2 as httpx
 import pytest
 from fastapi.testclient import TestClient
 
-import muster.api.auth
+import muster.domain.sessions
+import muster.domain.users
 from muster.clock import FakeClock
 from muster.domain.users import hash_secret
 from tests.conftest import TOKENS, Installed, create_token
@@ -26,6 +27,7 @@ def ece_error(response: httpx.Response, status: int, code: str) -> dict[str, Any
     assert response.status_code == status, response.text
     body = response.json()
     assert list(body) == ["errors"]
+    element: dict[str, Any]
     [element] = body["errors"]
     assert element["code"] == code
     assert element["message"]
@@ -306,13 +308,13 @@ def verifies(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Counts argon2 verifications done for Basic auth (a unit seam, not a mock of behaviour:
     the real verify still runs)."""
     calls: list[str] = []
-    real = muster.api.auth.verify_password
+    real = muster.domain.users.verify_password
 
     def counting(password_hash: str, password: str) -> bool:
         calls.append(password_hash)
         return real(password_hash, password)
 
-    monkeypatch.setattr(muster.api.auth, "verify_password", counting)
+    monkeypatch.setattr(muster.domain.sessions, "verify_password", counting)
     return calls
 
 
@@ -389,3 +391,22 @@ def test_failed_logins_under_the_limit_do_not_block(
 ) -> None:
     fail_logins(client, 9)
     assert client.get(TOKENS, auth=installed.admin).status_code == 200
+
+
+def test_failed_refreshes_count_but_a_live_session_still_refreshes(
+    client: TestClient, installed: Installed
+) -> None:
+    token = login(client, *installed.admin)["token"]
+    for _ in range(10):
+        refused = client.post(REFRESH, headers=bearer("ms_" + "B" * 43))
+        ece_error(refused, 401, "root.unauthorized")
+    ece_error(client.get(TOKENS, auth=installed.admin), 429, "root.too_many_failed_logins")
+    assert client.post(REFRESH, headers=bearer(token)).status_code == 200
+
+
+def test_failed_bearer_tokens_count_towards_the_limit(
+    client: TestClient, installed: Installed
+) -> None:
+    for _ in range(10):
+        unauthenticated(client.get(TOKENS, headers=bearer("ms_" + "B" * 43)))
+    ece_error(client.get(TOKENS, auth=installed.admin), 429, "root.too_many_failed_logins")

@@ -23,6 +23,7 @@ def ece_error(response: httpx.Response, status: int, code: str) -> dict[str, Any
     assert response.status_code == status, response.text
     body = response.json()
     assert list(body) == ["errors"]
+    element: dict[str, Any]
     [element] = body["errors"]
     assert element["code"] == code
     assert isinstance(element["message"], str)

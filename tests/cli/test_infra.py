@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from muster.cli import infra
-from muster.cli.common import EXIT_NOT_FOUND, EXIT_USAGE
 from muster.cli.main import app
+from muster.errors import EXIT_CODES, EXIT_USAGE, NotFoundError
 from tests.conftest import Coordinator, join_body, wait_until
 
 FIRST_HOST = "127.0.0.1"
@@ -83,7 +83,7 @@ def test_allocator_show_and_unknown_allocator_exit_code(muster: Any) -> None:
     assert doc["status"]["connected"] is True
     assert "CAPACITY" in ok(muster("allocator", "show", FIRST_HOST))
     missing = muster("allocator", "show", "10.255.255.1")
-    assert missing.exit_code == EXIT_NOT_FOUND
+    assert missing.exit_code == EXIT_CODES[NotFoundError]
     assert "allocators.allocator_not_found" in missing.output
     assert len(missing.output.strip().splitlines()) == 1
 
@@ -112,7 +112,7 @@ def test_metadata_set_filter_show_delete(muster: Any) -> None:
         )
     assert {"key": "cli-rack", "value": "r7"} not in left
     gone = muster("allocator", "metadata", "delete", FIRST_HOST, "cli-rack")
-    assert gone.exit_code == EXIT_NOT_FOUND
+    assert gone.exit_code == EXIT_CODES[NotFoundError]
 
 
 def test_bad_filter_is_a_usage_error(muster: Any) -> None:
@@ -139,7 +139,7 @@ def test_runner_list_show_roles_and_delete(muster: Any, running_coordinator: Coo
     assert "deleted" in deleted
     assert "cli-runner-1" not in running_coordinator.runners()
     assert "cli-runner-1" not in running_coordinator.allocators()
-    assert muster("runner", "show", "cli-runner-1").exit_code == EXIT_NOT_FOUND
+    assert muster("runner", "show", "cli-runner-1").exit_code == EXIT_CODES[NotFoundError]
 
 
 def test_allocator_list_hides_disconnected_allocators_unless_all(

@@ -13,15 +13,16 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from muster.cli import common
-from muster.cli.common import (
-    EXIT_FORBIDDEN,
-    EXIT_NOT_FOUND,
-    EXIT_UNAUTHENTICATED,
-    EXIT_UNREACHABLE,
-    EXIT_USAGE,
-)
 from muster.cli.main import app
 from muster.domain import pki
+from muster.errors import (
+    EXIT_CODES,
+    EXIT_USAGE,
+    CoordinatorUnreachableError,
+    ForbiddenError,
+    NotFoundError,
+    UnauthenticatedError,
+)
 from tests.conftest import Coordinator, free_port, install_coordinator
 
 pytestmark = pytest.mark.e2e
@@ -197,7 +198,7 @@ def test_deleted_token_can_no_longer_join(muster: Muster, coordinator: Coordinat
 
 # -- errors: one line, a stable exit code, no traceback -----------------------------------------
 def test_unknown_token_id(muster: Muster) -> None:
-    line = one_line_error(muster("token", "delete", "no-such-token"), EXIT_NOT_FOUND)
+    line = one_line_error(muster("token", "delete", "no-such-token"), EXIT_CODES[NotFoundError])
     assert "enrollment_tokens.invalid_token_id" in line
     assert "no-such-token" in line
 
@@ -215,14 +216,14 @@ def test_bad_validity(muster: Muster) -> None:
 
 def test_bad_credentials(muster: Muster) -> None:
     line = one_line_error(
-        muster("token", "list", password="not-the-password"), EXIT_UNAUTHENTICATED
+        muster("token", "list", password="not-the-password"), EXIT_CODES[UnauthenticatedError]
     )
     assert "root.unauthenticated" in line
     assert "not-the-password" not in line
 
 
 def test_readonly_user_cannot_create(muster: Muster) -> None:
-    line = one_line_error(muster("token", "create", user="readonly"), EXIT_FORBIDDEN)
+    line = one_line_error(muster("token", "create", user="readonly"), EXIT_CODES[ForbiddenError])
     assert "root.unauthorized.rbac" in line
 
 
@@ -251,7 +252,7 @@ def test_coordinator_signed_by_another_ca(coordinator: Coordinator, tmp_path: Pa
 def test_no_coordinator_answering(coordinator: Coordinator) -> None:
     address = f"127.0.0.1:{free_port()}"
     result = connect("--coordinator-host", address, "--cacert", str(coordinator.ca_file))
-    assert address in one_line_error(result, EXIT_UNREACHABLE)
+    assert address in one_line_error(result, EXIT_CODES[CoordinatorUnreachableError])
 
 
 def test_storage_path_without_an_installation(tmp_path: Path) -> None:

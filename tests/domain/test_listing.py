@@ -284,7 +284,8 @@ class RecordingStore:
     """Wraps a store and records which transaction methods each search calls."""
 
     def __init__(self, inner: Any) -> None:
-        self.inner, self.calls, self.url = inner, [], inner.url
+        self.inner, self.url = inner, inner.url
+        self.calls: list[str] = []
 
     @contextmanager
     def read(self) -> Iterator[Any]:

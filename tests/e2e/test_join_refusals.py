@@ -16,15 +16,21 @@ from typing import Any
 
 import pytest
 
-from muster.cli.common import (
-    EXIT_ALREADY_INSTALLED,
-    EXIT_CA_MISMATCH,
-    EXIT_RUNNER_ID_TAKEN,
-    EXIT_UNREACHABLE,
+from muster.errors import (
+    EXIT_CODES,
+    TOKEN_REFUSALS,
+    AlreadyInstalledError,
+    CAMismatchError,
+    CoordinatorUnreachableError,
+    RunnerIdTakenError,
 )
-from muster.errors import TOKEN_REFUSALS
 from tests.conftest import Coordinator, Finished, free_port, run_muster, wait_until
 from tests.e2e.conftest import join_args, join_no_start, jwt_part
+
+EXIT_ALREADY_INSTALLED = EXIT_CODES[AlreadyInstalledError]
+EXIT_CA_MISMATCH = EXIT_CODES[CAMismatchError]
+EXIT_RUNNER_ID_TAKEN = EXIT_CODES[RunnerIdTakenError]
+EXIT_UNREACHABLE = EXIT_CODES[CoordinatorUnreachableError]
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e-join-refusals")]
 
@@ -78,7 +84,8 @@ class Refusal:
 def _revoked(first: Coordinator, _other: Coordinator, _logs: Path) -> str:
     created = first.create_token()
     assert first.api("DELETE", f"{TOKENS}/{created['token_id']}").status_code == 200
-    return created["token"]
+    token: str = created["token"]
+    return token
 
 
 def _expired(first: Coordinator, _other: Coordinator, _logs: Path) -> str:

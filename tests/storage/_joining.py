@@ -4,7 +4,7 @@ backend, test_races across two coordinators)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from muster.domain import pki
@@ -22,7 +22,7 @@ def join_request(token: str, runner_id: str) -> JoinRequest:
     )
 
 
-def race(calls: list[Callable[[], Any]]) -> list[Any]:
+def race(calls: Sequence[Callable[[], Any]]) -> list[Any]:
     """Run the calls at the same instant (a barrier), each in its own thread; each result or
     exception, in order."""
     barrier = threading.Barrier(len(calls))

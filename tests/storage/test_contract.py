@@ -600,7 +600,8 @@ def test_records_by_id_skip_unknown_ids_past_any_parameter_limit(store: Store) -
     with store.read() as tx:
         found = tx.list_allocators_by_id([*reversed(ids), "nope", ids[0]])
         hosts = tx.list_runners_by_id([ids[2], "nope", ids[0]])
-        assert tx.list_allocators_by_id([]) == tx.list_runners_by_id([]) == []
+        assert tx.list_allocators_by_id([]) == []
+        assert tx.list_runners_by_id([]) == []
     assert sorted(found, key=lambda a: a.allocator_id) == [allocator(rid) for rid in sorted(ids)]
     assert sorted(r.runner_id for r in hosts) == [ids[0], ids[2]]
     assert hosts == [runner(r.runner_id) for r in hosts]

@@ -4,6 +4,7 @@ admitted host exactly once, counts token uses exactly, and fails only the join a
 from __future__ import annotations
 
 import threading
+from functools import partial
 from typing import Any
 
 import pytest
@@ -31,9 +32,7 @@ def _join_all(platform: Platform, requests: list[JoinRequest]) -> list[Any]:
     """Join every request from its own thread, all released at once; each result or error."""
     return race(
         [
-            lambda i=i, request=request: join_host(
-                platform, request, source=f"10.0.{i // 250}.{i % 250}"
-            )
+            partial(join_host, platform, request, source=f"10.0.{i // 250}.{i % 250}")
             for i, request in enumerate(requests)
         ]
     )
@@ -106,7 +105,7 @@ def test_taken_and_twice_claimed_runner_ids_fail_only_their_own_joins(platform: 
         for r in results
     ]
     assert outcomes[0] == "runners.runner_id_taken"
-    assert sorted(outcomes[1:3]) == ["runners.runner_id_taken", "twin"]
+    assert sorted(outcomes[1:3], key=str) == ["runners.runner_id_taken", "twin"]
     assert outcomes[3:] == [f"new-{i}" for i in range(5)]
     assert _uses(platform, token_id) == 1 + 6
     with platform.store.read() as tx:

@@ -5,6 +5,7 @@ capacity, and no allocator holds more than its capacity. On SQLite and PostgreSQ
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,7 @@ def test_concurrent_creates_never_overcommit(stores: list[Store]) -> None:
         DeploymentAdmin(load_platform(store, SystemClock()), ADMIN, "test", connected=connected)
         for store in stores
     ]
-    results = race([lambda n=n, a=a: a.create(body(n)) for n, a in enumerate(admins)])
+    results = race([partial(a.create, body(n)) for n, a in enumerate(admins)])
     admitted = [r for r in results if isinstance(r, dict)]
     refused = [r for r in results if isinstance(r, InvalidInputError)]
     assert len(admitted) == K, [r for r in results if not isinstance(r, dict)][:3]
@@ -86,7 +87,7 @@ def test_one_of_many_coordinators_takes_the_constructor_lease(stores: list[Store
     now = SystemClock().now()
     results = race(
         [
-            lambda n=n, s=s: placement.hold_constructor_lease(s, f"coordinator-{n}", now)
+            partial(placement.hold_constructor_lease, s, f"coordinator-{n}", now)
             for n, s in enumerate(stores[:10])
         ]
     )

@@ -4,6 +4,7 @@ settle. Each Platform has its own engine and connections, as two coordinator pro
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -42,7 +43,7 @@ def test_single_use_token_admits_exactly_one_host_across_coordinators(
         one, ADMIN, source="test", roles=["allocator"], persistent=True, max_uses=1
     )
     calls = [
-        (lambda p=p, i=i: join_host(p, join_request(token, f"host-{i}"), source=f"10.0.0.{i}"))
+        partial(join_host, p, join_request(token, f"host-{i}"), source=f"10.0.0.{i}")
         for i, p in enumerate([one, two] * 4)
     ]
     results = race(calls)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from muster.errors import StoreError
+from muster.errors import InvalidInputError, StoreError
 from muster.storage import Store, open_store
 
 
@@ -203,5 +203,5 @@ def test_unwritable_file_is_a_store_error(read_only: Path) -> None:
 
 
 def test_memory_database_is_refused() -> None:
-    with pytest.raises(ValueError, match="file path"):
+    with pytest.raises(InvalidInputError, match="file path"):
         open_store("sqlite:///:memory:")

@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -28,14 +29,17 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-DESKTOP = {"width": 1280, "height": 860}
-PHONE = {"width": 390, "height": 844}
+DESKTOP: sync_api.ViewportSize = {"width": 1280, "height": 860}
+PHONE: sync_api.ViewportSize = {"width": 390, "height": 844}
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 # Liveness: 5 heartbeat intervals of 1 s, one flush, one UI poll of 2 s, and slack.
 DISCONNECT_TIMEOUT_MS = 30_000
 JOIN_TIMEOUT_MS = 90_000
 
-sync_api = pytest.importorskip("playwright.sync_api")
+if TYPE_CHECKING:
+    from playwright import sync_api as sync_api
+else:
+    sync_api = pytest.importorskip("playwright.sync_api")
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +76,7 @@ class Console:
     coordinator: Coordinator
     contexts: list[sync_api.BrowserContext]
 
-    def page(self, viewport: dict[str, int] | None = None) -> sync_api.Page:
+    def page(self, viewport: sync_api.ViewportSize | None = None) -> sync_api.Page:
         context = self.browser.new_context(
             ignore_https_errors=True,
             viewport=viewport or DESKTOP,
@@ -84,7 +88,9 @@ class Console:
         self.contexts.append(context)
         return context.new_page()
 
-    def login(self, user: str = "admin", viewport: dict[str, int] | None = None) -> sync_api.Page:
+    def login(
+        self, user: str = "admin", viewport: sync_api.ViewportSize | None = None
+    ) -> sync_api.Page:
         """A page signed in as `user` through the login form, showing the overview."""
         page = self.page(viewport)
         password = {

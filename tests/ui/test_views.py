@@ -4,6 +4,7 @@ pages."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from itertools import pairwise
 
@@ -11,15 +12,25 @@ import pytest
 from fastapi.testclient import TestClient
 from httpx2 import Response
 
-from muster.api.auth import csrf_token
 from muster.clock import FakeClock
 from muster.domain.models import SessionRecord
+from muster.domain.sessions import csrf_token
 from muster.domain.users import SESSION_MAX_LIFE, SESSION_TTL, hash_secret
+from muster.web import build_app
 from tests.conftest import TOKENS, Installed
 
 PAGES = ["/ui/overview", "/ui/allocators", "/ui/runners", "/ui/tokens", "/ui/audit"]
 RUNNERS = "/api/v1/platform/infrastructure/runners"  # one of the overview page's polls
 MINUTE = timedelta(minutes=1)
+
+
+@pytest.fixture
+def client(installed: Installed) -> Iterator[TestClient]:
+    """The API with the Cloud UI mounted, as the coordinator serves them."""
+    with TestClient(
+        build_app(installed.platform, flush_period_s=3600), base_url="https://testserver"
+    ) as c:
+        yield c
 
 
 def login(client: TestClient, username: str, password: str) -> str:
@@ -330,3 +341,36 @@ def test_session_cookie_lasts_while_the_browser_does_and_is_never_reset(
     assert session.expires_at == clock.now() + SESSION_TTL  # the page's request extended it
     assert "set-cookie" not in page.headers
     assert "set-cookie" not in polled.headers
+
+
+# -- a cookie naming no live session -----------------------------------------------------------
+STALE_COOKIE = {"Cookie": "muster_session=ms_" + "C" * 43}
+
+
+def failed_sign_ins(installed: Installed) -> list[str]:
+    with installed.platform.store.read() as tx:
+        events, _total = tx.list_audit(limit=1000, kind="login.failed")
+    return [e.detail["method"] for e in events]
+
+
+def test_stale_cookie_counts_once_and_is_cleared(client: TestClient, installed: Installed):
+    page = client.get("/ui/overview", headers=STALE_COOKIE, follow_redirects=False)
+    assert page.status_code == 303
+    assert 'muster_session=""' in page.headers["set-cookie"]  # the browser drops it
+    assert client.get(page.headers["location"]).status_code == 200  # the login page
+    assert failed_sign_ins(installed) == ["session"]
+
+
+def test_stale_cookies_count_towards_the_sign_in_limit(client: TestClient, installed: Installed):
+    for path in ["/ui/login", *PAGES, "/ui/nowhere", "/ui/login", "/ui/tokens", "/ui/audit"]:
+        response = client.get(path, headers=STALE_COOKIE, follow_redirects=False)
+        assert response.status_code in (200, 303)
+        assert 'muster_session=""' in response.headers["set-cookie"]
+    assert len(failed_sign_ins(installed)) == 10
+    response = client.post(
+        "/ui/login",
+        data={"username": "admin", "password": installed.bootstrap.admin_password},
+        follow_redirects=False,
+    )
+    assert response.status_code == 429
+    assert "Too many failed sign-ins" in response.text

@@ -222,7 +222,8 @@ def create_app(
     coordinators: list[str] | None = None,
     bench_routes: bool = False,
 ) -> FastAPI:
-    """The coordinator's ASGI application for `platform`.
+    """The API's ASGI application for `platform` (`muster.web.build_app` mounts the Cloud UI
+    on it for the coordinator).
 
     Starts the liveness flusher with the app's lifespan; `coordinators` lists the API addresses
     agents are told about; `bench_routes` adds the benchmark's floor route (muster.api.fastpath).
@@ -300,11 +301,9 @@ def create_app(
         return response
 
     from muster.api.routes import agent, allocators, audit, deployments, runners, tokens, users
-    from muster.ui import views as ui
 
     for module in (tokens, users, audit, agent, allocators, runners, deployments):
         app.include_router(module.router, prefix=API)
-    ui.install(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(SingleQueryValues)
     app.add_middleware(BodyLimit)

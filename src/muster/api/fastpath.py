@@ -59,7 +59,8 @@ class RunnerSnapshot(RunnerIdentities):
     Confirming is cheap: one aggregate read of what any change to a runner's valid serials moves
     (runner count and newest certificate expiry: joins and renewals; revoked count: deletions).
     Only when it moved (or every FULL_RELOAD_S, in case a future change does not move it) are
-    all serials read again (~3-5 µs per runner: ~100 ms for 25,000).
+    all serials read again: that read grows with the fleet (docs/benchmarks.md, 'Profile
+    evidence', item 2).
     """
 
     def __init__(self, platform: Platform, ttl_s: float = 2.0) -> None:

@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -16,35 +16,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from muster.errors import (
-    TOKEN_REFUSALS,
-    CAMismatchError,
-    ConflictError,
-    CoordinatorUnreachableError,
-    ForbiddenError,
-    InvalidInputError,
-    MusterError,
-    NotFoundError,
-    RateLimitedError,
-    TokenRefusedError,
-    UnauthenticatedError,
-)
+from muster.errors import EXIT_ERROR, EXIT_USAGE, MusterError, exit_code_of
 
 # Piped output (scripts, grep, tests) gets whole lines, never cut at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 10_000)
 err_console = Console(stderr=True)
-
-# Exit codes: scripts depend on them, so they never change meaning.
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_ALREADY_INSTALLED = 3
-EXIT_UNAUTHENTICATED = 4
-EXIT_FORBIDDEN = 5
-EXIT_NOT_FOUND = 6
-EXIT_RATE_LIMITED = 7
-EXIT_CA_MISMATCH = 20
-EXIT_UNREACHABLE = 21
-EXIT_RUNNER_ID_TAKEN = 22
 
 
 class Output(StrEnum):
@@ -87,32 +63,6 @@ ApiKeyOpt = Annotated[
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json")]
 
 
-def exit_code_of(exc: MusterError) -> int:
-    if isinstance(exc, TokenRefusedError):
-        return TOKEN_REFUSALS.get(exc.reason, (0, EXIT_ERROR))[1]
-    if isinstance(exc, CAMismatchError):
-        return EXIT_CA_MISMATCH
-    if isinstance(exc, CoordinatorUnreachableError):
-        return EXIT_UNREACHABLE
-    if isinstance(exc, ConflictError):
-        if exc.code == "runners.runner_id_taken":
-            return EXIT_RUNNER_ID_TAKEN
-        if exc.code == "install.already_installed":
-            return EXIT_ALREADY_INSTALLED
-        return EXIT_ERROR
-    if isinstance(exc, UnauthenticatedError):
-        return EXIT_UNAUTHENTICATED
-    if isinstance(exc, ForbiddenError):
-        return EXIT_FORBIDDEN
-    if isinstance(exc, NotFoundError):
-        return EXIT_NOT_FOUND
-    if isinstance(exc, RateLimitedError):
-        return EXIT_RATE_LIMITED
-    if isinstance(exc, InvalidInputError):
-        return EXIT_USAGE
-    return EXIT_ERROR
-
-
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -120,7 +70,8 @@ def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
 
 @contextmanager
 def errors_as_exit() -> Iterator[None]:
-    """Turn Muster errors into one line on stderr and the error's exit code: no tracebacks."""
+    """Turn Muster errors into one line on stderr and the error's exit code (muster.errors'
+    EXIT_CODES): no tracebacks."""
     try:
         yield
     except MusterError as exc:
@@ -130,7 +81,8 @@ def errors_as_exit() -> Iterator[None]:
 
 
 def _from_storage(storage: Path | None) -> tuple[list[str], Path | None]:
-    from muster.hoststate import HostPaths, load_host
+    from muster.config import load_host
+    from muster.hoststate import HostPaths
 
     if storage is None:
         return [], None
@@ -181,8 +133,9 @@ class Connection:
     cacert: Path | None = None
     storage: Path | None = None
     user: str | None = None
-    password: str | None = None
-    api_key: str | None = None
+    # Secrets: kept out of repr(), and so out of logs and tracebacks.
+    password: str | None = field(default=None, repr=False)
+    api_key: str | None = field(default=None, repr=False)
 
 
 def client_from(ctx: typer.Context) -> Any:

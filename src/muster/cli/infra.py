@@ -9,7 +9,6 @@ from urllib.parse import quote
 import typer
 
 from muster.cli.common import (
-    EXIT_USAGE,
     Output,
     OutputOpt,
     client_from,
@@ -19,6 +18,7 @@ from muster.cli.common import (
     fail,
     print_table,
 )
+from muster.errors import EXIT_USAGE
 
 allocator_app = typer.Typer(help="List and manage allocators.", no_args_is_help=True)
 metadata_app = typer.Typer(help="Show and change an allocator's metadata.", no_args_is_help=True)

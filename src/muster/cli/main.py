@@ -15,7 +15,6 @@ import typer
 
 from muster import __version__
 from muster.cli.common import (
-    EXIT_USAGE,
     ApiKeyOpt,
     CACertOpt,
     Connection,
@@ -30,6 +29,7 @@ from muster.cli.common import (
 )
 from muster.cli.infra import allocator_app, runner_app
 from muster.cli.tokens import token_app
+from muster.errors import EXIT_USAGE
 
 app = typer.Typer(
     name="muster",
@@ -106,22 +106,10 @@ WorkersOpt = Annotated[
     int | None,
     typer.Option(
         help="coordinator server processes on this host (default 1; at most one per CPU core "
-        "helps); kept in host.json for later starts",
+        "helps); kept in host.json for later starts [env var: MUSTER_WORKERS, this run only]",
         show_default=False,
     ),
 ]
-
-
-def _workers(value: int | None) -> None:
-    """Refuse a bad --workers before anything is changed."""
-    from muster.errors import InvalidInputError
-    from muster.hoststate import check_workers
-
-    if value is not None:
-        try:
-            check_workers(value)
-        except InvalidInputError as exc:
-            fail(exc.message, EXIT_USAGE)
 
 
 def _step(message: str) -> None:
@@ -172,13 +160,13 @@ def install(
         str | None, typer.Option(help="the name users reach this host by")
     ] = None,
     heartbeat_interval: Annotated[
-        float, typer.Option(help="seconds between agent heartbeats (first host)", min=0.2, max=3600)
+        float, typer.Option(help="seconds between agent heartbeats, 0.2-3600 (first host)")
     ] = 10.0,
     database_url: Annotated[
         str | None,
         typer.Option(
-            envvar="MUSTER_DATABASE_URL",
-            help="postgresql://... to keep the platform in PostgreSQL (default: embedded SQLite)",
+            help="postgresql://... to keep the platform in PostgreSQL (default: embedded SQLite) "
+            "[env var: MUSTER_DATABASE_URL]",
         ),
     ] = None,
     workers: WorkersOpt = None,
@@ -187,26 +175,31 @@ def install(
     """Install Muster on this host: the first host creates the platform; with
     --coordinator-host the host joins an existing one using a roles token."""
     from muster import install as installer
+    from muster.config import load_settings
 
-    _workers(workers)
     with errors_as_exit():
+        settings = load_settings(
+            {
+                "api_port": api_port,
+                "bind": bind,
+                "host_ip": host_ip,
+                "availability_zone": availability_zone,
+                "region": region,
+                "heartbeat_interval_s": heartbeat_interval,
+                "runner_id": runner_id,
+                "database_url": database_url,
+                "workers": workers,
+            }
+        )
         if coordinator_host is None:
             if roles_token or roles_token_file:
                 fail("--roles-token needs --coordinator-host (the platform to join)", EXIT_USAGE)
             first = installer.install_first_host(
                 installer.FirstHostOptions(
                     storage=host_storage_path.absolute(),
-                    api_port=api_port,
-                    bind=bind,
-                    host_ip=host_ip,
+                    settings=settings,
                     external_hostnames=_split(external_hostname),
-                    availability_zone=availability_zone,
-                    region=region,
-                    heartbeat_interval_s=heartbeat_interval,
                     capacity_mb=capacity,
-                    runner_id=runner_id,
-                    database_url=database_url,
-                    workers=workers or 1,
                 ),
                 progress=_step,
             )
@@ -223,17 +216,12 @@ def install(
                     coordinator=coordinator_host,
                     token=token,
                     roles=tuple(_split(roles)) if roles is not None else None,
-                    availability_zone=availability_zone,
+                    settings=settings,
                     capacity_mb=capacity,
-                    host_ip=host_ip,
-                    runner_id=runner_id,
                     tags=_tags(allocator_tags),
                     public_hostname=public_hostname or "",
                     ca_fingerprint=ca_fingerprint,
-                    api_port=api_port,
-                    bind=bind,
                     external_hostnames=_split(external_hostname),
-                    workers=workers or 1,
                 ),
                 progress=_step,
             )
@@ -252,7 +240,7 @@ def _print_first_host(first: object) -> None:
 
     assert isinstance(first, FirstHost)
     config, boot = first.config, first.bootstrap
-    address = f"https://{config.host_ip}:{config.api_port}"
+    address = f"https://{config.advertised_address()}"
     console.print()
     console.print("[bold]Muster is installed.[/]")
     console.print(f"  Cloud UI and API   {address}/", highlight=False)
@@ -267,7 +255,7 @@ def _print_first_host(first: object) -> None:
     console.print(f"  secrets file       {first.secrets_file}", highlight=False, soft_wrap=True)
     console.print("\nAdd an allocator host (run on that host):", highlight=False)
     console.print(
-        f"  muster install --coordinator-host {config.host_ip}:{config.api_port} "
+        f"  muster install --coordinator-host {config.advertised_address()} "
         f"--roles-token '{boot.tokens['allocator_only_token']}' --roles allocator "
         "--host-storage-path /var/lib/muster",
         highlight=False,
@@ -281,33 +269,37 @@ def start(
     host_storage_path: Annotated[Path, typer.Option(help="where this host keeps its state")],
     database_url: Annotated[
         str | None,
-        typer.Option(envvar="MUSTER_DATABASE_URL", help="override the store's URL (coordinators)"),
+        typer.Option(
+            help="override the store's URL for this run (coordinators) "
+            "[env var: MUSTER_DATABASE_URL]"
+        ),
     ] = None,
     workers: WorkersOpt = None,
 ) -> None:
     """Run an installed host again in the foreground (SIGINT/SIGTERM stop it)."""
-    _workers(workers)
     _start(host_storage_path.absolute(), database_url, workers)
 
 
 def _start(path: Path, database_url: str | None = None, workers: int | None = None) -> None:
-    from muster.hoststate import HostPaths, load_host, save_host
-    from muster.server import run_agent, serve_coordinator
+    from muster.config import load_host, load_settings, save_host
+    from muster.hoststate import HostPaths
 
     paths = HostPaths(path)
-    config = load_host(paths)
-    if config is None:
-        fail(f"{path} holds no Muster installation; run `muster install` first", EXIT_USAGE)
-    if workers is not None and workers != config.workers:
-        if not config.serves_api:
-            fail("--workers: this host runs no coordinator, only its agent", EXIT_USAGE)
-        config.workers = workers
-        save_host(paths, config)  # later starts keep it
-    if database_url:
-        config.database_url = database_url  # this run only
     with errors_as_exit():
+        saved = load_host(paths)
+        if saved is None:
+            fail(f"{path} holds no Muster installation; run `muster install` first", EXIT_USAGE)
+        # The flags and MUSTER_* variables hold for this run; only --workers is kept.
+        config = load_settings({"database_url": database_url, "workers": workers}, saved)
+        if workers is not None and workers != saved.workers:
+            if not config.serves_api:
+                fail("--workers: this host runs no coordinator, only its agent", EXIT_USAGE)
+            save_host(paths, saved.replace(workers=workers))  # later starts keep it
+        # Imported once the settings hold: a bad value is refused without loading the server.
+        from muster.server import run_agent, serve_coordinator
+
         if config.serves_api:
-            address = f"https://{config.host_ip}:{config.api_port}/"
+            address = f"https://{config.advertised_address()}/"
             processes = f" with {config.workers} workers" if config.workers != 1 else ""
             serve_coordinator(
                 paths,

@@ -30,6 +30,7 @@ from muster.errors import (
     ConflictError,
     InvalidInputError,
     MusterError,
+    RunnerIdTakenError,
     StoreError,
     TokenRefusedError,
 )
@@ -44,7 +45,6 @@ WRITER_IDLE_S = 5.0
 # store's own commit_delay): a lone join is written at once.
 BURST_S = 0.05
 GATHER_S = 0.01
-_TAKEN = "runners.runner_id_taken"
 
 
 @dataclass(eq=False)
@@ -140,8 +140,9 @@ class _Group:
                     return
                 gather = len(self._waiting) < MAX_GROUP
             if gather and time.monotonic() - last_written < BURST_S:
-                # In a burst, a group costs ~300 µs of CPU however small, each join in it
-                # ~60 µs more: let the joins being checked right now join this one.
+                # In a burst, a group's fixed cost dwarfs what each join in it adds
+                # (docs/benchmarks.md, 'Profile evidence', item 4): let the joins being
+                # checked right now join this one.
                 time.sleep(GATHER_S)
             with self._changed:
                 group = self._waiting[:MAX_GROUP]
@@ -194,7 +195,8 @@ def _write_group(platform: Platform, group: list[Admission]) -> None:
             return
         (admission,) = group
         admission.uses = 0
-        admission.error = _runner_id_taken(admission) if exc.code == _TAKEN else exc
+        taken = isinstance(exc, RunnerIdTakenError)
+        admission.error = _runner_id_taken(admission) if taken else exc
     except MusterError as exc:
         for admission in group:
             if admission.uses or admission.error is None:  # its refusal, if any, stands
@@ -203,11 +205,10 @@ def _write_group(platform: Platform, group: list[Admission]) -> None:
                 admission.error.__cause__ = exc
 
 
-def _runner_id_taken(admission: Admission) -> ConflictError:
-    return ConflictError(
+def _runner_id_taken(admission: Admission) -> RunnerIdTakenError:
+    return RunnerIdTakenError(
         f"runner id {admission.runner.runner_id!r} is already taken; choose another with "
-        "--runner-id, or delete the old runner first",
-        code=_TAKEN,
+        "--runner-id, or delete the old runner first"
     )
 
 

@@ -1,12 +1,17 @@
-"""The audit trail: who did what to which token, key, session or runner, from where."""
+"""The audit trail: who did what to which token, key, session or runner, from where; written in
+the transaction of the change it records, read a page at a time."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from muster.clock import Clock
 from muster.domain.models import AuditEvent
 from muster.domain.store import Transaction
+from muster.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from muster.domain.platform import Platform
 
 # The kinds of event, as stored and filtered on.
 TOKEN_CREATED = "token.created"
@@ -17,6 +22,8 @@ API_KEY_CREATED = "api_key.created"
 API_KEY_DELETED = "api_key.deleted"
 LOGIN_SUCCEEDED = "login.succeeded"
 LOGIN_FAILED = "login.failed"
+SESSION_REFRESHED = "session.refreshed"
+SESSION_ENDED = "session.ended"
 RUNNER_JOINED = "runner.joined"
 RUNNER_DELETED = "runner.deleted"
 RUNNER_ROLES_CHANGED = "runner.roles_changed"
@@ -38,6 +45,8 @@ KINDS = (
     API_KEY_DELETED,
     LOGIN_SUCCEEDED,
     LOGIN_FAILED,
+    SESSION_REFRESHED,
+    SESSION_ENDED,
     RUNNER_JOINED,
     RUNNER_DELETED,
     RUNNER_ROLES_CHANGED,
@@ -102,3 +111,14 @@ def event(
         runner_id=runner_id,
         detail=detail,
     )
+
+
+def list_events(
+    platform: Platform, *, offset: int, limit: int, kind: str | None = None
+) -> tuple[list[AuditEvent], int]:
+    """A page of the trail, newest first, and how many events match (`kind` only, if given).
+    Raises InvalidInputError (field `kind`) for a kind not in KINDS."""
+    if kind is not None and kind not in KINDS:
+        raise InvalidInputError(f"kind: one of {', '.join(KINDS)}", fields=["kind"])
+    with platform.store.read() as tx:
+        return tx.list_audit(limit=limit, offset=offset, kind=kind)

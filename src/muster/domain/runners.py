@@ -19,6 +19,7 @@ from datetime import datetime
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from muster.address import host_port
 from muster.domain import admission, audit, pki
 from muster.domain.models import AllocatorRecord, HostReport, RunnerRecord
 from muster.domain.platform import Platform
@@ -157,8 +158,9 @@ def join_host(platform: Platform, request: JoinRequest, *, source: str) -> JoinR
 
 async def join_host_async(platform: Platform, request: JoinRequest, *, source: str) -> JoinResult:
     """`join_host` for the event loop. The checks and the signature run on the loop (CPU only,
-    about 0.3 ms); the commit is awaited without holding a thread; a refusal's audit event is
-    written from a worker thread. Raises as `join_host` does."""
+    and brief: docs/benchmarks.md, 'What bounds each figure'); the commit is awaited without
+    holding a thread; a refusal's audit event is written from a worker thread. Raises as
+    `join_host` does."""
     _check_join_rate(platform, source)
     claims: TokenClaims | None = None
     try:
@@ -315,7 +317,8 @@ def _is_ip(value: str) -> bool:
 
 
 def _address(host_ip: str, port: int | None) -> str:
-    return f"[{host_ip}]:{port}" if ":" in host_ip else f"{host_ip}:{port}"
+    assert port is not None  # _serves_api: a coordinator's join names its port
+    return host_port(host_ip, port)
 
 
 class CoordinatorDirectory:

@@ -298,7 +298,9 @@ class Transaction(Protocol):
         Raises ConflictError (deployments.capacity_changed, `fields` the allocator ids) if an
         allocator fails the check, or (deployments.no_free_port) if it has no port left in
         `ports`; nothing is written then and the locks are released, so the caller may read
-        the candidates again and retry in the same transaction."""
+        the candidates again and retry in the same transaction. Raises ConflictError
+        (deployments.instance_taken) if an instance name exists in its resource; some rows may
+        be written by then, so the caller lets the transaction roll back."""
         ...
 
     def list_instances(

@@ -1,6 +1,6 @@
 """Users, passwords, API keys and login sessions.
 
-Passwords are kept only as argon2id hashes. A verify costs ~130 ms of CPU, so a successful
+Passwords are kept only as argon2id hashes. A verify costs much CPU by design, so a successful
 Basic-auth check is remembered for a short time under an HMAC of the credentials with a key that
 lives only in this process: the cache never holds a password, and a wrong password still pays
 the full verify. API keys and session tokens are 256-bit random values; the store keeps their

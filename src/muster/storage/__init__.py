@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
+from muster.address import SCHEMES, check_database_url
 from muster.domain.store import Store, Transaction
 
-__all__ = ["Store", "Transaction", "open_store"]
+__all__ = ["SCHEMES", "Store", "Transaction", "check_database_url", "open_store"]
 
 
 def open_store(url: str, *, migrate: bool = True) -> Store:
     """Open the store at `url` (`sqlite:///PATH` or `postgresql://...`), migrated to the newest
-    schema unless `migrate` is False."""
+    schema unless `migrate` is False. Raises InvalidInputError for a URL no backend takes,
+    StoreError if the store cannot be opened."""
     store: Store
+    check_database_url(url)
     if url.startswith("sqlite:"):
         from muster.storage.sqlite import open_sqlite
 
         store = open_sqlite(url)
-    elif url.startswith(("postgresql:", "postgres:", "postgresql+psycopg:")):
+    else:
         from muster.storage.postgres import open_postgres
 
         store = open_postgres(url)
-    else:
-        raise ValueError(f"unsupported database URL scheme in {url.split(':', 1)[0]!r}")
     if migrate:
         from sqlalchemy.exc import SQLAlchemyError
 

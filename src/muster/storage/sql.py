@@ -27,7 +27,7 @@ from muster.domain.models import (
     TokenRecord,
     UserRecord,
 )
-from muster.errors import ConflictError, MusterError, NotFoundError, StoreError
+from muster.errors import ConflictError, MusterError, NotFoundError, RunnerIdTakenError, StoreError
 from muster.storage import _rows as rec
 from muster.storage import schema as t
 from muster.storage._deployments import DeploymentTables
@@ -237,7 +237,7 @@ class SqlTransaction(FleetReads, DeploymentTables):
             t.runners,
             rec.runner_row(runner),
             conflict=f"runner id {runner.runner_id!r} is already taken",
-            code="runners.runner_id_taken",
+            error=RunnerIdTakenError,
         )
 
     def create_runners(self, runners: Iterable[RunnerRecord]) -> None:
@@ -247,7 +247,7 @@ class SqlTransaction(FleetReads, DeploymentTables):
                 t.runners,
                 rows,
                 conflict="a runner id is already taken",
-                code="runners.runner_id_taken",
+                error=RunnerIdTakenError,
             )
 
     def find_runner(self, runner_id: str) -> RunnerRecord | None:
@@ -388,7 +388,13 @@ class SqlTransaction(FleetReads, DeploymentTables):
 
     # -- helpers ---------------------------------------------------------------------------------
     def _insert(
-        self, table: Any, values: dict[str, Any], *, conflict: str, code: str | None = None
+        self,
+        table: Any,
+        values: dict[str, Any],
+        *,
+        conflict: str,
+        code: str | None = None,
+        error: type[ConflictError] = ConflictError,
     ) -> None:
         """Insert one row; a duplicate key is a ConflictError that leaves the transaction
         usable (a savepoint where the backend needs one)."""
@@ -396,17 +402,23 @@ class SqlTransaction(FleetReads, DeploymentTables):
             with self.conn.begin_nested() if self.savepoints else nullcontext():
                 self.conn.execute(_INSERT[table], values)
         except IntegrityError as exc:
-            raise ConflictError(conflict, code=code) from exc
+            raise error(conflict, code=code) from exc
 
     def _insert_many(
-        self, table: Any, rows: list[dict[str, Any]], *, conflict: str, code: str | None = None
+        self,
+        table: Any,
+        rows: list[dict[str, Any]],
+        *,
+        conflict: str,
+        code: str | None = None,
+        error: type[ConflictError] = ConflictError,
     ) -> None:
         """Insert rows in one executemany. No savepoint: after a ConflictError some rows may be
         written, and the caller lets the transaction roll back."""
         try:
             self.conn.execute(_INSERT[table], rows)
         except IntegrityError as exc:
-            raise ConflictError(conflict, code=code) from exc
+            raise error(conflict, code=code) from exc
 
     # -- sliding sessions ------------------------------------------------------------------------
     def extend_session(self, token_hash: str, expires_at: datetime) -> bool:

@@ -1,6 +1,7 @@
 """The Cloud UI: page shells rendered with Jinja2 whose scripts read and change the platform
 through the same JSON API as every other client, plus the login and logout that set and clear
-the `muster_session` cookie. No page holds data the API does not serve.
+the `muster_session` cookie (signing in is `muster.domain.sessions`). No page holds data the API
+does not serve. Async handlers call the domain in a thread: the store may wait for a lock.
 """
 
 from __future__ import annotations
@@ -18,19 +19,12 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
 
 from muster import __version__
-from muster.api.auth import (
-    SESSION_COOKIE,
-    check_password,
-    csrf_token,
-    platform_of,
-    principal_from_session,
-    source_of,
-)
-from muster.api.routes.users import start_session
-from muster.domain import audit
+from muster.domain import audit, sessions
 from muster.domain.models import ROLES
+from muster.domain.platform import Platform
 from muster.domain.runners import CoordinatorDirectory
-from muster.domain.users import Principal, hash_secret
+from muster.domain.sessions import SESSION_COOKIE
+from muster.domain.users import Principal
 from muster.errors import RateLimitedError, UnauthenticatedError
 
 HERE = Path(__file__).parent
@@ -71,15 +65,40 @@ def _asset_version() -> str:
     return f"{__version__}-{newest % 10**9:x}"
 
 
+def platform_of(request: Request) -> Platform:
+    platform: Platform = request.app.state.platform
+    return platform
+
+
+def source_of(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
 def _viewer(request: Request) -> Viewer | None:
+    """The signed-in user of the session cookie. A cookie naming no live session counts as a
+    failed sign-in (`muster.domain.sessions.find_session_principal`); the response then clears
+    it (`_forget_refused_cookie`), so the redirect to the login page does not count it again.
+    Touches the store: call it in a thread from async handlers."""
     token = request.cookies.get(SESSION_COOKIE)
     if not token:
         return None
     platform = platform_of(request)
-    principal = principal_from_session(platform, token)
+    principal = sessions.find_session_principal(platform, token, source=source_of(request))
     if principal is None:
+        request.state.refused_cookie = True
         return None
-    return Viewer(principal, csrf_token(platform, token))
+    return Viewer(principal, sessions.csrf_token(platform, token))
+
+
+def _delete_cookie(response: Response) -> Response:
+    response.delete_cookie(SESSION_COOKIE, path="/", secure=True, httponly=True, samesite="strict")
+    return response
+
+
+def _forget_refused_cookie(request: Request, response: Response) -> Response:
+    if getattr(request.state, "refused_cookie", False):
+        _delete_cookie(response)
+    return response
 
 
 def _render(
@@ -106,9 +125,10 @@ def _safe_next(value: str | None) -> str:
     return value
 
 
-def _to_login(request: Request) -> RedirectResponse:
+def _to_login(request: Request) -> Response:
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    return RedirectResponse(f"{UI}/login?next={quote(target, safe='/')}", status_code=303)
+    response = RedirectResponse(f"{UI}/login?next={quote(target, safe='/')}", status_code=303)
+    return _forget_refused_cookie(request, response)
 
 
 def _is_same_origin(request: Request) -> bool:
@@ -151,7 +171,8 @@ def login_page(request: Request) -> Response:
         notice = "You have logged out."
     elif request.query_params.get("expired"):
         notice = "Your session has ended. Log in again to continue."
-    return _render(request, "login.html", None, title="Log in", next=target, notice=notice)
+    page = _render(request, "login.html", None, title="Log in", next=target, notice=notice)
+    return _forget_refused_cookie(request, page)
 
 
 @router.post(f"{UI}/login")
@@ -171,11 +192,14 @@ async def login(request: Request) -> Response:
             error="This sign-in form was sent from another site and was refused. Open the "
             "Cloud UI address directly and sign in there.",
         )
-    platform = platform_of(request)
-    source = source_of(request)
     try:
-        principal = await run_in_threadpool(
-            check_password, platform, username, form.get("password", ""), source
+        started = await run_in_threadpool(
+            sessions.log_in,
+            platform_of(request),
+            username,
+            form.get("password", ""),
+            source=source_of(request),
+            ui=True,
         )
     except (UnauthenticatedError, RateLimitedError) as exc:
         status = 429 if isinstance(exc, RateLimitedError) else 401
@@ -195,13 +219,6 @@ async def login(request: Request) -> Response:
             username=username,
             error=message,
         )
-    token, _expires_at = await run_in_threadpool(
-        start_session, platform, principal.name, sliding=True
-    )
-    with platform.store.write() as tx:
-        audit.record(
-            tx, platform.clock, audit.LOGIN_SUCCEEDED, actor=principal.name, source=source, via="ui"
-        )
     response = RedirectResponse(target, status_code=303)
     # A browser-session cookie (no Max-Age): the server alone says when the session ends (an
     # unused hour, or SESSION_MAX_LIFE after login) and the cookie can never end first, so
@@ -209,7 +226,7 @@ async def login(request: Request) -> Response:
     # Closing the browser drops it.
     response.set_cookie(
         SESSION_COOKIE,
-        token,
+        started.token,
         path="/",
         secure=True,
         httponly=True,
@@ -221,10 +238,11 @@ async def login(request: Request) -> Response:
 @router.post(f"{UI}/logout")
 async def logout(request: Request) -> Response:
     form = await _form(request)
-    viewer = _viewer(request)
+    viewer = await run_in_threadpool(_viewer, request)
     token = request.cookies.get(SESSION_COOKIE)
     if viewer is not None and token:
-        if form.get("csrf_token", "") != viewer.csrf:
+        platform = platform_of(request)
+        if not sessions.is_csrf_token(platform, token, form.get("csrf_token", "")):
             return _render(
                 request,
                 "message.html",
@@ -234,12 +252,10 @@ async def logout(request: Request) -> Response:
                 message="The logout form did not carry this session's security token. Reload "
                 "the page and log out again.",
             )
-        platform = platform_of(request)
-        with platform.store.write() as tx:
-            tx.delete_session(hash_secret(token))
-    response = RedirectResponse(f"{UI}/login?logged_out=1", status_code=303)
-    response.delete_cookie(SESSION_COOKIE, path="/", secure=True, httponly=True, samesite="strict")
-    return response
+        await run_in_threadpool(
+            sessions.log_out, platform, token, source=source_of(request), ui=True
+        )
+    return _delete_cookie(RedirectResponse(f"{UI}/login?logged_out=1", status_code=303))
 
 
 def _page(request: Request, template: str, page: str, title: str, **context: Any) -> Response:

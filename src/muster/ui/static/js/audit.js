@@ -25,7 +25,8 @@
     "token.revoked": "Token revoked", "api_key.created": "API key created", "api_key.deleted": "API key deleted",
     "login.succeeded": "Signed in", "login.failed": "Sign-in failed", "runner.joined": "Host joined",
     "runner.deleted": "Host deleted", "runner.roles_changed": "Roles changed",
-    "allocator.maintenance": "Maintenance",
+    "allocator.maintenance": "Maintenance", "session.refreshed": "Session refreshed",
+    "session.ended": "Signed out",
   };
   for (const k of kinds) select.append(h("option", { value: k, text: (LABELS[k] || k) + " (" + k + ")" }));
   select.value = kind;

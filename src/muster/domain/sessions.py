@@ -1,0 +1,318 @@
+"""Signing in: passwords, login sessions (the API's `_login` and the Cloud UI's sliding ones),
+the principal behind a session, API key or Basic credentials, CSRF tokens, and the per-address
+limit on failed sign-ins. API keys are made and deleted in `muster.domain.apikeys`; the pure
+rules (hashes, expiries) live in `muster.domain.users`.
+
+Every change here writes its audit record in the same transaction as the change. Checking a
+password costs one argon2 verify (~130 ms of CPU, blocking): async callers run these functions in
+a thread, as they do every function that touches the store.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from muster.domain import audit
+from muster.domain.models import SessionRecord
+from muster.domain.platform import Platform
+from muster.domain.store import Transaction
+from muster.domain.users import (
+    API_KEY_PREFIX,
+    SESSION_PREFIX,
+    Principal,
+    extended_expiry,
+    hash_password,
+    hash_secret,
+    new_session,
+    verify_password,
+)
+from muster.errors import RateLimitedError, StoreError, UnauthenticatedError
+
+# The Cloud UI's session cookie (the API accepts it too, with the session's CSRF token).
+SESSION_COOKIE = "muster_session"
+UNKNOWN_USER = "unknown user"
+
+
+@dataclass(frozen=True)
+class NewSession:
+    """A session just started: its user, its token (returned once; the store keeps only its
+    SHA-256) and when it ends (UTC)."""
+
+    principal: Principal
+    token: str
+    expires_at: datetime
+
+
+def _unauthenticated(message: str, code: str = "root.unauthenticated") -> UnauthenticatedError:
+    return UnauthenticatedError(message, code=code)
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """A hash of a random password, verified against when the user is unknown."""
+    return hash_password(secrets.token_urlsafe(16))
+
+
+def _derived_key(platform: Platform, purpose: bytes) -> bytes:
+    return hmac.new(platform.signing_key, purpose, hashlib.sha256).digest()
+
+
+def unknown_user(platform: Platform, username: str) -> str:
+    """What the audit log names a sign-in of a user that does not exist: never the typed text
+    (it may be a password typed into the wrong field), but a short keyed HMAC of it, so repeated
+    attempts with one name read alike. Without the platform's key it cannot be tested against
+    guesses, and 32 bits name no text uniquely."""
+    key = _derived_key(platform, b"muster audit unknown user v1")
+    digest = hmac.new(key, username.encode("utf-8", "replace"), hashlib.sha256).hexdigest()
+    return f"{UNKNOWN_USER} {digest[:8]}"
+
+
+# ---- failed sign-ins --------------------------------------------------------------------------
+
+
+def check_login_allowed(platform: Platform, source: str) -> None:
+    """Raises RateLimitedError (root.too_many_failed_logins, with whole seconds to wait) when
+    `source` failed to sign in too often within the limiter's window."""
+    wait = platform.login_failures.retry_after_s(source, now_s=platform.clock.monotonic())
+    if wait:
+        raise RateLimitedError(
+            "too many failed sign-ins from this address; try again later",
+            retry_after_s=wait,
+            code="root.too_many_failed_logins",
+        )
+
+
+def _refuse(
+    platform: Platform, tx: Transaction, *, source: str, actor: str, method: str, now_s: float
+) -> None:
+    """Count a failed sign-in against `source` and audit it in `tx` (the caller commits)."""
+    platform.login_failures.record_failure(source, now_s=now_s)
+    audit.record(
+        tx,
+        platform.clock,
+        audit.LOGIN_FAILED,
+        actor=actor,
+        source=source,
+        outcome="root.unauthenticated",
+        method=method,
+    )
+
+
+def _record_refusal(platform: Platform, *, source: str, actor: str, method: str) -> None:
+    now_s = platform.clock.monotonic()
+    with platform.store.write() as tx:
+        _refuse(platform, tx, source=source, actor=actor, method=method, now_s=now_s)
+
+
+# ---- passwords and logins ---------------------------------------------------------------------
+
+
+def check_password(platform: Platform, username: str, password: str, *, source: str) -> Principal:
+    """The user named by a username and password (argon2id, or the short-lived cache of recent
+    successes). Blocking (argon2). Raises RateLimitedError before checking when `source` is
+    limited; UnauthenticatedError when the pair is wrong, counted and audited (an unknown
+    user's name is audited as `unknown_user`)."""
+    check_login_allowed(platform, source)
+    now_s = platform.clock.monotonic()
+    user = platform.credentials.get(username, password, now_s=now_s)
+    known = user is not None
+    if user is None:
+        with platform.store.read() as tx:
+            found = tx.find_user(username)
+        known = found is not None
+        # An unknown user pays the same argon2 verify as a known one: timing reveals no names.
+        known_hash = found.password_hash if found is not None else _dummy_hash()
+        if verify_password(known_hash, password) and found is not None:
+            user = found
+            platform.credentials.put(username, password, found, now_s=now_s)
+    if user is None:
+        actor = username[:64] if known else unknown_user(platform, username)
+        _record_refusal(platform, source=source, actor=actor, method="password")
+        raise _unauthenticated("the username or password is not correct")
+    return Principal(name=user.username, role=user.role, method="basic")
+
+
+def principal_from_basic(platform: Platform, credentials: str, *, source: str) -> Principal:
+    """The user of HTTP Basic `credentials` (base64 of `username:password`), as
+    `check_password`. Raises UnauthenticatedError for malformed credentials (not counted: no
+    password was tried), RateLimitedError."""
+    try:
+        decoded = base64.b64decode(credentials, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise _unauthenticated("malformed Basic credentials") from None
+    username, sep, password = decoded.partition(":")
+    if not sep:
+        raise _unauthenticated("malformed Basic credentials")
+    return check_password(platform, username, password, source=source)
+
+
+def _start_session(
+    tx: Transaction, principal: Principal, *, now: datetime, sliding: bool
+) -> NewSession:
+    record, token = new_session(principal.name, now=now, sliding=sliding)
+    tx.delete_sessions_expired(now)
+    tx.create_session(record)
+    return NewSession(principal, token, record.expires_at)
+
+
+def log_in(
+    platform: Platform, username: str, password: str, *, source: str, ui: bool = False
+) -> NewSession:
+    """Check the password and start a session, audited (`login.succeeded`) in the session's
+    transaction. An API session (`_login`) ends SESSION_TTL after login, as in ECE; a Cloud UI
+    one (`ui`) slides up to SESSION_MAX_LIFE. Blocking (argon2). Raises as `check_password`."""
+    principal = check_password(platform, username, password, source=source)
+    now = platform.clock.now()
+    via = {"via": "ui"} if ui else {}
+    with platform.store.write() as tx:
+        started = _start_session(tx, principal, now=now, sliding=ui)
+        audit.record(
+            tx, platform.clock, audit.LOGIN_SUCCEEDED, actor=principal.name, source=source, **via
+        )
+    return started
+
+
+def refresh_session(platform: Platform, token: str | None, *, source: str) -> NewSession:
+    """ECE's `_refresh`: a new fixed-hour session for the user of the live session `token`,
+    which ends, audited (`session.refreshed`) in the same transaction. Raises
+    UnauthenticatedError (root.unauthorized) when `token` is missing, or unknown, logged out or
+    ended: the last three count and are audited as failed sign-ins. Not rate limited: a live
+    session always refreshes."""
+    refused = _unauthenticated(
+        "the session token is not valid or has expired; log in again", code="root.unauthorized"
+    )
+    if not token:
+        raise refused
+    now, now_s = platform.clock.now(), platform.clock.monotonic()
+    started: NewSession | None = None
+    with platform.store.write() as tx:
+        live = _live_session(tx, token, now=now)
+        if live is None:
+            _refuse(platform, tx, source=source, actor="", method="refresh", now_s=now_s)
+        else:
+            principal, old = live
+            tx.delete_session(old.token_hash)
+            started = _start_session(tx, principal, now=now, sliding=False)
+            audit.record(
+                tx, platform.clock, audit.SESSION_REFRESHED, actor=principal.name, source=source
+            )
+    if started is None:
+        raise refused
+    return started
+
+
+def log_out(platform: Platform, token: str, *, source: str, ui: bool = False) -> bool:
+    """End the session `token` at once, audited (`session.ended`) in the same transaction.
+    Idempotent: False (and nothing recorded) when no such session exists."""
+    token_hash = hash_secret(token)
+    via = {"via": "ui"} if ui else {}
+    with platform.store.write() as tx:
+        session = tx.find_session(token_hash) if token.startswith(SESSION_PREFIX) else None
+        if session is None or not tx.delete_session(token_hash):
+            return False
+        audit.record(
+            tx, platform.clock, audit.SESSION_ENDED, actor=session.username, source=source, **via
+        )
+    return True
+
+
+# ---- who is calling ---------------------------------------------------------------------------
+
+
+def _expired(at: datetime | None, now: datetime) -> bool:
+    return at is not None and now >= at
+
+
+def _live_session(
+    tx: Transaction, token: str, *, now: datetime
+) -> tuple[Principal, SessionRecord] | None:
+    if not token.startswith(SESSION_PREFIX):
+        return None
+    session = tx.find_session(hash_secret(token))
+    user = tx.find_user(session.username) if session else None
+    if session is None or user is None or _expired(session.expires_at, now):
+        return None
+    return Principal(name=user.username, role=user.role, method="session"), session
+
+
+def _session_user(platform: Platform, token: str, *, now: datetime) -> Principal | None:
+    """The user of a live session, sliding a UI session's end (`extended_expiry`); the token
+    stays the same, and so does its CSRF token."""
+    with platform.store.read() as tx:
+        live = _live_session(tx, token, now=now)
+    if live is None:
+        return None
+    principal, session = live
+    expires_at = extended_expiry(session, now=now)
+    if expires_at is not None:
+        try:
+            with platform.store.write() as tx:
+                tx.extend_session(session.token_hash, expires_at)
+        except StoreError:
+            # Reads go on when the store refuses writes (a full disk): the session keeps its
+            # current end, and a later use tries again.
+            pass
+    return principal
+
+
+def principal_from_session(platform: Platform, token: str, *, source: str) -> Principal:
+    """The user of the live session `token` (a Bearer token or the UI's cookie), sliding a UI
+    session. Raises RateLimitedError when `source` is limited; UnauthenticatedError when the
+    session is unknown, logged out or ended, counted and audited."""
+    check_login_allowed(platform, source)
+    principal = _session_user(platform, token, now=platform.clock.now())
+    if principal is None:
+        _record_refusal(platform, source=source, actor="", method="session")
+        raise _unauthenticated("the session is not valid (expired or logged out); log in again")
+    return principal
+
+
+def find_session_principal(platform: Platform, token: str, *, source: str) -> Principal | None:
+    """The user of the live session `token` for a Cloud UI page, sliding it; None when it is
+    unknown, logged out or ended, which counts and is audited as a failed sign-in. Never rate
+    limited: a live session keeps its pages (as before the limit), only failures count."""
+    principal = _session_user(platform, token, now=platform.clock.now())
+    if principal is None:
+        _record_refusal(platform, source=source, actor="", method="session")
+    return principal
+
+
+def principal_from_api_key(platform: Platform, key: str, *, source: str) -> Principal:
+    """The owner of the API key `key`. Raises RateLimitedError when `source` is limited;
+    UnauthenticatedError when the key is unknown, deleted or expired, counted and audited."""
+    check_login_allowed(platform, source)
+    now = platform.clock.now()
+    with platform.store.read() as tx:
+        record = (
+            tx.find_api_key_by_hash(hash_secret(key)) if key.startswith(API_KEY_PREFIX) else None
+        )
+        user = tx.find_user(record.username) if record else None
+    if record is None or user is None or _expired(record.expires_at, now):
+        _record_refusal(platform, source=source, actor="", method="apikey")
+        raise _unauthenticated("the API key is not valid (unknown, deleted or expired)")
+    return Principal(name=user.username, role=user.role, method="apikey")
+
+
+# ---- CSRF -------------------------------------------------------------------------------------
+
+
+def csrf_token(platform: Platform, session_token: str) -> str:
+    """The CSRF token of a UI session: HMAC-SHA256 of the session token under a key derived from
+    the platform's signing key. Nothing is stored, and every coordinator sharing the store
+    computes the same value; it cannot be derived without the key, so a page on another origin
+    cannot forge it."""
+    key = _derived_key(platform, b"muster ui csrf v1")
+    return hmac.new(key, session_token.encode(), hashlib.sha256).hexdigest()
+
+
+def is_csrf_token(platform: Platform, session_token: str, sent: str) -> bool:
+    """Whether `sent` is the CSRF token of `session_token` (compared in constant time)."""
+    expected = csrf_token(platform, session_token).encode()
+    return hmac.compare_digest(sent.encode("utf-8", "replace"), expected)
