@@ -175,7 +175,7 @@ class DeploymentAdmin:
         with self.platform.store.write() as tx:
             candidates = tx.list_placement_candidates()
             _zones_exist(specs, candidates)
-            placement.choose(slots, candidates, connected)  # refuse before writing anything
+            # A refusal below (no capacity) rolls every row back: nothing is half-placed.
             tx.create_deployment(deployment)
             for resource in resources:
                 tx.create_resource(resource)
