@@ -31,6 +31,10 @@ ALLOCATOR_MAINTENANCE = "allocator.maintenance"
 ALLOCATOR_METADATA_CHANGED = "allocator.metadata_changed"
 ALLOCATOR_SETTINGS_CHANGED = "allocator.settings_changed"
 ALLOCATOR_DELETED = "allocator.deleted"
+DEPLOYMENT_CREATED = "deployment.created"
+DEPLOYMENT_UPDATED = "deployment.updated"
+DEPLOYMENT_SHUTDOWN = "deployment.shutdown"
+DEPLOYMENT_DELETED = "deployment.deleted"
 
 KINDS = (
     TOKEN_CREATED,
@@ -50,6 +54,10 @@ KINDS = (
     ALLOCATOR_METADATA_CHANGED,
     ALLOCATOR_SETTINGS_CHANGED,
     ALLOCATOR_DELETED,
+    DEPLOYMENT_CREATED,
+    DEPLOYMENT_UPDATED,
+    DEPLOYMENT_SHUTDOWN,
+    DEPLOYMENT_DELETED,
 )
 
 
