@@ -381,7 +381,8 @@ def test_settings_patch_also_takes_the_json_string_eces_spec_declares(
 
 
 @pytest.mark.parametrize(
-    "body", ["{not json", {"capacity": 0}, {"capacity": "8192"}, {"memory": 5}, []]
+    "body",
+    ["{not json", {"capacity": 0}, {"capacity": "8192"}, '"a string"', "[1]", [], 5],
 )
 def test_bad_settings_are_400_and_change_nothing(
     client: TestClient, fleet: Installed, body: Any

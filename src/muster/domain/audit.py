@@ -31,6 +31,8 @@ ALLOCATOR_MAINTENANCE = "allocator.maintenance"
 ALLOCATOR_METADATA_CHANGED = "allocator.metadata_changed"
 ALLOCATOR_SETTINGS_CHANGED = "allocator.settings_changed"
 ALLOCATOR_DELETED = "allocator.deleted"
+ALLOCATOR_RESYNCED = "allocator.resynced"
+RUNNER_RESYNCED = "runner.resynced"
 
 KINDS = (
     TOKEN_CREATED,
@@ -50,6 +52,8 @@ KINDS = (
     ALLOCATOR_METADATA_CHANGED,
     ALLOCATOR_SETTINGS_CHANGED,
     ALLOCATOR_DELETED,
+    ALLOCATOR_RESYNCED,
+    RUNNER_RESYNCED,
 )
 
 

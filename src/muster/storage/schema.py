@@ -104,6 +104,11 @@ allocators = Table(
     Column("tags", JSON, nullable=False),
     Column("metadata", JSON, nullable=False),
     Column("settings", JSON, nullable=False),
+    # When the allocator was made and when each part last changed; migration 0004_maint.
+    Column("created_at", DateTime(timezone=True), nullable=True),
+    Column("maintenance_changed_at", DateTime(timezone=True), nullable=True),
+    Column("metadata_changed_at", DateTime(timezone=True), nullable=True),
+    Column("settings_changed_at", DateTime(timezone=True), nullable=True),
 )
 
 revoked_certificates = Table(
