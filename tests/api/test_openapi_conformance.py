@@ -331,6 +331,8 @@ LIVE: list[tuple[str, str, Any]] = [
     ("PUT", ALLOCATOR + "/settings", {"capacity": 4096}),
     # As ECE's Go SDK sends it: the merge patch as a JSON string.
     ("PATCH", ALLOCATOR + "/settings", '{"capacity": 8192}'),
+    # ECE declares only 200: ids of no key of the caller's are skipped.
+    ("DELETE", "/users/auth/keys", {"keys": ["no-such-key"]}),
 ]
 
 
@@ -360,6 +362,21 @@ def test_live_reply_holds_to_eces_schema_and_headers(
     if "schema" in declared:
         errors = [e.message for e in ece_validator(declared["schema"]).iter_errors(response.json())]
         assert not errors, f"{method} {path}: {errors}"
+
+
+def test_deleting_api_keys_skips_unknown_ids_and_deletes_the_rest(
+    client: TestClient, installed: Installed
+) -> None:
+    keys = BASE + "/users/auth/keys"
+    made = [
+        client.post(keys, json={"description": f"k{n}"}, auth=installed.admin).json()["id"]
+        for n in range(3)
+    ]
+    body = {"keys": [made[0], "no-such-key", made[1], made[0]]}
+    response = client.request("DELETE", keys, json=body, auth=installed.admin)
+    assert (response.status_code, response.json()) == (200, {})
+    left = client.get(keys, auth=installed.admin).json()["keys"]
+    assert [key["id"] for key in left] == [made[2]]
 
 
 def test_live_check_finds_a_reply_that_breaks_eces_schema() -> None:
