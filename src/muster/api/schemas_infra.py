@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from muster.api.schemas import Reply, Strict, _is_storable
 from muster.errors import InvalidInputError
@@ -24,12 +24,6 @@ def reply_json(value: Any) -> bytes:
     `response_model_exclude_none`, byte for byte, but without validating it again: validating a
     10,000-allocator listing costs half a second. Listing routes return these bytes."""
     return _AS_IS.dump_json(value)
-
-
-class StrictForbid(BaseModel):
-    """A request whose unknown fields are refused: they would otherwise be silently dropped."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 # -- shared --------------------------------------------------------------------------------------
