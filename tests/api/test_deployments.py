@@ -186,3 +186,24 @@ def test_unknown_deployment_is_404(
         response = client.request(method, f"{DEPLOYMENTS}/{deployment_id}", auth=installed.admin)
         assert response.status_code == 404, response.text
         assert response.json()["errors"][0]["code"] == "deployments.deployment_not_found"
+
+
+def test_get_and_put_carry_ece_resource_stamps(
+    client: TestClient, installed: Installed, fleet: list[str]
+) -> None:
+    deployment_id = client.post(DEPLOYMENTS, json=body(), auth=installed.admin).json()["id"]
+    one = f"{DEPLOYMENTS}/{deployment_id}"
+    first = client.get(one, auth=installed.admin)
+    created = first.headers["x-cloud-resource-created"]
+    assert created == first.json()["metadata"]["created_at"]
+    assert first.headers["x-cloud-resource-last-modified"] == created
+    installed.clock.advance(5)  # within the allocators' grace: they stay connected
+    updated = client.put(one, json=body(size_mb=1024), auth=installed.admin)
+    assert updated.status_code == 200, updated.text
+    assert int(updated.headers["x-cloud-resource-version"]) > int(
+        first.headers["x-cloud-resource-version"]
+    )
+    assert updated.headers["x-cloud-resource-created"] == created
+    assert updated.headers["x-cloud-resource-last-modified"] > created
+    again = client.get(one, auth=installed.admin)
+    assert again.headers["x-cloud-resource-version"] == updated.headers["x-cloud-resource-version"]

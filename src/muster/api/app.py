@@ -252,6 +252,9 @@ def create_app(
 
     for module in (tokens, users, audit, agent, allocators, runners, deployments):
         app.include_router(module.router, prefix=API)
+    from muster.api.routes import platform as platform_api
+
+    app.include_router(platform_api.router, prefix=API)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(SingleQueryValues)
     app.add_middleware(RegionPaths, region=platform.region)

@@ -5,6 +5,8 @@ rendered from the store's records."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from muster.domain.deployments import check_id
@@ -48,11 +50,34 @@ def list_deployments(platform: Platform) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Stamp:
+    """ECE's resource stamp of a deployment: its version and when it was made and changed."""
+
+    version: int
+    created_at: datetime
+    modified_at: datetime
+
+
+def read_stamp(platform: Platform, deployment_id: str) -> Stamp:
+    """The deployment's stamp. Raises NotFoundError (deployments.deployment_not_found)."""
+    with platform.store.read() as tx:
+        deployment = tx.get_deployment(check_id(deployment_id))
+    return Stamp(deployment.version, deployment.created_at, deployment.updated_at)
+
+
 def get_deployment(
     platform: Platform, deployment_id: str, *, show_plan_history: bool = False
 ) -> dict[str, Any]:
     """ECE's DeploymentGetResponse, with container resources under `resources.container`.
     Raises NotFoundError (deployments.deployment_not_found)."""
+    return get_stamped_deployment(platform, deployment_id, show_plan_history=show_plan_history)[0]
+
+
+def get_stamped_deployment(
+    platform: Platform, deployment_id: str, *, show_plan_history: bool = False
+) -> tuple[dict[str, Any], Stamp]:
+    """`get_deployment`'s reply and the stamp of the same read. Raises NotFoundError."""
     with platform.store.read() as tx:
         deployment = tx.get_deployment(check_id(deployment_id))
         resources = tx.list_resources([deployment_id])
@@ -72,6 +97,7 @@ def get_deployment(
         )
         for resource in resources
     ]
+    stamp = Stamp(deployment.version, deployment.created_at, deployment.updated_at)
     return {
         "id": deployment.id,
         "name": deployment.name,
@@ -82,7 +108,7 @@ def get_deployment(
             "last_modified": utc_iso(deployment.updated_at),
             "owner_id": deployment.created_by,
         },
-    }
+    }, stamp
 
 
 def _reference(resource: ResourceRecord) -> dict[str, Any]:

@@ -113,6 +113,11 @@ class AllocatorRecord:
     tags: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None  # None: made before Muster recorded it
+    # When maintenance mode was last entered or left, and metadata and settings last changed.
+    maintenance_changed_at: datetime | None = None
+    metadata_changed_at: datetime | None = None
+    settings_changed_at: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,10 @@ def allocator_row(allocator: AllocatorRecord) -> dict[str, Any]:
         "tags": dict(allocator.tags),
         "metadata": dict(allocator.metadata),
         "settings": dict(allocator.settings),
+        "created_at": allocator.created_at,
+        "maintenance_changed_at": allocator.maintenance_changed_at,
+        "metadata_changed_at": allocator.metadata_changed_at,
+        "settings_changed_at": allocator.settings_changed_at,
     }
 
 
@@ -142,6 +146,10 @@ def allocator_record(row: Row[Any]) -> AllocatorRecord:
         tags=dict(row.tags),
         metadata=dict(row.metadata),
         settings=dict(row.settings),
+        created_at=utc(row.created_at),
+        maintenance_changed_at=utc(row.maintenance_changed_at),
+        metadata_changed_at=utc(row.metadata_changed_at),
+        settings_changed_at=utc(row.settings_changed_at),
     )
 
 

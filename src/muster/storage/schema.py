@@ -109,6 +109,11 @@ allocators = Table(
     # The sum of its instances' memory_mb, kept by the store in the transaction that places or
     # releases them (migration 0004): placement reads it with the other few columns it needs.
     Column("memory_used_mb", Integer, nullable=False, default=0, server_default="0"),
+    # When the allocator was made and when each part last changed; migration 0005.
+    Column("created_at", DateTime(timezone=True), nullable=True),
+    Column("maintenance_changed_at", DateTime(timezone=True), nullable=True),
+    Column("metadata_changed_at", DateTime(timezone=True), nullable=True),
+    Column("settings_changed_at", DateTime(timezone=True), nullable=True),
 )
 
 revoked_certificates = Table(

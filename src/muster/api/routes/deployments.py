@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from muster.api.auth import platform_of, require_admin, require_user, source_of
+from muster.api.headers import set_stamp, stamped_reply
 from muster.api.routes import errors
 from muster.api.schemas_deployments import (
     DeploymentCreateRequest,
@@ -74,22 +75,28 @@ def list_deployments(
     )
 
 
+def _stamp(response: Response, stamp: deployment_documents.Stamp) -> None:
+    set_stamp(response, str(stamp.version), stamp.created_at, stamp.modified_at)
+
+
 @router.get(
     ONE,
     operation_id="get-deployment",
     response_model=DeploymentGetResponse,
     response_model_exclude_none=True,
-    responses=errors(401, 404, 429),
+    responses={**stamped_reply("deployment"), **errors(401, 404, 429)},
 )
 def get_deployment(
     deployment_id: str,
     request: Request,
+    response: Response,
     show_plan_history: bool = Query(False, description="Include the ended plan attempts"),
     _principal: Principal = Depends(require_user),
 ) -> DeploymentGetResponse:
-    doc = deployment_documents.get_deployment(
+    doc, stamp = deployment_documents.get_stamped_deployment(
         platform_of(request), deployment_id, show_plan_history=show_plan_history
     )
+    _stamp(response, stamp)
     return DeploymentGetResponse.model_validate(doc)
 
 
@@ -97,18 +104,20 @@ def get_deployment(
     ONE,
     operation_id="update-deployment",
     response_model=DeploymentUpdateResponse,
-    responses=errors(400, 401, 403, 404, 409, 429),
+    responses={**stamped_reply("deployment"), **errors(400, 401, 403, 404, 409, 429)},
 )
 def update_deployment(
     deployment_id: str,
     body: DeploymentUpdateRequest,
     request: Request,
+    response: Response,
     validate_only: bool = _VALIDATE_ONLY,
     principal: Principal = Depends(require_admin),
 ) -> DeploymentUpdateResponse:
     reply = _admin(request, principal).update(
         deployment_id, _body(body), validate_only=validate_only
     )
+    _stamp(response, deployment_documents.read_stamp(platform_of(request), deployment_id))
     return DeploymentUpdateResponse.model_validate(reply)
 
 
