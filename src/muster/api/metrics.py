@@ -253,7 +253,7 @@ class FleetGauges(Collector):
 
     def summary(self) -> FleetSummary:
         with self._lock:  # one reader at a time; the others take its result
-            now = time.monotonic()
+            now = self.platform.clock.monotonic()
             if self._read_at is None or now - self._read_at >= self.max_age_s:
                 try:
                     self._summary = read_fleet_summary(self.platform)
