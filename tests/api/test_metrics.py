@@ -5,6 +5,8 @@ id, runner id or user name is ever a label."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -213,3 +215,20 @@ def test_the_fleet_is_read_at_most_once_per_interval_whoever_scrapes(
     timed.clock.advance(FLEET_MAX_AGE_S)
     fresh = scrape(client, timed)
     assert value(fresh, "muster_allocators", zone="zone-late", state="connected") == 1
+
+
+def test_the_docs_and_the_grafana_dashboard_cover_every_metric_family(
+    agent: tuple[TestClient, WithCert, FastAPI], timed: Installed
+) -> None:
+    client, _wrapper, _app = agent
+    joined_cert(client, timed, "alloc-doc", zone="zone-doc")
+    text = client.get(METRICS, auth=timed.readonly).text
+    families = {f.name for f in text_string_to_metric_families(text) if f.name.startswith("muster")}
+    assert len(families) == 10, families
+    docs = Path(__file__).parents[2] / "docs"
+    listed = set(re.findall(r"^\| `(muster_\w+)`", (docs / "metrics.md").read_text(), re.M))
+    # Prometheus' parser names a counter's family without its _total suffix.
+    assert {name.removesuffix("_total") for name in listed} == families
+    dashboard = json.loads((docs / "grafana-dashboard.json").read_text())
+    queries = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    assert all(family in queries for family in families)

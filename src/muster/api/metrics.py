@@ -22,6 +22,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    disable_created_metrics,
     generate_latest,
     values,
 )
@@ -58,6 +59,8 @@ if os.environ.get(MULTIPROC_ENV) and not getattr(values.ValueClass, "_multiproce
     # the process that made it, and scrapes would show the workers' totals as nothing.
     raise RuntimeError(f"prometheus_client was imported before {MULTIPROC_ENV} was set")
 
+# No `_created` series: multiprocess mode has none, so one process shows what N show.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 # Registered here, not in prometheus_client's global registry: in multiprocess mode a scrape
 # reads the processes' files instead (`scrape_registry`).
 _LOCAL = CollectorRegistry()
