@@ -126,13 +126,19 @@ def test_a_killed_workers_counts_stay_and_the_supervisor_logs_json(
     assert restarts[0]["request_id"] is None
 
 
-def test_the_metrics_directory_goes_away_with_the_server(module_logs: Path) -> None:
+def test_one_process_counts_the_same_way_and_its_directory_goes_away_at_stop(
+    module_logs: Path,
+) -> None:
     host = install_coordinator(module_logs / "short-lived", logs=module_logs / "logs")
     host.start()
     try:
         assert len(metrics_directories(host)) == 1
         assert host.api("GET", "/metrics", auth=None).status_code == 401
-        assert host.api("GET", "/metrics", auth="readonly").status_code == 200
+        for _ in range(3):
+            assert host.api("GET", ALLOCATORS, auth=None).status_code == 401
+        scrape = host.api("GET", "/metrics", auth="readonly")
+        assert scrape.status_code == 200
+        assert counted(scrape.text) == 3  # one process counts the same way
     finally:
         assert host.stop() == 0
     assert metrics_directories(host) == []
