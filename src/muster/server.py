@@ -91,14 +91,19 @@ def _metrics_directory(paths: HostPaths) -> Iterator[None]:
     PROMETHEUS_MULTIPROC_DIR for every process to come (muster.api.metrics: each process counts
     in its own files there, a scrape adds them up); removed when the server stops. Set before
     prometheus_client is first imported, which reads it then. Directories of runs that died
-    without removing theirs (kill -9) are removed first."""
+    without removing theirs (kill -9) are removed first. Under the storage path's run/, or the
+    system's temporary directory if that cannot be written."""
     run = paths.root / "run"
-    run.mkdir(mode=0o700, exist_ok=True)
-    for stale in run.glob("metrics-*"):
-        pid = stale.name.split("-")[1]
-        if pid.isdigit() and not _is_running(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    directory = tempfile.mkdtemp(prefix=f"metrics-{os.getpid()}-", dir=run)
+    try:
+        run.mkdir(mode=0o700, exist_ok=True)
+        for stale in run.glob("metrics-*"):
+            pid = stale.name.split("-")[1]
+            if pid.isdigit() and not _is_running(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        directory = tempfile.mkdtemp(prefix=f"metrics-{os.getpid()}-", dir=run)
+    except OSError as exc:
+        directory = tempfile.mkdtemp(prefix=f"muster-metrics-{os.getpid()}-")
+        log.warning("metrics: cannot write %s (%s); using %s", run, exc.strerror, directory)
     os.environ[MULTIPROC_ENV] = directory
     try:
         yield
