@@ -30,6 +30,7 @@ from muster.errors import ConflictError, MusterError, NotFoundError, StoreError
 from muster.storage import _rows as rec
 from muster.storage import schema as t
 from muster.storage._fleet import FleetReads
+from muster.storage._users import UserRows
 
 # Statements on the join and heartbeat paths, built once: building a Core statement per call
 # (`insert().values(...)`, `select().where(...)`) costs more CPU than SQLite takes to run it.
@@ -53,7 +54,7 @@ _IS_REVOKED = select(t.revoked_certificates.c.serial).where(
 )
 
 
-class SqlTransaction(FleetReads):
+class SqlTransaction(FleetReads, UserRows):
     """One open transaction on a SQLAlchemy connection.
 
     `savepoints`: wrap each insert that may conflict in a savepoint, for backends where a failed
@@ -86,13 +87,9 @@ class SqlTransaction(FleetReads):
     def create_user(self, user: UserRecord) -> None:
         self._insert(
             t.users,
-            {
-                "username": user.username,
-                "password_hash": user.password_hash,
-                "role": user.role,
-                "created_at": user.created_at,
-            },
+            rec.user_row(user),
             conflict=f"user {user.username!r} exists",
+            code="user.user_name.conflict",
         )
 
     def find_user(self, username: str) -> UserRecord | None:
@@ -149,6 +146,8 @@ class SqlTransaction(FleetReads):
                 "created_at": session.created_at,
                 "expires_at": session.expires_at,
                 "max_expires_at": session.max_expires_at,
+                "family_id": session.family_id,
+                "generation": session.generation,
             },
             conflict="session exists",
         )
@@ -157,15 +156,7 @@ class SqlTransaction(FleetReads):
         row = self.conn.execute(
             select(t.sessions).where(t.sessions.c.token_hash == token_hash)
         ).first()
-        if row is None:
-            return None
-        return SessionRecord(
-            token_hash=row.token_hash,
-            username=row.username,
-            created_at=rec.required_utc(row.created_at),
-            expires_at=rec.required_utc(row.expires_at),
-            max_expires_at=rec.utc(row.max_expires_at),
-        )
+        return None if row is None else rec.session_record(row)
 
     def delete_session(self, token_hash: str) -> bool:
         result = self.conn.execute(delete(t.sessions).where(t.sessions.c.token_hash == token_hash))
@@ -173,6 +164,8 @@ class SqlTransaction(FleetReads):
 
     def delete_sessions_expired(self, now: datetime) -> int:
         result = self.conn.execute(delete(t.sessions).where(t.sessions.c.expires_at <= now))
+        if result.rowcount:
+            self.delete_empty_session_families()
         return int(result.rowcount)
 
     # -- enrollment tokens ---------------------------------------------------------------------
