@@ -4,8 +4,9 @@ leave one line of tokens, never a fork, and a logout must end every token of it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
+from typing import Any
 
 import pytest
 
@@ -84,7 +85,7 @@ def test_parallel_refresh_chains_stay_one_line_and_logout_ends_every_token(
     # Logouts racing with refreshes of the newest token: the family ends whole, and no
     # refresh that lost the race leaves a live token behind.
     newest = results[0][-1]
-    racers = [
+    racers: list[Callable[[], Any]] = [
         partial(sessions.log_out, coordinators[0], login.token, source="10.0.0.1"),
         *[
             partial(sessions.refresh_session, coordinators[i % 2], newest, source="10.0.0.1")
