@@ -30,6 +30,7 @@ from muster.cli.common import (
 )
 from muster.cli.infra import allocator_app, runner_app
 from muster.cli.tokens import token_app
+from muster.cli.users import user_app
 
 app = typer.Typer(
     name="muster",
@@ -43,6 +44,7 @@ app.add_typer(token_app, name="token")
 
 app.add_typer(allocator_app, name="allocator")
 app.add_typer(runner_app, name="runner")
+app.add_typer(user_app, name="user")
 
 
 def _version(value: bool) -> None:
