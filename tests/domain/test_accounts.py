@@ -344,7 +344,8 @@ def test_admin_lists_and_deletes_other_users_keys(installed: Installed) -> None:
     ops = Principal(name="ops", role="admin", method="basic")
     mine, _ = apikeys.create_key(platform, ADMIN, "admin's", expiration=None, source=SOURCE)
     theirs, _ = apikeys.create_key(platform, ops, "ops'", expiration=None, source=SOURCE)
-    assert [k.id for k in apikeys.list_all_keys(platform)] == [mine.id, theirs.id]
+    listed = {(k.username, k.id) for k in apikeys.list_all_keys(platform)}
+    assert listed == {("admin", mine.id), ("ops", theirs.id)}
     with pytest.raises(NotFoundError):  # the pair must match: ops does not own admin's key
         apikeys.delete_users_keys(platform, ADMIN, [("ops", mine.id)], source=SOURCE)
     apikeys.delete_users_keys(platform, ADMIN, [("ops", theirs.id)], source=SOURCE)
@@ -377,3 +378,11 @@ def test_user_change_and_its_audit_record_commit_together(
     assert failing.writes == 1
     monkeypatch.setattr(platform, "store", failing.store)
     assert accounts.list_users(platform, include_disabled=True) == before
+
+
+def test_patch_that_names_nothing_writes_nothing(installed: Installed) -> None:
+    platform = installed.platform
+    created = create(platform)
+    for body in ({}, {"metadata": {"created_by": "me"}, "builtin": True}):
+        assert accounts.update_user(platform, ADMIN, "ops", body, source=SOURCE) == created
+    assert trail(platform, "user.updated") == []

@@ -171,13 +171,11 @@ def create_user(platform: Platform, principal: Principal, body: Any, *, source: 
     if body.get("builtin"):
         raise _invalid("only install makes built-in users", "builtin", "user.restricted_field")
     changes = read_changes(body)
-    if changes.password is None:
-        check_password(None)
-    assert changes.password is not None
+    password = changes.password if changes.password is not None else check_password(None)
     now = platform.clock.now()
     user = new_user(
         username,
-        changes.password,
+        password,
         now=now,
         roles=changes.roles or (PLATFORM_VIEWER,),
         full_name=changes.full_name or "",
@@ -209,7 +207,10 @@ def _apply(
     source: str,
 ) -> UserRecord:
     """Write `changes` to the user in one transaction with their audit; a new password or a
-    disabled user ends the user's sessions there too."""
+    disabled user ends the user's sessions there too. A patch that names nothing to change
+    writes nothing."""
+    if not changes.fields():
+        return get_user(platform, username)
     password_hash = hash_password(changes.password) if changes.password is not None else None
     now = platform.clock.now()
     with platform.store.write() as tx:
