@@ -70,7 +70,8 @@ class Principal:
 
 
 def access_of(roles: tuple[str, ...]) -> str:
-    """ "admin" for a platform admin; every other role reads only (see the module docstring)."""
+    """What `roles` allow: "admin" with the platform admin role, else "readonly" (every other
+    role reads only: see the module docstring)."""
     return "admin" if PLATFORM_ADMIN in roles else "readonly"
 
 
