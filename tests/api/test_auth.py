@@ -81,6 +81,10 @@ WRITE_ROUTES: list[tuple[str, str, Any]] = [
     ("POST", KEYS, {"description": "mine"}),
     ("DELETE", KEYS, {"keys": ["k"]}),
     ("DELETE", KEYS + "/{api_key_id}", None),
+    ("DELETE", KEYS + "/_all", {"user_api_keys": [{"user_id": "admin", "api_key_id": "k"}]}),
+    ("POST", "/api/v1/users", {"user_name": "x1", "security": {"password": "p" * 12}}),
+    ("PATCH", "/api/v1/users/{user_name}", {"full_name": "Changed"}),
+    ("DELETE", "/api/v1/users/{user_name}", None),
 ]
 # Sign-in itself is open to every user.
 OPEN_WRITES = {("POST", LOGIN), ("POST", LOGOUT), ("POST", REFRESH)}
@@ -94,7 +98,7 @@ def test_rbac_table_covers_every_token_and_user_write_route(client: TestClient) 
         for method in operations
         if method in {"post", "put", "patch", "delete"}
     }
-    mine = {(m, p) for m, p in served if p.startswith((TOKENS, "/api/v1/users/"))}
+    mine = {(m, p) for m, p in served if p.startswith((TOKENS, "/api/v1/users"))}
     assert mine - OPEN_WRITES == {(method, path) for method, path, _ in WRITE_ROUTES}
 
 
@@ -107,8 +111,11 @@ def test_readonly_user_is_refused_every_write(
     token_id = create_token(client, installed)["token_id"]
     key_id = client.post(KEYS, json={"description": "admin's"}, auth=installed.admin).json()["id"]
     url = path.replace("{token}", token_id).replace("{api_key_id}", key_id)
+    url = url.replace("{user_name}", "readonly")
     if body == {"keys": ["k"]}:
         body = {"keys": [key_id]}
+    if method == "DELETE" and path.endswith("/_all"):
+        body = {"user_api_keys": [{"user_id": "admin", "api_key_id": key_id}]}
     before = (client.get(TOKENS, auth=installed.admin).json(), count_keys(installed))
     response = client.request(method, url, json=body, auth=installed.readonly)
     element = ece_error(response, 403, "root.unauthorized.rbac")
@@ -250,15 +257,24 @@ def test_login_with_a_wrong_password_is_401(client: TestClient, installed: Insta
     unauthenticated(response)
 
 
-def test_refresh_replaces_the_session(client: TestClient, installed: Installed) -> None:
+def test_refresh_issues_a_successor_and_logout_ends_both(
+    client: TestClient, installed: Installed, clock: FakeClock
+) -> None:
     old = login(client, *installed.admin)["token"]
+    clock.advance(60)
     response = client.post(REFRESH, headers=bearer(old))
     assert response.status_code == 200
     new = response.json()["token"]
     assert new != old
     assert client.get(TOKENS, headers=bearer(new)).status_code == 200
+    # A request in flight with the old token (or another process sharing it) still works,
+    # and refreshing it again names the same successor rather than forking the session.
+    assert client.get(TOKENS, headers=bearer(old)).status_code == 200
+    assert client.post(REFRESH, headers=bearer(old)).json()["token"] == new
+    assert client.post(LOGOUT, headers=bearer(old)).status_code == 200
     unauthenticated(client.get(TOKENS, headers=bearer(old)))
-    ece_error(client.post(REFRESH, headers=bearer(old)), 401, "root.unauthorized")
+    unauthenticated(client.get(TOKENS, headers=bearer(new)))
+    ece_error(client.post(REFRESH, headers=bearer(new)), 401, "root.unauthorized")
 
 
 def test_refresh_without_a_session_is_401(client: TestClient, installed: Installed) -> None:

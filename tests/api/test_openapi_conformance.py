@@ -47,6 +47,16 @@ REQUIRED = {
     ("DELETE", "/users/auth/keys"),
     ("GET", "/users/auth/keys/{api_key_id}"),
     ("DELETE", "/users/auth/keys/{api_key_id}"),
+    ("GET", "/users/auth"),
+    ("GET", "/users/auth/keys/_all"),
+    ("DELETE", "/users/auth/keys/_all"),
+    ("GET", "/user"),
+    ("PATCH", "/user"),
+    ("GET", "/users"),
+    ("POST", "/users"),
+    ("GET", "/users/{user_name}"),
+    ("PATCH", "/users/{user_name}"),
+    ("DELETE", "/users/{user_name}"),
 }
 METHODS = ("get", "put", "post", "delete", "patch")
 # Known departures from ECE's spec, each with its reason. They run as strict xfails: they show in

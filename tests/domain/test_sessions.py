@@ -220,7 +220,7 @@ def test_api_session_never_slides(installed: Installed, clock: FakeClock) -> Non
 
 
 # -- _refresh and _logout ----------------------------------------------------------------------
-def test_refresh_replaces_the_session_and_records_it(
+def test_refresh_issues_the_next_token_and_records_it(
     installed: Installed, clock: FakeClock
 ) -> None:
     platform = installed.platform
@@ -230,10 +230,18 @@ def test_refresh_replaces_the_session_and_records_it(
     assert new.token != old.token
     assert new.expires_at == clock.now() + SESSION_TTL
     assert new.principal.name == "admin"
-    assert stored_session(platform, old.token) is None
-    assert stored_session(platform, new.token) is not None
+    # The old token lives to its own end (requests in flight with it go on), in one family.
+    old_record, new_record = (
+        stored_session(platform, old.token),
+        stored_session(platform, new.token),
+    )
+    assert old_record is not None
+    assert new_record is not None
+    assert old_record.expires_at == old.expires_at
+    assert (new_record.family_id, new_record.generation) == (old_record.family_id, 1)
     event = trail(platform)[0]
     assert (event.kind, event.actor, event.source) == ("session.refreshed", "admin", SOURCE)
+    assert event.detail == {"generation": 1}
 
 
 @pytest.mark.parametrize("case", ["unknown", "ended", "logged-out", "not-a-session"])

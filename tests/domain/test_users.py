@@ -20,6 +20,7 @@ from muster.domain.users import (
     SESSION_TTL,
     CredentialCache,
     Principal,
+    access_of,
     extended_expiry,
     generate_api_key,
     generate_password,
@@ -63,12 +64,30 @@ def test_same_password_hashes_differently_each_time() -> None:
     assert hash_password("pw") != hash_password("pw")
 
 
-def test_new_users_get_their_role() -> None:
+def test_new_users_get_their_roles() -> None:
     now = FakeClock().now()
-    assert new_user("admin", "pw", now=now).role == "admin"
-    assert new_user("readonly", "pw", now=now).role == "readonly"
-    assert new_user("someone", "pw", now=now).role == "readonly"
+    admin, readonly = new_user("admin", "pw", now=now), new_user("readonly", "pw", now=now)
+    assert (admin.roles, admin.builtin) == (("ece_platform_admin",), True)
+    assert (readonly.roles, readonly.builtin) == (("ece_platform_viewer",), True)
+    someone = new_user("someone", "pw", now=now)
+    assert (someone.roles, someone.builtin) == (("ece_platform_viewer",), False)
+    named = new_user("admin", "pw", now=now, roles=("ece_deployment_manager",))
+    assert (named.roles, named.builtin) == (("ece_deployment_manager",), False)
     assert verify_password(new_user("admin", "pw", now=now).password_hash, "pw")
+
+
+@pytest.mark.parametrize(
+    ("roles", "access"),
+    [
+        (("ece_platform_admin",), "admin"),
+        (("ece_platform_viewer",), "readonly"),
+        (("ece_deployment_manager",), "readonly"),  # until deployments exist: reads only
+        (("ece_deployment_viewer",), "readonly"),
+        (("ece_deployment_manager", "ece_platform_admin"), "admin"),
+    ],
+)
+def test_only_the_platform_admin_role_writes(roles: tuple[str, ...], access: str) -> None:
+    assert access_of(roles) == access
 
 
 def test_only_admins_can_write() -> None:

@@ -31,6 +31,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("hardening-secrets")]
 
 WRONG_PASSWORD = "Wr0ng-password-that-must-not-be-logged"
 BOGUS_API_KEY = "mk_bogus-api-key-that-must-not-be-logged-0123456789"
+USER_PASSWORD = "Us3r-password-that-must-not-be-logged"
+NEW_USER_PASSWORD = "N3w-user-password-that-must-not-be-logged"
 
 
 @dataclass
@@ -184,6 +186,26 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
         assert bogus.status_code == 401
         s.replies.append(bogus.text)
         s.secrets["bogus_api_key"] = BOGUS_API_KEY
+
+        # users: a password set by an admin, then changed by its user (as ECE's clients send a
+        # merge patch: a JSON string), and a refreshed session
+        user = {"user_name": "ops", "security": {"password": USER_PASSWORD}}
+        created = coordinator.api("POST", "/api/v1/users", json=user)
+        assert created.status_code == 200, created.text
+        s.secrets["user_password"] = USER_PASSWORD
+        patch = json.dumps({"security": {"password": NEW_USER_PASSWORD}})
+        changed = coordinator.api("PATCH", "/api/v1/user", auth=("ops", USER_PASSWORD), json=patch)
+        assert changed.status_code == 200, changed.text
+        s.secrets["new_user_password"] = NEW_USER_PASSWORD
+        s.replies += [created.text, changed.text]
+        refreshed = coordinator.api(
+            "POST",
+            "/api/v1/users/auth/_refresh",
+            auth=None,
+            headers={"Authorization": f"Bearer {s.secrets['session']}"},
+        )
+        assert refreshed.status_code == 200, refreshed.text
+        s.secrets["refreshed_session"] = refreshed.json()["token"]
         s.replies.append(coordinator.api("GET", "/api/v1/platform/audit?size=1000").text)
 
         # private keys: the CA's and the signing key (in the store), the server's, the agents'

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from alembic import command
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 
 from muster.domain.models import (
     AllocatorRecord,
@@ -112,7 +112,10 @@ def test_setting_holds_long_text(store: Store) -> None:
 
 # -- users, API keys, sessions ----------------------------------------------------------------
 def test_users_are_created_found_and_listed_by_name(store: Store) -> None:
-    users = [UserRecord(name, f"$argon2id${name}", "readonly", T0) for name in ("zed", "admin")]
+    users = [
+        UserRecord(name, f"$argon2id${name}", ("ece_platform_viewer",), T0)
+        for name in ("zed", "admin")
+    ]
     with store.write() as tx:
         for user in users:
             tx.create_user(user)
@@ -123,11 +126,143 @@ def test_users_are_created_found_and_listed_by_name(store: Store) -> None:
 
 
 def test_duplicate_user_is_a_conflict(store: Store) -> None:
-    user = UserRecord("admin", "$argon2id$x", "admin", T0)
+    user = UserRecord("admin", "$argon2id$x", ("ece_platform_admin",), T0)
     with store.write() as tx:
         tx.create_user(user)
     with store.write() as tx:
-        raises(ConflictError, "root.conflict", lambda: tx.create_user(user))
+        raises(ConflictError, "user.user_name.conflict", lambda: tx.create_user(user))
+
+
+def test_user_round_trips_every_field(store: Store) -> None:
+    user = UserRecord(
+        "ops",
+        "$argon2id$ops",
+        ("ece_deployment_manager", "ece_platform_viewer"),
+        T0,
+        full_name="Öps Tëam ✓",
+        email="ops@example.com",
+        enabled=False,
+        builtin=True,
+        created_by="admin",
+        updated_at=at(60),
+        updated_by="root",
+    )
+    with store.write() as tx:
+        tx.create_user(user)
+    with store.read() as tx:
+        found = tx.find_user("ops")
+    assert found == user
+    assert found is not None
+    assert found.updated_at is not None
+    assert found.updated_at.utcoffset() == timedelta(0)
+
+
+def test_user_is_updated_field_by_field(store: Store) -> None:
+    with store.write() as tx:
+        tx.create_user(UserRecord("ops", "h1", ("ece_platform_viewer",), T0))
+        tx.update_user("ops", roles=("ece_platform_admin",), email="a@b.c", updated_at=at(5))
+    with store.read() as tx:
+        assert tx.find_user("ops") == UserRecord(
+            "ops", "h1", ("ece_platform_admin",), T0, email="a@b.c", updated_at=at(5)
+        )
+    with store.write() as tx:
+        raises(NotFoundError, "user.not_found", lambda: tx.update_user("nobody", email=""))
+
+
+def test_deleting_a_user_deletes_its_keys_and_sessions_only(store: Store) -> None:
+    with store.write() as tx:
+        for name in ("ops", "dev"):
+            tx.create_user(UserRecord(name, "h", ("ece_platform_viewer",), T0))
+            tx.create_api_key(ApiKeyRecord(f"k-{name}", name, "ci", f"h-{name}", T0))
+            tx.create_session_family(f"f-{name}", name, T0)
+            tx.create_session(SessionRecord(f"s-{name}", name, T0, at(60), family_id=f"f-{name}"))
+    with store.write() as tx:
+        tx.delete_user("ops")
+        raises(NotFoundError, "user.not_found", lambda: tx.delete_user("ops"))
+    with store.read() as tx:
+        assert [u.username for u in tx.list_users()] == ["dev"]
+        assert [k.id for k in tx.list_api_keys()] == ["k-dev"]
+        assert [s.token_hash for s in tx.list_sessions()] == ["s-dev"]
+        assert tx.find_session_generation("f-ops") is None
+        assert tx.find_session_generation("f-dev") == 0
+
+
+def family_session(name: str, generation: int, family: str = "f1") -> SessionRecord:
+    return SessionRecord(name, "admin", T0, at(3600), family_id=family, generation=generation)
+
+
+def test_session_family_advances_one_generation_at_a_time(store: Store) -> None:
+    with store.write() as tx:
+        tx.create_session_family("f1", "admin", T0)
+        raises(ConflictError, "root.conflict", lambda: tx.create_session_family("f1", "admin", T0))
+        assert tx.find_session_generation("f1") == 0
+        assert tx.advance_session_family("f1", 0) is True
+        assert tx.advance_session_family("f1", 0) is False  # already moved on: no fork
+        assert tx.advance_session_family("f1", 5) is False
+        assert tx.advance_session_family("nope", 0) is False
+        assert tx.find_session_generation("f1") == 1
+        assert tx.find_session_generation("nope") is None
+
+
+def test_deleting_a_family_ends_every_member_and_nothing_else(store: Store) -> None:
+    with store.write() as tx:
+        tx.create_session_family("f1", "admin", T0)
+        tx.create_session_family("f2", "admin", T0)
+        for n in range(3):
+            tx.create_session(family_session(f"s{n}", n))
+        tx.create_session(family_session("other", 0, "f2"))
+    with store.read() as tx:
+        assert [s.generation for s in tx.list_sessions(family_id="f1")] == [0, 1, 2]
+        assert len(tx.list_sessions(username="admin")) == 4
+        assert tx.find_session("s2") == family_session("s2", 2)
+    with store.write() as tx:
+        assert tx.delete_session_family("f1") == 3
+        assert tx.delete_session_family("f1") == 0
+    with store.read() as tx:
+        assert [s.token_hash for s in tx.list_sessions()] == ["other"]
+        assert tx.find_session_generation("f1") is None
+        assert tx.find_session_generation("f2") == 0
+
+
+def test_expiry_sweeps_families_left_without_a_session(store: Store) -> None:
+    with store.write() as tx:
+        tx.create_session_family("f1", "admin", T0)
+        tx.create_session_family("f2", "admin", T0)
+        tx.create_session(SessionRecord("a", "admin", T0, at(60), family_id="f1"))
+        tx.create_session(SessionRecord("b", "admin", T0, at(60), family_id="f2"))
+        tx.create_session(SessionRecord("c", "admin", T0, at(600), family_id="f2", generation=1))
+    with store.write() as tx:
+        assert tx.delete_sessions_expired(at(60)) == 2
+    with store.read() as tx:
+        assert tx.find_session_generation("f1") is None
+        assert tx.find_session_generation("f2") == 0
+    with store.write() as tx:
+        assert tx.delete_user_sessions("admin") == 1
+        assert tx.delete_empty_session_families() == 0
+    with store.read() as tx:
+        assert tx.list_sessions() == []
+        assert tx.find_session_generation("f2") is None
+
+
+def test_parallel_advances_of_one_generation_have_one_winner(store: Store) -> None:
+    with store.write() as tx:
+        tx.create_session_family("f1", "admin", T0)
+    results: list[bool] = []
+    barrier = threading.Barrier(10)
+
+    def advance() -> None:
+        barrier.wait()
+        with store.write() as tx:
+            results.append(tx.advance_session_family("f1", 0))
+
+    threads = [threading.Thread(target=advance) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [False] * 9 + [True]
+    with store.read() as tx:
+        assert tx.find_session_generation("f1") == 1
 
 
 def test_api_keys_are_found_by_hash_and_id_and_listed_per_user(store: Store) -> None:
@@ -704,5 +839,44 @@ def test_sessions_from_before_the_sliding_revision_keep_their_end(store: Store) 
         )
     upgrade(store)
     with store.write() as tx:
-        assert tx.find_session("old") == SessionRecord("old", "admin", T0, at(3600))
+        assert tx.find_session("old") == SessionRecord(
+            "old", "admin", T0, at(3600), family_id="old"
+        )
         assert tx.extend_session("old", at(5400)) is False
+
+
+def test_users_and_sessions_from_before_the_roles_revision_are_carried_over(
+    store: Store,
+) -> None:
+    config = alembic_config()
+    with store._writer.begin() as conn:  # type: ignore[attr-defined]
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0005")
+    with store._writer.begin() as conn:  # type: ignore[attr-defined]
+        for name, role in (("admin", "admin"), ("readonly", "readonly")):
+            conn.execute(
+                text(
+                    "INSERT INTO users (username, password_hash, role, created_at) "
+                    "VALUES (:name, 'h', :role, :at)"
+                ),
+                {"name": name, "role": role, "at": T0},
+            )
+        conn.execute(
+            text(
+                "INSERT INTO sessions (token_hash, username, created_at, expires_at) "
+                "VALUES ('old', 'admin', :at, :end)"
+            ),
+            {"at": T0, "end": at(3600)},
+        )
+    upgrade(store)
+    with store.write() as tx:
+        admin, readonly = tx.find_user("admin"), tx.find_user("readonly")
+        assert admin is not None
+        assert readonly is not None
+        assert (admin.roles, admin.builtin, admin.enabled) == (("ece_platform_admin",), True, True)
+        assert (readonly.roles, readonly.builtin) == (("ece_platform_viewer",), True)
+        old = tx.find_session("old")
+        assert old is not None
+        assert (old.family_id, old.generation) == ("old", 0)
+        assert tx.find_session_generation("old") == 0
+        assert tx.advance_session_family("old", 0) is True

@@ -24,7 +24,7 @@ expect = sync_api.expect
 Page = sync_api.Page
 Shot = Callable[..., Path]
 
-PAGES = ["/ui/overview", "/ui/allocators", "/ui/runners", "/ui/tokens", "/ui/audit"]
+PAGES = ["/ui/overview", "/ui/allocators", "/ui/runners", "/ui/tokens", "/ui/users", "/ui/audit"]
 FIRST_HOST = "127.0.0.1"
 RUNNERS = "/api/v1/platform/infrastructure/runners"
 
@@ -419,3 +419,54 @@ def test_every_form_control_has_a_label(console: Console):
               .map(el => location.pathname + " " + el.outerHTML.slice(0, 80))"""
         )
     assert unlabelled == []
+
+
+def test_admin_creates_a_user_who_signs_in_and_only_reads(
+    console: Console, ui_coordinator: Coordinator, shot: Shot
+):
+    page = console.login()
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Users").click()
+    expect(page).to_have_url(re.compile(r"/ui/users$"))
+    wait_loaded(page)
+    form = page.locator("#create-form")
+    form.get_by_label("User name").fill("dana")
+    form.get_by_label("Password", exact=True).fill("short")
+    form.get_by_role("button", name="Create user").click()
+    expect(page.locator("#create-error")).to_contain_text("at least 8 characters")
+    form.get_by_label("Password", exact=True).fill("dana's long passphrase")
+    form.get_by_label("Full name").fill("Dana Scully")
+    form.get_by_label("Deployment manager").check()
+    form.get_by_role("button", name="Create user").click()
+    row = page.locator("#users tr", has_text="dana")
+    expect(row).to_contain_text("ece_deployment_manager")
+    expect(row).to_contain_text("Dana Scully")
+    expect(form.get_by_label("Password", exact=True)).to_have_value("")
+    shot(page, "users")
+    dana = ui_coordinator.get("/api/v1/users/dana")
+    assert dana["security"]["roles"] == ["ece_platform_viewer", "ece_deployment_manager"]
+    assert dana["metadata"]["created_by"] == "admin"
+    admin_row = page.locator("#users tr", has_text="admin (you)")
+    expect(admin_row.get_by_role("button", name=re.compile("Delete"))).to_be_hidden()
+
+    other = console.page()
+    other.goto("/ui/login")
+    other.get_by_label("Username").fill("dana")
+    other.get_by_label("Password").fill("dana's long passphrase")
+    other.get_by_role("button", name="Log in").click()
+    other.wait_for_url("**/ui/overview")
+    other.goto("/ui/users")
+    wait_loaded(other)
+    expect(other.get_by_text("You are signed in as dana")).to_be_visible()
+    expect(other.locator("#create-form")).to_have_count(0)
+    expect(other.get_by_role("button", name=re.compile("Delete|Disable"))).to_have_count(0)
+    expect(other.locator("#users tr", has_text="dana (you)")).to_be_visible()
+    assert forge(other, "POST", TOKENS, "page") == [403, "root.unauthorized.rbac"]
+
+    # The admin disables dana: her session ends at once, her next page asks her to sign in.
+    row.get_by_role("button", name="Disable user dana").click()
+    expect(row).to_contain_text("Disabled")
+    other.reload()
+    expect(other).to_have_url(re.compile(r"/ui/login\?next=/ui/users$"))
+    kinds = [e["kind"] for e in ui_coordinator.audit()]
+    assert "user.created" in kinds
+    assert "user.updated" in kinds

@@ -1,7 +1,8 @@
 """Who is calling: Basic auth, API keys, session tokens (users) and client certificates (runners).
 
 The FastAPI dependencies here are the only place routes get a Principal from; `require_admin`
-is the RBAC rule: every write needs the admin role. A request authenticated by the UI's session
+is the RBAC rule: every write needs ECE's `ece_platform_admin` role (viewers and, until Muster
+runs deployments, the deployment roles read only). A request authenticated by the UI's session
 cookie must also carry the session's CSRF token (`X-CSRF-Token`) for every unsafe method; using
 a UI session slides its end. Checking the credentials is `muster.domain.sessions`.
 """
@@ -72,15 +73,16 @@ def authenticate(request: Request) -> Principal:
 
 
 def require_user(principal: Principal = Depends(authenticate)) -> Principal:
-    """Any signed-in user (admin or readonly) may read."""
+    """Any signed-in user, whatever their roles, may read."""
     return principal
 
 
 def require_admin(principal: Principal = Depends(authenticate)) -> Principal:
-    """Writes need the admin role."""
+    """Writes need the ece_platform_admin role."""
     if not principal.can_write:
         raise ForbiddenError(
-            f"user {principal.name!r} may only read; this change needs the admin user",
+            f"user {principal.name!r} may only read; this change needs a user with the "
+            "ece_platform_admin role",
             code="root.unauthorized.rbac",
         )
     return principal

@@ -128,6 +128,69 @@ class DeleteApiKeysRequest(Strict):
     keys: list[str]
 
 
+class UserApiKey(Strict):
+    user_id: str
+    api_key_id: str
+
+
+class DeleteUsersApiKeysRequest(Strict):
+    user_api_keys: list[UserApiKey]
+
+
+class AuthenticationInfo(Reply):
+    has_elevated_permissions: bool
+    refresh_token_url: str
+    expires_at: str | None = None
+
+
+# -- users (ECE's User): replies; bodies are read by muster.domain.accounts ------------------------
+class UserSecurityRealm(Reply):
+    id: str
+    type: str
+
+
+class UserSecurityReply(Reply):
+    roles: list[str]
+    enabled: bool
+    security_realm: UserSecurityRealm
+
+
+class UserMetadataReply(Reply):
+    created_at: str | None = None
+    created_by: str | None = None
+    updated_at: str | None = None
+    updated_by: str | None = None
+
+
+class UserReply(Reply):
+    user_name: str
+    security: UserSecurityReply
+    metadata: UserMetadataReply
+    full_name: str | None = None
+    email: str | None = None
+    builtin: bool
+
+
+class UserList(Reply):
+    users: list[UserReply]
+
+
+class UserSecurityRequest(Strict):
+    """ECE's UserSecurity as sent; values are checked by `muster.domain.accounts`."""
+
+    roles: list[str] | None = None
+    password: str | None = Field(default=None, description="Only sent, never shown")
+    enabled: bool | None = None
+
+
+class UserRequest(Strict):
+    user_name: str
+    security: UserSecurityRequest
+    full_name: str | None = None
+    email: str | None = None
+    builtin: bool | None = None
+
+
 # -- audit ---------------------------------------------------------------------------------------
 class AuditEventReply(Reply):
     id: int

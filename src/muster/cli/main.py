@@ -32,6 +32,7 @@ from muster.cli.infra import allocator_app, runner_app
 from muster.cli.platform import platform_app
 from muster.cli.service import service_app
 from muster.cli.tokens import token_app
+from muster.cli.users import user_app
 from muster.errors import EXIT_USAGE
 
 app = typer.Typer(
@@ -49,6 +50,7 @@ app.add_typer(runner_app, name="runner")
 app.add_typer(platform_app, name="platform")
 app.add_typer(service_app, name="service")
 app.add_typer(backup_app)
+app.add_typer(user_app, name="user")
 
 
 def _version(value: bool) -> None:

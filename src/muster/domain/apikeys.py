@@ -56,9 +56,9 @@ def list_keys(platform: Platform, principal: Principal) -> list[ApiKeyRecord]:
         return tx.list_api_keys(principal.name)
 
 
-def _own_key(tx: Transaction, principal: Principal, key_id: str) -> ApiKeyRecord:
+def _own_key(tx: Transaction, username: str, key_id: str) -> ApiKeyRecord:
     record = tx.get_api_key(key_id)
-    if record.username != principal.name:
+    if record.username != username:
         # Another user's key is as good as absent: never reveal that it exists.
         raise NotFoundError(f"API key {key_id!r} not found", code="api_keys.key_not_found")
     return record
@@ -68,7 +68,7 @@ def get_key(platform: Platform, principal: Principal, key_id: str) -> ApiKeyReco
     """One API key of `principal`'s user. Raises NotFoundError (api_keys.key_not_found), also
     for another user's key."""
     with platform.store.read() as tx:
-        return _own_key(tx, principal, key_id)
+        return _own_key(tx, principal.name, key_id)
 
 
 def delete_keys(
@@ -79,7 +79,7 @@ def delete_keys(
     unknown or another user's."""
     with platform.store.write() as tx:
         for key_id in key_ids:
-            _own_key(tx, principal, key_id)
+            _own_key(tx, principal.name, key_id)
             tx.delete_api_key(key_id)
             audit.record(
                 tx,
@@ -88,4 +88,35 @@ def delete_keys(
                 actor=principal.name,
                 source=source,
                 key_id=key_id,
+            )
+
+
+# ---- every user's keys (platform admins) -------------------------------------------------------
+
+
+def list_all_keys(platform: Platform) -> list[ApiKeyRecord]:
+    """ECE's GET /users/auth/keys/_all: the API keys of every user, oldest first."""
+    with platform.store.read() as tx:
+        return tx.list_api_keys()
+
+
+def delete_users_keys(
+    platform: Platform, principal: Principal, keys: list[tuple[str, str]], *, source: str
+) -> None:
+    """ECE's DELETE /users/auth/keys/_all: delete (user, key id) pairs of any users, each
+    audited (`api_key.deleted`, naming the key's user), all in one transaction: every key or
+    none. Raises NotFoundError (api_keys.key_not_found) if a key is unknown or not that
+    user's."""
+    with platform.store.write() as tx:
+        for username, key_id in keys:
+            _own_key(tx, username, key_id)
+            tx.delete_api_key(key_id)
+            audit.record(
+                tx,
+                platform.clock,
+                audit.API_KEY_DELETED,
+                actor=principal.name,
+                source=source,
+                key_id=key_id,
+                user=username,
             )

@@ -24,6 +24,10 @@ LOGIN_SUCCEEDED = "login.succeeded"
 LOGIN_FAILED = "login.failed"
 SESSION_REFRESHED = "session.refreshed"
 SESSION_ENDED = "session.ended"
+USER_CREATED = "user.created"
+USER_UPDATED = "user.updated"
+USER_DELETED = "user.deleted"
+PASSWORD_CHANGED = "user.password_changed"
 RUNNER_JOINED = "runner.joined"
 RUNNER_DELETED = "runner.deleted"
 RUNNER_ROLES_CHANGED = "runner.roles_changed"
@@ -49,6 +53,10 @@ KINDS = (
     LOGIN_FAILED,
     SESSION_REFRESHED,
     SESSION_ENDED,
+    USER_CREATED,
+    USER_UPDATED,
+    USER_DELETED,
+    PASSWORD_CHANGED,
     RUNNER_JOINED,
     RUNNER_DELETED,
     RUNNER_ROLES_CHANGED,

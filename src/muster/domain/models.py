@@ -28,10 +28,20 @@ class TokenRecord:
 
 @dataclass(frozen=True)
 class UserRecord:
+    """A user of the native realm. `roles` are ECE's (`ece_platform_admin` ...); `builtin`
+    users (admin, readonly) are made at install and can be neither deleted nor re-roled."""
+
     username: str
     password_hash: str
-    role: str  # "admin" or "readonly"
+    roles: tuple[str, ...]
     created_at: datetime
+    full_name: str = ""
+    email: str = ""
+    enabled: bool = True
+    builtin: bool = False
+    created_by: str = ""
+    updated_at: datetime | None = None
+    updated_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,10 @@ class SessionRecord:
     expires_at: datetime
     # The latest `expires_at` may move to; None for a session that never slides (`_login`).
     max_expires_at: datetime | None = None
+    # The login this session descends from by `_refresh`, and its place in that line (0 for
+    # the login's own token): a logout ends the whole family.
+    family_id: str = ""
+    generation: int = 0
 
 
 @dataclass(frozen=True)

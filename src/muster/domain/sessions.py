@@ -31,6 +31,7 @@ from muster.domain.users import (
     hash_password,
     hash_secret,
     new_session,
+    principal_of,
     verify_password,
 )
 from muster.errors import RateLimitedError, StoreError, UnauthenticatedError
@@ -117,26 +118,29 @@ def _record_refusal(platform: Platform, *, source: str, actor: str, method: str)
 def check_password(platform: Platform, username: str, password: str, *, source: str) -> Principal:
     """The user named by a username and password (argon2id, or the short-lived cache of recent
     successes). Blocking (argon2). Raises RateLimitedError before checking when `source` is
-    limited; UnauthenticatedError when the pair is wrong, counted and audited (an unknown
-    user's name is audited as `unknown_user`)."""
+    limited; UnauthenticatedError when the pair is wrong or the user is disabled, counted and
+    audited (an unknown user's name is audited as `unknown_user`)."""
     check_login_allowed(platform, source)
     now_s = platform.clock.monotonic()
-    user = platform.credentials.get(username, password, now_s=now_s)
-    known = user is not None
-    if user is None:
-        with platform.store.read() as tx:
-            found = tx.find_user(username)
-        known = found is not None
+    cached = platform.credentials.get(username, password, now_s=now_s)
+    with platform.store.read() as tx:
+        found = tx.find_user(username)
+    user = None
+    # The cache only vouches for the hash it saw: a password changed since (here or by another
+    # coordinator) misses it, and roles and `enabled` are always the stored ones.
+    if cached is not None and found is not None and found.password_hash == cached.password_hash:
+        user = found
+    else:
         # An unknown user pays the same argon2 verify as a known one: timing reveals no names.
         known_hash = found.password_hash if found is not None else _dummy_hash()
         if verify_password(known_hash, password) and found is not None:
             user = found
             platform.credentials.put(username, password, found, now_s=now_s)
-    if user is None:
-        actor = username[:64] if known else unknown_user(platform, username)
+    if user is None or not user.enabled:
+        actor = username[:64] if found is not None else unknown_user(platform, username)
         _record_refusal(platform, source=source, actor=actor, method="password")
         raise _unauthenticated("the username or password is not correct")
-    return Principal(name=user.username, role=user.role, method="basic")
+    return principal_of(user, "basic")
 
 
 def principal_from_basic(platform: Platform, credentials: str, *, source: str) -> Principal:
@@ -158,8 +162,19 @@ def _start_session(
 ) -> NewSession:
     record, token = new_session(principal.name, now=now, sliding=sliding)
     tx.delete_sessions_expired(now)
+    tx.create_session_family(record.family_id, principal.name, now)
     tx.create_session(record)
     return NewSession(principal, token, record.expires_at)
+
+
+def _successor(platform: Platform, token: str) -> str:
+    """The token a refresh of `token` issues: a keyed HMAC of it, so every refresh of one token,
+    on any coordinator, names the same successor (the store never holds a token, and without
+    the live token and the platform's key no successor can be derived)."""
+    digest = hmac.new(
+        _derived_key(platform, b"muster session refresh v1"), token.encode(), "sha256"
+    )
+    return SESSION_PREFIX + base64.urlsafe_b64encode(digest.digest()).decode().rstrip("=")
 
 
 def log_in(
@@ -180,11 +195,19 @@ def log_in(
 
 
 def refresh_session(platform: Platform, token: str | None, *, source: str) -> NewSession:
-    """ECE's `_refresh`: a new fixed-hour session for the user of the live session `token`,
-    which ends, audited (`session.refreshed`) in the same transaction. Raises
-    UnauthenticatedError (root.unauthorized) when `token` is missing, or unknown, logged out or
-    ended: the last three count and are audited as failed sign-ins. Not rate limited: a live
-    session always refreshes."""
+    """ECE's `_refresh`: the next token of the live session `token`'s family, ending
+    SESSION_TTL from now, audited (`session.refreshed`) in its transaction. `token` itself
+    stays valid until its own end, so requests in flight with it (or another process sharing
+    it) go on working; `_logout` with any token of the family ends them all.
+
+    The family is a line, never a tree: a token's successor is derived from it (`_successor`),
+    and only a refresh of the family's newest token moves it on (`advance_session_family`, a
+    compare-and-set). So every refresh of one token, however many run at once, returns the
+    same successor; a refresh of an older token returns the successor it already has.
+
+    Raises UnauthenticatedError (root.unauthorized) when `token` is missing, or unknown, logged
+    out or ended: the last three count and are audited as failed sign-ins. Not rate limited: a
+    live session always refreshes."""
     refused = _unauthenticated(
         "the session token is not valid or has expired; log in again", code="root.unauthorized"
     )
@@ -192,35 +215,70 @@ def refresh_session(platform: Platform, token: str | None, *, source: str) -> Ne
         raise refused
     now, now_s = platform.clock.now(), platform.clock.monotonic()
     started: NewSession | None = None
+    successor = _successor(platform, token)
     with platform.store.write() as tx:
         live = _live_session(tx, token, now=now)
         if live is None:
             _refuse(platform, tx, source=source, actor="", method="refresh", now_s=now_s)
         else:
             principal, old = live
-            tx.delete_session(old.token_hash)
-            started = _start_session(tx, principal, now=now, sliding=False)
-            audit.record(
-                tx, platform.clock, audit.SESSION_REFRESHED, actor=principal.name, source=source
-            )
+            issued = tx.find_session(hash_secret(successor))
+            if issued is None and tx.advance_session_family(old.family_id, old.generation):
+                record, _ = new_session(
+                    principal.name,
+                    now=now,
+                    sliding=False,
+                    token=successor,
+                    family_id=old.family_id,
+                    generation=old.generation + 1,
+                )
+                tx.create_session(record)
+                issued = record
+            elif issued is None:
+                # Another refresh of this token won the compare-and-set; on PostgreSQL its
+                # commit is visible to this statement now.
+                issued = tx.find_session(hash_secret(successor))
+            if issued is None:
+                _refuse(platform, tx, source=source, actor="", method="refresh", now_s=now_s)
+            else:
+                started = NewSession(principal, successor, issued.expires_at)
+                audit.record(
+                    tx,
+                    platform.clock,
+                    audit.SESSION_REFRESHED,
+                    actor=principal.name,
+                    source=source,
+                    generation=issued.generation,
+                )
     if started is None:
         raise refused
     return started
 
 
 def log_out(platform: Platform, token: str, *, source: str, ui: bool = False) -> bool:
-    """End the session `token` at once, audited (`session.ended`) in the same transaction.
+    """End the session `token` and every other token of its family (its refreshes and what
+    they descend from) at once, audited (`session.ended`) in the same transaction.
     Idempotent: False (and nothing recorded) when no such session exists."""
     token_hash = hash_secret(token)
     via = {"via": "ui"} if ui else {}
     with platform.store.write() as tx:
         session = tx.find_session(token_hash) if token.startswith(SESSION_PREFIX) else None
-        if session is None or not tx.delete_session(token_hash):
+        if session is None:
+            return False
+        ended = tx.delete_session_family(session.family_id) if session.family_id else 0
+        if not ended and not tx.delete_session(token_hash):
             return False
         audit.record(
             tx, platform.clock, audit.SESSION_ENDED, actor=session.username, source=source, **via
         )
     return True
+
+
+def session_expiry(platform: Platform, token: str) -> datetime | None:
+    """When the live session `token` ends, or None when it is not one."""
+    with platform.store.read() as tx:
+        live = _live_session(tx, token, now=platform.clock.now())
+    return None if live is None else live[1].expires_at
 
 
 # ---- who is calling ---------------------------------------------------------------------------
@@ -237,9 +295,9 @@ def _live_session(
         return None
     session = tx.find_session(hash_secret(token))
     user = tx.find_user(session.username) if session else None
-    if session is None or user is None or _expired(session.expires_at, now):
+    if session is None or user is None or not user.enabled or _expired(session.expires_at, now):
         return None
-    return Principal(name=user.username, role=user.role, method="session"), session
+    return principal_of(user, "session"), session
 
 
 def _session_user(platform: Platform, token: str, *, now: datetime) -> Principal | None:
@@ -294,10 +352,10 @@ def principal_from_api_key(platform: Platform, key: str, *, source: str) -> Prin
             tx.find_api_key_by_hash(hash_secret(key)) if key.startswith(API_KEY_PREFIX) else None
         )
         user = tx.find_user(record.username) if record else None
-    if record is None or user is None or _expired(record.expires_at, now):
+    if record is None or user is None or not user.enabled or _expired(record.expires_at, now):
         _record_refusal(platform, source=source, actor="", method="apikey")
         raise _unauthenticated("the API key is not valid (unknown, deleted or expired)")
-    return Principal(name=user.username, role=user.role, method="apikey")
+    return principal_of(user, "apikey")
 
 
 # ---- CSRF -------------------------------------------------------------------------------------

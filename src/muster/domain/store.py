@@ -73,7 +73,53 @@ class Transaction(Protocol):
         """True if a session was deleted."""
         ...
 
-    def delete_sessions_expired(self, now: datetime) -> int: ...
+    def delete_sessions_expired(self, now: datetime) -> int:
+        """Delete sessions ended by `now` (inclusive) and the families left without one;
+        returns the sessions deleted."""
+        ...
+
+    # -- user accounts and session families (ECE's users API, `_refresh`) --------------------
+    def update_user(self, username: str, **changes: Any) -> None:
+        """Set UserRecord fields of a user. Raises NotFoundError (code user.not_found)."""
+        ...
+
+    def delete_user(self, username: str) -> None:
+        """Delete the user with its API keys, sessions and session families. Raises
+        NotFoundError (code user.not_found)."""
+        ...
+
+    def create_session_family(self, family_id: str, username: str, at: datetime) -> None:
+        """A new family at generation 0 (a login). Raises ConflictError if the id exists."""
+        ...
+
+    def find_session_generation(self, family_id: str) -> int | None:
+        """The family's newest generation, or None when it is gone (logged out, swept)."""
+        ...
+
+    def advance_session_family(self, family_id: str, generation: int) -> bool:
+        """Move the family from `generation` to `generation + 1` in one conditional UPDATE:
+        True if this call moved it; False (nothing changes) if the family is gone or is no
+        longer at `generation`. Of concurrent calls with one generation, exactly one wins."""
+        ...
+
+    def delete_session_family(self, family_id: str) -> int:
+        """Delete the family and every session in it; returns the sessions deleted."""
+        ...
+
+    def delete_user_sessions(self, username: str) -> int:
+        """Delete every session and session family of a user; returns the sessions deleted."""
+        ...
+
+    def delete_empty_session_families(self) -> int:
+        """Delete the families that have no session left; returns how many."""
+        ...
+
+    def list_sessions(
+        self, *, family_id: str | None = None, username: str | None = None
+    ) -> list[SessionRecord]:
+        """Sessions of one family or user (every one without a filter), expired ones too,
+        ordered by family and generation."""
+        ...
 
     # -- enrollment tokens ---------------------------------------------------------------------
     def create_token(self, token: TokenRecord) -> None:

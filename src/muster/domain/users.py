@@ -9,6 +9,10 @@ SHA-256 (they have too much entropy to guess, so a slow hash adds nothing).
 A session of the API's `_login` ends SESSION_TTL after it began (ECE's rule: clients `_refresh`
 it). A session of the Cloud UI slides: while it is used it ends only after SESSION_TTL unused,
 and never later than SESSION_MAX_LIFE after login.
+
+Roles are ECE's. `ece_platform_admin` may change everything; `ece_platform_viewer` reads the
+platform. The deployment roles are stored and shown; until Muster runs deployments they grant
+what the viewer has (reads of the platform) and nothing more.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import hmac
 import re
 import secrets
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
@@ -29,7 +33,16 @@ from muster.errors import InvalidInputError
 
 ADMIN = "admin"
 READONLY = "readonly"
-ROLE_OF_USER = {ADMIN: "admin", READONLY: "readonly"}
+
+PLATFORM_ADMIN = "ece_platform_admin"
+PLATFORM_VIEWER = "ece_platform_viewer"
+DEPLOYMENT_MANAGER = "ece_deployment_manager"
+DEPLOYMENT_VIEWER = "ece_deployment_viewer"
+ROLES = (PLATFORM_ADMIN, PLATFORM_VIEWER, DEPLOYMENT_MANAGER, DEPLOYMENT_VIEWER)
+# The users made at install: built in, never deleted, their roles fixed.
+BUILTIN_ROLES = {ADMIN: (PLATFORM_ADMIN,), READONLY: (PLATFORM_VIEWER,)}
+MIN_PASSWORD_LENGTH = 8  # as ECE's native realm
+MAX_PASSWORD_LENGTH = 1024
 
 SESSION_TTL = timedelta(hours=1)
 # However busy, a UI session ends this long after login and its user signs in again (a stolen
@@ -46,12 +59,26 @@ class Principal:
     """Who is calling: a user (by password, API key or session) or a runner (by certificate)."""
 
     name: str
-    role: str  # "admin", "readonly" or "runner"
+    role: str  # what it may do: "admin" (everything), "readonly" (reads) or "runner"
     method: str  # "basic", "apikey", "session", "certificate"
+    # A user's ECE roles as stored (shown, not compared: `role` is what they allow).
+    roles: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def can_write(self) -> bool:
         return self.role == "admin"
+
+
+def access_of(roles: tuple[str, ...]) -> str:
+    """What `roles` allow: "admin" with the platform admin role, else "readonly" (every other
+    role reads only: see the module docstring)."""
+    return "admin" if PLATFORM_ADMIN in roles else "readonly"
+
+
+def principal_of(user: UserRecord, method: str) -> Principal:
+    return Principal(
+        name=user.username, role=access_of(user.roles), method=method, roles=user.roles
+    )
 
 
 def generate_password() -> str:
@@ -69,12 +96,28 @@ def verify_password(password_hash: str, password: str) -> bool:
         return False
 
 
-def new_user(username: str, password: str, *, now: datetime) -> UserRecord:
+def new_user(
+    username: str,
+    password: str,
+    *,
+    now: datetime,
+    roles: tuple[str, ...] | None = None,
+    full_name: str = "",
+    email: str = "",
+    created_by: str = "",
+) -> UserRecord:
+    """A user record with the argon2id hash of `password`. Without `roles`, `admin` and
+    `readonly` get their built-in ones (and are marked built-in), anyone else the viewer's."""
+    builtin = roles is None and username in BUILTIN_ROLES
     return UserRecord(
         username=username,
         password_hash=hash_password(password),
-        role=ROLE_OF_USER.get(username, "readonly"),
+        roles=roles if roles is not None else BUILTIN_ROLES.get(username, (PLATFORM_VIEWER,)),
         created_at=now,
+        full_name=full_name,
+        email=email,
+        builtin=builtin,
+        created_by=created_by,
     )
 
 
@@ -91,17 +134,28 @@ def generate_session_token() -> str:
     return SESSION_PREFIX + secrets.token_urlsafe(32)
 
 
-def new_session(username: str, *, now: datetime, sliding: bool) -> tuple[SessionRecord, str]:
+def new_session(
+    username: str,
+    *,
+    now: datetime,
+    sliding: bool,
+    token: str | None = None,
+    family_id: str | None = None,
+    generation: int = 0,
+) -> tuple[SessionRecord, str]:
     """A new session record and its token (returned once, never stored). The session ends at
     `now + SESSION_TTL`; a `sliding` one (the UI's) may be extended up to `now +
-    SESSION_MAX_LIFE` by `extended_expiry`."""
-    token = generate_session_token()
+    SESSION_MAX_LIFE` by `extended_expiry`. A login's session starts a family (named by a
+    random id); a refresh passes its successor `token`, `family_id` and `generation`."""
+    token = token or generate_session_token()
     record = SessionRecord(
         token_hash=hash_secret(token),
         username=username,
         created_at=now,
         expires_at=now + SESSION_TTL,
         max_expires_at=now + SESSION_MAX_LIFE if sliding else None,
+        family_id=family_id or secrets.token_hex(16),
+        generation=generation,
     )
     return record, token
 

@@ -18,6 +18,7 @@ from muster.domain.models import (
     PlanAttemptRecord,
     ResourceRecord,
     RunnerRecord,
+    SessionRecord,
     TokenRecord,
     UserRecord,
 )
@@ -83,12 +84,47 @@ def audit_row(event: AuditEvent) -> dict[str, Any]:
     }
 
 
+def user_row(user: UserRecord) -> dict[str, Any]:
+    return {
+        "username": user.username,
+        "password_hash": user.password_hash,
+        "roles": list(user.roles),
+        "created_at": user.created_at,
+        "full_name": user.full_name,
+        "email": user.email,
+        "enabled": user.enabled,
+        "builtin": user.builtin,
+        "created_by": user.created_by,
+        "updated_at": user.updated_at,
+        "updated_by": user.updated_by,
+    }
+
+
 def user_record(row: Row[Any]) -> UserRecord:
     return UserRecord(
         username=row.username,
         password_hash=row.password_hash,
-        role=row.role,
+        roles=tuple(row.roles),
         created_at=required_utc(row.created_at),
+        full_name=row.full_name,
+        email=row.email,
+        enabled=bool(row.enabled),
+        builtin=bool(row.builtin),
+        created_by=row.created_by,
+        updated_at=utc(row.updated_at),
+        updated_by=row.updated_by,
+    )
+
+
+def session_record(row: Row[Any]) -> SessionRecord:
+    return SessionRecord(
+        token_hash=row.token_hash,
+        username=row.username,
+        created_at=required_utc(row.created_at),
+        expires_at=required_utc(row.expires_at),
+        max_expires_at=utc(row.max_expires_at),
+        family_id=row.family_id,
+        generation=int(row.generation),
     )
 
 

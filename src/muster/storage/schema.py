@@ -18,6 +18,8 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
+    true,
 )
 
 metadata = MetaData()
@@ -35,8 +37,16 @@ users = Table(
     metadata,
     Column("username", String(64), primary_key=True),
     Column("password_hash", Text, nullable=False),
-    Column("role", String(32), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # Migration 0006: ECE's roles and profile replace the single admin/readonly role.
+    Column("roles", JSON, nullable=False),
+    Column("full_name", Text, nullable=False, server_default=""),
+    Column("email", Text, nullable=False, server_default=""),
+    Column("enabled", Boolean, nullable=False, server_default=true()),
+    Column("builtin", Boolean, nullable=False, server_default=false()),
+    Column("created_by", String(64), nullable=False, server_default=""),
+    Column("updated_at", DateTime(timezone=True), nullable=True),
+    Column("updated_by", String(64), nullable=False, server_default=""),
 )
 
 api_keys = Table(
@@ -58,6 +68,20 @@ sessions = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
     Column("max_expires_at", DateTime(timezone=True), nullable=True),
+    # Migration 0006: the family of `_refresh`ed tokens this one belongs to.
+    Column("family_id", String(128), nullable=False, server_default="", index=True),
+    Column("generation", Integer, nullable=False, server_default="0"),
+)
+
+# One row per login: its tokens are the sessions with its family_id. `generation` is the
+# newest token's; a refresh moves it on with one conditional UPDATE, so the line never forks.
+session_families = Table(
+    "session_families",
+    metadata,
+    Column("family_id", String(128), primary_key=True),
+    Column("username", String(64), nullable=False, index=True),
+    Column("generation", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
 enrollment_tokens = Table(

@@ -32,6 +32,7 @@ from muster.storage import _rows as rec
 from muster.storage import schema as t
 from muster.storage._deployments import DeploymentTables
 from muster.storage._fleet import FleetReads
+from muster.storage._users import UserRows
 
 # Statements on the join and heartbeat paths, built once: building a Core statement per call
 # (`insert().values(...)`, `select().where(...)`) costs more CPU than SQLite takes to run it.
@@ -55,7 +56,7 @@ _IS_REVOKED = select(t.revoked_certificates.c.serial).where(
 )
 
 
-class SqlTransaction(FleetReads, DeploymentTables):
+class SqlTransaction(FleetReads, DeploymentTables, UserRows):
     """One open transaction on a SQLAlchemy connection.
 
     `savepoints`: wrap each insert that may conflict in a savepoint, for backends where a failed
@@ -88,13 +89,9 @@ class SqlTransaction(FleetReads, DeploymentTables):
     def create_user(self, user: UserRecord) -> None:
         self._insert(
             t.users,
-            {
-                "username": user.username,
-                "password_hash": user.password_hash,
-                "role": user.role,
-                "created_at": user.created_at,
-            },
+            rec.user_row(user),
             conflict=f"user {user.username!r} exists",
+            code="user.user_name.conflict",
         )
 
     def find_user(self, username: str) -> UserRecord | None:
@@ -151,6 +148,8 @@ class SqlTransaction(FleetReads, DeploymentTables):
                 "created_at": session.created_at,
                 "expires_at": session.expires_at,
                 "max_expires_at": session.max_expires_at,
+                "family_id": session.family_id,
+                "generation": session.generation,
             },
             conflict="session exists",
         )
@@ -159,15 +158,7 @@ class SqlTransaction(FleetReads, DeploymentTables):
         row = self.conn.execute(
             select(t.sessions).where(t.sessions.c.token_hash == token_hash)
         ).first()
-        if row is None:
-            return None
-        return SessionRecord(
-            token_hash=row.token_hash,
-            username=row.username,
-            created_at=rec.required_utc(row.created_at),
-            expires_at=rec.required_utc(row.expires_at),
-            max_expires_at=rec.utc(row.max_expires_at),
-        )
+        return None if row is None else rec.session_record(row)
 
     def delete_session(self, token_hash: str) -> bool:
         result = self.conn.execute(delete(t.sessions).where(t.sessions.c.token_hash == token_hash))
@@ -175,6 +166,8 @@ class SqlTransaction(FleetReads, DeploymentTables):
 
     def delete_sessions_expired(self, now: datetime) -> int:
         result = self.conn.execute(delete(t.sessions).where(t.sessions.c.expires_at <= now))
+        if result.rowcount:
+            self.delete_empty_session_families()
         return int(result.rowcount)
 
     # -- enrollment tokens ---------------------------------------------------------------------

@@ -19,7 +19,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
 
 from muster import __version__
-from muster.domain import audit, sessions
+from muster.domain import audit, sessions, users
 from muster.domain.identities import CoordinatorDirectory
 from muster.domain.models import ROLES
 from muster.domain.platform import Platform
@@ -302,6 +302,24 @@ def tokens(request: Request) -> Response:
 @router.get(f"{UI}/audit")
 def audit_log(request: Request) -> Response:
     return _page(request, "audit.html", "audit", "Audit log", kinds=json.dumps(audit.KINDS))
+
+
+@router.get(f"{UI}/users")
+def users_page(request: Request) -> Response:
+    roles = [
+        (users.PLATFORM_ADMIN, "Platform admin"),
+        (users.PLATFORM_VIEWER, "Platform viewer"),
+        (users.DEPLOYMENT_MANAGER, "Deployment manager"),
+        (users.DEPLOYMENT_VIEWER, "Deployment viewer"),
+    ]
+    return _page(
+        request,
+        "users.html",
+        "users",
+        "Users",
+        roles=roles,
+        min_password=users.MIN_PASSWORD_LENGTH,
+    )
 
 
 @router.get(f"{UI}/{{rest:path}}")

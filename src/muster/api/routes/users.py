@@ -1,5 +1,8 @@
-"""ECE's user authentication API: login sessions (_login, _logout, _refresh) and API keys, each
-a thin call into `muster.domain.sessions` and `muster.domain.apikeys`."""
+"""ECE's user authentication API: login sessions (_login, _logout, _refresh), who is signed in
+(/users/auth) and API keys (the caller's, and every user's for admins), each a thin call into
+`muster.domain.sessions` and `muster.domain.apikeys`. The accounts themselves (/user, /users)
+are `muster.api.routes.accounts`, served by this router after these paths (so that
+/users/auth is never read as a user named "auth")."""
 
 from __future__ import annotations
 
@@ -8,12 +11,14 @@ from contextlib import suppress
 from fastapi import APIRouter, Depends, Request
 
 from muster.api.auth import platform_of, require_admin, require_user, source_of
-from muster.api.routes import errors
+from muster.api.routes import accounts, errors
 from muster.api.schemas import (
     ApiKeyResponse,
     ApiKeysResponse,
+    AuthenticationInfo,
     CreateApiKeyRequest,
     DeleteApiKeysRequest,
+    DeleteUsersApiKeysRequest,
     EmptyResponse,
     LoginRequest,
     TokenResponse,
@@ -73,6 +78,26 @@ def refresh_token(request: Request) -> TokenResponse:
     return _token_reply(started)
 
 
+@router.get(
+    "/users/auth",
+    operation_id="get-authentication-info",
+    response_model=AuthenticationInfo,
+    response_model_exclude_none=True,
+    responses=errors(401, 429),
+)
+def get_authentication_info(
+    request: Request, _: Principal = Depends(require_user)
+) -> AuthenticationInfo:
+    """How the caller is signed in; `expires_at` when by a session (Bearer or the UI's)."""
+    token = _bearer(request) or request.cookies.get(sessions.SESSION_COOKIE)
+    expires_at = sessions.session_expiry(platform_of(request), token) if token else None
+    return AuthenticationInfo(
+        has_elevated_permissions=False,
+        refresh_token_url="/api/v1/users/auth/_refresh",
+        expires_at=utc_iso(expires_at),
+    )
+
+
 def _key_reply(record: ApiKeyRecord, key: str | None = None) -> ApiKeyResponse:
     return ApiKeyResponse(
         id=record.id,
@@ -115,6 +140,35 @@ def create_api_key(
 def get_api_keys(request: Request, principal: Principal = Depends(require_user)) -> ApiKeysResponse:
     records = apikeys.list_keys(platform_of(request), principal)
     return ApiKeysResponse(keys=[_key_reply(r) for r in records])
+
+
+@router.get(
+    "/users/auth/keys/_all",
+    operation_id="get-users-api-keys",
+    response_model=ApiKeysResponse,
+    response_model_exclude_none=True,
+    responses=errors(401, 403, 429),
+)
+def get_users_api_keys(request: Request, _: Principal = Depends(require_admin)) -> ApiKeysResponse:
+    """Every user's API keys (never a key itself: the store has none): platform admins only."""
+    records = apikeys.list_all_keys(platform_of(request))
+    return ApiKeysResponse(keys=[_key_reply(r) for r in records])
+
+
+@router.delete(
+    "/users/auth/keys/_all",
+    operation_id="delete-users-api-keys",
+    response_model=EmptyResponse,
+    responses=errors(400, 401, 403, 404, 429),
+)
+def delete_users_api_keys(
+    body: DeleteUsersApiKeysRequest,
+    request: Request,
+    principal: Principal = Depends(require_admin),
+) -> EmptyResponse:
+    pairs = [(k.user_id, k.api_key_id) for k in body.user_api_keys]
+    apikeys.delete_users_keys(platform_of(request), principal, pairs, source=source_of(request))
+    return EmptyResponse()
 
 
 @router.get(
@@ -163,3 +217,6 @@ def delete_api_keys(
             apikeys.delete_keys(platform, principal, known, source=source_of(request))
             break
     return EmptyResponse()
+
+
+router.include_router(accounts.router)

@@ -26,7 +26,8 @@
     "login.succeeded": "Signed in", "login.failed": "Sign-in failed", "runner.joined": "Host joined",
     "runner.deleted": "Host deleted", "runner.roles_changed": "Roles changed",
     "allocator.maintenance": "Maintenance", "session.refreshed": "Session refreshed",
-    "session.ended": "Signed out",
+    "session.ended": "Signed out", "user.created": "User created", "user.updated": "User changed",
+    "user.deleted": "User deleted", "user.password_changed": "Password changed",
   };
   for (const k of kinds) select.append(h("option", { value: k, text: (LABELS[k] || k) + " (" + k + ")" }));
   select.value = kind;
