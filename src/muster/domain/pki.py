@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from functools import cached_property
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -183,25 +183,25 @@ def load_csr_public_key(csr_pem: str) -> ec.EllipticCurvePublicKey:
     Raises InvalidInputError for anything else; the subject is ignored: the coordinator names
     the certificate, never the requester.
     """
-    if len(csr_pem) > MAX_CSR_BYTES:
+    if not isinstance(csr_pem, str) or len(csr_pem) > MAX_CSR_BYTES:
         raise InvalidInputError("csr: larger than a P-256 signing request can be", fields=["csr"])
     try:
         csr = x509.load_pem_x509_csr(csr_pem.encode())
-    except (ValueError, TypeError, UnicodeEncodeError) as exc:
+        # Loading the key is where hostile DER fails (an unknown algorithm or curve, a point off
+        # the curve): inside the try, like the parse.
+        public_key = csr.public_key()
+        if (
+            not isinstance(public_key, ec.EllipticCurvePublicKey)
+            or public_key.curve.name != "secp256r1"
+        ):
+            raise InvalidInputError("csr: the key must be ECDSA P-256", fields=["csr"])
+        signed = csr.is_signature_valid
+    except (ValueError, TypeError, UnicodeError, UnsupportedAlgorithm, InvalidSignature) as exc:
         raise InvalidInputError(
-            "csr: not a PEM certificate signing request", fields=["csr"]
+            "csr: not a PEM certificate signing request for an ECDSA P-256 key", fields=["csr"]
         ) from exc
-    public_key = csr.public_key()
-    if (
-        not isinstance(public_key, ec.EllipticCurvePublicKey)
-        or public_key.curve.name != "secp256r1"
-    ):
-        raise InvalidInputError("csr: the key must be ECDSA P-256", fields=["csr"])
-    try:
-        if not csr.is_signature_valid:
-            raise InvalidInputError("csr: signature does not match its key", fields=["csr"])
-    except InvalidSignature as exc:
-        raise InvalidInputError("csr: signature does not match its key", fields=["csr"]) from exc
+    if not signed:
+        raise InvalidInputError("csr: signature does not match its key", fields=["csr"])
     return public_key
 
 
