@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from muster import __version__
 from muster.api.fastpath import FastPath, RunnerSnapshot
 from muster.api.headers import SECURITY_HEADERS
+from muster.api.shield import Shield
 from muster.domain.liveness import Flusher
 from muster.domain.platform import Platform
 from muster.domain.runners import CoordinatorDirectory
@@ -311,8 +312,10 @@ def create_app(
     app.add_middleware(RegionPaths, region=platform.region)
     # Joins arrive in bursts: served in front of FastAPI's layers (muster.api.routes.agent).
     app.add_middleware(agent.JoinFastPath, state=app.state)
-    # Outermost: the agent hot path skips every layer it does not need.
+    # The agent hot path skips every layer it does not need.
     app.add_middleware(FastPath, state=app.state, ping=bench_routes)
+    # Outermost: NUL in a path or query is refused, and every unexpected error ends here.
+    app.add_middleware(Shield, state=app.state)
     return app
 
 

@@ -117,7 +117,7 @@ class AllocatorSettingsPatch(AllocatorSettingsRequest):
         if isinstance(data, str):
             try:
                 return json.loads(data)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deep
                 raise ValueError("the settings string is not JSON; send a JSON object") from None
         return data
 

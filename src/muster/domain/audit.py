@@ -86,11 +86,17 @@ def event(
     `detail` must never hold a secret."""
     return AuditEvent(
         kind=kind,
-        actor=actor,
-        source=source,
+        actor=_storable(actor),
+        source=_storable(source),
         outcome=outcome,
         at=clock.now(),
-        token_id=token_id,
-        runner_id=runner_id,
+        token_id=_storable(token_id) if token_id is not None else None,
+        runner_id=_storable(runner_id) if runner_id is not None else None,
         detail=detail,
     )
+
+
+def _storable(text: str) -> str:
+    """A refusal of hostile text is still audited: NUL (which no store keeps) is shown as
+    U+FFFD, so the event is written on every backend."""
+    return text.replace("\x00", "\ufffd")

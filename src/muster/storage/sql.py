@@ -13,8 +13,8 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy import Connection, Engine, bindparam, delete, event, func, insert, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError, StatementError
 
 from muster.domain.models import (
     AllocatorRecord,
@@ -30,6 +30,7 @@ from muster.errors import ConflictError, MusterError, NotFoundError, StoreError
 from muster.storage import _rows as rec
 from muster.storage import schema as t
 from muster.storage._fleet import FleetReads
+from muster.storage._guards import refuse_nul
 
 # Statements on the join and heartbeat paths, built once: building a Core statement per call
 # (`insert().values(...)`, `select().where(...)`) costs more CPU than SQLite takes to run it.
@@ -96,6 +97,8 @@ class SqlTransaction(FleetReads):
         )
 
     def find_user(self, username: str) -> UserRecord | None:
+        if "\x00" in username:
+            return None  # no stored name holds one: a sign-in with it fails like any other
         row = self.conn.execute(select(t.users).where(t.users.c.username == username)).first()
         return None if row is None else rec.user_record(row)
 
@@ -442,6 +445,8 @@ class SqlStore:
         # handler and fails as it always did, rather than deadlocking here.
         self._write_lock: threading.RLock | None = threading.RLock() if single_writer else None
         self._savepoints = writer.dialect.name != "sqlite"
+        for engine in {reader, writer}:
+            event.listen(engine, "before_cursor_execute", refuse_nul)
 
     @contextmanager
     def read(self) -> Iterator[SqlTransaction]:
@@ -471,6 +476,8 @@ class SqlStore:
         except OperationalError as exc:
             raise StoreError(f"the store cannot be used: {_short(exc)}") from exc
         except SQLAlchemyError as exc:
+            if isinstance(exc, StatementError) and isinstance(exc.orig, MusterError):
+                raise exc.orig from None  # refused while binding (muster.storage._guards)
             raise StoreError(f"store error: {_short(exc)}") from exc
 
 
