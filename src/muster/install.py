@@ -164,6 +164,7 @@ def _install_first_host(
                 or host.default_capacity_mb(memory_mb, allocator_only=False),
                 report=host.report(paths.root, "install"),
                 api_port=options.api_port,
+                first_host=True,
             ),
             source="install",
         )

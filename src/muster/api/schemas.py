@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from muster.domain.models import HostReport
 
@@ -151,13 +151,39 @@ class AuditPageReply(Reply):
 
 
 # -- agent: join, heartbeat, renewal (Muster's own API, not ECE's) -------------------------------
+# Every field of a host's report is bounded, and so is the report: it is kept in memory for
+# every host, written at every flush and served in the allocator detail the UI polls. The
+# whole-report bound leaves room for a list of a few hundred instances (~500 bytes each).
+MAX_CHECKS = 64
+MAX_CHECK_NAME = 64
+MAX_REPORT_BYTES = 256 * 1024
+
+
 class HostReportModel(Strict):
     memory_mb: int = Field(default=0, ge=0, le=2**40)
     storage_mib: int = Field(default=0, ge=0, le=2**50)
     cpus: int = Field(default=0, ge=0, le=100_000)
     healthy: bool = True
-    checks: dict[str, bool] = Field(default_factory=dict, max_length=64)
+    checks: dict[str, bool] = Field(default_factory=dict, max_length=MAX_CHECKS)
     version: str = Field(default="", max_length=64)
+
+    @field_validator("checks", mode="after")
+    @classmethod
+    def _check_names(cls, checks: dict[str, bool]) -> dict[str, bool]:
+        # Checked here, not as a key constraint: pydantic would echo the whole key in the error.
+        if any(not 0 < len(name) <= MAX_CHECK_NAME for name in checks):
+            raise ValueError(f"each check name is 1 to {MAX_CHECK_NAME} characters")
+        return checks
+
+    @model_validator(mode="after")
+    def _bounded(self) -> HostReportModel:
+        if self.size_bytes() > MAX_REPORT_BYTES:
+            raise ValueError(f"the report is larger than {MAX_REPORT_BYTES} bytes")
+        return self
+
+    def size_bytes(self) -> int:
+        """An upper bound of the report's JSON size; a field added to the report adds here."""
+        return 128 + len(self.version) + sum(len(name) + 8 for name in self.checks)
 
     def to_report(self) -> HostReport:
         return HostReport(
@@ -175,7 +201,7 @@ class JoinRequestModel(Strict):
     csr: str = Field(max_length=8192)
     runner_id: str = Field(max_length=255)
     host_ip: str = Field(max_length=64)
-    roles: list[str] | None = None
+    roles: list[str] | None = Field(default=None, max_length=16)
     zone: str = Field(default="ece-zone-1", max_length=255)
     public_hostname: str = Field(default="", max_length=255)
     capacity_mb: int = Field(default=0, ge=0)

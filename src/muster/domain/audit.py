@@ -18,6 +18,8 @@ API_KEY_DELETED = "api_key.deleted"
 LOGIN_SUCCEEDED = "login.succeeded"
 LOGIN_FAILED = "login.failed"
 RUNNER_JOINED = "runner.joined"
+RUNNER_JOIN_RETRIED = "runner.join_retried"
+RUNNER_CERTIFICATE_RENEWED = "runner.certificate_renewed"
 RUNNER_DELETED = "runner.deleted"
 RUNNER_ROLES_CHANGED = "runner.roles_changed"
 ALLOCATOR_MAINTENANCE = "allocator.maintenance"
@@ -35,6 +37,8 @@ KINDS = (
     LOGIN_SUCCEEDED,
     LOGIN_FAILED,
     RUNNER_JOINED,
+    RUNNER_JOIN_RETRIED,
+    RUNNER_CERTIFICATE_RENEWED,
     RUNNER_DELETED,
     RUNNER_ROLES_CHANGED,
     ALLOCATOR_MAINTENANCE,

@@ -133,13 +133,14 @@ def _leaf_builder(
     common_name: str,
     now: datetime,
     validity: timedelta,
+    serial: int | None = None,
 ) -> x509.CertificateBuilder:
     return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca.certificate.subject)
         .public_key(public_key)
-        .serial_number(x509.random_serial_number())
+        .serial_number(serial or x509.random_serial_number())
         .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -212,10 +213,12 @@ def issue_client_certificate(
     runner_id: str,
     now: datetime,
     validity: timedelta = RUNNER_CERT_VALIDITY,
+    serial: int | None = None,
 ) -> x509.Certificate:
-    """A client certificate naming `runner_id` as its common name."""
+    """A client certificate naming `runner_id` as its common name; a random serial unless one
+    is given (`derived_serial`). The same arguments give the same certificate contents."""
     return (
-        _leaf_builder(ca, public_key, runner_id, now, validity)
+        _leaf_builder(ca, public_key, runner_id, now, validity, serial)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(ca.key, hashes.SHA256())
     )
@@ -227,6 +230,14 @@ def certificate_common_name(cert: x509.Certificate) -> str:
         return ""
     value = names[0].value
     return value if isinstance(value, str) else value.decode()
+
+
+def derived_serial(key: bytes, *parts: str) -> int:
+    """A certificate serial that the same `parts` always give and nothing else does (HMAC-SHA256
+    under `key`, 159 bits as RFC 5280 allows): a join retried with the same request is
+    recognised by the serial it would get."""
+    digest = hmac.new(key, "\x00".join(parts).encode(), hashlib.sha256).digest()
+    return (int.from_bytes(digest[:20], "big") >> 1) or 1
 
 
 def serial_hex(cert: x509.Certificate) -> str:
