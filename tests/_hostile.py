@@ -1,5 +1,5 @@
 """Hostile inputs shared by the domain, API and fuzz tests: certificate requests whose DER names
-an unknown key algorithm or curve or carries a point off the curve, and roles tokens whose
+an unknown version, key algorithm or curve or carries a point off the curve, and roles tokens whose
 segments are swapped for deeply nested JSON or huge numbers."""
 
 from __future__ import annotations
@@ -45,7 +45,12 @@ def point_off_the_curve(der: bytes) -> bytes:
     return der[:last] + bytes([der[last] ^ 1]) + der[last + 1 :]
 
 
+def unknown_version(der: bytes) -> bytes:
+    return der.replace(b"\x02\x01\x00", b"\x02\x01\x05", 1)  # the first INTEGER: version
+
+
 HOSTILE_CSRS = {
+    "unknown-version": unknown_version,
     "unknown-key-algorithm": unknown_key_algorithm,
     "unknown-curve": unknown_curve,
     "point-off-the-curve": point_off_the_curve,

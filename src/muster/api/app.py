@@ -96,7 +96,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, list[str]]:
     if not errors:
         return "the request is not valid", []
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
+    # A dict key in the path (tags, checks) may be any size: cut, so a reply never echoes it.
+    loc = [str(part)[:64] for part in first.get("loc", ()) if part not in ("body",)]
     field = ".".join(loc) or "body"
     if first.get("type") == "json_invalid":
         return "body: malformed JSON; send a JSON object", ["body"]

@@ -14,7 +14,6 @@ from datetime import datetime, timedelta
 from functools import cached_property
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -197,7 +196,11 @@ def load_csr_public_key(csr_pem: str) -> ec.EllipticCurvePublicKey:
         ):
             raise InvalidInputError("csr: the key must be ECDSA P-256", fields=["csr"])
         signed = csr.is_signature_valid
-    except (ValueError, TypeError, UnicodeError, UnsupportedAlgorithm, InvalidSignature) as exc:
+    except InvalidInputError:
+        raise
+    except Exception as exc:
+        # ValueError, UnsupportedAlgorithm, InvalidSignature, x509.InvalidVersion, ...: the
+        # bytes are the requester's, so any failure to read them is their 400.
         raise InvalidInputError(
             "csr: not a PEM certificate signing request for an ECDSA P-256 key", fields=["csr"]
         ) from exc

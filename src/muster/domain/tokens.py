@@ -55,7 +55,7 @@ def check_roles(roles: Sequence[str], *, field: str = "roles") -> tuple[str, ...
     unknown = [role for role in roles if role not in ROLES]
     if unknown:
         raise InvalidInputError(
-            f"{field}: unknown role {unknown[0]!r}; valid roles are {', '.join(ROLES)}",
+            f"{field}: unknown role {unknown[0][:64]!r}; valid roles are {', '.join(ROLES)}",
             code="enrollment_tokens.invalid_token_request",
             fields=[field],
         )
