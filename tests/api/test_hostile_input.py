@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from muster.api.app import create_app
 from muster.clock import FakeClock
 from muster.domain.platform import Bootstrap, Platform, create_platform, load_platform
+from muster.domain.ratelimit import FailureLimiter
 from muster.storage import open_store
 from tests.api.test_errors import ece_error
 from tests.conftest import TOKENS, join_body
@@ -85,8 +86,6 @@ def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(autouse=True)
 def no_limits(target: Target) -> None:
     """Each test starts with clean per-address limits: refusals here are many, from one address."""
-    from muster.domain.ratelimit import FailureLimiter
-
     target.platform.login_failures = FailureLimiter(max_failures=10, window_s=60.0)
     target.platform.join_failures = FailureLimiter(max_failures=20, window_s=60.0)
 
