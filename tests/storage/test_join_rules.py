@@ -12,7 +12,7 @@ import pytest
 from muster.clock import FakeClock
 from muster.domain import audit, enrollment, pki, renewal
 from muster.domain.platform import Platform, create_platform, load_platform
-from muster.domain.runners import JoinRequest, join_host
+from muster.domain.runners import CoordinatorDirectory, JoinRequest, join_host
 from muster.domain.users import Principal
 from muster.errors import (
     ConflictError,
@@ -114,6 +114,21 @@ def test_the_first_hosts_own_join_takes_the_coordinator_role_on_any_store(
     joined = join_host(platform, request, source="install")
     assert joined.runner.roles == ("coordinator", "allocator")
     assert _addresses(platform) == ["10.1.0.2:12443"]
+
+
+def test_an_address_recorded_before_joins_were_checked_is_not_advertised_on_sqlite(
+    platform: Platform,
+) -> None:
+    token = _token(platform, ("allocator",))
+    joined = join_host(platform, _request(token, "old-host"), source="10.1.0.2")
+    with platform.store.write() as tx:  # as a join before this check could leave it
+        tx.update_runner("old-host", api_address="203.0.113.9:9999")
+    directory = CoordinatorDirectory(platform, ["10.0.0.1:12443"])
+    expected = ["10.0.0.1:12443"]
+    if not _is_sqlite(platform):  # a shared store: every coordinator recorded is listed
+        expected.append("203.0.113.9:9999")
+    assert directory.addresses() == expected
+    assert joined.runner.api_address is None
 
 
 # -- retries of a join whose answer was lost --------------------------------------------------

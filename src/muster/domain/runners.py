@@ -54,8 +54,7 @@ class JoinRequest:
     api_port: int | None = None
     server_csr_pem: str | None = None
     server_names: tuple[str, ...] = ()
-    # Set only by `muster install` for the first host's own runner, in-process: that host has
-    # just written its own server certificate, so it serves the API without a server CSR.
+    # Only `muster install`, in-process, for the first host: it wrote its own server certificate.
     first_host: bool = False
 
 
@@ -111,9 +110,8 @@ def validate_join(request: JoinRequest) -> None:
 
 
 def _serves_api(request: JoinRequest, roles: Sequence[str]) -> bool:
-    """Whether the host is advertised to agents as a coordinator: only one that holds a server
-    certificate of this platform (issued with this join, or the first host's own), so a join
-    cannot make every agent fail over to an address of its choosing."""
+    """Whether agents are told of the host as a coordinator: only if it holds a server
+    certificate of ours, so a join cannot make agents fail over to an address of its choosing."""
     return (
         "coordinator" in roles
         and request.api_port is not None
@@ -228,8 +226,7 @@ def _prepare_join(
     now = platform.clock.now()
     # Signed before the store is touched, outside any lock: a join refused there has spent
     # one signature, and no join waits for another's.
-    # The serial is derived from the request, so that a retry of this join is recognised
-    # (muster.domain.admission) and answered with the same certificate.
+    # Derived from the request: a retry of this join is recognised (muster.domain.admission).
     serial = pki.derived_serial(
         platform.signing_key, "join", request.runner_id, claims.token_id, request.csr_pem
     )
@@ -360,7 +357,10 @@ class CoordinatorDirectory:
         if now_s - self._cached[0] >= self.ttl_s:
             try:
                 with self.platform.store.read() as tx:
-                    stored = tx.list_api_addresses()
+                    # One coordinator on SQLite, this one: an address recorded before joins
+                    # were checked (`_serves_api`) is never handed to agents.
+                    sqlite = self.platform.store.url.startswith("sqlite")
+                    stored = [] if sqlite else tx.list_api_addresses()
             except MusterError:
                 stored = self._cached[1]
             self._cached = (now_s, list(dict.fromkeys([*self.own, *stored])))
