@@ -26,11 +26,14 @@ def refuse_nul(
 def storable_json(value: Any) -> str:
     """The engines' JSON serializer: as json.dumps, but text holding NUL anywhere in the value
     (a key or a string) is refused as in `refuse_nul`. Raises InvalidInputError."""
-    if _holds_nul(value):
+    text = json.dumps(value)
+    # json.dumps writes NUL as \u0000: a fast search first (every heartbeat flush writes a
+    # report per host), the walk only if it may be one (or a backslash typed before u0000).
+    if "\\u0000" in text and _holds_nul(value):
         raise InvalidInputError(
             "text with NUL characters cannot be stored; remove them and try again"
         )
-    return json.dumps(value)
+    return text
 
 
 def _holds_nul(value: Any) -> bool:
