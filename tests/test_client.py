@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import httpx2 as httpx
 import pytest
 from typer.testing import CliRunner
 
 from muster.cli.main import app
-from muster.client import Client, base_url, tls_context
-from muster.errors import CoordinatorUnreachableError, NotFoundError
+from muster.client import Client, base_url, error_from_response, tls_context
+from muster.errors import CoordinatorUnreachableError, MusterError, NotFoundError, RateLimitedError
 from tests.processes import Coordinator, free_port
 
 
@@ -78,3 +79,20 @@ def test_cli_takes_several_coordinator_hosts_and_uses_the_first_that_answers(
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert '"runner_id": "127.0.0.1"' in result.output
+
+
+@pytest.mark.parametrize("retry_after", ["\u00b2", "9" * 5000, "-1", ""])
+def test_a_hostile_retry_after_is_read_as_one_second(retry_after: str) -> None:
+    reply = httpx.Response(
+        429, headers=[(b"retry-after", retry_after.encode())], json={"errors": []}
+    )
+    error = error_from_response(reply)
+    assert isinstance(error, RateLimitedError)
+    assert error.retry_after_s == 1
+
+
+def test_an_error_body_nested_past_the_recursion_limit_is_an_unexpected_error() -> None:
+    reply = httpx.Response(500, content=b"[" * 100_000 + b"]" * 100_000)
+    error = error_from_response(reply)
+    assert isinstance(error, MusterError)
+    assert error.code == "root.unexpected_error"

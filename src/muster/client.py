@@ -82,14 +82,19 @@ def error_from_response(response: httpx.Response) -> MusterError:
     try:
         element = response.json()["errors"][0]
         code, message = str(element["code"]), str(element["message"])
-    except (ValueError, KeyError, IndexError, TypeError):
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):
         code, message = "root.unexpected_error", f"HTTP {response.status_code}"
     if code.startswith("enrollment_tokens.") and code.split(".", 1)[1] in TOKEN_REFUSALS:
         return TokenRefusedError(code.split(".", 1)[1], message)
     if response.status_code == 429:
         retry = response.headers.get("retry-after", "1")
         return RateLimitedError(
-            message, retry_after_s=int(retry) if retry.isdigit() else 1, code=code
+            # A few ASCII digits only: isdigit() alone admits '²', which int() refuses.
+            message,
+            retry_after_s=int(retry)
+            if retry.isascii() and retry.isdigit() and len(retry) < 10
+            else 1,
+            code=code,
         )
     cls = _BY_CODE.get(code) or _BY_STATUS.get(response.status_code, MusterError)
     return cls(message, code=code)

@@ -143,6 +143,7 @@ def _install_first_host(
                 or host.default_capacity_mb(memory_mb, allocator_only=False),
                 report=host.report(paths.root, "install"),
                 api_port=settings.api_port,
+                first_host=True,
             ),
             source="install",
         )

@@ -198,6 +198,8 @@ def _uvicorn_config(app: Any, paths: HostPaths, config: Settings, log_level: str
         port=config.api_port,
         http=peer_cert_protocol(read_timeout_s=config.read_timeout_s),
         ssl_context_factory=tls,
+        # TLS handshakes capped per address and in time (muster.api.tls._Handshake).
+        loop="muster.api.tls:new_event_loop",
         lifespan="on",
         log_level=log_level,
         access_log=False,

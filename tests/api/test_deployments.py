@@ -178,7 +178,8 @@ def test_deployment_changes_are_audited(
     assert [e["detail"]["deployment_id"] for e in events.json()["events"]] == [deployment_id]
 
 
-@pytest.mark.parametrize("deployment_id", ["nope", "%00", "a" * 300, "0" * 32])
+# (NUL in a path is refused before any route: tests/api/test_hostile_input.py)
+@pytest.mark.parametrize("deployment_id", ["nope", "a" * 300, "0" * 32])
 def test_unknown_deployment_is_404(
     client: TestClient, installed: Installed, deployment_id: str
 ) -> None:

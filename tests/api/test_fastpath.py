@@ -54,9 +54,9 @@ def guard_routes(app: FastAPI, *paths: str, block: bool) -> list[str]:
                     return
             await self.inner(scope, receive, send)
 
-    # Right behind the edge (the outermost middleware), in front of everything FastAPI does.
-    assert app.user_middleware[0].cls is Edge  # type: ignore[comparison-overlap]
-    app.user_middleware.insert(1, Middleware(Guard))
+    # Right behind the edge (outermost but for the shield), in front of everything FastAPI does.
+    edge = [m.cls for m in app.user_middleware].index(Edge)  # type: ignore[arg-type]
+    app.user_middleware.insert(edge + 1, Middleware(Guard))
     app.middleware_stack = None  # built again, with the guard, on the next request
     return reached
 

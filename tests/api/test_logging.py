@@ -125,7 +125,7 @@ def test_an_unexpected_error_is_a_500_with_the_id_and_its_log_line_carries_ids_a
     line = errors[0]
     assert line["request_id"] == "trace-500"
     assert line["runner_id"] == "runner-31"
-    assert line["logger"] == "muster.api.app"
+    assert line["logger"] == "muster.api.shield"
     assert "RuntimeError: the liveness table is gone" in line["exception"]
     assert datetime.fromisoformat(line["time"]).utcoffset() is not None
     assert line["time"].endswith("+00:00")

@@ -16,6 +16,7 @@ import httpx2 as httpx
 import pytest
 import uvicorn
 
+from muster.api import tls
 from muster.api.tls import PeerCertProtocol, peer_certificate, server_context
 from muster.clock import SystemClock
 from muster.domain import pki
@@ -93,6 +94,7 @@ def server_url(certificates: Pki) -> Iterator[str]:
         ),
         lifespan="off",
         log_level="warning",
+        loop="muster.api.tls:new_event_loop",  # as the coordinator runs: handshakes guarded
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
@@ -190,3 +192,63 @@ def test_a_reply_goes_out_as_one_tls_record(
             assert reply.endswith(b"\r\n0\r\n\r\n"), reply  # the chunked body's end
         if connection == "close":
             assert sock.recv(65536) == b""
+
+
+# -- TLS handshakes: per address at most MAX_PENDING_HANDSHAKES, each within its timeout --------
+def _silent_connection(server_url: str) -> socket.socket:
+    """A TCP connection that never starts TLS."""
+    host, port = server_url.removeprefix("https://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _is_closed_by_server(sock: socket.socket, wait_s: float) -> bool:
+    sock.settimeout(wait_s)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_an_address_past_its_pending_handshakes_is_dropped_at_once(
+    certificates: Pki, server_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tls, "MAX_PENDING_HANDSHAKES", 4)
+    silent = [_silent_connection(server_url) for _ in range(4)]
+    try:
+        # The four are accepted and wait for their handshakes before the fifth arrives.
+        wait_until(
+            lambda: not any(_is_closed_by_server(s, 0.05) for s in silent),
+            timeout_s=10,
+            what="the silent connections to be held",
+        )
+        with _silent_connection(server_url) as fifth:
+            assert _is_closed_by_server(fifth, 10)
+        with client(certificates, "host-a") as host_a, pytest.raises(httpx.TransportError):
+            host_a.get(server_url + "/")  # the same address: also past its allowance
+    finally:
+        for sock in silent:
+            sock.close()
+    # Abandoned handshakes free their places: the address is served again.
+    with client(certificates, "host-a") as host_a:
+        seen = wait_until(
+            lambda: _served(host_a, server_url), timeout_s=10, what="the address to be served"
+        )
+    assert seen
+
+
+def _served(http: httpx.Client, server_url: str) -> bool:
+    try:
+        return bool(http.get(server_url + "/").json()["common_name"] == "host-a")
+    except httpx.TransportError:
+        return False
+
+
+def test_a_connection_that_never_starts_tls_is_closed_after_the_handshake_timeout(
+    server_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tls, "HANDSHAKE_TIMEOUT_S", 0.5)
+    with _silent_connection(server_url) as silent:
+        # asyncio's default would hold it 60 s; closed well before this socket's wait ends.
+        assert _is_closed_by_server(silent, 20)

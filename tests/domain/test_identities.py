@@ -17,12 +17,14 @@ from muster.clock import FakeClock
 from muster.domain import enrollment, pki
 from muster.domain.identities import CoordinatorDirectory, Refresher, RunnerIdentities
 from muster.domain.models import HostReport, RunnerRecord
-from muster.domain.platform import Platform, load_platform
+from muster.domain.platform import Platform, create_platform, load_platform
 from muster.domain.runners import JoinRequest, delete_runner, join_host
 from muster.domain.store import Store, Transaction
 from muster.domain.users import Principal
 from muster.errors import StoreError, UnauthenticatedError
+from muster.storage import open_store
 from tests.conftest import Installed
+from tests.pgdb import fresh_database
 
 ADMIN = Principal(name="admin", role="admin", method="basic")
 
@@ -233,33 +235,48 @@ def test_a_coordinator_admitted_here_is_listed_before_the_next_refresh(
     assert directory.addresses() == ("10.0.0.1:12443", "10.0.0.9:12443")  # listed once
 
 
-def test_the_directory_lists_stored_coordinators_and_keeps_them_while_the_store_is_down(
+@pytest.mark.postgres
+def test_the_directory_lists_stored_coordinators_and_keeps_them_while_the_store_is_down() -> None:
+    # A shared store (PostgreSQL): coordinators recorded there are listed to agents.
+    with fresh_database("directory") as url:
+        store = open_store(url)
+        try:
+            clock = FakeClock()
+            create_platform(store, clock)
+            recording = RecordingStore(store)
+            platform = load_platform(recording, clock)
+            joined(platform, "coord-c")
+            with store.write() as tx:  # as a coordinator's join records it
+                tx.update_runner("coord-c", api_address="10.0.0.3:12443")
+            directory = CoordinatorDirectory(platform, ["10.0.0.1:12443"])
+            before = len(recording.calls)
+            first = directory.addresses()
+            assert first == ("10.0.0.1:12443",)  # memory only, until a refresh
+            assert len(recording.calls) == before
+            directory.refresh()
+            assert directory.addresses() == ("10.0.0.1:12443", "10.0.0.3:12443")
+            unchanged = directory.addresses()
+            directory.refresh()
+            assert directory.addresses() is unchanged  # the same tuple while nothing changed
+            recording.down = True
+            with pytest.raises(StoreError):
+                directory.refresh()
+            assert directory.addresses() == ("10.0.0.1:12443", "10.0.0.3:12443")
+        finally:
+            store.close()
+
+
+def test_on_sqlite_the_directory_lists_only_this_coordinator_and_reads_no_store(
     platform: Platform, recording: RecordingStore
 ) -> None:
-    request = JoinRequest(
-        token=enrollment.create_token(
-            platform, ADMIN, source="198.51.100.1", roles=["coordinator"], persistent=True
-        )[1],
-        csr_pem=pki.build_csr(pki.generate_private_key(), "coord-c"),
-        runner_id="coord-c",
-        host_ip="10.0.0.3",
-        api_port=12443,
-    )
-    join_host(platform, request, source="10.0.0.3")
+    joined(platform, "other")
+    with platform.store.write() as tx:  # an address recorded before such joins were refused
+        tx.update_runner("other", api_address="203.0.113.9:9999")
     directory = CoordinatorDirectory(platform, ["10.0.0.1:12443"])
     before = len(recording.calls)
-    first = directory.addresses()
-    assert first == ("10.0.0.1:12443",)  # memory only, until a refresh
+    directory.refresh()
+    assert directory.addresses() == ("10.0.0.1:12443",)
     assert len(recording.calls) == before
-    directory.refresh()
-    assert directory.addresses() == ("10.0.0.1:12443", "10.0.0.3:12443")
-    unchanged = directory.addresses()
-    directory.refresh()
-    assert directory.addresses() is unchanged  # the same tuple while nothing changed
-    recording.down = True
-    with pytest.raises(StoreError):
-        directory.refresh()
-    assert directory.addresses() == ("10.0.0.1:12443", "10.0.0.3:12443")
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from muster.clock import FakeClock
 from muster.domain import pki
 from muster.errors import InvalidInputError
+from tests._hostile import HOSTILE_CSRS, csr_der, der_to_pem
 
 NOW = FakeClock().now()
 
@@ -191,6 +192,14 @@ def test_bad_csr_is_refused_naming_the_field(csr: object, says: str) -> None:
         pki.load_csr_public_key(csr())  # type: ignore[operator]
     assert info.value.fields == ["csr"]
     assert says in info.value.message
+
+
+@pytest.mark.parametrize("mutation", list(HOSTILE_CSRS))
+def test_csr_with_a_hostile_key_is_refused_naming_the_field(mutation: str) -> None:
+    der = HOSTILE_CSRS[mutation](csr_der())
+    with pytest.raises(InvalidInputError) as info:
+        pki.load_csr_public_key(der_to_pem(der))
+    assert info.value.fields == ["csr"]
 
 
 # -- keys ---------------------------------------------------------------------------------------

@@ -535,6 +535,28 @@ def test_nested_runs_its_query_against_the_same_doc() -> None:
     assert searched_ids(body) == ["10.0.0.2"]
 
 
+HUGE = "9" * 5000  # past the 4,300 digits int() accepts
+
+
+@pytest.mark.parametrize(
+    ("body", "matches"),
+    [
+        ({"query": {"term": {"capacity": HUGE}}}, False),
+        ({"query": {"range": {"capacity": {"gte": HUGE}}}}, False),
+        ({"query": {"range": {"capacity": {"lt": HUGE}}}}, True),
+        ({"query": {"range": {"capacity": {"gt": "-" + HUGE}}}}, True),
+        ({"query": {"query_string": {"query": "capacity:" + HUGE}}}, False),
+        ({"query": {"query_string": {"query": "capacity:<" + HUGE}}}, True),
+    ],
+    ids=["term", "range-gte", "range-lt", "range-gt-negative", "query-string", "qs-range"],
+)
+def test_numbers_past_pythons_digit_limit_are_compared_not_refused(
+    body: dict[str, Any], matches: bool
+) -> None:
+    doc = {"capacity": {"memory": {"total": 4096}}}  # `capacity` names capacity.memory.total
+    assert parse_search_request(body).matches(doc) is matches
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -556,6 +578,14 @@ def test_nested_runs_its_query_against_the_same_doc() -> None:
         ({"query": {"bool": {"shall": []}}}, "query.bool: unknown option 'shall'"),
         (
             {"query": {"bool": {"should": [], "minimum_should_match": "75%"}}},
+            "minimum_should_match",
+        ),
+        (
+            {"query": {"bool": {"should": [], "minimum_should_match": "\u00b2"}}},
+            "minimum_should_match",
+        ),
+        (
+            {"query": {"bool": {"should": [], "minimum_should_match": "9" * 5000}}},
             "minimum_should_match",
         ),
         ({"query": {"exists": {"field": 3}}}, "query.exists: 'field' must be"),

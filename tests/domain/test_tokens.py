@@ -24,6 +24,7 @@ from muster.domain.models import TokenRecord
 from muster.domain.platform import Platform, create_platform, load_platform
 from muster.domain.runners import JoinRequest, JoinResult, join_host
 from muster.domain.tokens import (
+    HEADER_SEGMENT,
     INT32_MAX,
     decode_token,
     is_token_listed,
@@ -172,7 +173,9 @@ def test_token_string_is_never_stored(platform: Platform) -> None:
 
 # -- only HS256, exactly that header -----------------------------------------------------------
 def forge(header: dict[str, Any], claims: Any, sign: Callable[[bytes], bytes]) -> str:
-    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+    # The header as ECE writes it (no spaces): any other bytes are refused before parsing.
+    compact = json.dumps(header, separators=(",", ":")).encode()
+    signing_input = f"{b64(compact)}.{b64(json.dumps(claims).encode())}"
     return f"{signing_input}.{b64(sign(signing_input.encode()))}"
 
 
@@ -289,8 +292,12 @@ def test_signed_claims_that_disagree_with_the_record_are_refused(platform: Platf
     assert refusal(platform, resigned, roles=("director",)) == "malformed_token"
 
 
+DEEP = b64(b"[" * 2000 + b"]" * 2000)
+SPACED = b64(json.dumps({"typ": "JWT", "alg": "HS256"}).encode())
 MALFORMED = {
     "empty": "",
+    "deeply-nested-header": f"{DEEP}.e30.{'A' * 43}",
+    "header-with-spaces": f"{SPACED}.e30.{'A' * 43}",
     "no-dots": "not-a-jwt",
     "two-parts": "a.b",
     "four-parts": "a.b.c.d",
@@ -305,6 +312,27 @@ MALFORMED = {
 @pytest.mark.parametrize("token", MALFORMED.values(), ids=list(MALFORMED))
 def test_malformed_tokens_are_refused_as_malformed(platform: Platform, token: str) -> None:
     assert refusal(platform, token) == "malformed_token"
+
+
+@pytest.mark.parametrize("length", [0, 10, 42, 44])
+def test_signature_of_the_wrong_length_is_an_invalid_signature(
+    platform: Platform, length: int
+) -> None:
+    _record, token = new_token(platform)
+    head, body, signature = token.split(".")
+    assert refusal(platform, f"{head}.{body}.{(signature * 2)[:length]}") == "invalid_signature"
+
+
+@pytest.mark.parametrize(
+    "claims_segment",
+    [b64(b"[" * 2000 + b"]" * 2000), b64(b'{"sub":' + b"9" * 5000 + b"}"), "!!!!"],
+    ids=["deep", "huge-number", "not-base64"],
+)
+def test_hostile_claims_are_malformed_even_unverified(claims_segment: str) -> None:
+    token = f"{HEADER_SEGMENT}.{claims_segment}.{'A' * 43}"
+    with pytest.raises(TokenRefusedError) as caught:
+        read_unverified_claims(token)
+    assert caught.value.reason == "malformed_token"
 
 
 @pytest.mark.parametrize(

@@ -190,7 +190,10 @@ def test_durations_parse(text: str, seconds: int) -> None:
     assert parse_duration(text, field="expiration") == timedelta(seconds=seconds)
 
 
-@pytest.mark.parametrize("text", ["", "5", "m", "1y", "-5m", "0s", "1.5h", "5 minutes", "9999w"])
+@pytest.mark.parametrize(
+    "text",
+    ["", "5", "m", "1y", "-5m", "0s", "1.5h", "5 minutes", "9999w", "9" * 5000 + "d", "\u0663d"],
+)
 def test_bad_durations_name_the_field(text: str) -> None:
     with pytest.raises(InvalidInputError) as info:
         parse_duration(text, field="expiration")

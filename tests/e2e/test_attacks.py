@@ -83,6 +83,12 @@ def ca_public_key_pem(coordinator: Coordinator) -> bytes:
 HEADER = {"typ": "JWT", "alg": "HS256"}
 
 
+def deep_header(token: str) -> str:
+    """The token under a header of 2,000 nested JSON arrays (a recursion bomb for a parser)."""
+    _header, claims, signature = token.split(".")
+    return f"{b64(b'[' * 2000 + b']' * 2000)}.{claims}.{signature}"
+
+
 def attempt_join(
     coordinator: Coordinator, body: dict[str, Any] | bytes, *, source: str | None = None
 ) -> httpx.Response:
@@ -144,6 +150,11 @@ FORGERIES: dict[str, tuple[Callable[[Coordinator, str], str], int, str]] = {
         lambda c, t: hmac_token(HEADER, jwt_part(t, 1), ca_public_key_pem(c)),
         401,
         "enrollment_tokens.invalid_signature",
+    ),
+    "header nested 2,000 arrays deep": (
+        lambda c, t: deep_header(t),
+        400,
+        "enrollment_tokens.malformed_token",
     ),
     "kid header": (
         lambda c, t: hmac_token({**HEADER, "kid": "0"}, jwt_part(t, 1), signing_key(c)),
@@ -239,6 +250,16 @@ def test_token_signed_by_another_platform_is_refused(coordinator: Coordinator) -
         401,
         "enrollment_tokens.invalid_signature",
     )
+
+
+def test_deleting_a_token_with_a_hostile_header_is_not_found(coordinator: Coordinator) -> None:
+    real = coordinator.create_token()
+    response = coordinator.api("DELETE", f"{TOKENS}/{deep_header(real['token'])}")
+    assert (response.status_code, error_code(response)) == (
+        404,
+        "enrollment_tokens.invalid_token_id",
+    ), response.text
+    assert real["token_id"] in {t["token_id"] for t in coordinator.get(TOKENS)["tokens"]}
 
 
 # -- tokens that were good once --------------------------------------------------------------------
@@ -436,6 +457,12 @@ INSTALL_ATTACKS: dict[str, tuple[Callable[[Coordinator], str], str | None, int, 
         lambda c: (lambda t: f"{segment({'typ': 'JWT', 'alg': 'none'})}.{t.split('.')[1]}.")(
             c.create_token()["token"]
         ),
+        None,
+        10,
+        "enrollment_tokens.malformed_token",
+    ),
+    "header nested 2,000 arrays deep": (
+        lambda c: deep_header(c.create_token()["token"]),
         None,
         10,
         "enrollment_tokens.malformed_token",

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from muster import __version__
 from muster.api.headers import SECURITY_HEADERS
+from muster.api.shield import Shield
 from muster.domain.identities import CoordinatorDirectory, Refresher, RunnerIdentities
 from muster.domain.liveness import Flusher
 from muster.domain.platform import Platform
@@ -95,7 +96,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, list[str]]:
     if not errors:
         return "the request is not valid", []
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
+    # A dict key in the path (tags, checks) may be any size: cut, so a reply never echoes it.
+    loc = [str(part)[:64] for part in first.get("loc", ()) if part not in ("body",)]
     field = ".".join(loc) or "body"
     if first.get("type") == "json_invalid":
         return "body: malformed JSON; send a JSON object", ["body"]
@@ -281,6 +283,8 @@ def create_app(
     app.add_middleware(
         Edge, platform=platform, identities=identities, directory=directory, ping=bench_routes
     )
+    # Outermost: NUL in a path or query is refused, and every unexpected error ends here.
+    app.add_middleware(Shield, state=app.state)
     return app
 
 

@@ -3,9 +3,9 @@ Muster's additions. Requests are strict: a wrong JSON type is a 400, never coerc
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from muster.domain.models import HostReport
 
@@ -214,13 +214,33 @@ class AuditPageReply(Reply):
 
 
 # -- agent: join, heartbeat, renewal (Muster's own API, not ECE's) -------------------------------
+# Every field of a host's report is bounded, and so the report is: it is kept in memory for
+# every host, written at every flush and served in the allocator detail the UI polls. The
+# fields' bounds add up to a few KB of MAX_REPORT_BYTES (`worst_case_bytes`, checked by
+# tests/api/test_agent_limits.py): the rest is room for a list of a few hundred instances.
+# Checked natively by pydantic: a heartbeat pays no Python call for them.
+MAX_CHECKS = 64
+MAX_CHECK_NAME = 64
+MAX_VERSION = 64
+MAX_REPORT_BYTES = 256 * 1024
+CheckName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CHECK_NAME)]
+
+
 class HostReportModel(Strict):
     memory_mb: int = Field(default=0, ge=0, le=2**40)
     storage_mib: int = Field(default=0, ge=0, le=2**50)
     cpus: int = Field(default=0, ge=0, le=100_000)
     healthy: bool = True
-    checks: dict[str, bool] = Field(default_factory=dict, max_length=64)
-    version: str = Field(default="", max_length=64)
+    checks: dict[CheckName, bool] = Field(default_factory=dict, max_length=MAX_CHECKS)
+    version: str = Field(default="", max_length=MAX_VERSION)
+
+    @staticmethod
+    def worst_case_bytes() -> int:
+        """The JSON size of a report with every field at its bound; a field added to the
+        report (a list of instances) must add its own bound here."""
+        numbers = len('{"memory_mb":,"storage_mib":,"cpus":,"healthy":false,') + 13 + 16 + 6
+        checks = len('"checks":{},') + MAX_CHECKS * (MAX_CHECK_NAME * 6 + len('"":false,'))
+        return numbers + checks + len('"version":""}') + MAX_VERSION * 6
 
     def to_report(self) -> HostReport:
         return HostReport(
@@ -238,7 +258,7 @@ class JoinRequestModel(Strict):
     csr: str = Field(max_length=8192)
     runner_id: str = Field(max_length=255)
     host_ip: str = Field(max_length=64)
-    roles: list[str] | None = None
+    roles: list[str] | None = Field(default=None, max_length=16)
     zone: str = Field(default="ece-zone-1", max_length=255)
     public_hostname: str = Field(default="", max_length=255)
     capacity_mb: int = Field(default=0, ge=0)

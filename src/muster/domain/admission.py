@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from muster.domain import audit
-from muster.domain.models import AllocatorRecord, RunnerRecord, TokenRecord
+from muster.domain.models import AllocatorRecord, AuditEvent, RunnerRecord, TokenRecord
 from muster.domain.platform import Platform
 from muster.domain.store import Store, Transaction
 from muster.domain.tokens import TokenClaims, check_token_usable
@@ -45,6 +45,7 @@ WRITER_IDLE_S = 5.0
 # store's own commit_delay): a lone join is written at once.
 BURST_S = 0.05
 GATHER_S = 0.01
+_RETRY_REFUSALS = frozenset({"exhausted_token", "expired_token"})
 
 
 @dataclass(eq=False)
@@ -63,6 +64,9 @@ class Admission:
     # Set by the commit: the token's use count with this join, or why it failed.
     uses: int = 0
     error: Exception | None = None
+    # Set by the commit when this join repeats one already recorded (`is_retry_of`): the
+    # runner as it was recorded then. Nothing is written but an audit event.
+    retry_of: RunnerRecord | None = None
 
 
 def commit(platform: Platform, admission: Admission) -> None:
@@ -190,19 +194,61 @@ def _write_group(platform: Platform, group: list[Admission]) -> None:
     except ConflictError as exc:
         if len(group) > 1:
             for admission in group:
-                admission.uses, admission.error = 0, None
+                admission.uses, admission.error, admission.retry_of = 0, None, None
                 _write_group(platform, [admission])
             return
         (admission,) = group
         admission.uses = 0
         taken = isinstance(exc, RunnerIdTakenError)
         admission.error = _runner_id_taken(admission) if taken else exc
+        if taken:
+            _write_retry(platform, admission)
     except MusterError as exc:
         for admission in group:
             if admission.uses or admission.error is None:  # its refusal, if any, stands
                 admission.uses = 0
                 admission.error = StoreError(exc.message)  # one error object per caller
                 admission.error.__cause__ = exc
+
+
+def _write_retry(platform: Platform, admission: Admission) -> None:
+    """After a runner-id conflict: if the join repeats the one that took the id, answer it as
+    that join was answered, and audit the retry."""
+    with platform.store.write() as tx:
+        record = tx.find_token(admission.claims.token_id)
+        if record is not None and _is_retry(tx, admission, record):
+            tx.append_audits([_retry_event(platform, admission)])
+
+
+def _is_retry(tx: Transaction, admission: Admission, record: TokenRecord) -> bool:
+    """True, and `admission.retry_of` set, if this join repeats one recorded before whose
+    answer may have been lost (a crash between commit and reply): same runner id, token and
+    certificate request (the serial is derived from them), the runner's certificate not
+    renewed since, and the token not revoked. A retry gets the same answer; the token's use
+    count does not move again."""
+    runner = tx.find_runner(admission.runner.runner_id)
+    if (
+        runner is None
+        or record.revoked_at is not None
+        or runner.token_id != admission.claims.token_id
+        or runner.cert_serial != admission.runner.cert_serial
+        or runner.previous_cert_serial is not None
+    ):
+        return False
+    admission.retry_of, admission.error = runner, None
+    return True
+
+
+def _retry_event(platform: Platform, admission: Admission) -> AuditEvent:
+    rid = admission.runner.runner_id
+    return audit.event(
+        platform.clock,
+        audit.RUNNER_JOIN_RETRIED,
+        actor=rid,
+        source=admission.source,
+        token_id=admission.claims.token_id,
+        runner_id=rid,
+    )
 
 
 def _runner_id_taken(admission: Admission) -> RunnerIdTakenError:
@@ -221,6 +267,7 @@ def _record(tx: Transaction, platform: Platform, group: list[Admission]) -> None
     last_used: dict[str, datetime] = {}
     runner_ids: set[str] = set()
     admitted: list[Admission] = []
+    retried: list[AuditEvent] = []
     for admission in group:
         token_id = admission.claims.token_id
         if token_id not in records:
@@ -239,12 +286,22 @@ def _record(tx: Transaction, platform: Platform, group: list[Admission]) -> None
                 raise _runner_id_taken(admission)
         except (TokenRefusedError, InvalidInputError, ConflictError) as exc:
             admission.error = exc
+            # A retry of a join whose answer was lost finds the token used up or expired by
+            # that very join. Only then is the runner read: a first join costs no extra read.
+            if (
+                getattr(exc, "reason", None) in _RETRY_REFUSALS
+                and record is not None
+                and _is_retry(tx, admission, record)
+            ):
+                retried.append(_retry_event(platform, admission))
             continue
         used[token_id] += 1
         last_used[token_id] = max(admission.now, last_used.get(token_id, admission.now))
         runner_ids.add(admission.runner.runner_id)
         admission.uses = usable.uses + 1
         admitted.append(admission)
+    if retried:
+        tx.append_audits(retried)
     if not admitted:
         return
     tx.create_runners([a.runner for a in admitted])

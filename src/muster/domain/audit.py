@@ -29,6 +29,8 @@ USER_UPDATED = "user.updated"
 USER_DELETED = "user.deleted"
 PASSWORD_CHANGED = "user.password_changed"
 RUNNER_JOINED = "runner.joined"
+RUNNER_JOIN_RETRIED = "runner.join_retried"
+RUNNER_CERTIFICATE_RENEWED = "runner.certificate_renewed"
 RUNNER_DELETED = "runner.deleted"
 RUNNER_ROLES_CHANGED = "runner.roles_changed"
 ALLOCATOR_MAINTENANCE = "allocator.maintenance"
@@ -58,6 +60,8 @@ KINDS = (
     USER_DELETED,
     PASSWORD_CHANGED,
     RUNNER_JOINED,
+    RUNNER_JOIN_RETRIED,
+    RUNNER_CERTIFICATE_RENEWED,
     RUNNER_DELETED,
     RUNNER_ROLES_CHANGED,
     ALLOCATOR_MAINTENANCE,
@@ -115,12 +119,12 @@ def event(
     `detail` must never hold a secret."""
     return AuditEvent(
         kind=kind,
-        actor=actor,
-        source=source,
+        actor=_storable(actor),
+        source=_storable(source),
         outcome=outcome,
         at=clock.now(),
-        token_id=token_id,
-        runner_id=runner_id,
+        token_id=_storable(token_id) if token_id is not None else None,
+        runner_id=_storable(runner_id) if runner_id is not None else None,
         detail=detail,
     )
 
@@ -134,3 +138,9 @@ def list_events(
         raise InvalidInputError(f"kind: one of {', '.join(KINDS)}", fields=["kind"])
     with platform.store.read() as tx:
         return tx.list_audit(limit=limit, offset=offset, kind=kind)
+
+
+def _storable(text: str) -> str:
+    """A refusal of hostile text is still audited: NUL (which no store keeps) is shown as
+    U+FFFD, so the event is written on every backend."""
+    return text.replace("\x00", "\ufffd")

@@ -14,7 +14,6 @@ from datetime import datetime, timedelta
 from functools import cached_property
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -133,13 +132,14 @@ def _leaf_builder(
     common_name: str,
     now: datetime,
     validity: timedelta,
+    serial: int | None = None,
 ) -> x509.CertificateBuilder:
     return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca.certificate.subject)
         .public_key(public_key)
-        .serial_number(x509.random_serial_number())
+        .serial_number(serial or x509.random_serial_number())
         .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -183,25 +183,29 @@ def load_csr_public_key(csr_pem: str) -> ec.EllipticCurvePublicKey:
     Raises InvalidInputError for anything else; the subject is ignored: the coordinator names
     the certificate, never the requester.
     """
-    if len(csr_pem) > MAX_CSR_BYTES:
+    if not isinstance(csr_pem, str) or len(csr_pem) > MAX_CSR_BYTES:
         raise InvalidInputError("csr: larger than a P-256 signing request can be", fields=["csr"])
     try:
         csr = x509.load_pem_x509_csr(csr_pem.encode())
-    except (ValueError, TypeError, UnicodeEncodeError) as exc:
+        # Loading the key is where hostile DER fails (an unknown algorithm or curve, a point off
+        # the curve): inside the try, like the parse.
+        public_key = csr.public_key()
+        if (
+            not isinstance(public_key, ec.EllipticCurvePublicKey)
+            or public_key.curve.name != "secp256r1"
+        ):
+            raise InvalidInputError("csr: the key must be ECDSA P-256", fields=["csr"])
+        signed = csr.is_signature_valid
+    except InvalidInputError:
+        raise
+    except Exception as exc:
+        # ValueError, UnsupportedAlgorithm, InvalidSignature, x509.InvalidVersion, ...: the
+        # bytes are the requester's, so any failure to read them is their 400.
         raise InvalidInputError(
-            "csr: not a PEM certificate signing request", fields=["csr"]
+            "csr: not a PEM certificate signing request for an ECDSA P-256 key", fields=["csr"]
         ) from exc
-    public_key = csr.public_key()
-    if (
-        not isinstance(public_key, ec.EllipticCurvePublicKey)
-        or public_key.curve.name != "secp256r1"
-    ):
-        raise InvalidInputError("csr: the key must be ECDSA P-256", fields=["csr"])
-    try:
-        if not csr.is_signature_valid:
-            raise InvalidInputError("csr: signature does not match its key", fields=["csr"])
-    except InvalidSignature as exc:
-        raise InvalidInputError("csr: signature does not match its key", fields=["csr"]) from exc
+    if not signed:
+        raise InvalidInputError("csr: signature does not match its key", fields=["csr"])
     return public_key
 
 
@@ -212,10 +216,12 @@ def issue_client_certificate(
     runner_id: str,
     now: datetime,
     validity: timedelta = RUNNER_CERT_VALIDITY,
+    serial: int | None = None,
 ) -> x509.Certificate:
-    """A client certificate naming `runner_id` as its common name."""
+    """A client certificate naming `runner_id` as its common name; a random serial unless one
+    is given (`derived_serial`). The same arguments give the same certificate contents."""
     return (
-        _leaf_builder(ca, public_key, runner_id, now, validity)
+        _leaf_builder(ca, public_key, runner_id, now, validity, serial)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(ca.key, hashes.SHA256())
     )
@@ -227,6 +233,14 @@ def certificate_common_name(cert: x509.Certificate) -> str:
         return ""
     value = names[0].value
     return value if isinstance(value, str) else value.decode()
+
+
+def derived_serial(key: bytes, *parts: str) -> int:
+    """A certificate serial that the same `parts` always give and nothing else does (HMAC-SHA256
+    under `key`, 159 bits as RFC 5280 allows): a join retried with the same request is
+    recognised by the serial it would get."""
+    digest = hmac.new(key, "\x00".join(parts).encode(), hashlib.sha256).digest()
+    return (int.from_bytes(digest[:20], "big") >> 1) or 1
 
 
 def serial_hex(cert: x509.Certificate) -> str:

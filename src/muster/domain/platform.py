@@ -51,6 +51,11 @@ class Platform:
     token_join_failures: FailureLimiter = field(
         default_factory=lambda: FailureLimiter(max_failures=50, window_s=60.0)
     )
+    # Per runner, every certificate renewal (each signs and writes): an agent renews once per
+    # certificate lifetime, so a few a minute is already a runaway or an attack.
+    renewals: FailureLimiter = field(
+        default_factory=lambda: FailureLimiter(max_failures=5, window_s=60.0)
+    )
 
     def __post_init__(self) -> None:
         self.liveness = Liveness(self.store, self.clock, interval_s=self.heartbeat_interval_s)

@@ -35,7 +35,9 @@ FIELD_ALIASES: Mapping[str, str] = {
 MAX_DEPTH = 64  # bounds recursion on hostile input: "((((..." or deeply nested bool bodies
 
 Scalar = str | int | float | bool
-_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+# Longer integers are compared as floats: int() refuses strings past 4,300 digits.
+_MAX_INT_DIGITS = 300
 # Glob elements are 1-char literals or these 2-char markers, so an escaped `\*` stays literal.
 _STAR, _ANY = "**", "??"
 # isinstance() checks run per document: tuples of types, built once.
@@ -130,7 +132,8 @@ def _as_number(value: Any) -> int | float | None:
     if isinstance(value, _NUMBERS) and not isinstance(value, bool):
         return value
     if isinstance(value, str) and _NUMBER.fullmatch(text := value.strip()):
-        return int(text) if text.lstrip("+-").isdigit() else float(text)
+        digits = text.lstrip("+-")
+        return int(text) if digits.isdigit() and len(digits) <= _MAX_INT_DIGITS else float(text)
     return None
 
 
@@ -484,15 +487,19 @@ class _SimpleParser(_Parser):
             return super().unary(depth)
         self.pos += 1
         quoted = tok[0] == "QUOTED"
-        terms = [
-            _text_query(tok[1], quoted=quoted)
-            if field == "*"
-            else _equals_query(field, tok[1])
-            if quoted
-            else _parse_term(field, tok[1])
-            for field in self.fields
-        ]
+        terms = [self._term(field, tok[1], quoted=quoted) for field in self.fields]
         return terms[0] if len(terms) == 1 else _at_least(1, terms)
+
+    @staticmethod
+    def _term(field: str, text: str, *, quoted: bool) -> Query:
+        if field == "*":
+            return _text_query(text, quoted=quoted)
+        if quoted:
+            return _equals_query(field, text)
+        try:
+            return _parse_term(field, text)
+        except QueryError:  # a lone `<` or `>=`: this syntax never refuses, it reads it as text
+            return _equals_query(field, text)
 
 
 def parse_simple_query_string(

@@ -1,8 +1,9 @@
-"""Per-key failure limits (source address, token id): a sliding window of failures.
+"""Per-key limits (source address, token id, runner): a sliding window of events, mostly
+failures (failed sign-ins and joins, unexpected errors) and also costly successes (renewals).
 
-A key that failed `max_failures` times within `window_s` is refused until the oldest failure
-leaves the window; other keys are untouched. Success does not reset the window, so guessing
-between correct answers gains nothing.
+A key that counted `max_failures` events within `window_s` is refused until the oldest leaves
+the window; other keys are untouched. Success does not reset the window, so guessing between
+correct answers gains nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class FailureLimiter:
             return max(1, math.ceil(window[0] + self.window_s - now_s))
 
     def record_failure(self, key: str, *, now_s: float) -> None:
+        self.record(key, now_s=now_s)
+
+    def record(self, key: str, *, now_s: float) -> None:
+        """Count one event for `key` at `now_s`."""
         with self._lock:
             if key not in self._failures and len(self._failures) >= self._max_keys:
                 self._prune(now_s)

@@ -53,6 +53,8 @@ class JoinRequest:
     api_port: int | None = None
     server_csr_pem: str | None = None
     server_names: tuple[str, ...] = ()
+    # Only `muster install`, in-process, for the first host: it wrote its own server certificate.
+    first_host: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,16 +109,23 @@ def validate_join(request: JoinRequest) -> None:
 
 
 def _serves_api(request: JoinRequest, roles: Sequence[str]) -> bool:
-    return "coordinator" in roles and request.api_port is not None
+    """Whether agents are told of the host as a coordinator: only if it holds a server
+    certificate of ours, so a join cannot make agents fail over to an address of its choosing."""
+    return (
+        "coordinator" in roles
+        and request.api_port is not None
+        and (bool(request.server_csr_pem) or request.first_host)
+    )
 
 
 def _shared_store_refusal(
     platform: Platform, request: JoinRequest, roles: Sequence[str]
 ) -> InvalidInputError | None:
-    """A second coordinator must share the first one's store: SQLite lives on one host."""
+    """A second coordinator must share the first one's store: SQLite lives on one host, so on
+    SQLite no join but the first host's own takes the coordinator role."""
     if (
-        request.server_csr_pem
-        and "coordinator" in roles
+        "coordinator" in roles
+        and not request.first_host
         and platform.store.url.startswith("sqlite")
     ):
         return InvalidInputError(
@@ -175,6 +184,7 @@ async def join_host_async(platform: Platform, request: JoinRequest, *, source: s
 class _PreparedJoin:
     pending: admission.Admission
     certificate: x509.Certificate
+    public_key: ec.EllipticCurvePublicKey
     server_key: ec.EllipticCurvePublicKey | None
     now: datetime
 
@@ -216,8 +226,12 @@ def _prepare_join(
     now = platform.clock.now()
     # Signed before the store is touched, outside any lock: a join refused there has spent
     # one signature, and no join waits for another's.
+    # Derived from the request: a retry of this join is recognised (muster.domain.admission).
+    serial = pki.derived_serial(
+        platform.signing_key, "join", request.runner_id, claims.token_id, request.csr_pem
+    )
     cert = pki.issue_client_certificate(
-        platform.ca, public_key, runner_id=request.runner_id, now=now
+        platform.ca, public_key, runner_id=request.runner_id, now=now, serial=serial
     )
     runner = RunnerRecord(
         runner_id=request.runner_id,
@@ -255,7 +269,7 @@ def _prepare_join(
         now=now,
         refusal_if_usable=_shared_store_refusal(platform, request, roles),
     )
-    return _PreparedJoin(pending, cert, server_key, now)
+    return _PreparedJoin(pending, cert, public_key, server_key, now)
 
 
 def _refuse_join(
@@ -280,7 +294,17 @@ def _refuse_join(
 
 def _joined(platform: Platform, request: JoinRequest, prepared: _PreparedJoin) -> JoinResult:
     """The reply to an admitted host (and, for a new coordinator, its server certificate)."""
-    runner = prepared.pending.runner
+    runner, certificate = prepared.pending.runner, prepared.certificate
+    if prepared.pending.retry_of is not None:
+        # The same certificate as the join this repeats: same serial, same validity.
+        runner = prepared.pending.retry_of
+        certificate = pki.issue_client_certificate(
+            platform.ca,
+            prepared.public_key,
+            runner_id=runner.runner_id,
+            now=runner.cert_expires_at - pki.RUNNER_CERT_VALIDITY,
+            serial=certificate.serial_number,
+        )
     platform.liveness.beat(runner.runner_id, request.report)
     server_cert: str | None = None
     database_url: str | None = None
@@ -299,7 +323,7 @@ def _joined(platform: Platform, request: JoinRequest, prepared: _PreparedJoin) -
         database_url = platform.store.url
     return JoinResult(
         runner=runner,
-        certificate_pem=pki.certificate_to_pem(prepared.certificate),
+        certificate_pem=pki.certificate_to_pem(certificate),
         ca_pem=platform.ca.certificate_pem(),
         heartbeat_interval_s=platform.heartbeat_interval_s,
         server_certificate_pem=server_cert,
@@ -346,29 +370,6 @@ def record_heartbeat(platform: Platform, runner: Principal, report: HostReport) 
     API edge's fast path's (on the event loop) as the route's, so a rule belongs here: keep it
     in memory, without a store call or a per-call allocation. Persisted by the liveness flush."""
     platform.liveness.beat(runner.name, report)
-
-
-def renew_certificate(platform: Platform, runner: Principal, csr_pem: str) -> JoinResult:
-    """A new certificate for the calling runner's new key; the previous one stays valid until
-    the next renewal, so a lost answer does not lock the host out."""
-    public_key = pki.load_csr_public_key(csr_pem)
-    now = platform.clock.now()
-    with platform.store.write() as tx:
-        record = tx.get_runner(runner.name)
-        cert = pki.issue_client_certificate(platform.ca, public_key, runner_id=runner.name, now=now)
-        tx.update_runner(
-            runner.name,
-            cert_serial=pki.serial_hex(cert),
-            previous_cert_serial=record.cert_serial,
-            cert_expires_at=cert.not_valid_after_utc,
-        )
-        updated = tx.get_runner(runner.name)
-    return JoinResult(
-        runner=updated,
-        certificate_pem=pki.certificate_to_pem(cert),
-        ca_pem=platform.ca.certificate_pem(),
-        heartbeat_interval_s=platform.heartbeat_interval_s,
-    )
 
 
 def delete_runner(

@@ -4,6 +4,7 @@ parsed into the same queries as `q` text (`muster.domain.query`)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,8 @@ from muster.domain.query import (
 )
 
 __all__ = ["parse_search_request"]
+
+_COUNT = re.compile(r"[0-9]{1,9}")
 
 
 def _expect_object(spec: Any, where: str) -> Mapping[str, Any]:
@@ -134,7 +137,8 @@ def _parse_bool_clause(spec: Any, where: str, depth: int) -> Query:
     minimum = body.get("minimum_should_match")
     if minimum is None:  # Elasticsearch: should turns optional once must or filter is present
         minimum = 1 if lists["should"] and not required else 0
-    if isinstance(minimum, str) and minimum.isdigit():
+    # ASCII digits only: str.isdigit() also admits '²' and other digits int() refuses.
+    if isinstance(minimum, str) and _COUNT.fullmatch(minimum):
         minimum = int(minimum)
     if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 0:
         raise QueryError(f"{where}.minimum_should_match: expected a non-negative integer")

@@ -5,7 +5,9 @@ A store hands out transactions. `read()` sees one consistent snapshot; `write()`
 against every other writer (SQLite `BEGIN IMMEDIATE`, PostgreSQL row locks via `for update`),
 commits when the block ends and rolls back if it raises. Every method raises only Muster errors:
 `NotFoundError` from `get_*`, `ConflictError` from `create_*` on a duplicate key, `StoreError`
-when the database cannot be reached or written.
+when the database cannot be reached or written, and `InvalidInputError` for text holding a NUL
+character, in a column or in a JSON value, read or written, alike on every backend (except
+`find_user`, for which such a name is simply unknown).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import base64
 import binascii
 import functools
 import json
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +29,15 @@ DEFAULT_VALIDITY = timedelta(hours=1)
 INT32_MAX = 2**31 - 1
 # A real token is a few hundred bytes; anything far larger is refused before parsing.
 MAX_TOKEN_BYTES = 8192
-ALLOWED_HEADER = {"typ": "JWT", "alg": ALGORITHM}
+# The one header segment accepted, as ECE writes it ({"typ":"JWT","alg":"HS256"}): compared as
+# text before anything is decoded, so no parser ever sees a hostile header.
+HEADER_SEGMENT = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9"
+# A signature segment is base64url; an HS256 signature is 32 bytes, 43 characters of it.
+_BASE64URL = re.compile(r"^[A-Za-z0-9_-]*$")
+_SIGNATURE_CHARS = 43
+# Everything a segment's decoding may raise on hostile bytes: deep nesting (RecursionError),
+# numbers past Python's digit limit (ValueError), bad base64 or UTF-8.
+_DECODE_ERRORS = (ValueError, UnicodeError, binascii.Error, RecursionError, TypeError)
 
 
 @dataclass(frozen=True)
@@ -46,7 +55,7 @@ def check_roles(roles: Sequence[str], *, field: str = "roles") -> tuple[str, ...
     unknown = [role for role in roles if role not in ROLES]
     if unknown:
         raise InvalidInputError(
-            f"{field}: unknown role {unknown[0]!r}; valid roles are {', '.join(ROLES)}",
+            f"{field}: unknown role {unknown[0][:64]!r}; valid roles are {', '.join(ROLES)}",
             code="enrollment_tokens.invalid_token_request",
             fields=[field],
         )
@@ -134,7 +143,7 @@ def read_unverified_claims(token: str) -> dict[str, Any]:
     parts = _split(token)
     try:
         claims = _b64_json(parts[1])
-    except (ValueError, UnicodeError, binascii.Error) as exc:
+    except _DECODE_ERRORS as exc:
         raise _refuse("malformed_token", "the roles token is not a valid JWT") from exc
     if not isinstance(claims, dict):
         raise _refuse("malformed_token", "the roles token's claims are not a JSON object")
@@ -149,15 +158,21 @@ def _split(token: str) -> list[str]:
     parts = token.strip().split(".")
     if len(parts) != 3 or not all(parts[:2]):
         raise _refuse("malformed_token", "the roles token is not a JWT (header.claims.signature)")
+    if parts[0] != HEADER_SEGMENT:
+        raise _refuse(
+            "malformed_token", 'the roles token\'s header must be {"typ":"JWT","alg":"HS256"}'
+        )
     return parts
 
 
 def decode_token(token: str, *, key: bytes) -> TokenClaims:
     """Check the token's form and signature; return its claims.
 
-    Accepts exactly HS256 with the header {"typ": "JWT", "alg": "HS256"}: `none`, other HMACs,
-    asymmetric algorithms and extra header fields (`kid`, `jku`, ...) are refused before any key
-    is used. The signature is compared in constant time (PyJWT uses hmac.compare_digest).
+    Accepts exactly HS256 with the header {"typ":"JWT","alg":"HS256"}, compared byte for byte
+    before anything is decoded: `none`, other HMACs, asymmetric algorithms, extra header fields
+    (`kid`, `jku`, ...) and hostile JSON are refused before any parser or key is used. A
+    signature of the wrong length (stripped, truncated) is invalid_signature. The signature is
+    compared in constant time (PyJWT uses hmac.compare_digest).
     Raises TokenRefusedError: malformed_token or invalid_signature.
 
     Claims verified once are remembered for the same token and key: a fleet joins with a few
@@ -171,14 +186,11 @@ def decode_token(token: str, *, key: bytes) -> TokenClaims:
 @functools.lru_cache(maxsize=1024)
 def _verified_claims(token: str, key: bytes) -> TokenClaims:
     parts = _split(token)
-    try:
-        header = _b64_json(parts[0])
-    except (ValueError, UnicodeError, binascii.Error) as exc:
-        raise _refuse("malformed_token", "the roles token's header is not valid JSON") from exc
-    if header != ALLOWED_HEADER:
-        raise _refuse(
-            "malformed_token", 'the roles token\'s header must be {"typ":"JWT","alg":"HS256"}'
-        )
+    if not _BASE64URL.match(parts[2]):
+        raise _refuse("malformed_token", "the roles token's signature is not base64url")
+    if len(parts[2]) != _SIGNATURE_CHARS:
+        # Stripped or truncated: a signature, but not one this platform made.
+        raise _refuse("invalid_signature", "the roles token was not signed by this platform")
     try:
         claims = jwt.decode(
             token.strip(),
@@ -191,7 +203,7 @@ def _verified_claims(token: str, key: bytes) -> TokenClaims:
         raise _refuse(
             "invalid_signature", "the roles token was not signed by this platform"
         ) from exc
-    except jwt.PyJWTError as exc:
+    except (jwt.PyJWTError, *_DECODE_ERRORS) as exc:
         raise _refuse("malformed_token", "the roles token is not a valid JWT") from exc
     return _claims(claims)
 

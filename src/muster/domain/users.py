@@ -173,7 +173,8 @@ def extended_expiry(session: SessionRecord, *, now: datetime) -> datetime | None
     return expires_at if expires_at > session.expires_at else None
 
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+# At most 12 ASCII digits: more is never a valid duration, and int() refuses 4,300.
+_DURATION = re.compile(r"^\s*([0-9]{1,12})\s*([smhdw])\s*$", re.ASCII)
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -182,7 +183,7 @@ def parse_duration(text: str, *, field: str) -> timedelta:
     match = _DURATION.match(text) if isinstance(text, str) else None
     if match is None:
         raise InvalidInputError(
-            f"{field}: expected a duration such as '30m', '3h' or '1d', got {text!r}",
+            f"{field}: expected a duration such as '30m', '3h' or '1d', got {text[:40]!r}",
             fields=[field],
         )
     seconds = int(match.group(1)) * _UNIT_S[match.group(2)]

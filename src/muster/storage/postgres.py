@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import create_engine
 
+from muster.storage._guards import storable_json
 from muster.storage.sql import SqlStore
 
 
@@ -15,6 +16,12 @@ def _driver_url(url: str) -> str:
 
 
 def open_postgres(url: str) -> SqlStore:
-    engine = create_engine(_driver_url(url), pool_size=10, max_overflow=20, pool_pre_ping=True)
+    engine = create_engine(
+        _driver_url(url),
+        pool_size=10,
+        max_overflow=20,
+        pool_pre_ping=True,
+        json_serializer=storable_json,
+    )
     # One engine serves reads and writes; writes serialise on row locks (`for update`).
     return SqlStore(url, reader=engine, writer=engine)

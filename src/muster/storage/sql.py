@@ -14,8 +14,8 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, delete, func, insert, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy import Connection, Engine, bindparam, delete, event, func, insert, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError, StatementError
 
 from muster.domain.models import (
     AllocatorRecord,
@@ -32,6 +32,7 @@ from muster.storage import _rows as rec
 from muster.storage import schema as t
 from muster.storage._deployments import DeploymentTables
 from muster.storage._fleet import FleetReads
+from muster.storage._guards import refuse_nul
 from muster.storage._users import UserRows
 
 # Statements on the join and heartbeat paths, built once: building a Core statement per call
@@ -95,6 +96,8 @@ class SqlTransaction(FleetReads, DeploymentTables, UserRows):
         )
 
     def find_user(self, username: str) -> UserRecord | None:
+        if "\x00" in username:
+            return None  # no stored name holds one: a sign-in with it fails like any other
         row = self.conn.execute(select(t.users).where(t.users.c.username == username)).first()
         return None if row is None else rec.user_record(row)
 
@@ -449,6 +452,8 @@ class SqlStore:
         # handler and fails as it always did, rather than deadlocking here.
         self._write_lock: threading.RLock | None = threading.RLock() if single_writer else None
         self._savepoints = writer.dialect.name != "sqlite"
+        for engine in {reader, writer}:
+            event.listen(engine, "before_cursor_execute", refuse_nul)
 
     @contextmanager
     def read(self) -> Iterator[SqlTransaction]:
@@ -478,6 +483,8 @@ class SqlStore:
         except OperationalError as exc:
             raise StoreError(f"the store cannot be used: {_short(exc)}") from exc
         except SQLAlchemyError as exc:
+            if isinstance(exc, StatementError) and isinstance(exc.orig, MusterError):
+                raise exc.orig from None  # refused while binding (muster.storage._guards)
             raise StoreError(f"store error: {_short(exc)}") from exc
 
 

@@ -11,11 +11,16 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine.url import make_url
 
 from muster.errors import StoreError
+from muster.storage._guards import storable_json
 from muster.storage.sql import SqlStore
 
 
 def _engine(url: str, *, immediate: bool) -> Engine:
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    engine = create_engine(
+        url,
+        connect_args={"timeout": 30, "check_same_thread": False},
+        json_serializer=storable_json,
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:

@@ -20,7 +20,7 @@ from muster.api.schemas import (
     PlatformCAReply,
     RenewRequestModel,
 )
-from muster.domain import runners
+from muster.domain import renewal, runners
 from muster.domain.users import Principal
 
 router = APIRouter(prefix="/agent", tags=["Agent"])
@@ -120,13 +120,13 @@ async def heartbeat(
     "/certificate",
     operation_id="renew-certificate",
     response_model=JoinReply,
-    responses=errors(400, 401),
+    responses=errors(400, 401, 429),
 )
 def renew_certificate(
     body: RenewRequestModel, request: Request, runner: Principal = Depends(require_runner)
 ) -> JoinReply:
     platform = platform_of(request)
-    result = runners.renew_certificate(platform, runner, body.csr)
+    result = renewal.renew_certificate(platform, runner, body.csr, source=source_of(request))
     request.app.state.identities.forget(runner.name)
     return JoinReply(
         runner_id=result.runner.runner_id,
