@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from muster import __version__
 from muster.api.headers import SECURITY_HEADERS
+from muster.domain.desired import InstanceVersions, VersionRefresher
 from muster.domain.identities import CoordinatorDirectory, Refresher, RunnerIdentities
 from muster.domain.liveness import Flusher
 from muster.domain.platform import Platform
@@ -176,6 +177,7 @@ def create_app(
     # request reads either from the store on the event loop.
     identities = RunnerIdentities(platform)
     directory = CoordinatorDirectory(platform, coordinators or [])
+    versions = InstanceVersions(platform)  # what heartbeat replies tell allocator hosts
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -183,9 +185,12 @@ def create_app(
         flusher.start()
         refresher = Refresher(identities, directory)
         refresher.start()
+        version_refresher = VersionRefresher(versions)
+        version_refresher.start()
         try:
             yield
         finally:
+            version_refresher.stop()
             refresher.stop()
             flusher.stop()
 
@@ -204,6 +209,7 @@ def create_app(
     app.state.platform = platform
     app.state.identities = identities
     app.state.coordinators = directory
+    app.state.instance_versions = versions
 
     @app.exception_handler(MusterError)
     async def _muster_error(_request: Request, exc: MusterError) -> Response:
@@ -258,7 +264,12 @@ def create_app(
     # Outermost: reads every body (413 past MAX_BODY_BYTES); heartbeats and joins skip every
     # layer they do not need.
     app.add_middleware(
-        Edge, platform=platform, identities=identities, directory=directory, ping=bench_routes
+        Edge,
+        platform=platform,
+        identities=identities,
+        directory=directory,
+        versions=versions,
+        ping=bench_routes,
     )
     return app
 

@@ -7,7 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from muster.domain.models import HostReport
+from muster.domain.instance_reports import MAX_REPORTS
+from muster.domain.liveness import NO_INSTANCES
+from muster.domain.models import HostReport, InstanceReport
 
 INT32_MAX = 2**31 - 1
 
@@ -151,6 +153,33 @@ class AuditPageReply(Reply):
 
 
 # -- agent: join, heartbeat, renewal (Muster's own API, not ECE's) -------------------------------
+class InstanceStateModel(Strict):
+    """One instance's state as its allocator host reports it (the runtime's InstanceState)."""
+
+    deployment_id: str = Field(min_length=1, max_length=64)
+    resource_id: str = Field(min_length=1, max_length=64)
+    instance_name: str = Field(min_length=1, max_length=32)
+    plan_version: int = Field(ge=0, le=INT32_MAX)
+    container_started: bool
+    service_running: bool
+    restarts: int = Field(default=0, ge=0, le=INT32_MAX)
+    last_error: str | None = Field(default=None, max_length=1024)
+    container_id: str | None = Field(default=None, max_length=64)
+
+    def to_report(self) -> InstanceReport:
+        return InstanceReport(
+            resource_id=self.resource_id,
+            instance_name=self.instance_name,
+            deployment_id=self.deployment_id,
+            plan_version=self.plan_version,
+            container_started=self.container_started,
+            service_running=self.service_running,
+            restarts=self.restarts,
+            last_error=self.last_error,
+            container_id=self.container_id,
+        )
+
+
 class HostReportModel(Strict):
     memory_mb: int = Field(default=0, ge=0, le=2**40)
     storage_mib: int = Field(default=0, ge=0, le=2**50)
@@ -158,6 +187,13 @@ class HostReportModel(Strict):
     healthy: bool = True
     checks: dict[str, bool] = Field(default_factory=dict, max_length=64)
     version: str = Field(default="", max_length=64)
+    # An allocator's instances, as its runtime last saw them.
+    instances: list[InstanceStateModel] = Field(default_factory=list, max_length=MAX_REPORTS)
+
+    def to_instances(self) -> tuple[InstanceReport, ...]:
+        if not self.instances:
+            return NO_INSTANCES  # most heartbeats: nothing allocated
+        return tuple(i.to_report() for i in self.instances)
 
     def to_report(self) -> HostReport:
         return HostReport(
@@ -209,3 +245,24 @@ class RenewRequestModel(Strict):
 class HeartbeatReply(Reply):
     heartbeat_interval_seconds: float
     coordinators: list[str]
+    # The host's desired-instances version: when it is not the one the host holds, it fetches
+    # GET /api/v1/agent/instances.
+    instances_version: int = 0
+
+
+class DesiredInstanceModel(Reply):
+    deployment_id: str
+    resource_id: str
+    instance_name: str
+    plan_version: int
+    image: str
+    command: list[str]
+    env: dict[str, str]
+    memory_mb: int
+    host_ip: str
+    port: int
+
+
+class DesiredInstancesReply(Reply):
+    instances_version: int
+    instances: list[DesiredInstanceModel]

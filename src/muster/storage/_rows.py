@@ -142,6 +142,7 @@ def allocator_record(row: Row[Any]) -> AllocatorRecord:
         tags=dict(row.tags),
         metadata=dict(row.metadata),
         settings=dict(row.settings),
+        memory_used_mb=int(row.memory_used_mb),
     )
 
 
@@ -272,4 +273,9 @@ def instance_record(row: Row[Any]) -> InstanceRecord:
         desired=row.desired,
         state=row.state,
         moving=bool(row.moving),
+        reported_plan_version=row.reported_plan_version,
+        restarts=int(row.restarts),
+        last_error=row.last_error,
+        container_id=row.container_id,
+        reported_at=utc(row.reported_at),
     )
