@@ -245,3 +245,15 @@ def test_a_report_past_its_bounds_is_refused(fleet: Fleet) -> None:
     assert reply.status_code == 400, reply.text
     long_error = [state(spec, last_error="x" * 5000)]
     assert fleet.client.post(HEARTBEAT, json={"instances": long_error}).status_code == 400
+
+
+def test_an_allocator_holding_instances_is_not_deleted(fleet: Fleet) -> None:
+    deployment_id = fleet.create()
+    fleet.installed.clock.advance(3600)  # both hosts long gone
+    refused = fleet.admin("DELETE", f"{ALLOCATORS}/host-a")
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["errors"][0]
+    assert error["code"] == "allocators.delete_allocator_with_instances_attempt"
+    assert deployment_id in error["message"]
+    assert fleet.admin("POST", f"{DEPLOYMENTS}/{deployment_id}/_shutdown").status_code == 200
+    assert fleet.admin("DELETE", f"{ALLOCATORS}/host-a").status_code == 200

@@ -105,9 +105,9 @@ class Liveness:
         return last is not None and self.clock.now() - last < self.grace
 
     def flush(self) -> int:
-        """Write pending heartbeats in one batch, and the instance states that changed in one
-        more, in one transaction; returns how many heartbeats. On a store error both are kept
-        for the next flush (newer heartbeats and states replace older ones)."""
+        """Write pending heartbeats in one batch, then the instance states that changed in one
+        more; returns how many heartbeats were written. On a store error either is kept for the
+        next flush (newer heartbeats and states replace older ones)."""
         with self._lock:
             pending, self._pending = self._pending, set()
             changed, self._instances_pending = self._instances_pending, set()
@@ -120,22 +120,32 @@ class Liveness:
                 if rid in self._instances
                 for report in self._instances[rid]
             ]
-        if not batch and not reports:
-            return 0
+        if batch:
+            try:
+                with self.store.write() as tx:
+                    tx.record_heartbeats(batch)
+            except MusterError as exc:
+                log.warning("could not persist %d heartbeats, will retry: %s", len(batch), exc)
+                with self._lock:
+                    # The next flush writes each runner's newest heartbeat, whichever it is then.
+                    self._pending.update(rid for rid, _at, _report in batch if rid in self._seen)
+                batch = []
+        if reports:
+            self._flush_instances(reports, changed)
+        return len(batch)
+
+    def _flush_instances(
+        self, reports: list[tuple[str, InstanceReport]], changed: set[str]
+    ) -> None:
         try:
             with self.store.write() as tx:
-                if batch:
-                    tx.record_heartbeats(batch)
-                if reports:
-                    instance_reports.record(tx, reports, self.clock.now())
+                instance_reports.record(tx, reports, self.clock.now())
         except MusterError as exc:
-            log.warning("could not persist %d heartbeats, will retry: %s", len(batch), exc)
+            log.warning("could not persist %d instance states, will retry: %s", len(reports), exc)
             with self._lock:
-                # The next flush writes each runner's newest heartbeat, whichever that is then.
-                self._pending.update(rid for rid, _at, _report in batch if rid in self._seen)
                 self._instances_pending.update(rid for rid in changed if rid in self._instances)
-            return 0
-        return len(batch)
+        except Exception:  # a bug here must not stop heartbeats from being persisted
+            log.exception("could not persist %d instance states", len(reports))
 
 
 class Flusher:
