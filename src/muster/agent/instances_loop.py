@@ -43,6 +43,7 @@ class InstanceKeeper:
         self._fetch = fetch
         self._on_event = on_event or (lambda message: log.info("%s", message))
         self._announced: int | None = None  # the last version said to have been applied
+        self._fetch_failing = False
         self._wanted: int | None = None  # the coordinator's version, from the last reply
         self._held: int | None = None  # the version of `_desired`
         self._desired: list[InstanceSpec] | None = None
@@ -97,16 +98,21 @@ class InstanceKeeper:
         if self._desired is None or (self._wanted is not None and self._wanted != self._held):
             self._refresh_desired()
         healthy, why = self.runtime.health()
-        if not healthy:
-            log.warning("%s", why)
+        if healthy != self._docker:  # said when it changes, not at every round
+            self._on_event(why if not healthy else f"Docker Engine: {why}")
         desired, version = self._desired, self._held
-        states = self.runtime.reconcile(desired) if desired is not None else []
+        if desired is None:
+            states: list[dict[str, Any]] = []
+        elif healthy:
+            states = [_state_json(s) for s in self.runtime.reconcile(desired)]
+        else:  # the states say it for each instance
+            states = [_unreached(spec, why) for spec in desired]
         with self._lock:
             self._docker = healthy
-            self._states = [_state_json(s) for s in states[:MAX_REPORTED]]
-        if desired is not None and version != self._announced:
+            self._states = states[:MAX_REPORTED]
+        if desired is not None and version != self._announced and healthy:
             self._announced = version
-            running = sum(1 for s in states if s.container_started)
+            running = sum(1 for s in states if s["container_started"])
             self._on_event(
                 f"instances version {version}: {running} of {len(desired)} instance(s) started"
             )
@@ -117,9 +123,12 @@ class InstanceKeeper:
             version = int(reply["instances_version"])
             desired = [spec for item in reply["instances"] if (spec := _spec(item)) is not None]
         except (MusterError, OSError, KeyError, TypeError, ValueError) as exc:
-            reason = exc.message if isinstance(exc, MusterError) else type(exc).__name__
-            log.warning("could not fetch this host's instances, will retry: %s", reason)
+            if not self._fetch_failing:  # said once, not at every retry
+                reason = exc.message if isinstance(exc, MusterError) else type(exc).__name__
+                log.warning("could not fetch this host's instances, will retry: %s", reason)
+            self._fetch_failing = True
             return
+        self._fetch_failing = False
         self._desired, self._held = desired, version
 
 
@@ -142,6 +151,21 @@ def _spec(item: dict[str, Any]) -> InstanceSpec | None:
     except InvalidInputError as exc:
         log.warning("skipping an instance the coordinator sent: %s", exc.message)
         return None
+
+
+def _unreached(spec: InstanceSpec, why: str) -> dict[str, Any]:
+    """The state of an instance while the engine cannot be reached."""
+    return {
+        "deployment_id": spec.deployment_id,
+        "resource_id": spec.resource_id,
+        "instance_name": spec.instance_name,
+        "plan_version": spec.plan_version,
+        "container_started": False,
+        "service_running": False,
+        "restarts": 0,
+        "last_error": why[:MAX_ERROR],
+        "container_id": None,
+    }
 
 
 def _state_json(state: InstanceState) -> dict[str, Any]:
