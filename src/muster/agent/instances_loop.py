@@ -79,7 +79,9 @@ class InstanceKeeper:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            # A reconcile may be stopping a container (10 s): the daemon thread is not waited
+            # for longer, and the engine finishes what it was asked.
+            self._thread.join(timeout=10)
             self._thread = None
         self.runtime.close()
 

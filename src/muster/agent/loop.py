@@ -113,7 +113,11 @@ class Agent:
     def _start_instances(self) -> None:
         if not self.keep_instances or self.instances is not None:
             return
-        runner_id = pki.certificate_common_name(read_certificate(self.paths.agent_cert))
+        try:
+            runner_id = pki.certificate_common_name(read_certificate(self.paths.agent_cert))
+        except (OSError, ValueError) as exc:  # heartbeats will say what is wrong
+            self.on_event(f"cannot keep instances without this host's certificate: {exc}")
+            return
         runtime = Runtime(runner_id, clock=SystemClock())
         self.instances = InstanceKeeper(
             runtime, self._fetch_instances, period_s=self.interval_s, on_event=self.on_event
