@@ -7,6 +7,7 @@ Docker gets no placements."""
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from cryptography import x509
 from fastapi.testclient import TestClient
 
 from muster.api.app import create_app
+from muster.api.edge import FAST_BODY_BYTES
 from muster.domain import pki
 from tests.api.test_deployments import BODY
 from tests.api.test_fastpath import WithCert
@@ -257,3 +259,26 @@ def test_an_allocator_holding_instances_is_not_deleted(fleet: Fleet) -> None:
     assert deployment_id in error["message"]
     assert fleet.admin("POST", f"{DEPLOYMENTS}/{deployment_id}/_shutdown").status_code == 200
     assert fleet.admin("DELETE", f"{ALLOCATORS}/host-a").status_code == 200
+
+
+def test_a_report_too_large_for_the_edge_is_recorded_by_the_route_alike(fleet: Fleet) -> None:
+    deployment_id = fleet.create()
+    fleet.flush()
+    [spec_a] = fleet.desired("host-a")["instances"]
+    fleet.wrapper.cert = fleet.certs["host-a"]
+    small = fleet.client.post(HEARTBEAT, json={"memory_mb": 4096})  # the edge answers
+    assert small.json()["instances_version"] > 0
+    # Beside its one instance, 299 it does not hold (ignored): more than the edge takes.
+    others = [
+        state({**spec_a, "instance_name": f"instance-{n:010d}"}, last_error="e" * 200)
+        for n in range(100, 399)
+    ]
+    large = {"memory_mb": 4096, "instances": [state(spec_a), *others]}
+    assert len(json.dumps(large)) > FAST_BODY_BYTES
+    fleet.wrapper.cert = fleet.certs["host-a"]
+    reply = fleet.client.post(HEARTBEAT, json=large)
+    assert reply.status_code == 200, reply.text
+    assert reply.content == small.content  # byte for byte
+    fleet.flush()
+    shown = {i["allocator_id"]: i for i in fleet.resource(deployment_id)["topology"]["instances"]}
+    assert shown["host-a"]["service_running"] is True
