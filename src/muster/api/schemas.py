@@ -187,8 +187,9 @@ class HostReportModel(Strict):
     healthy: bool = True
     checks: dict[str, bool] = Field(default_factory=dict, max_length=64)
     version: str = Field(default="", max_length=64)
-    # An allocator's instances, as its runtime last saw them.
-    instances: list[InstanceStateModel] = Field(default_factory=list, max_length=MAX_REPORTS)
+    # An allocator's instances, as its runtime last saw them (None, not a new empty list, when
+    # absent: most heartbeats carry none, and the fast path allocates nothing for them).
+    instances: list[InstanceStateModel] | None = Field(default=None, max_length=MAX_REPORTS)
 
     def to_instances(self) -> tuple[InstanceReport, ...]:
         if not self.instances:
