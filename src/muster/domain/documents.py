@@ -189,7 +189,9 @@ class LightView:
     `paths` maps a dotted document path to (store columns, build), where build(platform, id,
     *values of those columns) gives exactly what the whole document holds at that path, the
     whole subtree under it included (build None: the one column's value as it is, or the id
-    when there is no column). A query or sort that reads only fields at or under these paths
+    when there is no column). A path named EXISTS + field (`_exists_:instances`) is instead a
+    flag: whether the whole document's field holds anything, which an existence query reads
+    (muster.domain.query). A query or sort that reads only fields at or under these paths
     decides the same on a light view as on the whole document (tests/domain/test_listing.py
     holds every path to that)."""
 
