@@ -13,7 +13,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -119,7 +119,14 @@ def run_muster(
 class MusterProcess:
     """A long-running `muster` command in its own process group; stdout+stderr in `log`."""
 
-    def __init__(self, args: Sequence[str], *, log: Path, netns: str | None = None) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        log: Path,
+        netns: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log
         _LOGS.append(log)
@@ -129,7 +136,7 @@ class MusterProcess:
             stdout=self._out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=muster_env(),
+            env={**muster_env(), **(env or {})},
             start_new_session=True,
         )
 

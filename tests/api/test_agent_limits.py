@@ -13,7 +13,14 @@ from cryptography import x509
 from fastapi.testclient import TestClient
 
 from muster.api.app import create_app
-from muster.api.schemas import MAX_CHECK_NAME, MAX_CHECKS, MAX_REPORT_BYTES, HostReportModel
+from muster.api.schemas import (
+    MAX_CHECK_NAME,
+    MAX_CHECKS,
+    MAX_INSTANCE_ERROR,
+    MAX_REPORT_BYTES,
+    HostReportModel,
+    InstanceStateModel,
+)
 from muster.domain import pki
 from tests._hostile import HOSTILE_CSRS, csr_der, der_to_pem
 from tests.api.test_errors import ece_error
@@ -131,9 +138,24 @@ def test_the_report_bound_leaves_room_for_a_few_hundred_instances() -> None:
         version="\u2028" * 64,
     )
     assert len(json.dumps(at_bounds.model_dump())) <= HostReportModel.worst_case_bytes()
-    # Today's fields at their bounds use a tenth of the report's allowance; the rest is for a
-    # future list of instances (300 of ~500 bytes each).
-    assert HostReportModel.worst_case_bytes() + 300 * 500 < MAX_REPORT_BYTES
+    # Every field at its bound, the whole instances list included, fits in the allowance.
+    assert HostReportModel.worst_case_bytes() <= MAX_REPORT_BYTES
+
+
+def test_an_instance_state_at_its_bounds_fits_its_worst_case() -> None:
+    state = InstanceStateModel(
+        deployment_id="d" * 64,
+        resource_id="r" * 64,
+        instance_name="i" * 64,
+        plan_version=2**31 - 1,
+        container_started=False,
+        service_running=False,
+        restarts=2**31 - 1,
+        last_error="\u2028" * MAX_INSTANCE_ERROR,
+        container_id="c" * 64,
+    )
+    compact = json.dumps(state.model_dump(), separators=(",", ":"))
+    assert len(compact + ",") <= InstanceStateModel.WORST_CASE_BYTES
 
 
 def test_a_join_retried_after_its_answer_was_lost_gets_the_same_answer(

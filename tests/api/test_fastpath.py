@@ -104,6 +104,7 @@ def test_heartbeat_is_recorded_and_answered_by_the_edge_with_interval_and_coordi
     assert response.json() == {
         "heartbeat_interval_seconds": installed.platform.heartbeat_interval_s,
         "coordinators": ["10.0.0.1:12443"],
+        "instances_version": 0,
     }
     assert response.headers["content-type"] == "application/json"
     assert response.headers["cache-control"] == "no-store"
@@ -231,11 +232,13 @@ def test_the_domain_heartbeat_rule_applies_to_the_edges_heartbeats(
     seen: list[str] = []
     record = runners.record_heartbeat
 
-    def with_a_rule(platform: Platform, runner: Principal, report: HostReport) -> None:
+    def with_a_rule(
+        platform: Platform, runner: Principal, report: HostReport, instances: Any = ()
+    ) -> None:
         seen.append(runner.name)
         if runner.name == "10.0.0.19":
             raise ForbiddenError("this host may not heartbeat", code="runners.test_rule")
-        record(platform, runner, report)
+        record(platform, runner, report, instances)
 
     monkeypatch.setattr(runners, "record_heartbeat", with_a_rule)
     routes = guard_routes(app, HEARTBEAT, block=False)

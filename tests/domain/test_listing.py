@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -20,9 +20,18 @@ from muster.domain.documents import (
     runner_query_view,
 )
 from muster.domain.listing import Search
-from muster.domain.models import AllocatorRecord, HostReport, RunnerRecord
+from muster.domain.models import (
+    AllocatorRecord,
+    DeploymentRecord,
+    HostReport,
+    InstanceRecord,
+    ResourceRecord,
+    RunnerRecord,
+)
 from muster.domain.platform import Platform
+from muster.domain.query import EXISTS
 from muster.domain.sorting import paginate, sort_documents
+from muster.domain.store import Transaction
 from tests.conftest import Installed
 
 HOSTS = 120
@@ -83,10 +92,39 @@ def build_fleet(installed: Installed) -> Platform:
                     rid, "10.0.1.1", rid, "ece-zone-1", ("proxy",), rid, now, now, HostReport()
                 )
             )
+        place_instances(tx, now)
     clock.advance(5)
     platform.liveness.beat("h047", HostReport(checks={"fresh": True}))  # stored: never beat
     platform.liveness.beat("h098", HostReport(version="0.2.0"))  # stored: 74 s ago
     return platform
+
+
+def place_instances(tx: Transaction, now: datetime) -> None:
+    """One deployment with a 256 MB instance on every allocator whose number is 2 mod 4 and
+    that is outside maintenance (two on some): their memory used and `instances` vary."""
+    tx.create_deployment(DeploymentRecord("d" * 32, "web", now, now, "admin"))
+    tx.create_resource(ResourceRecord("r" * 32, "d" * 32, "main", "container", "r", {}, 1, now))
+    hosts = [f"h{(i * 37) % HOSTS:03d}" for i in range(HOSTS) if i % 4 == 2 and i % 5 != 0]
+    hosts += hosts[::3]  # a second instance on every third of them
+    tx.create_instances(
+        [
+            InstanceRecord("d" * 32, "r" * 32, f"instance-{n:010d}", rid, "z", 256, 0, 1, now)
+            for n, rid in enumerate(hosts)
+        ],
+        range(18000, 18100),
+    )
+
+
+def render_all(platform: Platform, tx: Transaction) -> list[dict[str, Any]]:
+    """Every allocator's whole document, with its instances."""
+    hosts = {r.runner_id: r for r in tx.list_runners()}
+    placed: dict[str, list[InstanceRecord]] = {}
+    for instance in tx.list_instances():
+        placed.setdefault(instance.allocator_id, []).append(instance)
+    return [
+        render_allocator(platform, a, hosts.get(a.allocator_id), placed.get(a.allocator_id, []))
+        for a in tx.list_allocators()
+    ]
 
 
 @pytest.fixture
@@ -97,10 +135,7 @@ def fleet(installed: Installed) -> Platform:
 def whole_allocators(platform: Platform, search: Search) -> dict[str, Any]:
     """The reference: every allocator rendered whole, then filtered, sorted and paged."""
     with platform.store.read() as tx:
-        hosts = {r.runner_id: r for r in tx.list_runners()}
-        docs = [
-            render_allocator(platform, a, hosts.get(a.allocator_id)) for a in tx.list_allocators()
-        ]
+        docs = render_all(platform, tx)
     matched = [d for d in docs if search.query.matches(d)]
     page = paginate(sort_documents(matched, search.sort, "allocator_id"), search.from_, search.size)
     return listing.allocator_overview(page)
@@ -139,13 +174,15 @@ def test_every_allocator_light_path_equals_the_whole_document(fleet: Platform) -
     columns = ALLOCATOR_VIEW.columns(paths)
     with fleet.store.read() as tx:
         views = ALLOCATOR_VIEW.build(fleet, paths, columns, tx.list_allocator_columns(columns))
-        hosts = {r.runner_id: r for r in tx.list_runners()}
-        wholes = [
-            render_allocator(fleet, a, hosts.get(a.allocator_id)) for a in tx.list_allocators()
-        ]
+        wholes = render_all(fleet, tx)
     assert len(views) == len(wholes) == HOSTS
+    assert {bool(whole["instances"]) for whole in wholes} == {True, False}
     for view, whole in zip(views, wholes, strict=True):
         for path in paths:
+            if path.startswith(EXISTS):  # a flag: whether the field holds anything
+                held = at_path(whole, path.removeprefix(EXISTS))
+                assert view[path] is bool(held), (whole["allocator_id"], path)
+                continue
             assert at_path(view, path) == at_path(whole, path), (whole["allocator_id"], path)
 
 
@@ -171,6 +208,9 @@ def test_every_runner_light_path_equals_the_query_view_of_the_whole_document(
         ({"status"}, False),  # above a light path: the whole status is more
         ({"healthy"}, False),
         ({"capacity.storage.total"}, False),
+        ({"_exists_:instances", "_exists_:zone_id", "capacity.memory.used"}, True),
+        ({"instances"}, False),  # what they are, not only whether there are any
+        ({"_exists_:status"}, False),
         ({"no_such_field"}, False),
     ],
 )
@@ -202,12 +242,18 @@ ALLOCATOR_QUERIES = [
     "host_ip:10.0.0.3",
     "public_hostname:h00*",
     "settings.capacity:*",
+    "_exists_:instances",
+    "NOT _exists_:instances AND connected:true",
+    "_exists_:metadata.owner",
+    "capacity.memory.used:>256",
     # Fields outside the light views: whole documents, as always.
     "healthy:false",
     "status:*",
     "r2",
     "status.health_checks.is_docker_healthy:false",
     "build_info.version:0.2.0",
+    "instances.instance_name:instance-0000000003",
+    "instances:*",
 ]
 ALLOCATOR_SORTS: list[Any] = [
     None,
@@ -316,19 +362,31 @@ def recorded(platform: Platform) -> list[str]:
     return store.calls
 
 
-@pytest.mark.parametrize("q", ["", "zone_id:ece-zone-2", "connected:true AND metadata.rack:r1"])
+@pytest.mark.parametrize(
+    "q",
+    [
+        "",
+        "zone_id:ece-zone-2",
+        "connected:true AND metadata.rack:r1",
+        "_exists_:instances",
+        "NOT _exists_:instances",
+    ],
+)
 def test_a_light_search_reads_columns_and_its_page_never_the_whole_fleet(
     fleet: Platform, q: str
 ) -> None:
     calls = recorded(fleet)
-    listing.search_allocators(fleet, search(q, size=10, sort="-capacity"))
-    assert calls == ["list_allocator_columns", "list_allocators_by_id", "list_runners_by_id"]
+    found = listing.search_allocators(fleet, search(q, size=10, sort="-capacity"))
+    held = any(a["instances"] for zone in found["zones"] for a in zone["allocators"])
+    # The instances of the page's allocators that hold any, by their ids.
+    page_reads = ["list_allocators_by_id", "list_runners_by_id"]
+    assert calls == ["list_allocator_columns", *page_reads, *(["list_instances"] * held)]
 
 
 def test_a_search_on_fields_outside_the_light_view_reads_the_whole_fleet(fleet: Platform) -> None:
     calls = recorded(fleet)
     listing.search_allocators(fleet, search("healthy:false", size=10))
-    assert calls == ["list_allocators", "list_runners"]
+    assert calls == ["list_allocators", "list_runners", "list_instances"]
 
 
 # ---- nothing is stale ---------------------------------------------------------------------------

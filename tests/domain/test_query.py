@@ -422,6 +422,12 @@ def test_exists_matches_docs_with_a_value() -> None:
     assert searched_ids({"query": {"exists": {"field": "instances"}}}) == ["10.0.0.2"]
 
 
+def test_exists_field_in_q_matches_as_elasticsearch_query_string() -> None:
+    assert matching_ids("_exists_:instances") == ["10.0.0.2"]
+    assert matching_ids("_exists_:metadata.team") == ["10.0.0.4"]
+    assert "10.0.0.2" not in matching_ids("NOT _exists_:instances")
+
+
 def test_bool_must_and_filter_require_every_clause() -> None:
     body = {
         "query": {
@@ -855,7 +861,9 @@ def test_paginate_equals_slicing(items: list[int], from_: int, size: int) -> Non
         ("*", set()),
         ("zone:ece-zone-2", {"zone"}),
         ("connected:true AND NOT (id:a* OR capacity:>4096)", {"connected", "id", "capacity"}),
-        ("metadata.rack:* status.healthy:false", {"metadata.rack", "status.healthy"}),
+        # An existence test names its field apart (a light view may answer it with a flag).
+        ("metadata.rack:* status.healthy:false", {"_exists_:metadata.rack", "status.healthy"}),
+        ("_exists_:instances OR zone:z", {"_exists_:instances", "zone"}),
         ("zone_id:(a OR b)", {"zone_id"}),
         ("*:*", set()),
         ("beta", None),  # a bare term reads every string
@@ -878,7 +886,7 @@ def test_a_search_body_names_the_fields_it_reads() -> None:
     }
     parsed = parse_search_request({"query": body})
     assert parsed.fields == frozenset(
-        {"zone_id", "capacity", "host_ip", "last_heartbeat", "metadata.k"}
+        {"zone_id", "capacity", "host_ip", "_exists_:last_heartbeat", "metadata.k"}
     )
     del body["bool"]["minimum_should_match"]  # with `must`, `should` turns optional: unread
     assert parse_search_request({"query": body}).fields == frozenset(

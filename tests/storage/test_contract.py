@@ -538,16 +538,14 @@ def test_migration_0005_dates_existing_allocators_by_their_runners_join(
         command.downgrade(config, "0004")
         conn.execute(insert(tables.runners).values(runner_row(runner("a", joined_at=at(7)))))
         for allocator_id in ("a", "orphan"):
+            # The allocators table as revision 0004 has it (later revisions add columns).
             conn.execute(
-                insert(tables.allocators).values(
-                    allocator_id=allocator_id,
-                    zone_id="z",
-                    capacity_mb=1,
-                    maintenance=False,
-                    tags={},
-                    metadata={},
-                    settings={},
-                )
+                text(
+                    "INSERT INTO allocators (allocator_id, zone_id, capacity_mb, maintenance, "
+                    "tags, metadata, settings, memory_used_mb) "
+                    "VALUES (:id, 'z', 1, false, '{}', '{}', '{}', 0)"
+                ),
+                {"id": allocator_id},
             )
     upgrade(store)
     with store.read() as tx:

@@ -13,6 +13,7 @@ from muster.domain.models import (
     AllocatorRecord,
     DeploymentRecord,
     InstanceRecord,
+    InstanceReport,
     PlacementCandidate,
     PlanAttemptRecord,
     ResourceRecord,
@@ -263,3 +264,51 @@ def test_resource_is_deleted_with_its_attempts_once_it_holds_no_instance(store: 
     with store.read() as tx:
         assert [r.id for r in tx.list_resources(["d1"])] == ["r2"]
         assert tx.list_plan_attempts(["r1"]) == []
+
+
+def versions(store: Store) -> dict[str, int]:
+    with store.read() as tx:
+        return {aid: v for aid, v in tx.list_allocator_columns(["instances_version"])}
+
+
+def test_instances_version_moves_with_every_change_of_what_an_allocator_runs(store: Store) -> None:
+    with_fleet(store, 2048, 2048)
+    assert versions(store) == {"alloc-0": 0, "alloc-1": 0}
+    with store.write() as tx:
+        tx.create_instances([instance("i0", "alloc-0"), instance("i1", "alloc-0")], PORTS)
+        assert tx.get_instances_version("alloc-0") == 1
+        assert tx.get_instances_version("no-such-allocator") == 0
+    assert versions(store) == {"alloc-0": 1, "alloc-1": 0}
+    with store.write() as tx:
+        tx.update_instances("r1", ["i0"], state="running")  # a report: nothing to run anew
+    assert versions(store)["alloc-0"] == 1
+    with store.write() as tx:
+        tx.update_instances("r1", ["i0"], plan_version=2)
+    assert versions(store)["alloc-0"] == 2
+    with store.write() as tx:
+        tx.update_instances("r1", ["i1"], moving=True)
+        tx.delete_instances("r1", ["i0"])
+    assert versions(store) == {"alloc-0": 4, "alloc-1": 0}
+
+
+def test_instance_reports_land_only_on_the_reporting_allocators_instances(store: Store) -> None:
+    with_fleet(store, 2048, 2048)
+    with store.write() as tx:
+        tx.create_instances([instance("i0", "alloc-0"), instance("i1", "alloc-1")], PORTS)
+    report = InstanceReport("r1", "i0", "d1", 1, True, True, 2, None, "abc123")
+    stolen = InstanceReport("r1", "i1", "d1", 1, True, True, 0, None, "evil")
+    crashed = InstanceReport("r1", "i1", "d1", 1, False, False, 4, "exited with code 1", None)
+    with store.write() as tx:
+        tx.record_instance_reports([("alloc-0", report), ("alloc-0", stolen)], T0)
+    with store.write() as tx:
+        tx.record_instance_reports([("alloc-1", crashed)], T0 + timedelta(seconds=1))
+    with store.read() as tx:
+        found = {i.instance_name: i for i in tx.list_instances()}
+    assert (found["i0"].state, found["i0"].reported_plan_version) == ("running", 1)
+    assert (found["i0"].restarts, found["i0"].container_id) == (2, "abc123")
+    assert found["i0"].reported_at == T0
+    assert found["i0"].is_running
+    assert (found["i1"].state, found["i1"].restarts) == ("starting", 4)
+    assert found["i1"].last_error == "exited with code 1"
+    assert found["i1"].container_id is None
+    assert versions(store) == {"alloc-0": 1, "alloc-1": 1}

@@ -1,6 +1,7 @@
 """The runner agent's loop: heartbeat over mTLS at the coordinator's interval with jitter, back
 off while no coordinator answers, fail over between coordinators, renew the certificate before
-it expires (with the current certificate, never the token)."""
+it expires (with the current certificate, never the token). On an allocator host, the instances
+are kept beside it (`muster.agent.instances_loop`) and reported in every heartbeat."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from typing import Any
 
 from muster import __version__
 from muster.agent import host
+from muster.agent.instances_loop import DOCKER_CHECK, InstanceKeeper
 from muster.agent.join import client_context, read_certificate, save_agent_state, save_identity
+from muster.agent.runtime import Runtime
 from muster.client import Client
+from muster.clock import SystemClock
 from muster.domain import pki
 from muster.errors import CoordinatorUnreachableError, MusterError, UnauthenticatedError
 from muster.hoststate import HostPaths, read_json
@@ -37,6 +41,7 @@ class Agent:
         interval_s: float = 10.0,
         max_backoff_s: float = MAX_BACKOFF_S,
         on_event: Callable[[str], None] | None = None,
+        keep_instances: bool | None = None,
     ) -> None:
         self.paths = paths
         self.interval_s = interval_s
@@ -53,6 +58,14 @@ class Agent:
             self.coordinators = list(dict.fromkeys([*state["coordinators"], *coordinators]))
         if state.get("heartbeat_interval_seconds"):
             self.interval_s = float(state["heartbeat_interval_seconds"])
+        # An allocator runs its instances on this host's Docker Engine (DOCKER_HOST, else the
+        # local socket): started with `run`, beside the heartbeats.
+        if keep_instances is None:
+            settings = read_json(paths.host_file) if paths.host_file.exists() else {}
+            keep_instances = "allocator" in settings.get("roles", ())
+        self.keep_instances = keep_instances
+        self.instances: InstanceKeeper | None = None
+        self._instances_client: Client | None = None
 
     def _connect(self) -> Client:
         if self._client is None:
@@ -68,13 +81,49 @@ class Agent:
 
     def heartbeat_once(self) -> dict[str, Any]:
         """One heartbeat. Raises CoordinatorUnreachableError, UnauthenticatedError, MusterError."""
-        report = host.report(self.paths.root, __version__)
+        report = host.report(self.paths.root, __version__).to_json()
+        if self.instances is not None:
+            states, docker = self.instances.report_fields()
+            if docker is not None:
+                report["checks"][DOCKER_CHECK] = docker
+                report["healthy"] = report["healthy"] and docker
+            report["instances"] = states
         reply: dict[str, Any] = self._connect().request(
-            "POST", "/api/v1/agent/heartbeat", json=report.to_json()
+            "POST", "/api/v1/agent/heartbeat", json=report
         )
         self.beats += 1
         self._adopt(reply)
+        if self.instances is not None:
+            self.instances.offer_version(reply.get("instances_version"))
         return reply
+
+    def _fetch_instances(self) -> Any:
+        """This host's desired instances (the instances thread's own connection)."""
+        if self._instances_client is None:
+            self._instances_client = Client(
+                self.coordinators, verify=client_context(self.paths), timeout_s=30.0
+            )
+        try:
+            return self._instances_client.request("GET", "/api/v1/agent/instances")
+        except (MusterError, OSError):
+            self._instances_client.close()  # the next try connects anew (a renewed certificate)
+            self._instances_client = None
+            raise
+
+    def _start_instances(self) -> None:
+        if not self.keep_instances or self.instances is not None:
+            return
+        try:
+            runner_id = pki.certificate_common_name(read_certificate(self.paths.agent_cert))
+        except (OSError, ValueError) as exc:  # heartbeats will say what is wrong
+            self.on_event(f"cannot keep instances without this host's certificate: {exc}")
+            return
+        runtime = Runtime(runner_id, clock=SystemClock())
+        self.instances = InstanceKeeper(
+            runtime, self._fetch_instances, period_s=self.interval_s, on_event=self.on_event
+        )
+        self.instances.start()
+        self.on_event("keeping this allocator's instances on the Docker Engine")
 
     def _adopt(self, reply: dict[str, Any]) -> None:
         interval = float(reply.get("heartbeat_interval_seconds") or self.interval_s)
@@ -123,6 +172,7 @@ class Agent:
         """Heartbeat until `stop()`; never raises for a coordinator that is away."""
         failures = 0
         talking_to = ""  # the coordinator of the last heartbeat: a failover is said, too
+        self._start_instances()
         while not self.stopped.is_set():
             try:
                 self.renew_if_due()
@@ -151,6 +201,12 @@ class Agent:
                 failures += 1
                 self.on_event(f"heartbeat failed: {type(exc).__name__}: {exc}")
             self.stopped.wait(self.wait_s(failures))
+        if self.instances is not None:
+            self.instances.stop()  # the containers keep running
+            self.instances = None
+        if self._instances_client is not None:
+            self._instances_client.close()
+            self._instances_client = None
         self._reset_client()
 
     def stop(self) -> None:

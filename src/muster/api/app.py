@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from muster import __version__
 from muster.api.headers import SECURITY_HEADERS
 from muster.api.shield import Shield
+from muster.domain.desired import InstanceVersions, VersionRefresher
 from muster.domain.identities import CoordinatorDirectory, Refresher, RunnerIdentities
 from muster.domain.liveness import Flusher
 from muster.domain.platform import Platform
@@ -188,6 +189,7 @@ def create_app(
     # request reads either from the store on the event loop.
     identities = RunnerIdentities(platform)
     directory = CoordinatorDirectory(platform, coordinators or [])
+    versions = InstanceVersions(platform)  # what heartbeat replies tell allocator hosts
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -195,9 +197,12 @@ def create_app(
         flusher.start()
         refresher = Refresher(identities, directory)
         refresher.start()
+        version_refresher = VersionRefresher(versions)
+        version_refresher.start()
         try:
             yield
         finally:
+            version_refresher.stop()
             refresher.stop()
             flusher.stop()
 
@@ -216,6 +221,7 @@ def create_app(
     app.state.platform = platform
     app.state.identities = identities
     app.state.coordinators = directory
+    app.state.instance_versions = versions
 
     @app.exception_handler(MusterError)
     async def _muster_error(_request: Request, exc: MusterError) -> Response:
@@ -281,7 +287,12 @@ def create_app(
     # Outermost: reads every body (413 past MAX_BODY_BYTES); heartbeats and joins skip every
     # layer they do not need.
     app.add_middleware(
-        Edge, platform=platform, identities=identities, directory=directory, ping=bench_routes
+        Edge,
+        platform=platform,
+        identities=identities,
+        directory=directory,
+        versions=versions,
+        ping=bench_routes,
     )
     # Outermost: NUL in a path or query is refused, and every unexpected error ends here.
     app.add_middleware(Shield, state=app.state)

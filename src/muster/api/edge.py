@@ -26,6 +26,7 @@ from muster.api.routes.agent import REFUSED, join_reply, join_request
 from muster.api.schemas import HeartbeatReply, HostReportModel, JoinRequestModel
 from muster.api.tls import peer_certificate
 from muster.domain import runners
+from muster.domain.desired import InstanceVersions
 from muster.domain.identities import CoordinatorDirectory, RunnerIdentities
 from muster.domain.platform import Platform
 from muster.errors import PayloadTooLargeError
@@ -33,8 +34,10 @@ from muster.errors import PayloadTooLargeError
 HEARTBEAT_PATH = "/api/v1/agent/heartbeat"
 JOIN_PATH = "/api/v1/agent/join"
 PING_PATH = "/api/v1/agent/_ping"
-# A report is ~150 bytes, a join 2-3 KB: a larger body is not an agent's, and the route takes it.
+# A report is ~150 bytes (plus ~300 per instance an allocator runs), a join 2-3 KB: a larger
+# body (an allocator with hundreds of instances) goes to the route, which answers the same.
 FAST_BODY_BYTES = 64 * 1024
+MAX_CACHED_REPLIES = 4096  # heartbeat replies kept, one per instances version
 
 _Model = TypeVar("_Model", bound=BaseModel)
 _EMPTY_200: list[Message] = [
@@ -58,6 +61,7 @@ class Edge:
         platform: Platform,
         identities: RunnerIdentities,
         directory: CoordinatorDirectory,
+        versions: InstanceVersions,
         limit: int = MAX_BODY_BYTES,
         ping: bool = False,
     ) -> None:
@@ -65,12 +69,14 @@ class Edge:
         self.platform = platform
         self.identities = identities
         self.directory = directory
+        self.versions = versions
         self.limit = limit
         self.ping = ping
-        # The heartbeat reply, rendered again only when what it says changes.
+        # The heartbeat replies, one per desired-instances version (most hosts share a few),
+        # rendered again only when the interval or the coordinators change.
         self._reply_interval_s = 0.0
         self._reply_addresses: tuple[str, ...] | None = None
-        self._reply: list[Message] = []
+        self._replies: dict[int, list[Message]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -114,30 +120,39 @@ class Edge:
             return
         logs.set_runner_id(runner.name)
         try:
-            runners.record_heartbeat(self.platform, runner, model.to_report())
+            runners.record_heartbeat(self.platform, runner, model.to_report(), model.to_instances())
         except Exception as exc:
             await self.app({**scope, REFUSED: exc}, replay(body, receive), send)
             return
         metrics.count_fast_heartbeat(scope)
-        for message in self._heartbeat_reply():
+        for message in self._heartbeat_reply(self.versions.version(runner.name)):
             await send(message)
 
-    def _heartbeat_reply(self) -> list[Message]:
+    def _heartbeat_reply(self, version: int) -> list[Message]:
         interval_s = self.platform.heartbeat_interval_s
         addresses = self.directory.addresses()
         if addresses is not self._reply_addresses or interval_s != self._reply_interval_s:
-            reply = HeartbeatReply(heartbeat_interval_seconds=interval_s, coordinators=[*addresses])
+            self._replies = {}
+            self._reply_interval_s, self._reply_addresses = interval_s, addresses
+        reply = self._replies.get(version)
+        if reply is None:
+            model = HeartbeatReply(
+                heartbeat_interval_seconds=interval_s,
+                coordinators=[*addresses],
+                instances_version=version,
+            )
             # Starlette's JSONResponse rendering (the route's), byte for byte.
             content = json.dumps(
-                reply.model_dump(mode="json"),
+                model.model_dump(mode="json"),
                 ensure_ascii=False,
                 allow_nan=False,
                 indent=None,
                 separators=(",", ":"),
             ).encode()
-            self._reply = _json_reply(content)
-            self._reply_interval_s, self._reply_addresses = interval_s, addresses
-        return self._reply
+            if len(self._replies) >= MAX_CACHED_REPLIES:
+                self._replies = {}
+            reply = self._replies[version] = _json_reply(content)
+        return reply
 
     async def _join(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
         # FastAPI's layers, its thread pool hop and its response validation cost about as much

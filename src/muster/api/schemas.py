@@ -3,11 +3,13 @@ Muster's additions. Requests are strict: a wrong JSON type is a 400, never coerc
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from muster.domain.models import HostReport
+from muster.domain.instance_reports import MAX_REPORTS
+from muster.domain.liveness import NO_INSTANCES
+from muster.domain.models import HostReport, InstanceReport
 
 INT32_MAX = 2**31 - 1
 
@@ -217,13 +219,56 @@ class AuditPageReply(Reply):
 # Every field of a host's report is bounded, and so the report is: it is kept in memory for
 # every host, written at every flush and served in the allocator detail the UI polls. The
 # fields' bounds add up to a few KB of MAX_REPORT_BYTES (`worst_case_bytes`, checked by
-# tests/api/test_agent_limits.py): the rest is room for a list of a few hundred instances.
+# tests/api/test_agent_limits.py): and the instances list's bound
+# (MAX_REPORTS of at most `InstanceStateModel.WORST_CASE_BYTES` each) fills most of the rest.
 # Checked natively by pydantic: a heartbeat pays no Python call for them.
 MAX_CHECKS = 64
 MAX_CHECK_NAME = 64
 MAX_VERSION = 64
-MAX_REPORT_BYTES = 256 * 1024
+MAX_REPORT_BYTES = 1024 * 1024  # the body limit (api.app.MAX_BODY_BYTES)
+MAX_INSTANCE_ERROR = 200
+# Ids Muster made (hex, instance-0000000000, container ids): ASCII, so never escaped in JSON.
+InstanceId = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+]
 CheckName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CHECK_NAME)]
+
+
+class InstanceStateModel(Strict):
+    """One instance's state as its allocator host reports it (the runtime's InstanceState)."""
+
+    deployment_id: InstanceId
+    resource_id: InstanceId
+    instance_name: InstanceId
+    plan_version: int = Field(ge=0, le=INT32_MAX)
+    container_started: bool
+    service_running: bool
+    restarts: int = Field(default=0, ge=0, le=INT32_MAX)
+    last_error: str | None = Field(default=None, max_length=MAX_INSTANCE_ERROR)
+    container_id: InstanceId | None = None
+
+    # Its JSON with every field at its bound (text escaped as \uXXXX: six bytes a character).
+    WORST_CASE_BYTES: ClassVar[int] = (
+        len('{"deployment_id":"","resource_id":"","instance_name":"","plan_version":,')
+        + len('"container_started":false,"service_running":false,"restarts":,')
+        + len('"last_error":"","container_id":""},')
+        + 4 * 64
+        + 2 * 10
+        + MAX_INSTANCE_ERROR * 6
+    )
+
+    def to_report(self) -> InstanceReport:
+        return InstanceReport(
+            resource_id=self.resource_id,
+            instance_name=self.instance_name,
+            deployment_id=self.deployment_id,
+            plan_version=self.plan_version,
+            container_started=self.container_started,
+            service_running=self.service_running,
+            restarts=self.restarts,
+            last_error=self.last_error,
+            container_id=self.container_id,
+        )
 
 
 class HostReportModel(Strict):
@@ -233,14 +278,23 @@ class HostReportModel(Strict):
     healthy: bool = True
     checks: dict[CheckName, bool] = Field(default_factory=dict, max_length=MAX_CHECKS)
     version: str = Field(default="", max_length=MAX_VERSION)
+    # An allocator's instances, as its runtime last saw them (None, not a new empty list, when
+    # absent: most heartbeats carry none, and the fast path allocates nothing for them).
+    instances: list[InstanceStateModel] | None = Field(default=None, max_length=MAX_REPORTS)
+
+    def to_instances(self) -> tuple[InstanceReport, ...]:
+        if not self.instances:
+            return NO_INSTANCES  # most heartbeats: nothing allocated
+        return tuple(i.to_report() for i in self.instances)
 
     @staticmethod
     def worst_case_bytes() -> int:
-        """The JSON size of a report with every field at its bound; a field added to the
-        report (a list of instances) must add its own bound here."""
+        """The JSON size of a report with every field at its bound (instances included); a
+        field added to the report must add its own bound here."""
         numbers = len('{"memory_mb":,"storage_mib":,"cpus":,"healthy":false,') + 13 + 16 + 6
         checks = len('"checks":{},') + MAX_CHECKS * (MAX_CHECK_NAME * 6 + len('"":false,'))
-        return numbers + checks + len('"version":""}') + MAX_VERSION * 6
+        instances = len('"instances":[],') + MAX_REPORTS * InstanceStateModel.WORST_CASE_BYTES
+        return numbers + checks + instances + len('"version":""}') + MAX_VERSION * 6
 
     def to_report(self) -> HostReport:
         return HostReport(
@@ -292,3 +346,24 @@ class RenewRequestModel(Strict):
 class HeartbeatReply(Reply):
     heartbeat_interval_seconds: float
     coordinators: list[str]
+    # The host's desired-instances version: when it is not the one the host holds, it fetches
+    # GET /api/v1/agent/instances.
+    instances_version: int = 0
+
+
+class DesiredInstanceModel(Reply):
+    deployment_id: str
+    resource_id: str
+    instance_name: str
+    plan_version: int
+    image: str
+    command: list[str]
+    env: dict[str, str]
+    memory_mb: int
+    host_ip: str
+    port: int
+
+
+class DesiredInstancesReply(Reply):
+    instances_version: int
+    instances: list[DesiredInstanceModel]

@@ -14,7 +14,6 @@ from typing import Any
 
 from muster.domain import audit, runners
 from muster.domain.documents import (
-    allocator_instances,
     effective_metadata,
     metadata_items,
     render_allocator,
@@ -46,7 +45,8 @@ def get_allocator(platform: Platform, allocator_id: str) -> dict[str, Any]:
     with platform.store.read() as tx:
         allocator = tx.get_allocator(allocator_id)
         runner = tx.find_runner(allocator_id)
-    return render_allocator(platform, allocator, runner)
+        instances = tx.list_instances(allocator_ids=[allocator_id])
+    return render_allocator(platform, allocator, runner, instances)
 
 
 def get_runner(platform: Platform, runner_id: str) -> dict[str, Any]:
@@ -312,10 +312,12 @@ class AllocatorAdmin:
                     "runner to revoke it) before deleting the allocator",
                     code="allocators.delete_connected_allocator_attempt",
                 )
-            if allocator_instances(allocator) and not remove_instances:
+            held = tx.list_instances(allocator_ids=[allocator_id])
+            if held and not remove_instances:
+                names = ", ".join(f"{i.deployment_id}/{i.instance_name}" for i in held[:5])
                 raise InvalidInputError(
-                    f"allocator {allocator_id!r} holds instances; move them away first, or "
-                    "pass remove_instances=true",
+                    f"allocator {allocator_id!r} holds {len(held)} instance(s) ({names}); move "
+                    "them away first (POST .../clusters/_move), or pass remove_instances=true",
                     code="allocators.delete_allocator_with_instances_attempt",
                 )
             tx.delete_allocator(allocator_id)

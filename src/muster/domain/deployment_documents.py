@@ -4,13 +4,15 @@ rendered from the store's records."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from muster.domain.deployments import check_id
 from muster.domain.models import (
+    INSTANCE_RUNNING,
+    INSTANCE_STARTED,
     DeploymentRecord,
     InstanceRecord,
     PlanAttemptRecord,
@@ -27,7 +29,6 @@ ECE_KINDS = (
     "enterprise_search",
     "integrations_server",
 )
-RUNNING_STATE = "running"  # InstanceRecord.state once its host reports the container running
 
 
 def list_deployments(platform: Platform) -> dict[str, Any]:
@@ -86,6 +87,9 @@ def get_stamped_deployment(
         attempts = tx.list_plan_attempts(ids)
         allocator_ids = {i.allocator_id for i in instances}
         hosts = {r.runner_id: r.host_ip for r in tx.list_runners_by_id(allocator_ids)}
+        maintenance = {
+            a.allocator_id for a in tx.list_allocators_by_id(allocator_ids) if a.maintenance
+        }
     rendered = [
         _resource(
             deployment,
@@ -93,6 +97,7 @@ def get_stamped_deployment(
             [i for i in instances if i.resource_id == resource.id],
             [a for a in attempts if a.resource_id == resource.id],
             hosts,
+            maintenance,
             show_plan_history=show_plan_history,
         )
         for resource in resources
@@ -120,15 +125,20 @@ def _reference(resource: ResourceRecord) -> dict[str, Any]:
     }
 
 
-def _instance(instance: InstanceRecord, hosts: dict[str, str]) -> dict[str, Any]:
-    """ECE's ClusterInstanceInfo, plus Muster's `address` (HOST:PORT the instance listens on)."""
-    running = instance.state == RUNNING_STATE
+def _instance(
+    instance: InstanceRecord, hosts: dict[str, str], maintenance: Collection[str]
+) -> dict[str, Any]:
+    """ECE's ClusterInstanceInfo from what its host last reported at its plan version (a
+    container of an older plan counts as not started), plus Muster's `address` (HOST:PORT the
+    instance listens on), `restarts` and, while it fails, `last_error`."""
+    current = (instance.reported_plan_version or 0) >= instance.plan_version
+    started = current and instance.state in (INSTANCE_STARTED, INSTANCE_RUNNING)
     doc: dict[str, Any] = {
         "instance_name": instance.instance_name,
-        "healthy": running,
-        "container_started": running,
-        "service_running": running,
-        "maintenance_mode": False,
+        "healthy": instance.is_running,
+        "container_started": started,
+        "service_running": instance.is_running,
+        "maintenance_mode": instance.allocator_id in maintenance,
         "zone": instance.zone_id,
         "allocator_id": instance.allocator_id,
         "memory": {"instance_capacity": instance.memory_mb},
@@ -136,6 +146,9 @@ def _instance(instance: InstanceRecord, hosts: dict[str, str]) -> dict[str, Any]
     host = hosts.get(instance.allocator_id)
     if host:
         doc["address"] = f"[{host}]:{instance.port}" if ":" in host else f"{host}:{instance.port}"
+    doc["restarts"] = instance.restarts
+    if instance.last_error:
+        doc["last_error"] = instance.last_error
     return doc
 
 
@@ -174,10 +187,11 @@ def _resource(
     instances: Sequence[InstanceRecord],
     attempts: Sequence[PlanAttemptRecord],
     hosts: dict[str, str],
+    maintenance: Collection[str],
     *,
     show_plan_history: bool,
 ) -> dict[str, Any]:
-    rendered = [_instance(i, hosts) for i in instances]
+    rendered = [_instance(i, hosts, maintenance) for i in instances]
     topology_healthy = all(i["healthy"] for i in rendered)
     pending = next((a for a in reversed(attempts) if a.status == "pending"), None)
     current = next((a for a in reversed(attempts) if a.status == "success"), None)

@@ -52,11 +52,15 @@ def check_id(deployment_id: str) -> str:
 
 def connected_allocators(platform: Platform) -> frozenset[str]:
     """The ids of the allocators whose hosts heartbeat (this coordinator's memory or the
-    store's), read in one query of one column."""
+    store's), read in one query of one column, less those whose latest heartbeat here says
+    their Docker Engine does not answer: they could not run an instance."""
     with platform.store.read() as tx:
         rows = tx.list_allocator_columns(["runner.last_heartbeat_at"])
     alive = platform.liveness.is_connected
-    return frozenset(aid for aid, last in rows if last is not None and alive(aid, last))
+    down = platform.liveness.docker_unavailable()
+    return frozenset(
+        aid for aid, last in rows if last is not None and alive(aid, last) and aid not in down
+    )
 
 
 def _zones_exist(specs: Sequence[ResourceSpec], candidates: Sequence[PlacementCandidate]) -> None:

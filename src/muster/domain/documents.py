@@ -11,17 +11,29 @@ from datetime import datetime
 from operator import itemgetter
 from typing import Any
 
-from muster.domain.models import AllocatorRecord, HostReport, RunnerRecord
+from muster.domain.models import AllocatorRecord, HostReport, InstanceRecord, RunnerRecord
 from muster.domain.platform import Platform, utc_iso
-from muster.domain.query import FIELD_ALIASES
+from muster.domain.query import EXISTS, FIELD_ALIASES
 
 # ---- whole documents ----------------------------------------------------------------------------
 
 
-def allocator_instances(_allocator: AllocatorRecord) -> list[dict[str, Any]]:
-    """The instances an allocator holds (ECE's AllocatedInstanceStatus). Muster places no
-    instances yet, so this is always empty; every capacity and deletion rule reads it."""
-    return []
+def allocator_instances(instances: Iterable[InstanceRecord]) -> list[dict[str, Any]]:
+    """The instances an allocator holds, as ECE's AllocatedInstanceStatus (`cluster_type`
+    "container", `cluster_id` the resource's id), by resource and name; `healthy` once its host
+    reports it running at its plan version."""
+    return [
+        {
+            "cluster_type": "container",
+            "cluster_id": i.resource_id,
+            "instance_name": i.instance_name,
+            "node_memory": i.memory_mb,
+            "healthy": i.is_running,
+            "moving": i.moving,
+            "deployment_id": i.deployment_id,
+        }
+        for i in instances
+    ]
 
 
 def effective_metadata(allocator: AllocatorRecord) -> dict[str, str]:
@@ -62,11 +74,14 @@ def _settings(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def render_allocator(
-    platform: Platform, allocator: AllocatorRecord, runner: RunnerRecord | None
+    platform: Platform,
+    allocator: AllocatorRecord,
+    runner: RunnerRecord | None,
+    instances: Iterable[InstanceRecord] = (),
 ) -> dict[str, Any]:
     """ECE's AllocatorInfo for `allocator` on host `runner` (None: the runner is gone, so the
-    allocator shows disconnected with no address)."""
-    instances = allocator_instances(allocator)
+    allocator shows disconnected with no address), holding `instances` (those placed on it)."""
+    held = allocator_instances(instances)
     if runner is None:
         connected, report, last = False, HostReport(healthy=False), None
     else:
@@ -76,12 +91,12 @@ def render_allocator(
     ece_checks = {
         "is_docker_healthy": report.healthy,
         "is_connected_to_zk": connected,
-        "has_instances": bool(instances),
+        "has_instances": bool(held),
     }
     status: dict[str, Any] = {
         "connected": connected,
         # ECE: healthy means "either connected or has no instances"; the host must agree.
-        "healthy": report.healthy and (connected or not instances),
+        "healthy": report.healthy and (connected or not held),
         "health_checks": _health_checks(ece_checks, report.checks),
         "maintenance_mode": allocator.maintenance,
     }
@@ -98,13 +113,14 @@ def render_allocator(
         "capacity": {
             "memory": {
                 "total": _memory_total(allocator.capacity_mb, allocator.settings),
-                "used": sum(i["node_memory"] for i in instances),
+                # Kept by the store with the placements (the sum of its instances' sizes).
+                "used": allocator.memory_used_mb,
             },
             "storage": {"total": report.storage_mib},
             "available_cpus": report.cpus,
         },
         "settings": _settings(allocator.settings),
-        "instances": instances,
+        "instances": held,
         "metadata": metadata_items(effective_metadata(allocator)),
     }
     if report.version:
@@ -178,7 +194,9 @@ class LightView:
     `paths` maps a dotted document path to (store columns, build), where build(platform, id,
     *values of those columns) gives exactly what the whole document holds at that path, the
     whole subtree under it included (build None: the one column's value as it is, or the id
-    when there is no column). A query or sort that reads only fields at or under these paths
+    when there is no column). A path named EXISTS + field (`_exists_:instances`) is instead a
+    flag: whether the whole document's field holds anything, which an existence query reads
+    (muster.domain.query). A query or sort that reads only fields at or under these paths
     decides the same on a light view as on the whole document (tests/domain/test_listing.py
     holds every path to that)."""
 
@@ -190,7 +208,11 @@ class LightView:
         lies outside them (or above one: `status` is more than `status.connected`)."""
         needed: set[str] = set()
         for field in fields:
-            path = FIELD_ALIASES.get(field, field)
+            if field.startswith(EXISTS) and field in self.paths:
+                needed.add(field)  # a flag says whether the field holds anything
+                continue
+            name = field.removeprefix(EXISTS)
+            path = FIELD_ALIASES.get(name, name)
             found = [p for p in self.paths if path == p or path.startswith(p + ".")]
             if not found:
                 return None
@@ -262,7 +284,8 @@ _RUNNER, _LAST = "runner.runner_id", "runner.last_heartbeat_at"
 
 # Allocator columns are AllocatorRecord fields; `runner.X` is field X of the allocator's runner
 # (None when it has none). Paths a search rarely reads (the host's report, instances) are left
-# to the whole document.
+# to the whole document; but whether it holds instances (`_exists_:instances`, how ECE's clients
+# find the allocators in use) is a flag from its memory used: every instance takes some.
 ALLOCATOR_VIEW = LightView(
     {
         "allocator_id": ((), None),
@@ -276,6 +299,8 @@ ALLOCATOR_VIEW = LightView(
             ("capacity_mb", "settings"),
             lambda p, i, mb, settings: _memory_total(mb, settings),
         ),
+        "capacity.memory.used": (("memory_used_mb",), None),
+        EXISTS + "instances": (("memory_used_mb",), lambda p, i, used: used > 0),
         "settings": (("settings",), lambda p, i, settings: _settings(settings)),
         "metadata": (
             ("tags", "metadata"),

@@ -21,7 +21,7 @@ from muster.domain.documents import (
     render_runner,
     runner_query_view,
 )
-from muster.domain.models import AllocatorRecord, RunnerRecord
+from muster.domain.models import AllocatorRecord, InstanceRecord, RunnerRecord
 from muster.domain.platform import Platform
 from muster.domain.query import Query, QueryError, parse_query_string
 from muster.domain.search_body import parse_search_request
@@ -165,6 +165,7 @@ def search_allocators(platform: Platform, search: Search) -> dict[str, Any]:
         if paths is None:
             allocators = tx.list_allocators()
             runners = tx.list_runners()
+            instances = tx.list_instances()
         else:
             ids, total = _page_ids(
                 platform, search, ALLOCATOR_VIEW, paths, tx.list_allocator_columns, sort, code
@@ -173,8 +174,17 @@ def search_allocators(platform: Platform, search: Search) -> dict[str, Any]:
                 ids, total, tx.list_allocators, tx.list_allocators_by_id, _allocator_id
             )
             runners = _in_order(ids, total, tx.list_runners, tx.list_runners_by_id, _runner_id)
+            # Only the page's: an allocator that holds none has no memory used.
+            held = [a.allocator_id for a in allocators if a.memory_used_mb > 0]
+            instances = tx.list_instances(allocator_ids=held) if held else []
     hosts = {r.runner_id: r for r in runners}
-    docs = [render_allocator(platform, a, hosts.get(a.allocator_id)) for a in allocators]
+    placed: dict[str, list[InstanceRecord]] = {}
+    for instance in instances:
+        placed.setdefault(instance.allocator_id, []).append(instance)
+    docs = [
+        render_allocator(platform, a, hosts.get(a.allocator_id), placed.get(a.allocator_id, ()))
+        for a in allocators
+    ]
     return allocator_overview(docs if paths is not None else _page(search, docs, sort, code))
 
 

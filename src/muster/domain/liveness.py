@@ -1,7 +1,8 @@
 """Which runners are alive: heartbeats land in memory and reach the store in batches.
 
 A heartbeat costs a dict assignment, no database write. `flush()` (called about once a second
-by the coordinator) writes every runner's latest heartbeat in one statement. A runner counts as
+by the coordinator) writes every runner's latest heartbeat in one statement, and the instance
+states that changed since in one more (settling the plan attempts they finish). A runner counts as
 connected while its latest heartbeat, seen here or persisted by any coordinator, is younger than
 GRACE_INTERVALS heartbeat intervals.
 """
@@ -14,11 +15,14 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from muster.clock import Clock
-from muster.domain.models import HostReport
+from muster.domain import instance_reports
+from muster.domain.models import HostReport, InstanceReport
 from muster.domain.store import Store
 from muster.errors import MusterError
 
 GRACE_INTERVALS = 5
+DOCKER_CHECK = "docker"  # the host check an allocator's agent reports its Docker Engine under
+NO_INSTANCES: tuple[InstanceReport, ...] = ()
 log = logging.getLogger(__name__)
 
 
@@ -34,19 +38,37 @@ class Liveness:
         self._seen: dict[str, datetime] = {}
         self._reports: dict[str, HostReport] = {}
         self._pending: set[str] = set()
+        # Instance states as last reported, and the runners whose states changed since the last
+        # flush: only changes are written.
+        self._instances: dict[str, tuple[InstanceReport, ...]] = {}
+        self._instances_pending: set[str] = set()
+        self._docker_down: set[str] = set()
         self._lock = threading.Lock()
 
     @property
     def grace(self) -> timedelta:
         return timedelta(seconds=self.interval_s * GRACE_INTERVALS)
 
-    def beat(self, runner_id: str, report: HostReport) -> None:
-        """Record a heartbeat in memory; it reaches the store at the next flush."""
+    def beat(
+        self,
+        runner_id: str,
+        report: HostReport,
+        instances: tuple[InstanceReport, ...] = NO_INSTANCES,
+    ) -> None:
+        """Record a heartbeat in memory, with the states of the host's instances; it reaches
+        the store at the next flush."""
         now = self.clock.now()
         with self._lock:
             self._seen[runner_id] = now
             if self._reports.get(runner_id) != report:
                 self._reports[runner_id] = report
+                if report.checks.get(DOCKER_CHECK) is False:
+                    self._docker_down.add(runner_id)
+                else:
+                    self._docker_down.discard(runner_id)
+            if self._instances.get(runner_id, NO_INSTANCES) != instances:
+                self._instances[runner_id] = instances
+                self._instances_pending.add(runner_id)
             self._pending.add(runner_id)
 
     def forget(self, runner_id: str) -> None:
@@ -54,6 +76,18 @@ class Liveness:
             self._seen.pop(runner_id, None)
             self._reports.pop(runner_id, None)
             self._pending.discard(runner_id)
+            self._instances.pop(runner_id, None)
+            self._instances_pending.discard(runner_id)
+            self._docker_down.discard(runner_id)
+
+    def docker_unavailable(self) -> frozenset[str]:
+        """The runners whose latest heartbeat here says their Docker Engine does not answer:
+        placement gives them nothing."""
+        with self._lock:
+            return frozenset(self._docker_down)
+
+    def reported_instances(self, runner_id: str) -> tuple[InstanceReport, ...]:
+        return self._instances.get(runner_id, NO_INSTANCES)
 
     def resync(self, runner_ids: Iterable[str] | None = None) -> set[str]:
         """Drop what memory holds of the given runners (None: of every runner), so that the
@@ -95,25 +129,47 @@ class Liveness:
         return last is not None and self.clock.now() - last < self.grace
 
     def flush(self) -> int:
-        """Write pending heartbeats in one batch; returns how many. On a store error the batch
-        is kept for the next flush (newer heartbeats replace older ones)."""
+        """Write pending heartbeats in one batch, then the instance states that changed in one
+        more; returns how many heartbeats were written. On a store error either is kept for the
+        next flush (newer heartbeats and states replace older ones)."""
         with self._lock:
             pending, self._pending = self._pending, set()
+            changed, self._instances_pending = self._instances_pending, set()
             batch = [
                 (rid, self._seen[rid], self._reports[rid]) for rid in pending if rid in self._seen
             ]
-        if not batch:
-            return 0
+            reports = [
+                (rid, report)
+                for rid in sorted(changed)
+                if rid in self._instances
+                for report in self._instances[rid]
+            ]
+        if batch:
+            try:
+                with self.store.write() as tx:
+                    tx.record_heartbeats(batch)
+            except MusterError as exc:
+                log.warning("could not persist %d heartbeats, will retry: %s", len(batch), exc)
+                with self._lock:
+                    # The next flush writes each runner's newest heartbeat, whichever it is then.
+                    self._pending.update(rid for rid, _at, _report in batch if rid in self._seen)
+                batch = []
+        if reports:
+            self._flush_instances(reports, changed)
+        return len(batch)
+
+    def _flush_instances(
+        self, reports: list[tuple[str, InstanceReport]], changed: set[str]
+    ) -> None:
         try:
             with self.store.write() as tx:
-                tx.record_heartbeats(batch)
+                instance_reports.record(tx, reports, self.clock.now())
         except MusterError as exc:
-            log.warning("could not persist %d heartbeats, will retry: %s", len(batch), exc)
+            log.warning("could not persist %d instance states, will retry: %s", len(reports), exc)
             with self._lock:
-                # The next flush writes each runner's newest heartbeat, whichever that is then.
-                self._pending.update(rid for rid, _at, _report in batch if rid in self._seen)
-            return 0
-        return len(batch)
+                self._instances_pending.update(rid for rid in changed if rid in self._instances)
+        except Exception:  # a bug here must not stop heartbeats from being persisted
+            log.exception("could not persist %d instance states", len(reports))
 
 
 class Flusher:

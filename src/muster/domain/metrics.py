@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from muster.domain.documents import allocator_instances
 from muster.domain.platform import Platform
 from muster.domain.store import Store, Transaction
 
@@ -80,5 +79,5 @@ def read_fleet_summary(platform: Platform) -> FleetSummary:
         else:
             zone.disconnected += 1
         zone.memory_total_mb += allocator.capacity_mb
-        zone.memory_used_mb += sum(i["node_memory"] for i in allocator_instances(allocator))
+        zone.memory_used_mb += allocator.memory_used_mb  # kept by the store with placements
     return FleetSummary(zones)

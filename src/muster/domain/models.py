@@ -132,6 +132,7 @@ class AllocatorRecord:
     maintenance_changed_at: datetime | None = None
     metadata_changed_at: datetime | None = None
     settings_changed_at: datetime | None = None
+    memory_used_mb: int = 0  # the sum of its instances' sizes, kept by the store
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,56 @@ class InstanceRecord:
     desired: str = "running"
     state: str = "placed"
     moving: bool = False
+    # What its host last reported (None, 0, None: nothing yet); see InstanceReport.
+    reported_plan_version: int | None = None
+    restarts: int = 0
+    last_error: str | None = None
+    container_id: str | None = None
+    reported_at: datetime | None = None
+
+    @property
+    def is_running(self) -> bool:
+        """Its host reports it running (container started, service answering) at its plan
+        version or a newer one: the old container of a replaced plan does not count."""
+        return (
+            self.state == INSTANCE_RUNNING
+            and self.reported_plan_version is not None
+            and self.reported_plan_version >= self.plan_version
+        )
+
+
+# InstanceRecord.state: what its host last reported, summed up. "placed" until the host reports
+# it; "starting" while its container is not running (being pulled, created, or waiting for its
+# backoff after a crash: `last_error` says why); "started" once the container runs but nothing
+# answers on HOST:PORT yet; "running" once it answers.
+INSTANCE_PLACED, INSTANCE_STARTING, INSTANCE_STARTED, INSTANCE_RUNNING = (
+    "placed",
+    "starting",
+    "started",
+    "running",
+)
+
+
+@dataclass(frozen=True)
+class InstanceReport:
+    """What an allocator host reports of one of its instances in a heartbeat (the runtime's
+    InstanceState): `plan_version` is that of the container it keeps."""
+
+    resource_id: str
+    instance_name: str
+    deployment_id: str
+    plan_version: int
+    container_started: bool
+    service_running: bool
+    restarts: int = 0
+    last_error: str | None = None
+    container_id: str | None = None
+
+    @property
+    def state(self) -> str:
+        if self.container_started and self.service_running:
+            return INSTANCE_RUNNING
+        return INSTANCE_STARTED if self.container_started else INSTANCE_STARTING
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from muster.errors import InvalidInputError
 
 __all__ = [
+    "EXISTS",
     "FIELD_ALIASES",
     "MATCH_ALL",
     "Query",
@@ -32,6 +33,11 @@ FIELD_ALIASES: Mapping[str, str] = {
     "id": "allocator_id",
     "capacity": "capacity.memory.total",
 }
+# An existence query on field F names the field it reads EXISTS + F. A light view may hold a
+# flag under that very key (`muster.domain.documents`): whether F holds anything, from a column,
+# where F itself (an allocator's instances) is not in any column. Whole documents never hold
+# such a key, so there the query reads F.
+EXISTS = "_exists_:"
 MAX_DEPTH = 64  # bounds recursion on hostile input: "((((..." or deeply nested bool bodies
 
 Scalar = str | int | float | bool
@@ -250,7 +256,13 @@ def _range_query(field: str, **bounds: Scalar | None) -> Query:
 
 
 def _exists_query(field: str) -> Query:
-    return _Predicate(lambda d: bool(resolve_field(d, field)), frozenset({field}))
+    flag = EXISTS + field
+
+    def exists(doc: Mapping[str, Any]) -> bool:
+        held = doc.get(flag)
+        return bool(resolve_field(doc, field)) if held is None else bool(held)
+
+    return _Predicate(exists, frozenset({flag}))
 
 
 def _text_query(raw: str, *, quoted: bool) -> Query:
@@ -396,6 +408,8 @@ def _parse_term(field: str, raw: str) -> Query:
         return MATCH_ALL if raw == "*" else _text_query(raw, quoted=False)
     if raw == "*":
         return _exists_query(field)
+    if field == "_exists_":  # `_exists_:instances`, as Elasticsearch's query_string has it
+        return _exists_query(_unescape(raw))
     for op, key in ((">=", "gte"), ("<=", "lte"), (">", "gt"), ("<", "lt")):
         if raw.startswith(op):
             if not (bound := _unescape(raw[len(op) :])):

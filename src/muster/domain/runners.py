@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from muster.address import host_port
 from muster.domain import admission, audit, pki
-from muster.domain.models import AllocatorRecord, HostReport, RunnerRecord
+from muster.domain.liveness import NO_INSTANCES
+from muster.domain.models import AllocatorRecord, HostReport, InstanceReport, RunnerRecord
 from muster.domain.platform import Platform
 from muster.domain.tokens import TokenClaims, check_roles, decode_token
 from muster.domain.users import Principal
@@ -365,11 +366,18 @@ def _record_refusal(
         pass  # the refusal stands even if the audit cannot be written
 
 
-def record_heartbeat(platform: Platform, runner: Principal, report: HostReport) -> None:
-    """Record a heartbeat of `runner`, already authenticated. Every heartbeat comes here, the
-    API edge's fast path's (on the event loop) as the route's, so a rule belongs here: keep it
-    in memory, without a store call or a per-call allocation. Persisted by the liveness flush."""
-    platform.liveness.beat(runner.name, report)
+def record_heartbeat(
+    platform: Platform,
+    runner: Principal,
+    report: HostReport,
+    instances: tuple[InstanceReport, ...] = NO_INSTANCES,
+) -> None:
+    """Record a heartbeat of `runner`, already authenticated, with the states of its instances
+    (an allocator's). Every heartbeat comes here, the API edge's fast path's (on the event
+    loop) as the route's, so a rule belongs here: keep it in memory, without a store call or a
+    per-call allocation. Persisted by the liveness flush, which writes an instance state only
+    where that instance is placed on this runner."""
+    platform.liveness.beat(runner.name, report, instances)
 
 
 def delete_runner(

@@ -24,6 +24,7 @@ from muster.domain.models import (
     DeploymentRecord,
     HostReport,
     InstanceRecord,
+    InstanceReport,
     PlacementCandidate,
     PlanAttemptRecord,
     ResourceRecord,
@@ -341,7 +342,7 @@ class Transaction(Protocol):
         placements never deadlock) and checked again: it exists, is not in maintenance, and
         its memory used plus the new instances' stays within its capacity. Ports are picked
         under that lock, so concurrent placements never share one. Then every instance's
-        memory_mb is added to its allocator's memory used.
+        memory_mb is added to its allocator's memory used, and its instances version moves.
 
         Raises ConflictError (deployments.capacity_changed, `fields` the allocator ids) if an
         allocator fails the check, or (deployments.no_free_port) if it has no port left in
@@ -366,14 +367,31 @@ class Transaction(Protocol):
     ) -> int:
         """Set columns (plan_version, desired, state, moving) of these instances of a resource;
         returns how many were found. Memory, allocator and port never change this way (they
-        are placements): ValueError, a programming error."""
+        are placements): ValueError, a programming error. A change of anything but `state`
+        moves the instances version of their allocators."""
         ...
 
     def delete_instances(
         self, resource_id: str, instance_names: Iterable[str] | None = None
     ) -> int:
         """Delete these instances of a resource (None: all of them) and give their memory back
-        to their allocators, in this transaction; returns how many were deleted."""
+        to their allocators (moving their instances versions), in this transaction; returns
+        how many were deleted."""
+        ...
+
+    def get_instances_version(self, allocator_id: str) -> int:
+        """The allocator's desired-instances version: it moves in every transaction that
+        places, changes (plan version, desired, moving) or releases an instance on it. 0 for
+        an unknown allocator."""
+        ...
+
+    def record_instance_reports(
+        self, reports: Iterable[tuple[str, InstanceReport]], at: datetime
+    ) -> None:
+        """Persist (allocator id, report) pairs, one statement for the batch: each report sets
+        the reported fields (state, reported_plan_version, restarts, last_error, container_id,
+        reported_at) of its instance, only if that instance is placed on that allocator; any
+        other report changes nothing. Never moves an instances version."""
         ...
 
     # -- named leases (one constructor at a time across coordinators) ----------------------------

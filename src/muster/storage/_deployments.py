@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from muster.domain.models import (
     DeploymentRecord,
     InstanceRecord,
+    InstanceReport,
     PlacementCandidate,
     PlanAttemptRecord,
     ResourceRecord,
@@ -26,10 +27,39 @@ from muster.storage import _rows as rec
 from muster.storage import schema as t
 
 _a, _i = t.allocators.c, t.instances.c
+# Every change to an allocator's instances moves its instances_version in the same statement
+# that reserves or frees their memory (or, for a change in place, in `_bump`): its host learns
+# from the next heartbeat reply that its desired instances changed.
 _ADD_MEMORY = (
     update(t.allocators)
     .where(_a.allocator_id == bindparam("aid"))
-    .values(memory_used_mb=_a.memory_used_mb + bindparam("delta"))
+    .values(
+        memory_used_mb=_a.memory_used_mb + bindparam("delta"),
+        instances_version=_a.instances_version + 1,
+    )
+)
+_BUMP = (
+    update(t.allocators)
+    .where(_a.allocator_id == bindparam("aid"))
+    .values(instances_version=_a.instances_version + 1)
+)
+# What a host reports of an instance, written only where the instance is placed on that host:
+# a host can never change another's instances.
+_REPORT = (
+    update(t.instances)
+    .where(
+        _i.resource_id == bindparam("rid"),
+        _i.instance_name == bindparam("name"),
+        _i.allocator_id == bindparam("aid"),
+    )
+    .values(
+        state=bindparam("state"),
+        reported_plan_version=bindparam("pv"),
+        restarts=bindparam("restarts"),
+        last_error=bindparam("error"),
+        container_id=bindparam("cid"),
+        reported_at=bindparam("at"),
+    )
 )
 # Instances change plans and states, never their placement this way.
 _INSTANCE_CHANGES = {"plan_version", "desired", "state", "moving"}
@@ -307,12 +337,43 @@ class DeploymentTables:
         names = sorted(set(instance_names))
         if not names or not changes:
             return 0
-        result = self.conn.execute(
-            update(t.instances)
-            .where(_i.resource_id == resource_id, _i.instance_name.in_(names))
-            .values(**changes)
-        )
+        where = (_i.resource_id == resource_id, _i.instance_name.in_(names))
+        result = self.conn.execute(update(t.instances).where(*where).values(**changes))
+        if set(changes) - {"state"}:  # what the host should run changed
+            hosts = self.conn.execute(select(_i.allocator_id).where(*where).distinct()).scalars()
+            self._bump(hosts)
         return int(result.rowcount)
+
+    def _bump(self, allocator_ids: Iterable[str]) -> None:
+        ids = sorted(set(allocator_ids))  # in id order, as placements lock them
+        if ids:
+            self.conn.execute(_BUMP, [{"aid": aid} for aid in ids])
+
+    def get_instances_version(self, allocator_id: str) -> int:
+        row = self.conn.execute(
+            select(_a.instances_version).where(_a.allocator_id == allocator_id)
+        ).first()
+        return 0 if row is None else int(row[0])
+
+    def record_instance_reports(
+        self, reports: Iterable[tuple[str, InstanceReport]], at: datetime
+    ) -> None:
+        rows = [
+            {
+                "aid": allocator_id,
+                "rid": r.resource_id,
+                "name": r.instance_name,
+                "state": r.state,
+                "pv": r.plan_version,
+                "restarts": r.restarts,
+                "error": r.last_error,
+                "cid": r.container_id,
+                "at": at,
+            }
+            for allocator_id, r in reports
+        ]
+        if rows:
+            self.conn.execute(_REPORT, rows)
 
     def delete_instances(
         self, resource_id: str, instance_names: Iterable[str] | None = None

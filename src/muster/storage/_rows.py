@@ -186,6 +186,7 @@ def allocator_record(row: Row[Any]) -> AllocatorRecord:
         maintenance_changed_at=utc(row.maintenance_changed_at),
         metadata_changed_at=utc(row.metadata_changed_at),
         settings_changed_at=utc(row.settings_changed_at),
+        memory_used_mb=int(row.memory_used_mb),
     )
 
 
@@ -316,4 +317,9 @@ def instance_record(row: Row[Any]) -> InstanceRecord:
         desired=row.desired,
         state=row.state,
         moving=bool(row.moving),
+        reported_plan_version=row.reported_plan_version,
+        restarts=int(row.restarts),
+        last_error=row.last_error,
+        container_id=row.container_id,
+        reported_at=utc(row.reported_at),
     )

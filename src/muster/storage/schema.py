@@ -138,6 +138,10 @@ allocators = Table(
     Column("maintenance_changed_at", DateTime(timezone=True), nullable=True),
     Column("metadata_changed_at", DateTime(timezone=True), nullable=True),
     Column("settings_changed_at", DateTime(timezone=True), nullable=True),
+    # Moves whenever its desired instances change (placed, replanned, moved, released), in the
+    # same transaction (migration 0007): its host fetches them again when the heartbeat reply
+    # carries another version than the one it has.
+    Column("instances_version", Integer, nullable=False, default=0, server_default="0"),
 )
 
 revoked_certificates = Table(
@@ -229,6 +233,12 @@ instances = Table(
     Column("state", String(16), nullable=False),
     Column("moving", Boolean, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # What its host last reported (migration 0007); `state` above sums it up.
+    Column("reported_plan_version", Integer, nullable=True),
+    Column("restarts", Integer, nullable=False, default=0, server_default="0"),
+    Column("last_error", Text, nullable=True),
+    Column("container_id", String(64), nullable=True),
+    Column("reported_at", DateTime(timezone=True), nullable=True),
     # A port belongs to one instance on its allocator: the last guard if two placements raced.
     UniqueConstraint("allocator_id", "port"),
 )

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from muster.api.auth import platform_of, require_runner, source_of
 from muster.api.routes import errors
 from muster.api.schemas import (
+    DesiredInstancesReply,
     HeartbeatReply,
     HostReportModel,
     JoinReply,
@@ -20,7 +21,8 @@ from muster.api.schemas import (
     PlatformCAReply,
     RenewRequestModel,
 )
-from muster.domain import renewal, runners
+from muster.domain import desired, renewal, runners
+from muster.domain.desired import InstanceVersions
 from muster.domain.users import Principal
 
 router = APIRouter(prefix="/agent", tags=["Agent"])
@@ -109,10 +111,29 @@ async def heartbeat(
     body: HostReportModel, request: Request, runner: Principal = Depends(_heartbeat_runner)
 ) -> HeartbeatReply:
     platform = platform_of(request)
-    runners.record_heartbeat(platform, runner, body.to_report())
+    runners.record_heartbeat(platform, runner, body.to_report(), body.to_instances())
+    versions: InstanceVersions = request.app.state.instance_versions
     return HeartbeatReply(
         heartbeat_interval_seconds=platform.heartbeat_interval_s,
         coordinators=_coordinators(request),
+        instances_version=versions.version(runner.name),
+    )
+
+
+@router.get(
+    "/instances",
+    operation_id="get-desired-instances",
+    response_model=DesiredInstancesReply,
+    responses=errors(401),
+)
+def get_desired_instances(
+    request: Request, runner: Principal = Depends(require_runner)
+) -> DesiredInstancesReply:
+    """The instances the calling host should run, and their version. Bound to the runner its
+    certificate names: a host never reads another's instances."""
+    version, instances = desired.desired_instances(platform_of(request), runner.name)
+    return DesiredInstancesReply.model_validate(
+        {"instances_version": version, "instances": [i.to_json() for i in instances]}
     )
 
 

@@ -1,0 +1,185 @@
+"""An allocator host's instances, kept beside its heartbeats: fetch the desired instances when the
+coordinator's version moves, make the Docker Engine match (`Runtime.reconcile`, which can take
+minutes: a thread of its own, so heartbeats never wait), and hold the latest states and the
+engine's health for the next heartbeat to report."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from muster.agent.instances import InstanceSpec, InstanceState
+from muster.agent.runtime import Runtime
+from muster.errors import InvalidInputError, MusterError
+
+log = logging.getLogger(__name__)
+
+DOCKER_CHECK = "docker"  # the host check the coordinator's placement reads (domain.liveness)
+MAX_REPORTED = 500  # instances one heartbeat reports (the coordinator's bound)
+MAX_ERROR = 1024
+
+
+class InstanceKeeper:
+    """Keeps this host's instances as the coordinator wants them. `fetch()` returns the reply of
+    GET /api/v1/agent/instances (raising MusterError or OSError when it cannot).
+
+    Until the first fetch succeeds nothing is reconciled: a host that restarts while no
+    coordinator answers keeps every container it runs, and adopts them once it learns what it
+    should run. `offer_version` (from each heartbeat reply) wakes the loop when the version it
+    holds is not the coordinator's."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        fetch: Callable[[], Any],
+        *,
+        period_s: float = 10.0,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.period_s = period_s
+        self._fetch = fetch
+        self._on_event = on_event or (lambda message: log.info("%s", message))
+        self._announced: int | None = None  # the last version said to have been applied
+        self._fetch_failing = False
+        self._wanted: int | None = None  # the coordinator's version, from the last reply
+        self._held: int | None = None  # the version of `_desired`
+        self._desired: list[InstanceSpec] | None = None
+        self._states: list[dict[str, Any]] = []
+        self._docker: bool | None = None  # None: not checked yet
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- beside the heartbeat --------------------------------------------------------------------
+
+    def offer_version(self, version: Any) -> None:
+        if isinstance(version, int) and version != self._held:
+            self._wanted = version
+            self._wake.set()
+
+    def report_fields(self) -> tuple[list[dict[str, Any]], bool | None]:
+        """(instance states, Docker answering or None before the first check) for the next
+        heartbeat; the states are the latest reconcile's."""
+        with self._lock:
+            return self._states, self._docker
+
+    # -- its own thread -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="instances", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop keeping; the containers keep running (a restarted agent adopts them)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            # A reconcile may be stopping a container (10 s): the daemon thread is not waited
+            # for longer, and the engine finishes what it was asked.
+            self._thread.join(timeout=10)
+            self._thread = None
+        self.runtime.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception:  # any: the host's instances must outlive one bad round
+                log.exception("keeping the instances failed; trying again")
+            self._wake.wait(self.period_s)
+            self._wake.clear()
+
+    def step(self) -> None:
+        """One round: fetch the desired instances if their version moved (or never came), check
+        the engine, reconcile, keep the states."""
+        if self._desired is None or (self._wanted is not None and self._wanted != self._held):
+            self._refresh_desired()
+        healthy, why = self.runtime.health()
+        if healthy != self._docker:  # said when it changes, not at every round
+            self._on_event(why if not healthy else f"Docker Engine: {why}")
+        desired, version = self._desired, self._held
+        if desired is None:
+            states: list[dict[str, Any]] = []
+        elif healthy:
+            states = [_state_json(s) for s in self.runtime.reconcile(desired)]
+        else:  # the states say it for each instance
+            states = [_unreached(spec, why) for spec in desired]
+        with self._lock:
+            self._docker = healthy
+            self._states = states[:MAX_REPORTED]
+        if desired is not None and version != self._announced and healthy:
+            self._announced = version
+            running = sum(1 for s in states if s["container_started"])
+            self._on_event(
+                f"instances version {version}: {running} of {len(desired)} instance(s) started"
+            )
+
+    def _refresh_desired(self) -> None:
+        try:
+            reply = self._fetch()
+            version = int(reply["instances_version"])
+            desired = [spec for item in reply["instances"] if (spec := _spec(item)) is not None]
+        except (MusterError, OSError, KeyError, TypeError, ValueError) as exc:
+            if not self._fetch_failing:  # said once, not at every retry
+                reason = exc.message if isinstance(exc, MusterError) else type(exc).__name__
+                log.warning("could not fetch this host's instances, will retry: %s", reason)
+            self._fetch_failing = True
+            return
+        self._fetch_failing = False
+        self._desired, self._held = desired, version
+
+
+def _spec(item: dict[str, Any]) -> InstanceSpec | None:
+    """An InstanceSpec from the coordinator's reply, or None (logged) if it cannot name a
+    container: the other instances still run."""
+    try:
+        return InstanceSpec(
+            deployment_id=str(item["deployment_id"]),
+            resource_id=str(item["resource_id"]),
+            instance_name=str(item["instance_name"]),
+            plan_version=int(item["plan_version"]),
+            image=str(item["image"]),
+            memory_mb=int(item["memory_mb"]),
+            host_ip=str(item["host_ip"]),
+            port=int(item["port"]),
+            command=[str(arg) for arg in item.get("command") or []] or None,
+            env={str(k): str(v) for k, v in dict(item.get("env") or {}).items()},
+        )
+    except InvalidInputError as exc:
+        log.warning("skipping an instance the coordinator sent: %s", exc.message)
+        return None
+
+
+def _unreached(spec: InstanceSpec, why: str) -> dict[str, Any]:
+    """The state of an instance while the engine cannot be reached."""
+    return {
+        "deployment_id": spec.deployment_id,
+        "resource_id": spec.resource_id,
+        "instance_name": spec.instance_name,
+        "plan_version": spec.plan_version,
+        "container_started": False,
+        "service_running": False,
+        "restarts": 0,
+        "last_error": why[:MAX_ERROR],
+        "container_id": None,
+    }
+
+
+def _state_json(state: InstanceState) -> dict[str, Any]:
+    error = state.last_error
+    return {
+        "deployment_id": state.deployment_id,
+        "resource_id": state.resource_id,
+        "instance_name": state.instance_name,
+        "plan_version": state.plan_version,
+        "container_started": state.container_started,
+        "service_running": state.service_running,
+        "restarts": state.restarts,
+        "last_error": error[:MAX_ERROR] if error else None,
+        "container_id": state.container_id,
+    }

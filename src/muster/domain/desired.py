@@ -1,0 +1,134 @@
+"""What each allocator host should run: its desired-instances version, kept in memory for the
+heartbeat reply by one background thread, and the instances themselves, which the host fetches
+when the version it holds is no longer the one its heartbeat reply carries."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from muster.domain.platform import Platform
+from muster.errors import MusterError
+
+log = logging.getLogger(__name__)
+
+
+class InstanceVersions:
+    """allocator id -> desired-instances version (`allocators.instances_version`), as of the
+    last `refresh`. Heartbeats read it without a store call: `version` is one dict lookup."""
+
+    def __init__(self, platform: Platform, period_s: float = 1.0) -> None:
+        self.platform = platform
+        self.period_s = period_s
+        self._versions: dict[str, int] = {}
+
+    def version(self, runner_id: str) -> int:
+        return self._versions.get(runner_id, 0)
+
+    def refresh(self) -> None:
+        """Read every allocator's version in one query of one column. Raises StoreError."""
+        with self.platform.store.read() as tx:
+            rows = tx.list_allocator_columns(["instances_version"])
+        self._versions = {aid: int(version) for aid, version in rows}  # swapped whole
+
+
+class VersionRefresher:
+    """One daemon thread refreshing an InstanceVersions every `period_s`: a change reaches the
+    heartbeat replies within that period."""
+
+    def __init__(self, versions: InstanceVersions) -> None:
+        self.versions = versions
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="instances-refresh", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.versions.refresh()
+            except Exception as exc:  # any: the thread must outlive a lost store
+                if not self._failing:
+                    reason = exc.message if isinstance(exc, MusterError) else type(exc).__name__
+                    log.warning("could not read desired instances versions: %s", reason)
+                self._failing = True
+            else:
+                if self._failing:
+                    log.warning("can read desired instances versions again")
+                self._failing = False
+            self._stop.wait(self.versions.period_s)
+
+
+@dataclass(frozen=True)
+class DesiredInstance:
+    """One instance a host should run, with what its container needs (agent.instances'
+    InstanceSpec, on the wire)."""
+
+    deployment_id: str
+    resource_id: str
+    instance_name: str
+    plan_version: int
+    image: str
+    command: list[str]
+    env: dict[str, str]
+    memory_mb: int
+    host_ip: str
+    port: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "deployment_id": self.deployment_id,
+            "resource_id": self.resource_id,
+            "instance_name": self.instance_name,
+            "plan_version": self.plan_version,
+            "image": self.image,
+            "command": list(self.command),
+            "env": dict(self.env),
+            "memory_mb": self.memory_mb,
+            "host_ip": self.host_ip,
+            "port": self.port,
+        }
+
+
+def desired_instances(platform: Platform, runner_id: str) -> tuple[int, list[DesiredInstance]]:
+    """(version, instances) the allocator of `runner_id` should run, read in one snapshot: the
+    instances placed on it and still desired running, each with its resource's plan. A runner
+    without an allocator gets (0, []). Only ever called for the calling runner itself."""
+    with platform.store.read() as tx:
+        version = tx.get_instances_version(runner_id)
+        runner = tx.find_runner(runner_id)
+        instances = tx.list_instances(allocator_ids=[runner_id])
+        wanted = [i for i in instances if i.desired == "running"]
+        plans = {r.id: r.plan for r in tx.list_resources({i.deployment_id for i in wanted})}
+    if runner is None:
+        return version, []
+    desired = []
+    for instance in wanted:
+        container = plans.get(instance.resource_id, {}).get("container", {})
+        desired.append(
+            DesiredInstance(
+                deployment_id=instance.deployment_id,
+                resource_id=instance.resource_id,
+                instance_name=instance.instance_name,
+                plan_version=instance.plan_version,
+                image=str(container.get("image", "")),
+                command=list(container.get("command") or []),
+                env=dict(container.get("env") or {}),
+                memory_mb=instance.memory_mb,
+                host_ip=runner.host_ip,
+                port=instance.port,
+            )
+        )
+    return version, desired

@@ -1,0 +1,113 @@
+"""The agent's instance keeper on the real Docker Engine: nothing is touched before the host
+knows what it should run (a restart while no coordinator answers keeps every container), then
+the engine is made to match what the coordinator sends, and a newer version is fetched when a
+heartbeat reply offers it; an engine that does not answer is said once and reported."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from muster.agent.instances_loop import InstanceKeeper
+from muster.agent.runtime import Runtime
+from muster.clock import FakeClock
+from muster.errors import CoordinatorUnreachableError
+from tests.agent import test_runtime
+from tests.agent.test_runtime import owned, spec
+
+# The runtime tests' fixtures: the engine, the busybox image, a runner id whose containers go at
+# teardown, and runtimes closed at teardown.
+engine = test_runtime.engine
+image = test_runtime.image
+runner_id = test_runtime.runner_id
+clock = test_runtime.clock
+make_runtime = test_runtime.make_runtime
+
+
+class Coordinator:
+    """What GET /api/v1/agent/instances answers: the version and instances set here, or
+    unreachable."""
+
+    def __init__(self) -> None:
+        self.reachable = False
+        self.version = 0
+        self.instances: list[dict[str, Any]] = []
+        self.fetches = 0
+
+    def fetch(self) -> dict[str, Any]:
+        self.fetches += 1
+        if not self.reachable:
+            raise CoordinatorUnreachableError("no coordinator answers")
+        return {"instances_version": self.version, "instances": self.instances}
+
+
+def as_json(instance: Any) -> dict[str, Any]:
+    return {
+        "deployment_id": instance.deployment_id,
+        "resource_id": instance.resource_id,
+        "instance_name": instance.instance_name,
+        "plan_version": instance.plan_version,
+        "image": instance.image,
+        "command": instance.command,
+        "env": dict(instance.env),
+        "memory_mb": instance.memory_mb,
+        "host_ip": instance.host_ip,
+        "port": instance.port,
+    }
+
+
+def test_nothing_is_touched_until_the_desired_instances_are_known(
+    engine: Any, image: str, make_runtime: Any, runner_id: str
+) -> None:
+    running = spec(image, secrets.token_hex(4))
+    make_runtime().reconcile([running])  # a container from before this agent's restart
+    [before] = owned(engine, runner_id)
+    coordinator = Coordinator()
+    events: list[str] = []
+    keeper = InstanceKeeper(make_runtime(), coordinator.fetch, on_event=events.append)
+
+    keeper.step()  # no coordinator: kept as it is, nothing reported
+    assert [c.id for c in owned(engine, runner_id)] == [before.id]
+    states, docker = keeper.report_fields()
+    assert (states, docker) == ([], True)
+
+    coordinator.reachable, coordinator.version = True, 3
+    coordinator.instances = [as_json(running)]
+    keeper.step()  # adopted: the same container
+    [state] = keeper.report_fields()[0]
+    assert state["container_id"] == before.id
+    assert state["container_started"] is True
+    assert state["plan_version"] == 1
+    assert "instances version 3: 1 of 1 instance(s) started" in events
+
+    fetched = coordinator.fetches
+    keeper.offer_version(3)  # the version it holds: no fetch
+    keeper.step()
+    assert coordinator.fetches == fetched
+    coordinator.version, coordinator.instances = 4, []
+    keeper.offer_version(4)
+    keeper.step()  # no longer desired: removed
+    assert owned(engine, runner_id) == []
+    assert keeper.report_fields()[0] == []
+
+
+def test_an_engine_that_does_not_answer_is_reported_and_said_once(
+    clock: FakeClock, image: str, tmp_path: Any
+) -> None:
+    runtime = Runtime(
+        f"test-{secrets.token_hex(6)}", clock=clock, docker_url=f"unix://{tmp_path}/none.sock"
+    )
+    coordinator = Coordinator()
+    coordinator.reachable = True
+    coordinator.instances = [as_json(spec(image, secrets.token_hex(4)))]
+    events: list[str] = []
+    keeper = InstanceKeeper(runtime, coordinator.fetch, on_event=events.append)
+    keeper.step()
+    keeper.step()
+    [state], docker = keeper.report_fields()
+    assert docker is False
+    assert state["container_started"] is False
+    assert state["last_error"].startswith("docker unavailable")
+    assert len([e for e in events if e.startswith("docker unavailable")]) == 1
+    runtime.close()
+    test_runtime.collect_failed_connections()
