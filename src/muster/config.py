@@ -33,7 +33,14 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
 # What the environment may set for one run. The rest of host.json is what the host's join
 # established (its roles, runner id, address, port): its certificate and the platform's records
 # say the same, so only host.json (written by the install) may hold them.
-ENV_KEYS = ("database_url", "workers", "read_timeout_s", "agent_max_backoff_s", "bench_routes")
+ENV_KEYS = (
+    "database_url",
+    "workers",
+    "read_timeout_s",
+    "agent_max_backoff_s",
+    "bench_routes",
+    "lost_allocator_grace_s",
+)
 # The flag that sets each key, for error messages.
 FLAGS = {
     "api_port": "--api-port",
@@ -42,6 +49,7 @@ FLAGS = {
     "database_url": "--database-url",
     "heartbeat_interval_s": "--heartbeat-interval",
     "host_ip": "--host-ip",
+    "lost_allocator_grace_s": "--lost-allocator-grace",
     "region": "--region",
     "runner_id": "--runner-id",
     "workers": "--workers",
@@ -149,6 +157,9 @@ class Settings(BaseSettings):
     # longest wait of the agent between attempts while no coordinator answers.
     read_timeout_s: Seconds = 30.0
     agent_max_backoff_s: Seconds = 60.0
+    # How long an allocator may stay disconnected before its instances are placed elsewhere
+    # (`--lost-allocator-grace`, docs/deployments.md).
+    lost_allocator_grace_s: Annotated[float, Field(ge=1, le=7 * 24 * 3600)] = 300.0
     # Coordinator server processes on this host (`--workers`, docs/high-availability.md).
     workers: Workers = 1
     # The benchmark's floor route (bench/, muster.api.edge): MUSTER_BENCH_ROUTES=1 only,

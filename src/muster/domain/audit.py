@@ -35,6 +35,8 @@ DEPLOYMENT_CREATED = "deployment.created"
 DEPLOYMENT_UPDATED = "deployment.updated"
 DEPLOYMENT_SHUTDOWN = "deployment.shutdown"
 DEPLOYMENT_DELETED = "deployment.deleted"
+ALLOCATOR_VACATED = "allocator.vacated"
+ALLOCATOR_LOST = "allocator.lost"
 
 KINDS = (
     TOKEN_CREATED,
@@ -58,6 +60,8 @@ KINDS = (
     DEPLOYMENT_UPDATED,
     DEPLOYMENT_SHUTDOWN,
     DEPLOYMENT_DELETED,
+    ALLOCATOR_VACATED,
+    ALLOCATOR_LOST,
 )
 
 
