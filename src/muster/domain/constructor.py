@@ -1,6 +1,6 @@
 """The constructor's background work, on the one coordinator holding its lease: moves finished
-once replacements run, instances of lost allocators placed elsewhere, and instances a plan
-lacks placed again (retried every round until they fit), the reason kept on the plan attempt."""
+once replacements run, instances of lost allocators moved elsewhere, and instances a plan lacks
+placed again (retried every round until they fit), the reason kept on the plan attempt."""
 
 from __future__ import annotations
 
@@ -36,22 +36,24 @@ class Round:
 
     held: bool  # this coordinator held the lease and acted
     released: int = 0  # moving instances released
-    lost: int = 0  # instances taken off lost allocators
+    lost: int = 0  # instances of lost allocators marked moving
     placed: int = 0  # instances placed for their plans
     unplaced: int = 0  # instances that fit nowhere yet
 
 
-def lost_allocators(platform: Platform, grace: timedelta, now: datetime) -> frozenset[str]:
+def lost_allocators(
+    platform: Platform, grace: timedelta, now: datetime, *, since: datetime | None = None
+) -> frozenset[str]:
     """The allocators whose host has heartbeat, but not for longer than `grace` (at least the
-    liveness grace, so a merely late host is never lost). One that never heartbeat was never
-    connected, so was never given an instance."""
+    liveness grace, so a merely late host is never lost), counted from `since` at the earliest.
+    One that never heartbeat was never connected, so was never given an instance."""
     grace = max(grace, platform.liveness.grace)
     with platform.store.read() as tx:
         rows = tx.list_allocator_columns(["runner.last_heartbeat_at"])
     lost = set()
     for allocator_id, persisted in rows:
         last = platform.liveness.last_seen(allocator_id, persisted)
-        if last is not None and now - last > grace:
+        if last is not None and now - max(last, since or last) > grace:
             lost.add(allocator_id)
     return frozenset(lost)
 
@@ -75,6 +77,9 @@ class Constructor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
+        # When this coordinator took the lease: silence counts from then at the earliest, so
+        # that a platform started again after downtime does not find every allocator lost.
+        self._held_since: datetime | None = None
 
     # -- the thread ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -108,12 +113,15 @@ class Constructor:
 
     # -- one round -------------------------------------------------------------------------------
     def run_once(self) -> Round:
-        """Renew the lease; if held: finish moves, take the instances off lost allocators, and
+        """Renew the lease; if held: finish moves, move the instances off lost allocators, and
         place what plans lack. Each deployment changes in a transaction of its own."""
         now = self.platform.clock.now()
         if not placement.hold_constructor_lease(self.platform.store, self.holder, now):
+            self._held_since = None
             return Round(held=False)
-        lost = lost_allocators(self.platform, self.lost_grace, now)
+        if self._held_since is None:
+            self._held_since = now
+        lost = lost_allocators(self.platform, self.lost_grace, now, since=self._held_since)
         connected = connected_allocators(self.platform) - lost
         with self.platform.store.read() as tx:
             deployments = {d.id: d for d in tx.list_deployments()}
@@ -142,11 +150,13 @@ class Constructor:
                 return (0, 0, 0, 0)
             instances = tx.list_instances(deployment_id=deployment_id)
             released = vacate.finish_moves(tx, instances)
-            gone = [i for i in instances if i.allocator_id in lost]
+            # A lost allocator's instances move: their replacements are placed below, and they
+            # are released (no longer desired) once those run, as a vacate's are. Until then a
+            # host that comes back keeps running them.
+            gone = [i for i in instances if i.allocator_id in lost and not i.moving]
             for resource_id in sorted({i.resource_id for i in gone}):
-                tx.delete_instances(
-                    resource_id, [i.instance_name for i in gone if i.resource_id == resource_id]
-                )
+                names = [i.instance_name for i in gone if i.resource_id == resource_id]
+                tx.update_instances(resource_id, names, moving=True)
             for allocator_id in sorted({i.allocator_id for i in gone}):
                 audit.record(
                     tx,
@@ -162,7 +172,7 @@ class Constructor:
             instances = tx.list_instances(deployment_id=deployment_id)
             for resource in tx.list_resources([deployment_id]):
                 mine = [i for i in instances if i.resource_id == resource.id]
-                was = {i.topology_element: i.zone_id for i in gone if i.resource_id == resource.id}
+                was = {i.topology_element: i.zone_id for i in mine if i.moving}
                 done, missing = _top_up(tx, resource, mine, connected, now, was)
                 placed, unplaced = placed + done, unplaced + missing
         return (released, len(gone), placed, unplaced)
@@ -202,8 +212,8 @@ def _top_up(
     now: datetime,
     was: dict[int, str],
 ) -> tuple[int, int]:
-    """Place the instances the resource's plan lacks, one at a time: in the zone its lost
-    instance was in (`was`, by topology element), else in a zone the element lacks, else
+    """Place the instances the resource's plan lacks, one at a time: in the zone of the
+    instance moving away (`was`, by topology element), else in a zone the element lacks, else
     beside its siblings. What fits nowhere is written as the latest plan attempt's error and
     tried again next round. Returns (placed, not placed)."""
     number = resource.next_instance
