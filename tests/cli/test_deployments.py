@@ -8,7 +8,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from typer.testing import CliRunner
+
+from muster.cli.main import app
+from muster.errors import EXIT_USAGE
 from tests.cli.test_infra import FIRST_HOST, as_json, muster, ok  # noqa: F401 - the fixture
+from tests.conftest import Coordinator
 
 IMAGE = "registry.example/web:1"
 
@@ -110,3 +115,21 @@ def test_bad_flags_are_usage_errors(muster: Any, tmp_path: Path) -> None:  # noq
     refused = muster("deployment", "create", "--image", IMAGE, "--memory", "300")
     assert refused.exit_code != 0
     assert "size.value" in refused.output
+
+
+def test_start_refuses_a_lost_allocator_grace_below_a_second(
+    running_coordinator: Coordinator,
+) -> None:
+    """The flag reaches the settings (and their checks) before anything is served."""
+    result = CliRunner().invoke(
+        app,
+        [
+            "start",
+            "--host-storage-path",
+            str(running_coordinator.storage_path),
+            "--lost-allocator-grace",
+            "0.5",
+        ],
+    )
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "--lost-allocator-grace" in result.output
