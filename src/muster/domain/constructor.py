@@ -130,14 +130,21 @@ class Constructor:
         by_deployment: dict[str, list[InstanceRecord]] = defaultdict(list)
         for instance in instances:
             by_deployment[instance.deployment_id].append(instance)
+        plans: dict[str, list[ResourceRecord]] = defaultdict(list)
+        for resource in resources:
+            plans[resource.deployment_id].append(resource)
         totals = [0, 0, 0, 0]
         for deployment_id in sorted(deployments):
-            mine = [r for r in resources if r.deployment_id == deployment_id]
             if deployments[deployment_id].status != RUNNING or not _needs_work(
-                by_deployment[deployment_id], mine, lost
+                by_deployment[deployment_id], plans[deployment_id], lost
             ):
                 continue
-            for i, n in enumerate(self._repair(deployment_id, lost, connected, now)):
+            try:
+                done = self._repair(deployment_id, lost, connected, now)
+            except MusterError as exc:  # one deployment's trouble must not stall the others
+                log.warning("constructor: deployment %s: %s", deployment_id, exc.message)
+                continue
+            for i, n in enumerate(done):
                 totals[i] += n
         return Round(True, *totals)
 
