@@ -41,6 +41,7 @@ ENV_KEYS = (
     "agent_max_backoff_s",
     "bench_routes",
     "log_format",
+    "lost_allocator_grace_s",
 )
 # The flag that sets each key, for error messages.
 FLAGS = {
@@ -50,6 +51,7 @@ FLAGS = {
     "database_url": "--database-url",
     "heartbeat_interval_s": "--heartbeat-interval",
     "host_ip": "--host-ip",
+    "lost_allocator_grace_s": "--lost-allocator-grace",
     "region": "--region",
     "runner_id": "--runner-id",
     "workers": "--workers",
@@ -157,6 +159,9 @@ class Settings(BaseSettings):
     # longest wait of the agent between attempts while no coordinator answers.
     read_timeout_s: Seconds = 30.0
     agent_max_backoff_s: Seconds = 60.0
+    # How long an allocator may stay disconnected before its instances are placed elsewhere
+    # (`--lost-allocator-grace`, docs/deployments.md).
+    lost_allocator_grace_s: Annotated[float, Field(ge=1, le=7 * 24 * 3600)] = 300.0
     # Coordinator server processes on this host (`--workers`, docs/high-availability.md).
     workers: Workers = 1
     # How the server writes its log lines: "text" or one JSON object a line (`--log-format`).

@@ -143,7 +143,12 @@ def _serve(
             store, SystemClock(), heartbeat_interval_s=config.heartbeat_interval_s
         )
         coordinators = list(dict.fromkeys([config.advertised_address(), *config.coordinators]))
-        app = build_app(platform, coordinators=coordinators, bench_routes=config.bench_routes)
+        app = build_app(
+            platform,
+            coordinators=coordinators,
+            bench_routes=config.bench_routes,
+            lost_allocator_grace_s=config.lost_allocator_grace_s,
+        )
         _tune_gc()
         server = uvicorn.Server(_uvicorn_config(app, paths, config, log_level))
         agent = (

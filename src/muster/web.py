@@ -16,6 +16,7 @@ def build_app(
     flush_period_s: float = 1.0,
     coordinators: list[str] | None = None,
     bench_routes: bool = False,
+    lost_allocator_grace_s: float = 300.0,
 ) -> FastAPI:
     """`muster.api.app.create_app` (same arguments) with the Cloud UI's pages under /ui."""
     app = create_app(
@@ -23,6 +24,7 @@ def build_app(
         flush_period_s=flush_period_s,
         coordinators=coordinators,
         bench_routes=bench_routes,
+        lost_allocator_grace_s=lost_allocator_grace_s,
     )
     views.install(app)
     return app

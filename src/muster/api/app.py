@@ -11,6 +11,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -23,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from muster import __version__
 from muster.api.headers import SECURITY_HEADERS
 from muster.api.shield import Shield
+from muster.domain.constructor import Constructor
 from muster.domain.desired import InstanceVersions, VersionRefresher
 from muster.domain.identities import CoordinatorDirectory, Refresher, RunnerIdentities
 from muster.domain.liveness import Flusher
@@ -177,13 +179,15 @@ def create_app(
     flush_period_s: float = 1.0,
     coordinators: list[str] | None = None,
     bench_routes: bool = False,
+    lost_allocator_grace_s: float = 300.0,
 ) -> FastAPI:
     """The API's ASGI application for `platform` (`muster.web.build_app` mounts the Cloud UI
     on it for the coordinator).
 
     Starts the liveness flusher and the identities' refresher with the app's lifespan;
     `coordinators` lists the API addresses agents are told about; `bench_routes` adds the
-    benchmark's floor route (muster.api.edge).
+    benchmark's floor route (muster.api.edge); the constructor's thread places the instances
+    of allocators disconnected longer than `lost_allocator_grace_s` elsewhere.
     """
     # Runner certificates and coordinator addresses in memory, refreshed by one thread: no
     # request reads either from the store on the event loop.
@@ -199,9 +203,12 @@ def create_app(
         refresher.start()
         version_refresher = VersionRefresher(versions)
         version_refresher.start()
+        constructor = Constructor(platform, lost_grace=timedelta(seconds=lost_allocator_grace_s))
+        constructor.start()
         try:
             yield
         finally:
+            constructor.stop()
             version_refresher.stop()
             refresher.stop()
             flusher.stop()
@@ -267,12 +274,31 @@ def create_app(
 
     from muster.api import metrics
     from muster.api.edge import Edge
-    from muster.api.routes import agent, allocators, audit, deployments, runners, tokens, users
+    from muster.api.routes import (
+        agent,
+        allocators,
+        audit,
+        deployments,
+        runners,
+        tokens,
+        users,
+        vacate,
+    )
     from muster.api.routes import platform as platform_api
 
     api_routers = [
         m.router
-        for m in (tokens, users, audit, agent, allocators, runners, deployments, platform_api)
+        for m in (
+            tokens,
+            users,
+            audit,
+            agent,
+            allocators,
+            runners,
+            deployments,
+            vacate,
+            platform_api,
+        )
     ]
     for router in api_routers:
         app.include_router(router, prefix=API)

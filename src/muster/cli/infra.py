@@ -227,6 +227,74 @@ def allocator_maintenance(
     )
 
 
+def render_moves(reply: dict[str, Any], *, validate_only: bool) -> None:
+    rows = [
+        (
+            cluster.get("deployment_id", ""),
+            m["instance_name"],
+            m["from_allocator_id"],
+            m["allocator_id"],
+            m["replacement_instance_name"],
+            m["zone"],
+        )
+        for cluster in reply["moves"].get("container_clusters", [])
+        for m in cluster.get("instances", [])
+    ]
+    print_table(
+        ("DEPLOYMENT", "INSTANCE", "FROM", "TO", "REPLACEMENT", "ZONE"),
+        rows,
+        empty="no instances to move",
+    )
+    if rows and not validate_only:
+        console.print(
+            "the old instances stop once their replacements run", highlight=False, soft_wrap=True
+        )
+
+
+@allocator_app.command("vacate")
+def allocator_vacate(
+    ctx: typer.Context,
+    allocator_id: IdArg,
+    instance: Annotated[
+        list[str] | None,
+        typer.Option("--instance", "-i", help="move only this instance; repeat for several"),
+    ] = None,
+    cluster: Annotated[
+        list[str] | None,
+        typer.Option("--cluster", "-c", help="move only this deployment's (or resource's)"),
+    ] = None,
+    validate_only: Annotated[
+        bool, typer.Option("--validate-only", help="show the moves; move nothing")
+    ] = False,
+    allocator_down: Annotated[
+        bool,
+        typer.Option("--allocator-down", help="stop the old instances at once (host is gone)"),
+    ] = False,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Move the allocator's instances to other allocators of its zone (ECE's vacate): each
+    replacement runs before its old instance stops."""
+    body: dict[str, Any] = {}
+    if instance or cluster:
+        entry: dict[str, Any] = {"cluster_ids": cluster or []}
+        if instance:
+            entry["instance_names"] = instance
+        body["container_clusters"] = [entry]
+    params: dict[str, Any] = {}
+    if validate_only:
+        params["validate_only"] = "true"
+    if allocator_down:
+        params["allocator_down"] = "true"
+    with errors_as_exit(), client_from(ctx) as client:
+        reply = client.request(
+            "POST",
+            _one(ALLOCATORS, allocator_id, "clusters", "_move"),
+            json=body or None,
+            params=params or None,
+        )
+    emit(reply, output, lambda r: render_moves(r, validate_only=validate_only))
+
+
 @metadata_app.command("show")
 def metadata_show(
     ctx: typer.Context, allocator_id: IdArg, output: OutputOpt = Output.table

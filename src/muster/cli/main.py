@@ -28,6 +28,7 @@ from muster.cli.common import (
     errors_as_exit,
     fail,
 )
+from muster.cli.deployments import deployment_app
 from muster.cli.infra import allocator_app, runner_app
 from muster.cli.platform import platform_app
 from muster.cli.service import service_app
@@ -46,6 +47,7 @@ app.add_typer(token_app, name="token")
 
 
 app.add_typer(allocator_app, name="allocator")
+app.add_typer(deployment_app, name="deployment")
 app.add_typer(runner_app, name="runner")
 app.add_typer(platform_app, name="platform")
 app.add_typer(service_app, name="service")
@@ -296,9 +298,17 @@ def start(
     ] = None,
     workers: WorkersOpt = None,
     log_format: LogFormatOpt = None,
+    lost_allocator_grace: Annotated[
+        float | None,
+        typer.Option(
+            help="seconds an allocator may stay disconnected before its instances are placed "
+            "elsewhere (default 300) [env var: MUSTER_LOST_ALLOCATOR_GRACE_S]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run an installed host again in the foreground (SIGINT/SIGTERM stop it)."""
-    _start(host_storage_path.absolute(), database_url, workers, log_format)
+    _start(host_storage_path.absolute(), database_url, workers, log_format, lost_allocator_grace)
 
 
 def _start(
@@ -306,6 +316,7 @@ def _start(
     database_url: str | None = None,
     workers: int | None = None,
     log_format: str | None = None,
+    lost_allocator_grace: float | None = None,
 ) -> None:
     from muster.config import load_host, load_settings, save_host
     from muster.hoststate import HostPaths
@@ -317,7 +328,13 @@ def _start(
             fail(f"{path} holds no Muster installation; run `muster install` first", EXIT_USAGE)
         # The flags and MUSTER_* variables hold for this run; only --workers is kept.
         config = load_settings(
-            {"database_url": database_url, "workers": workers, "log_format": log_format}, saved
+            {
+                "database_url": database_url,
+                "workers": workers,
+                "log_format": log_format,
+                "lost_allocator_grace_s": lost_allocator_grace,
+            },
+            saved,
         )
         if workers is not None and workers != saved.workers:
             if not config.serves_api:

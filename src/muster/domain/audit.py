@@ -43,6 +43,8 @@ DEPLOYMENT_SHUTDOWN = "deployment.shutdown"
 DEPLOYMENT_DELETED = "deployment.deleted"
 ALLOCATOR_RESYNCED = "allocator.resynced"
 RUNNER_RESYNCED = "runner.resynced"
+ALLOCATOR_VACATED = "allocator.vacated"
+ALLOCATOR_LOST = "allocator.lost"
 
 KINDS = (
     TOKEN_CREATED,
@@ -74,6 +76,8 @@ KINDS = (
     DEPLOYMENT_DELETED,
     ALLOCATOR_RESYNCED,
     RUNNER_RESYNCED,
+    ALLOCATOR_VACATED,
+    ALLOCATOR_LOST,
 )
 
 

@@ -288,6 +288,8 @@ class DeploymentAdmin:
         kept: list[InstanceRecord] = []
         for k, (zone_count, memory_mb) in enumerate(topology):
             same = [i for i in instances if i.topology_element == k and i.memory_mb == memory_mb]
+            # An instance being moved away goes before its replacement does (stable sort).
+            same.sort(key=lambda i: i.moving)
             kept.extend(same[:zone_count])
         kept_names = {i.instance_name for i in kept}
         tx.delete_instances(

@@ -48,6 +48,8 @@ class Slot:
     topology_element: int = 0
     zone_count: int = 1
     avoid_zones: frozenset[str] = field(default_factory=frozenset)
+    # Only these zones, if any (a move stays in its instance's zone).
+    zones: frozenset[str] = field(default_factory=frozenset)
 
 
 def eligible(
@@ -100,7 +102,7 @@ def choose(
         taken = used_zones.setdefault(slot.group, set(slot.avoid_zones))
         best: tuple[int, str, str] | None = None
         for zone in fleet.zones:
-            if zone in taken:
+            if zone in taken or (slot.zones and zone not in slot.zones):
                 continue
             entry = fleet.best(zone, slot.memory_mb)
             if entry is not None and (best is None or (entry[0], entry[1], zone) < best):
@@ -114,7 +116,17 @@ def choose(
     return chosen
 
 
-def _insufficient(slot: Slot, largest: dict[str, int]) -> InvalidInputError:
+class InsufficientCapacityError(InvalidInputError):
+    """A slot fits nowhere (deployments.insufficient_capacity); `slot` is the first such one,
+    `largest_free` the largest free MB per zone before the placement."""
+
+    def __init__(self, message: str, slot: Slot, largest_free: dict[str, int]) -> None:
+        super().__init__(message, code=INSUFFICIENT_CAPACITY)
+        self.slot = slot
+        self.largest_free = largest_free
+
+
+def _insufficient(slot: Slot, largest: dict[str, int]) -> InsufficientCapacityError:
     zones = "s" if slot.zone_count > 1 else ""
     if largest:
         shown = sorted(largest.items(), key=lambda item: (-item[1], item[0]))[:10]
@@ -122,10 +134,11 @@ def _insufficient(slot: Slot, largest: dict[str, int]) -> InvalidInputError:
         where = f"the largest free on a connected allocator outside maintenance is {free}"
     else:
         where = "no connected allocator is outside maintenance"
-    return InvalidInputError(
+    return InsufficientCapacityError(
         f"not enough capacity: {slot.label} needs {slot.memory_mb} MB in {slot.zone_count} "
         f"zone{zones}; {where}. Add allocators, end maintenance, or ask for less.",
-        code=INSUFFICIENT_CAPACITY,
+        slot,
+        largest,
     )
 
 

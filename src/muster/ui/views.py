@@ -286,6 +286,22 @@ def allocator(request: Request, allocator_id: str) -> Response:
     )
 
 
+@router.get(f"{UI}/deployments")
+def deployments(request: Request) -> Response:
+    return _page(request, "deployments.html", "deployments", "Deployments")
+
+
+@router.get(f"{UI}/deployments/{{deployment_id}}")
+def deployment(request: Request, deployment_id: str) -> Response:
+    return _page(
+        request,
+        "deployment.html",
+        "deployments",
+        f"Deployment {deployment_id[:64]}",
+        deployment_id=deployment_id[:64],
+    )
+
+
 @router.get(f"{UI}/runners")
 def runners(request: Request) -> Response:
     return _page(request, "runners.html", "runners", "Hosts", roles=ROLES)

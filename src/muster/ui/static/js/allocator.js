@@ -26,6 +26,18 @@
       refresh();
     });
     actions.append(toggle);
+    actions.append(actionButton({ class: "btn", id: "vacate" }, "Vacate", async () => {
+      const yes = await Muster.confirm({
+        title: "Vacate allocator " + id + "?",
+        message: "Every instance on it gets a replacement on another allocator of its zone; each old instance stops once its replacement runs. Start maintenance mode first so nothing new lands here.",
+        confirmLabel: "Vacate", danger: false,
+      });
+      if (!yes) return;
+      const reply = await api("POST", PATH + "/clusters/_move");
+      const moved = reply.moves.container_clusters.reduce((n, c) => n + c.instances.length, 0);
+      toast(moved ? moved + " instance(s) moving to other allocators of the zone." : "No instances to move.");
+      refresh();
+    }));
   }
 
   function fact(term, value) {
@@ -99,12 +111,15 @@
         h("tbody", {}, a.metadata.map((m) => h("tr", {}, h("td", { class: "mono", text: m.key }), h("td", { text: m.value })))))
       : h("p", { class: "muted", text: "No metadata. Tags given at install (--allocator-tags) and items set through the API's metadata endpoints show here." }));
     fill(document.getElementById("instances"), a.instances.length
-      ? h("table", { class: "table responsive" },
-        h("thead", {}, h("tr", {}, ["Instance", "Cluster", "Type", "Memory"].map((t) => h("th", { scope: "col", text: t })))),
+      ? h("table", { class: "table responsive", id: "instances-table" },
+        h("thead", {}, h("tr", {}, ["Instance", "Deployment", "Type", "State", "Memory"].map((t) => h("th", { scope: "col", text: t })))),
         h("tbody", {}, a.instances.map((i) => h("tr", {},
           h("td", { "data-label": "Instance", class: "mono", text: i.instance_name }),
-          h("td", { "data-label": "Cluster", class: "mono", text: i.cluster_name || i.cluster_id }),
+          h("td", { "data-label": "Deployment", class: "mono" }, i.deployment_id
+            ? h("a", { href: "/ui/deployments/" + encodeURIComponent(i.deployment_id), text: i.cluster_name || i.deployment_id })
+            : (i.cluster_name || i.cluster_id)),
           h("td", { "data-label": "Type", text: i.cluster_type }),
+          h("td", { "data-label": "State" }, i.moving ? badge("warning", "Moving away") : i.healthy ? badge("ok", "Running") : badge("neutral", "Not running")),
           h("td", { "data-label": "Memory", text: memory(i.node_memory) })))))
       : h("div", { class: "empty" },
         h("p", { class: "empty-title", text: "No instances on this allocator" }),
