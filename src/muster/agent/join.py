@@ -68,18 +68,25 @@ def fetch_pinned_ca(coordinator: str, pin: str, *, timeout_s: float = 10.0) -> s
             f"cannot reach the coordinator at {base_url(coordinator)}: {type(exc).__name__}"
         ) from exc
     try:
-        ca_pem = str(response.json()["ca_certificate"])
+        reply = response.json()
+        ca_pem = str(reply["ca_certificate"])
         ca = pki.load_certificate(ca_pem)
-    except (ValueError, KeyError, TypeError) as exc:
+        # During a CA rotation the previous CA is listed too (a token minted before pins it).
+        trusted = [str(pem) for pem in reply.get("ca_certificates") or []]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CAMismatchError(
             f"{base_url(coordinator)} did not send a platform CA; is it a Muster coordinator?"
         ) from exc
-    if not pki.fingerprints_match(pin, ca):
-        raise CAMismatchError(
-            f"the coordinator's CA ({pki.spki_fingerprint(ca)}) is not the one the roles token "
-            f"pins ({pin}); not sending the token. Check --coordinator-host."
-        )
-    return ca_pem
+    for candidate in [ca_pem, *trusted]:
+        try:
+            if pki.fingerprints_match(pin, pki.load_certificate(candidate)):
+                return candidate  # only the pinned CA is trusted: the rest came unauthenticated
+        except ValueError:
+            continue
+    raise CAMismatchError(
+        f"the coordinator's CA ({pki.spki_fingerprint(ca)}) is not the one the roles token "
+        f"pins ({pin}); not sending the token. Check --coordinator-host."
+    )
 
 
 def join(plan: JoinPlan, paths: HostPaths, progress: Progress = lambda _m: None) -> dict[str, Any]:
@@ -160,3 +167,21 @@ def client_context(paths: HostPaths) -> Any:
 
 def read_certificate(path: Path) -> Any:
     return pki.load_certificate(path.read_bytes())
+
+
+def is_trust_current(paths: HostPaths, fingerprints: list[str]) -> bool:
+    """Whether this host trusts exactly the CAs the coordinator named (current first) and holds
+    a certificate from the current one; if not, it renews now and the answer brings the bundle.
+    A file that cannot be read counts as not current."""
+    try:
+        bundle = pki.load_certificates(paths.agent_ca.read_bytes())
+        cert = read_certificate(paths.agent_cert)
+    except (OSError, ValueError):
+        return False
+    by_fingerprint = {pki.spki_fingerprint(ca): ca for ca in bundle}
+    current = by_fingerprint.get(fingerprints[0])
+    return (
+        set(by_fingerprint) == set(fingerprints)
+        and current is not None
+        and pki.is_issued_by(cert, current)
+    )

@@ -248,9 +248,9 @@ def create_app(
         return response
 
     from muster.api.edge import Edge
-    from muster.api.routes import agent, allocators, audit, runners, tokens, users
+    from muster.api.routes import agent, allocators, audit, rotation, runners, tokens, users
 
-    for module in (tokens, users, audit, agent, allocators, runners):
+    for module in (tokens, users, audit, agent, allocators, runners, rotation):
         app.include_router(module.router, prefix=API)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(SingleQueryValues)

@@ -68,6 +68,7 @@ class Edge:
         # The heartbeat reply, rendered again only when what it says changes.
         self._reply_interval_s = 0.0
         self._reply_addresses: tuple[str, ...] | None = None
+        self._reply_trusted: tuple[str, ...] | None = None
         self._reply: list[Message] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -120,8 +121,17 @@ class Edge:
     def _heartbeat_reply(self) -> list[Message]:
         interval_s = self.platform.heartbeat_interval_s
         addresses = self.directory.addresses()
-        if addresses is not self._reply_addresses or interval_s != self._reply_interval_s:
-            reply = HeartbeatReply(heartbeat_interval_seconds=interval_s, coordinators=[*addresses])
+        trusted = self.platform.ca_fingerprints
+        if (
+            addresses is not self._reply_addresses
+            or interval_s != self._reply_interval_s
+            or trusted is not self._reply_trusted
+        ):
+            reply = HeartbeatReply(
+                heartbeat_interval_seconds=interval_s,
+                coordinators=[*addresses],
+                ca_fingerprints=[*trusted],
+            )
             # Starlette's JSONResponse rendering (the route's), byte for byte.
             content = json.dumps(
                 reply.model_dump(mode="json"),
@@ -132,6 +142,7 @@ class Edge:
             ).encode()
             self._reply = _json_reply(content)
             self._reply_interval_s, self._reply_addresses = interval_s, addresses
+            self._reply_trusted = trusted
         return self._reply
 
     async def _join(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:

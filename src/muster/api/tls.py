@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 import httptools
 from cryptography import x509
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from muster.domain import pki
+from muster.hoststate import write_private
+
+log = logging.getLogger(__name__)
 
 TLS_EXTENSION = "tls"
 # The request line and headers together; a Muster request needs a few hundred bytes. Larger
@@ -39,15 +47,74 @@ _REASONS = {
 }
 
 
-def server_context(*, certfile: Path, keyfile: Path, cafile: Path) -> ssl.SSLContext:
+def server_context(
+    *, certfile: Path, keyfile: Path, cafile: Path | None = None, cadata: str | None = None
+) -> ssl.SSLContext:
     """TLS 1.2+ server context; a client certificate is optional (browsers and curl have none)
-    but, when sent, must chain to the platform CA."""
+    but, when sent, must chain to a platform CA (`cafile` or `cadata`: one, or a bundle of the
+    current and previous CAs during a CA rotation)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(certfile=str(certfile), keyfile=str(keyfile))
-    ctx.load_verify_locations(cafile=str(cafile))
+    ctx.load_verify_locations(cafile=str(cafile) if cafile else None, cadata=cadata)
     ctx.verify_mode = ssl.CERT_OPTIONAL
     return ctx
+
+
+class ServerTLS:
+    """The coordinator's server certificate files and the TLS context made of them and of the
+    trusted CAs, made again by `reload` when either changed (a rotation) and used by every new
+    connection from then on: `context`'s SNI callback, which OpenSSL runs in every handshake
+    (with or without SNI), hands the handshake the newest context. Open connections keep the
+    one they began with."""
+
+    def __init__(self, *, certfile: Path, keyfile: Path, ca_pem: Callable[[], str]) -> None:
+        self.certfile = certfile
+        self.keyfile = keyfile
+        self._ca_pem = ca_pem
+        self._lock = threading.Lock()
+        self._seen = self._signature()
+        self.context = self._build()
+        self.context.sni_callback = self._select
+        self._current = self.context
+
+    def _signature(self) -> tuple[int, int, int, str]:
+        cert, key = self.certfile.stat(), self.keyfile.stat()
+        return cert.st_mtime_ns, cert.st_size, key.st_mtime_ns, self._ca_pem()
+
+    def _build(self) -> ssl.SSLContext:
+        return server_context(certfile=self.certfile, keyfile=self.keyfile, cadata=self._ca_pem())
+
+    def _select(self, ssl_object: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        current = self._current
+        if ssl_object.context is not current:
+            ssl_object.context = current
+
+    def reload(self) -> bool:
+        """Make the context again if the certificate, key or trusted CAs changed. True if new
+        connections now use a new context. A pair that does not load (a key written, its
+        certificate not yet) keeps the old context: the next reload tries again."""
+        with self._lock:
+            try:
+                seen = self._signature()
+                if seen == self._seen:
+                    return False
+                context = self._build()
+            except (OSError, ssl.SSLError) as exc:
+                log.warning("server certificate not reloaded (tried again later): %s", exc)
+                return False
+            self._current, self._seen = context, seen
+            return True
+
+    def certificate(self) -> x509.Certificate:
+        return pki.load_certificate(self.certfile.read_bytes())
+
+    def install(self, key_pem: str, cert_pem: str) -> None:
+        """Write a new key and certificate (the key 0600) and use them for new connections."""
+        with self._lock:
+            write_private(self.keyfile, key_pem)
+            write_private(self.certfile, cert_pem, 0o644)
+        self.reload()
 
 
 class _Refused(httptools.HttpParserError):

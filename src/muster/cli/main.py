@@ -29,6 +29,7 @@ from muster.cli.common import (
     fail,
 )
 from muster.cli.infra import allocator_app, runner_app
+from muster.cli.rotate import rotate_app
 from muster.cli.service import service_app
 from muster.cli.tokens import token_app
 from muster.errors import EXIT_USAGE
@@ -46,6 +47,7 @@ app.add_typer(token_app, name="token")
 app.add_typer(allocator_app, name="allocator")
 app.add_typer(runner_app, name="runner")
 app.add_typer(service_app, name="service")
+app.add_typer(rotate_app, name="rotate")
 app.add_typer(backup_app)
 
 

@@ -31,6 +31,11 @@ ALLOCATOR_MAINTENANCE = "allocator.maintenance"
 ALLOCATOR_METADATA_CHANGED = "allocator.metadata_changed"
 ALLOCATOR_SETTINGS_CHANGED = "allocator.settings_changed"
 ALLOCATOR_DELETED = "allocator.deleted"
+SIGNING_KEY_ROTATED = "signing_key.rotated"
+SIGNING_KEY_RETIRED = "signing_key.retired"
+CA_ROTATED = "ca.rotated"
+CA_RETIRED = "ca.retired"
+SERVER_CERTIFICATE_ROTATED = "server_certificate.rotated"
 
 KINDS = (
     TOKEN_CREATED,
@@ -50,6 +55,11 @@ KINDS = (
     ALLOCATOR_METADATA_CHANGED,
     ALLOCATOR_SETTINGS_CHANGED,
     ALLOCATOR_DELETED,
+    SIGNING_KEY_ROTATED,
+    SIGNING_KEY_RETIRED,
+    CA_ROTATED,
+    CA_RETIRED,
+    SERVER_CERTIFICATE_ROTATED,
 )
 
 

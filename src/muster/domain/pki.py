@@ -79,6 +79,32 @@ def load_certificate(pem: str | bytes) -> x509.Certificate:
     return x509.load_pem_x509_certificate(data)
 
 
+def load_certificates(pem: str | bytes) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle (a trust store holds each CA still trusted)."""
+    return x509.load_pem_x509_certificates(pem.encode() if isinstance(pem, str) else pem)
+
+
+def is_issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether `ca` signed `cert` (its name and its signature)."""
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def subject_alternative_names(cert: x509.Certificate) -> tuple[list[str], list[str]]:
+    """A certificate's DNS names and IP addresses, in order (for issuing it again)."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [], []
+    return (
+        list(sans.get_values_for_type(x509.DNSName)),
+        [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)],
+    )
+
+
 def spki_fingerprint(cert: x509.Certificate) -> str:
     """`sha256:<hex>` of the certificate's SubjectPublicKeyInfo (kubeadm's CA-hash format)."""
     spki = cert.public_key().public_bytes(

@@ -22,7 +22,7 @@ from muster.address import host_port
 from muster.domain import admission, audit, pki
 from muster.domain.models import AllocatorRecord, HostReport, RunnerRecord
 from muster.domain.platform import Platform
-from muster.domain.tokens import TokenClaims, check_roles, decode_token
+from muster.domain.tokens import TokenClaims, check_roles
 from muster.domain.users import Principal
 from muster.errors import (
     ConflictError,
@@ -192,7 +192,7 @@ def _check_join_rate(platform: Platform, source: str) -> None:
 def _verify_token(platform: Platform, request: JoinRequest) -> TokenClaims:
     """The token's claims once its signature held, unless the token has failed too often.
     Raises TokenRefusedError, RateLimitedError."""
-    claims = decode_token(request.token, key=platform.signing_key)
+    claims = platform.decode(request.token)
     now_s = platform.clock.monotonic()
     wait = platform.token_join_failures.retry_after_s(claims.token_id, now_s=now_s)
     if wait:
@@ -299,7 +299,7 @@ def _joined(platform: Platform, request: JoinRequest, prepared: _PreparedJoin) -
     return JoinResult(
         runner=runner,
         certificate_pem=pki.certificate_to_pem(prepared.certificate),
-        ca_pem=platform.ca.certificate_pem(),
+        ca_pem=platform.ca_bundle_pem,
         heartbeat_interval_s=platform.heartbeat_interval_s,
         server_certificate_pem=server_cert,
         database_url=database_url,
@@ -365,7 +365,7 @@ def renew_certificate(platform: Platform, runner: Principal, csr_pem: str) -> Jo
     return JoinResult(
         runner=updated,
         certificate_pem=pki.certificate_to_pem(cert),
-        ca_pem=platform.ca.certificate_pem(),
+        ca_pem=platform.ca_bundle_pem,
         heartbeat_interval_s=platform.heartbeat_interval_s,
     )
 

@@ -26,7 +26,9 @@
     "login.succeeded": "Signed in", "login.failed": "Sign-in failed", "runner.joined": "Host joined",
     "runner.deleted": "Host deleted", "runner.roles_changed": "Roles changed",
     "allocator.maintenance": "Maintenance", "session.refreshed": "Session refreshed",
-    "session.ended": "Signed out",
+    "session.ended": "Signed out", "signing_key.rotated": "Signing key rotated",
+    "signing_key.retired": "Signing key retired", "ca.rotated": "CA rotated", "ca.retired": "CA retired",
+    "server_certificate.rotated": "Server certificate rotated",
   };
   for (const k of kinds) select.append(h("option", { value: k, text: (LABELS[k] || k) + " (" + k + ")" }));
   select.value = kind;
