@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -49,6 +50,20 @@ class CertificateAuthority:
     @cached_property
     def key_identifier(self) -> x509.AuthorityKeyIdentifier:
         return x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key())
+
+    @cached_property
+    def serial_prefix(self) -> str:
+        """The hex every serial this CA issues starts with: the store knows a runner's
+        certificate by serial only, and a CA rotation must tell which CA issued it."""
+        return serial_prefix(self.certificate)
+
+    def new_serial(self) -> int:
+        # 'c' + 8 + 30 hex digits: 156 bits, under X.509's 159, and 120 of them random.
+        return int(self.serial_prefix + secrets.token_hex(15), 16)
+
+
+def serial_prefix(ca: x509.Certificate) -> str:
+    return "c" + spki_fingerprint(ca).removeprefix("sha256:")[:8]
 
 
 def generate_private_key() -> ec.EllipticCurvePrivateKey:
@@ -165,7 +180,7 @@ def _leaf_builder(
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca.certificate.subject)
         .public_key(public_key)
-        .serial_number(x509.random_serial_number())
+        .serial_number(ca.new_serial())
         .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

@@ -18,7 +18,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from muster.domain import audit, pki
-from muster.domain.models import RunnerRecord
 from muster.domain.platform import (
     CA_CERT,
     CA_KEY,
@@ -72,18 +71,15 @@ def _previous_pems(tx: Transaction) -> list[str]:
     return stored
 
 
-def _issued_before(runner: RunnerRecord, at: datetime) -> bool:
-    """Whether the runner's current certificate was issued before `at`. The store keeps its
-    expiry, and every runner certificate lives RUNNER_CERT_VALIDITY; X.509 times are whole
-    seconds, so `at` is too."""
-    issued_at = runner.cert_expires_at - pki.RUNNER_CERT_VALIDITY
-    return issued_at < at.replace(microsecond=0)
-
-
-def _stale_runners(tx: Transaction, rotated_at: datetime | None) -> tuple[str, ...]:
-    if rotated_at is None or not _previous_pems(tx):
+def _stale_runners(tx: Transaction) -> tuple[str, ...]:
+    """Runners whose current certificate is not from the current CA (told by its serial's
+    prefix: see pki.CertificateAuthority.serial_prefix), while a previous CA is trusted."""
+    if not _previous_pems(tx):
         return ()
-    return tuple(sorted(r.runner_id for r in tx.list_runners() if _issued_before(r, rotated_at)))
+    prefix = pki.serial_prefix(pki.load_certificate(_require(tx.find_setting(CA_CERT))))
+    return tuple(
+        sorted(r.runner_id for r in tx.list_runners() if not r.cert_serial.startswith(prefix))
+    )
 
 
 def security_status(platform: Platform) -> SecurityStatus:
@@ -94,7 +90,7 @@ def security_status(platform: Platform) -> SecurityStatus:
         previous = [pki.load_certificate(pem) for pem in _previous_pems(tx)]
         rotated = tx.find_setting(CA_ROTATED_AT)
         rotated_at = datetime.fromisoformat(rotated) if rotated else None
-        stale = _stale_runners(tx, rotated_at)
+        stale = _stale_runners(tx)
     return SecurityStatus(
         signing_key_id=key_id(keys[0]),
         previous_signing_key_ids=tuple(key_id(k) for k in keys[1:]),
@@ -216,8 +212,7 @@ def retire_previous_cas(
                 "only the current CA is trusted; nothing to retire",
                 code="security.nothing_to_retire",
             )
-        rotated = tx.find_setting(CA_ROTATED_AT)
-        stale = _stale_runners(tx, datetime.fromisoformat(rotated) if rotated else None)
+        stale = _stale_runners(tx)
         current = pki.load_certificate(_require(tx.find_setting(CA_CERT)))
         old_servers = [c for c in server_certificates if not pki.is_issued_by(c, current)]
         if old_servers and not force:
