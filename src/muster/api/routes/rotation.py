@@ -119,7 +119,13 @@ def rotate_ca(
 ) -> SecurityStatusReply:
     """A new platform CA: both are trusted, hosts renew onto the new one at their next
     heartbeat, new tokens pin it."""
-    return _reply(rotation.rotate_ca(platform_of(request), principal, source=source_of(request)))
+    status = rotation.rotate_ca(platform_of(request), principal, source=source_of(request))
+    tls = _server_tls(request)
+    if tls is not None:
+        # Trusted here before any heartbeat reply names it: a host renewing onto the new CA
+        # reconnects with a certificate from it at once.
+        tls.reload()
+    return _reply(status)
 
 
 @router.post(
