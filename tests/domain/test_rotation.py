@@ -100,6 +100,20 @@ def test_retiring_with_no_previous_key_is_refused(platform: Platform) -> None:
     assert refused.value.code == "security.nothing_to_retire"
 
 
+def test_rotating_again_and_again_without_retiring_is_refused(platform: Platform) -> None:
+    tokens = [mint(platform)]
+    for _ in range(rotation.MAX_PREVIOUS_KEYS):
+        rotation.rotate_signing_key(platform, ADMIN, source=SOURCE)
+        tokens.append(mint(platform))
+    with pytest.raises(ConflictError) as refused:
+        rotation.rotate_signing_key(platform, ADMIN, source=SOURCE)
+    assert refused.value.code == "security.rotation_in_progress"
+    for n, text in enumerate(tokens):  # every key still accepted
+        join(platform, text, f"host-{n}")
+    rotation.retire_previous_signing_keys(platform, ADMIN, source=SOURCE)
+    rotation.rotate_signing_key(platform, ADMIN, source=SOURCE)
+
+
 def test_another_coordinator_takes_up_a_key_rotation_when_it_reloads(
     platform: Platform, clock: FakeClock
 ) -> None:
@@ -230,6 +244,17 @@ def test_retiring_is_refused_while_the_server_certificate_is_from_the_previous_c
     (event,) = events(platform, audit.SERVER_CERTIFICATE_ROTATED)
     assert event["serial"] == pki.serial_hex(new_server)
     rotation.retire_previous_cas(platform, ADMIN, source=SOURCE, server_certificates=[new_server])
+
+
+def test_a_second_ca_rotation_waits_for_the_first_to_finish(platform: Platform) -> None:
+    rotation.rotate_ca(platform, ADMIN, source=SOURCE)
+    with pytest.raises(ConflictError) as refused:
+        rotation.rotate_ca(platform, ADMIN, source=SOURCE)
+    assert refused.value.code == "security.rotation_in_progress"
+    assert len(platform.ca_fingerprints) == 2
+    rotation.retire_previous_cas(platform, ADMIN, source=SOURCE)
+    rotation.rotate_ca(platform, ADMIN, source=SOURCE)
+    assert len(platform.ca_fingerprints) == 2
 
 
 def test_retiring_with_only_the_current_ca_is_refused(platform: Platform) -> None:

@@ -157,6 +157,37 @@ def test_a_ca_rotation_keeps_agents_heartbeating_and_retires_the_old_ca(
     assert {"ca.rotated", "server_certificate.rotated", "ca.retired"} <= set(kinds)
 
 
+def test_a_signing_key_rotation_keeps_old_tokens_joining_until_retired(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    logs = tmp_path / "logs"
+
+    def join(token: str, name: str) -> int:
+        result = run_muster(
+            join_args(coordinator, token, tmp_path / name, runner_id=name, extra=["--no-start"]),
+            logs=logs,
+            name=name,
+        )
+        return result.returncode
+
+    before = coordinator.create_token()["token"]
+    rotate(coordinator, "signing-key", logs=logs)
+    after = coordinator.create_token()["token"]
+    assert before.split(".")[2] != after.split(".")[2]
+    assert jwt_part(before, 0) == jwt_part(after, 0) == {"typ": "JWT", "alg": "HS256"}
+    assert join(before, "key-old-1") == 0  # signed by the previous key: still joins
+    assert join(after, "key-new-1") == 0
+
+    rotate(coordinator, "signing-key", "--retire-previous", logs=logs)
+    assert join(before, "key-old-2") == 11  # invalid_signature
+    assert "not signed by this platform" in (logs / "key-old-2.err").read_text()
+    assert join(after, "key-new-2") == 0
+    status = coordinator.get(ROTATION)
+    assert status["previous_signing_key_ids"] == []
+    kinds = [e["kind"] for e in coordinator.audit()]
+    assert {"signing_key.rotated", "signing_key.retired"} <= set(kinds)
+
+
 def coordinator_refuses(coordinator: Coordinator, identity: tuple[Path, Path], trust: str) -> bool:
     """Whether a heartbeat presenting `identity` is refused (in the handshake or with 401)."""
     context = ssl.create_default_context(cadata=trust)

@@ -53,6 +53,11 @@ class SecurityStatus:
     runners_on_previous_ca: tuple[str, ...]
 
 
+# Token keys accepted besides the current one: each costs an HMAC per refused token, and a key
+# kept for years is a key that may leak. Retire before rotating again.
+MAX_PREVIOUS_KEYS = 4
+
+
 def key_id(key: bytes) -> str:
     """A short public name for a token key: a hash, which cannot be turned back into the key."""
     return "sha256:" + hashlib.sha256(b"muster token key id\0" + key).hexdigest()[:16]
@@ -117,10 +122,17 @@ def _put_token_keys(tx: Transaction, keys: Sequence[bytes]) -> None:
 
 def rotate_signing_key(platform: Platform, principal: Principal, *, source: str) -> SecurityStatus:
     """A new key signs every token minted from now on; tokens signed by the keys before it keep
-    joining (while their records allow) until `retire_previous_signing_keys`."""
+    joining (while their records allow) until `retire_previous_signing_keys`. Raises
+    ConflictError (security.rotation_in_progress) while MAX_PREVIOUS_KEYS are accepted."""
     new_key = secrets.token_bytes(32)
     with platform.store.write() as tx:
         keys = read_token_keys(tx)
+        if len(keys) > MAX_PREVIOUS_KEYS:
+            raise ConflictError(
+                f"{len(keys) - 1} previous signing keys are still accepted; retire them "
+                "(`muster rotate signing-key --retire-previous`) before rotating again",
+                code="security.rotation_in_progress",
+            )
         _put_token_keys(tx, [new_key, *keys])
         audit.record(
             tx,
@@ -168,13 +180,22 @@ def retire_previous_signing_keys(
 def rotate_ca(platform: Platform, principal: Principal, *, source: str) -> SecurityStatus:
     """A new CA signs every certificate from now on (runners renew onto it when their heartbeat
     reply names it); the CA before it stays trusted until `retire_previous_cas`. Tokens minted
-    from now on pin the new CA."""
+    from now on pin the new CA. Raises ConflictError (security.rotation_in_progress) while a
+    previous CA is still trusted."""
     now = platform.clock.now()
     # Each CA its own name: a trust store holding both then never confuses the two.
     ca = pki.create_ca(now, f"Muster platform CA {now:%Y-%m-%d} {secrets.token_hex(3)}")
     with platform.store.write() as tx:
         current = _require(tx.find_setting(CA_CERT))
-        previous = [current, *_previous_pems(tx)]
+        if _previous_pems(tx):
+            # One overlap at a time: hosts then hold at most two CAs, and "on the previous CA"
+            # means one thing.
+            raise ConflictError(
+                "the previous CA is still trusted; finish that rotation first (`muster rotate "
+                "ca --retire-previous`)",
+                code="security.rotation_in_progress",
+            )
+        previous = [current]
         tx.put_setting(CA_CERT, ca.certificate_pem())
         tx.put_setting(CA_KEY, pki.private_key_to_pem(ca.key))
         tx.put_setting(CA_PREVIOUS, json.dumps(previous))

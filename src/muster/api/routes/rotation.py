@@ -82,7 +82,7 @@ def get_security_rotation(
     PATH + "/signing-key/_rotate",
     operation_id="rotate-signing-key",
     response_model=SecurityStatusReply,
-    responses=errors(401, 403),
+    responses=errors(401, 403, 409),
 )
 def rotate_signing_key(
     request: Request, principal: Principal = Depends(require_admin)
@@ -112,7 +112,7 @@ def retire_previous_signing_keys(
     PATH + "/ca/_rotate",
     operation_id="rotate-ca",
     response_model=SecurityStatusReply,
-    responses=errors(401, 403),
+    responses=errors(401, 403, 409),
 )
 def rotate_ca(
     request: Request, principal: Principal = Depends(require_admin)
