@@ -37,6 +37,14 @@ def rotate(coordinator: Coordinator, *args: str, logs: Path) -> str:
     return result.stdout
 
 
+def join(coordinator: Coordinator, token: str, tmp_path: Path, name: str, *extra: str) -> int:
+    """`muster install --no-start` of one more host; its exit code (output in logs/NAME.*)."""
+    args = join_args(
+        coordinator, token, tmp_path / name, runner_id=name, extra=["--no-start", *extra]
+    )
+    return run_muster(args, logs=tmp_path / "logs", name=name).returncode
+
+
 def last_beat(coordinator: Coordinator, runner_id: str) -> datetime:
     return datetime.fromisoformat(coordinator.runners()[runner_id]["last_heartbeat"])
 
@@ -107,6 +115,9 @@ def test_a_ca_rotation_keeps_agents_heartbeating_and_retires_the_old_ca(
     trusted = pki.load_certificates((storage / "agent" / "ca.crt").read_bytes())
     assert {pki.spki_fingerprint(c) for c in trusted} == {old, new}
     beats_again(coordinator, "rot-1")
+    # A token minted before the rotation pins the old CA, which still issued the server's
+    # certificate: it joins.
+    assert join(coordinator, token, tmp_path, "old-pin-1") == 0
 
     # 3. The server certificate, issued again from the new CA, for new connections at once.
     before = served_certificate(coordinator, old_pem)
@@ -118,8 +129,13 @@ def test_a_ca_rotation_keeps_agents_heartbeating_and_retires_the_old_ca(
     assert pki.subject_alternative_names(after) == pki.subject_alternative_names(before)
     assert served_certificate(coordinator, old_pem) == "SSLCertVerificationError"
     assert coordinator.process is not None
-    assert coordinator.starts == 1
+    assert coordinator.starts == 1  # never restarted
     beats_again(coordinator, "rot-1")
+    # Now that pin no longer authenticates the coordinator: refused before the token is sent,
+    # unless the new CA's fingerprint is given.
+    assert join(coordinator, token, tmp_path, "old-pin-2") == 20
+    assert "--ca-fingerprint" in (logs / "old-pin-2.err").read_text()
+    assert join(coordinator, token, tmp_path, "old-pin-3", "--ca-fingerprint", new) == 0
 
     # 4. Retire the old CA: its certificates are refused from now on. (Until then, the host's
     #    certificate before its renewal is still good: the check below can tell.)
@@ -162,26 +178,20 @@ def test_a_signing_key_rotation_keeps_old_tokens_joining_until_retired(
 ) -> None:
     logs = tmp_path / "logs"
 
-    def join(token: str, name: str) -> int:
-        result = run_muster(
-            join_args(coordinator, token, tmp_path / name, runner_id=name, extra=["--no-start"]),
-            logs=logs,
-            name=name,
-        )
-        return result.returncode
-
     before = coordinator.create_token()["token"]
     rotate(coordinator, "signing-key", logs=logs)
     after = coordinator.create_token()["token"]
     assert before.split(".")[2] != after.split(".")[2]
     assert jwt_part(before, 0) == jwt_part(after, 0) == {"typ": "JWT", "alg": "HS256"}
-    assert join(before, "key-old-1") == 0  # signed by the previous key: still joins
-    assert join(after, "key-new-1") == 0
+    assert (
+        join(coordinator, before, tmp_path, "key-old-1") == 0
+    )  # signed by the previous key: still joins
+    assert join(coordinator, after, tmp_path, "key-new-1") == 0
 
     rotate(coordinator, "signing-key", "--retire-previous", logs=logs)
-    assert join(before, "key-old-2") == 11  # invalid_signature
+    assert join(coordinator, before, tmp_path, "key-old-2") == 11  # invalid_signature
     assert "not signed by this platform" in (logs / "key-old-2.err").read_text()
-    assert join(after, "key-new-2") == 0
+    assert join(coordinator, after, tmp_path, "key-new-2") == 0
     status = coordinator.get(ROTATION)
     assert status["previous_signing_key_ids"] == []
     kinds = [e["kind"] for e in coordinator.audit()]

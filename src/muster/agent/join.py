@@ -19,7 +19,12 @@ from muster.client import Client, base_url, tls_context
 from muster.domain import pki
 from muster.domain.models import HostReport
 from muster.domain.tokens import read_unverified_claims
-from muster.errors import CAMismatchError, CoordinatorUnreachableError, TokenRefusedError
+from muster.errors import (
+    CAMismatchError,
+    CoordinatorUnreachableError,
+    TokenRefusedError,
+    UntrustedCertificateError,
+)
 from muster.hoststate import HostPaths, write_json, write_private
 
 Progress = Callable[[str], None]
@@ -117,7 +122,16 @@ def join(plan: JoinPlan, paths: HostPaths, progress: Progress = lambda _m: None)
         body["server_csr"] = pki.build_csr(server_key, plan.host_ip)
         body["server_names"] = [n for n in plan.server_names if n]
     with Client([plan.coordinator], verify=tls_context(ca_pem=ca_pem)) as client:
-        reply: dict[str, Any] = client.request("POST", "/api/v1/agent/join", json=body)
+        try:
+            reply: dict[str, Any] = client.request("POST", "/api/v1/agent/join", json=body)
+        except UntrustedCertificateError as exc:
+            # The pinned CA is listed but did not issue the server's certificate: the platform's
+            # CA was rotated around this token's making (docs/rotation.md).
+            raise CAMismatchError(
+                f"the coordinator's certificate is not from the CA the roles token pins ({pin}); "
+                "if the platform CA was rotated since the token was made, pass the current CA's "
+                "--ca-fingerprint (`muster rotate status`) or create a new token"
+            ) from exc
     save_identity(paths, pki.private_key_to_pem(key), reply["certificate"], reply["ca_certificate"])
     if server_key is not None and reply.get("server_certificate"):
         write_private(paths.server_key, pki.private_key_to_pem(server_key))
