@@ -64,7 +64,6 @@ class Platform:
     # from which sessions derive their CSRF and audit keys (a token rotation leaves them be).
     previous_cas: tuple[x509.Certificate, ...] = ()
     token_keys: tuple[bytes, ...] = ()
-    ca_rotated_at: datetime | None = None
     # Derived from `ca` and `previous_cas` (current first); replaced together on reload, so a
     # reply cached for one tuple is stale exactly when `ca_fingerprints is not` that tuple.
     ca_fingerprints: tuple[str, ...] = field(init=False, default=())
@@ -96,10 +95,10 @@ class Platform:
             security = _read_security(tx)
         if security is None:
             raise StoreError("the store holds no Muster platform any more")
-        ca, previous, keys, rotated_at = security
+        ca, previous, keys = security
         if ca.certificate != self.ca.certificate:
             self.ca = ca
-        self.previous_cas, self.token_keys, self.ca_rotated_at = previous, keys, rotated_at
+        self.previous_cas, self.token_keys = previous, keys
         self._derive_trust()
 
     def _derive_trust(self) -> None:
@@ -185,7 +184,7 @@ def load_platform(store: Store, clock: Clock, *, heartbeat_interval_s: float = 1
         security = _read_security(tx)
     if security is None or signing_key is None:
         raise StoreError("the store holds no Muster platform; run `muster install` first")
-    ca, previous, keys, rotated_at = security
+    ca, previous, keys = security
     return Platform(
         store=store,
         clock=clock,
@@ -195,18 +194,15 @@ def load_platform(store: Store, clock: Clock, *, heartbeat_interval_s: float = 1
         heartbeat_interval_s=heartbeat_interval_s,
         previous_cas=previous,
         token_keys=keys,
-        ca_rotated_at=rotated_at,
     )
 
 
-_Security = tuple[
-    pki.CertificateAuthority, tuple[x509.Certificate, ...], tuple[bytes, ...], datetime | None
-]
+_Security = tuple[pki.CertificateAuthority, tuple[x509.Certificate, ...], tuple[bytes, ...]]
 
 
 def _read_security(tx: Transaction) -> _Security | None:
-    """The current CA, the previous CAs still trusted, the token keys (signing key first) and
-    when the CA was last rotated; None if the store holds no platform."""
+    """The current CA, the previous CAs still trusted and the token keys (the signing key
+    first); None if the store holds no platform."""
     ca_cert, ca_key = tx.find_setting(CA_CERT), tx.find_setting(CA_KEY)
     if ca_cert is None or ca_key is None:
         return None
@@ -214,8 +210,7 @@ def _read_security(tx: Transaction) -> _Security | None:
     previous = tuple(
         pki.load_certificate(pem) for pem in json.loads(tx.find_setting(CA_PREVIOUS) or "[]")
     )
-    rotated = tx.find_setting(CA_ROTATED_AT)
-    return ca, previous, read_token_keys(tx), datetime.fromisoformat(rotated) if rotated else None
+    return ca, previous, read_token_keys(tx)
 
 
 def read_token_keys(tx: Transaction) -> tuple[bytes, ...]:
