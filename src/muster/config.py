@@ -22,6 +22,7 @@ from muster.address import check_database_url, host_port
 from muster.domain.models import ROLES
 from muster.errors import InvalidInputError
 from muster.hoststate import HostPaths, write_json
+from muster.logs import LogFormat
 
 ENV_PREFIX = "MUSTER_"
 # More worker processes than cores only adds context switches; the cap keeps a typo from
@@ -33,7 +34,14 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
 # What the environment may set for one run. The rest of host.json is what the host's join
 # established (its roles, runner id, address, port): its certificate and the platform's records
 # say the same, so only host.json (written by the install) may hold them.
-ENV_KEYS = ("database_url", "workers", "read_timeout_s", "agent_max_backoff_s", "bench_routes")
+ENV_KEYS = (
+    "database_url",
+    "workers",
+    "read_timeout_s",
+    "agent_max_backoff_s",
+    "bench_routes",
+    "log_format",
+)
 # The flag that sets each key, for error messages.
 FLAGS = {
     "api_port": "--api-port",
@@ -151,6 +159,8 @@ class Settings(BaseSettings):
     agent_max_backoff_s: Seconds = 60.0
     # Coordinator server processes on this host (`--workers`, docs/high-availability.md).
     workers: Workers = 1
+    # How the server writes its log lines: "text" or one JSON object a line (`--log-format`).
+    log_format: LogFormat = "text"
     # The benchmark's floor route (bench/, muster.api.edge): MUSTER_BENCH_ROUTES=1 only,
     # never kept in host.json, never set in production.
     bench_routes: bool = False

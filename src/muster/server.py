@@ -23,24 +23,29 @@ import gc
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import ssl
+import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
+from muster import logs
 from muster.agent.loop import Agent
 from muster.api.tls import ServerTLS, peer_cert_protocol
 from muster.clock import SystemClock
 from muster.config import Settings
+from muster.domain.metrics import TimedStore
 from muster.domain.platform import Platform, load_platform
 from muster.errors import MusterError
 from muster.hoststate import HostPaths, write_private
@@ -48,6 +53,8 @@ from muster.storage import open_store
 from muster.web import build_app
 
 log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when first imported
 
 BACKLOG = 4096
 # A worker that dies this often within RESTART_WINDOW_S is not started again: the supervisor
@@ -72,11 +79,50 @@ def serve_coordinator(
     """Serve the API and UI until SIGINT/SIGTERM, with the local agent heartbeating to it: in
     this process (`config.workers` == 1) or in that many worker processes. Raises
     MusterError if workers keep failing."""
+    logs.configure(config.log_format)
     workers = config.workers
-    if workers == 1:
-        _serve(paths, config, log_level=log_level, on_started=on_ready)
-    else:
-        Supervisor(paths, config, workers, log_level=log_level).run(on_ready)
+    with _metrics_directory(paths):
+        if workers == 1:
+            _serve(paths, config, log_level=log_level, on_started=on_ready)
+        else:
+            Supervisor(paths, config, workers, log_level=log_level).run(on_ready)
+
+
+@contextlib.contextmanager
+def _metrics_directory(paths: HostPaths) -> Iterator[None]:
+    """A fresh private directory (0700) for this run's metrics, named in
+    PROMETHEUS_MULTIPROC_DIR for every process to come (muster.api.metrics: each process counts
+    in its own files there, a scrape adds them up); removed when the server stops. Set before
+    prometheus_client is first imported, which reads it then. Directories of runs that died
+    without removing theirs (kill -9) are removed first. Under the storage path's run/, or the
+    system's temporary directory if that cannot be written."""
+    run = paths.root / "run"
+    try:
+        run.mkdir(mode=0o700, exist_ok=True)
+        for stale in run.glob("metrics-*"):
+            pid = stale.name.split("-")[1]
+            if pid.isdigit() and not _is_running(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        directory = tempfile.mkdtemp(prefix=f"metrics-{os.getpid()}-", dir=run)
+    except OSError as exc:
+        directory = tempfile.mkdtemp(prefix=f"muster-metrics-{os.getpid()}-")
+        log.warning("metrics: cannot write %s (%s); using %s", run, exc.strerror, directory)
+    os.environ[MULTIPROC_ENV] = directory
+    try:
+        yield
+    finally:
+        os.environ.pop(MULTIPROC_ENV, None)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _serve(
@@ -90,7 +136,11 @@ def _serve(
 ) -> None:
     """One server process: store, platform, app and uvicorn, until SIGINT/SIGTERM. With
     `sockets` it serves those (a worker; the supervisor migrated the store), else it binds."""
-    store = open_store(config.store_url(paths), migrate=sockets is None)
+    from muster.api.metrics import observe_transaction  # after PROMETHEUS_MULTIPROC_DIR
+
+    store = TimedStore(
+        open_store(config.store_url(paths), migrate=sockets is None), observe_transaction
+    )
     try:
         platform = load_platform(
             store, SystemClock(), heartbeat_interval_s=config.heartbeat_interval_s
@@ -153,6 +203,8 @@ def _uvicorn_config(app: Any, tls: ServerTLS, config: Settings, log_level: str) 
 
     return uvicorn.Config(
         app,
+        # JSON lines: uvicorn's loggers write through the root logger's handler (muster.logs).
+        log_config=None if config.log_format == "json" else LOGGING_CONFIG,
         host=config.bind,
         port=config.api_port,
         http=peer_cert_protocol(read_timeout_s=config.read_timeout_s),
@@ -345,6 +397,10 @@ class Supervisor:
         process.join()
         pid, how = process.pid, _exit_status(process.exitcode)
         process.close()  # its sentinel's descriptor, now
+        if pid is not None:
+            from muster.api.metrics import forget_process
+
+            forget_process(pid)
         self._ready.discard(index)
         if not serving:
             raise MusterError(
@@ -490,6 +546,7 @@ def _exit_status(code: int | None) -> str:
 
 def run_agent(paths: HostPaths, config: Settings, *, on_event: Callable[[str], None]) -> None:
     """Heartbeat in the foreground until SIGINT/SIGTERM."""
+    logs.configure(config.log_format)
     agent = Agent(
         paths,
         list(config.coordinators),

@@ -381,7 +381,8 @@ def test_settings_patch_also_takes_the_json_string_eces_spec_declares(
 
 
 @pytest.mark.parametrize(
-    "body", ["{not json", {"capacity": 0}, {"capacity": "8192"}, {"memory": 5}, []]
+    "body",
+    ["{not json", {"capacity": 0}, {"capacity": "8192"}, '"a string"', "[1]", [], 5],
 )
 def test_bad_settings_are_400_and_change_nothing(
     client: TestClient, fleet: Installed, body: Any
@@ -390,6 +391,59 @@ def test_bad_settings_are_400_and_change_nothing(
     response = client.patch(path, json=body, auth=fleet.admin)
     assert_error(response, 400, "allocators.invalid_input")
     assert client.get(path, auth=fleet.readonly).json() == {}
+
+
+def test_settings_keep_fields_beyond_capacity(client: TestClient, fleet: Installed) -> None:
+    path = ALLOCATORS + "/10.0.0.1/settings"
+    put = client.put(path, json={"capacity": 4096, "x": {"a": 1, "b": 2}}, auth=fleet.admin)
+    assert put.json() == {"capacity": 4096, "x": {"a": 1, "b": 2}}
+    patched = client.patch(path, json='{"x": {"a": null, "c": 3}}', auth=fleet.admin)
+    assert patched.json() == {"capacity": 4096, "x": {"b": 2, "c": 3}}  # a merge patch
+    assert client.get(path, auth=fleet.readonly).json() == patched.json()
+    assert client.put(path, json={"y": True}, auth=fleet.admin).json() == {"y": True}
+    huge = client.put(path, json={f"k{i}": i for i in range(200)}, auth=fleet.admin)
+    assert_error(huge, 400, "allocators.invalid_input")
+
+
+@pytest.mark.parametrize("part", ["metadata", "settings"])
+def test_metadata_and_settings_say_when_made_and_changed(
+    client: TestClient, fleet: Installed, part: str
+) -> None:
+    path = f"{ALLOCATORS}/10.0.0.1/{part}"
+    made = client.get(path, auth=fleet.readonly).headers
+    assert made["x-cloud-resource-created"] == made["x-cloud-resource-last-modified"]
+    fleet.clock.advance(timedelta(minutes=5))
+    body = {"items": [{"key": "k", "value": "v"}]} if part == "metadata" else {"capacity": 99}
+    assert client.put(path, json=body, auth=fleet.admin).status_code == 200
+    changed = client.get(path, auth=fleet.readonly).headers
+    assert changed["x-cloud-resource-created"] == made["x-cloud-resource-created"]
+    assert changed["x-cloud-resource-last-modified"] > made["x-cloud-resource-last-modified"]
+    assert changed["x-cloud-resource-version"] != made["x-cloud-resource-version"]
+
+
+def test_maintenance_mode_timestamp_is_when_it_last_changed(
+    client: TestClient, fleet: Installed
+) -> None:
+    joined = get(client, fleet, "/10.0.0.1")["status"]["maintenance_mode_timestamp"]
+    fleet.clock.advance(timedelta(hours=1))
+    start = ALLOCATORS + "/10.0.0.1/maintenance-mode/_start"
+    assert client.post(start, auth=fleet.admin).status_code == 202
+    started = get(client, fleet, "/10.0.0.1")["status"]["maintenance_mode_timestamp"]
+    assert started > joined
+    assert started.startswith(str(fleet.clock.now().year))
+    fleet.clock.advance(timedelta(hours=1))
+    assert client.post(start, auth=fleet.admin).status_code == 202  # already on: unchanged
+    assert get(client, fleet, "/10.0.0.1")["status"]["maintenance_mode_timestamp"] == started
+
+
+def test_search_takes_simple_query_string(client: TestClient, fleet: Installed) -> None:
+    query = {"simple_query_string": {"query": "ece-zone-1 | 10.0.0.3", "fields": ["zone_id"]}}
+    found = client.post(ALLOCATORS + "/_search", json={"query": query}, auth=fleet.readonly)
+    assert found.status_code == 200, found.text
+    assert ids(found.json()) == ["10.0.0.1"]
+    query["simple_query_string"]["fields"] = ["zone_id", "host_ip"]
+    found = client.post(ALLOCATORS + "/_search", json={"query": query}, auth=fleet.readonly)
+    assert ids(found.json()) == ["10.0.0.1", "10.0.0.3"]
 
 
 # ---- deletion ---------------------------------------------------------------------------------

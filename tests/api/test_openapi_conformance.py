@@ -3,8 +3,10 @@
 Data-driven: every operation Muster serves is checked, so new ECE paths join by themselves. An
 operation on an ECE path must exist in ECE's spec with the same success status; every field ECE
 requires in the request body and in the success reply must be in Muster's schema with a
-compatible JSON type (Muster may add fields, never drop or rename one). Paths that are Muster's
-own additions are listed in MUSTER_ONLY.
+compatible JSON type (Muster may add fields, never drop or rename one), and every header ECE
+declares on the success reply must be declared too. Paths that are Muster's own additions are
+listed in MUSTER_ONLY. Operations in LIVE are also called: their replies must validate against
+ECE's schema and carry the headers ECE declares.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema_rs
 import pytest
 from fastapi.testclient import TestClient
 
@@ -25,6 +28,7 @@ from muster.api.app import create_app
 from muster.clock import FakeClock
 from muster.domain.platform import create_platform, load_platform
 from muster.storage import open_store
+from tests.conftest import Installed, create_token, join
 
 ECE_SPEC = Path(__file__).parents[3] / "shared/reference/apidocs.json"
 OPENAPI = "/api/v1/api-docs/openapi.json"
@@ -47,13 +51,7 @@ REQUIRED = {
 METHODS = ("get", "put", "post", "delete", "patch")
 # Known departures from ECE's spec, each with its reason. They run as strict xfails: they show in
 # every report, and the entry must go once the operation conforms.
-DEPARTURES = {
-    ("PATCH", "/platform/infrastructure/allocators/{allocator_id}/settings"): (
-        "ECE's spec types this body as a JSON string (a merge-patch document in a string, as "
-        "the Go SDK sends it); Muster takes the JSON object curl users send. Accepting both is "
-        "the owner's call (routes/allocators.py)."
-    ),
-}
+DEPARTURES: dict[tuple[str, str], str] = {}
 
 
 # -- the two documents ---------------------------------------------------------------------------
@@ -309,7 +307,86 @@ def test_operation_matches_ece(method: str, path: str) -> None:
     if ece_reply is not None and muster_reply is not None:
         problems += compare(spec, ece_reply, document, muster_reply, sends=True, where="reply")
 
+    declared = {h.lower() for h in mine["responses"][muster_status].get("headers", {})}
+    for header in ece_op["responses"][ece_status].get("headers", {}):
+        if header.lower() not in declared:
+            problems.append(f"ECE's {ece_status} reply declares header {header}, Muster's not")
+
     assert not problems, f"{method} {ece_path}:\n  " + "\n  ".join(problems)
+
+
+# -- live replies ----------------------------------------------------------------------------------
+ALLOCATOR = "/platform/infrastructure/allocators/{allocator_id}"
+RUNNER = "/platform/infrastructure/runners/{runner_id}"
+# (method, ECE path, body): called on a platform with one allocator host, 10.0.0.1, as admin.
+LIVE: list[tuple[str, str, Any]] = [
+    ("GET", "/platform", None),
+    ("POST", "/platform/infrastructure/allocators/_resync", None),
+    ("POST", ALLOCATOR + "/_resync", None),
+    ("POST", "/platform/infrastructure/runners/_resync", None),
+    ("POST", RUNNER + "/_resync", None),
+    ("GET", ALLOCATOR, None),
+    ("GET", ALLOCATOR + "/metadata", None),
+    ("GET", ALLOCATOR + "/settings", None),
+    ("PUT", ALLOCATOR + "/settings", {"capacity": 4096}),
+    # As ECE's Go SDK sends it: the merge patch as a JSON string.
+    ("PATCH", ALLOCATOR + "/settings", '{"capacity": 8192}'),
+    # ECE declares only 200: ids of no key of the caller's are skipped.
+    ("DELETE", "/users/auth/keys", {"keys": ["no-such-key"]}),
+]
+
+
+def ece_validator(schema: dict[str, Any]) -> Any:
+    spec = require_ece()
+    return jsonschema_rs.Draft4Validator({**schema, "definitions": spec["definitions"]})
+
+
+@pytest.mark.parametrize(("method", "path", "body"), LIVE, ids=[f"{m} {p}" for m, p, _ in LIVE])
+def test_live_reply_holds_to_eces_schema_and_headers(
+    client: TestClient, installed: Installed, method: str, path: str, body: Any
+) -> None:
+    _ece_path, operation = ece_operation(method, path)
+    token = create_token(client, installed)["token"]
+    joined = join(client, token, "10.0.0.1", host_ip="10.0.0.1", zone="ece-zone-1")
+    assert joined.status_code == 200, joined.text
+    maintenance = BASE + ALLOCATOR.format(allocator_id="10.0.0.1") + "/maintenance-mode/_start"
+    assert client.post(maintenance, auth=installed.admin).status_code == 202
+    concrete = path.format(allocator_id="10.0.0.1", runner_id="10.0.0.1")
+    response = client.request(method, BASE + concrete, json=body, auth=installed.admin)
+
+    status = success(operation["responses"])
+    assert str(response.status_code) == status, response.text
+    declared = operation["responses"][status]
+    missing = [h for h in declared.get("headers", {}) if h not in response.headers]
+    assert not missing, f"ECE declares these headers, Muster did not send them: {missing}"
+    if "schema" in declared:
+        errors = [e.message for e in ece_validator(declared["schema"]).iter_errors(response.json())]
+        assert not errors, f"{method} {path}: {errors}"
+
+
+def test_deleting_api_keys_skips_unknown_ids_and_deletes_the_rest(
+    client: TestClient, installed: Installed
+) -> None:
+    keys = BASE + "/users/auth/keys"
+    made = [
+        client.post(keys, json={"description": f"k{n}"}, auth=installed.admin).json()["id"]
+        for n in range(3)
+    ]
+    body = {"keys": [made[0], "no-such-key", made[1], made[0]]}
+    response = client.request("DELETE", keys, json=body, auth=installed.admin)
+    assert (response.status_code, response.json()) == (200, {})
+    left = client.get(keys, auth=installed.admin).json()["keys"]
+    assert [key["id"] for key in left] == [made[2]]
+
+
+def test_live_check_finds_a_reply_that_breaks_eces_schema() -> None:
+    validator = ece_validator({"$ref": "#/definitions/ModelVersionIndexSynchronizationResults"})
+    assert not list(
+        validator.iter_errors(
+            {"results": {"1": {key: [] for key in ("created", "updated", "deleted", "errors")}}}
+        )
+    )
+    assert list(validator.iter_errors({"results": {"1": {"created": []}}}))
 
 
 # -- the checker itself ----------------------------------------------------------------------------

@@ -205,3 +205,22 @@ def test_allocator_rows_show_free_memory_and_instance_count() -> None:
     }
     rows = infra.allocator_rows({"zones": [{"zone_id": "z", "allocators": [doc]}]})
     assert rows == [("z", "a", "10.0.0.9", "8192 MB", "7168 MB", "2", "yes", "yes")]
+
+
+# ---- resync -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["allocator", "runner"])
+def test_resync_of_one_and_of_all(muster: Any, kind: str) -> None:
+    assert f"{kind} {FIRST_HOST} resynced" in ok(muster(kind, "resync", FIRST_HOST))
+    everything = as_json(muster(kind, "resync", "--all", "-o", "json"))
+    (results,) = everything["results"].values()
+    assert FIRST_HOST in results["updated"]
+    assert f"{kind}s resynced" in ok(muster(kind, "resync", "--all"))
+    missing = muster(kind, "resync", "10.255.255.1")
+    assert missing.exit_code == EXIT_CODES[NotFoundError]
+
+
+@pytest.mark.parametrize("args", [(), (FIRST_HOST, "--all")])
+def test_resync_needs_an_id_or_all(muster: Any, args: tuple[str, ...]) -> None:
+    assert muster("allocator", "resync", *args).exit_code == EXIT_USAGE

@@ -15,6 +15,7 @@ from muster.domain.query import (
     Query,
     QueryError,
     parse_query_string,
+    parse_simple_query_string,
     resolve_field,
 )
 from muster.domain.search_body import parse_search_request
@@ -897,3 +898,74 @@ fields = st.one_of(
 @given(st.dictionaries(keys, nested, max_size=4), fields)
 def test_resolve_field_agrees_with_the_plain_reference(doc: dict[str, Any], field: str) -> None:
     assert resolve_field(doc, field) == reference_resolve(doc, field)
+
+
+# ---- simple_query_string ------------------------------------------------------------------------
+
+
+def simple_ids(query: str, **options: Any) -> list[str]:
+    return searched_ids({"query": {"simple_query_string": {"query": query, **options}}})
+
+
+@pytest.mark.parametrize(
+    ("query", "options", "expected"),
+    [
+        ("beta | gamma", {}, ["10.0.0.2", "10.0.0.3"]),  # no fields: anywhere, as bare terms
+        ("ece-zone-2", {"fields": ["zone_id"]}, ["10.0.0.2", "10.0.0.4"]),  # `-` inside a word
+        ("beta gamma", {"fields": ["public_hostname"]}, ["10.0.0.2", "10.0.0.3"]),  # OR
+        ("beta gamma", {"fields": ["public_hostname"], "default_operator": "and"}, []),
+        ("ece-zone-2 + beta", {"fields": ["zone_id", "public_hostname"]}, ["10.0.0.2"]),
+        ("-ece-zone-2", {"fields": ["zone_id"]}, ["10.0.0.1", "10.0.0.3"]),
+        ("gam*", {"fields": ["public_hostname"]}, ["10.0.0.3"]),
+        ('"delta host"', {"fields": ["public_hostname"]}, ["10.0.0.4"]),
+        (
+            "r2 | beta",
+            {"fields": ["public_hostname^2", "metadata.value"]},
+            ["10.0.0.2", "10.0.0.4"],
+        ),
+        ("(beta | gamma) + -ece-zone-2", {"fields": ["public_hostname", "zone_id"]}, ["10.0.0.3"]),
+        ("", {"fields": ["zone_id"]}, ALL_IDS),
+    ],
+)
+def test_simple_query_string_matches_as_elasticsearch_reads_it(
+    query: str, options: dict[str, Any], expected: list[str]
+) -> None:
+    assert simple_ids(query, **options) == expected
+
+
+@pytest.mark.parametrize(
+    "query", ["(beta", "| beta", "beta +", "beta ()", ")beta(", "beta -", '"beta']
+)
+def test_simple_query_string_leaves_out_what_does_not_parse(query: str) -> None:
+    assert simple_ids(query, fields=["public_hostname"]) == ["10.0.0.2"]
+
+
+@pytest.mark.parametrize("query", ["beta", "gam*", '"delta host"', "10.0.0.*", "Alpha.example"])
+@pytest.mark.parametrize("field", ["public_hostname", "host_ip", "*"])
+def test_simple_query_string_terms_match_as_query_string_terms(query: str, field: str) -> None:
+    assert simple_ids(query, fields=[field]) == matching_ids(query, default_field=field)
+
+
+@given(st.text(max_size=60))
+def test_simple_query_string_never_refuses_its_syntax(query: str) -> None:
+    parse_simple_query_string(query, fields=["public_hostname", "zone_id"])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"minimum_should_match": "1"}, "'minimum_should_match' is not supported"),
+        ({"nope": 1}, "unknown option 'nope'"),
+        ({"fields": "zone_id"}, "'fields' must be a list"),
+        ({"fields": [""]}, "fields: a list of field names"),
+        ({"default_operator": "XOR"}, "default_operator must be AND or OR"),
+    ],
+)
+def test_simple_query_string_refuses_bad_options(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(QueryError, match=re.escape(message)):
+        simple_ids("beta", **options)
+
+
+def test_simple_query_string_accepts_options_that_only_change_scoring() -> None:
+    options = {"analyzer": "standard", "flags": "ALL", "lenient": True, "fields": ["*"]}
+    assert simple_ids("beta", **options) == ["10.0.0.2"]

@@ -26,6 +26,7 @@ from muster.domain.models import (
 from muster.errors import ConflictError, MusterError, NotFoundError
 from muster.storage import Store, open_store
 from muster.storage import schema as tables
+from muster.storage._rows import runner_row
 from muster.storage.migrations import alembic_config, current_revision, upgrade
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -373,6 +374,51 @@ def test_allocators_are_created_found_listed_and_updated(store: Store) -> None:
         )
         assert tx.find_allocator("b") == allocator("b")
         assert tx.find_allocator("c") is None
+
+
+def test_allocators_keep_when_they_were_made_and_last_changed(store: Store) -> None:
+    with store.write() as tx:
+        tx.create_allocator(allocator("a", created_at=at(1)))
+        tx.create_allocator(allocator("b"))
+    with store.write() as tx:
+        tx.update_allocator(
+            "a", maintenance_changed_at=at(2), metadata_changed_at=at(3), settings_changed_at=at(4)
+        )
+    with store.read() as tx:
+        a = tx.get_allocator("a")
+        assert (a.created_at, a.maintenance_changed_at) == (at(1), at(2))
+        assert (a.metadata_changed_at, a.settings_changed_at) == (at(3), at(4))
+        assert a.created_at is not None
+        assert a.created_at.utcoffset() == timedelta(0)
+        assert tx.get_allocator("b").created_at is None
+        assert tx.list_allocators_by_id(["a"]) == [a]
+
+
+def test_migration_0005_dates_existing_allocators_by_their_runners_join(
+    store: Store,
+) -> None:
+    config = alembic_config()
+    with store._writer.begin() as conn:  # type: ignore[attr-defined]
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0004")
+        conn.execute(insert(tables.runners).values(runner_row(runner("a", joined_at=at(7)))))
+        for allocator_id in ("a", "orphan"):
+            conn.execute(
+                insert(tables.allocators).values(
+                    allocator_id=allocator_id,
+                    zone_id="z",
+                    capacity_mb=1,
+                    maintenance=False,
+                    tags={},
+                    metadata={},
+                    settings={},
+                )
+            )
+    upgrade(store)
+    with store.read() as tx:
+        assert tx.get_allocator("a").created_at == at(7)
+        assert tx.get_allocator("orphan").created_at is None
+        assert tx.get_allocator("a").maintenance_changed_at is None
 
 
 def test_allocator_errors_carry_allocator_codes(store: Store) -> None:

@@ -161,6 +161,14 @@ def test_joining_host_appears_live_and_turns_disconnected_when_killed(
     assert ui_coordinator.allocators()["ui-host-1"]["status"]["connected"] is False
     shot(page, "allocators")
 
+    # Disconnected: neither placing instances nor known healthy, whatever ECE's flag says.
+    page.goto("/ui/allocators/ui-host-1")
+    expect(page.locator("#badges .status-disconnected")).to_be_visible()
+    expect(page.locator("#badges .status-not-accepting")).to_be_visible()
+    expect(page.locator("#badges .status-health-unknown")).to_be_visible()
+    expect(page.locator("#badges .status-accepting")).to_have_count(0)
+    expect(page.locator("#badges")).not_to_contain_text("Healthy")
+
     page.goto("/ui/overview")
     wait_loaded(page)
     expect(page.locator("#stat-disconnected")).not_to_have_text("0")
@@ -216,6 +224,7 @@ def test_admin_starts_and_stops_maintenance_mode(
     expect(page).to_have_url(re.compile(rf"/ui/allocators/{re.escape(FIRST_HOST)}$"))
     expect(page.get_by_role("heading", name=f"Allocator {FIRST_HOST}")).to_be_visible()
     expect(page.locator("#badges .status-maintenance")).to_be_visible()
+    expect(page.locator("#host")).to_contain_text("On since")
     expect(page.locator("#checks")).to_contain_text("Heartbeats reach the coordinator")
     expect(page.locator("#capacity")).to_contain_text("GB")
     expect(page.locator("#instances")).to_contain_text("No instances on this allocator")

@@ -158,6 +158,16 @@ class SingleQueryValues:
         await self.app(scope, receive, send)
 
 
+class _MusterAPI(FastAPI):
+    """FastAPI with muster.api.metrics.Telemetry outside all of it, the 500 handler included:
+    every reply carries X-Request-Id and every log line written for it the request's id."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        from muster.api.metrics import Telemetry
+
+        return Telemetry(super().build_middleware_stack())
+
+
 def create_app(
     platform: Platform,
     *,
@@ -189,7 +199,7 @@ def create_app(
             refresher.stop()
             flusher.stop()
 
-    app = FastAPI(
+    app = _MusterAPI(
         title="Muster API",
         version=__version__,
         description="Muster's platform API: Elastic Cloud Enterprise's paths and shapes, plus "
@@ -247,11 +257,41 @@ def create_app(
             response.headers.setdefault("cache-control", "no-store")
         return response
 
+    from muster.api import metrics
     from muster.api.edge import Edge
-    from muster.api.routes import agent, allocators, audit, rotation, runners, tokens, users
+    from muster.api.routes import (
+        agent,
+        allocators,
+        audit,
+        deployments,
+        rotation,
+        runners,
+        tokens,
+        users,
+    )
+    from muster.api.routes import platform as platform_api
 
-    for module in (tokens, users, audit, agent, allocators, runners, rotation):
-        app.include_router(module.router, prefix=API)
+    api_routers = [
+        m.router
+        for m in (
+            tokens,
+            users,
+            audit,
+            agent,
+            allocators,
+            runners,
+            deployments,
+            platform_api,
+            rotation,
+        )
+    ]
+    for router in api_routers:
+        app.include_router(router, prefix=API)
+    # GET /metrics (docs/metrics.md), and the layer that names each request's route: inside
+    # RegionPaths and the edge, which may hand a copy of the scope on.
+    app.include_router(metrics.router)
+    app.state.metrics = metrics.scrape_registry(platform)
+    app.add_middleware(metrics.RouteNote, prefixed={API: api_routers})
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(SingleQueryValues)
     app.add_middleware(RegionPaths, region=platform.region)

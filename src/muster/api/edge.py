@@ -18,6 +18,8 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from muster import logs
+from muster.api import metrics
 from muster.api.app import MAX_BODY_BYTES, error_response
 from muster.api.headers import JSON_REPLY_HEADERS
 from muster.api.routes.agent import REFUSED, join_reply, join_request
@@ -77,6 +79,7 @@ class Edge:
             return
         path = scope["path"]
         if self.ping and path == PING_PATH:
+            metrics.note_route(scope, PING_PATH)
             for message in _EMPTY_200:
                 await send(message)
             return
@@ -110,11 +113,13 @@ class Edge:
         if runner is None or model is None:
             await self.app(scope, replay(body, receive), send)
             return
+        logs.set_runner_id(runner.name)
         try:
             runners.record_heartbeat(self.platform, runner, model.to_report())
         except Exception as exc:
             await self.app({**scope, REFUSED: exc}, replay(body, receive), send)
             return
+        metrics.count_fast_heartbeat(scope)
         for message in self._heartbeat_reply():
             await send(message)
 
@@ -163,6 +168,7 @@ class Edge:
         except Exception as exc:
             await self.app({**scope, REFUSED: exc}, replay(body, receive), send)
             return
+        metrics.note_route(scope, JOIN_PATH)
         # As FastAPI renders the route's reply (pydantic's JSON, response_model_exclude_none).
         for message in _json_reply(reply.model_dump_json(exclude_none=True).encode()):
             await send(message)

@@ -4,12 +4,12 @@ is a 400, never coerced)."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from muster.api.schemas import Reply, Strict
+from muster.api.schemas import Reply, Strict, _is_storable
+from muster.errors import InvalidInputError
 
 INT32_MAX = 2**31 - 1
 MAX_PAGE = 10_000
@@ -24,12 +24,6 @@ def reply_json(value: Any) -> bytes:
     `response_model_exclude_none`, byte for byte, but without validating it again: validating a
     10,000-allocator listing costs half a second. Listing routes return these bytes."""
     return _AS_IS.dump_json(value)
-
-
-class StrictForbid(BaseModel):
-    """A request whose unknown fields are refused: they would otherwise be silently dropped."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 # -- shared --------------------------------------------------------------------------------------
@@ -101,25 +95,44 @@ class AllocatorSettings(Reply):
     capacity: int | None = Field(default=None, description="Memory capacity override in MB")
 
 
-class AllocatorSettingsRequest(StrictForbid):
+class AllocatorSettingsRequest(Strict):
+    """ECE's AllocatorSettings: `capacity` is checked, other fields are kept as given (ECE's
+    schema does not forbid them)."""
+
     capacity: int | None = Field(
         default=None, description="Memory capacity (MB) overriding the installed one; null: none"
     )
 
+    model_config = ConfigDict(strict=True, extra="allow")
 
-class AllocatorSettingsPatch(AllocatorSettingsRequest):
-    """PATCH body: a JSON object, or (as ECE's spec declares the body `type: string`, and
-    generated clients send it) a JSON string holding that object."""
+    @model_validator(mode="after")
+    def _storable_extras(self) -> AllocatorSettingsRequest:
+        if not _is_storable(self.model_extra or {}):
+            raise ValueError("text must be valid Unicode without NUL characters")
+        return self
 
-    @model_validator(mode="before")
-    @classmethod
-    def _decode_string(cls, data: Any) -> Any:
-        if isinstance(data, str):
-            try:
-                return json.loads(data)
-            except ValueError:
-                raise ValueError("the settings string is not JSON; send a JSON object") from None
-        return data
+    def fields_given(self) -> dict[str, Any]:
+        """The fields the body names, nulls included (a merge patch removes those)."""
+        given = self.model_dump(include=self.model_fields_set)
+        return {**given, **(self.model_extra or {})}
+
+
+def settings_patch(body: AllocatorSettingsRequest | str) -> AllocatorSettingsRequest:
+    """The PATCH body: a JSON object, or (as ECE's spec types it `string`, and ECE's Go SDK
+    sends it) a string holding that JSON object. Raises InvalidInputError."""
+    if not isinstance(body, str):
+        return body
+    try:
+        return AllocatorSettingsRequest.model_validate_json(body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "body"
+        raise InvalidInputError(
+            f"{where}: {error['msg']}; send the settings as a JSON object (or a string "
+            "holding one)",
+            code="allocators.invalid_input",
+            fields=[where],
+        ) from None
 
 
 class AllocatedInstanceStatus(Reply):
@@ -230,3 +243,154 @@ class RunnerInfo(Reply):
 
 class RunnerOverview(Reply):
     runners: list[RunnerInfo]
+
+
+# -- resync ----------------------------------------------------------------------------------------
+class IndexSynchronizationResults(Reply):
+    created: list[str]
+    updated: list[str]
+    deleted: list[str]
+    errors: list[str]
+
+
+class ModelVersionIndexSynchronizationResults(Reply):
+    results: dict[str, IndexSynchronizationResults]
+
+
+# -- platform --------------------------------------------------------------------------------------
+class ZookeeperNodeInfo(Reply):
+    id: str
+    state: str
+
+
+class ZookeeperSummary(Reply):
+    states: list[ZookeeperNodeInfo]
+
+
+class AllocatorsZoneSummary(Reply):
+    zone_id: str
+    total_allocators: int
+    healthy_allocators: int
+    connected_allocators: int
+    disconnected_allocators: int
+    in_maintenance_allocators: int
+    connected_capacity: int
+    max_available_capacity: int
+    instances: int
+
+
+class AllocatorsSummary(Reply):
+    healthy: bool
+    zone_summaries: list[AllocatorsZoneSummary]
+
+
+class RunnersSummary(Reply):
+    healthy: bool
+    total_runners: int
+    healthy_runners: int
+    connected_runners: int
+    connected_capacity: int
+    max_available_capacity: int
+    containers_count: int
+
+
+class ProxySummary(Reply):
+    proxy_id: str
+    healthy: bool
+
+
+class ProxiesSummary(Reply):
+    healthy: bool
+    expected_proxies_count: int
+    proxies_count: int
+    proxies: list[ProxySummary]
+
+
+class ContainerSetSummary(Reply):
+    container_set_id: str
+    healthy: bool
+    hidden: bool
+    containers_created_count: int
+    containers_started_count: int
+    containers_running_count: int
+    containers_expected_running_count: int
+
+
+class ContainerSetsSummary(Reply):
+    healthy: bool
+    healthy_container_sets_count: int
+    unhealthy_container_sets_count: int
+    unhealthy_container_sets: list[ContainerSetSummary]
+
+
+class ConstructorHealthStatus(Reply):
+    connected: bool
+    maintenance_mode: bool
+
+
+class ConstructorInfo(Reply):
+    constructor_id: str
+    status: ConstructorHealthStatus
+
+
+class ConstructorOverview(Reply):
+    constructors: list[ConstructorInfo]
+
+
+class CoordinatorSummary(Reply):
+    name: str
+    public_hostname: str
+    leader_port: int
+    election_port: int
+    client_port: int
+    attributes: dict[str, str]
+
+
+class CoordinatorsSummary(Reply):
+    coordinators: list[CoordinatorSummary]
+
+
+class PlatformResourcesSummary(Reply):
+    healthy: bool
+    available_count: int
+    used_count: int
+    missing_count: int
+    minimum_available_count: int
+    account_count: int
+
+
+class RegionInfo(Reply):
+    region_id: str
+    zookeeper_states: ZookeeperSummary
+    allocators: AllocatorsSummary
+    runners: RunnersSummary
+    proxies: ProxiesSummary
+    container_sets_status: ContainerSetsSummary
+    constructors: ConstructorOverview
+    coordinators: CoordinatorsSummary
+    resources: PlatformResourcesSummary
+
+
+class PlatformServiceImageInfo(Reply):
+    id: str
+    tag: str
+    version: str
+    hash: str
+
+
+class PlatformServiceInfo(Reply):
+    type: str
+    image: list[PlatformServiceImageInfo]
+
+
+class UnreachableRegionInfo(Reply):
+    region_id: str
+
+
+class PlatformInfo(Reply):
+    version: str
+    services: list[PlatformServiceInfo]
+    phone_home_enabled: bool
+    eula_accepted: bool
+    regions: list[RegionInfo]
+    unreachable_regions: list[UnreachableRegionInfo]

@@ -146,6 +146,8 @@ def allocator_details(a: dict[str, Any]) -> list[tuple[str, str]]:
         details.append(("capacity override", f"{a['settings']['capacity']} MB"))
     if a.get("last_heartbeat"):
         details.append(("last heartbeat", a["last_heartbeat"]))
+    if status.get("maintenance_mode_timestamp"):
+        details.append(("maintenance since", status["maintenance_mode_timestamp"]))
     return details
 
 
@@ -368,3 +370,56 @@ def runner_roles(
         output,
         lambda d: console.print(f"runner {runner_id} roles: {_roles(d)}", highlight=False),
     )
+
+
+# ---- resync -------------------------------------------------------------------------------------
+
+EveryOpt = Annotated[bool, typer.Option("--all", help="every one of them")]
+
+
+def resync(ctx: typer.Context, base: str, kind: str, ident: str | None, every: bool) -> Any:
+    """POST ECE's `_resync` for one `kind` (allocator, runner) or, with `every`, all; returns
+    the reply. Exits with a usage error unless exactly one of the two is given."""
+    if (ident is None) == (not every):
+        fail(f"give a {kind} id or --all, not both and not neither", EXIT_USAGE)
+    path = f"{base}/_resync" if ident is None else _one(base, ident, "_resync")
+    with errors_as_exit(), client_from(ctx) as client:
+        return client.request("POST", path)
+
+
+def _resynced(kind: str, ident: str | None) -> Any:
+    def render(reply: dict[str, Any]) -> None:
+        if ident is not None:
+            message = f"{kind} {ident} resynced: the coordinator reads its state from the store"
+        else:
+            count = sum(len(r.get("updated", [])) for r in reply.get("results", {}).values())
+            message = f"{count} {kind}s resynced: the coordinator reads their state from the store"
+        console.print(message, highlight=False)
+
+    return render
+
+
+@allocator_app.command("resync")
+def allocator_resync(
+    ctx: typer.Context,
+    allocator_id: Annotated[str | None, typer.Argument(help="the allocator id")] = None,
+    every: EveryOpt = False,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Drop what the coordinator caches of an allocator's host (or of all with --all), so that
+    it is read again from the store."""
+    reply = resync(ctx, ALLOCATORS, "allocator", allocator_id, every)
+    emit(reply, output, _resynced("allocator", allocator_id))
+
+
+@runner_app.command("resync")
+def runner_resync(
+    ctx: typer.Context,
+    runner_id: Annotated[str | None, typer.Argument(help="the runner id")] = None,
+    every: EveryOpt = False,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Drop what the coordinator caches of a runner (or of all with --all), so that it is read
+    again from the store."""
+    reply = resync(ctx, RUNNERS, "runner", runner_id, every)
+    emit(reply, output, _resynced("runner", runner_id))

@@ -29,6 +29,7 @@ from muster.cli.common import (
     fail,
 )
 from muster.cli.infra import allocator_app, runner_app
+from muster.cli.platform import platform_app
 from muster.cli.rotate import rotate_app
 from muster.cli.service import service_app
 from muster.cli.tokens import token_app
@@ -46,6 +47,7 @@ app.add_typer(token_app, name="token")
 
 app.add_typer(allocator_app, name="allocator")
 app.add_typer(runner_app, name="runner")
+app.add_typer(platform_app, name="platform")
 app.add_typer(service_app, name="service")
 app.add_typer(rotate_app, name="rotate")
 app.add_typer(backup_app)
@@ -118,6 +120,16 @@ WorkersOpt = Annotated[
 ]
 
 
+LogFormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="how the server writes log lines: text (default) or json, one object a line "
+        "[env var: MUSTER_LOG_FORMAT]",
+        show_default=False,
+    ),
+]
+
+
 def _step(message: str) -> None:
     console.print(f"[green]✓[/] {message}", highlight=False, soft_wrap=True)
 
@@ -176,6 +188,7 @@ def install(
         ),
     ] = None,
     workers: WorkersOpt = None,
+    log_format: LogFormatOpt = None,
     no_start: Annotated[bool, typer.Option("--no-start", help="set up only; start later")] = False,
 ) -> None:
     """Install Muster on this host: the first host creates the platform; with
@@ -195,6 +208,7 @@ def install(
                 "runner_id": runner_id,
                 "database_url": database_url,
                 "workers": workers,
+                "log_format": log_format,
             }
         )
         if coordinator_host is None:
@@ -281,12 +295,18 @@ def start(
         ),
     ] = None,
     workers: WorkersOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run an installed host again in the foreground (SIGINT/SIGTERM stop it)."""
-    _start(host_storage_path.absolute(), database_url, workers)
+    _start(host_storage_path.absolute(), database_url, workers, log_format)
 
 
-def _start(path: Path, database_url: str | None = None, workers: int | None = None) -> None:
+def _start(
+    path: Path,
+    database_url: str | None = None,
+    workers: int | None = None,
+    log_format: str | None = None,
+) -> None:
     from muster.config import load_host, load_settings, save_host
     from muster.hoststate import HostPaths
 
@@ -296,7 +316,9 @@ def _start(path: Path, database_url: str | None = None, workers: int | None = No
         if saved is None:
             fail(f"{path} holds no Muster installation; run `muster install` first", EXIT_USAGE)
         # The flags and MUSTER_* variables hold for this run; only --workers is kept.
-        config = load_settings({"database_url": database_url, "workers": workers}, saved)
+        config = load_settings(
+            {"database_url": database_url, "workers": workers, "log_format": log_format}, saved
+        )
         if workers is not None and workers != saved.workers:
             if not config.serves_api:
                 fail("--workers: this host runs no coordinator, only its agent", EXIT_USAGE)

@@ -9,6 +9,7 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from muster.domain import audit, runners
@@ -29,6 +30,10 @@ from muster.errors import ConflictError, InvalidInputError, NotFoundError
 MAX_METADATA_ITEMS = 100
 MAX_METADATA_KEY = 128
 MAX_METADATA_VALUE = 1024
+# Settings beyond `capacity` are kept as given (ECE's AllocatorSettings does not forbid them),
+# within bounds: a settings document is stored whole in the allocator's row.
+MAX_SETTINGS_FIELDS = 100
+MAX_SETTINGS_BYTES = 16 * 1024
 
 INVALID_INPUT = "allocators.invalid_input"
 
@@ -82,6 +87,33 @@ def get_settings(platform: Platform, allocator_id: str) -> dict[str, Any]:
         return dict(tx.get_allocator(allocator_id).settings)
 
 
+@dataclass(frozen=True)
+class Stamped:
+    """A part of an allocator (metadata or settings) with when the allocator was created and
+    when that part last changed (None when unknown: made before Muster recorded it)."""
+
+    value: Any
+    created_at: datetime | None
+    modified_at: datetime | None
+
+
+def read_metadata(platform: Platform, allocator_id: str) -> Stamped:
+    """`get_metadata`, stamped. Raises NotFoundError (allocators.allocator_not_found)."""
+    with platform.store.read() as tx:
+        allocator = tx.get_allocator(allocator_id)
+    items = metadata_items(effective_metadata(allocator))
+    modified = allocator.metadata_changed_at or allocator.created_at
+    return Stamped(items, allocator.created_at, modified)
+
+
+def read_settings(platform: Platform, allocator_id: str) -> Stamped:
+    """`get_settings`, stamped. Raises NotFoundError (allocators.allocator_not_found)."""
+    with platform.store.read() as tx:
+        allocator = tx.get_allocator(allocator_id)
+    modified = allocator.settings_changed_at or allocator.created_at
+    return Stamped(dict(allocator.settings), allocator.created_at, modified)
+
+
 def check_capacity(value: Any) -> int:
     """A capacity override in MB: a whole number 1..MAX_CAPACITY_MB. Raises InvalidInputError."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_CAPACITY_MB:
@@ -106,6 +138,31 @@ def _check_item(key: str, value: str, *, code: str) -> None:
             f"characters, values at most {MAX_METADATA_VALUE}",
             code=INVALID_INPUT,
             fields=["key" if len(key) > MAX_METADATA_KEY else "value"],
+        )
+
+
+def merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """`patch` applied to `target` as a JSON merge patch (RFC 7386)."""
+    merged = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, Mapping):
+            old = merged.get(key)
+            merged[key] = merge_patch(old if isinstance(old, Mapping) else {}, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _check_settings_size(settings: Mapping[str, Any]) -> None:
+    size = len(json.dumps(settings, separators=(",", ":")).encode())
+    if len(settings) > MAX_SETTINGS_FIELDS or size > MAX_SETTINGS_BYTES:
+        raise InvalidInputError(
+            f"settings: at most {MAX_SETTINGS_FIELDS} fields and {MAX_SETTINGS_BYTES} bytes "
+            "of JSON; leave out what the allocator does not need",
+            code=INVALID_INPUT,
+            fields=["settings"],
         )
 
 
@@ -134,7 +191,9 @@ class AllocatorAdmin:
         """Start (`enabled`) or stop maintenance mode; idempotent, audited every time."""
         with self.platform.store.write() as tx:
             if tx.get_allocator(allocator_id).maintenance != enabled:
-                tx.update_allocator(allocator_id, maintenance=enabled)
+                # ECE's maintenance_mode_timestamp: when maintenance was last entered or left.
+                now = self.platform.clock.now()
+                tx.update_allocator(allocator_id, maintenance=enabled, maintenance_changed_at=now)
             self._audit(
                 tx, audit.ALLOCATOR_MAINTENANCE, allocator_id, maintenance=enabled, reason=reason
             )
@@ -156,13 +215,17 @@ class AllocatorAdmin:
                     code=INVALID_INPUT,
                     fields=["items"],
                 )
+            now = self.platform.clock.now()
             if metadata:
-                tx.update_allocator(allocator_id, metadata=updated, tags={})
+                tx.update_allocator(
+                    allocator_id, metadata=updated, tags={}, metadata_changed_at=now
+                )
                 self._audit(
                     tx, audit.ALLOCATOR_METADATA_CHANGED, allocator_id, keys=sorted(updated)
                 )
             else:
-                tx.update_allocator(allocator_id, settings=updated)
+                _check_settings_size(updated)
+                tx.update_allocator(allocator_id, settings=updated, settings_changed_at=now)
                 self._audit(tx, audit.ALLOCATOR_SETTINGS_CHANGED, allocator_id, settings=updated)
         return updated
 
@@ -214,23 +277,23 @@ class AllocatorAdmin:
         self, allocator_id: str, settings: Mapping[str, Any], *, version: str | None = None
     ) -> dict[str, Any]:
         """Replace the settings (ECE: "any unspecified fields are deleted", so no `capacity`
-        removes the override); returns them. Raises InvalidInputError for a bad capacity."""
-        capacity = settings.get("capacity")
-        new = {} if capacity is None else {"capacity": check_capacity(capacity)}
+        removes the override); fields other than `capacity` are kept as given, fields given
+        as null left out. Returns them. Raises InvalidInputError for a bad capacity or
+        settings past MAX_SETTINGS_FIELDS or MAX_SETTINGS_BYTES."""
+        if settings.get("capacity") is not None:
+            check_capacity(settings["capacity"])
+        new = {k: v for k, v in settings.items() if v is not None}
         return self._update(allocator_id, "settings", lambda _old: new, version)
 
     def update_settings(
         self, allocator_id: str, patch: Mapping[str, Any], *, version: str | None = None
     ) -> dict[str, Any]:
-        """Merge-patch the settings: fields given are set, fields given as null removed, the
-        rest kept; returns them. Raises InvalidInputError for a bad capacity."""
+        """Merge-patch the settings (RFC 7386, as ECE's Go SDK sends it): fields given are set,
+        fields given as null removed, objects merged field by field, the rest kept; returns
+        them. Raises InvalidInputError as `set_settings` does."""
         if patch.get("capacity") is not None:
             check_capacity(patch["capacity"])
-
-        def merge(old: dict[str, Any]) -> dict[str, Any]:
-            return {k: v for k, v in {**old, **patch}.items() if v is not None}
-
-        return self._update(allocator_id, "settings", merge, version)
+        return self._update(allocator_id, "settings", lambda old: merge_patch(old, patch), version)
 
     def delete_allocator(self, allocator_id: str, *, remove_instances: bool = False) -> None:
         """Delete an allocator whose host is gone. The runner, if still recorded, loses the

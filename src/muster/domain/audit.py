@@ -31,6 +31,12 @@ ALLOCATOR_MAINTENANCE = "allocator.maintenance"
 ALLOCATOR_METADATA_CHANGED = "allocator.metadata_changed"
 ALLOCATOR_SETTINGS_CHANGED = "allocator.settings_changed"
 ALLOCATOR_DELETED = "allocator.deleted"
+DEPLOYMENT_CREATED = "deployment.created"
+DEPLOYMENT_UPDATED = "deployment.updated"
+DEPLOYMENT_SHUTDOWN = "deployment.shutdown"
+DEPLOYMENT_DELETED = "deployment.deleted"
+ALLOCATOR_RESYNCED = "allocator.resynced"
+RUNNER_RESYNCED = "runner.resynced"
 SIGNING_KEY_ROTATED = "signing_key.rotated"
 SIGNING_KEY_RETIRED = "signing_key.retired"
 CA_ROTATED = "ca.rotated"
@@ -55,6 +61,12 @@ KINDS = (
     ALLOCATOR_METADATA_CHANGED,
     ALLOCATOR_SETTINGS_CHANGED,
     ALLOCATOR_DELETED,
+    DEPLOYMENT_CREATED,
+    DEPLOYMENT_UPDATED,
+    DEPLOYMENT_SHUTDOWN,
+    DEPLOYMENT_DELETED,
+    ALLOCATOR_RESYNCED,
+    RUNNER_RESYNCED,
     SIGNING_KEY_ROTATED,
     SIGNING_KEY_RETIRED,
     CA_ROTATED,

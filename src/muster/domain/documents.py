@@ -78,14 +78,19 @@ def render_allocator(
         "is_connected_to_zk": connected,
         "has_instances": bool(instances),
     }
+    status: dict[str, Any] = {
+        "connected": connected,
+        # ECE: healthy means "either connected or has no instances"; the host must agree.
+        "healthy": report.healthy and (connected or not instances),
+        "health_checks": _health_checks(ece_checks, report.checks),
+        "maintenance_mode": allocator.maintenance,
+    }
+    # When maintenance mode was last entered or left; an allocator that never changed it has
+    # been in its state since it was made.
+    if stamp := allocator.maintenance_changed_at or allocator.created_at:
+        status["maintenance_mode_timestamp"] = utc_iso(stamp)
     doc: dict[str, Any] = {
-        "status": {
-            "connected": connected,
-            # ECE: healthy means "either connected or has no instances"; the host must agree.
-            "healthy": report.healthy and (connected or not instances),
-            "health_checks": _health_checks(ece_checks, report.checks),
-            "maintenance_mode": allocator.maintenance,
-        },
+        "status": status,
         "allocator_id": allocator.allocator_id,
         "zone_id": allocator.zone_id,
         "host_ip": runner.host_ip if runner else "",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from muster.clock import Clock
@@ -53,6 +54,29 @@ class Liveness:
             self._seen.pop(runner_id, None)
             self._reports.pop(runner_id, None)
             self._pending.discard(runner_id)
+
+    def resync(self, runner_ids: Iterable[str] | None = None) -> set[str]:
+        """Drop what memory holds of the given runners (None: of every runner), so that the
+        next read of each comes from the store; returns the ids dropped. A heartbeat not yet
+        in the store is written first (nothing is lost), and one that arrives meanwhile is kept
+        (it is newer than the store). Raises StoreError; memory then stays as it was."""
+        with self._lock:
+            known = set(self._seen) if runner_ids is None else set(runner_ids) & set(self._seen)
+            batch = [(rid, self._seen[rid], self._reports[rid]) for rid in known & self._pending]
+        if batch:
+            with self.store.write() as tx:
+                tx.record_heartbeats(batch)
+        written = {rid: at for rid, at, _report in batch}
+        dropped = set()
+        with self._lock:
+            for rid in known:
+                if rid in self._pending and self._seen.get(rid) != written.get(rid):
+                    continue
+                self._seen.pop(rid, None)
+                self._reports.pop(rid, None)
+                self._pending.discard(rid)
+                dropped.add(rid)
+        return dropped
 
     def last_seen(self, runner_id: str, persisted: datetime | None) -> datetime | None:
         """The newest heartbeat time known: this coordinator's memory or the store's."""

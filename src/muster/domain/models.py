@@ -113,6 +113,11 @@ class AllocatorRecord:
     tags: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None  # None: made before Muster recorded it
+    # When maintenance mode was last entered or left, and metadata and settings last changed.
+    maintenance_changed_at: datetime | None = None
+    metadata_changed_at: datetime | None = None
+    settings_changed_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -128,3 +133,87 @@ class AuditEvent:
     runner_id: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
     id: int | None = None
+
+
+# ---- deployments: what the constructor places and allocator hosts run -------------------------
+
+
+@dataclass(frozen=True)
+class DeploymentRecord:
+    """A deployment: a name over one or more resources. `status` is "running" or "stopped"
+    (shut down: no instances left; only then may it be deleted)."""
+
+    id: str
+    name: str
+    created_at: datetime
+    updated_at: datetime
+    created_by: str
+    status: str = "running"
+    version: int = 1  # moves on every change (ECE's x-cloud-resource-version)
+
+
+@dataclass(frozen=True)
+class ResourceRecord:
+    """One resource of a deployment (kind "container") and its current plan, as validated."""
+
+    id: str
+    deployment_id: str
+    ref_id: str
+    kind: str
+    region: str
+    plan: dict[str, Any]
+    plan_version: int
+    created_at: datetime
+    next_instance: int = 0  # the number of the next instance's name: names are never reused
+
+
+@dataclass(frozen=True)
+class PlanAttemptRecord:
+    """One attempt at applying a plan version to a resource. `status`: "pending" (instances
+    placed, not all running yet), "success", "error" or "superseded" (a newer plan came)."""
+
+    id: str
+    resource_id: str
+    version: int
+    status: str
+    plan: dict[str, Any]
+    started_at: datetime
+    steps: tuple[dict[str, Any], ...] = ()
+    ended_at: datetime | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One instance placed on an allocator: `memory_mb` of its capacity is reserved for it
+    and `port` on that allocator is its own. `desired` is what the host should make of it
+    ("running"); `state` what the host last reported ("placed" until it reports)."""
+
+    deployment_id: str
+    resource_id: str
+    instance_name: str
+    allocator_id: str
+    zone_id: str
+    memory_mb: int
+    port: int
+    plan_version: int
+    created_at: datetime
+    topology_element: int = 0  # the index of its element in the plan's cluster_topology
+    desired: str = "running"
+    state: str = "placed"
+    moving: bool = False
+
+
+@dataclass(frozen=True)
+class PlacementCandidate:
+    """What placement reads of one allocator: its zone, memory and maintenance flag."""
+
+    allocator_id: str
+    zone_id: str
+    capacity_mb: int  # the settings' override if any, else as installed
+    used_mb: int
+    maintenance: bool
+
+    @property
+    def free_mb(self) -> int:
+        return self.capacity_mb - self.used_mb

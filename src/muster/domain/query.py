@@ -410,3 +410,102 @@ def parse_query_string(
     if default_operator.upper() not in ("AND", "OR"):
         raise QueryError(f"default_operator must be AND or OR, not '{default_operator}'")
     return _Parser(_tokenize(q), default_field, default_operator.upper() == "AND").parse()
+
+
+# ---- simple_query_string ------------------------------------------------------------------------
+# Elasticsearch's forgiving syntax: `+` and, `|` or, `-` not (before a term), quotes, parentheses,
+# `*` wildcards; no `field:` prefixes (the clause's `fields` name them). Terms match as in
+# query_string. Invalid syntax is never an error: what cannot be read is left out.
+
+_SIMPLE_TOKEN = re.compile(
+    r'\s+|(?P<paren>[()])|"(?P<quoted>(?:\\.|[^"\\])*)"?|(?P<op>[|+])'
+    r'|(?P<word>(?:\\.|[^\s()"|+\\])+|\\)',
+    re.DOTALL,
+)
+_OPERATORS = ("AND", "OR", "NOT")
+
+
+def _simple_tokens(q: str) -> list[_Token]:
+    tokens: list[_Token] = []
+    for m in _SIMPLE_TOKEN.finditer(q):
+        if m["paren"]:
+            tokens.append((m["paren"], m["paren"], m.start(), ""))
+        elif m["quoted"] is not None:
+            tokens.append(("QUOTED", _unescape(m["quoted"]), m.start(), ""))
+        elif m["op"]:
+            tokens.append(("AND" if m["op"] == "+" else "OR", m["op"], m.start(), ""))
+        elif word := m["word"]:
+            if word.startswith("-"):
+                tokens.append(("NOT", "-", m.start(), ""))
+                word = word[1:]
+            if word:
+                tokens.append(("WORD", word, m.start(), ""))
+    return tokens
+
+
+def _lenient(tokens: list[_Token]) -> list[_Token]:
+    """`tokens` less what does not parse: operators with no term on a side, empty or unopened
+    groups; groups left open are closed at the end."""
+    out: list[_Token] = []
+    depth = 0
+    for tok in tokens:
+        kind = tok[0]
+        if kind in ("AND", "OR"):
+            if out and out[-1][0] not in ("(", *_OPERATORS):
+                out.append(tok)
+        elif kind == ")":
+            if depth == 0:
+                continue
+            while out and out[-1][0] in _OPERATORS:
+                out.pop()
+            depth -= 1
+            if out and out[-1][0] == "(":
+                out.pop()
+            else:
+                out.append(tok)
+        else:
+            depth += kind == "("
+            out.append(tok)
+    while out and out[-1][0] in (*_OPERATORS, "("):
+        depth -= out.pop()[0] == "("
+    return out + [(")", ")", len(out), "")] * depth
+
+
+class _SimpleParser(_Parser):
+    """The query_string grammar over simple tokens; each term matches in any of `fields`."""
+
+    def __init__(self, tokens: list[_Token], fields: Sequence[str], implicit_and: bool):
+        super().__init__(tokens, None, implicit_and)
+        self.fields = fields
+
+    def unary(self, depth: int) -> Query:
+        tok = self.peek()
+        if tok is None or tok[0] not in ("WORD", "QUOTED"):
+            return super().unary(depth)
+        self.pos += 1
+        quoted = tok[0] == "QUOTED"
+        terms = [
+            _text_query(tok[1], quoted=quoted)
+            if field == "*"
+            else _equals_query(field, tok[1])
+            if quoted
+            else _parse_term(field, tok[1])
+            for field in self.fields
+        ]
+        return terms[0] if len(terms) == 1 else _at_least(1, terms)
+
+
+def parse_simple_query_string(
+    q: str, *, fields: Sequence[str] = ("*",), default_operator: str = "OR"
+) -> Query:
+    """Parse Elasticsearch's simple_query_string: each term is looked for in `fields` (`*`:
+    anywhere, as a bare query_string term is), terms joined by `default_operator` (OR, as in
+    Elasticsearch) unless `+` or `|` says otherwise; blank matches all. Never raises for its
+    syntax; raises QueryError for a bad operator or field list, or nesting past MAX_DEPTH."""
+    if default_operator.upper() not in ("AND", "OR"):
+        raise QueryError(f"default_operator must be AND or OR, not '{default_operator}'")
+    if not fields or not all(isinstance(f, str) and f.split("^")[0] for f in fields):
+        raise QueryError("fields: a list of field names")
+    names = [f.split("^")[0] for f in fields]  # `name^2` boosts: no scores here, so no effect
+    tokens = _lenient(_simple_tokens(q))
+    return _SimpleParser(tokens, names, default_operator.upper() == "AND").parse()

@@ -241,6 +241,7 @@ def _prepare_join(
             zone_id=request.zone_id,
             capacity_mb=request.capacity_mb,
             tags=dict(request.tags),
+            created_at=now,
         )
         if "allocator" in roles
         else None
@@ -404,6 +405,7 @@ def set_runner_roles(
                     allocator_id=runner_id,
                     zone_id=runner.zone_id,
                     capacity_mb=runner.report.memory_mb,
+                    created_at=platform.clock.now(),
                 )
             )
         elif "allocator" not in checked and allocator is not None:

@@ -1,6 +1,6 @@
 """The query of ECE's SearchRequest (a `_search` body's QueryContainer: bool, term, match,
-prefix, range, exists, nested, query_string, match_all, match_none), parsed into the same
-queries as `q` text (`muster.domain.query`)."""
+prefix, range, exists, nested, query_string, simple_query_string, match_all, match_none),
+parsed into the same queries as `q` text (`muster.domain.query`)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from muster.domain.query import (
     _range_query,
     _render,
     parse_query_string,
+    parse_simple_query_string,
 )
 
 __all__ = ["parse_search_request"]
@@ -83,6 +84,39 @@ def _parse_query_string_clause(spec: Any, where: str) -> Query:
         raise QueryError(f"{where}: {exc}") from None
 
 
+# Options of Elasticsearch's simple_query_string that change only analysis or scoring, neither of
+# which Muster's keyword fields have: accepted and without effect.
+_SIMPLE_NO_EFFECT = {
+    "analyze_wildcard",
+    "analyzer",
+    "auto_generate_synonyms_phrase_query",
+    "boost",
+    "flags",
+    "fuzzy_max_expansions",
+    "fuzzy_prefix_length",
+    "fuzzy_transpositions",
+    "lenient",
+    "quote_field_suffix",
+}
+
+
+def _parse_simple_query_string_clause(spec: Any, where: str) -> Query:
+    body = _expect_object(spec, where)
+    if "minimum_should_match" in body:
+        raise QueryError(f"{where}: 'minimum_should_match' is not supported; use a bool query")
+    _reject_unknown(body, {"query", "fields", "default_operator", *_SIMPLE_NO_EFFECT}, where)
+    text, fields = body.get("query"), body.get("fields", ["*"])
+    operator = body.get("default_operator", "OR")
+    if not isinstance(text, str) or not isinstance(operator, str):
+        raise QueryError(f"{where}: 'query' and 'default_operator' must be strings")
+    if not isinstance(fields, list) or not fields or len(fields) > 32:
+        raise QueryError(f"{where}: 'fields' must be a list of 1 to 32 field names")
+    try:
+        return parse_simple_query_string(text, fields=fields, default_operator=operator)
+    except QueryError as exc:
+        raise QueryError(f"{where}: {exc}") from None
+
+
 def _parse_bool_clause(spec: Any, where: str, depth: int) -> Query:
     body = _expect_object(spec, where)
     occurs = ("must", "filter", "should", "must_not")
@@ -113,7 +147,10 @@ def _parse_bool_clause(spec: Any, where: str, depth: int) -> Query:
 
 
 _FIELD_CLAUSES = ("term", "match", "prefix", "range")
-_CLAUSES = ("match_all", "match_none", "exists", "nested", "query_string", "bool", *_FIELD_CLAUSES)
+_CLAUSES = (
+    *("match_all", "match_none", "exists", "nested", "query_string", "bool", *_FIELD_CLAUSES),
+    "simple_query_string",
+)
 
 
 def _parse_clause(node: Any, where: str, depth: int) -> Query:
@@ -142,6 +179,8 @@ def _parse_clause(node: Any, where: str, depth: int) -> Query:
         return _parse_clause(spec["query"], f"{where}.query", depth + 1)
     if name == "query_string":
         return _parse_query_string_clause(spec, where)
+    if name == "simple_query_string":
+        return _parse_simple_query_string_clause(spec, where)
     if name == "bool":
         return _parse_bool_clause(spec, where, depth + 1)
     return _parse_field_clause(name, spec, where)

@@ -10,16 +10,21 @@ when the database cannot be reached or written.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from muster.domain.models import (
     AllocatorRecord,
     ApiKeyRecord,
     AuditEvent,
+    DeploymentRecord,
     HostReport,
+    InstanceRecord,
+    PlacementCandidate,
+    PlanAttemptRecord,
+    ResourceRecord,
     RunnerRecord,
     SessionRecord,
     TokenRecord,
@@ -213,6 +218,129 @@ class Transaction(Protocol):
         changes) if the session is gone (logged out, swept), has no `max_expires_at` (it never
         slides), or `expires_at` is not later than its end or is past its `max_expires_at`.
         Never creates a session: a logout racing an extension stays a logout."""
+        ...
+
+    # -- deployments, their resources, plan attempts and instances -------------------------------
+    def create_deployment(self, deployment: DeploymentRecord) -> None:
+        """Raises ConflictError (deployments.deployment_id_taken) if the id exists."""
+        ...
+
+    def get_deployment(self, deployment_id: str, *, for_update: bool = False) -> DeploymentRecord:
+        """Raises NotFoundError (deployments.deployment_not_found). `for_update` locks the row
+        until the transaction ends (write transactions only): changes to one deployment queue."""
+        ...
+
+    def list_deployments(self) -> list[DeploymentRecord]:
+        """Every deployment, oldest first (then by id)."""
+        ...
+
+    def update_deployment(self, deployment_id: str, **changes: Any) -> None:
+        """Set columns of a deployment. Raises NotFoundError (deployments.deployment_not_found)."""
+        ...
+
+    def delete_deployment(self, deployment_id: str) -> None:
+        """Delete the deployment with its resources and plan attempts. Raises NotFoundError
+        (deployments.deployment_not_found), and ConflictError
+        (deployments.deployment_has_instances) while any of its instances is recorded."""
+        ...
+
+    def create_resource(self, resource: ResourceRecord) -> None:
+        """Raises ConflictError (deployments.resource_ref_id_taken) if the id, or the ref_id
+        within its deployment and kind, exists."""
+        ...
+
+    def list_resources(self, deployment_ids: Iterable[str] | None = None) -> list[ResourceRecord]:
+        """The resources of these deployments (None: of all), by deployment, kind and ref_id."""
+        ...
+
+    def update_resource(self, resource_id: str, **changes: Any) -> None:
+        """Set columns of a resource (plan, plan_version, next_instance). Raises NotFoundError
+        (deployments.resource_not_found)."""
+        ...
+
+    def delete_resource(self, resource_id: str) -> None:
+        """Delete a resource with its plan attempts. Raises NotFoundError
+        (deployments.resource_not_found), and ConflictError
+        (deployments.resource_has_instances) while any of its instances is recorded."""
+        ...
+
+    def create_plan_attempt(self, attempt: PlanAttemptRecord) -> None:
+        """Raises ConflictError if the attempt id exists."""
+        ...
+
+    def update_plan_attempt(self, attempt_id: str, **changes: Any) -> None:
+        """Set columns of an attempt (status, ended_at, steps, error). Raises NotFoundError
+        (deployments.plan_attempt_not_found)."""
+        ...
+
+    def list_plan_attempts(self, resource_ids: Iterable[str]) -> list[PlanAttemptRecord]:
+        """Every attempt of these resources, by resource, then oldest version first."""
+        ...
+
+    def list_placement_candidates(self) -> list[PlacementCandidate]:
+        """Every allocator as placement sees it (zone, capacity with the settings' override,
+        memory used, maintenance), in one read of a few columns, ordered by allocator id."""
+        ...
+
+    def create_instances(
+        self, instances: Sequence[InstanceRecord], ports: range
+    ) -> list[InstanceRecord]:
+        """Record the instances and reserve their memory, all or nothing; returns them as
+        recorded, each with the lowest port of `ports` free on its allocator (their own `port`
+        is ignored).
+
+        Each allocator is locked first (FOR UPDATE on PostgreSQL, in allocator id order, so
+        placements never deadlock) and checked again: it exists, is not in maintenance, and
+        its memory used plus the new instances' stays within its capacity. Ports are picked
+        under that lock, so concurrent placements never share one. Then every instance's
+        memory_mb is added to its allocator's memory used.
+
+        Raises ConflictError (deployments.capacity_changed, `fields` the allocator ids) if an
+        allocator fails the check, or (deployments.no_free_port) if it has no port left in
+        `ports`; nothing is written then and the locks are released, so the caller may read
+        the candidates again and retry in the same transaction. Raises ConflictError
+        (deployments.instance_taken) if an instance name exists in its resource; some rows may
+        be written by then, so the caller lets the transaction roll back."""
+        ...
+
+    def list_instances(
+        self,
+        *,
+        deployment_id: str | None = None,
+        resource_ids: Iterable[str] | None = None,
+        allocator_ids: Iterable[str] | None = None,
+    ) -> list[InstanceRecord]:
+        """The instances matching every filter given (none: all), by resource and name."""
+        ...
+
+    def update_instances(
+        self, resource_id: str, instance_names: Iterable[str], **changes: Any
+    ) -> int:
+        """Set columns (plan_version, desired, state, moving) of these instances of a resource;
+        returns how many were found. Memory, allocator and port never change this way (they
+        are placements): ValueError, a programming error."""
+        ...
+
+    def delete_instances(
+        self, resource_id: str, instance_names: Iterable[str] | None = None
+    ) -> int:
+        """Delete these instances of a resource (None: all of them) and give their memory back
+        to their allocators, in this transaction; returns how many were deleted."""
+        ...
+
+    # -- named leases (one constructor at a time across coordinators) ----------------------------
+    def acquire_lease(self, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:
+        """Take or renew the lease `name` for `holder` until `now + ttl`. True if `holder`
+        holds it now: it was free, expired (expires_at <= now), or already its own. False, and
+        nothing changes, while another holder's lease runs. Concurrent callers: one wins."""
+        ...
+
+    def release_lease(self, name: str, holder: str) -> bool:
+        """Give the lease up if `holder` holds it; True if it did."""
+        ...
+
+    def find_lease(self, name: str) -> tuple[str, datetime] | None:
+        """(holder, expires_at) of the lease, expired or not, or None."""
         ...
 
 

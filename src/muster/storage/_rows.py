@@ -12,7 +12,11 @@ from muster.domain.models import (
     AllocatorRecord,
     ApiKeyRecord,
     AuditEvent,
+    DeploymentRecord,
     HostReport,
+    InstanceRecord,
+    PlanAttemptRecord,
+    ResourceRecord,
     RunnerRecord,
     TokenRecord,
     UserRecord,
@@ -59,6 +63,10 @@ def allocator_row(allocator: AllocatorRecord) -> dict[str, Any]:
         "tags": dict(allocator.tags),
         "metadata": dict(allocator.metadata),
         "settings": dict(allocator.settings),
+        "created_at": allocator.created_at,
+        "maintenance_changed_at": allocator.maintenance_changed_at,
+        "metadata_changed_at": allocator.metadata_changed_at,
+        "settings_changed_at": allocator.settings_changed_at,
     }
 
 
@@ -138,6 +146,10 @@ def allocator_record(row: Row[Any]) -> AllocatorRecord:
         tags=dict(row.tags),
         metadata=dict(row.metadata),
         settings=dict(row.settings),
+        created_at=utc(row.created_at),
+        maintenance_changed_at=utc(row.maintenance_changed_at),
+        metadata_changed_at=utc(row.metadata_changed_at),
+        settings_changed_at=utc(row.settings_changed_at),
     )
 
 
@@ -152,4 +164,120 @@ def audit_event(row: Row[Any]) -> AuditEvent:
         token_id=row.token_id,
         runner_id=row.runner_id,
         detail=dict(row.detail),
+    )
+
+
+def deployment_row(deployment: DeploymentRecord) -> dict[str, Any]:
+    return {
+        "id": deployment.id,
+        "name": deployment.name,
+        "status": deployment.status,
+        "created_at": deployment.created_at,
+        "updated_at": deployment.updated_at,
+        "created_by": deployment.created_by,
+        "version": deployment.version,
+    }
+
+
+def deployment_record(row: Row[Any]) -> DeploymentRecord:
+    return DeploymentRecord(
+        id=row.id,
+        name=row.name,
+        created_at=required_utc(row.created_at),
+        updated_at=required_utc(row.updated_at),
+        created_by=row.created_by,
+        status=row.status,
+        version=int(row.version),
+    )
+
+
+def resource_row(resource: ResourceRecord) -> dict[str, Any]:
+    return {
+        "id": resource.id,
+        "deployment_id": resource.deployment_id,
+        "ref_id": resource.ref_id,
+        "kind": resource.kind,
+        "region": resource.region,
+        "plan": resource.plan,
+        "plan_version": resource.plan_version,
+        "next_instance": resource.next_instance,
+        "created_at": resource.created_at,
+    }
+
+
+def resource_record(row: Row[Any]) -> ResourceRecord:
+    return ResourceRecord(
+        id=row.id,
+        deployment_id=row.deployment_id,
+        ref_id=row.ref_id,
+        kind=row.kind,
+        region=row.region,
+        plan=dict(row.plan),
+        plan_version=int(row.plan_version),
+        created_at=required_utc(row.created_at),
+        next_instance=int(row.next_instance),
+    )
+
+
+def plan_attempt_row(attempt: PlanAttemptRecord) -> dict[str, Any]:
+    return {
+        "id": attempt.id,
+        "resource_id": attempt.resource_id,
+        "version": attempt.version,
+        "status": attempt.status,
+        "plan": attempt.plan,
+        "started_at": attempt.started_at,
+        "ended_at": attempt.ended_at,
+        "steps": [dict(step) for step in attempt.steps],
+        "error": attempt.error,
+    }
+
+
+def plan_attempt_record(row: Row[Any]) -> PlanAttemptRecord:
+    return PlanAttemptRecord(
+        id=row.id,
+        resource_id=row.resource_id,
+        version=int(row.version),
+        status=row.status,
+        plan=dict(row.plan),
+        started_at=required_utc(row.started_at),
+        steps=tuple(dict(step) for step in row.steps),
+        ended_at=utc(row.ended_at),
+        error=row.error,
+    )
+
+
+def instance_row(instance: InstanceRecord) -> dict[str, Any]:
+    return {
+        "deployment_id": instance.deployment_id,
+        "resource_id": instance.resource_id,
+        "instance_name": instance.instance_name,
+        "allocator_id": instance.allocator_id,
+        "zone_id": instance.zone_id,
+        "memory_mb": instance.memory_mb,
+        "port": instance.port,
+        "plan_version": instance.plan_version,
+        "topology_element": instance.topology_element,
+        "created_at": instance.created_at,
+        "desired": instance.desired,
+        "state": instance.state,
+        "moving": instance.moving,
+    }
+
+
+def instance_record(row: Row[Any]) -> InstanceRecord:
+    return InstanceRecord(
+        deployment_id=row.deployment_id,
+        resource_id=row.resource_id,
+        instance_name=row.instance_name,
+        allocator_id=row.allocator_id,
+        zone_id=row.zone_id,
+        memory_mb=int(row.memory_mb),
+        port=int(row.port),
+        plan_version=int(row.plan_version),
+        created_at=required_utc(row.created_at),
+        topology_element=int(row.topology_element),
+        desired=row.desired,
+        state=row.state,
+        moving=bool(row.moving),
     )

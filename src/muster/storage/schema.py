@@ -11,11 +11,13 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    ForeignKey,
     Integer,
     MetaData,
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 metadata = MetaData()
@@ -104,6 +106,14 @@ allocators = Table(
     Column("tags", JSON, nullable=False),
     Column("metadata", JSON, nullable=False),
     Column("settings", JSON, nullable=False),
+    # The sum of its instances' memory_mb, kept by the store in the transaction that places or
+    # releases them (migration 0004): placement reads it with the other few columns it needs.
+    Column("memory_used_mb", Integer, nullable=False, default=0, server_default="0"),
+    # When the allocator was made and when each part last changed; migration 0005.
+    Column("created_at", DateTime(timezone=True), nullable=True),
+    Column("maintenance_changed_at", DateTime(timezone=True), nullable=True),
+    Column("metadata_changed_at", DateTime(timezone=True), nullable=True),
+    Column("settings_changed_at", DateTime(timezone=True), nullable=True),
 )
 
 revoked_certificates = Table(
@@ -126,4 +136,84 @@ audit_events = Table(
     Column("token_id", String(64), nullable=True),
     Column("runner_id", String(255), nullable=True),
     Column("detail", JSON, nullable=False),
+)
+
+# ---- deployments (migration 0004) ---------------------------------------------------------------
+
+deployments = Table(
+    "deployments",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("created_by", String(255), nullable=False),
+    Column("version", Integer, nullable=False),
+)
+
+deployment_resources = Table(
+    "deployment_resources",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("deployment_id", String(64), ForeignKey("deployments.id"), nullable=False, index=True),
+    Column("ref_id", String(64), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("region", String(64), nullable=False),
+    Column("plan", JSON, nullable=False),
+    Column("plan_version", Integer, nullable=False),
+    Column("next_instance", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("deployment_id", "kind", "ref_id"),
+)
+
+plan_attempts = Table(
+    "plan_attempts",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column(
+        "resource_id",
+        String(64),
+        ForeignKey("deployment_resources.id"),
+        nullable=False,
+        index=True,
+    ),
+    Column("version", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("plan", JSON, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("ended_at", DateTime(timezone=True), nullable=True),
+    Column("steps", JSON, nullable=False),
+    Column("error", Text, nullable=True),
+)
+
+# No foreign key to allocators: deleting a host's runner (and allocator) must not fail while
+# instances are still recorded on it; the constructor moves or releases them.
+instances = Table(
+    "instances",
+    metadata,
+    Column("resource_id", String(64), ForeignKey("deployment_resources.id"), primary_key=True),
+    Column("instance_name", String(32), primary_key=True),
+    Column("deployment_id", String(64), nullable=False, index=True),
+    Column("allocator_id", String(255), nullable=False, index=True),
+    Column("zone_id", String(255), nullable=False),
+    Column("memory_mb", Integer, nullable=False),
+    Column("port", Integer, nullable=False),
+    Column("plan_version", Integer, nullable=False),
+    Column("topology_element", Integer, nullable=False),
+    Column("desired", String(16), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("moving", Boolean, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    # A port belongs to one instance on its allocator: the last guard if two placements raced.
+    UniqueConstraint("allocator_id", "port"),
+)
+
+# Named leases (the constructor's): one holder at a time until `expires_at`, renewed by it.
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(255), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
 )

@@ -2,7 +2,8 @@
 
 Backends differ only in how their engine is made and how a write transaction starts
 (`muster.storage.sqlite`, `muster.storage.postgres`). How records map to rows is in
-`muster.storage._rows`; the reads over every runner or allocator in `muster.storage._fleet`.
+`muster.storage._rows`; the reads over every runner or allocator in `muster.storage._fleet`;
+deployments, instances and leases in `muster.storage._deployments`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from muster.domain.models import (
 from muster.errors import ConflictError, MusterError, NotFoundError, RunnerIdTakenError, StoreError
 from muster.storage import _rows as rec
 from muster.storage import schema as t
+from muster.storage._deployments import DeploymentTables
 from muster.storage._fleet import FleetReads
 
 # Statements on the join and heartbeat paths, built once: building a Core statement per call
@@ -53,7 +55,7 @@ _IS_REVOKED = select(t.revoked_certificates.c.serial).where(
 )
 
 
-class SqlTransaction(FleetReads):
+class SqlTransaction(FleetReads, DeploymentTables):
     """One open transaction on a SQLAlchemy connection.
 
     `savepoints`: wrap each insert that may conflict in a savepoint, for backends where a failed

@@ -1,5 +1,5 @@
 """ECE's allocators API: /platform/infrastructure/allocators (list, search, get, delete,
-maintenance mode, metadata, settings)."""
+maintenance mode, metadata, settings, resync)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 
 from muster.api.auth import platform_of, require_admin, require_user, source_of
+from muster.api.headers import VERSION_HEADER, set_stamp, stamped_reply
 from muster.api.routes import errors
 from muster.api.schemas import EmptyResponse
 from muster.api.schemas_infra import (
@@ -15,21 +16,23 @@ from muster.api.schemas_infra import (
     AllocatorInfo,
     AllocatorOverview,
     AllocatorSettings,
-    AllocatorSettingsPatch,
     AllocatorSettingsRequest,
     MetadataItem,
     MetadataItems,
     MetadataItemValue,
+    ModelVersionIndexSynchronizationResults,
     SearchRequest,
     reply_json,
+    settings_patch,
 )
 from muster.domain import allocators, listing
+from muster.domain.resync import Resync
 from muster.domain.users import Principal
 
 router = APIRouter(tags=["PlatformInfrastructure"])
 PATH = "/platform/infrastructure/allocators"
 ONE = PATH + "/{allocator_id}"
-VERSION_HEADER = "x-cloud-resource-version"
+_STAMPED = stamped_reply("allocator")
 
 _VERSION = Query(
     None,
@@ -51,6 +54,15 @@ def _metadata(response: Response, items: list[dict[str, str]]) -> list[MetadataI
 def _settings(response: Response, settings: dict[str, Any]) -> AllocatorSettings:
     response.headers[VERSION_HEADER] = allocators.resource_version(settings)
     return AllocatorSettings.model_validate(settings)
+
+
+def _stamp(response: Response, stamped: allocators.Stamped) -> None:
+    set_stamp(
+        response,
+        allocators.resource_version(stamped.value),
+        stamped.created_at,
+        stamped.modified_at,
+    )
 
 
 def _overview(request: Request, search: listing.Search) -> Response:
@@ -174,7 +186,7 @@ def stop_allocator_maintenance_mode(
     ONE + "/metadata",
     operation_id="get-allocator-metadata",
     response_model=list[MetadataItem],
-    responses=errors(401, 404, 429),
+    responses={**_STAMPED, **errors(401, 404, 429)},
 )
 def get_allocator_metadata(
     allocator_id: str,
@@ -182,7 +194,9 @@ def get_allocator_metadata(
     response: Response,
     _principal: Principal = Depends(require_user),
 ) -> list[MetadataItem]:
-    return _metadata(response, allocators.get_metadata(platform_of(request), allocator_id))
+    stamped = allocators.read_metadata(platform_of(request), allocator_id)
+    _stamp(response, stamped)
+    return [MetadataItem.model_validate(item) for item in stamped.value]
 
 
 @router.put(
@@ -247,7 +261,7 @@ def delete_allocator_metadata_item(
     operation_id="get-allocator-settings",
     response_model=AllocatorSettings,
     response_model_exclude_none=True,
-    responses=errors(401, 404, 429),
+    responses={**_STAMPED, **errors(401, 404, 429)},
 )
 def get_allocator_settings(
     allocator_id: str,
@@ -255,7 +269,9 @@ def get_allocator_settings(
     response: Response,
     _principal: Principal = Depends(require_user),
 ) -> AllocatorSettings:
-    return _settings(response, allocators.get_settings(platform_of(request), allocator_id))
+    stamped = allocators.read_settings(platform_of(request), allocator_id)
+    _stamp(response, stamped)
+    return AllocatorSettings.model_validate(stamped.value)
 
 
 @router.put(
@@ -274,7 +290,7 @@ def set_allocator_settings(
     principal: Principal = Depends(require_admin),
 ) -> AllocatorSettings:
     admin = _admin(request, principal)
-    settings = admin.set_settings(allocator_id, body.model_dump(exclude_none=True), version=version)
+    settings = admin.set_settings(allocator_id, body.fields_given(), version=version)
     return _settings(response, settings)
 
 
@@ -287,13 +303,57 @@ def set_allocator_settings(
 )
 def update_allocator_settings(
     allocator_id: str,
-    body: AllocatorSettingsPatch,
+    body: AllocatorSettingsRequest | str,
     request: Request,
     response: Response,
     version: str | None = _VERSION,
     principal: Principal = Depends(require_admin),
 ) -> AllocatorSettings:
     # Only the fields the body names are changed; a field sent as null is removed.
-    patch = body.model_dump(include=body.model_fields_set)
+    patch = settings_patch(body).fields_given()
     settings = _admin(request, principal).update_settings(allocator_id, patch, version=version)
     return _settings(response, settings)
+
+
+def _resync(request: Request, principal: Principal) -> Resync:
+    return Resync(platform_of(request), request.app.state.identities, principal, source_of(request))
+
+
+_SKIP_MATCHING = Query(
+    True,
+    description="Accepted for ECE clients: Muster holds no versioned copies, so every "
+    "allocator's cached state is dropped and read again from the store",
+)
+
+
+@router.post(
+    PATH + "/_resync",
+    operation_id="resync-allocators",
+    status_code=202,
+    response_model=ModelVersionIndexSynchronizationResults,
+    responses=errors(400, 401, 403, 429, 500),
+)
+def resync_allocators(
+    request: Request,
+    skip_matching_version: bool = _SKIP_MATCHING,
+    principal: Principal = Depends(require_admin),
+) -> ModelVersionIndexSynchronizationResults:
+    """Drop what this coordinator caches of every allocator's host (heartbeat reports,
+    certificates), so that the next reads come from the store."""
+    results = _resync(request, principal).allocators()
+    return ModelVersionIndexSynchronizationResults.model_validate(results)
+
+
+@router.post(
+    ONE + "/_resync",
+    operation_id="resync-allocator",
+    response_model=EmptyResponse,
+    responses=errors(401, 403, 404, 429, 500),
+)
+def resync_allocator(
+    allocator_id: str, request: Request, principal: Principal = Depends(require_admin)
+) -> EmptyResponse:
+    """Drop what this coordinator caches of the allocator's host, so that the next reads come
+    from the store."""
+    _resync(request, principal).allocator(allocator_id)
+    return EmptyResponse()

@@ -1,4 +1,5 @@
-"""ECE's runners API: /platform/infrastructure/runners (list, search, get, delete, roles)."""
+"""ECE's runners API: /platform/infrastructure/runners (list, search, get, delete, roles,
+resync)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from muster.api.auth import platform_of, require_admin, require_user, source_of
 from muster.api.routes import errors
 from muster.api.schemas import EmptyResponse
 from muster.api.schemas_infra import (
+    ModelVersionIndexSynchronizationResults,
     RunnerInfo,
     RunnerOverview,
     RunnerRoleInfo,
@@ -18,6 +20,7 @@ from muster.api.schemas_infra import (
 )
 from muster.domain import allocators, listing, runners
 from muster.domain.identities import RunnerIdentities
+from muster.domain.resync import Resync
 from muster.domain.users import Principal
 
 router = APIRouter(tags=["PlatformInfrastructure"])
@@ -113,3 +116,45 @@ def set_runner_roles(
     admin = allocators.AllocatorAdmin(platform_of(request), principal, source_of(request))
     roles = admin.set_runner_roles(runner_id, [role.role_name for role in body.roles])
     return RunnerRolesInfo(roles=[RunnerRoleInfo(role_name=role) for role in roles])
+
+
+def _resync(request: Request, principal: Principal) -> Resync:
+    return Resync(platform_of(request), request.app.state.identities, principal, source_of(request))
+
+
+@router.post(
+    PATH + "/_resync",
+    operation_id="resync-runners",
+    status_code=202,
+    response_model=ModelVersionIndexSynchronizationResults,
+    responses=errors(400, 401, 403, 429, 500),
+)
+def resync_runners(
+    request: Request,
+    skip_matching_version: bool = Query(
+        True,
+        description="Accepted for ECE clients: Muster holds no versioned copies, so every "
+        "runner's cached state is dropped and read again from the store",
+    ),
+    principal: Principal = Depends(require_admin),
+) -> ModelVersionIndexSynchronizationResults:
+    """Drop what this coordinator caches of every runner (heartbeat reports, certificates), so
+    that the next reads come from the store."""
+    return ModelVersionIndexSynchronizationResults.model_validate(
+        _resync(request, principal).runners()
+    )
+
+
+@router.post(
+    ONE + "/_resync",
+    operation_id="resync-runner",
+    response_model=EmptyResponse,
+    responses=errors(401, 403, 404, 429, 500),
+)
+def resync_runner(
+    runner_id: str, request: Request, principal: Principal = Depends(require_admin)
+) -> EmptyResponse:
+    """Drop what this coordinator caches of the runner, so that the next reads come from the
+    store."""
+    _resync(request, principal).runner(runner_id)
+    return EmptyResponse()

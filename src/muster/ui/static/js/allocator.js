@@ -32,12 +32,33 @@
     return [h("dt", { text: term }), h("dd", {}, value)];
   }
 
+  // Instances are placed only on connected allocators out of maintenance.
+  function placement(status) {
+    if (status.maintenance_mode) return badge("warning status-maintenance", "Maintenance");
+    if (!status.connected) return badge("neutral status-not-accepting", "Not accepting instances");
+    return badge("neutral status-accepting", "Accepting instances");
+  }
+
+  // ECE's `healthy` holds for a disconnected allocator without instances ("connected, or holds
+  // no instances"): nothing is at risk, but the host's own health is not known then.
+  function health(status) {
+    if (!status.healthy) return badge("danger", "Unhealthy");
+    if (!status.connected) return badge("neutral status-health-unknown", "Health unknown");
+    return badge("ok", "Healthy");
+  }
+
+  function maintenanceSince(status) {
+    const at = status.maintenance_mode_timestamp;
+    const state = status.maintenance_mode ? "On" : "Off";
+    return at ? [state + " since ", dateTime(at)] : state;
+  }
+
   function render(a) {
     current = a;
     fill(document.getElementById("badges"), h("span", { class: "badges" },
       connection(a.status.connected),
-      a.status.maintenance_mode ? badge("warning status-maintenance", "Maintenance") : badge("neutral", "Accepting instances"),
-      a.status.healthy ? badge("ok", "Healthy") : badge("danger", "Unhealthy"),
+      placement(a.status),
+      health(a.status),
       h("span", { class: "muted", text: "zone " + a.zone_id })));
     if (toggle) {
       const label = a.status.maintenance_mode ? "Stop maintenance" : "Start maintenance";
@@ -60,7 +81,8 @@
       fact("Public hostname", a.public_hostname || "–"),
       fact("Zone", a.zone_id),
       fact("Last heartbeat", a.last_heartbeat ? [time(a.last_heartbeat), " · ", dateTime(a.last_heartbeat)] : "never"),
-      fact("Version", (a.build_info && a.build_info.version) || "–"));
+      fact("Version", (a.build_info && a.build_info.version) || "–"),
+      fact("Maintenance", maintenanceSince(a.status)));
     const checks = Object.entries(a.status.health_checks || {});
     fill(document.getElementById("checks"), checks.length ? checks.map(([name, ok]) => {
       // has_instances is information, not a pass/fail check.

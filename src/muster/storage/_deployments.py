@@ -1,0 +1,390 @@
+"""Deployments, their resources, plan attempts and instances, and named leases, mixed into the SQL
+transaction. Placing instances reserves their memory on the allocator rows in the same
+transaction: `allocators.memory_used_mb` is always the sum of the allocator's instances."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from muster.domain.models import (
+    DeploymentRecord,
+    InstanceRecord,
+    PlacementCandidate,
+    PlanAttemptRecord,
+    ResourceRecord,
+)
+from muster.errors import ConflictError, NotFoundError
+from muster.storage import _rows as rec
+from muster.storage import schema as t
+
+_a, _i = t.allocators.c, t.instances.c
+_ADD_MEMORY = (
+    update(t.allocators)
+    .where(_a.allocator_id == bindparam("aid"))
+    .values(memory_used_mb=_a.memory_used_mb + bindparam("delta"))
+)
+# Instances change plans and states, never their placement this way.
+_INSTANCE_CHANGES = {"plan_version", "desired", "state", "moving"}
+
+
+def _capacity(capacity_mb: int, settings: Any) -> int:
+    """The allocator's memory: the settings' `capacity` override, else as installed."""
+    override = settings.get("capacity") if isinstance(settings, dict) else None
+    return override if isinstance(override, int) else int(capacity_mb)
+
+
+class DeploymentTables:
+    conn: Connection
+    writable: bool
+    savepoints: bool
+    _IN_CHUNK = 500
+
+    if TYPE_CHECKING:  # SqlTransaction's
+
+        def _insert(
+            self, table: Any, values: dict[str, Any], *, conflict: str, code: str | None = None
+        ) -> None: ...
+
+    # -- deployments ---------------------------------------------------------------------------
+    def create_deployment(self, deployment: DeploymentRecord) -> None:
+        self._insert(
+            t.deployments,
+            rec.deployment_row(deployment),
+            conflict=f"deployment {deployment.id!r} exists",
+            code="deployments.deployment_id_taken",
+        )
+
+    def get_deployment(self, deployment_id: str, *, for_update: bool = False) -> DeploymentRecord:
+        query = select(t.deployments).where(t.deployments.c.id == deployment_id)
+        if for_update and self.writable:
+            query = query.with_for_update()
+        row = self.conn.execute(query).first()
+        if row is None:
+            raise _deployment_not_found(deployment_id)
+        return rec.deployment_record(row)
+
+    def list_deployments(self) -> list[DeploymentRecord]:
+        c = t.deployments.c
+        rows = self.conn.execute(select(t.deployments).order_by(c.created_at, c.id))
+        return [rec.deployment_record(r) for r in rows]
+
+    def update_deployment(self, deployment_id: str, **changes: Any) -> None:
+        result = self.conn.execute(
+            update(t.deployments).where(t.deployments.c.id == deployment_id).values(**changes)
+        )
+        if result.rowcount == 0:
+            raise _deployment_not_found(deployment_id)
+
+    def delete_deployment(self, deployment_id: str) -> None:
+        self.get_deployment(deployment_id)
+        held = self.conn.execute(
+            select(_i.instance_name).where(_i.deployment_id == deployment_id).limit(1)
+        ).first()
+        if held is not None:
+            raise ConflictError(
+                f"deployment {deployment_id!r} still has instances; shut it down first",
+                code="deployments.deployment_has_instances",
+            )
+        r = t.deployment_resources.c
+        resources = select(r.id).where(r.deployment_id == deployment_id).scalar_subquery()
+        self.conn.execute(
+            delete(t.plan_attempts).where(t.plan_attempts.c.resource_id.in_(resources))
+        )
+        self.conn.execute(delete(t.deployment_resources).where(r.deployment_id == deployment_id))
+        self.conn.execute(delete(t.deployments).where(t.deployments.c.id == deployment_id))
+
+    # -- resources and plan attempts ---------------------------------------------------------------
+    def create_resource(self, resource: ResourceRecord) -> None:
+        self._insert(
+            t.deployment_resources,
+            rec.resource_row(resource),
+            conflict=f"resource {resource.kind}/{resource.ref_id!r} exists in the deployment",
+            code="deployments.resource_ref_id_taken",
+        )
+
+    def list_resources(self, deployment_ids: Iterable[str] | None = None) -> list[ResourceRecord]:
+        r = t.deployment_resources.c
+        order = (r.deployment_id, r.kind, r.ref_id)
+        if deployment_ids is None:
+            rows = list(self.conn.execute(select(t.deployment_resources).order_by(*order)))
+        else:
+            rows = self._rows_in(select(t.deployment_resources), r.deployment_id, deployment_ids)
+            rows.sort(key=lambda row: (row.deployment_id, row.kind, row.ref_id))
+        return [rec.resource_record(row) for row in rows]
+
+    def update_resource(self, resource_id: str, **changes: Any) -> None:
+        r = t.deployment_resources.c
+        result = self.conn.execute(
+            update(t.deployment_resources).where(r.id == resource_id).values(**changes)
+        )
+        if result.rowcount == 0:
+            raise NotFoundError(
+                f"resource {resource_id!r} not found", code="deployments.resource_not_found"
+            )
+
+    def delete_resource(self, resource_id: str) -> None:
+        held = self.conn.execute(
+            select(_i.instance_name).where(_i.resource_id == resource_id).limit(1)
+        ).first()
+        if held is not None:
+            raise ConflictError(
+                f"resource {resource_id!r} still has instances; release them first",
+                code="deployments.resource_has_instances",
+            )
+        self.conn.execute(
+            delete(t.plan_attempts).where(t.plan_attempts.c.resource_id == resource_id)
+        )
+        r = t.deployment_resources.c
+        result = self.conn.execute(delete(t.deployment_resources).where(r.id == resource_id))
+        if result.rowcount == 0:
+            raise NotFoundError(
+                f"resource {resource_id!r} not found", code="deployments.resource_not_found"
+            )
+
+    def create_plan_attempt(self, attempt: PlanAttemptRecord) -> None:
+        self._insert(t.plan_attempts, rec.plan_attempt_row(attempt), conflict="plan attempt exists")
+
+    def update_plan_attempt(self, attempt_id: str, **changes: Any) -> None:
+        if "steps" in changes:
+            changes["steps"] = [dict(step) for step in changes["steps"]]
+        p = t.plan_attempts.c
+        result = self.conn.execute(
+            update(t.plan_attempts).where(p.id == attempt_id).values(**changes)
+        )
+        if result.rowcount == 0:
+            raise NotFoundError(
+                f"plan attempt {attempt_id!r} not found",
+                code="deployments.plan_attempt_not_found",
+            )
+
+    def list_plan_attempts(self, resource_ids: Iterable[str]) -> list[PlanAttemptRecord]:
+        p = t.plan_attempts.c
+        rows = self._rows_in(select(t.plan_attempts), p.resource_id, resource_ids)
+        rows.sort(key=lambda row: (row.resource_id, row.version, rec.utc(row.started_at), row.id))
+        return [rec.plan_attempt_record(row) for row in rows]
+
+    # -- placement -----------------------------------------------------------------------------
+    def list_placement_candidates(self) -> list[PlacementCandidate]:
+        # The capacity override is read out of the settings JSON by the database: decoding
+        # every allocator's settings in Python costs more than the rest of this read.
+        rows = self.conn.execute(
+            select(
+                _a.allocator_id,
+                _a.zone_id,
+                func.coalesce(_a.settings["capacity"].as_integer(), _a.capacity_mb),
+                _a.memory_used_mb,
+                _a.maintenance,
+            ).order_by(_a.allocator_id)
+        ).all()
+        return [
+            PlacementCandidate(aid, zone, int(cap), int(used), bool(maint))
+            for aid, zone, cap, used, maint in rows
+        ]
+
+    def create_instances(
+        self, instances: Sequence[InstanceRecord], ports: range
+    ) -> list[InstanceRecord]:
+        if not instances:
+            return []
+        wanted: dict[str, int] = defaultdict(int)
+        for instance in instances:
+            wanted[instance.allocator_id] += instance.memory_mb
+        ids = sorted(wanted)
+        # A savepoint (PostgreSQL): a failed check rolls back to it, which releases the row
+        # locks taken here, so that a retry never waits on locks of its own failed attempt.
+        with self.conn.begin_nested() if self.savepoints else nullcontext():
+            locked = self._lock_allocators(ids)
+            refused = [
+                aid
+                for aid in ids
+                if aid not in locked
+                or locked[aid][1]  # in maintenance
+                or locked[aid][0] + wanted[aid] > _capacity(*locked[aid][2:])
+            ]
+            if refused:
+                raise ConflictError(
+                    f"allocator {refused[0]!r} no longer has room for the instances placed on "
+                    "it; place them again",
+                    code="deployments.capacity_changed",
+                    fields=refused,
+                )
+            placed = self._with_ports(instances, ports)
+            try:
+                self.conn.execute(
+                    insert(t.instances), [rec.instance_row(instance) for instance in placed]
+                )
+            except IntegrityError as exc:
+                raise ConflictError(
+                    "an instance name or port is already taken",
+                    code="deployments.instance_taken",
+                ) from exc
+            self.conn.execute(_ADD_MEMORY, [{"aid": aid, "delta": wanted[aid]} for aid in ids])
+        return placed
+
+    def _lock_allocators(self, ids: list[str]) -> dict[str, tuple[int, bool, int, Any]]:
+        """allocator id -> (memory used, maintenance, capacity_mb, settings), locked in id
+        order: every placement takes these locks in the same order, so none deadlock."""
+        locked: dict[str, tuple[int, bool, int, Any]] = {}
+        for start in range(0, len(ids), self._IN_CHUNK):
+            query = (
+                select(
+                    _a.allocator_id, _a.memory_used_mb, _a.maintenance, _a.capacity_mb, _a.settings
+                )
+                .where(_a.allocator_id.in_(ids[start : start + self._IN_CHUNK]))
+                .order_by(_a.allocator_id)
+                .with_for_update()
+            )
+            for aid, used, maintenance, capacity, settings in self.conn.execute(query):
+                locked[aid] = (int(used), bool(maintenance), int(capacity), settings)
+        return locked
+
+    def _with_ports(
+        self, instances: Sequence[InstanceRecord], ports: range
+    ) -> list[InstanceRecord]:
+        """The instances, each with the lowest port of `ports` free on its allocator."""
+        taken: dict[str, set[int]] = defaultdict(set)
+        ids = sorted({instance.allocator_id for instance in instances})
+        for row in self._rows_in(select(_i.allocator_id, _i.port), _i.allocator_id, ids):
+            taken[row.allocator_id].add(int(row.port))
+        cursor: dict[str, int] = {}
+        placed = []
+        for instance in instances:
+            aid = instance.allocator_id
+            port = cursor.get(aid, ports.start)
+            while port in taken[aid]:
+                port += ports.step
+            if port not in ports:
+                raise ConflictError(
+                    f"allocator {aid!r} has no free port left in {ports.start}-{ports.stop - 1}",
+                    code="deployments.no_free_port",
+                    fields=[aid],
+                )
+            taken[aid].add(port)
+            cursor[aid] = port
+            placed.append(replace(instance, port=port))
+        return placed
+
+    def list_instances(
+        self,
+        *,
+        deployment_id: str | None = None,
+        resource_ids: Iterable[str] | None = None,
+        allocator_ids: Iterable[str] | None = None,
+    ) -> list[InstanceRecord]:
+        query = select(t.instances)
+        if deployment_id is not None:
+            query = query.where(_i.deployment_id == deployment_id)
+        rows: list[Any]
+        if resource_ids is not None and allocator_ids is not None:
+            allowed = set(allocator_ids)
+            rows = [
+                row
+                for row in self._rows_in(query, _i.resource_id, resource_ids)
+                if row.allocator_id in allowed
+            ]
+        elif resource_ids is not None:
+            rows = self._rows_in(query, _i.resource_id, resource_ids)
+        elif allocator_ids is not None:
+            rows = self._rows_in(query, _i.allocator_id, allocator_ids)
+        else:
+            rows = list(self.conn.execute(query))
+        rows.sort(key=lambda row: (row.resource_id, row.instance_name))
+        return [rec.instance_record(row) for row in rows]
+
+    def update_instances(
+        self, resource_id: str, instance_names: Iterable[str], **changes: Any
+    ) -> int:
+        if unknown := set(changes) - _INSTANCE_CHANGES:
+            raise ValueError(f"instances cannot change {sorted(unknown)} this way")
+        names = sorted(set(instance_names))
+        if not names or not changes:
+            return 0
+        result = self.conn.execute(
+            update(t.instances)
+            .where(_i.resource_id == resource_id, _i.instance_name.in_(names))
+            .values(**changes)
+        )
+        return int(result.rowcount)
+
+    def delete_instances(
+        self, resource_id: str, instance_names: Iterable[str] | None = None
+    ) -> int:
+        where = [_i.resource_id == resource_id]
+        if instance_names is not None:
+            names = sorted(set(instance_names))
+            if not names:
+                return 0
+            where.append(_i.instance_name.in_(names))
+        rows = self.conn.execute(select(_i.allocator_id, _i.memory_mb).where(*where)).all()
+        if not rows:
+            return 0
+        freed: dict[str, int] = defaultdict(int)
+        for aid, memory_mb in rows:
+            freed[aid] += int(memory_mb)
+        self.conn.execute(delete(t.instances).where(*where))
+        # In allocator id order, as placements lock them: a release and a placement never
+        # wait on each other in a cycle.
+        self.conn.execute(
+            _ADD_MEMORY, [{"aid": aid, "delta": -freed[aid]} for aid in sorted(freed)]
+        )
+        return len(rows)
+
+    # -- leases --------------------------------------------------------------------------------
+    def acquire_lease(self, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:
+        c = t.leases.c
+        # A conditional UPDATE: on PostgreSQL a concurrent taker waits on the row and then sees
+        # the winner's holder and expiry, so two never both succeed.
+        taken = self.conn.execute(
+            update(t.leases)
+            .where(c.name == name, or_(c.holder == holder, c.expires_at <= now))
+            .values(holder=holder, expires_at=now + ttl)
+        )
+        if taken.rowcount:
+            return True
+        if self.conn.execute(select(c.name).where(c.name == name)).first() is not None:
+            return False
+        try:
+            self._insert(
+                t.leases,
+                {"name": name, "holder": holder, "expires_at": now + ttl},
+                conflict="lease taken",
+            )
+        except ConflictError:
+            return False  # another holder created it first
+        return True
+
+    def release_lease(self, name: str, holder: str) -> bool:
+        c = t.leases.c
+        result = self.conn.execute(delete(t.leases).where(and_(c.name == name, c.holder == holder)))
+        return bool(result.rowcount)
+
+    def find_lease(self, name: str) -> tuple[str, datetime] | None:
+        c = t.leases.c
+        row = self.conn.execute(select(c.holder, c.expires_at).where(c.name == name)).first()
+        return None if row is None else (str(row[0]), rec.required_utc(row[1]))
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _rows_in(self, query: Any, column: Any, values: Iterable[str]) -> list[Any]:
+        """Rows of `query` whose `column` is in `values`, in chunks of IN lists."""
+        wanted = sorted(set(values))
+        return [
+            row
+            for start in range(0, len(wanted), self._IN_CHUNK)
+            for row in self.conn.execute(
+                query.where(column.in_(wanted[start : start + self._IN_CHUNK]))
+            )
+        ]
+
+
+def _deployment_not_found(deployment_id: str) -> NotFoundError:
+    return NotFoundError(
+        f"deployment {deployment_id[:64]!r} not found", code="deployments.deployment_not_found"
+    )
