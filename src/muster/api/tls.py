@@ -1,5 +1,6 @@
-"""HTTPS for the coordinator: the TLS context, the peer certificate handed to the app, and the
-connection-level guards uvicorn lacks (request head size, time allowed to send a request).
+"""HTTPS for the coordinator: the TLS context (reloaded for new connections when a rotation
+changes the certificate or the trusted CAs: `ServerTLS`), the peer certificate handed to the app,
+and the connection-level guards uvicorn lacks (request head size, time allowed to send a request).
 
 uvicorn verifies a client certificate but does not pass it to the ASGI app, so this module's
 protocol subclass puts the verified DER certificate into `scope["extensions"]["tls"]`
