@@ -42,13 +42,13 @@ from uvicorn.config import LOGGING_CONFIG
 
 from muster import logs
 from muster.agent.loop import Agent
-from muster.api.tls import ServerTLS, peer_cert_protocol
+from muster.api.tls import SecurityReloader, ServerTLS, peer_cert_protocol
 from muster.clock import SystemClock
 from muster.config import Settings
 from muster.domain.metrics import TimedStore
-from muster.domain.platform import Platform, load_platform
+from muster.domain.platform import load_platform
 from muster.errors import MusterError
-from muster.hoststate import HostPaths, write_private
+from muster.hoststate import HostPaths
 from muster.storage import open_store
 from muster.web import build_app
 
@@ -63,9 +63,6 @@ MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
 # uvicorn's graceful shutdown (5 s), the last liveness flush and the agent's stop (5 s).
 STOP_TIMEOUT_S = 20.0
-# How often each server process reads the CAs and token keys again and looks at its certificate
-# files: a rotation (through any coordinator or worker) reaches new connections within this.
-SECURITY_RELOAD_S = 2.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -153,7 +150,7 @@ def _serve(
             ca_pem=lambda: platform.ca_bundle_pem,
         )
         app.state.server_tls = tls
-        reloader = SecurityReloader(platform, tls, paths)
+        reloader = SecurityReloader(platform, tls, ca_file=paths.coordinator_ca)
         reloader.run_once()
         _tune_gc()
         server = uvicorn.Server(_uvicorn_config(app, tls, config, log_level))
@@ -222,59 +219,6 @@ def _uvicorn_config(app: Any, tls: ServerTLS, config: Settings, log_level: str) 
         limit_concurrency=None,
         backlog=BACKLOG,
     )
-
-
-class SecurityReloader:
-    """One daemon thread per server process: every SECURITY_RELOAD_S it reads the platform's CAs
-    and token keys again (a rotation made through another coordinator or worker), keeps the
-    coordinator's CA file (the CLI's --cacert) equal to the trusted bundle, and reloads the TLS
-    context when the CAs or the certificate files changed. So no restart (and no SIGHUP) is
-    needed after a rotation: new connections use it within SECURITY_RELOAD_S."""
-
-    def __init__(self, platform: Platform, tls: ServerTLS, paths: HostPaths) -> None:
-        self.platform = platform
-        self.tls = tls
-        self.paths = paths
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._failing = False
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="security-reload", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(SECURITY_RELOAD_S):
-            try:
-                self.platform.reload_security()
-            except Exception as exc:  # any: were the thread to end, rotations would go unseen
-                if not self._failing:
-                    log.warning("could not read the platform's CAs and keys: %s", exc)
-                self._failing = True
-                continue
-            if self._failing:
-                log.warning("can read the platform's CAs and keys again")
-            self._failing = False
-            self.run_once()
-
-    def run_once(self) -> None:
-        """Write the CA file if the bundle changed, and reload the TLS context if needed."""
-        bundle = self.platform.ca_bundle_pem
-        try:
-            on_disk = self.paths.coordinator_ca.read_text()
-        except OSError:
-            on_disk = ""
-        if on_disk != bundle:
-            try:
-                write_private(self.paths.coordinator_ca, bundle, 0o644)
-            except OSError as exc:
-                log.warning("could not write %s: %s", self.paths.coordinator_ca, exc)
-        self.tls.reload()
 
 
 def _exit_on_signals(server: uvicorn.Server) -> dict[int, Any]:

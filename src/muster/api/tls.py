@@ -24,6 +24,7 @@ from cryptography import x509
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from muster.domain import pki
+from muster.domain.platform import Platform
 from muster.hoststate import write_private
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ MAX_URL_BYTES = 8 * 1024
 # A request must arrive whole (head and body) within this many seconds of its first byte (or of
 # the connection opening): a client that sends half a request is dropped (slowloris).
 READ_TIMEOUT_S = 30.0
+# How often each server process reads the CAs and token keys again and looks at its certificate
+# files: a rotation (through any coordinator or worker) reaches new connections within this.
+SECURITY_RELOAD_S = 2.0
 
 _REASONS = {
     408: (b"Request Timeout", "root.request_timeout", "the request did not arrive in time"),
@@ -116,6 +120,59 @@ class ServerTLS:
             write_private(self.keyfile, key_pem)
             write_private(self.certfile, cert_pem, 0o644)
         self.reload()
+
+
+class SecurityReloader:
+    """One daemon thread per server process: every SECURITY_RELOAD_S it reads the platform's CAs
+    and token keys again (a rotation made through another coordinator or worker), keeps the
+    coordinator's CA file (the CLI's --cacert) equal to the trusted bundle, and reloads the TLS
+    context when the CAs or the certificate files changed. So no restart (and no SIGHUP) is
+    needed after a rotation: new connections use it within SECURITY_RELOAD_S."""
+
+    def __init__(self, platform: Platform, tls: ServerTLS, *, ca_file: Path) -> None:
+        self.platform = platform
+        self.tls = tls
+        self.ca_file = ca_file
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="security-reload", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(SECURITY_RELOAD_S):
+            try:
+                self.platform.reload_security()
+            except Exception as exc:  # any: were the thread to end, rotations would go unseen
+                if not self._failing:
+                    log.warning("could not read the platform's CAs and keys: %s", exc)
+                self._failing = True
+                continue
+            if self._failing:
+                log.warning("can read the platform's CAs and keys again")
+            self._failing = False
+            self.run_once()
+
+    def run_once(self) -> None:
+        """Write the CA file if the bundle changed, and reload the TLS context if needed."""
+        bundle = self.platform.ca_bundle_pem
+        try:
+            on_disk = self.ca_file.read_text()
+        except OSError:
+            on_disk = ""
+        if on_disk != bundle:
+            try:
+                write_private(self.ca_file, bundle, 0o644)
+            except OSError as exc:
+                log.warning("could not write %s: %s", self.ca_file, exc)
+        self.tls.reload()
 
 
 class _Refused(httptools.HttpParserError):

@@ -1,7 +1,7 @@
 """Rotating the platform's secrets without downtime: the roles-token signing key, the platform CA
 (an overlap in which both CAs are trusted, then the old one retired) and a coordinator's server
 certificate. Each change is written with its audit event in one transaction; every coordinator
-process picks it up on its next `Platform.reload_security` (muster.server reloads every few s).
+process picks it up on its next `Platform.reload_security` (every 2 s: api.tls.SecurityReloader).
 """
 
 from __future__ import annotations
