@@ -25,6 +25,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from muster.domain import pki
 from muster.domain.platform import Platform
+from muster.errors import MusterError
 from muster.hoststate import write_private
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,10 @@ class SecurityReloader:
                 self.platform.reload_security()
             except Exception as exc:  # any: were the thread to end, rotations would go unseen
                 if not self._failing:
-                    log.warning("could not read the platform's CAs and keys: %s", exc)
+                    # The message of a MusterError, else only the type: a driver's own text
+                    # may name the database's address and user.
+                    reason = exc.message if isinstance(exc, MusterError) else type(exc).__name__
+                    log.warning("could not read the platform's CAs and keys: %s", reason)
                 self._failing = True
                 continue
             if self._failing:
