@@ -172,6 +172,9 @@ def rotate_server_certificate(
             code="security.no_server_certificate",
         )
     platform = platform_of(request)
+    # From the store's current CA, even if this process has not reloaded since a rotation
+    # answered by another worker or coordinator.
+    platform.reload_security()
     key = pki.generate_private_key()
     cert = rotation.reissue_server_certificate(
         platform,
