@@ -42,7 +42,7 @@ from uvicorn.config import LOGGING_CONFIG
 
 from muster import logs
 from muster.agent.loop import Agent
-from muster.api.tls import peer_cert_protocol, server_context
+from muster.api.tls import SecurityReloader, ServerTLS, peer_cert_protocol
 from muster.clock import SystemClock
 from muster.config import Settings
 from muster.domain.metrics import TimedStore
@@ -149,8 +149,16 @@ def _serve(
             bench_routes=config.bench_routes,
             lost_allocator_grace_s=config.lost_allocator_grace_s,
         )
+        tls = ServerTLS(
+            certfile=paths.server_cert,
+            keyfile=paths.server_key,
+            ca_pem=lambda: platform.ca_bundle_pem,
+        )
+        app.state.server_tls = tls
+        reloader = SecurityReloader(platform, tls, ca_file=paths.coordinator_ca)
+        reloader.run_once()
         _tune_gc()
-        server = uvicorn.Server(_uvicorn_config(app, paths, config, log_level))
+        server = uvicorn.Server(_uvicorn_config(app, tls, config, log_level))
         agent = (
             Agent(
                 paths,
@@ -173,10 +181,12 @@ def _serve(
 
         watcher = threading.Thread(target=_when_started, args=(server, start_agent), daemon=True)
         watcher.start()
+        reloader.start()
         previous = _exit_on_signals(server)
         try:
             server.run(sockets=sockets)
         finally:
+            reloader.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             if agent is not None:
@@ -189,11 +199,9 @@ def _serve(
         store.close()
 
 
-def _uvicorn_config(app: Any, paths: HostPaths, config: Settings, log_level: str) -> uvicorn.Config:
-    def tls(_config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-        return server_context(
-            certfile=paths.server_cert, keyfile=paths.server_key, cafile=paths.coordinator_ca
-        )
+def _uvicorn_config(app: Any, tls: ServerTLS, config: Settings, log_level: str) -> uvicorn.Config:
+    def context(_config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        return tls.context
 
     return uvicorn.Config(
         app,
@@ -202,7 +210,7 @@ def _uvicorn_config(app: Any, paths: HostPaths, config: Settings, log_level: str
         host=config.bind,
         port=config.api_port,
         http=peer_cert_protocol(read_timeout_s=config.read_timeout_s),
-        ssl_context_factory=tls,
+        ssl_context_factory=context,
         # TLS handshakes capped per address and in time (muster.api.tls._Handshake).
         loop="muster.api.tls:new_event_loop",
         lifespan="on",

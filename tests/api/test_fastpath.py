@@ -104,6 +104,7 @@ def test_heartbeat_is_recorded_and_answered_by_the_edge_with_interval_and_coordi
     assert response.json() == {
         "heartbeat_interval_seconds": installed.platform.heartbeat_interval_s,
         "coordinators": ["10.0.0.1:12443"],
+        "ca_fingerprints": [installed.platform.ca_fingerprint],
         "instances_version": 0,
     }
     assert response.headers["content-type"] == "application/json"

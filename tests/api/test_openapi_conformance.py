@@ -33,7 +33,7 @@ from tests.conftest import Installed, create_token, join
 ECE_SPEC = Path(__file__).parents[3] / "shared/reference/apidocs.json"
 OPENAPI = "/api/v1/api-docs/openapi.json"
 BASE = "/api/v1"
-MUSTER_ONLY = ("/agent/", "/platform/audit")
+MUSTER_ONLY = ("/agent/", "/platform/audit", "/platform/configuration/security/rotation")
 # The ECE operations that must be served whatever else lands.
 REQUIRED = {
     ("POST", "/platform/configuration/security/enrollment-tokens"),

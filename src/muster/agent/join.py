@@ -19,7 +19,12 @@ from muster.client import Client, base_url, tls_context
 from muster.domain import pki
 from muster.domain.models import HostReport
 from muster.domain.tokens import read_unverified_claims
-from muster.errors import CAMismatchError, CoordinatorUnreachableError, TokenRefusedError
+from muster.errors import (
+    CAMismatchError,
+    CoordinatorUnreachableError,
+    TokenRefusedError,
+    UntrustedCertificateError,
+)
 from muster.hoststate import HostPaths, write_json, write_private
 
 Progress = Callable[[str], None]
@@ -68,18 +73,25 @@ def fetch_pinned_ca(coordinator: str, pin: str, *, timeout_s: float = 10.0) -> s
             f"cannot reach the coordinator at {base_url(coordinator)}: {type(exc).__name__}"
         ) from exc
     try:
-        ca_pem = str(response.json()["ca_certificate"])
+        reply = response.json()
+        ca_pem = str(reply["ca_certificate"])
         ca = pki.load_certificate(ca_pem)
-    except (ValueError, KeyError, TypeError) as exc:
+        # During a CA rotation the previous CA is listed too (a token minted before pins it).
+        trusted = [str(pem) for pem in reply.get("ca_certificates") or []]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CAMismatchError(
             f"{base_url(coordinator)} did not send a platform CA; is it a Muster coordinator?"
         ) from exc
-    if not pki.fingerprints_match(pin, ca):
-        raise CAMismatchError(
-            f"the coordinator's CA ({pki.spki_fingerprint(ca)}) is not the one the roles token "
-            f"pins ({pin}); not sending the token. Check --coordinator-host."
-        )
-    return ca_pem
+    for candidate in [ca_pem, *trusted]:
+        try:
+            if pki.fingerprints_match(pin, pki.load_certificate(candidate)):
+                return candidate  # only the pinned CA is trusted: the rest came unauthenticated
+        except ValueError:
+            continue
+    raise CAMismatchError(
+        f"the coordinator's CA ({pki.spki_fingerprint(ca)}) is not the one the roles token "
+        f"pins ({pin}); not sending the token. Check --coordinator-host."
+    )
 
 
 def join(plan: JoinPlan, paths: HostPaths, progress: Progress = lambda _m: None) -> dict[str, Any]:
@@ -110,7 +122,16 @@ def join(plan: JoinPlan, paths: HostPaths, progress: Progress = lambda _m: None)
         body["server_csr"] = pki.build_csr(server_key, plan.host_ip)
         body["server_names"] = [n for n in plan.server_names if n]
     with Client([plan.coordinator], verify=tls_context(ca_pem=ca_pem)) as client:
-        reply: dict[str, Any] = client.request("POST", "/api/v1/agent/join", json=body)
+        try:
+            reply: dict[str, Any] = client.request("POST", "/api/v1/agent/join", json=body)
+        except UntrustedCertificateError as exc:
+            # The pinned CA is listed but did not issue the server's certificate: the platform's
+            # CA was rotated around this token's making (docs/rotation.md).
+            raise CAMismatchError(
+                f"the coordinator's certificate is not from the CA the roles token pins ({pin}); "
+                "if the platform CA was rotated since the token was made, pass the current CA's "
+                "--ca-fingerprint (`muster rotate status`) or create a new token"
+            ) from exc
     save_identity(paths, pki.private_key_to_pem(key), reply["certificate"], reply["ca_certificate"])
     if server_key is not None and reply.get("server_certificate"):
         write_private(paths.server_key, pki.private_key_to_pem(server_key))
@@ -160,3 +181,21 @@ def client_context(paths: HostPaths) -> Any:
 
 def read_certificate(path: Path) -> Any:
     return pki.load_certificate(path.read_bytes())
+
+
+def is_trust_current(paths: HostPaths, fingerprints: list[str]) -> bool:
+    """Whether this host trusts exactly the CAs the coordinator named (current first) and holds
+    a certificate from the current one; if not, it renews now and the answer brings the bundle.
+    A file that cannot be read counts as not current."""
+    try:
+        bundle = pki.load_certificates(paths.agent_ca.read_bytes())
+        cert = read_certificate(paths.agent_cert)
+    except (OSError, ValueError):
+        return False
+    by_fingerprint = {pki.spki_fingerprint(ca): ca for ca in bundle}
+    current = by_fingerprint.get(fingerprints[0])
+    return (
+        set(by_fingerprint) == set(fingerprints)
+        and current is not None
+        and pki.is_issued_by(cert, current)
+    )

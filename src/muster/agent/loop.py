@@ -15,7 +15,13 @@ from typing import Any
 from muster import __version__
 from muster.agent import host
 from muster.agent.instances_loop import DOCKER_CHECK, InstanceKeeper
-from muster.agent.join import client_context, read_certificate, save_agent_state, save_identity
+from muster.agent.join import (
+    client_context,
+    is_trust_current,
+    read_certificate,
+    save_agent_state,
+    save_identity,
+)
 from muster.agent.runtime import Runtime
 from muster.client import Client
 from muster.clock import SystemClock
@@ -52,6 +58,10 @@ class Agent:
         self.connected = False
         self.beats = 0
         self._client: Client | None = None
+        # The platform's CAs as the last heartbeat named them, once this host's trust store and
+        # certificate were found to match; a change (a CA rotation) asks for a renewal now.
+        self._trusted: tuple[str, ...] = ()
+        self.renewal_requested = False
         self._rng = random.Random()  # noqa: S311 - jitter, not a secret
         state = read_json(paths.agent_state) if paths.agent_state.exists() else {}
         if state.get("coordinators"):
@@ -126,6 +136,12 @@ class Agent:
         self.on_event("keeping this allocator's instances on the Docker Engine")
 
     def _adopt(self, reply: dict[str, Any]) -> None:
+        trusted = tuple(str(f) for f in reply.get("ca_fingerprints") or [])
+        if trusted and trusted != self._trusted:
+            if is_trust_current(self.paths, list(trusted)):
+                self._trusted = trusted
+            else:
+                self.renewal_requested = True
         interval = float(reply.get("heartbeat_interval_seconds") or self.interval_s)
         listed = [str(c) for c in reply.get("coordinators", []) if c]
         changed = interval != self.interval_s or (listed and listed != self.coordinators)
@@ -140,11 +156,15 @@ class Agent:
             )
 
     def renew_if_due(self, now: datetime | None = None) -> bool:
-        """Renew the client certificate when a third of its life is left. True if renewed."""
+        """Renew the client certificate when a third of its life is left, or at once when the
+        last heartbeat named CAs this host does not hold (a CA rotation). True if renewed."""
         cert = read_certificate(self.paths.agent_cert)
         now = now or datetime.now(UTC)
         life = cert.not_valid_after_utc - cert.not_valid_before_utc
-        if cert.not_valid_after_utc - now > life * RENEW_AT_REMAINING:
+        if (
+            not self.renewal_requested
+            and cert.not_valid_after_utc - now > life * RENEW_AT_REMAINING
+        ):
             return False
         key = pki.generate_private_key()
         reply = self._connect().request(
@@ -156,6 +176,7 @@ class Agent:
             self.paths, pki.private_key_to_pem(key), reply["certificate"], reply["ca_certificate"]
         )
         self._reset_client()  # new connections present the new certificate
+        self.renewal_requested, self._trusted = False, ()
         self.on_event(f"certificate renewed, valid until {reply_expiry(reply['certificate'])}")
         return True
 

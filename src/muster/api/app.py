@@ -279,6 +279,7 @@ def create_app(
         allocators,
         audit,
         deployments,
+        rotation,
         runners,
         tokens,
         users,
@@ -298,6 +299,7 @@ def create_app(
             deployments,
             vacate,
             platform_api,
+            rotation,
         )
     ]
     for router in api_routers:

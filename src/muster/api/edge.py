@@ -77,6 +77,7 @@ class Edge:
         self._reply_interval_s = 0.0
         self._reply_addresses: tuple[str, ...] | None = None
         self._replies: dict[int, list[Message]] = {}
+        self._reply_trusted: tuple[str, ...] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -131,14 +132,21 @@ class Edge:
     def _heartbeat_reply(self, version: int) -> list[Message]:
         interval_s = self.platform.heartbeat_interval_s
         addresses = self.directory.addresses()
-        if addresses is not self._reply_addresses or interval_s != self._reply_interval_s:
+        trusted = self.platform.ca_fingerprints
+        if (
+            addresses is not self._reply_addresses
+            or interval_s != self._reply_interval_s
+            or trusted is not self._reply_trusted
+        ):
             self._replies = {}
             self._reply_interval_s, self._reply_addresses = interval_s, addresses
+            self._reply_trusted = trusted
         reply = self._replies.get(version)
         if reply is None:
             model = HeartbeatReply(
                 heartbeat_interval_seconds=interval_s,
                 coordinators=[*addresses],
+                ca_fingerprints=[*trusted],
                 instances_version=version,
             )
             # Starlette's JSONResponse rendering (the route's), byte for byte.

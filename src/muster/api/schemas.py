@@ -337,6 +337,9 @@ class JoinReply(Reply):
 class PlatformCAReply(Reply):
     ca_certificate: str
     ca_fingerprint: str
+    # During a CA rotation, every CA still trusted (the current one first): a host whose token
+    # pins the previous CA finds it here.
+    ca_certificates: list[str] = Field(default_factory=list)
 
 
 class RenewRequestModel(Strict):
@@ -346,6 +349,9 @@ class RenewRequestModel(Strict):
 class HeartbeatReply(Reply):
     heartbeat_interval_seconds: float
     coordinators: list[str]
+    # The CAs the platform trusts, current first: an agent whose trust store or certificate
+    # differs renews at once (and the renewal answer carries the CA bundle).
+    ca_fingerprints: list[str] = Field(default_factory=list)
     # The host's desired-instances version: when it is not the one the host holds, it fetches
     # GET /api/v1/agent/instances.
     instances_version: int = 0

@@ -1,6 +1,7 @@
-"""HTTPS for the coordinator: the TLS context, the peer certificate handed to the app, and the
-connection-level guards uvicorn lacks (TLS handshakes per address and their time, request head
-size, time allowed to send a request).
+"""HTTPS for the coordinator: the TLS context (reloaded for new connections when a rotation
+changes the certificate or the trusted CAs: `ServerTLS`), the peer certificate handed to the app,
+and the connection-level guards uvicorn lacks (TLS handshakes per address and their time, request
+head size, time allowed to send a request).
 
 uvicorn verifies a client certificate but does not pass it to the ASGI app, so this module's
 protocol subclass puts the verified DER certificate into `scope["extensions"]["tls"]`
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
+import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +24,13 @@ from typing import Any, cast
 import httptools
 from cryptography import x509
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from muster.domain import pki
+from muster.domain.platform import Platform
+from muster.errors import MusterError
+from muster.hoststate import write_private
+
+log = logging.getLogger(__name__)
 
 TLS_EXTENSION = "tls"
 # The request line and headers together; a Muster request needs a few hundred bytes. Larger
@@ -35,6 +45,9 @@ READ_TIMEOUT_S = 30.0
 # and never starts TLS holds neither sockets nor memory for long, nor many of them.
 HANDSHAKE_TIMEOUT_S = 10.0
 MAX_PENDING_HANDSHAKES = 32
+# How often each server process reads the CAs and token keys again and looks at its certificate
+# files: a rotation (through any coordinator or worker) reaches new connections within this.
+SECURITY_RELOAD_S = 2.0
 
 _REASONS = {
     408: (b"Request Timeout", "root.request_timeout", "the request did not arrive in time"),
@@ -47,15 +60,130 @@ _REASONS = {
 }
 
 
-def server_context(*, certfile: Path, keyfile: Path, cafile: Path) -> ssl.SSLContext:
+def server_context(
+    *, certfile: Path, keyfile: Path, cafile: Path | None = None, cadata: str | None = None
+) -> ssl.SSLContext:
     """TLS 1.2+ server context; a client certificate is optional (browsers and curl have none)
-    but, when sent, must chain to the platform CA."""
+    but, when sent, must chain to a platform CA (`cafile` or `cadata`: one, or a bundle of the
+    current and previous CAs during a CA rotation)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(certfile=str(certfile), keyfile=str(keyfile))
-    ctx.load_verify_locations(cafile=str(cafile))
+    ctx.load_verify_locations(cafile=str(cafile) if cafile else None, cadata=cadata)
     ctx.verify_mode = ssl.CERT_OPTIONAL
     return ctx
+
+
+class ServerTLS:
+    """The coordinator's server certificate files and the TLS context made of them and of the
+    trusted CAs, made again by `reload` when either changed (a rotation) and used by every new
+    connection from then on: `context`'s SNI callback, which OpenSSL runs in every handshake
+    (with or without SNI), hands the handshake the newest context. Open connections keep the
+    one they began with."""
+
+    def __init__(self, *, certfile: Path, keyfile: Path, ca_pem: Callable[[], str]) -> None:
+        self.certfile = certfile
+        self.keyfile = keyfile
+        self._ca_pem = ca_pem
+        self._lock = threading.Lock()
+        self._seen = self._signature()
+        self.context = self._build()
+        self.context.sni_callback = self._select
+        self._current = self.context
+
+    def _signature(self) -> tuple[int, int, int, str]:
+        cert, key = self.certfile.stat(), self.keyfile.stat()
+        return cert.st_mtime_ns, cert.st_size, key.st_mtime_ns, self._ca_pem()
+
+    def _build(self) -> ssl.SSLContext:
+        return server_context(certfile=self.certfile, keyfile=self.keyfile, cadata=self._ca_pem())
+
+    def _select(self, ssl_object: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        current = self._current
+        if ssl_object.context is not current:
+            ssl_object.context = current
+
+    def reload(self) -> bool:
+        """Make the context again if the certificate, key or trusted CAs changed. True if new
+        connections now use a new context. A pair that does not load (a key written, its
+        certificate not yet) keeps the old context: the next reload tries again."""
+        with self._lock:
+            try:
+                seen = self._signature()
+                if seen == self._seen:
+                    return False
+                context = self._build()
+            except (OSError, ssl.SSLError) as exc:
+                log.warning("server certificate not reloaded (tried again later): %s", exc)
+                return False
+            self._current, self._seen = context, seen
+            return True
+
+    def certificate(self) -> x509.Certificate:
+        return pki.load_certificate(self.certfile.read_bytes())
+
+    def install(self, key_pem: str, cert_pem: str) -> None:
+        """Write a new key and certificate (the key 0600) and use them for new connections."""
+        with self._lock:
+            write_private(self.keyfile, key_pem)
+            write_private(self.certfile, cert_pem, 0o644)
+        self.reload()
+
+
+class SecurityReloader:
+    """One daemon thread per server process: every SECURITY_RELOAD_S it reads the platform's CAs
+    and token keys again (a rotation made through another coordinator or worker), keeps the
+    coordinator's CA file (the CLI's --cacert) equal to the trusted bundle, and reloads the TLS
+    context when the CAs or the certificate files changed. So no restart (and no SIGHUP) is
+    needed after a rotation: new connections use it within SECURITY_RELOAD_S."""
+
+    def __init__(self, platform: Platform, tls: ServerTLS, *, ca_file: Path) -> None:
+        self.platform = platform
+        self.tls = tls
+        self.ca_file = ca_file
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="security-reload", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(SECURITY_RELOAD_S):
+            try:
+                self.platform.reload_security()
+            except Exception as exc:  # any: were the thread to end, rotations would go unseen
+                if not self._failing:
+                    # The message of a MusterError, else only the type: a driver's own text
+                    # may name the database's address and user.
+                    reason = exc.message if isinstance(exc, MusterError) else type(exc).__name__
+                    log.warning("could not read the platform's CAs and keys: %s", reason)
+                self._failing = True
+                continue
+            if self._failing:
+                log.warning("can read the platform's CAs and keys again")
+            self._failing = False
+            self.run_once()
+
+    def run_once(self) -> None:
+        """Write the CA file if the bundle changed, and reload the TLS context if needed."""
+        bundle = self.platform.ca_bundle_pem
+        try:
+            on_disk = self.ca_file.read_text()
+        except OSError:
+            on_disk = ""
+        if on_disk != bundle:
+            try:
+                write_private(self.ca_file, bundle, 0o644)
+            except OSError as exc:
+                log.warning("could not write %s: %s", self.ca_file, exc)
+        self.tls.reload()
 
 
 class _Refused(httptools.HttpParserError):

@@ -31,6 +31,7 @@ from muster.cli.common import (
 from muster.cli.deployments import deployment_app
 from muster.cli.infra import allocator_app, runner_app
 from muster.cli.platform import platform_app
+from muster.cli.rotate import rotate_app
 from muster.cli.service import service_app
 from muster.cli.tokens import token_app
 from muster.cli.users import user_app
@@ -51,6 +52,7 @@ app.add_typer(deployment_app, name="deployment")
 app.add_typer(runner_app, name="runner")
 app.add_typer(platform_app, name="platform")
 app.add_typer(service_app, name="service")
+app.add_typer(rotate_app, name="rotate")
 app.add_typer(backup_app)
 app.add_typer(user_app, name="user")
 

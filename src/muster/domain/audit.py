@@ -45,6 +45,11 @@ ALLOCATOR_RESYNCED = "allocator.resynced"
 RUNNER_RESYNCED = "runner.resynced"
 ALLOCATOR_VACATED = "allocator.vacated"
 ALLOCATOR_LOST = "allocator.lost"
+SIGNING_KEY_ROTATED = "signing_key.rotated"
+SIGNING_KEY_RETIRED = "signing_key.retired"
+CA_ROTATED = "ca.rotated"
+CA_RETIRED = "ca.retired"
+SERVER_CERTIFICATE_ROTATED = "server_certificate.rotated"
 
 KINDS = (
     TOKEN_CREATED,
@@ -78,6 +83,11 @@ KINDS = (
     RUNNER_RESYNCED,
     ALLOCATOR_VACATED,
     ALLOCATOR_LOST,
+    SIGNING_KEY_ROTATED,
+    SIGNING_KEY_RETIRED,
+    CA_ROTATED,
+    CA_RETIRED,
+    SERVER_CERTIFICATE_ROTATED,
 )
 
 

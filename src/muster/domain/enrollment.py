@@ -8,7 +8,6 @@ from muster.domain import audit
 from muster.domain.models import TokenRecord
 from muster.domain.platform import Platform
 from muster.domain.tokens import (
-    decode_token,
     is_token_listed,
     new_token_record,
     read_unverified_claims,
@@ -67,7 +66,7 @@ def _token_id_of(token_or_id: str, platform: Platform) -> str:
     if token_or_id.count(".") != 2:
         return token_or_id
     try:
-        return decode_token(token_or_id, key=platform.signing_key).token_id
+        return platform.decode(token_or_id).token_id
     except TokenRefusedError:
         # A token of ours with a damaged signature must not revoke anything; an id is never
         # shaped like a JWT, so this is simply not found.

@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -49,6 +51,27 @@ class CertificateAuthority:
     def key_identifier(self) -> x509.AuthorityKeyIdentifier:
         return x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key())
 
+    @cached_property
+    def serial_prefix(self) -> str:
+        """The hex every serial this CA issues starts with: the store knows a runner's
+        certificate by serial only, and a CA rotation must tell which CA issued it."""
+        return serial_prefix(self.certificate)
+
+    def new_serial(self) -> int:
+        # 'c' + 8 + 30 hex digits: 156 bits, under X.509's 159, and 120 of them random.
+        return int(self.serial_prefix + secrets.token_hex(15), 16)
+
+    def derived_serial(self, key: bytes, *parts: str) -> int:
+        """A serial of this CA that the same `parts` always give and nothing else does (its
+        last 120 bits an HMAC-SHA256 under `key`): a join retried with the same request is
+        recognised by the serial it would get."""
+        digest = hmac.new(key, "\x00".join(parts).encode(), hashlib.sha256).hexdigest()
+        return int(self.serial_prefix + digest[:30], 16)
+
+
+def serial_prefix(ca: x509.Certificate) -> str:
+    return "c" + spki_fingerprint(ca).removeprefix("sha256:")[:8]
+
 
 def generate_private_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
@@ -76,6 +99,32 @@ def certificate_to_pem(cert: x509.Certificate) -> str:
 def load_certificate(pem: str | bytes) -> x509.Certificate:
     data = pem.encode() if isinstance(pem, str) else pem
     return x509.load_pem_x509_certificate(data)
+
+
+def load_certificates(pem: str | bytes) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle (a trust store holds each CA still trusted)."""
+    return x509.load_pem_x509_certificates(pem.encode() if isinstance(pem, str) else pem)
+
+
+def is_issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether `ca` signed `cert` (its name and its signature)."""
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def subject_alternative_names(cert: x509.Certificate) -> tuple[list[str], list[str]]:
+    """A certificate's DNS names and IP addresses, in order (for issuing it again)."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [], []
+    return (
+        list(sans.get_values_for_type(x509.DNSName)),
+        [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)],
+    )
 
 
 def spki_fingerprint(cert: x509.Certificate) -> str:
@@ -139,7 +188,7 @@ def _leaf_builder(
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca.certificate.subject)
         .public_key(public_key)
-        .serial_number(serial or x509.random_serial_number())
+        .serial_number(serial or ca.new_serial())
         .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -219,7 +268,8 @@ def issue_client_certificate(
     serial: int | None = None,
 ) -> x509.Certificate:
     """A client certificate naming `runner_id` as its common name; a random serial unless one
-    is given (`derived_serial`). The same arguments give the same certificate contents."""
+    is given (`CertificateAuthority.derived_serial`). The same arguments give the same
+    certificate contents."""
     return (
         _leaf_builder(ca, public_key, runner_id, now, validity, serial)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
@@ -233,14 +283,6 @@ def certificate_common_name(cert: x509.Certificate) -> str:
         return ""
     value = names[0].value
     return value if isinstance(value, str) else value.decode()
-
-
-def derived_serial(key: bytes, *parts: str) -> int:
-    """A certificate serial that the same `parts` always give and nothing else does (HMAC-SHA256
-    under `key`, 159 bits as RFC 5280 allows): a join retried with the same request is
-    recognised by the serial it would get."""
-    digest = hmac.new(key, "\x00".join(parts).encode(), hashlib.sha256).digest()
-    return (int.from_bytes(digest[:20], "big") >> 1) or 1
 
 
 def serial_hex(cert: x509.Certificate) -> str:

@@ -4,17 +4,20 @@ region) and the one-time creation of it on the first host."""
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
+
+from cryptography import x509
 
 from muster.clock import Clock
 from muster.domain import pki
 from muster.domain.liveness import Liveness
 from muster.domain.models import TokenRecord
 from muster.domain.ratelimit import FailureLimiter
-from muster.domain.store import Store
-from muster.domain.tokens import encode_token, new_token_record
+from muster.domain.store import Store, Transaction
+from muster.domain.tokens import TokenClaims, decode_token_with_keys, encode_token, new_token_record
 from muster.domain.users import ADMIN, READONLY, CredentialCache, generate_password, new_user
 from muster.errors import ConflictError, StoreError
 
@@ -26,6 +29,10 @@ CA_KEY = "ca.private_key"
 SIGNING_KEY = "tokens.signing_key"
 REGION = "platform.region"
 CREATED_AT = "platform.created_at"
+# Written by rotation (muster.domain.rotation); absent on a platform never rotated.
+CA_PREVIOUS = "ca.previous_certificates"  # JSON list of PEMs still trusted, newest first
+CA_ROTATED_AT = "ca.rotated_at"
+SIGNING_KEYS = "tokens.signing_keys"  # JSON {"current": b64, "previous": [b64, ...]}
 
 
 @dataclass
@@ -57,15 +64,54 @@ class Platform:
         default_factory=lambda: FailureLimiter(max_failures=5, window_s=60.0)
     )
 
+    # After a rotation: the CAs still trusted besides `ca`, and the token keys (the one that
+    # signs first, then those still accepted). `signing_key` stays the platform's first key,
+    # from which sessions derive their CSRF and audit keys (a token rotation leaves them be).
+    previous_cas: tuple[x509.Certificate, ...] = ()
+    token_keys: tuple[bytes, ...] = ()
+    # Derived from `ca` and `previous_cas` (current first); replaced together on reload, so a
+    # reply cached for one tuple is stale exactly when `ca_fingerprints is not` that tuple.
+    ca_fingerprints: tuple[str, ...] = field(init=False, default=())
+    ca_bundle_pem: str = field(init=False, default="")
+
     def __post_init__(self) -> None:
         self.liveness = Liveness(self.store, self.clock, interval_s=self.heartbeat_interval_s)
+        self._derive_trust()
 
     @property
     def ca_fingerprint(self) -> str:
         return self.ca.fingerprint
 
+    @property
+    def token_signing_key(self) -> bytes:
+        return self.token_keys[0] if self.token_keys else self.signing_key
+
     def encode(self, record: TokenRecord) -> str:
-        return encode_token(record, key=self.signing_key, ca_fingerprint=self.ca_fingerprint)
+        return encode_token(record, key=self.token_signing_key, ca_fingerprint=self.ca_fingerprint)
+
+    def decode(self, token: str) -> TokenClaims:
+        """A token's claims if any accepted key signed it. Raises TokenRefusedError."""
+        return decode_token_with_keys(token, keys=self.token_keys or (self.signing_key,))
+
+    def reload_security(self) -> None:
+        """Read the CA, the trusted CAs and the token keys again (a rotation, perhaps through
+        another coordinator or worker). Raises StoreError."""
+        with self.store.read() as tx:
+            security = _read_security(tx)
+        if security is None:
+            raise StoreError("the store holds no Muster platform any more")
+        ca, previous, keys = security
+        if ca.certificate != self.ca.certificate:
+            self.ca = ca
+        self.previous_cas, self.token_keys = previous, keys
+        self._derive_trust()
+
+    def _derive_trust(self) -> None:
+        certificates = (self.ca.certificate, *self.previous_cas)
+        fingerprints = tuple(pki.spki_fingerprint(c) for c in certificates)
+        if fingerprints != self.ca_fingerprints:
+            self.ca_bundle_pem = "".join(pki.certificate_to_pem(c) for c in certificates)
+            self.ca_fingerprints = fingerprints
 
 
 @dataclass(frozen=True)
@@ -139,11 +185,11 @@ def create_platform(
 def load_platform(store: Store, clock: Clock, *, heartbeat_interval_s: float = 10.0) -> Platform:
     """Load a created platform. Raises StoreError if the store holds none."""
     with store.read() as tx:
-        ca_cert, ca_key = tx.find_setting(CA_CERT), tx.find_setting(CA_KEY)
         signing_key, region = tx.find_setting(SIGNING_KEY), tx.find_setting(REGION)
-    if ca_cert is None or ca_key is None or signing_key is None:
+        security = _read_security(tx)
+    if security is None or signing_key is None:
         raise StoreError("the store holds no Muster platform; run `muster install` first")
-    ca = pki.CertificateAuthority(pki.load_private_key(ca_key), pki.load_certificate(ca_cert))
+    ca, previous, keys = security
     return Platform(
         store=store,
         clock=clock,
@@ -151,7 +197,35 @@ def load_platform(store: Store, clock: Clock, *, heartbeat_interval_s: float = 1
         signing_key=base64.b64decode(signing_key),
         region=region or DEFAULT_REGION,
         heartbeat_interval_s=heartbeat_interval_s,
+        previous_cas=previous,
+        token_keys=keys,
     )
+
+
+_Security = tuple[pki.CertificateAuthority, tuple[x509.Certificate, ...], tuple[bytes, ...]]
+
+
+def _read_security(tx: Transaction) -> _Security | None:
+    """The current CA, the previous CAs still trusted and the token keys (the signing key
+    first); None if the store holds no platform."""
+    ca_cert, ca_key = tx.find_setting(CA_CERT), tx.find_setting(CA_KEY)
+    if ca_cert is None or ca_key is None:
+        return None
+    ca = pki.CertificateAuthority(pki.load_private_key(ca_key), pki.load_certificate(ca_cert))
+    previous = tuple(
+        pki.load_certificate(pem) for pem in json.loads(tx.find_setting(CA_PREVIOUS) or "[]")
+    )
+    return ca, previous, read_token_keys(tx)
+
+
+def read_token_keys(tx: Transaction) -> tuple[bytes, ...]:
+    """The token keys, the one that signs first; empty if the store holds no platform."""
+    stored = tx.find_setting(SIGNING_KEYS)
+    if stored is None:
+        first = tx.find_setting(SIGNING_KEY)
+        return (base64.b64decode(first),) if first else ()
+    keys = json.loads(stored)
+    return tuple(base64.b64decode(k) for k in [keys["current"], *keys["previous"]])
 
 
 def utc_iso(value: datetime | None) -> str | None:

@@ -56,6 +56,6 @@ def renew_certificate(
     return JoinResult(
         runner=updated,
         certificate_pem=pki.certificate_to_pem(cert),
-        ca_pem=platform.ca.certificate_pem(),
+        ca_pem=platform.ca_bundle_pem,
         heartbeat_interval_s=platform.heartbeat_interval_s,
     )

@@ -23,7 +23,7 @@ from muster.domain import admission, audit, pki
 from muster.domain.liveness import NO_INSTANCES
 from muster.domain.models import AllocatorRecord, HostReport, InstanceReport, RunnerRecord
 from muster.domain.platform import Platform
-from muster.domain.tokens import TokenClaims, check_roles, decode_token
+from muster.domain.tokens import TokenClaims, check_roles
 from muster.domain.users import Principal
 from muster.errors import (
     ConflictError,
@@ -203,7 +203,7 @@ def _check_join_rate(platform: Platform, source: str) -> None:
 def _verify_token(platform: Platform, request: JoinRequest) -> TokenClaims:
     """The token's claims once its signature held, unless the token has failed too often.
     Raises TokenRefusedError, RateLimitedError."""
-    claims = decode_token(request.token, key=platform.signing_key)
+    claims = platform.decode(request.token)
     now_s = platform.clock.monotonic()
     wait = platform.token_join_failures.retry_after_s(claims.token_id, now_s=now_s)
     if wait:
@@ -228,7 +228,7 @@ def _prepare_join(
     # Signed before the store is touched, outside any lock: a join refused there has spent
     # one signature, and no join waits for another's.
     # Derived from the request: a retry of this join is recognised (muster.domain.admission).
-    serial = pki.derived_serial(
+    serial = platform.ca.derived_serial(
         platform.signing_key, "join", request.runner_id, claims.token_id, request.csr_pem
     )
     cert = pki.issue_client_certificate(
@@ -325,7 +325,7 @@ def _joined(platform: Platform, request: JoinRequest, prepared: _PreparedJoin) -
     return JoinResult(
         runner=runner,
         certificate_pem=pki.certificate_to_pem(certificate),
-        ca_pem=platform.ca.certificate_pem(),
+        ca_pem=platform.ca_bundle_pem,
         heartbeat_interval_s=platform.heartbeat_interval_s,
         server_certificate_pem=server_cert,
         database_url=database_url,

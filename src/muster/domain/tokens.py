@@ -183,6 +183,19 @@ def decode_token(token: str, *, key: bytes) -> TokenClaims:
     return _verified_claims(token, key)
 
 
+def decode_token_with_keys(token: str, *, keys: Sequence[bytes]) -> TokenClaims:
+    """decode_token under each of `keys` in turn (after a signing-key rotation, the current key
+    and those not yet retired). Raises TokenRefusedError: invalid_signature if no key signed
+    it, malformed_token at once."""
+    for key in keys[:-1]:
+        try:
+            return decode_token(token, key=key)
+        except TokenRefusedError as exc:
+            if exc.reason != "invalid_signature":
+                raise
+    return decode_token(token, key=keys[-1])
+
+
 @functools.lru_cache(maxsize=1024)
 def _verified_claims(token: str, key: bytes) -> TokenClaims:
     parts = _split(token)

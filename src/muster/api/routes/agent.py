@@ -21,7 +21,7 @@ from muster.api.schemas import (
     PlatformCAReply,
     RenewRequestModel,
 )
-from muster.domain import desired, renewal, runners
+from muster.domain import desired, pki, renewal, runners
 from muster.domain.desired import InstanceVersions
 from muster.domain.users import Principal
 
@@ -41,7 +41,11 @@ def get_platform_ca(request: Request) -> PlatformCAReply:
     its roles token before it sends anything."""
     platform = platform_of(request)
     return PlatformCAReply(
-        ca_certificate=platform.ca.certificate_pem(), ca_fingerprint=platform.ca_fingerprint
+        ca_certificate=platform.ca.certificate_pem(),
+        ca_fingerprint=platform.ca_fingerprint,
+        ca_certificates=[
+            pki.certificate_to_pem(c) for c in pki.load_certificates(platform.ca_bundle_pem)
+        ],
     )
 
 
@@ -116,6 +120,7 @@ async def heartbeat(
     return HeartbeatReply(
         heartbeat_interval_seconds=platform.heartbeat_interval_s,
         coordinators=_coordinators(request),
+        ca_fingerprints=[*platform.ca_fingerprints],
         instances_version=versions.version(runner.name),
     )
 

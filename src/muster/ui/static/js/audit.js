@@ -28,6 +28,9 @@
     "allocator.maintenance": "Maintenance", "session.refreshed": "Session refreshed",
     "session.ended": "Signed out", "user.created": "User created", "user.updated": "User changed",
     "user.deleted": "User deleted", "user.password_changed": "Password changed",
+    "signing_key.rotated": "Signing key rotated",
+    "signing_key.retired": "Signing key retired", "ca.rotated": "CA rotated", "ca.retired": "CA retired",
+    "server_certificate.rotated": "Server certificate rotated",
   };
   for (const k of kinds) select.append(h("option", { value: k, text: (LABELS[k] || k) + " (" + k + ")" }));
   select.value = kind;
