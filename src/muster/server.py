@@ -95,7 +95,7 @@ def _serve(
         coordinators = list(dict.fromkeys([config.advertised_address(), *config.coordinators]))
         app = build_app(platform, coordinators=coordinators, bench_routes=config.bench_routes)
         _tune_gc()
-        server = uvicorn.Server(_uvicorn_config(app, paths, config, log_level))
+        server = _Server(_uvicorn_config(app, paths, config, log_level))
         agent = (
             Agent(
                 paths,
@@ -107,6 +107,8 @@ def _serve(
             else None
         )
         agent_thread: threading.Thread | None = None
+        if agent is not None:
+            server.before_shutdown = agent.stop  # it stays quiet while the server goes
 
         def start_agent() -> None:
             nonlocal agent_thread
@@ -132,6 +134,27 @@ def _serve(
             platform.liveness.flush()
     finally:
         store.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, stopping promptly: idle keep-alive connections are cut at once.
+
+    uvicorn closes an idle connection gracefully, and over TLS that waits for the peer's
+    close_notify; a peer that is not reading (an agent between heartbeats, a browser tab) never
+    sends it, so every Ctrl-C waited out the graceful timeout and logged an ERROR. A request in
+    progress still finishes (within `timeout_graceful_shutdown`)."""
+
+    before_shutdown: Callable[[], None] | None = None
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.before_shutdown is not None:
+            self.before_shutdown()
+        for connection in list(self.server_state.connections):
+            cycle = getattr(connection, "cycle", None)
+            transport = getattr(connection, "transport", None)
+            if transport is not None and (cycle is None or cycle.response_complete):
+                transport.abort()  # no request in flight: nothing to finish
+        await super().shutdown(sockets)
 
 
 def _uvicorn_config(app: Any, paths: HostPaths, config: Settings, log_level: str) -> uvicorn.Config:
@@ -425,7 +448,8 @@ def _exit_status(code: int | None) -> str:
 
 
 def run_agent(paths: HostPaths, config: Settings, *, on_event: Callable[[str], None]) -> None:
-    """Heartbeat in the foreground until SIGINT/SIGTERM."""
+    """Heartbeat in the foreground until SIGINT/SIGTERM. Raises HostRemovedError if the
+    platform deleted this host."""
     agent = Agent(
         paths,
         list(config.coordinators),
@@ -445,3 +469,5 @@ def run_agent(paths: HostPaths, config: Settings, *, on_event: Callable[[str], N
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if agent.removed is not None:
+        raise agent.removed

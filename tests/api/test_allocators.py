@@ -82,7 +82,15 @@ def fleet(client: TestClient, installed: Installed) -> Installed:
     ):
         reply = join(client, token, host, host_ip=host, zone=zone, capacity_mb=capacity)
         assert reply.status_code == 200, reply.text
+        first_heartbeat(installed, host)
     return installed
+
+
+def first_heartbeat(installed: Installed, runner_id: str) -> None:
+    """The heartbeat that follows a join: a joined host counts as connected only from then on."""
+    installed.platform.liveness.beat(
+        runner_id, HostReport(memory_mb=8192, storage_mib=100_000, cpus=4)
+    )
 
 
 def ids(overview: dict[str, Any]) -> list[str]:

@@ -12,14 +12,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2 as httpx
+from cryptography import x509
 
 from muster.client import Client, base_url, tls_context
 from muster.domain import pki
 from muster.domain.models import HostReport
 from muster.domain.tokens import read_unverified_claims
-from muster.errors import CAMismatchError, CoordinatorUnreachableError, TokenRefusedError
+from muster.errors import (
+    CAMismatchError,
+    CertificateNameError,
+    CoordinatorUnreachableError,
+    TokenRefusedError,
+    UntrustedCertificateError,
+)
 from muster.hoststate import HostPaths, write_json, write_private
 
 Progress = Callable[[str], None]
@@ -110,7 +118,12 @@ def join(plan: JoinPlan, paths: HostPaths, progress: Progress = lambda _m: None)
         body["server_csr"] = pki.build_csr(server_key, plan.host_ip)
         body["server_names"] = [n for n in plan.server_names if n]
     with Client([plan.coordinator], verify=tls_context(ca_pem=ca_pem)) as client:
-        reply: dict[str, Any] = client.request("POST", "/api/v1/agent/join", json=body)
+        try:
+            reply: dict[str, Any] = client.request("POST", "/api/v1/agent/join", json=body)
+        except UntrustedCertificateError as exc:
+            # The CA matched the pin, so the certificate is the platform's: it names other
+            # addresses than the one dialled.
+            raise name_mismatch(plan.coordinator) from exc
     save_identity(paths, pki.private_key_to_pem(key), reply["certificate"], reply["ca_certificate"])
     if server_key is not None and reply.get("server_certificate"):
         write_private(paths.server_key, pki.private_key_to_pem(server_key))
@@ -120,6 +133,32 @@ def join(plan: JoinPlan, paths: HostPaths, progress: Progress = lambda _m: None)
     roles = ", ".join(reply["roles"]) or "none"
     progress(f"identity issued: runner {reply['runner_id']} with roles {roles}")
     return reply
+
+
+def name_mismatch(coordinator: str) -> CertificateNameError:
+    """What to do when the coordinator's certificate does not name `coordinator`: the names it
+    has, and the flags that fix it on either side."""
+    dialled = urlsplit(base_url(coordinator))
+    host, port = dialled.hostname or coordinator, dialled.port or 12443
+    try:
+        pem = ssl.get_server_certificate((host, port), timeout=10)  # read only, never trusted
+        names = ", ".join(_certificate_names(pki.load_certificate(pem)))
+    except (OSError, ValueError):
+        names = "other names"
+    return CertificateNameError(
+        f"the coordinator's certificate names {names}, not {host}: join with "
+        f"--coordinator-host set to one of those that reaches it from here, or install the "
+        f"coordinator with --host-ip (its address on this network) or --external-hostname {host}"
+    )
+
+
+def _certificate_names(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    return [*ips, *san.get_values_for_type(x509.DNSName)]
 
 
 def save_identity(paths: HostPaths, key_pem: str, cert_pem: str, ca_pem: str) -> None:

@@ -16,7 +16,12 @@ from muster.agent import host
 from muster.agent.join import client_context, read_certificate, save_agent_state, save_identity
 from muster.client import Client
 from muster.domain import pki
-from muster.errors import CoordinatorUnreachableError, MusterError, UnauthenticatedError
+from muster.errors import (
+    CoordinatorUnreachableError,
+    HostRemovedError,
+    MusterError,
+    UnauthenticatedError,
+)
 from muster.hoststate import HostPaths, read_json
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,8 @@ class Agent:
         self.on_event = on_event or (lambda message: log.info("%s", message))
         self.connected = False
         self.beats = 0
+        # Set when the coordinator says this host's runner was deleted: the loop has ended.
+        self.removed: HostRemovedError | None = None
         self._client: Client | None = None
         self._rng = random.Random()  # noqa: S311 - jitter, not a secret
         state = read_json(paths.agent_state) if paths.agent_state.exists() else {}
@@ -120,7 +127,8 @@ class Agent:
         return base * self._rng.uniform(1 - JITTER, 1 + JITTER)
 
     def run(self) -> None:
-        """Heartbeat until `stop()`; never raises for a coordinator that is away."""
+        """Heartbeat until `stop()`, or until the coordinator says this host's runner was
+        deleted (`removed` then says so); never raises for a coordinator that is away."""
         failures = 0
         talking_to = ""  # the coordinator of the last heartbeat: a failover is said, too
         while not self.stopped.is_set():
@@ -140,6 +148,15 @@ class Agent:
                 self.connected = False
                 self._reset_client()
             except UnauthenticatedError as exc:
+                if exc.code == HostRemovedError.code:
+                    # Deleted: its certificate is revoked for good, retrying cannot help.
+                    self.removed = HostRemovedError(
+                        f"{exc.message.rstrip('.')}; this host was deleted from the platform. Join "
+                        f"it again with `muster install --rejoin --host-storage-path "
+                        f"{self.paths.root} --coordinator-host HOST --roles-token TOKEN`"
+                    )
+                    self.on_event(f"stopping: {self.removed.message}")
+                    break
                 failures += 1
                 self.connected = False
                 self.on_event(f"the coordinator refuses this host's certificate: {exc.message}")

@@ -3,13 +3,16 @@
 A heartbeat costs a dict assignment, no database write. `flush()` (called about once a second
 by the coordinator) writes every runner's latest heartbeat in one statement. A runner counts as
 connected while its latest heartbeat, seen here or persisted by any coordinator, is younger than
-GRACE_INTERVALS heartbeat intervals.
+GRACE_INTERVALS heartbeat intervals; a join is not a heartbeat. `sweep()` (after each flush, off
+the event loop) logs hosts that join, disconnect and come back.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from muster.clock import Clock
@@ -34,6 +37,11 @@ class Liveness:
         self._reports: dict[str, HostReport] = {}
         self._pending: set[str] = set()
         self._lock = threading.Lock()
+        # For the console: joins not logged yet, and whether each runner heard from here was
+        # connected at the last sweep (a runner first heard of after a restart is not news).
+        self._joins: deque[str] = deque()
+        self._was_connected: dict[str, bool] = {}
+        self._fresh: set[str] = set()  # joined here, no heartbeat yet
 
     @property
     def grace(self) -> timedelta:
@@ -48,11 +56,22 @@ class Liveness:
                 self._reports[runner_id] = report
             self._pending.add(runner_id)
 
+    def joined(self, runner_id: str, host_ip: str, zone: str, roles: Sequence[str]) -> None:
+        """A host joined through this coordinator: logged at the next sweep. Not a heartbeat:
+        the host counts as connected from its first heartbeat on."""
+        roles_text = ", ".join(roles) or "no roles"
+        self._joins.append(f"host {runner_id} ({host_ip}) joined zone {zone} with {roles_text}")
+        with self._lock:
+            self._was_connected[runner_id] = False  # so its first heartbeat is logged
+            self._fresh.add(runner_id)
+
     def forget(self, runner_id: str) -> None:
         with self._lock:
             self._seen.pop(runner_id, None)
             self._reports.pop(runner_id, None)
             self._pending.discard(runner_id)
+            self._was_connected.pop(runner_id, None)
+            self._fresh.discard(runner_id)
 
     def last_seen(self, runner_id: str, persisted: datetime | None) -> datetime | None:
         """The newest heartbeat time known: this coordinator's memory or the store's."""
@@ -91,6 +110,57 @@ class Liveness:
             return 0
         return len(batch)
 
+    def sweep(self) -> None:
+        """Log the joins since the last sweep, and each runner heard from here that connects,
+        disconnects (no heartbeat for the grace period, here nor in the store: another worker
+        or coordinator may hear it now) or comes back. One line each, no secret. Reads the store
+        only for a runner that seems to have gone; call it off the event loop."""
+        while self._joins:
+            log.info("%s", self._joins.popleft())
+        now, grace = self.clock.now(), self.grace
+        with self._lock:
+            seen = list(self._seen.items())
+        for runner_id, at in seen:
+            connected = now - at < grace
+            was = self._was_connected.get(runner_id)
+            if was is None or was == connected:
+                self._was_connected.setdefault(runner_id, connected)
+                continue
+            if connected:
+                fresh = runner_id in self._fresh
+                self._fresh.discard(runner_id)
+                log.info(
+                    "host %s %s",
+                    runner_id,
+                    "connected: its first heartbeat arrived"
+                    if fresh
+                    else "is back: heartbeats arrive again",
+                )
+            elif self._heard_elsewhere(runner_id, now):
+                # Its heartbeats go to another worker or coordinator now: what this process
+                # remembers is older than the store's, and no longer this process's to tell.
+                with self._lock:
+                    if self._seen.get(runner_id) == at and runner_id not in self._pending:
+                        self._seen.pop(runner_id, None)
+                        self._reports.pop(runner_id, None)
+                        self._was_connected.pop(runner_id, None)
+                continue
+            else:
+                silent_s = (now - at).total_seconds()
+                log.info("host %s disconnected: no heartbeat for %.0f s", runner_id, silent_s)
+            with self._lock:
+                if runner_id in self._seen:
+                    self._was_connected[runner_id] = connected
+
+    def _heard_elsewhere(self, runner_id: str, now: datetime) -> bool:
+        try:
+            with self.store.read() as tx:
+                runner = tx.find_runner(runner_id)
+        except MusterError:
+            return False  # what this coordinator knows is all it can tell
+        last = runner.last_heartbeat_at if runner is not None else None
+        return last is not None and now - last < self.grace
+
 
 class Flusher:
     """A daemon thread that flushes a Liveness every `period_s` until stopped."""
@@ -112,3 +182,7 @@ class Flusher:
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):
             self.liveness.flush()
+            try:
+                self.liveness.sweep()
+            except Exception:  # the console's lines must never stop the flushes
+                log.exception("could not log the hosts' connections")

@@ -230,7 +230,7 @@ def _prepare_join(
         joined_at=now,
         token_id=claims.token_id,
         report=request.report,
-        last_heartbeat_at=now,
+        last_heartbeat_at=None,  # a join is not a heartbeat: connected from the first one on
         api_address=_address(request.host_ip, request.api_port)
         if _serves_api(request, roles)
         else None,
@@ -280,7 +280,7 @@ def _refuse_join(
 def _joined(platform: Platform, request: JoinRequest, prepared: _PreparedJoin) -> JoinResult:
     """The reply to an admitted host (and, for a new coordinator, its server certificate)."""
     runner = prepared.pending.runner
-    platform.liveness.beat(runner.runner_id, request.report)
+    platform.liveness.joined(runner.runner_id, runner.host_ip, runner.zone_id, runner.roles)
     server_cert: str | None = None
     database_url: str | None = None
     if prepared.server_key is not None and "coordinator" in runner.roles:
