@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import httpx2 as httpx
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from muster.client import Client, base_url, tls_context
 from muster.domain import pki
@@ -121,9 +122,12 @@ def join(plan: JoinPlan, paths: HostPaths, progress: Progress = lambda _m: None)
         try:
             reply: dict[str, Any] = client.request("POST", "/api/v1/agent/join", json=body)
         except UntrustedCertificateError as exc:
-            # The CA matched the pin, so the certificate is the platform's: it names other
-            # addresses than the one dialled.
-            raise name_mismatch(plan.coordinator) from exc
+            # A certificate the pinned CA signed that still fails: it names other addresses
+            # than the one dialled. Anything else stays an untrusted certificate.
+            mismatch = name_mismatch(plan.coordinator, ca_pem)
+            if mismatch is None:
+                raise
+            raise mismatch from exc
     save_identity(paths, pki.private_key_to_pem(key), reply["certificate"], reply["ca_certificate"])
     if server_key is not None and reply.get("server_certificate"):
         write_private(paths.server_key, pki.private_key_to_pem(server_key))
@@ -135,19 +139,22 @@ def join(plan: JoinPlan, paths: HostPaths, progress: Progress = lambda _m: None)
     return reply
 
 
-def name_mismatch(coordinator: str) -> CertificateNameError:
-    """What to do when the coordinator's certificate does not name `coordinator`: the names it
-    has, and the flags that fix it on either side."""
+def name_mismatch(coordinator: str, ca_pem: str) -> CertificateNameError | None:
+    """What to do when the coordinator's certificate, signed by the platform CA `ca_pem`, does
+    not name `coordinator`: the names it has, and the flags that fix it on either side. None if
+    the certificate cannot be read or the CA did not sign it."""
     dialled = urlsplit(base_url(coordinator))
     host, port = dialled.hostname or coordinator, dialled.port or 12443
     try:
-        pem = ssl.get_server_certificate((host, port), timeout=10)  # read only, never trusted
-        names = ", ".join(_certificate_names(pki.load_certificate(pem)))
-    except (OSError, ValueError):
-        names = "other names"
+        pem = ssl.get_server_certificate((host, port), timeout=10)  # read, then checked here
+        cert = pki.load_certificate(pem)
+        cert.verify_directly_issued_by(pki.load_certificate(ca_pem))
+    except (OSError, ValueError, TypeError, InvalidSignature):
+        return None
+    names = ", ".join(_certificate_names(cert)) or "no address"
     return CertificateNameError(
         f"the coordinator's certificate names {names}, not {host}: join with "
-        f"--coordinator-host set to one of those that reaches it from here, or install the "
+        "--coordinator-host set to one of those that reaches it from here, or install the "
         f"coordinator with --host-ip (its address on this network) or --external-hostname {host}"
     )
 

@@ -235,9 +235,8 @@ def install(
                 fail(
                     "--roles-token or --roles-token-file is required to join a platform", EXIT_USAGE
                 )
-            if (
-                rejoin and host_storage_path.exists()
-            ):  # never under a running host: it would keep heartbeating as the old one
+            if rejoin and host_storage_path.exists():
+                # Never under a running host: it would go on heartbeating as the old one.
                 os.close(hold_host_lock(HostPaths(host_storage_path.absolute())))
             config = installer.install_additional_host(
                 installer.JoinOptions(
