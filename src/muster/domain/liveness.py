@@ -126,46 +126,48 @@ class Liveness:
         self._swept_at = now
         with self._lock:
             seen = list(self._seen.items())
+        gone: list[tuple[str, datetime]] = []
         for runner_id, at in seen:
             connected = now - at < grace
             was = self._was_connected.get(runner_id)
             if was is None or was == connected:
                 self._was_connected.setdefault(runner_id, connected)
-                continue
-            if connected:
+            elif connected:
                 fresh = runner_id in self._fresh
                 self._fresh.discard(runner_id)
-                log.info(
-                    "host %s %s",
-                    runner_id,
-                    "connected: its first heartbeat arrived"
-                    if fresh
-                    else "is back: heartbeats arrive again",
-                )
-            elif self._heard_elsewhere(runner_id, now):
-                # Its heartbeats go to another worker or coordinator now: what this process
-                # remembers is older than the store's, and no longer this process's to tell.
-                with self._lock:
-                    if self._seen.get(runner_id) == at and runner_id not in self._pending:
+                self._was_connected[runner_id] = True
+                news = "connected: its first heartbeat arrived" if fresh else "is back"
+                log.info("host %s %s", runner_id, news)
+            else:
+                gone.append((runner_id, at))
+        if gone:
+            self._tell_gone(gone, now)
+
+    def _tell_gone(self, gone: list[tuple[str, datetime]], now: datetime) -> None:
+        """Log the runners silent here for the grace period whose heartbeats the store has not
+        seen either (one read for all of them). A runner heard by another worker or coordinator
+        is dropped from this process's memory instead: what it remembers is older than the
+        store's, and no longer this process's to tell."""
+        try:
+            with self.store.read() as tx:
+                persisted = {rid: tx.find_runner(rid) for rid, _at in gone}
+        except MusterError:
+            persisted = {}  # what this coordinator knows is all it can tell
+        for runner_id, at in gone:
+            runner = persisted.get(runner_id)
+            last = runner.last_heartbeat_at if runner is not None else None
+            with self._lock:
+                if self._seen.get(runner_id) != at:
+                    continue  # a heartbeat arrived meanwhile
+                if last is not None and now - last < self.grace:
+                    if runner_id not in self._pending:
                         self._seen.pop(runner_id, None)
                         self._reports.pop(runner_id, None)
                         self._was_connected.pop(runner_id, None)
-                continue
-            else:
-                silent_s = (now - at).total_seconds()
-                log.info("host %s disconnected: no heartbeat for %.0f s", runner_id, silent_s)
-            with self._lock:
-                if runner_id in self._seen:
-                    self._was_connected[runner_id] = connected
-
-    def _heard_elsewhere(self, runner_id: str, now: datetime) -> bool:
-        try:
-            with self.store.read() as tx:
-                runner = tx.find_runner(runner_id)
-        except MusterError:
-            return False  # what this coordinator knows is all it can tell
-        last = runner.last_heartbeat_at if runner is not None else None
-        return last is not None and now - last < self.grace
+                    continue
+                self._was_connected[runner_id] = False
+            silent_s = (now - at).total_seconds()
+            log.info("host %s disconnected: no heartbeat for %.0f s", runner_id, silent_s)
 
 
 class Flusher:
