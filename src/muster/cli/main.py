@@ -235,6 +235,9 @@ def install(
                 fail(
                     "--roles-token or --roles-token-file is required to join a platform", EXIT_USAGE
                 )
+            taken = _split(roles) if roles is not None else installer.token_roles(token)
+            if "coordinator" in taken and not no_start:  # it will serve the API here
+                refuse_if_port_taken(settings.bind, settings.api_port)
             if rejoin and host_storage_path.exists():
                 # Never under a running host: it would go on heartbeating as the old one.
                 os.close(hold_host_lock(HostPaths(host_storage_path.absolute())))
