@@ -88,6 +88,30 @@ def test_install_on_a_busy_port_says_so_before_creating_anything(tmp_path: Path)
     assert not storage.exists()
 
 
+def test_a_coordinator_joining_on_a_busy_port_hears_it_before_joining(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    created = coordinator.create_token(roles=["coordinator"])
+    port = free_port()
+    storage = tmp_path / "host"
+    with listening(port):
+        result = run_muster(
+            [
+                *join_args(coordinator, created["token"], storage, roles="coordinator"),
+                "--bind",
+                "127.0.0.1",
+                "--api-port",
+                str(port),
+            ],
+            logs=tmp_path / "logs",
+            name="join-busy-port",
+        )
+    assert result.returncode == 8, result.output
+    assert f"port {port} is in use" in result.stderr
+    assert coordinator.tokens()[created["token_id"]].get("uses", 0) == 0  # never sent
+    assert not storage.exists()
+
+
 def test_start_takes_an_api_port_and_refuses_a_busy_port_and_a_second_process(
     tmp_path: Path,
 ) -> None:
