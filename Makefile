@@ -4,6 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STORAGE ?= $(CURDIR)/var/host-storage
+# `make run PORT=8443`: the API and Cloud UI port (default 12443, or the one installed, which a
+# later PORT=N changes). `HOST_IP=...`: the address other hosts reach this one at (default: the
+# default route's; 127.0.0.1 keeps the platform to this machine).
+PORT ?=
+HOST_IP ?=
 
 .PHONY: help install run test check bench demo fuzz clean
 
@@ -18,12 +23,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv with Muster and its dev dependencies
 
-run: $(STAMP) ## install the first host under var/ (once) and serve it on https://127.0.0.1:12443
+run: $(STAMP) ## install the first host under var/ (once) and serve it on port 12443 (PORT=N)
 	@if [ -f $(STORAGE)/bootstrap-state/bootstrap-secrets.json ]; then \
 		echo "Muster is already installed in $(STORAGE); starting it (rm -r $(STORAGE) to start over)."; \
-		$(BIN)/muster start --host-storage-path $(STORAGE); \
+		$(BIN)/muster start --host-storage-path $(STORAGE) $(if $(PORT),--api-port $(PORT),); \
 	else \
-		$(BIN)/muster install --host-storage-path $(STORAGE) --host-ip 127.0.0.1; \
+		$(BIN)/muster install --host-storage-path $(STORAGE) \
+			$(if $(PORT),--api-port $(PORT),) $(if $(HOST_IP),--host-ip $(HOST_IP),); \
 	fi
 
 test: $(STAMP) ## run the checks and every test

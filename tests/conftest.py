@@ -16,7 +16,10 @@ from fastapi.testclient import TestClient
 from muster.api.app import create_app
 from muster.clock import FakeClock
 from muster.domain import pki, users
+from muster.domain.models import HostReport
 from muster.domain.platform import Bootstrap, Platform, create_platform, load_platform
+from muster.domain.runners import record_heartbeat
+from muster.domain.users import Principal
 from muster.storage import Store, open_store
 from tests.processes import (  # noqa: F401 - re-exported for the test modules
     _LOGS,
@@ -43,6 +46,7 @@ __all__ = [
     "Installed",
     "MusterProcess",
     "create_token",
+    "first_heartbeat",
     "free_port",
     "install_coordinator",
     "join",
@@ -133,6 +137,15 @@ def join_body(token: str, runner_id: str, **extra: Any) -> dict[str, Any]:
 def join(client: TestClient, token: str, runner_id: str, **extra: Any) -> Any:
     """POST /agent/join as a host would; returns the response."""
     return client.post("/api/v1/agent/join", json=join_body(token, runner_id, **extra))
+
+
+def first_heartbeat(installed: Installed, runner_id: str) -> None:
+    """The heartbeat that follows a join, through the domain's heartbeat function (as the API's
+    edge and route record it): a joined host counts as connected only from then on."""
+    runner = Principal(name=runner_id, role="runner", method="certificate")
+    record_heartbeat(
+        installed.platform, runner, HostReport(memory_mb=8192, storage_mib=100_000, cpus=4)
+    )
 
 
 # ---- Real processes: a first-host coordinator (`running_coordinator`) and helpers that run

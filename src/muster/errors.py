@@ -3,18 +3,22 @@
     MusterError                      500  (code, message; never a secret in either)
      +-- InvalidInputError           400  bad request body, query, flag, variable or host.json key
      +-- UnauthenticatedError        401  no or wrong credentials
+     |    +-- HostRemovedError       401  (agent side) this host's runner was deleted
      +-- ForbiddenError              403  authenticated, not allowed
      |    +-- TokenRefusedError      403  a roles token that may not join (status by `reason`)
      +-- NotFoundError               404  no such token, allocator, runner, key
      +-- ConflictError               409  already exists / in the wrong state
      |    +-- AlreadyInstalledError  409  the storage path holds an installation
      |    +-- RunnerIdTakenError     409  another runner has this id
+     |    +-- PortInUseError         409  (host side) something listens on the API port
+     |    +-- AlreadyRunningError    409  (host side) a process runs this storage path
      +-- PayloadTooLargeError        413
      +-- RateLimitedError            429  too many failures from one address
      +-- StoreError                  503  the store cannot be reached or written
      +-- CoordinatorUnreachableError 503  (client side) no coordinator answered
      +-- CAMismatchError             495  (client side) coordinator's CA is not the pinned one
      +-- UntrustedCertificateError   495  (client side) coordinator's certificate is not trusted
+          +-- CertificateNameError   495  (client side) ... names not the address dialled
 
 Each class carries its HTTP status (a TokenRefusedError's depends on its reason: TOKEN_REFUSALS);
 `muster.api.app` renders any of them, `muster.client` maps statuses and codes back to the same
@@ -49,6 +53,12 @@ class InvalidInputError(MusterError):
 class UnauthenticatedError(MusterError):
     code = "root.unauthenticated"
     status = 401
+
+
+class HostRemovedError(UnauthenticatedError):
+    """The coordinator no longer knows this host's runner (it was deleted): the agent stops."""
+
+    code = "runners.certificate_revoked"
 
 
 class ForbiddenError(MusterError):
@@ -87,6 +97,18 @@ class RunnerIdTakenError(ConflictError):
     code = "runners.runner_id_taken"
 
 
+class PortInUseError(ConflictError):
+    """`muster install` or `muster start` on an API port something else listens on."""
+
+    code = "server.port_in_use"
+
+
+class AlreadyRunningError(ConflictError):
+    """`muster start` on a storage path that a running process holds."""
+
+    code = "server.already_running"
+
+
 class PayloadTooLargeError(MusterError):
     code = "root.payload_too_large"
     status = 413
@@ -121,6 +143,13 @@ class UntrustedCertificateError(MusterError):
     status = 495
 
 
+class CertificateNameError(UntrustedCertificateError):
+    """The coordinator's certificate is the platform's, but does not name the address the host
+    dialled (e.g. a first host installed with --host-ip 127.0.0.1, joined from elsewhere)."""
+
+    code = "client.certificate_name_mismatch"
+
+
 # Exit codes of the `muster` command. Scripts depend on them: a code never changes meaning, and
 # README.md documents every one (tests/test_errors.py checks both).
 EXIT_ERROR = 1  # any other failure
@@ -135,6 +164,8 @@ EXIT_CODES: dict[type[MusterError] | str, int] = {
     ForbiddenError: 5,
     NotFoundError: 6,
     RateLimitedError: 7,
+    PortInUseError: 8,
+    AlreadyRunningError: 9,
     "malformed_token": 10,
     "invalid_signature": 11,
     "unknown_token": 12,
@@ -145,6 +176,8 @@ EXIT_CODES: dict[type[MusterError] | str, int] = {
     CAMismatchError: 20,
     CoordinatorUnreachableError: 21,
     RunnerIdTakenError: 22,
+    CertificateNameError: 23,
+    HostRemovedError: 24,
 }
 
 # A refused roles token: reason -> (HTTP status, exit code).

@@ -21,7 +21,7 @@ from muster.config import Settings, save_host
 from muster.domain import pki
 from muster.domain.models import ROLES
 from muster.domain.tokens import read_unverified_claims
-from muster.errors import InvalidInputError
+from muster.errors import AlreadyInstalledError, InvalidInputError
 from muster.hoststate import HostPaths, refuse_if_installed, write_json, write_private
 
 if TYPE_CHECKING:
@@ -61,6 +61,9 @@ class JoinOptions:
     public_hostname: str = ""
     ca_fingerprint: str | None = None
     external_hostnames: Sequence[str] = ()
+    # Join again where a host was installed (its runner deleted): nothing of the old identity
+    # is kept once the join succeeds; if it fails, the old state is put back as it was.
+    rejoin: bool = False
 
 
 def _check_capacity(capacity_mb: int | None) -> None:
@@ -213,6 +216,57 @@ def install_additional_host(options: JoinOptions, progress: Progress = lambda _m
     """Join the platform at `options.coordinator`; on success the host's identity and host.json
     are written. Raises what `muster.agent.join.join` raises, or AlreadyInstalledError."""
     paths = HostPaths(options.storage)
+    aside = _set_aside(paths) if options.rejoin else None
+    try:
+        config = _install_additional_host(options, paths, progress)
+    except BaseException:
+        if aside is not None:
+            _put_back(paths, aside)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return config
+
+
+# What a joined host keeps of its identity: set aside by --rejoin, removed once it has joined.
+_IDENTITY = ("host.json", "agent", "coordinator")
+
+
+def _set_aside(paths: HostPaths) -> Path:
+    """Move a joined host's identity into a folder beside it. Raises InvalidInputError for the
+    first host's path (it holds the platform itself: its store and bootstrap secrets)."""
+    if paths.bootstrap_secrets.exists() or paths.database.exists():
+        raise InvalidInputError(
+            f"--rejoin: {paths.root} holds the first host of a platform (its store and "
+            "bootstrap secrets), not a host that joined one; choose another path",
+            fields=["rejoin"],
+        )
+    aside = paths.root / ".before-rejoin"
+    shutil.rmtree(aside, ignore_errors=True)  # left over from a rejoin that was killed
+    aside.mkdir(mode=0o700)
+    for name in _IDENTITY:
+        if (paths.root / name).exists():
+            (paths.root / name).rename(aside / name)
+    return aside
+
+
+def _put_back(paths: HostPaths, aside: Path) -> None:
+    for name in _IDENTITY:
+        if (aside / name).exists():
+            shutil.rmtree(paths.root / name, ignore_errors=True)
+            (aside / name).rename(paths.root / name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _install_additional_host(
+    options: JoinOptions, paths: HostPaths, progress: Progress
+) -> Settings:
+    if paths.host_file.exists() and not paths.bootstrap_secrets.exists():
+        raise AlreadyInstalledError(
+            f"{paths.root} already holds a Muster installation (host.json exists); start it "
+            f"with `muster start --host-storage-path {paths.root}`, or, if its host was deleted "
+            "from the platform, join again with `--rejoin` (keeps nothing of its old identity)"
+        )
     refuse_if_installed(paths)
     _check_capacity(options.capacity_mb)
     settings = options.settings

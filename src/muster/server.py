@@ -158,7 +158,7 @@ def _serve(
         reloader = SecurityReloader(platform, tls, ca_file=paths.coordinator_ca)
         reloader.run_once()
         _tune_gc()
-        server = uvicorn.Server(_uvicorn_config(app, tls, config, log_level))
+        server = _Server(_uvicorn_config(app, tls, config, log_level))
         agent = (
             Agent(
                 paths,
@@ -170,6 +170,8 @@ def _serve(
             else None
         )
         agent_thread: threading.Thread | None = None
+        if agent is not None:
+            server.before_shutdown = agent.stop  # it stays quiet while the server goes
 
         def start_agent() -> None:
             nonlocal agent_thread
@@ -197,6 +199,27 @@ def _serve(
             platform.liveness.flush()
     finally:
         store.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, stopping promptly: idle keep-alive connections are cut at once.
+
+    uvicorn closes an idle connection gracefully, and over TLS that waits for the peer's
+    close_notify; a peer that is not reading (an agent between heartbeats, a browser tab) never
+    sends it, so every Ctrl-C waited out the graceful timeout and logged an ERROR. A request in
+    progress still finishes (within `timeout_graceful_shutdown`)."""
+
+    before_shutdown: Callable[[], None] | None = None
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.before_shutdown is not None:
+            self.before_shutdown()
+        for connection in list(self.server_state.connections):
+            cycle = getattr(connection, "cycle", None)
+            transport = getattr(connection, "transport", None)
+            if transport is not None and (cycle is None or cycle.response_complete):
+                transport.abort()  # no request in flight: nothing to finish
+        await super().shutdown(sockets)
 
 
 def _uvicorn_config(app: Any, tls: ServerTLS, config: Settings, log_level: str) -> uvicorn.Config:
@@ -496,7 +519,8 @@ def _exit_status(code: int | None) -> str:
 
 
 def run_agent(paths: HostPaths, config: Settings, *, on_event: Callable[[str], None]) -> None:
-    """Heartbeat in the foreground until SIGINT/SIGTERM."""
+    """Heartbeat in the foreground until SIGINT/SIGTERM. Raises HostRemovedError if the
+    platform deleted this host."""
     logs.configure(config.log_format)
     agent = Agent(
         paths,
@@ -517,3 +541,5 @@ def run_agent(paths: HostPaths, config: Settings, *, on_event: Callable[[str], N
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if agent.removed is not None:
+        raise agent.removed

@@ -20,7 +20,7 @@ from muster.api.edge import FAST_BODY_BYTES
 from muster.domain import pki
 from tests.api.test_deployments import BODY
 from tests.api.test_fastpath import WithCert
-from tests.conftest import Installed, create_token, join
+from tests.conftest import Installed, create_token, first_heartbeat, join
 
 HEARTBEAT = "/api/v1/agent/heartbeat"
 INSTANCES = "/api/v1/agent/instances"
@@ -38,6 +38,7 @@ class Fleet:
             reply = join(client, token, runner_id, zone=zone, host_ip=ip, capacity_mb=1024)
             assert reply.status_code == 200, reply.text
             self.certs[runner_id] = pki.load_certificate(reply.json()["certificate"])
+            first_heartbeat(installed, runner_id)
         app.state.identities.refresh()
 
     def beat(self, runner_id: str, **report: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from muster.api.schemas_infra import AllocatorOverview, RunnerOverview
 from muster.domain.models import AllocatorRecord, HostReport
-from tests.conftest import Installed, create_token, join
+from tests.conftest import Installed, create_token, first_heartbeat, join
 
 ALLOCATORS = "/api/v1/platform/infrastructure/allocators"
 RUNNERS = "/api/v1/platform/infrastructure/runners"
@@ -82,6 +82,7 @@ def fleet(client: TestClient, installed: Installed) -> Installed:
     ):
         reply = join(client, token, host, host_ip=host, zone=zone, capacity_mb=capacity)
         assert reply.status_code == 200, reply.text
+        first_heartbeat(installed, host)
     return installed
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import Installed, create_token, join
+from tests.conftest import Installed, create_token, first_heartbeat, join
 
 DEPLOYMENTS = "/api/v1/deployments"
 BODY: dict[str, Any] = {
@@ -42,6 +42,7 @@ def fleet(client: TestClient, installed: Installed) -> list[str]:
     for runner_id, zone, ip in hosts:
         response = join(client, token, runner_id, zone=zone, host_ip=ip, capacity_mb=1024)
         assert response.status_code == 200, response.text
+        first_heartbeat(installed, runner_id)
     return [runner_id for runner_id, _zone, _ip in hosts]
 
 

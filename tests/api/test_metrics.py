@@ -25,7 +25,7 @@ from muster.domain.platform import create_platform, load_platform
 from muster.storage import open_store
 from tests.api.test_auth import create_key
 from tests.api.test_fastpath import WithCert
-from tests.conftest import Installed, create_token, join
+from tests.conftest import Installed, create_token, first_heartbeat, join
 
 METRICS = "/metrics"
 HEARTBEAT = "/api/v1/agent/heartbeat"
@@ -209,6 +209,7 @@ def test_the_fleet_is_read_at_most_once_per_interval_whoever_scrapes(
     client, _wrapper, _app = agent
     first = scrape(client, timed)
     joined_cert(client, timed, "alloc-late", zone="zone-late", capacity_mb=256)
+    first_heartbeat(timed, "alloc-late")
     cached = scrape(client, timed)  # no time passed since the first: the same summary
     assert not any(key[0] == "muster_allocators" for key in first)
     assert not any(key[0] == "muster_allocators" for key in cached)

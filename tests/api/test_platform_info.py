@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from muster import __version__
 from tests.api.test_allocators import ALLOCATORS, assert_ece_shape, assert_error
-from tests.conftest import Installed, create_token, join
+from tests.conftest import Installed, create_token, first_heartbeat, join
 
 PLATFORM = "/api/v1/platform"
 
@@ -31,6 +31,7 @@ def fleet(client: TestClient, installed: Installed) -> Installed:
             client, token, host, host_ip=host, zone=zone, capacity_mb=capacity, roles=roles
         )
         assert reply.status_code == 200, reply.text
+        first_heartbeat(installed, host)
     maintenance = ALLOCATORS + "/10.0.0.3/maintenance-mode/_start"
     assert client.post(maintenance, auth=installed.admin).status_code == 202
     return installed

@@ -11,7 +11,12 @@ from fastapi.testclient import TestClient
 
 from muster.domain import pki
 from muster.errors import UnauthenticatedError
-from tests.api.test_allocators import ALLOCATORS, assert_ece_shape, assert_error
+from tests.api.test_allocators import (
+    ALLOCATORS,
+    assert_ece_shape,
+    assert_error,
+    first_heartbeat,
+)
 from tests.conftest import Installed, create_token, join
 
 RUNNERS = "/api/v1/platform/infrastructure/runners"
@@ -30,6 +35,7 @@ def hosts(client: TestClient, installed: Installed) -> dict[str, Any]:
         reply = join(client, token, host, host_ip=host, zone=zone, roles=roles)
         assert reply.status_code == 200, reply.text
         replies[host] = reply.json()
+        first_heartbeat(installed, host)
     return replies
 
 

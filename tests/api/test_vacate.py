@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.api.test_deployments import DEPLOYMENTS, body
-from tests.conftest import Installed, create_token, join
+from tests.conftest import Installed, create_token, first_heartbeat, join
 
 MOVE = "/api/v1/platform/infrastructure/allocators/{}/clusters/_move"
 
@@ -26,6 +26,7 @@ def fleet(client: TestClient, installed: Installed) -> None:
     for runner_id, zone, ip in hosts:
         response = join(client, token, runner_id, zone=zone, host_ip=ip, capacity_mb=1024)
         assert response.status_code == 200, response.text
+        first_heartbeat(installed, runner_id)
 
 
 def instances(client: TestClient, installed: Installed, deployment_id: str) -> list[Any]:

@@ -123,6 +123,20 @@ def test_create_with_validity_makes_an_ephemeral_token(
     assert listed["expiration_date"] is not None
 
 
+def test_create_without_roles_is_refused_unless_asked_for(
+    muster: Muster, coordinator: Coordinator
+) -> None:
+    before = set(coordinator.tokens())
+    line = one_line_error(muster("token", "create"), EXIT_USAGE)
+    assert "--role allocator" in line
+    assert "--no-roles" in line
+    assert set(coordinator.tokens()) == before  # nothing was created
+    reply = created(muster, "--no-roles", "--validity", "10m")
+    assert coordinator.tokens()[reply["token_id"]]["roles"] == []
+    line = one_line_error(muster("token", "create", "--no-roles", "--role", "proxy"), EXIT_USAGE)
+    assert "not both" in line
+
+
 # -- list --------------------------------------------------------------------------------------
 def test_list_is_a_table_of_active_tokens(muster: Muster) -> None:
     persistent = created(muster, "--role", "allocator", "--max-uses", "3", "--description", "r1")
@@ -223,7 +237,10 @@ def test_bad_credentials(muster: Muster) -> None:
 
 
 def test_readonly_user_cannot_create(muster: Muster) -> None:
-    line = one_line_error(muster("token", "create", user="readonly"), EXIT_CODES[ForbiddenError])
+    line = one_line_error(
+        muster("token", "create", "--role", "allocator", user="readonly"),
+        EXIT_CODES[ForbiddenError],
+    )
     assert "root.unauthorized.rbac" in line
 
 

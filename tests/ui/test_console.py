@@ -104,7 +104,8 @@ def test_new_token_is_shown_once_then_listed_without_its_secret_and_revoked(
     command = page.locator("#command-value").inner_text()
     assert command == (
         f"muster install --coordinator-host {ui_coordinator.address} --roles-token '{token}' "
-        "--roles allocator,coordinator --host-storage-path /var/lib/muster"
+        "--roles allocator,coordinator --host-ip NEW_HOST_IP --availability-zone ece-zone-1 "
+        "--host-storage-path /var/lib/muster"
     )
     row = page.locator("#tokens tr", has_text=record["token_id"])
     expect(row).to_contain_text("Ephemeral")

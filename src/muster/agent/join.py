@@ -12,8 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2 as httpx
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from muster.client import Client, base_url, tls_context
 from muster.domain import pki
@@ -21,6 +24,7 @@ from muster.domain.models import HostReport
 from muster.domain.tokens import read_unverified_claims
 from muster.errors import (
     CAMismatchError,
+    CertificateNameError,
     CoordinatorUnreachableError,
     TokenRefusedError,
     UntrustedCertificateError,
@@ -125,6 +129,11 @@ def join(plan: JoinPlan, paths: HostPaths, progress: Progress = lambda _m: None)
         try:
             reply: dict[str, Any] = client.request("POST", "/api/v1/agent/join", json=body)
         except UntrustedCertificateError as exc:
+            # A certificate the pinned CA signed that still fails: it names other addresses
+            # than the one dialled.
+            mismatch = name_mismatch(plan.coordinator, ca_pem)
+            if mismatch is not None:
+                raise mismatch from exc
             # The pinned CA is listed but did not issue the server's certificate: the platform's
             # CA was rotated around this token's making (docs/rotation.md).
             raise CAMismatchError(
@@ -141,6 +150,35 @@ def join(plan: JoinPlan, paths: HostPaths, progress: Progress = lambda _m: None)
     roles = ", ".join(reply["roles"]) or "none"
     progress(f"identity issued: runner {reply['runner_id']} with roles {roles}")
     return reply
+
+
+def name_mismatch(coordinator: str, ca_pem: str) -> CertificateNameError | None:
+    """What to do when the coordinator's certificate, signed by the platform CA `ca_pem`, does
+    not name `coordinator`: the names it has, and the flags that fix it on either side. None if
+    the certificate cannot be read or the CA did not sign it."""
+    dialled = urlsplit(base_url(coordinator))
+    host, port = dialled.hostname or coordinator, dialled.port or 12443
+    try:
+        pem = ssl.get_server_certificate((host, port), timeout=10)  # read, then checked here
+        cert = pki.load_certificate(pem)
+        cert.verify_directly_issued_by(pki.load_certificate(ca_pem))
+    except (OSError, ValueError, TypeError, InvalidSignature):
+        return None
+    names = ", ".join(_certificate_names(cert)) or "no address"
+    return CertificateNameError(
+        f"the coordinator's certificate names {names}, not {host}: join with "
+        "--coordinator-host set to one of those that reaches it from here, or install the "
+        f"coordinator with --host-ip (its address on this network) or --external-hostname {host}"
+    )
+
+
+def _certificate_names(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    return [*ips, *san.get_values_for_type(x509.DNSName)]
 
 
 def save_identity(paths: HostPaths, key_pem: str, cert_pem: str, ca_pem: str) -> None:

@@ -26,7 +26,12 @@ from muster.agent.runtime import Runtime
 from muster.client import Client
 from muster.clock import SystemClock
 from muster.domain import pki
-from muster.errors import CoordinatorUnreachableError, MusterError, UnauthenticatedError
+from muster.errors import (
+    CoordinatorUnreachableError,
+    HostRemovedError,
+    MusterError,
+    UnauthenticatedError,
+)
 from muster.hoststate import HostPaths, read_json
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,8 @@ class Agent:
         self.on_event = on_event or (lambda message: log.info("%s", message))
         self.connected = False
         self.beats = 0
+        # Set when the coordinator says this host's runner was deleted: the loop has ended.
+        self.removed: HostRemovedError | None = None
         self._client: Client | None = None
         # The platform's CAs as the last heartbeat named them, once this host's trust store and
         # certificate were found to match; a change (a CA rotation) asks for a renewal now.
@@ -190,7 +197,8 @@ class Agent:
         return base * self._rng.uniform(1 - JITTER, 1 + JITTER)
 
     def run(self) -> None:
-        """Heartbeat until `stop()`; never raises for a coordinator that is away."""
+        """Heartbeat until `stop()`, or until the coordinator says this host's runner was
+        deleted (`removed` then says so); never raises for a coordinator that is away."""
         failures = 0
         talking_to = ""  # the coordinator of the last heartbeat: a failover is said, too
         self._start_instances()
@@ -211,6 +219,15 @@ class Agent:
                 self.connected = False
                 self._reset_client()
             except UnauthenticatedError as exc:
+                if exc.code == HostRemovedError.code:
+                    # Deleted: its certificate is revoked for good, retrying cannot help.
+                    self.removed = HostRemovedError(
+                        f"{exc.message.rstrip('.')}; this host was deleted from the platform. Join "
+                        f"it again with `muster install --rejoin --host-storage-path "
+                        f"{self.paths.root} --coordinator-host HOST --roles-token TOKEN`"
+                    )
+                    self.on_event(f"stopping: {self.removed.message}")
+                    break
                 failures += 1
                 self.connected = False
                 self.on_event(f"the coordinator refuses this host's certificate: {exc.message}")

@@ -6,7 +6,8 @@ A fast path answers only what succeeds, with the route's reply byte for byte. An
 or unknown client certificate, a body the route's model refuses, a larger body than an agent
 sends) goes to the FastAPI route, body replayed; a refusal met here travels in the scope under
 `REFUSED` for the route to raise. So every error keeps its ECE shape from app.py, and no
-heartbeat or join is recorded twice.
+heartbeat or join is recorded twice. A JSON body that `curl -d` labelled as a form is passed on
+as JSON (ECE's curl recipes sometimes leave out the Content-Type).
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ class Edge:
             else:
                 await self._join(scope, body, receive, send)
             return
+        if path.startswith("/api/") and is_curl_form(scope["headers"], body):
+            scope = {**scope, "headers": as_json(scope["headers"])}
         await self.app(scope, replay(body, receive), send)
 
     async def _heartbeat(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
@@ -245,6 +248,33 @@ def is_json(headers: Iterable[tuple[bytes, bytes]]) -> bool:
                 media.startswith(b"application/") and media.endswith(b"+json")
             )
     return True
+
+
+def is_curl_form(headers: Iterable[tuple[bytes, bytes]], body: bytes) -> bool:
+    """A JSON object or array sent as `application/x-www-form-urlencoded`: what `curl -d` sends
+    when the recipe leaves out `-H 'Content-Type: application/json'`. A real form body never
+    parses as JSON, so nothing else is taken for it."""
+    for name, value in headers:
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            if media != b"application/x-www-form-urlencoded":
+                return False
+            stripped = body.lstrip()
+            if not stripped.startswith((b"{", b"[")):
+                return False
+            try:
+                json.loads(body)
+            except (ValueError, RecursionError):
+                return False
+            return True
+    return False
+
+
+def as_json(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """`headers` with the Content-Type replaced by application/json."""
+    return [
+        (name, b"application/json" if name == b"content-type" else value) for name, value in headers
+    ]
 
 
 def _parse(model: type[_Model], body: bytes) -> _Model | None:

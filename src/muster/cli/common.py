@@ -63,6 +63,45 @@ ApiKeyOpt = Annotated[
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json")]
 
 
+class PlainHelp(typer.core.TyperGroup):
+    """The `muster` command group, whose help names what a flag takes as ECE's installer does
+    (TEXT, INTEGER, PATH; nothing after a switch) rather than as Python types (`<str>`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _plain_metavars(self)
+
+
+# Python's names for what a value is -> the words click and ECE's installer use.
+_WORDS = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "bool": "BOOLEAN"}
+
+
+def _plain_metavars(command: Any) -> None:
+    # --help is made on first use and kept: made here, so that it reads as a switch too.
+    help_option = command.get_help_option(command.context_class(command))
+    for param in [*command.params, *([help_option] if help_option is not None else [])]:
+        if getattr(param, "param_type_name", "") == "argument":
+            # An argument's help shows its name; typer would add `<str>` beside it.
+            param.metavar = param.metavar or (param.name or "value").upper()
+            setattr(param, "display_type_rich", lambda ctx: None)  # noqa: B010
+            continue
+        if param.metavar is not None:
+            continue
+        if getattr(param, "is_flag", False):
+            param.metavar = ""  # a switch takes no value
+            continue
+        label = param.display_type(None).removeprefix("<").removesuffix(">")
+        label = label.removeprefix("list[").removesuffix("]")  # a repeatable option: one value
+        if param.type_descriptor.is_choice:
+            param.metavar = f"[{label}]"
+        elif param.type_descriptor.is_path:
+            param.metavar = "PATH"
+        else:
+            param.metavar = _WORDS.get(label, label.upper())
+    for sub in getattr(command, "commands", {}).values():
+        _plain_metavars(sub)
+
+
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)

@@ -6,10 +6,12 @@ for importing the web framework.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -21,6 +23,7 @@ from muster.cli.common import (
     Connection,
     CoordinatorOpt,
     PassOpt,
+    PlainHelp,
     StorageOpt,
     UserOpt,
     console,
@@ -29,6 +32,7 @@ from muster.cli.common import (
     fail,
 )
 from muster.cli.deployments import deployment_app
+from muster.cli.host import hold_host_lock, refuse_if_port_taken
 from muster.cli.infra import allocator_app, runner_app
 from muster.cli.platform import platform_app
 from muster.cli.rotate import rotate_app
@@ -36,6 +40,10 @@ from muster.cli.service import service_app
 from muster.cli.tokens import token_app
 from muster.cli.users import user_app
 from muster.errors import EXIT_USAGE
+from muster.hoststate import HostPaths
+
+if TYPE_CHECKING:
+    from muster.config import Settings
 
 app = typer.Typer(
     name="muster",
@@ -43,6 +51,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=PlainHelp,
 )
 app.add_typer(token_app, name="token")
 
@@ -194,6 +203,14 @@ def install(
     workers: WorkersOpt = None,
     log_format: LogFormatOpt = None,
     no_start: Annotated[bool, typer.Option("--no-start", help="set up only; start later")] = False,
+    rejoin: Annotated[
+        bool,
+        typer.Option(
+            "--rejoin",
+            help="join again on the storage path of a host the platform deleted (nothing of "
+            "its old identity is kept)",
+        ),
+    ] = False,
 ) -> None:
     """Install Muster on this host: the first host creates the platform; with
     --coordinator-host the host joins an existing one using a roles token."""
@@ -218,6 +235,10 @@ def install(
         if coordinator_host is None:
             if roles_token or roles_token_file:
                 fail("--roles-token needs --coordinator-host (the platform to join)", EXIT_USAGE)
+            if rejoin:
+                fail("--rejoin needs --coordinator-host and a roles token", EXIT_USAGE)
+            if not no_start:
+                refuse_if_port_taken(settings.bind, settings.api_port)
             first = installer.install_first_host(
                 installer.FirstHostOptions(
                     storage=host_storage_path.absolute(),
@@ -234,6 +255,12 @@ def install(
                 fail(
                     "--roles-token or --roles-token-file is required to join a platform", EXIT_USAGE
                 )
+            taken = _split(roles) if roles is not None else installer.token_roles(token)
+            if "coordinator" in taken and not no_start:  # it will serve the API here
+                refuse_if_port_taken(settings.bind, settings.api_port)
+            if rejoin and host_storage_path.exists():
+                # Never under a running host: it would go on heartbeating as the old one.
+                os.close(hold_host_lock(HostPaths(host_storage_path.absolute())))
             config = installer.install_additional_host(
                 installer.JoinOptions(
                     storage=host_storage_path.absolute(),
@@ -246,6 +273,7 @@ def install(
                     public_hostname=public_hostname or "",
                     ca_fingerprint=ca_fingerprint,
                     external_hostnames=_split(external_hostname),
+                    rejoin=rejoin,
                 ),
                 progress=_step,
             )
@@ -281,11 +309,32 @@ def _print_first_host(first: object) -> None:
     console.print(
         f"  muster install --coordinator-host {config.advertised_address()} "
         f"--roles-token '{boot.tokens['allocator_only_token']}' --roles allocator "
-        "--host-storage-path /var/lib/muster",
+        f"--availability-zone {config.availability_zone} --host-storage-path /var/lib/muster",
         highlight=False,
         soft_wrap=True,
     )
+    if ipaddress.ip_address(config.host_ip).is_loopback:
+        _print_loopback_note(config)
     console.print()
+
+
+def _print_loopback_note(config: Settings) -> None:
+    """A first host installed on a loopback address is reachable from this machine only: say
+    so, and how to install it for a network."""
+    from muster.agent.host import host_ip
+
+    found = host_ip()
+    example = found if not ipaddress.ip_address(found).is_loopback else "ADDRESS"
+    console.print(
+        f"\nNote: {config.host_ip} is reachable from this machine only, and the coordinator's "
+        "certificate names only it, localhost and this host's name. To add hosts from other "
+        f"machines, install again (on a new storage path) with --host-ip {example} (this "
+        "machine's address on their network; `make run HOST_IP=...`), and --external-hostname "
+        "NAME for each DNS name they use. A second host on this machine needs its own "
+        "--host-storage-path and --host-ip 127.0.0.2.",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -308,59 +357,106 @@ def start(
             show_default=False,
         ),
     ] = None,
+    api_port: Annotated[
+        int | None,
+        typer.Option(
+            help="serve the coordinator's HTTPS API on this port (default: the installed one); "
+            "kept in host.json for later starts",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run an installed host again in the foreground (SIGINT/SIGTERM stop it)."""
-    _start(host_storage_path.absolute(), database_url, workers, log_format, lost_allocator_grace)
+    _start(
+        host_storage_path.absolute(),
+        database_url,
+        workers,
+        api_port,
+        log_format=log_format,
+        lost_allocator_grace=lost_allocator_grace,
+    )
 
 
 def _start(
     path: Path,
     database_url: str | None = None,
     workers: int | None = None,
+    api_port: int | None = None,
+    *,
     log_format: str | None = None,
     lost_allocator_grace: float | None = None,
 ) -> None:
     from muster.config import load_host, load_settings, save_host
-    from muster.hoststate import HostPaths
 
     paths = HostPaths(path)
     with errors_as_exit():
         saved = load_host(paths)
         if saved is None:
             fail(f"{path} holds no Muster installation; run `muster install` first", EXIT_USAGE)
-        # The flags and MUSTER_* variables hold for this run; only --workers is kept.
-        config = load_settings(
-            {
-                "database_url": database_url,
-                "workers": workers,
-                "log_format": log_format,
-                "lost_allocator_grace_s": lost_allocator_grace,
-            },
-            saved,
-        )
-        if workers is not None and workers != saved.workers:
-            if not config.serves_api:
-                fail("--workers: this host runs no coordinator, only its agent", EXIT_USAGE)
-            save_host(paths, saved.replace(workers=workers))  # later starts keep it
-        # Imported once the settings hold: a bad value is refused without loading the server.
-        from muster.server import run_agent, serve_coordinator
-
-        if config.serves_api:
-            address = f"https://{config.advertised_address()}/"
-            processes = f" with {config.workers} workers" if config.workers != 1 else ""
-            serve_coordinator(
-                paths,
-                config,
-                on_ready=lambda: _step(
-                    f"coordinator serving {address}{processes} (Ctrl-C stops it)"
-                ),
+        # The flags and MUSTER_* variables hold for this run; only --workers and --api-port
+        # are kept.
+        flags = {
+            "database_url": database_url,
+            "workers": workers,
+            "api_port": api_port,
+            "log_format": log_format,
+            "lost_allocator_grace_s": lost_allocator_grace,
+        }
+        config = load_settings(flags, saved)
+        kept = {
+            key: value
+            for key, value in (("workers", workers), ("api_port", api_port))
+            if value is not None and value != getattr(saved, key)
+        }
+        if kept and not config.serves_api:
+            fail(
+                f"--{next(iter(kept)).replace('_', '-')}: this host runs no coordinator, only "
+                "its agent",
+                EXIT_USAGE,
             )
-        else:
-            _step(f"agent started for runner {config.runner_id}")
-            run_agent(
-                paths, config, on_event=lambda message: err_console.print(message, highlight=False)
-            )
+        # One storage path, one process: held while this one runs (forked workers share it).
+        lock = hold_host_lock(paths)
+        try:
+            if config.serves_api:
+                refuse_if_port_taken(config.bind, config.api_port)
+            if kept:
+                save_host(paths, saved.replace(**kept))  # later starts keep them
+            if "api_port" in kept:
+                _moved_port(paths, config)
+            _run(paths, config)
+        finally:
+            os.close(lock)
     console.print("stopped")
+
+
+def _moved_port(paths: HostPaths, config: Settings) -> None:
+    """This host's own agent finds its coordinator on the new port at once."""
+    from muster.agent.join import save_agent_state
+    from muster.hoststate import read_json
+
+    if paths.agent_state.exists() and not config.coordinators:
+        state = read_json(paths.agent_state)
+        state["coordinators"] = [config.local_api_address()]
+        save_agent_state(paths, state)
+
+
+def _run(paths: HostPaths, config: Settings) -> None:
+    # Imported once the settings hold: a bad value is refused without loading the server.
+    from muster.server import run_agent, serve_coordinator
+
+    if config.serves_api:
+        address = f"https://{config.advertised_address()}/"
+        processes = f" with {config.workers} workers" if config.workers != 1 else ""
+        serve_coordinator(
+            paths,
+            config,
+            on_ready=lambda: _step(f"coordinator serving {address}{processes} (Ctrl-C stops it)"),
+        )
+    else:
+        _step(f"agent started for runner {config.runner_id}")
+        run_agent(
+            paths, config, on_event=lambda message: err_console.print(message, highlight=False)
+        )
 
 
 def main() -> None:

@@ -13,9 +13,12 @@ from muster.cli.common import (
     console,
     emit,
     errors_as_exit,
+    fail,
     print_table,
 )
+from muster.domain.models import ROLES
 from muster.domain.users import parse_duration
+from muster.errors import EXIT_USAGE
 
 token_app = typer.Typer(help="Create, list and revoke roles tokens.", no_args_is_help=True)
 PATH = "/api/v1/platform/configuration/security/enrollment-tokens"
@@ -32,6 +35,9 @@ def create(
     ] = None,
     max_uses: Annotated[int | None, typer.Option("--max-uses", help="hosts it may admit")] = None,
     description: Annotated[str, typer.Option(help="a note shown in listings")] = "",
+    no_roles: Annotated[
+        bool, typer.Option("--no-roles", help="grant no role (the host joins with none)")
+    ] = False,
     output: OutputOpt = Output.table,
 ) -> None:
     """Create a token (persistent unless --validity is given). It is shown only once."""
@@ -41,6 +47,15 @@ def create(
             body["validity_in_seconds"] = int(
                 parse_duration(validity, field="--validity").total_seconds()
             )
+        # A token without roles admits hosts that can do nothing: asked for, never a default.
+        if not role and not no_roles:
+            fail(
+                "say which roles the token grants: --role allocator (repeat for more: "
+                f"{', '.join(ROLES)}), or --no-roles for none",
+                EXIT_USAGE,
+            )
+        if role and no_roles:
+            fail("give either --role or --no-roles, not both", EXIT_USAGE)
         if max_uses is not None:
             body["max_uses"] = max_uses
         if description:

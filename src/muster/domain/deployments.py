@@ -59,7 +59,7 @@ def connected_allocators(platform: Platform) -> frozenset[str]:
     alive = platform.liveness.is_connected
     down = platform.liveness.docker_unavailable()
     return frozenset(
-        aid for aid, last in rows if last is not None and alive(aid, last) and aid not in down
+        aid for aid, last in rows if alive(aid, last) and aid not in down
     )
 
 

@@ -4,14 +4,16 @@ A heartbeat costs a dict assignment, no database write. `flush()` (called about 
 by the coordinator) writes every runner's latest heartbeat in one statement, and the instance
 states that changed since in one more (settling the plan attempts they finish). A runner counts as
 connected while its latest heartbeat, seen here or persisted by any coordinator, is younger than
-GRACE_INTERVALS heartbeat intervals.
+GRACE_INTERVALS heartbeat intervals; a join is not a heartbeat. `sweep()` (after each flush, off
+the event loop) logs hosts that join, disconnect and come back.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 
 from muster.clock import Clock
@@ -44,6 +46,12 @@ class Liveness:
         self._instances_pending: set[str] = set()
         self._docker_down: set[str] = set()
         self._lock = threading.Lock()
+        # For the console: joins not logged yet, and whether each runner heard from here was
+        # connected at the last sweep (a runner first heard of after a restart is not news).
+        self._joins: deque[str] = deque()
+        self._was_connected: dict[str, bool] = {}
+        self._fresh: set[str] = set()  # joined here, no heartbeat yet
+        self._swept_at: datetime | None = None
 
     @property
     def grace(self) -> timedelta:
@@ -71,11 +79,22 @@ class Liveness:
                 self._instances_pending.add(runner_id)
             self._pending.add(runner_id)
 
+    def joined(self, runner_id: str, host_ip: str, zone: str, roles: Sequence[str]) -> None:
+        """A host joined through this coordinator: logged at the next sweep. Not a heartbeat:
+        the host counts as connected from its first heartbeat on."""
+        roles_text = ", ".join(roles) or "no roles"
+        self._joins.append(f"host {runner_id} ({host_ip}) joined zone {zone} with {roles_text}")
+        with self._lock:
+            self._was_connected[runner_id] = False  # so its first heartbeat is logged
+            self._fresh.add(runner_id)
+
     def forget(self, runner_id: str) -> None:
         with self._lock:
             self._seen.pop(runner_id, None)
             self._reports.pop(runner_id, None)
             self._pending.discard(runner_id)
+            self._was_connected.pop(runner_id, None)
+            self._fresh.discard(runner_id)
             self._instances.pop(runner_id, None)
             self._instances_pending.discard(runner_id)
             self._docker_down.discard(runner_id)
@@ -171,6 +190,64 @@ class Liveness:
         except Exception:  # a bug here must not stop heartbeats from being persisted
             log.exception("could not persist %d instance states", len(reports))
 
+    def sweep(self) -> None:
+        """Log the joins since the last sweep, and each runner heard from here that connects,
+        disconnects (no heartbeat for the grace period, here nor in the store: another worker
+        or coordinator may hear it now) or comes back. One line each, no secret. Reads the store
+        only for a runner that seems to have gone; call it off the event loop."""
+        while self._joins:
+            log.info("%s", self._joins.popleft())
+        now, grace = self.clock.now(), self.grace
+        # Connections change on the scale of the grace period: a look every heartbeat interval
+        # is soon enough, and spares a large fleet's copy of `_seen` every second.
+        if self._swept_at is not None and now - self._swept_at < timedelta(seconds=self.interval_s):
+            return
+        self._swept_at = now
+        with self._lock:
+            seen = list(self._seen.items())
+        gone: list[tuple[str, datetime]] = []
+        for runner_id, at in seen:
+            connected = now - at < grace
+            was = self._was_connected.get(runner_id)
+            if was is None or was == connected:
+                self._was_connected.setdefault(runner_id, connected)
+            elif connected:
+                fresh = runner_id in self._fresh
+                self._fresh.discard(runner_id)
+                self._was_connected[runner_id] = True
+                news = "connected: its first heartbeat arrived" if fresh else "is back"
+                log.info("host %s %s", runner_id, news)
+            else:
+                gone.append((runner_id, at))
+        if gone:
+            self._tell_gone(gone, now)
+
+    def _tell_gone(self, gone: list[tuple[str, datetime]], now: datetime) -> None:
+        """Log the runners silent here for the grace period whose heartbeats the store has not
+        seen either (one read for all of them). A runner heard by another worker or coordinator
+        is dropped from this process's memory instead: what it remembers is older than the
+        store's, and no longer this process's to tell."""
+        try:
+            with self.store.read() as tx:
+                persisted = {rid: tx.find_runner(rid) for rid, _at in gone}
+        except MusterError:
+            persisted = {}  # what this coordinator knows is all it can tell
+        for runner_id, at in gone:
+            runner = persisted.get(runner_id)
+            last = runner.last_heartbeat_at if runner is not None else None
+            with self._lock:
+                if self._seen.get(runner_id) != at:
+                    continue  # a heartbeat arrived meanwhile
+                if last is not None and now - last < self.grace:
+                    if runner_id not in self._pending:
+                        self._seen.pop(runner_id, None)
+                        self._reports.pop(runner_id, None)
+                        self._was_connected.pop(runner_id, None)
+                    continue
+                self._was_connected[runner_id] = False
+            silent_s = (now - at).total_seconds()
+            log.info("host %s disconnected: no heartbeat for %.0f s", runner_id, silent_s)
+
 
 class Flusher:
     """A daemon thread that flushes a Liveness every `period_s` until stopped."""
@@ -192,3 +269,7 @@ class Flusher:
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):
             self.liveness.flush()
+            try:
+                self.liveness.sweep()
+            except Exception:  # the console's lines must never stop the flushes
+                log.exception("could not log the hosts' connections")

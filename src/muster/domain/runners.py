@@ -245,7 +245,7 @@ def _prepare_join(
         joined_at=now,
         token_id=claims.token_id,
         report=request.report,
-        last_heartbeat_at=now,
+        last_heartbeat_at=None,  # a join is not a heartbeat: connected from the first one on
         api_address=_address(request.host_ip, request.api_port)
         if _serves_api(request, roles)
         else None,
@@ -306,7 +306,7 @@ def _joined(platform: Platform, request: JoinRequest, prepared: _PreparedJoin) -
             now=runner.cert_expires_at - pki.RUNNER_CERT_VALIDITY,
             serial=certificate.serial_number,
         )
-    platform.liveness.beat(runner.runner_id, request.report)
+    platform.liveness.joined(runner.runner_id, runner.host_ip, runner.zone_id, runner.roles)
     server_cert: str | None = None
     database_url: str | None = None
     if prepared.server_key is not None and "coordinator" in runner.roles:

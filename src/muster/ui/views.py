@@ -6,6 +6,7 @@ does not serve. Async handlers call the domain in a thread: the store may wait f
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,7 +313,30 @@ def tokens(request: Request) -> Response:
     directory: CoordinatorDirectory = request.app.state.coordinators
     addresses = directory.addresses()
     address = addresses[0] if addresses else request.headers.get("host", "HOST:12443")
-    return _page(request, "tokens.html", "tokens", "Roles tokens", roles=ROLES, address=address)
+    browser = request.headers.get("host", "")
+    if _is_loopback(address) and browser and not _is_loopback(browser):
+        # The browser reached this coordinator by a name other machines may use too.
+        address = browser
+    return _page(
+        request,
+        "tokens.html",
+        "tokens",
+        "Roles tokens",
+        roles=ROLES,
+        address=address,
+        loopback=_is_loopback(address),
+    )
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether host:port names this machine only (127.0.0.0/8, ::1, localhost)."""
+    host = urlsplit(f"//{address}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @router.get(f"{UI}/audit")

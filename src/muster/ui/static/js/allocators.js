@@ -3,7 +3,7 @@
 
 (() => {
   const { api, h, fill, sync, poll, memory, time, connection, badge, chips, capacityBar,
-    actionButton, toast, canWrite } = Muster;
+    actionButton, toast, canWrite, breakable } = Muster;
   const PATH = "/platform/infrastructure/allocators";
   const form = document.getElementById("filter");
   const input = document.getElementById("q");
@@ -63,7 +63,7 @@
   function updateRow(row, a) {
     row._allocator = a;
     const [id, ip, capacity, status, tags, seen] = row.children;
-    id.firstChild.textContent = a.allocator_id;
+    fill(id.firstChild, breakable(a.allocator_id));
     ip.textContent = a.host_ip || "–";
     fill(capacity, capacityBar(a.capacity.memory.used, a.capacity.memory.total));
     fill(status, h("span", { class: "badges" }, connection(a.status.connected),
@@ -130,6 +130,11 @@
         qError.textContent = err.message + ". Fix the query and apply it again.";
         qError.hidden = false;
         input.setAttribute("aria-invalid", "true");
+        // No results for a query that was refused: the last good filter's list must not
+        // stay on screen as if it answered this one.
+        zonesEl.replaceChildren();
+        zonesEl.dataset.state = "refused";
+        summary.textContent = "No allocators shown: the filter is not valid";
         return;
       }
       throw err;

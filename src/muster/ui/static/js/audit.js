@@ -2,7 +2,7 @@
 "use strict";
 
 (() => {
-  const { api, h, fill, sync, poll, dateTime, ago, badge } = Muster;
+  const { api, h, fill, sync, poll, dateTime, ago, badge, breakable } = Muster;
   const PATH = "/platform/audit";
   const SIZE = 50;
   const kinds = JSON.parse(document.body.dataset.kinds || "[]");
@@ -63,14 +63,14 @@
     if (row.dataset.filled) return;  // events never change
     row.dataset.filled = "1";
     const [at, event, actor, source, subject, outcome, detail] = row.children;
-    const [day, clock] = dateTime(e.at).split(" ");
-    fill(at, h("time", { datetime: e.at, title: ago(e.at), class: "strong", text: clock }),
+    const [day, clock, tz] = dateTime(e.at).split(" ");
+    fill(at, h("time", { datetime: e.at, title: ago(e.at), class: "strong", text: clock + " " + tz }),
       h("span", { class: "sub", text: day }));
-    fill(event, h("span", { class: "strong", text: LABELS[e.kind] || e.kind }), h("span", { class: "sub mono", text: e.kind }));
+    fill(event, h("span", { class: "strong", text: LABELS[e.kind] || e.kind }), h("span", { class: "sub mono event-kind" }, breakable(e.kind)));
     actor.textContent = e.actor || "–";
     source.textContent = e.source || "–";
     fill(subject,
-      e.runner_id ? h("span", { class: "sub-line" }, "host ", h("span", { class: "mono", text: e.runner_id })) : null,
+      e.runner_id ? h("span", { class: "sub-line" }, "host ", h("span", { class: "mono" }, breakable(e.runner_id))) : null,
       e.token_id ? h("span", { class: "sub-line" }, "token ",
         h("span", { class: "mono", title: e.token_id, text: e.token_id.slice(0, 8) + "…" })) : null,
       !e.runner_id && !e.token_id ? "–" : null);

@@ -161,22 +161,43 @@ const Muster = (() => {
   }
 
   // ---- formatting -------------------------------------------------------------------------------
+  // Memory always in GB, as ECE's console shows it: one unit on every page, so figures compare
+  // at a glance (0.5 GB, 2 GB, 12.5 GB, 100 GB).
   function memory(mb) {
     if (mb === null || mb === undefined) return "–";
-    if (mb >= 1024) {
-      const gb = mb / 1024;
-      return (gb >= 100 ? Math.round(gb) : gb.toFixed(1)) + " GB";
-    }
-    return mb + " MB";
+    const gb = mb / 1024;
+    if (gb > 0 && gb < 0.1) return "< 0.1 GB";
+    return (gb >= 100 ? Math.round(gb) : Math.round(gb * 10) / 10) + " GB";
   }
 
-  // Local time as 2026-11-28 14:05:09: short, sortable and the same in every locale.
+  // Local time as 2026-11-28 14:05:09 UTC+01:00: short, sortable, the same in every locale,
+  // and saying which zone it is in (the coordinator's logs and the API speak UTC).
   function dateTime(iso) {
     if (!iso) return "–";
     const d = new Date(iso);
     const p = (n) => String(n).padStart(2, "0");
     return d.getFullYear() + "-" + p(d.getMonth() + 1) + "-" + p(d.getDate()) + " " +
-      p(d.getHours()) + ":" + p(d.getMinutes()) + ":" + p(d.getSeconds());
+      p(d.getHours()) + ":" + p(d.getMinutes()) + ":" + p(d.getSeconds()) + " " + zone(d);
+  }
+
+  function zone(d) {
+    const offset = -d.getTimezoneOffset();
+    if (offset === 0) return "UTC";
+    const p = (n) => String(n).padStart(2, "0");
+    const a = Math.abs(offset);
+    return "UTC" + (offset > 0 ? "+" : "-") + p(Math.floor(a / 60)) + ":" + p(a % 60);
+  }
+
+  // An id or a kind (10.0.0.1, 7a4db5a0-..., runner.certificate_renewed) that may wrap only after
+  // its separators, never in the middle of a part.
+  function breakable(text) {
+    const parts = String(text).split(/(?<=[._:\-\/])/);
+    const out = [];
+    parts.forEach((part, i) => {
+      if (i) out.push(document.createElement("wbr"));
+      out.push(part);
+    });
+    return out;
   }
 
   function ago(iso) {
@@ -297,6 +318,7 @@ const Muster = (() => {
 
   return {
     api, ApiError, h, append, fill, sync, poll, showError, memory, dateTime, ago, until, time,
+    breakable,
     badge, connection, chips, capacityBar, empty, toast, confirm, copy, actionButton, canWrite,
   };
 })();

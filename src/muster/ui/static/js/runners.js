@@ -3,7 +3,7 @@
 
 (() => {
   const { api, h, fill, sync, poll, memory, time, connection, chips, actionButton, toast,
-    confirm, canWrite } = Muster;
+    confirm, canWrite, breakable } = Muster;
   const PATH = "/platform/infrastructure/runners";
   const tbody = document.getElementById("runners");
   const emptyEl = document.getElementById("runners-empty");
@@ -87,7 +87,7 @@
   function updateRow(row, r) {
     row._runner = r;
     const [host, zone, roles, status, seen, size] = row.children;
-    host.querySelector(".host-id").textContent = r.runner_id;
+    fill(host.querySelector(".host-id"), breakable(r.runner_id));
     host.querySelector(".host-ip").textContent = r.host_ip === r.runner_id ? "" : r.host_ip;
     zone.textContent = r.zone || r.zone_id || "–";
     fill(roles, chips(r.roles.map((x) => x.role_name), "chip-role"));

@@ -4,7 +4,7 @@
 
 (() => {
   const { api, h, fill, sync, poll, dateTime, time, until, chips, actionButton, toast, confirm,
-    copy, canWrite } = Muster;
+    copy, canWrite, breakable } = Muster;
   const PATH = "/platform/configuration/security/enrollment-tokens";
   const tbody = document.getElementById("tokens");
   const emptyEl = document.getElementById("tokens-empty");
@@ -14,9 +14,19 @@
   let fresh = null;  // id of the token created on this page, highlighted in the list
   let refresh = () => {};
 
+  // NEW_HOST_IP stays to be replaced on purpose: only the new host knows its address on the
+  // coordinator's network (without --host-ip it takes its default route's).
   function installCommand(token, roles) {
     return "muster install --coordinator-host " + coordinator + " --roles-token '" + token + "'" +
-      (roles.length ? " --roles " + roles.join(",") : "") + " --host-storage-path /var/lib/muster";
+      (roles.length ? " --roles " + roles.join(",") : "") +
+      " --host-ip NEW_HOST_IP --availability-zone " + zoneName() +
+      " --host-storage-path /var/lib/muster";
+  }
+
+  function zoneName() {
+    const field = document.getElementById("zone");
+    const value = field ? field.value.trim() : "";
+    return value || "ece-zone-1";
   }
 
   // ---- create -----------------------------------------------------------------------------------
@@ -130,7 +140,7 @@
     const [token, roles, kind, expires, uses, created] = row.children;
     token.querySelector(".token-desc").textContent = t.description || "No description";
     token.querySelector(".token-desc").classList.toggle("muted", !t.description);
-    token.querySelector(".token-id").textContent = t.token_id;
+    fill(token.querySelector(".token-id"), breakable(t.token_id));
     fill(roles, chips(t.roles, "chip-role"));
     kind.textContent = t.persistent ? "Persistent" : "Ephemeral";
     fill(expires, t.expiration_date ? time(t.expiration_date, until) : "never");
