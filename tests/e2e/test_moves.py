@@ -35,6 +35,7 @@ from tests.e2e._instances import (
     containers,
     create,
     instances,
+    resource,
     running_platform,
     settled,
 )
@@ -83,7 +84,7 @@ def of_deployment(engine: Any, runner_id: str, deployment_id: str) -> list[Any]:
 
 
 def placed(coordinator: Coordinator, deployment_id: str) -> tuple[str, str]:
-    """(the allocator the deployment's one instance is on, the other allocator host)."""
+    """(the allocator the deployment's one instance is on, the address it answers on)."""
     [instance] = instances(coordinator, deployment_id)
     return instance["allocator_id"], instance["address"]
 
@@ -264,6 +265,9 @@ def test_a_vacate_runs_the_new_container_before_it_stops_the_old(
     assert final["address"].startswith(platform.hosts[target].ip + ":")
     assert final["healthy"] is True
     assert final["container_started"] is True
+    info = resource(coordinator, deployment_id)
+    assert info["healthy"] is True
+    assert info["status"] == "started"
     assert answers(new_address) == "ok\n"
     new.reload()
     assert new.status == "running"
@@ -348,6 +352,10 @@ def test_a_lost_allocators_instance_runs_elsewhere_and_its_host_back_removes_it(
         timeout_s=DEADLINE_S,
         what="the lost host connected again",
     )
-    [still] = instances(coordinator, deployment_id)
+    info = resource(coordinator, deployment_id)
+    [still] = info["topology"]["instances"]
     assert (still["instance_name"], still["allocator_id"]) == (instance["instance_name"], target)
+    assert still["healthy"] is True
+    assert info["healthy"] is True
+    assert info["status"] == "started"
     shut_down(coordinator, engine, list(platform.hosts), deployment_id)
