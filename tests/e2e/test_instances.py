@@ -11,119 +11,35 @@ namespace, which every agent here shares, so each gets its own loopback address 
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import json
-import os
 import random
 import signal
-import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import docker
-import httpx2 as httpx
 import pytest
-from docker.errors import DockerException, NotFound
 
-from muster.agent.instances import LABEL_INSTANCE, LABEL_RUNNER
-from tests.conftest import Coordinator, MusterProcess, install_coordinator, wait_until
-from tests.e2e.conftest import join_args
-from tests.images import HTTPD_COMMAND, ensure_busybox_image
+from muster.agent.instances import LABEL_INSTANCE
+from tests.conftest import wait_until
+from tests.e2e import _instances
+from tests.e2e._instances import (
+    ALLOCATORS,
+    DEADLINE_S,
+    DEPLOYMENTS,
+    MB,
+    Platform,
+    answers,
+    body,
+    containers,
+    create,
+    instances,
+    resource,
+    running_platform,
+    settled,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e-instances")]
-
-DEPLOYMENTS = "/api/v1/deployments"
-ALLOCATORS = "/api/v1/platform/infrastructure/allocators"
-MB = 1024 * 1024
-# Heartbeats (1 s), the version refresh (1 s), a reconcile, an old container's stop (SIGTERM,
-# then SIGKILL 10 s later: busybox httpd as PID 1 ignores SIGTERM) and a flush, with room.
-DEADLINE_S = 90.0
-
-
-def _unavailable(why: str) -> None:
-    with warnings.catch_warnings():  # the SDK leaves a failed connect's socket to the collector
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{why} under CI (.ci/run provides it)")
-    pytest.skip(why)
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Any]:
-    try:
-        client = docker.from_env(timeout=60)
-        client.ping()
-    except (DockerException, OSError) as exc:
-        why = f"no Docker Engine answers: {exc}"
-    else:
-        why = ""
-    if why:
-        _unavailable(why)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def image(engine: Any) -> str:
-    try:
-        return ensure_busybox_image(engine)
-    except FileNotFoundError as exc:
-        _unavailable(str(exc))
-        raise
-
-
-@dataclass
-class Host:
-    runner_id: str
-    zone: str
-    ip: str
-    storage: Path
-    process: MusterProcess
-
-
-@dataclass
-class Platform:
-    coordinator: Coordinator
-    logs: Path
-    hosts: dict[str, Host] = field(default_factory=dict)
-    extra: list[MusterProcess] = field(default_factory=list)
-
-    def spawn(self, args: list[str], name: str, env: dict[str, str] | None = None) -> MusterProcess:
-        process = MusterProcess(args, log=self.logs / f"{name}.log", env=env)
-        self.extra.append(process)
-        return process
-
-    def join(
-        self, name: str, zone: str, ip: str, *, capacity_mb: int, env: dict[str, str] | None = None
-    ) -> Host:
-        token = self.coordinator.create_token()["token"]
-        storage = self.logs / name
-        args = join_args(
-            self.coordinator,
-            token,
-            storage,
-            runner_id=name,
-            zone=zone,
-            capacity_mb=capacity_mb,
-            host_ip=ip,
-        )
-        process = self.spawn(args, f"join-{name}", env)
-        process.wait_for_output("agent started")
-        host = self.hosts[name] = Host(name, zone, ip, storage, process)
-        return host
-
-
-def remove_containers(engine: Any, runner_ids: list[str]) -> None:
-    for runner_id in runner_ids:
-        for container in engine.containers.list(
-            all=True, filters={"label": f"{LABEL_RUNNER}={runner_id}"}
-        ):
-            with contextlib.suppress(NotFound):
-                container.remove(force=True)
+engine = _instances.engine  # the module's fixtures
+image = _instances.image
 
 
 @pytest.fixture(scope="module")
@@ -132,102 +48,10 @@ def platform(
 ) -> Iterator[Platform]:
     """A coordinator (its own allocator in maintenance: it takes no instances) and two
     allocator hosts, in zones a and b, 4 GB each."""
-    logs = tmp_path_factory.mktemp("instances")
-    coordinator = install_coordinator(logs / "first-host", logs=logs / "logs")
-    net = random.randint(20, 250)
-    world = Platform(coordinator, logs)
-    try:
-        coordinator.start()
-        first = next(iter(coordinator.allocators()))
-        response = coordinator.api("POST", f"{ALLOCATORS}/{first}/maintenance-mode/_start")
-        assert response.status_code == 202, response.text
-        suffix = f"{random.getrandbits(24):06x}"
-        for zone in ("a", "b"):
-            world.join(
-                f"inst-{zone}-{suffix}",
-                f"zone-{zone}",
-                f"127.{net}.{ord(zone)}.1",
-                capacity_mb=4096,
-            )
+    with running_platform(
+        engine, tmp_path_factory.mktemp("instances"), ("a", "b"), prefix="inst"
+    ) as world:
         yield world
-    finally:
-        for process in world.extra:
-            process.stop()
-        coordinator.stop()
-        runners = [h.runner_id for h in world.hosts.values()]
-        remove_containers(engine, [*runners, *coordinator_runner(coordinator)])
-
-
-def coordinator_runner(coordinator: Coordinator) -> list[str]:
-    """The first host's runner id, from its host.json."""
-    host_file = coordinator.storage_path / "host.json"
-    return [json.loads(host_file.read_text())["runner_id"]] if host_file.exists() else []
-
-
-def body(image: str, *, size_mb: int = 512, zone_count: int = 2) -> dict[str, Any]:
-    return {
-        "name": "web",
-        "resources": {
-            "container": [
-                {
-                    "ref_id": "main",
-                    "region": "ece-region",
-                    "plan": {
-                        "cluster_topology": [
-                            {
-                                "zone_count": zone_count,
-                                "size": {"resource": "memory", "value": size_mb},
-                            }
-                        ],
-                        "container": {"image": image, "command": HTTPD_COMMAND},
-                    },
-                }
-            ]
-        },
-    }
-
-
-def create(coordinator: Coordinator, request: dict[str, Any]) -> str:
-    response = coordinator.api("POST", DEPLOYMENTS, json=request)
-    assert response.status_code == 201, response.text
-    deployment_id: str = response.json()["id"]
-    return deployment_id
-
-
-def resource(coordinator: Coordinator, deployment_id: str) -> dict[str, Any]:
-    doc = coordinator.get(f"{DEPLOYMENTS}/{deployment_id}", params={"show_plan_history": "true"})
-    info: dict[str, Any] = doc["resources"]["container"][0]["info"]
-    return info
-
-
-def instances(coordinator: Coordinator, deployment_id: str) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = resource(coordinator, deployment_id)["topology"]["instances"]
-    return found
-
-
-def settled(coordinator: Coordinator, deployment_id: str, attempt: int) -> bool:
-    """Every instance runs and plan attempt `attempt` is the current one, successful."""
-    info = resource(coordinator, deployment_id)
-    current = info["plan_info"].get("current")
-    return (
-        bool(info["topology"]["instances"])
-        and all(i["service_running"] for i in info["topology"]["instances"])
-        and current is not None
-        and current["plan_attempt_name"] == f"attempt-{attempt:010d}"
-    )
-
-
-def containers(engine: Any, runner_ids: list[str]) -> list[Any]:
-    return [
-        c
-        for runner_id in runner_ids
-        for c in engine.containers.list(all=True, filters={"label": f"{LABEL_RUNNER}={runner_id}"})
-    ]
-
-
-def answers(address: str) -> str:
-    text: str = httpx.get(f"http://{address}/", timeout=5).text
-    return text
 
 
 def test_a_deployment_runs_resizes_survives_its_agent_and_leaves_nothing_behind(
