@@ -15,9 +15,8 @@ from tests.api.test_allocators import (
     ALLOCATORS,
     assert_ece_shape,
     assert_error,
-    first_heartbeat,
 )
-from tests.conftest import Installed, create_token, join
+from tests.conftest import Installed, create_token, first_heartbeat, join
 
 RUNNERS = "/api/v1/platform/infrastructure/runners"
 

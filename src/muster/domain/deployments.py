@@ -58,9 +58,7 @@ def connected_allocators(platform: Platform) -> frozenset[str]:
         rows = tx.list_allocator_columns(["runner.last_heartbeat_at"])
     alive = platform.liveness.is_connected
     down = platform.liveness.docker_unavailable()
-    return frozenset(
-        aid for aid, last in rows if alive(aid, last) and aid not in down
-    )
+    return frozenset(aid for aid, last in rows if alive(aid, last) and aid not in down)
 
 
 def _zones_exist(specs: Sequence[ResourceSpec], candidates: Sequence[PlacementCandidate]) -> None:
