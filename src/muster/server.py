@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -78,32 +79,37 @@ def serve_coordinator(
     MusterError if workers keep failing."""
     logs.configure(config.log_format)
     workers = config.workers
-    with _metrics_directory(paths):
+    with _metrics_directory():
         if workers == 1:
             _serve(paths, config, log_level=log_level, on_started=on_ready)
         else:
             Supervisor(paths, config, workers, log_level=log_level).run(on_ready)
 
 
+def metrics_base() -> Path:
+    """Where runs keep their metrics files: /dev/shm (memory) where it can be written, else
+    the system's temporary directory. Never the storage path: prometheus_client writes its
+    counters through mmap, and on a full disk a write to a grown file kills the process
+    (SIGBUS) instead of failing one request; the store's disk filling up must not do that."""
+    shm = Path("/dev/shm")  # noqa: S108 (mkdtemp below: a private, unpredictable name)
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+        return shm
+    return Path(tempfile.gettempdir())
+
+
 @contextlib.contextmanager
-def _metrics_directory(paths: HostPaths) -> Iterator[None]:
+def _metrics_directory() -> Iterator[None]:
     """A fresh private directory (0700) for this run's metrics, named in
     PROMETHEUS_MULTIPROC_DIR for every process to come (muster.api.metrics: each process counts
     in its own files there, a scrape adds them up); removed when the server stops. Set before
     prometheus_client is first imported, which reads it then. Directories of runs that died
-    without removing theirs (kill -9) are removed first. Under the storage path's run/, or the
-    system's temporary directory if that cannot be written."""
-    run = paths.root / "run"
-    try:
-        run.mkdir(mode=0o700, exist_ok=True)
-        for stale in run.glob("metrics-*"):
-            pid = stale.name.split("-")[1]
-            if pid.isdigit() and not _is_running(int(pid)):
-                shutil.rmtree(stale, ignore_errors=True)
-        directory = tempfile.mkdtemp(prefix=f"metrics-{os.getpid()}-", dir=run)
-    except OSError as exc:
-        directory = tempfile.mkdtemp(prefix=f"muster-metrics-{os.getpid()}-")
-        log.warning("metrics: cannot write %s (%s); using %s", run, exc.strerror, directory)
+    without removing theirs (kill -9) are removed first."""
+    base = metrics_base()
+    for stale in base.glob("muster-metrics-*"):
+        pid = stale.name.split("-")[2]
+        if pid.isdigit() and not _is_running(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    directory = tempfile.mkdtemp(prefix=f"muster-metrics-{os.getpid()}-", dir=base)
     os.environ[MULTIPROC_ENV] = directory
     try:
         yield

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from muster.server import metrics_base
 from tests.conftest import Coordinator, install_coordinator, wait_until
 from tests.e2e.test_workers import WORKERS, Pinned, one_per_worker, workers_of
 
@@ -60,7 +61,9 @@ def counted(text: str) -> float:
 
 
 def metrics_directories(coordinator: Coordinator) -> list[Path]:
-    return sorted((coordinator.storage_path / "run").glob("metrics-*"))
+    """This coordinator's run's metrics directory (named by the `muster start` process)."""
+    assert coordinator.process is not None
+    return sorted(metrics_base().glob(f"muster-metrics-{coordinator.process.pid}-*"))
 
 
 def test_a_scrape_through_either_worker_counts_both_workers_requests(

@@ -32,7 +32,7 @@ def test_a_deployment_created_from_the_form_is_listed_with_its_instances(
     expect(row).to_have_count(1)
     expect(row.locator(".deployment-instances")).to_have_text(re.compile(r"^\d of 1 running$"))
     expect(row.locator(".deployment-allocators")).to_have_text(FIRST_HOST)
-    expect(row.locator(".deployment-memory")).to_have_text("256 MB")
+    expect(row.locator(".deployment-memory")).to_have_text("0.25 GB")
 
     row.get_by_role("link", name="ui-web").click()
     page.wait_for_url(re.compile(r"/ui/deployments/[0-9a-f]{32}$"))

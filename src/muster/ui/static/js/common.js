@@ -162,12 +162,14 @@ const Muster = (() => {
 
   // ---- formatting -------------------------------------------------------------------------------
   // Memory always in GB, as ECE's console shows it: one unit on every page, so figures compare
-  // at a glance (0.5 GB, 2 GB, 12.5 GB, 100 GB).
+  // at a glance (0.25 GB, 2 GB, 12.5 GB, 100 GB). Two decimals under 10 GB: instance sizes go
+  // in steps of 128 MB, and a 256 MB instance must not read as 0.3 GB.
   function memory(mb) {
     if (mb === null || mb === undefined) return "–";
     const gb = mb / 1024;
-    if (gb > 0 && gb < 0.1) return "< 0.1 GB";
-    return (gb >= 100 ? Math.round(gb) : Math.round(gb * 10) / 10) + " GB";
+    if (gb > 0 && gb < 0.01) return "< 0.01 GB";
+    const places = gb >= 100 ? 1 : gb >= 10 ? 10 : 100;
+    return Math.round(gb * places) / places + " GB";
   }
 
   // Local time as 2026-11-28 14:05:09 UTC+01:00: short, sortable, the same in every locale,
