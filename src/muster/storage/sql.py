@@ -33,6 +33,7 @@ from muster.storage import schema as t
 from muster.storage._deployments import DeploymentTables
 from muster.storage._fleet import FleetReads
 from muster.storage._guards import refuse_nul
+from muster.storage._limits import LimitRows
 from muster.storage._users import UserRows
 
 # Statements on the join and heartbeat paths, built once: building a Core statement per call
@@ -57,7 +58,7 @@ _IS_REVOKED = select(t.revoked_certificates.c.serial).where(
 )
 
 
-class SqlTransaction(FleetReads, DeploymentTables, UserRows):
+class SqlTransaction(FleetReads, DeploymentTables, UserRows, LimitRows):
     """One open transaction on a SQLAlchemy connection.
 
     `savepoints`: wrap each insert that may conflict in a savepoint, for backends where a failed
