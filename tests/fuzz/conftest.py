@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from muster.api.app import API, create_app
 from muster.clock import FakeClock
 from muster.domain.platform import Bootstrap, Platform, create_platform, load_platform
-from muster.domain.ratelimit import FailureLimiter
+from muster.domain.ratelimit import FailureLimiter, LoginLimits
 from muster.storage import open_store
 from tests.conftest import TOKENS, join_body
 
@@ -118,6 +118,7 @@ def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget
     # Fuzzed logins fail by the thousand from one address; rate limits have their own tests
     # (tests/e2e/test_limits.py) and must not turn every later case into a 429 here.
     platform.login_failures = FailureLimiter(max_failures=10**9, window_s=1.0)
+    platform.login_limits = LoginLimits(per_name=10**9, per_address=10**9, per_token_address=10**9)
     platform.join_failures = FailureLimiter(max_failures=10**9, window_s=1.0)
     platform.token_join_failures = FailureLimiter(max_failures=10**9, window_s=1.0)
     app = create_app(platform, flush_period_s=3600)
