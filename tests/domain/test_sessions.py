@@ -1,7 +1,8 @@
 """Signing in, in the domain: logins with their audit records written in the session's own
 transaction, a user name that is never a secret in the trail, sliding UI sessions and their 12 h
 cap, `_refresh`, `_logout`, API keys, CSRF tokens, and failed sign-ins (passwords, sessions,
-refreshes) counting towards the per-address limit (muster.domain.sessions, .apikeys)."""
+refreshes) counting towards their limits: passwords per address and name, invalid keys and
+tokens per address, valid ones always passing (muster.domain.sessions, .apikeys)."""
 
 from __future__ import annotations
 

@@ -130,21 +130,16 @@ def _password_limits(platform: Platform, source: str, username: str) -> dict[str
     }
 
 
-def check_login_allowed(platform: Platform, source: str, username: str) -> None:
+def check_login_allowed(platform: Platform, tx: Transaction, source: str, username: str) -> None:
     """Raises RateLimitedError (root.too_many_failed_logins, with whole seconds to wait) when
     passwords for `username` from `source` failed too often, or passwords for any names from
     `source` did, within the window; or when `source` kept hitting unexpected errors in this
-    process (`platform.login_failures`, charged by `muster.api.shield`)."""
+    process (`platform.login_failures`, charged by `muster.api.shield`). Reads in `tx`."""
     wait = platform.login_failures.retry_after_s(source, now_s=platform.clock.monotonic())
     if wait:
         raise _rate_limited(wait, what="from this address")
-    with platform.store.read() as tx:
-        limited = _limited(
-            platform,
-            tx,
-            _password_limits(platform, source, username),
-            now_s=platform.clock.now().timestamp(),
-        )
+    limits = _password_limits(platform, source, username)
+    limited = _limited(platform, tx, limits, now_s=platform.clock.now().timestamp())
     if limited is not None:
         key, wait = limited
         what = "from this address" if key == _address_key(source) else "for this user name"
@@ -206,10 +201,10 @@ def check_password(platform: Platform, username: str, password: str, *, source: 
     from `source`, or `source` itself, is limited (`check_login_allowed`); UnauthenticatedError
     when the pair is wrong or the user is disabled, counted against both and audited (an
     unknown user's name is audited as `unknown_user`)."""
-    check_login_allowed(platform, source, username)
     now_s = platform.clock.monotonic()
     cached = platform.credentials.get(username, password, now_s=now_s)
     with platform.store.read() as tx:
+        check_login_allowed(platform, tx, source, username)
         found = tx.find_user(username)
     user = None
     # The cache only vouches for the hash it saw: a password changed since (here or by another
