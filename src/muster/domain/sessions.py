@@ -171,25 +171,33 @@ def _record_refusal(
         _refuse(platform, tx, source=source, actor=actor, method=method, keys=keys)
 
 
+def _token_wait(platform: Platform, tx: Transaction, source: str) -> int:
+    """Whole seconds until invalid keys and tokens from `source` are counted again, or 0."""
+    limits = {_token_key(source): platform.login_limits.per_token_address}
+    limited = _limited(platform, tx, limits, now_s=platform.clock.now().timestamp())
+    return 0 if limited is None else limited[1]
+
+
 def _count_token_failure(platform: Platform, tx: Transaction, *, source: str, method: str) -> int:
     """An invalid API key or session token: past the address's limit, the seconds to wait
     (and nothing counted or audited again: the count is already there); else 0, counted and
     audited in `tx`."""
-    key = _token_key(source)
-    limits = {key: platform.login_limits.per_token_address}
-    limited = _limited(platform, tx, limits, now_s=platform.clock.now().timestamp())
-    if limited is not None:
-        return limited[1]
-    _refuse(platform, tx, source=source, actor="", method=method, keys=[key])
-    return 0
+    wait = _token_wait(platform, tx, source)
+    if not wait:
+        _refuse(platform, tx, source=source, actor="", method=method, keys=[_token_key(source)])
+    return wait
 
 
-def _refuse_token(platform: Platform, *, source: str, method: str) -> None:
-    """Count and audit an invalid key or token in one write; RateLimitedError past the limit."""
-    with platform.store.write() as tx:
-        wait = _count_token_failure(platform, tx, source=source, method=method)
+def _refuse_token(platform: Platform, *, source: str, method: str) -> int:
+    """An invalid key or token outside a write: past the limit, the seconds to wait, found in a
+    read (a flood of them never queues on the store's writers); else 0, counted and audited in
+    one write."""
+    with platform.store.read() as tx:
+        wait = _token_wait(platform, tx, source)
     if wait:
-        raise _rate_limited(wait, what="with invalid keys or tokens from this address")
+        return wait
+    with platform.store.write() as tx:
+        return _count_token_failure(platform, tx, source=source, method=method)
 
 
 # ---- passwords and logins ---------------------------------------------------------------------
@@ -411,7 +419,9 @@ def principal_from_session(platform: Platform, token: str, *, source: str) -> Pr
     is past its limit of invalid keys and tokens."""
     principal = _session_user(platform, token, now=platform.clock.now())
     if principal is None:
-        _refuse_token(platform, source=source, method="session")
+        wait = _refuse_token(platform, source=source, method="session")
+        if wait:
+            raise _rate_limited(wait, what="with invalid keys or tokens from this address")
         raise _unauthenticated("the session is not valid (expired or logged out); log in again")
     return principal
 
@@ -422,8 +432,7 @@ def find_session_principal(platform: Platform, token: str, *, source: str) -> Pr
     address is past its limit). Never raises RateLimitedError: the page sends to the login."""
     principal = _session_user(platform, token, now=platform.clock.now())
     if principal is None:
-        with platform.store.write() as tx:
-            _count_token_failure(platform, tx, source=source, method="session")
+        _refuse_token(platform, source=source, method="session")
     return principal
 
 
@@ -438,7 +447,9 @@ def principal_from_api_key(platform: Platform, key: str, *, source: str) -> Prin
         )
         user = tx.find_user(record.username) if record else None
     if record is None or user is None or not user.enabled or _expired(record.expires_at, now):
-        _refuse_token(platform, source=source, method="apikey")
+        wait = _refuse_token(platform, source=source, method="apikey")
+        if wait:
+            raise _rate_limited(wait, what="with invalid keys or tokens from this address")
         raise _unauthenticated("the API key is not valid (unknown, deleted or expired)")
     return principal_of(user, "apikey")
 
