@@ -3,7 +3,8 @@
 Backends differ only in how their engine is made and how a write transaction starts
 (`muster.storage.sqlite`, `muster.storage.postgres`). How records map to rows is in
 `muster.storage._rows`; the reads over every runner or allocator in `muster.storage._fleet`;
-deployments, instances and leases in `muster.storage._deployments`.
+deployments, instances and leases in `muster.storage._deployments`; failed sign-in counts in
+`muster.storage._limits`.
 """
 
 from __future__ import annotations
