@@ -30,6 +30,8 @@ AUDIT = "audit_events"
 # The constructor's lease: taken by the coordinator's own thread once the app starts (with the
 # first fuzzed request), whatever the request; not state a request changes.
 LEASES = "leases"
+# Failed sign-ins are counted in the store alongside their login.failed audit rows.
+LOGIN_FAILURES = "login_failures"
 REFUSAL_KINDS = {"login.failed", "token.refused"}
 
 
@@ -59,8 +61,8 @@ class FuzzTarget:
         return {"Authorization": f"Basic {raw}"}
 
     def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
-        """Every row of every table (audit events and the lease apart), read beside the app's
-        own engine."""
+        """Every row of every table (audit events, failed sign-in counts and the lease apart),
+        read beside the app's own engine."""
         with closing(sqlite3.connect(self.database, timeout=30)) as conn:
             tables = [
                 row[0]
@@ -71,7 +73,7 @@ class FuzzTarget:
             return {
                 table: sorted(conn.execute(f'SELECT * FROM "{table}"').fetchall(), key=repr)  # noqa: S608
                 for table in tables
-                if table not in (AUDIT, LEASES)
+                if table not in (AUDIT, LEASES, LOGIN_FAILURES)
             }
 
     def audit_kinds_after(self, last_id: int) -> list[str]:
