@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from muster.domain.ratelimit import FailureLimiter
+from muster.domain.ratelimit import FailureLimiter, LoginLimits
 
 
 def fail(limiter: FailureLimiter, key: str, times: int, *, at: float) -> None:
@@ -87,3 +87,28 @@ def test_concurrent_failures_are_all_counted() -> None:
     for thread in threads:
         thread.join(timeout=30)
     assert len(limiter._failures["k"]) == 4000
+
+
+# -- LoginLimits: the window over the store's buckets ------------------------------------------
+RULES = LoginLimits(window_s=60, bucket_s=10)
+
+
+def test_fewer_than_the_limit_in_the_window_may_try() -> None:
+    assert RULES.retry_after_s([], 3, now_s=1000.0) == 0
+    assert RULES.retry_after_s([(990, 2)], 3, now_s=1000.0) == 0
+
+
+def test_at_the_limit_waits_until_enough_of_the_oldest_buckets_leave() -> None:
+    buckets = [(950, 1), (970, 2), (990, 1)]
+    # 4 in the window, limit 3: the 950 bucket must leave (at 1010), then 3 remain < 4 ...
+    assert RULES.retry_after_s(buckets, 4, now_s=1000.0) == 10
+    # ... limit 2: 970 must leave too (at 1030).
+    assert RULES.retry_after_s(buckets, 2, now_s=1000.0) == 30
+    assert RULES.retry_after_s(buckets, 2, now_s=1030.0) == 0
+
+
+def test_buckets_leave_the_window_a_window_after_they_start() -> None:
+    assert RULES.retry_after_s([(940, 5)], 1, now_s=999.5) == 1
+    assert RULES.retry_after_s([(940, 5)], 1, now_s=1000.0) == 0
+    assert RULES.since(1000.0) == 950  # the oldest bucket still counted
+    assert RULES.bucket(1009.9) == 1000

@@ -1,7 +1,8 @@
 """Signing in, in the domain: logins with their audit records written in the session's own
 transaction, a user name that is never a secret in the trail, sliding UI sessions and their 12 h
 cap, `_refresh`, `_logout`, API keys, CSRF tokens, and failed sign-ins (passwords, sessions,
-refreshes) counting towards the per-address limit (muster.domain.sessions, .apikeys)."""
+refreshes) counting towards their limits: passwords per address and name, invalid keys and
+tokens per address, valid ones always passing (muster.domain.sessions, .apikeys)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from muster.clock import FakeClock
 from muster.domain import apikeys, audit, sessions
 from muster.domain.models import AuditEvent
-from muster.domain.platform import Platform
+from muster.domain.platform import Platform, load_platform
 from muster.domain.store import Store, Transaction
 from muster.domain.users import SESSION_MAX_LIFE, SESSION_TTL, Principal, hash_secret
 from muster.errors import (
@@ -342,15 +343,18 @@ def test_csrf_token_belongs_to_its_session(installed: Installed) -> None:
     assert not sessions.is_csrf_token(platform, one, "")
 
 
-# -- failed sign-ins count towards the per-address limit ---------------------------------------
-FAILURES: dict[str, Callable[[Platform], object]] = {
+# -- failed sign-ins: passwords per address and name, invalid keys and tokens per address -----
+PASSWORD_FAILURES: dict[str, Callable[[Platform], object]] = {
     "password": lambda p: sessions.check_password(p, "admin", "guess", source=SOURCE),
-    "unknown-user": lambda p: sessions.check_password(p, "nobody", "guess", source=SOURCE),
+    "ui-login": lambda p: sessions.log_in(p, "admin", "guess", source=SOURCE, ui=True),
+}
+TOKEN_FAILURES: dict[str, Callable[[Platform], object]] = {
     "api-key": lambda p: sessions.principal_from_api_key(p, "mk_nope", source=SOURCE),
     "bearer": lambda p: sessions.principal_from_session(p, "ms_nope", source=SOURCE),
     "ui-cookie": lambda p: sessions.find_session_principal(p, "ms_nope", source=SOURCE),
     "refresh": lambda p: sessions.refresh_session(p, "ms_nope", source=SOURCE),
 }
+FAILURES = PASSWORD_FAILURES | TOKEN_FAILURES
 
 
 def fail(platform: Platform, kind: str) -> None:
@@ -358,12 +362,20 @@ def fail(platform: Platform, kind: str) -> None:
         assert FAILURES[kind](platform) is None
 
 
-@pytest.mark.parametrize("kind", FAILURES)
-def test_ten_failures_of_any_kind_block_sign_ins_from_that_address(
+def api_key(installed: Installed) -> str:
+    _record, key = apikeys.create_key(
+        installed.platform, ADMIN, "ci", expiration=None, source=SOURCE
+    )
+    return key
+
+
+@pytest.mark.parametrize("kind", PASSWORD_FAILURES)
+def test_ten_wrong_passwords_limit_that_name_from_that_address_only(
     installed: Installed, clock: FakeClock, kind: str
 ) -> None:
     platform = installed.platform
     session = log_in(installed, ui=True).token
+    key = api_key(installed)
     for _ in range(9):
         fail(platform, kind)
     assert sessions.check_password(platform, *installed.admin, source=SOURCE)
@@ -373,11 +385,74 @@ def test_ten_failures_of_any_kind_block_sign_ins_from_that_address(
         sessions.check_password(platform, *installed.admin, source=SOURCE)
     assert limited.value.code == "root.too_many_failed_logins"
     assert 0 < limited.value.retry_after_s <= 60
-    with pytest.raises(RateLimitedError):
-        sessions.principal_from_session(platform, session, source=SOURCE)
-    # Other addresses sign in as before; a live UI session keeps its pages and refreshes.
+    with pytest.raises(RateLimitedError):  # refused before argon2: not counted or audited
+        fail(platform, kind)
+    assert len(trail(platform, "login.failed")) == 10
+    # Another name from this address, the same name from another address, and this address's
+    # keys and sessions go on working.
+    assert sessions.check_password(platform, *installed.readonly, source=SOURCE)
     assert sessions.check_password(platform, *installed.admin, source="10.9.9.9")
-    assert sessions.find_session_principal(platform, session, source=SOURCE) is not None
+    assert sessions.principal_from_api_key(platform, key, source=SOURCE)
+    assert sessions.principal_from_session(platform, session, source=SOURCE)
     assert sessions.refresh_session(platform, session, source=SOURCE).token
     clock.advance(60)
     assert sessions.check_password(platform, *installed.admin, source=SOURCE)
+
+
+def test_an_address_trying_many_names_is_limited_for_every_name(
+    installed: Installed, clock: FakeClock
+) -> None:
+    platform = installed.platform
+    key = api_key(installed)
+    for n in range(10):
+        for _ in range(10):
+            with suppress(UnauthenticatedError):
+                sessions.check_password(platform, f"user-{n}", "guess", source=SOURCE)
+    with pytest.raises(RateLimitedError) as limited:
+        sessions.check_password(platform, *installed.readonly, source=SOURCE)
+    assert 0 < limited.value.retry_after_s <= 60
+    assert sessions.check_password(platform, *installed.readonly, source="10.9.9.9")
+    assert sessions.principal_from_api_key(platform, key, source=SOURCE)
+    clock.advance(60)
+    assert sessions.check_password(platform, *installed.readonly, source=SOURCE)
+
+
+@pytest.mark.parametrize("kind", TOKEN_FAILURES)
+def test_ten_invalid_keys_or_tokens_limit_only_invalid_ones(
+    installed: Installed, clock: FakeClock, kind: str
+) -> None:
+    platform = installed.platform
+    session = log_in(installed, ui=True).token
+    key = api_key(installed)
+    for _ in range(10):
+        fail(platform, kind)
+    assert len(trail(platform, "login.failed")) == 10
+    for invalid in ("api-key", "bearer", "refresh"):
+        with pytest.raises(RateLimitedError) as limited:
+            fail(platform, invalid)
+        assert limited.value.code == "root.too_many_failed_logins"
+        assert 0 < limited.value.retry_after_s <= 60
+    # A UI page with a dead cookie goes to the login page, uncounted past the limit.
+    assert sessions.find_session_principal(platform, "ms_nope", source=SOURCE) is None
+    assert len(trail(platform, "login.failed")) == 10
+    # Valid keys, sessions and passwords pass as if nothing happened.
+    assert sessions.principal_from_api_key(platform, key, source=SOURCE)
+    assert sessions.principal_from_session(platform, session, source=SOURCE)
+    assert sessions.find_session_principal(platform, session, source=SOURCE) is not None
+    assert sessions.refresh_session(platform, session, source=SOURCE).token
+    assert sessions.check_password(platform, *installed.admin, source=SOURCE)
+    clock.advance(60)
+    fail(platform, kind)
+    assert len(trail(platform, "login.failed")) == 11
+
+
+def test_the_counts_are_shared_through_the_store(installed: Installed, clock: FakeClock) -> None:
+    # Two coordinators (or worker processes) on one store: failures on each add up.
+    platform = installed.platform
+    other = load_platform(platform.store, clock)
+    for target in [platform, other] * 5:
+        with suppress(UnauthenticatedError):
+            sessions.check_password(target, "admin", "guess", source=SOURCE)
+    for target in (platform, other):
+        with pytest.raises(RateLimitedError):
+            sessions.check_password(target, *installed.admin, source=SOURCE)

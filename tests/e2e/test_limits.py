@@ -1,7 +1,8 @@
 """Limits over real TLS against a coordinator process: the body cap (413, with and without
 Content-Length), caps on the URL and headers (414, 431), clients that send half a request are
-dropped (408), and failed logins and joins are rate-limited per source address (429 with
-Retry-After) without locking out any other address."""
+dropped (408), failed logins are rate-limited per source address and user name and failed
+joins per source address (429 with Retry-After), without locking out any other address or
+name."""
 
 from __future__ import annotations
 
@@ -212,7 +213,9 @@ def test_an_idle_keep_alive_connection_still_serves_its_next_request(
 
 
 # -- rate limits -----------------------------------------------------------------------------------
-def test_failed_logins_are_limited_per_source_address_only(coordinator: Coordinator) -> None:
+def test_failed_logins_are_limited_per_source_address_and_name_only(
+    coordinator: Coordinator,
+) -> None:
     attacker, neighbour = "127.0.0.2", "127.0.0.3"
     wrong = {"username": "admin", "password": "not-the-password"}
     with client(coordinator, source=attacker) as http:
@@ -220,10 +223,13 @@ def test_failed_logins_are_limited_per_source_address_only(coordinator: Coordina
         assert statuses == [401] * 10
         limited = http.post(LOGIN, json=wrong)
         right = http.post(LOGIN, json={"username": "admin", "password": coordinator.admin_password})
+        user, password = coordinator.readonly
+        other_user = http.post(LOGIN, json={"username": user, "password": password})
     assert limited.status_code == 429
     assert error_code(limited) == "root.too_many_failed_logins"
     assert int(limited.headers["retry-after"]) >= 1
-    assert right.status_code == 429  # the address waits, even with the right password
+    assert right.status_code == 429  # the name waits, even with the right password ...
+    assert other_user.status_code == 200, other_user.text  # ... other names from it do not
     with client(coordinator, source=neighbour) as http:
         response = http.post(
             LOGIN, json={"username": "admin", "password": coordinator.admin_password}

@@ -1,8 +1,8 @@
 """A coordinator serving with `--workers 2` (real processes, real TLS): connections spread over
 both workers and each worker sees the client certificate; hosts heartbeating to one worker show
 connected through the other; a deleted runner is refused by every worker; a killed worker is
-replaced; SIGTERM stops every worker, whose heartbeats are in the store; no worker outlives the
-supervisor.
+replaced; failed sign-ins on either worker count against one allowance; SIGTERM stops every
+worker, whose heartbeats are in the store; no worker outlives the supervisor.
 
 Which worker serves a connection is read from the kernel: the server side of the TCP connection
 (/proc/net/tcp) is a socket that exactly one worker process holds open."""
@@ -317,6 +317,29 @@ def test_deleted_runner_is_refused_by_every_worker(
             assert "wk-deleted" not in {r["runner_id"] for r in body["runners"]}
     finally:
         for connection in [*host.values(), *admin.values()]:
+            connection.close()
+
+
+def test_failed_sign_ins_spread_over_the_workers_share_one_allowance(
+    coordinator: Coordinator,
+) -> None:
+    """Failed sign-ins are counted in the store: ten wrong passwords for one name, alternating
+    between the workers, use up the allowance on both (per-process counts would allow twenty),
+    while another user from the same address signs in on either."""
+    workers = workers_of(coordinator)
+    pinned = one_per_worker(coordinator, workers)
+    wrong = ("shared-guess", "not-the-password")
+    try:
+        connections = list(pinned.values())
+        statuses = [connections[n % WORKERS].call("GET", RUNNERS, auth=wrong)[0] for n in range(10)]
+        assert statuses == [401] * 10
+        for connection in connections:
+            status, body = connection.call("GET", RUNNERS, auth=wrong)
+            assert status == 429, body
+            assert body["errors"][0]["code"] == "root.too_many_failed_logins"
+            assert connection.call("GET", RUNNERS, auth=coordinator.readonly)[0] == 200
+    finally:
+        for connection in pinned.values():
             connection.close()
 
 

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from muster.api.app import API, create_app
 from muster.clock import FakeClock
 from muster.domain.platform import Bootstrap, Platform, create_platform, load_platform
-from muster.domain.ratelimit import FailureLimiter
+from muster.domain.ratelimit import FailureLimiter, LoginLimits
 from muster.storage import open_store
 from tests.conftest import TOKENS, join_body
 
@@ -30,6 +30,8 @@ AUDIT = "audit_events"
 # The constructor's lease: taken by the coordinator's own thread once the app starts (with the
 # first fuzzed request), whatever the request; not state a request changes.
 LEASES = "leases"
+# Failed sign-ins are counted in the store alongside their login.failed audit rows.
+LOGIN_FAILURES = "login_failures"
 REFUSAL_KINDS = {"login.failed", "token.refused"}
 
 
@@ -59,8 +61,8 @@ class FuzzTarget:
         return {"Authorization": f"Basic {raw}"}
 
     def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
-        """Every row of every table (audit events and the lease apart), read beside the app's
-        own engine."""
+        """Every row of every table (audit events, failed sign-in counts and the lease apart),
+        read beside the app's own engine."""
         with closing(sqlite3.connect(self.database, timeout=30)) as conn:
             tables = [
                 row[0]
@@ -71,7 +73,7 @@ class FuzzTarget:
             return {
                 table: sorted(conn.execute(f'SELECT * FROM "{table}"').fetchall(), key=repr)  # noqa: S608
                 for table in tables
-                if table not in (AUDIT, LEASES)
+                if table not in (AUDIT, LEASES, LOGIN_FAILURES)
             }
 
     def audit_kinds_after(self, last_id: int) -> list[str]:
@@ -118,6 +120,7 @@ def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget
     # Fuzzed logins fail by the thousand from one address; rate limits have their own tests
     # (tests/e2e/test_limits.py) and must not turn every later case into a 429 here.
     platform.login_failures = FailureLimiter(max_failures=10**9, window_s=1.0)
+    platform.login_limits = LoginLimits(per_name=10**9, per_address=10**9, per_token_address=10**9)
     platform.join_failures = FailureLimiter(max_failures=10**9, window_s=1.0)
     platform.token_join_failures = FailureLimiter(max_failures=10**9, window_s=1.0)
     app = create_app(platform, flush_period_s=3600)

@@ -26,7 +26,7 @@ from muster.api.app import create_app
 from muster.clock import FakeClock
 from muster.domain import pki
 from muster.domain.platform import Bootstrap, Platform, create_platform, load_platform
-from muster.domain.ratelimit import FailureLimiter
+from muster.domain.ratelimit import FailureLimiter, LoginLimits
 from muster.storage import open_store
 from tests._hostile import HOSTILE_CSRS, b64url, csr_der, der_to_pem, nested_json
 from tests.conftest import TOKENS, join_body
@@ -63,6 +63,7 @@ def _serve(url: str) -> Iterator[Target]:
     # Thousands of refusals from one address: the limits have their own tests.
     for name in ("login_failures", "join_failures", "token_join_failures"):
         setattr(platform, name, FailureLimiter(max_failures=10**9, window_s=1.0))
+    platform.login_limits = LoginLimits(per_name=10**9, per_address=10**9, per_token_address=10**9)
     app = create_app(platform, flush_period_s=3600)
     admin = ("admin", bootstrap.admin_password)
     with TestClient(app, base_url="https://testserver") as client:

@@ -367,6 +367,21 @@ def test_stale_cookies_count_towards_the_sign_in_limit(client: TestClient, insta
         assert response.status_code in (200, 303)
         assert 'muster_session=""' in response.headers["set-cookie"]
     assert len(failed_sign_ins(installed)) == 10
+    # Past the limit a stale cookie is not counted again, and the right password still signs in.
+    client.get("/ui/tokens", headers=STALE_COOKIE, follow_redirects=False)
+    assert len(failed_sign_ins(installed)) == 10
+    response = client.post(
+        "/ui/login",
+        data={"username": "admin", "password": installed.bootstrap.admin_password},
+        follow_redirects=False,
+    )
+    assert response.status_code == 303
+
+
+def test_wrong_passwords_limit_that_user_name_only(client: TestClient, installed: Installed):
+    for _ in range(10):
+        wrong = client.post("/ui/login", data={"username": "admin", "password": "guess"})
+        assert wrong.status_code == 401
     response = client.post(
         "/ui/login",
         data={"username": "admin", "password": installed.bootstrap.admin_password},
@@ -374,3 +389,10 @@ def test_stale_cookies_count_towards_the_sign_in_limit(client: TestClient, insta
     )
     assert response.status_code == 429
     assert "Too many failed sign-ins" in response.text
+    assert 0 < int(response.headers["retry-after"]) <= 60
+    other = client.post(
+        "/ui/login",
+        data={"username": "readonly", "password": installed.bootstrap.readonly_password},
+        follow_redirects=False,
+    )
+    assert other.status_code == 303

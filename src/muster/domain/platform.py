@@ -15,7 +15,7 @@ from muster.clock import Clock
 from muster.domain import pki
 from muster.domain.liveness import Liveness
 from muster.domain.models import TokenRecord
-from muster.domain.ratelimit import FailureLimiter
+from muster.domain.ratelimit import FailureLimiter, LoginLimits
 from muster.domain.store import Store, Transaction
 from muster.domain.tokens import TokenClaims, decode_token_with_keys, encode_token, new_token_record
 from muster.domain.users import ADMIN, READONLY, CredentialCache, generate_password, new_user
@@ -47,6 +47,10 @@ class Platform:
     heartbeat_interval_s: float = 10.0
     liveness: Liveness = field(init=False)
     credentials: CredentialCache = field(default_factory=CredentialCache)
+    # Failed sign-ins, counted in the store (shared by every worker and coordinator).
+    login_limits: LoginLimits = field(default_factory=LoginLimits)
+    # Per address, unexpected errors (`muster.api.shield`), in this process: an address that
+    # keeps hitting a bug is refused password sign-ins for a while.
     login_failures: FailureLimiter = field(
         default_factory=lambda: FailureLimiter(max_failures=10, window_s=60.0)
     )

@@ -1,7 +1,8 @@
 """Signing in: passwords, login sessions (the API's `_login` and the Cloud UI's sliding ones),
-the principal behind a session, API key or Basic credentials, CSRF tokens, and the per-address
-limit on failed sign-ins. API keys are made and deleted in `muster.domain.apikeys`; the pure
-rules (hashes, expiries) live in `muster.domain.users`.
+the principal behind a session, API key or Basic credentials, CSRF tokens, and the limits on
+failed sign-ins (per address and user name, counted in the store). API keys are made and
+deleted in `muster.domain.apikeys`; the pure rules (hashes, expiries) live in
+`muster.domain.users`.
 
 Every change here writes its audit record in the same transaction as the change. Checking a
 password costs one argon2 verify (~130 ms of CPU, blocking): async callers run these functions in
@@ -76,25 +77,82 @@ def unknown_user(platform: Platform, username: str) -> str:
 
 
 # ---- failed sign-ins --------------------------------------------------------------------------
+# Counted in the store (`LoginLimits`), so every worker and coordinator shares one allowance.
+# A password counts against its (address, user name) and against its address; an invalid API
+# key or session token against its address alone, and a valid one never looks at the counts.
 
 
-def check_login_allowed(platform: Platform, source: str) -> None:
+def _name_key(platform: Platform, source: str, username: str) -> str:
+    """The count of one user name from one address. The name is a keyed HMAC, as in
+    `unknown_user`: the store never holds typed text (it may be a password)."""
+    key = _derived_key(platform, b"muster login limit name v1")
+    digest = hmac.new(key, username.encode("utf-8", "replace"), hashlib.sha256).hexdigest()
+    return f"password {source[:64]} {digest[:32]}"
+
+
+def _address_key(source: str) -> str:
+    return f"password {source[:64]}"
+
+
+def _token_key(source: str) -> str:
+    return f"token {source[:64]}"
+
+
+def _limited(
+    platform: Platform, tx: Transaction, limits: dict[str, int], *, now_s: float
+) -> tuple[str, int] | None:
+    """The first key of `limits` (key -> allowed failures) that is over its limit, with the
+    whole seconds to wait; None when every key may try."""
+    rules = platform.login_limits
+    buckets: dict[str, list[tuple[int, int]]] = {key: [] for key in limits}
+    for key, bucket, count in tx.list_login_failures(limits, rules.since(now_s)):
+        buckets[key].append((bucket, count))
+    for key, limit in limits.items():
+        wait = rules.retry_after_s(buckets[key], limit, now_s=now_s)
+        if wait:
+            return key, wait
+    return None
+
+
+def _rate_limited(wait: int, *, what: str) -> RateLimitedError:
+    return RateLimitedError(
+        f"too many failed sign-ins {what}; try again later",
+        retry_after_s=wait,
+        code="root.too_many_failed_logins",
+    )
+
+
+def _password_limits(platform: Platform, source: str, username: str) -> dict[str, int]:
+    rules = platform.login_limits
+    return {
+        _name_key(platform, source, username): rules.per_name,
+        _address_key(source): rules.per_address,
+    }
+
+
+def check_login_allowed(platform: Platform, tx: Transaction, source: str, username: str) -> None:
     """Raises RateLimitedError (root.too_many_failed_logins, with whole seconds to wait) when
-    `source` failed to sign in too often within the limiter's window."""
+    passwords for `username` from `source` failed too often, or passwords for any names from
+    `source` did, within the window; or when `source` kept hitting unexpected errors in this
+    process (`platform.login_failures`, charged by `muster.api.shield`). Reads in `tx`."""
     wait = platform.login_failures.retry_after_s(source, now_s=platform.clock.monotonic())
     if wait:
-        raise RateLimitedError(
-            "too many failed sign-ins from this address; try again later",
-            retry_after_s=wait,
-            code="root.too_many_failed_logins",
-        )
+        raise _rate_limited(wait, what="from this address")
+    limits = _password_limits(platform, source, username)
+    limited = _limited(platform, tx, limits, now_s=platform.clock.now().timestamp())
+    if limited is not None:
+        key, wait = limited
+        what = "from this address" if key == _address_key(source) else "for this user name"
+        raise _rate_limited(wait, what=what)
 
 
 def _refuse(
-    platform: Platform, tx: Transaction, *, source: str, actor: str, method: str, now_s: float
+    platform: Platform, tx: Transaction, *, source: str, actor: str, method: str, keys: list[str]
 ) -> None:
-    """Count a failed sign-in against `source` and audit it in `tx` (the caller commits)."""
-    platform.login_failures.record_failure(source, now_s=now_s)
+    """Count a failed sign-in against `keys` and audit it in `tx` (the caller commits)."""
+    rules = platform.login_limits
+    now_s = platform.clock.now().timestamp()
+    tx.record_login_failures(keys, rules.bucket(now_s), expired=rules.since(now_s))
     audit.record(
         tx,
         platform.clock,
@@ -106,10 +164,40 @@ def _refuse(
     )
 
 
-def _record_refusal(platform: Platform, *, source: str, actor: str, method: str) -> None:
-    now_s = platform.clock.monotonic()
+def _record_refusal(
+    platform: Platform, *, source: str, actor: str, method: str, keys: list[str]
+) -> None:
     with platform.store.write() as tx:
-        _refuse(platform, tx, source=source, actor=actor, method=method, now_s=now_s)
+        _refuse(platform, tx, source=source, actor=actor, method=method, keys=keys)
+
+
+def _token_wait(platform: Platform, tx: Transaction, source: str) -> int:
+    """Whole seconds until invalid keys and tokens from `source` are counted again, or 0."""
+    limits = {_token_key(source): platform.login_limits.per_token_address}
+    limited = _limited(platform, tx, limits, now_s=platform.clock.now().timestamp())
+    return 0 if limited is None else limited[1]
+
+
+def _count_token_failure(platform: Platform, tx: Transaction, *, source: str, method: str) -> int:
+    """An invalid API key or session token: past the address's limit, the seconds to wait
+    (and nothing counted or audited again: the count is already there); else 0, counted and
+    audited in `tx`."""
+    wait = _token_wait(platform, tx, source)
+    if not wait:
+        _refuse(platform, tx, source=source, actor="", method=method, keys=[_token_key(source)])
+    return wait
+
+
+def _refuse_token(platform: Platform, *, source: str, method: str) -> int:
+    """An invalid key or token outside a write: past the limit, the seconds to wait, found in a
+    read (a flood of them never queues on the store's writers); else 0, counted and audited in
+    one write."""
+    with platform.store.read() as tx:
+        wait = _token_wait(platform, tx, source)
+    if wait:
+        return wait
+    with platform.store.write() as tx:
+        return _count_token_failure(platform, tx, source=source, method=method)
 
 
 # ---- passwords and logins ---------------------------------------------------------------------
@@ -117,13 +205,14 @@ def _record_refusal(platform: Platform, *, source: str, actor: str, method: str)
 
 def check_password(platform: Platform, username: str, password: str, *, source: str) -> Principal:
     """The user named by a username and password (argon2id, or the short-lived cache of recent
-    successes). Blocking (argon2). Raises RateLimitedError before checking when `source` is
-    limited; UnauthenticatedError when the pair is wrong or the user is disabled, counted and
-    audited (an unknown user's name is audited as `unknown_user`)."""
-    check_login_allowed(platform, source)
+    successes). Blocking (argon2). Raises RateLimitedError before checking when `username`
+    from `source`, or `source` itself, is limited (`check_login_allowed`); UnauthenticatedError
+    when the pair is wrong or the user is disabled, counted against both and audited (an
+    unknown user's name is audited as `unknown_user`)."""
     now_s = platform.clock.monotonic()
     cached = platform.credentials.get(username, password, now_s=now_s)
     with platform.store.read() as tx:
+        check_login_allowed(platform, tx, source, username)
         found = tx.find_user(username)
     user = None
     # The cache only vouches for the hash it saw: a password changed since (here or by another
@@ -138,7 +227,8 @@ def check_password(platform: Platform, username: str, password: str, *, source: 
             platform.credentials.put(username, password, found, now_s=now_s)
     if user is None or not user.enabled:
         actor = username[:64] if found is not None else unknown_user(platform, username)
-        _record_refusal(platform, source=source, actor=actor, method="password")
+        keys = list(_password_limits(platform, source, username))
+        _record_refusal(platform, source=source, actor=actor, method="password", keys=keys)
         raise _unauthenticated("the username or password is not correct")
     return principal_of(user, "basic")
 
@@ -206,20 +296,20 @@ def refresh_session(platform: Platform, token: str | None, *, source: str) -> Ne
     same successor; a refresh of an older token returns the successor it already has.
 
     Raises UnauthenticatedError (root.unauthorized) when `token` is missing, or unknown, logged
-    out or ended: the last three count and are audited as failed sign-ins. Not rate limited: a
-    live session always refreshes."""
+    out or ended: the last three count and are audited as failed sign-ins, and past the
+    address's limit raise RateLimitedError instead. A live session always refreshes."""
     refused = _unauthenticated(
         "the session token is not valid or has expired; log in again", code="root.unauthorized"
     )
     if not token:
         raise refused
-    now, now_s = platform.clock.now(), platform.clock.monotonic()
+    now, wait = platform.clock.now(), 0
     started: NewSession | None = None
     successor = _successor(platform, token)
     with platform.store.write() as tx:
         live = _live_session(tx, token, now=now)
         if live is None:
-            _refuse(platform, tx, source=source, actor="", method="refresh", now_s=now_s)
+            wait = _count_token_failure(platform, tx, source=source, method="refresh")
         else:
             principal, old = live
             issued = tx.find_session(hash_secret(successor))
@@ -239,7 +329,7 @@ def refresh_session(platform: Platform, token: str | None, *, source: str) -> Ne
                 # commit is visible to this statement now.
                 issued = tx.find_session(hash_secret(successor))
             if issued is None:
-                _refuse(platform, tx, source=source, actor="", method="refresh", now_s=now_s)
+                wait = _count_token_failure(platform, tx, source=source, method="refresh")
             else:
                 started = NewSession(principal, successor, issued.expires_at)
                 audit.record(
@@ -250,6 +340,8 @@ def refresh_session(platform: Platform, token: str | None, *, source: str) -> Ne
                     source=source,
                     generation=issued.generation,
                 )
+    if wait:
+        raise _rate_limited(wait, what="with invalid keys or tokens from this address")
     if started is None:
         raise refused
     return started
@@ -322,30 +414,32 @@ def _session_user(platform: Platform, token: str, *, now: datetime) -> Principal
 
 def principal_from_session(platform: Platform, token: str, *, source: str) -> Principal:
     """The user of the live session `token` (a Bearer token or the UI's cookie), sliding a UI
-    session. Raises RateLimitedError when `source` is limited; UnauthenticatedError when the
-    session is unknown, logged out or ended, counted and audited."""
-    check_login_allowed(platform, source)
+    session. A live session always passes. Raises UnauthenticatedError when the session is
+    unknown, logged out or ended, counted and audited; RateLimitedError instead when `source`
+    is past its limit of invalid keys and tokens."""
     principal = _session_user(platform, token, now=platform.clock.now())
     if principal is None:
-        _record_refusal(platform, source=source, actor="", method="session")
+        wait = _refuse_token(platform, source=source, method="session")
+        if wait:
+            raise _rate_limited(wait, what="with invalid keys or tokens from this address")
         raise _unauthenticated("the session is not valid (expired or logged out); log in again")
     return principal
 
 
 def find_session_principal(platform: Platform, token: str, *, source: str) -> Principal | None:
     """The user of the live session `token` for a Cloud UI page, sliding it; None when it is
-    unknown, logged out or ended, which counts and is audited as a failed sign-in. Never rate
-    limited: a live session keeps its pages (as before the limit), only failures count."""
+    unknown, logged out or ended, which counts and is audited as a failed sign-in (until the
+    address is past its limit). Never raises RateLimitedError: the page sends to the login."""
     principal = _session_user(platform, token, now=platform.clock.now())
     if principal is None:
-        _record_refusal(platform, source=source, actor="", method="session")
+        _refuse_token(platform, source=source, method="session")
     return principal
 
 
 def principal_from_api_key(platform: Platform, key: str, *, source: str) -> Principal:
-    """The owner of the API key `key`. Raises RateLimitedError when `source` is limited;
-    UnauthenticatedError when the key is unknown, deleted or expired, counted and audited."""
-    check_login_allowed(platform, source)
+    """The owner of the API key `key`; a valid key always passes. Raises UnauthenticatedError
+    when the key is unknown, deleted or expired, counted and audited; RateLimitedError instead
+    when `source` is past its limit of invalid keys and tokens."""
     now = platform.clock.now()
     with platform.store.read() as tx:
         record = (
@@ -353,7 +447,9 @@ def principal_from_api_key(platform: Platform, key: str, *, source: str) -> Prin
         )
         user = tx.find_user(record.username) if record else None
     if record is None or user is None or not user.enabled or _expired(record.expires_at, now):
-        _record_refusal(platform, source=source, actor="", method="apikey")
+        wait = _refuse_token(platform, source=source, method="apikey")
+        if wait:
+            raise _rate_limited(wait, what="with invalid keys or tokens from this address")
         raise _unauthenticated("the API key is not valid (unknown, deleted or expired)")
     return principal_of(user, "apikey")
 

@@ -409,6 +409,18 @@ class Transaction(Protocol):
         """(holder, expires_at) of the lease, expired or not, or None."""
         ...
 
+    # -- failed sign-ins, counted per key in time buckets (shared by every process) ------------
+    def list_login_failures(self, keys: Iterable[str], since: int) -> list[tuple[str, int, int]]:
+        """(key, bucket start, count) of every bucket of these keys starting at or after
+        `since` (epoch seconds), in no particular order; keys never counted are absent."""
+        ...
+
+    def record_login_failures(self, keys: Iterable[str], bucket: int, *, expired: int) -> None:
+        """Count one failure for each key in its bucket `bucket` (created at 1, or one more;
+        concurrent callers never lose a count), and delete every key's buckets starting before
+        `expired`, so old counts do not pile up."""
+        ...
+
 
 class Store(Protocol):
     url: str

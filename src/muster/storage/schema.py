@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -250,4 +252,15 @@ leases = Table(
     Column("name", String(64), primary_key=True),
     Column("holder", String(255), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
+# Failed sign-ins per key (address, or address and user name) per bucket of wall-clock seconds:
+# every worker and coordinator counts against one limit (migration 0008).
+login_failures = Table(
+    "login_failures",
+    metadata,
+    Column("key", String(160), primary_key=True),
+    Column("bucket", BigInteger, primary_key=True),
+    Column("count", Integer, nullable=False),
+    Index("ix_login_failures_bucket", "bucket"),
 )

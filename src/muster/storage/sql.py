@@ -3,7 +3,8 @@
 Backends differ only in how their engine is made and how a write transaction starts
 (`muster.storage.sqlite`, `muster.storage.postgres`). How records map to rows is in
 `muster.storage._rows`; the reads over every runner or allocator in `muster.storage._fleet`;
-deployments, instances and leases in `muster.storage._deployments`.
+deployments, instances and leases in `muster.storage._deployments`; failed sign-in counts in
+`muster.storage._limits`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from muster.storage import schema as t
 from muster.storage._deployments import DeploymentTables
 from muster.storage._fleet import FleetReads
 from muster.storage._guards import refuse_nul
+from muster.storage._limits import LimitRows
 from muster.storage._users import UserRows
 
 # Statements on the join and heartbeat paths, built once: building a Core statement per call
@@ -57,7 +59,7 @@ _IS_REVOKED = select(t.revoked_certificates.c.serial).where(
 )
 
 
-class SqlTransaction(FleetReads, DeploymentTables, UserRows):
+class SqlTransaction(FleetReads, DeploymentTables, UserRows, LimitRows):
     """One open transaction on a SQLAlchemy connection.
 
     `savepoints`: wrap each insert that may conflict in a savepoint, for backends where a failed

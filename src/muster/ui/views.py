@@ -205,12 +205,13 @@ async def login(request: Request) -> Response:
     except (UnauthenticatedError, RateLimitedError) as exc:
         status = 429 if isinstance(exc, RateLimitedError) else 401
         message = (
-            "Too many failed sign-ins from this address. Wait a minute, then try again."
+            "Too many failed sign-ins with this user name (or from this address). Wait a "
+            "minute, then try again; other users can sign in meanwhile."
             if status == 429
             else "The username or password is not correct. The passwords are in "
             "bootstrap-state/bootstrap-secrets.json on the first host."
         )
-        return _render(
+        page = _render(
             request,
             "login.html",
             None,
@@ -220,6 +221,9 @@ async def login(request: Request) -> Response:
             username=username,
             error=message,
         )
+        if isinstance(exc, RateLimitedError):
+            page.headers["Retry-After"] = str(exc.retry_after_s)
+        return page
     response = RedirectResponse(target, status_code=303)
     # A browser-session cookie (no Max-Age): the server alone says when the session ends (an
     # unused hour, or SESSION_MAX_LIFE after login) and the cookie can never end first, so

@@ -69,7 +69,7 @@ def logout(request: Request) -> EmptyResponse:
     "/users/auth/_refresh",
     operation_id="refresh-token",
     response_model=TokenResponse,
-    responses=errors(401),
+    responses=errors(401, 429),
 )
 def refresh_token(request: Request) -> TokenResponse:
     started = sessions.refresh_session(
