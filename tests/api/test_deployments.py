@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import Installed, create_token, first_heartbeat, join
+from tests.conftest import TOKENS, Installed, create_token, first_heartbeat, join
 
 DEPLOYMENTS = "/api/v1/deployments"
 BODY: dict[str, Any] = {
@@ -165,6 +165,35 @@ def test_readonly_cannot_create(client: TestClient, installed: Installed, fleet:
     response = client.post(DEPLOYMENTS, json=body(), auth=installed.readonly)
     assert response.status_code == 403
     assert client.get(DEPLOYMENTS, auth=installed.admin).json() == {"deployments": []}
+
+
+@pytest.mark.parametrize(
+    ("role", "may_manage"),
+    [
+        ("ece_deployment_manager", True),
+        ("ece_deployment_viewer", False),
+        ("ece_platform_viewer", False),
+    ],
+)
+def test_deployment_managers_manage_deployments_and_nothing_else(
+    client: TestClient, installed: Installed, fleet: list[str], role: str, may_manage: bool
+) -> None:
+    user = {"user_name": "dana", "security": {"password": "correct horse battery", "roles": [role]}}
+    assert client.post("/api/v1/users", json=user, auth=installed.admin).status_code == 200
+    dana = ("dana", "correct horse battery")
+    created = client.post(DEPLOYMENTS, json=body(), auth=dana)
+    assert client.get(DEPLOYMENTS, auth=dana).status_code == 200
+    # No platform change for any of them: a roles token stays an admin's.
+    token = {"persistent": True, "roles": ["allocator"]}
+    assert client.post(TOKENS, json=token, auth=dana).status_code == 403
+    if not may_manage:
+        assert created.status_code == 403
+        assert created.json()["errors"][0]["code"] == "root.unauthorized.rbac"
+        return
+    assert created.status_code == 201, created.text
+    one = f"{DEPLOYMENTS}/{created.json()['id']}"
+    assert client.post(f"{one}/_shutdown", auth=dana).status_code == 200
+    assert client.delete(one, auth=dana).status_code == 200
 
 
 def test_deployment_changes_are_audited(

@@ -28,6 +28,8 @@ from tests.processes import log_tail
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e-upgrade")]
 ROOT = Path(__file__).resolve().parents[2]
 PREVIOUS = "v0.1.0"
+# The commit v0.1.0 tags (CHANGELOG.md): a clone made without tags still has it in its history.
+PREVIOUS_COMMIT = "edcae744a9214c2d25eb819ff54d0ee1ed5f6258"
 KEYS = "/api/v1/users/auth/keys"
 MIGRATIONS = Path("muster/storage/migrations")
 
@@ -68,18 +70,28 @@ def previous_muster(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pip into a fresh venv (dependencies through pip's cache)."""
     if shutil.which("git") is None:
         _unavailable("git is not installed")
+    release = PREVIOUS
     found = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{PREVIOUS}^{{commit}}"],
         capture_output=True,
+        text=True,
         check=False,
     )
-    if found.returncode != 0:
-        _unavailable(f"the tag {PREVIOUS} is not in this checkout (git fetch --tags)")
+    if found.returncode != 0:  # cloned without its tags: the tagged commit itself
+        release = PREVIOUS_COMMIT
+        present = subprocess.run(
+            ["git", "-C", str(ROOT), "cat-file", "-e", f"{PREVIOUS_COMMIT}^{{commit}}"],
+            check=False,
+        )
+        if present.returncode != 0:
+            _unavailable(f"neither the tag {PREVIOUS} nor its commit is in this checkout")
+    elif found.stdout.strip() != PREVIOUS_COMMIT:
+        raise AssertionError(f"{PREVIOUS} tags {found.stdout.strip()}, not {PREVIOUS_COMMIT}")
     folder = tmp_path_factory.mktemp("previous-release")
     tree, venv = folder / "src", folder / "venv"
     tree.mkdir()
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", PREVIOUS], capture_output=True, check=True
+        ["git", "-C", str(ROOT), "archive", release], capture_output=True, check=True
     )
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
     for args in (

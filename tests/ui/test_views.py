@@ -396,3 +396,21 @@ def test_wrong_passwords_limit_that_user_name_only(client: TestClient, installed
         follow_redirects=False,
     )
     assert other.status_code == 303
+
+
+@pytest.mark.parametrize(
+    ("role", "controls"),
+    [("ece_deployment_manager", True), ("ece_deployment_viewer", False)],
+)
+def test_the_deployments_page_shows_its_controls_to_deployment_managers(
+    client: TestClient, installed: Installed, role: str, controls: bool
+) -> None:
+    user = {"user_name": "dana", "security": {"password": "correct horse battery", "roles": [role]}}
+    assert client.post("/api/v1/users", json=user, auth=installed.admin).status_code == 200
+    login(client, "dana", "correct horse battery")
+    page = client.get("/ui/deployments")
+    assert page.status_code == 200
+    expected = "true" if controls else "false"
+    assert f'data-can-manage-deployments="{expected}"' in page.text
+    assert ('id="create-form"' in page.text) is controls
+    assert 'data-can-write="false"' in page.text  # the platform stays read-only for them

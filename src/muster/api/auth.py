@@ -88,6 +88,17 @@ def require_admin(principal: Principal = Depends(authenticate)) -> Principal:
     return principal
 
 
+def require_deployment_manager(principal: Principal = Depends(authenticate)) -> Principal:
+    """Changes to deployments need ece_platform_admin or ece_deployment_manager."""
+    if not principal.can_manage_deployments:
+        raise ForbiddenError(
+            f"user {principal.name!r} may only read deployments; this change needs a user with "
+            "the ece_deployment_manager or ece_platform_admin role",
+            code="root.unauthorized.rbac",
+        )
+    return principal
+
+
 def require_runner(request: Request) -> Principal:
     """The runner named by the verified client certificate. Raises UnauthenticatedError."""
     cert = peer_certificate(request.scope)

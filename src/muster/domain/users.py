@@ -11,8 +11,8 @@ it). A session of the Cloud UI slides: while it is used it ends only after SESSI
 and never later than SESSION_MAX_LIFE after login.
 
 Roles are ECE's. `ece_platform_admin` may change everything; `ece_platform_viewer` reads the
-platform. The deployment roles are stored and shown; until Muster runs deployments they grant
-what the viewer has (reads of the platform) and nothing more.
+platform. `ece_deployment_manager` reads the platform and creates, changes, shuts down and
+deletes deployments; `ece_deployment_viewer` reads (as the viewer does).
 """
 
 from __future__ import annotations
@@ -61,12 +61,18 @@ class Principal:
     name: str
     role: str  # what it may do: "admin" (everything), "readonly" (reads) or "runner"
     method: str  # "basic", "apikey", "session", "certificate"
-    # A user's ECE roles as stored (shown, not compared: `role` is what they allow).
+    # A user's ECE roles as stored (shown, not compared: `role` is what they allow on the
+    # platform; `can_manage_deployments` reads them).
     roles: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def can_write(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def can_manage_deployments(self) -> bool:
+        """Platform admins, and users with ece_deployment_manager."""
+        return self.can_write or DEPLOYMENT_MANAGER in self.roles
 
 
 def access_of(roles: tuple[str, ...]) -> str:

@@ -7,7 +7,12 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from muster.api.auth import platform_of, require_admin, require_user, source_of
+from muster.api.auth import (
+    platform_of,
+    require_deployment_manager,
+    require_user,
+    source_of,
+)
 from muster.api.headers import set_stamp, stamped_reply
 from muster.api.routes import errors
 from muster.api.schemas_deployments import (
@@ -53,7 +58,7 @@ def create_deployment(
     request: Request,
     response: Response,
     validate_only: bool = _VALIDATE_ONLY,
-    principal: Principal = Depends(require_admin),
+    principal: Principal = Depends(require_deployment_manager),
 ) -> DeploymentCreateResponse:
     reply = _admin(request, principal).create(_body(body), validate_only=validate_only)
     if validate_only:
@@ -112,7 +117,7 @@ def update_deployment(
     request: Request,
     response: Response,
     validate_only: bool = _VALIDATE_ONLY,
-    principal: Principal = Depends(require_admin),
+    principal: Principal = Depends(require_deployment_manager),
 ) -> DeploymentUpdateResponse:
     reply = _admin(request, principal).update(
         deployment_id, _body(body), validate_only=validate_only
@@ -128,7 +133,7 @@ def update_deployment(
     responses=errors(401, 403, 404, 429),
 )
 def shutdown_deployment(
-    deployment_id: str, request: Request, principal: Principal = Depends(require_admin)
+    deployment_id: str, request: Request, principal: Principal = Depends(require_deployment_manager)
 ) -> DeploymentShutdownResponse:
     reply = _admin(request, principal).shutdown(deployment_id)
     return DeploymentShutdownResponse.model_validate(reply)
@@ -141,7 +146,7 @@ def shutdown_deployment(
     responses=errors(400, 401, 403, 404, 429),
 )
 def delete_deployment(
-    deployment_id: str, request: Request, principal: Principal = Depends(require_admin)
+    deployment_id: str, request: Request, principal: Principal = Depends(require_deployment_manager)
 ) -> DeploymentDeleteResponse:
     reply = _admin(request, principal).delete(deployment_id)
     return DeploymentDeleteResponse.model_validate(reply)

@@ -9,6 +9,7 @@ const Muster = (() => {
   const csrfMeta = document.querySelector('meta[name="csrf-token"]');
   const csrf = csrfMeta ? csrfMeta.content : "";
   const canWrite = document.body.dataset.canWrite === "true";
+  const canManageDeployments = document.body.dataset.canManageDeployments === "true";
 
   class ApiError extends Error {
     constructor(status, code, message) {
@@ -321,6 +322,6 @@ const Muster = (() => {
   return {
     api, ApiError, h, append, fill, sync, poll, showError, memory, dateTime, ago, until, time,
     breakable,
-    badge, connection, chips, capacityBar, empty, toast, confirm, copy, actionButton, canWrite,
+    badge, connection, chips, capacityBar, empty, toast, confirm, copy, actionButton, canWrite, canManageDeployments,
   };
 })();

@@ -3,14 +3,14 @@
 "use strict";
 
 (() => {
-  const { api, h, fill, poll, memory, time, dateTime, badge, actionButton, confirm, toast, canWrite } = Muster;
+  const { api, h, fill, poll, memory, time, dateTime, badge, actionButton, confirm, toast, canManageDeployments } = Muster;
   const id = document.body.dataset.deploymentId;
   const PATH = "/deployments/" + encodeURIComponent(id);
   const actions = document.getElementById("actions");
   let current = null;
   let refresh = () => {};
 
-  if (canWrite) {
+  if (canManageDeployments) {
     actions.append(actionButton({ class: "btn btn-danger", id: "shutdown" }, "Shut down", async () => {
       const yes = await confirm({ title: "Shut down " + current.name + "?", message: "Every instance stops and its memory is freed. A shut-down deployment can only be deleted.", confirmLabel: "Shut down" });
       if (!yes) return;

@@ -3,7 +3,7 @@
 "use strict";
 
 (() => {
-  const { api, h, fill, sync, poll, memory, badge, toast, canWrite } = Muster;
+  const { api, h, fill, sync, poll, memory, badge, toast, canManageDeployments } = Muster;
   const DETAILS_SHOWN = 50;  // deployments whose instances are read on each refresh
 
   function instancesOf(doc) {
@@ -59,7 +59,7 @@
     document.getElementById("deployments-table").hidden = items.length === 0;
     if (!items.length) {
       fill(emptyEl, h("p", { class: "empty-title", text: "No deployments yet" }),
-        h("p", { class: "muted", text: canWrite ? "Create one with the form above: its instances are placed on allocators with free memory." : "An admin creates deployments." }));
+        h("p", { class: "muted", text: canManageDeployments ? "Create one with the form above: its instances are placed on allocators with free memory." : "An admin or a deployment manager creates deployments." }));
     }
     document.getElementById("summary").textContent = items.length + (items.length === 1 ? " deployment" : " deployments");
   }
