@@ -128,12 +128,14 @@ class Constructor:
             return Round(held=False)
         if self._held_since is None:
             self._held_since = now
-        lost = lost_allocators(self.platform, self.lost_grace, now, since=self._held_since)
-        connected = connected_allocators(self.platform) - lost
         with self.platform.store.read() as tx:
             deployments = {d.id: d for d in tx.list_deployments()}
             instances = tx.list_instances()
             resources = tx.list_resources()
+        if not any(d.status == RUNNING for d in deployments.values()):
+            return Round(held=True)  # nothing to move or place: no read of the whole fleet
+        lost = lost_allocators(self.platform, self.lost_grace, now, since=self._held_since)
+        connected = connected_allocators(self.platform) - lost
         by_deployment: dict[str, list[InstanceRecord]] = defaultdict(list)
         for instance in instances:
             by_deployment[instance.deployment_id].append(instance)

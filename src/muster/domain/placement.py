@@ -189,6 +189,12 @@ def place(
 def hold_constructor_lease(store: Store, holder: str, now: datetime) -> bool:
     """Take or renew the constructor's lease for coordinator `holder`; True while it holds
     it. Call again well within LEASE_TTL to keep it."""
+    # Another coordinator's lease that runs: seen in a read, without taking the writer's lock
+    # (every second, on every process that does not hold it).
+    with store.read() as tx:
+        found = tx.find_lease(CONSTRUCTOR_LEASE)
+    if found is not None and found[0] != holder and found[1] > now:
+        return False
     with store.write() as tx:
         return tx.acquire_lease(CONSTRUCTOR_LEASE, holder, now, LEASE_TTL)
 
