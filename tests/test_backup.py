@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from muster import backup
+from muster import __version__, backup
 from muster.config import Settings
 from muster.errors import ConflictError, InvalidInputError
 from muster.install import FirstHostOptions, install_first_host
@@ -134,7 +134,7 @@ def test_backup_while_serving_restores_a_coordinator_that_accepts_the_same_hosts
     assert stat.S_IMODE(archive.stat().st_mode) == 0o600
     manifest = manifest_of(archive)
     assert manifest["store"] == "sqlite"
-    assert manifest["muster_version"] == "0.1.0"
+    assert manifest["muster_version"] == __version__
     members = manifest["members"]
     assert isinstance(members, dict)
     assert {*PRIVATE, backup.DATABASE, "coordinator/ca.crt", "agent/cert.pem"} <= set(members)

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
+from muster import __version__
 from tests.processes import free_port, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -95,7 +96,7 @@ def test_the_wheel_installs_in_a_fresh_venv_and_serves_a_first_host(tmp_path: Pa
     )
     assert Path(where.strip()).is_relative_to(venv), where
     muster = str(venv / "bin" / "muster")
-    assert run([muster, "--version"], cwd=outside, env=env).strip() == "muster 0.1.0"
+    assert run([muster, "--version"], cwd=outside, env=env).strip() == f"muster {__version__}"
 
     storage, port = tmp_path / "host", free_port()
     run(

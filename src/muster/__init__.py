@@ -1,3 +1,3 @@
 """Muster: a self-hosted platform control plane that speaks ECE's platform API."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
