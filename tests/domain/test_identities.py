@@ -15,6 +15,7 @@ from cryptography import x509
 
 from muster.clock import FakeClock
 from muster.domain import enrollment, pki
+from muster.domain.desired import InstanceVersions
 from muster.domain.identities import CoordinatorDirectory, Refresher, RunnerIdentities
 from muster.domain.models import HostReport, RunnerRecord
 from muster.domain.platform import Platform, create_platform, load_platform
@@ -190,13 +191,14 @@ def test_the_refresher_reads_the_store_from_its_own_thread_only(
 ) -> None:
     cert = joined(platform, "host-h")
     directory = CoordinatorDirectory(platform, ["10.0.0.1:12443"])
+    versions = InstanceVersions(platform)
     before = len(recording.calls)
-    refresher = Refresher(identities, directory)
+    refresher = Refresher(identities, directory, also={"versions": versions.refresh})
     refresher.start()
     try:
         loaded = threading.Event()
         for _ in range(500):
-            if identities.vouch(cert) is not None:
+            if identities.vouch(cert) is not None and versions.known():
                 loaded.set()
                 break
             loaded.wait(0.01)
@@ -204,7 +206,7 @@ def test_the_refresher_reads_the_store_from_its_own_thread_only(
     finally:
         refresher.stop()
     threads = {thread for thread, _on_loop in recording.calls[before:]}
-    assert threads == {"identities-refresh"}
+    assert threads == {"identities-refresh"}  # the versions' read included
     assert recording.on_the_loop() == []
 
 

@@ -25,7 +25,7 @@ from muster import __version__
 from muster.api.headers import SECURITY_HEADERS
 from muster.api.shield import Shield
 from muster.domain.constructor import Constructor
-from muster.domain.desired import InstanceVersions, VersionRefresher
+from muster.domain.desired import InstanceVersions
 from muster.domain.identities import CoordinatorDirectory, Refresher, RunnerIdentities
 from muster.domain.liveness import Flusher
 from muster.domain.platform import Platform
@@ -199,17 +199,16 @@ def create_app(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         flusher = Flusher(platform.liveness, period_s=flush_period_s)
         flusher.start()
-        refresher = Refresher(identities, directory)
+        refresher = Refresher(
+            identities, directory, also={"desired instances versions": versions.refresh}
+        )
         refresher.start()
-        version_refresher = VersionRefresher(versions)
-        version_refresher.start()
         constructor = Constructor(platform, lost_grace=timedelta(seconds=lost_allocator_grace_s))
         constructor.start()
         try:
             yield
         finally:
             constructor.stop()
-            version_refresher.stop()
             refresher.stop()
             flusher.stop()
 

@@ -5,19 +5,18 @@ when the version it holds is no longer the one its heartbeat reply carries."""
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 from muster.domain.platform import Platform
-from muster.errors import MusterError
 
 log = logging.getLogger(__name__)
 
 
 class InstanceVersions:
     """allocator id -> desired-instances version (`allocators.instances_version`), as of the
-    last `refresh`. Heartbeats read it without a store call: `version` is one dict lookup."""
+    last `refresh` (by the identities' Refresher thread, with the runner snapshot). Heartbeats
+    read it without a store call: `version` is one dict lookup."""
 
     def __init__(self, platform: Platform, period_s: float = 1.0) -> None:
         self.platform = platform
@@ -27,48 +26,15 @@ class InstanceVersions:
     def version(self, runner_id: str) -> int:
         return self._versions.get(runner_id, 0)
 
+    def known(self) -> int:
+        """How many allocators the last refresh read."""
+        return len(self._versions)
+
     def refresh(self) -> None:
         """Read every allocator's version in one query of one column. Raises StoreError."""
         with self.platform.store.read() as tx:
             rows = tx.list_allocator_columns(["instances_version"])
         self._versions = {aid: int(version) for aid, version in rows}  # swapped whole
-
-
-class VersionRefresher:
-    """One daemon thread refreshing an InstanceVersions every `period_s`: a change reaches the
-    heartbeat replies within that period."""
-
-    def __init__(self, versions: InstanceVersions) -> None:
-        self.versions = versions
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._failing = False
-
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="instances-refresh", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.versions.refresh()
-            except Exception as exc:  # any: the thread must outlive a lost store
-                if not self._failing:
-                    reason = exc.message if isinstance(exc, MusterError) else type(exc).__name__
-                    log.warning("could not read desired instances versions: %s", reason)
-                self._failing = True
-            else:
-                if self._failing:
-                    log.warning("can read desired instances versions again")
-                self._failing = False
-            self._stop.wait(self.versions.period_s)
 
 
 @dataclass(frozen=True)

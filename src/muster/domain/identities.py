@@ -227,13 +227,20 @@ class CoordinatorDirectory:
 
 
 class Refresher:
-    """One daemon thread that keeps a RunnerIdentities and a CoordinatorDirectory current: the
-    only place either reads the store while the server runs. The snapshot is refreshed every
+    """One daemon thread that keeps a RunnerIdentities, a CoordinatorDirectory and what else the
+    heartbeat replies carry (`also`: the desired-instances versions) current: the only place
+    they read the store while the server runs. The snapshot and `also` are refreshed every
     `identities.ttl_s / 2`, the directory every `directory.ttl_s`."""
 
-    def __init__(self, identities: RunnerIdentities, directory: CoordinatorDirectory) -> None:
+    def __init__(
+        self,
+        identities: RunnerIdentities,
+        directory: CoordinatorDirectory,
+        also: dict[str, Callable[[], object]] | None = None,
+    ) -> None:
         self.identities = identities
         self.directory = directory
+        self.also = dict(also or {})
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing: set[str] = set()
@@ -255,6 +262,8 @@ class Refresher:
         rounds = 0
         while not self._stop.is_set():
             self._attempt("runner certificates", self.identities.refresh)
+            for what, refresh in self.also.items():
+                self._attempt(what, refresh)
             if rounds % directory_every == 0:
                 self._attempt("coordinator addresses", self.directory.refresh)
             rounds += 1
