@@ -14,6 +14,7 @@ from muster.clock import FakeClock
 from muster.errors import CoordinatorUnreachableError
 from tests.agent import test_runtime
 from tests.agent.test_runtime import owned, spec
+from tests.images import collect_failed_connections
 
 # The runtime tests' fixtures: the engine, the busybox image, a runner id whose containers go at
 # teardown, and runtimes closed at teardown.
@@ -110,4 +111,4 @@ def test_an_engine_that_does_not_answer_is_reported_and_said_once(
     assert state["last_error"].startswith("docker unavailable")
     assert len([e for e in events if e.startswith("docker unavailable")]) == 1
     runtime.close()
-    test_runtime.collect_failed_connections()
+    collect_failed_connections()

@@ -6,18 +6,14 @@ Skips when no engine answers, except under CI=true, where that fails the run (.c
 
 from __future__ import annotations
 
-import gc
-import os
 import secrets
 import urllib.request
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import docker
 import pytest
-from docker.errors import DockerException, NotFound
+from docker.errors import NotFound
 
 from muster.agent.instances import (
     LABEL_DEPLOYMENT,
@@ -31,50 +27,23 @@ from muster.agent.instances import (
 from muster.agent.runtime import Backoff, Runtime
 from muster.clock import FakeClock
 from muster.errors import InvalidInputError
-from tests.images import HTTPD_COMMAND, ensure_busybox_image
+from tests.images import HTTPD_COMMAND, collect_failed_connections, connect_engine, offline_image
 from tests.processes import free_port, wait_until
 
 BACKOFF = Backoff(base_s=10, cap_s=40, reset_after_s=100)
 MB = 1024 * 1024
 
 
-def collect_failed_connections() -> None:
-    """The SDK does not close the socket of a failed connect; collect it now, quietly, rather
-    than have its ResourceWarning surface in whichever test the collector next runs."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
-
-
-def _unavailable(why: str) -> None:
-    collect_failed_connections()
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{why} under CI (.ci/run provides it)")
-    pytest.skip(why)
-
-
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Any]:
-    try:
-        client = docker.from_env(timeout=60)
-        client.ping()
-    except (DockerException, OSError) as exc:
-        why = f"no Docker Engine answers: {exc}"
-    else:
-        why = ""
-    if why:  # outside the except block, whose exception would keep the failed socket alive
-        _unavailable(why)
+    client = connect_engine()
     yield client
     client.close()
 
 
 @pytest.fixture(scope="session")
 def image(engine: Any) -> str:
-    try:
-        return ensure_busybox_image(engine)
-    except FileNotFoundError as exc:
-        _unavailable(str(exc))
-        raise
+    return offline_image(engine)
 
 
 @pytest.fixture

@@ -5,25 +5,21 @@ deployment bodies, and reading back deployments, allocators and containers."""
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
-import os
 import random
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import docker
 import httpx2 as httpx
 import pytest
-from docker.errors import DockerException, NotFound
+from docker.errors import NotFound
 
 from muster.agent.instances import LABEL_RUNNER
 from tests.conftest import Coordinator, MusterProcess, install_coordinator, wait_until
 from tests.e2e.conftest import join_args
-from tests.images import HTTPD_COMMAND, ensure_busybox_image
+from tests.images import HTTPD_COMMAND, connect_engine, offline_image
 from tests.processes import log_tail
 
 DEPLOYMENTS = "/api/v1/deployments"
@@ -34,37 +30,16 @@ MB = 1024 * 1024
 DEADLINE_S = 90.0
 
 
-def _unavailable(why: str) -> None:
-    with warnings.catch_warnings():  # the SDK leaves a failed connect's socket to the collector
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{why} under CI (.ci/run provides it)")
-    pytest.skip(why)
-
-
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Any]:
-    try:
-        client = docker.from_env(timeout=60)
-        client.ping()
-    except (DockerException, OSError) as exc:
-        why = f"no Docker Engine answers: {exc}"
-    else:
-        why = ""
-    if why:
-        _unavailable(why)
+    client = connect_engine()
     yield client
     client.close()
 
 
 @pytest.fixture(scope="module")
 def image(engine: Any) -> str:
-    try:
-        return ensure_busybox_image(engine)
-    except FileNotFoundError as exc:
-        _unavailable(str(exc))
-        raise
+    return offline_image(engine)
 
 
 @dataclass
