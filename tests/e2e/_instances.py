@@ -219,11 +219,20 @@ def settled(coordinator: Coordinator, deployment_id: str, attempt: int) -> bool:
 
 
 def containers(engine: Any, runner_ids: list[str]) -> list[Any]:
-    return [
-        c
-        for runner_id in runner_ids
-        for c in engine.containers.list(all=True, filters={"label": f"{LABEL_RUNNER}={runner_id}"})
-    ]
+    """The containers of these runners. The SDK inspects each container it lists: one removed
+    in between (a shutdown under way) is NotFound, and the listing is simply taken again."""
+    for _ in range(10):
+        try:
+            return [
+                c
+                for runner_id in runner_ids
+                for c in engine.containers.list(
+                    all=True, filters={"label": f"{LABEL_RUNNER}={runner_id}"}
+                )
+            ]
+        except NotFound:
+            continue
+    raise AssertionError("the containers kept changing while they were listed")
 
 
 def answers(address: str) -> str:
