@@ -17,9 +17,12 @@ from muster.api.schemas import (
     MAX_CHECK_NAME,
     MAX_CHECKS,
     MAX_INSTANCE_ERROR,
+    MAX_PROXY_ERROR,
     MAX_REPORT_BYTES,
+    MAX_ROUTES_VERSION,
     HostReportModel,
     InstanceStateModel,
+    ProxyReportModel,
 )
 from muster.domain import pki
 from tests._hostile import HOSTILE_CSRS, csr_der, der_to_pem
@@ -136,6 +139,12 @@ def test_the_report_bound_leaves_room_for_a_few_hundred_instances() -> None:
         healthy=False,
         checks={"\u2028" * (MAX_CHECK_NAME - 2) + f"{i:02d}": False for i in range(MAX_CHECKS)},
         version="\u2028" * 64,
+        proxy=ProxyReportModel(
+            running=False,
+            routes_version="v" * MAX_ROUTES_VERSION,
+            backends=2**31 - 1,
+            error="\u2028" * MAX_PROXY_ERROR,
+        ),
     )
     assert len(json.dumps(at_bounds.model_dump())) <= HostReportModel.worst_case_bytes()
     # Every field at its bound, the whole instances list included, fits in the allowance.

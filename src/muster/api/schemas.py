@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from muster.domain.instance_reports import MAX_REPORTS
 from muster.domain.liveness import NO_INSTANCES
-from muster.domain.models import HostReport, InstanceReport
+from muster.domain.models import HostReport, InstanceReport, ProxyReport
 
 INT32_MAX = 2**31 - 1
 
@@ -227,6 +227,8 @@ MAX_CHECK_NAME = 64
 MAX_VERSION = 64
 MAX_REPORT_BYTES = 1024 * 1024  # the body limit (api.app.MAX_BODY_BYTES)
 MAX_INSTANCE_ERROR = 200
+MAX_PROXY_ERROR = 200
+MAX_ROUTES_VERSION = 64  # InstanceId's bound
 # Ids Muster made (hex, instance-0000000000, container ids): ASCII, so never escaped in JSON.
 InstanceId = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
@@ -271,6 +273,31 @@ class InstanceStateModel(Strict):
         )
 
 
+class ProxyReportModel(Strict):
+    """A proxy host's proxy process as its agent reports it (domain.models.ProxyReport)."""
+
+    running: bool = False
+    routes_version: InstanceId | None = None  # at most MAX_ROUTES_VERSION characters
+    backends: int = Field(default=0, ge=0, le=INT32_MAX)
+    error: str | None = Field(default=None, max_length=MAX_PROXY_ERROR)
+
+    # Its JSON with every field at its bound (the error escaped as \uXXXX: six bytes each).
+    WORST_CASE_BYTES: ClassVar[int] = (
+        len('{"running":false,"routes_version":"","backends":,"error":""}')
+        + MAX_ROUTES_VERSION
+        + 10
+        + MAX_PROXY_ERROR * 6
+    )
+
+    def to_report(self) -> ProxyReport:
+        return ProxyReport(
+            running=self.running,
+            routes_version=self.routes_version,
+            backends=self.backends,
+            error=self.error,
+        )
+
+
 class HostReportModel(Strict):
     memory_mb: int = Field(default=0, ge=0, le=2**40)
     storage_mib: int = Field(default=0, ge=0, le=2**50)
@@ -281,6 +308,8 @@ class HostReportModel(Strict):
     # An allocator's instances, as its runtime last saw them (None, not a new empty list, when
     # absent: most heartbeats carry none, and the fast path allocates nothing for them).
     instances: list[InstanceStateModel] | None = Field(default=None, max_length=MAX_REPORTS)
+    # A proxy host's proxy process (None on other hosts).
+    proxy: ProxyReportModel | None = None
 
     def to_instances(self) -> tuple[InstanceReport, ...]:
         if not self.instances:
@@ -294,7 +323,8 @@ class HostReportModel(Strict):
         numbers = len('{"memory_mb":,"storage_mib":,"cpus":,"healthy":false,') + 13 + 16 + 6
         checks = len('"checks":{},') + MAX_CHECKS * (MAX_CHECK_NAME * 6 + len('"":false,'))
         instances = len('"instances":[],') + MAX_REPORTS * InstanceStateModel.WORST_CASE_BYTES
-        return numbers + checks + instances + len('"version":""}') + MAX_VERSION * 6
+        proxy = len('"proxy":,') + ProxyReportModel.WORST_CASE_BYTES
+        return numbers + checks + instances + proxy + len('"version":""}') + MAX_VERSION * 6
 
     def to_report(self) -> HostReport:
         return HostReport(
@@ -304,6 +334,7 @@ class HostReportModel(Strict):
             healthy=self.healthy,
             checks=dict(self.checks),
             version=self.version,
+            proxy=self.proxy.to_report() if self.proxy is not None else None,
         )
 
 

@@ -69,6 +69,36 @@ class SessionRecord:
 
 
 @dataclass(frozen=True)
+class ProxyReport:
+    """What a proxy host says of its proxy process on each heartbeat: whether it is up, the
+    routing table version it serves (None before it served one), how many backends that table
+    routes to, and the last error starting or reloading it."""
+
+    running: bool = False
+    routes_version: str | None = None
+    backends: int = 0
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "running": self.running,
+            "routes_version": self.routes_version,
+            "backends": self.backends,
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ProxyReport:
+        version, error = data.get("routes_version"), data.get("error")
+        return cls(
+            running=bool(data.get("running", False)),
+            routes_version=None if version is None else str(version),
+            backends=int(data.get("backends", 0)),
+            error=None if error is None else str(error),
+        )
+
+
+@dataclass(frozen=True)
 class HostReport:
     """What an agent says about its host on each heartbeat."""
 
@@ -78,9 +108,11 @@ class HostReport:
     healthy: bool = True
     checks: dict[str, bool] = field(default_factory=dict)
     version: str = ""
+    # A proxy host's proxy process; None on hosts that run none.
+    proxy: ProxyReport | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "memory_mb": self.memory_mb,
             "storage_mib": self.storage_mib,
             "cpus": self.cpus,
@@ -88,6 +120,9 @@ class HostReport:
             "checks": dict(self.checks),
             "version": self.version,
         }
+        if self.proxy is not None:
+            data["proxy"] = self.proxy.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> HostReport:
@@ -98,6 +133,9 @@ class HostReport:
             healthy=bool(data.get("healthy", True)),
             checks={str(k): bool(v) for k, v in dict(data.get("checks", {})).items()},
             version=str(data.get("version", "")),
+            proxy=ProxyReport.from_json(proxy)
+            if isinstance(proxy := data.get("proxy"), dict)
+            else None,
         )
 
 
