@@ -26,7 +26,11 @@ from fastapi.testclient import TestClient
 
 from muster.api.app import create_app
 from muster.clock import FakeClock
+from muster.domain import pki
+from muster.domain.models import ROLES, HostReport, ProxyReport
 from muster.domain.platform import create_platform, load_platform
+from muster.domain.runners import JoinRequest, join_host, record_heartbeat
+from muster.domain.users import Principal
 from muster.storage import open_store
 from tests.conftest import Installed, create_token, join
 
@@ -328,9 +332,17 @@ def test_operation_matches_ece(method: str, path: str) -> None:
 # -- live replies ----------------------------------------------------------------------------------
 ALLOCATOR = "/platform/infrastructure/allocators/{allocator_id}"
 RUNNER = "/platform/infrastructure/runners/{runner_id}"
-# (method, ECE path, body): called on a platform with one allocator host, 10.0.0.1, as admin.
+PROXIES = "/platform/infrastructure/proxies"
+COORDINATORS = "/platform/infrastructure/coordinators"
+# (method, ECE path, body): called as admin on a platform with one allocator and proxy host,
+# 10.0.0.1, whose proxy process runs, and a first host, 10.0.0.8, holding every role.
 LIVE: list[tuple[str, str, Any]] = [
     ("GET", "/platform", None),
+    ("GET", PROXIES, None),
+    ("GET", PROXIES + "/health", None),
+    ("GET", PROXIES + "/{proxy_id}", None),
+    ("GET", COORDINATORS, None),
+    ("GET", COORDINATORS + "/{coordinator_id}", None),
     ("POST", "/platform/infrastructure/allocators/_resync", None),
     ("POST", ALLOCATOR + "/_resync", None),
     ("POST", "/platform/infrastructure/runners/_resync", None),
@@ -351,17 +363,50 @@ def ece_validator(schema: dict[str, Any]) -> Any:
     return jsonschema_rs.Draft4Validator({**schema, "definitions": spec["definitions"]})
 
 
+FIRST = "10.0.0.8"
+
+
+def live_platform(client: TestClient, installed: Installed) -> None:
+    """The hosts LIVE's calls run against: joined, heartbeating, 10.0.0.1 in maintenance."""
+    token = create_token(client, installed, roles=list(ROLES))["token"]
+    joined = join(
+        client,
+        token,
+        "10.0.0.1",
+        host_ip="10.0.0.1",
+        zone="ece-zone-1",
+        roles=["allocator", "proxy"],
+    )
+    assert joined.status_code == 200, joined.text
+    # On SQLite only the first host may coordinate: it joins as `muster install` joins it.
+    key = pki.generate_private_key()
+    first = JoinRequest(
+        token=token,
+        csr_pem=pki.build_csr(key, FIRST),
+        runner_id=FIRST,
+        host_ip=FIRST,
+        roles=ROLES,
+        api_port=12443,
+        first_host=True,
+    )
+    join_host(installed.platform, first, source="install")
+    proxy = ProxyReport(running=True, routes_version="0123456789abcdef", backends=1)
+    for runner_id in ("10.0.0.1", FIRST):
+        principal = Principal(name=runner_id, role="runner", method="certificate")
+        record_heartbeat(installed.platform, principal, HostReport(memory_mb=4096, proxy=proxy))
+    maintenance = BASE + ALLOCATOR.format(allocator_id="10.0.0.1") + "/maintenance-mode/_start"
+    assert client.post(maintenance, auth=installed.admin).status_code == 202
+
+
 @pytest.mark.parametrize(("method", "path", "body"), LIVE, ids=[f"{m} {p}" for m, p, _ in LIVE])
 def test_live_reply_holds_to_eces_schema_and_headers(
     client: TestClient, installed: Installed, method: str, path: str, body: Any
 ) -> None:
     _ece_path, operation = ece_operation(method, path)
-    token = create_token(client, installed)["token"]
-    joined = join(client, token, "10.0.0.1", host_ip="10.0.0.1", zone="ece-zone-1")
-    assert joined.status_code == 200, joined.text
-    maintenance = BASE + ALLOCATOR.format(allocator_id="10.0.0.1") + "/maintenance-mode/_start"
-    assert client.post(maintenance, auth=installed.admin).status_code == 202
-    concrete = path.format(allocator_id="10.0.0.1", runner_id="10.0.0.1")
+    live_platform(client, installed)
+    concrete = path.format(
+        allocator_id="10.0.0.1", runner_id="10.0.0.1", proxy_id="10.0.0.1", coordinator_id=FIRST
+    )
     response = client.request(method, BASE + concrete, json=body, auth=installed.admin)
 
     status = success(operation["responses"])
@@ -372,6 +417,19 @@ def test_live_reply_holds_to_eces_schema_and_headers(
     if "schema" in declared:
         errors = [e.message for e in ece_validator(declared["schema"]).iter_errors(response.json())]
         assert not errors, f"{method} {path}: {errors}"
+
+
+def test_live_417_of_proxies_health_holds_to_eces_schema(
+    client: TestClient, installed: Installed
+) -> None:
+    _ece_path, operation = ece_operation("GET", PROXIES + "/health")
+    live_platform(client, installed)
+    installed.clock.advance(installed.platform.liveness.grace)  # every proxy disconnected
+    response = client.get(BASE + PROXIES + "/health?expect_status=Yellow", auth=installed.admin)
+    assert response.status_code == 417, response.text
+    assert response.json()["status"] == "Red"
+    schema = operation["responses"]["417"]["schema"]
+    assert not [e.message for e in ece_validator(schema).iter_errors(response.json())]
 
 
 def test_deleting_api_keys_skips_unknown_ids_and_deletes_the_rest(

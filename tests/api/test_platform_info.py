@@ -10,6 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from muster import __version__
+from muster.domain.models import HostReport, ProxyReport
+from muster.domain.runners import record_heartbeat
+from muster.domain.users import Principal
 from tests.api.test_allocators import ALLOCATORS, assert_ece_shape, assert_error
 from tests.conftest import Installed, create_token, first_heartbeat, join
 
@@ -19,7 +22,7 @@ PLATFORM = "/api/v1/platform"
 @pytest.fixture
 def fleet(client: TestClient, installed: Installed) -> Installed:
     """Allocators 10.0.0.1 (zone 1, 2048 MB) and 10.0.0.2, 10.0.0.3 (zone 2, 8192 and 4096 MB,
-    .3 in maintenance), and a proxy host 10.0.0.9."""
+    .3 in maintenance), and a proxy host 10.0.0.9 whose proxy process runs."""
     token = create_token(client, installed, roles=["allocator", "proxy"])["token"]
     for host, zone, capacity, roles in (
         ("10.0.0.1", "ece-zone-1", 2048, ["allocator"]),
@@ -32,6 +35,10 @@ def fleet(client: TestClient, installed: Installed) -> Installed:
         )
         assert reply.status_code == 200, reply.text
         first_heartbeat(installed, host)
+    # The proxy host's proxy process runs: the proxy is healthy (muster.domain.proxies).
+    proxy = Principal(name="10.0.0.9", role="runner", method="certificate")
+    report = HostReport(memory_mb=1024, proxy=ProxyReport(running=True, routes_version="ab"))
+    record_heartbeat(installed.platform, proxy, report)
     maintenance = ALLOCATORS + "/10.0.0.3/maintenance-mode/_start"
     assert client.post(maintenance, auth=installed.admin).status_code == 202
     return installed

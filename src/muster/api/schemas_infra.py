@@ -344,6 +344,12 @@ class CoordinatorSummary(Reply):
     election_port: int
     client_port: int
     attributes: dict[str, str]
+    runner_id: str | None = Field(default=None, description="Muster: the coordinator's runner")
+    host_ip: str | None = Field(default=None, description="Muster: its host's IP")
+    zone: str | None = Field(default=None, description="Muster: its host's zone")
+    connected: bool | None = Field(default=None, description="Muster: heartbeats arrive")
+    healthy: bool | None = Field(default=None, description="Muster: connected, host healthy")
+    last_heartbeat: str | None = Field(default=None, description="Muster: newest heartbeat")
 
 
 class CoordinatorsSummary(Reply):

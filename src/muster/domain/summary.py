@@ -4,11 +4,19 @@ records and liveness, as the allocator and runner documents show them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 from muster.domain.documents import render_allocator, render_runner
+from muster.domain.models import RunnerRecord
 from muster.domain.platform import Platform
+from muster.domain.proxies import (
+    COORDINATOR_ROLE,
+    PROXY_ROLE,
+    proxies_summary,
+    render_coordinator,
+    render_proxy,
+)
 
 
 def platform_info(platform: Platform, *, version: str) -> dict[str, Any]:
@@ -34,21 +42,18 @@ def _region(
     platform: Platform,
     allocators: list[dict[str, Any]],
     runners: list[dict[str, Any]],
-    records: Iterable[Any],
+    records: Sequence[RunnerRecord],
 ) -> dict[str, Any]:
-    proxies = [r for r in runners if _has_role(r, "proxy")]
+    # Proxies and coordinators as their own listings show them (muster.domain.proxies).
+    proxies = [render_proxy(platform, r) for r in records if PROXY_ROLE in r.roles]
+    coordinators = [render_coordinator(platform, r) for r in records if COORDINATOR_ROLE in r.roles]
     return {
         "region_id": platform.region,
         # Muster keeps its state in its store, not in ZooKeeper: no ZooKeeper nodes to list.
         "zookeeper_states": {"states": []},
         "allocators": _allocators(allocators),
         "runners": _runners(runners),
-        "proxies": {
-            "healthy": all(r["healthy"] for r in proxies),
-            "expected_proxies_count": len(proxies),
-            "proxies_count": len(proxies),
-            "proxies": [{"proxy_id": r["runner_id"], "healthy": r["healthy"]} for r in proxies],
-        },
+        "proxies": proxies_summary(proxies),
         "container_sets_status": {
             "healthy": True,
             "healthy_container_sets_count": 0,
@@ -56,11 +61,7 @@ def _region(
             "unhealthy_container_sets": [],
         },
         "constructors": {"constructors": []},
-        "coordinators": {
-            "coordinators": [
-                _coordinator(record) for record in records if "coordinator" in record.roles
-            ]
-        },
+        "coordinators": {"coordinators": coordinators},
         # ECE's resources are Elasticsearch accounts and the like, which Muster does not have.
         "resources": {
             "healthy": True,
@@ -71,10 +72,6 @@ def _region(
             "account_count": 0,
         },
     }
-
-
-def _has_role(runner: dict[str, Any], role: str) -> bool:
-    return any(r["role_name"] == role for r in runner["roles"])
 
 
 def _free_mb(allocator: dict[str, Any]) -> int:
@@ -118,18 +115,4 @@ def _runners(docs: list[dict[str, Any]]) -> dict[str, Any]:
         "connected_capacity": sum(memory),
         "max_available_capacity": max(memory, default=0),
         "containers_count": sum(len(r["containers"]) for r in docs),
-    }
-
-
-def _coordinator(runner: Any) -> dict[str, Any]:
-    # ECE's coordinators are ZooKeeper nodes with three ports; Muster's serve the API, whose
-    # port is the client port here (0: not recorded) and there are no leader or election ports.
-    port = (runner.api_address or "").rpartition(":")[2]
-    return {
-        "name": runner.runner_id,
-        "public_hostname": runner.public_hostname,
-        "leader_port": 0,
-        "election_port": 0,
-        "client_port": int(port) if port.isdigit() else 0,
-        "attributes": {"zone": runner.zone_id, "host_ip": runner.host_ip},
     }
