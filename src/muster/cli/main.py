@@ -35,6 +35,7 @@ from muster.cli.deployments import deployment_app
 from muster.cli.host import hold_host_lock, refuse_if_port_taken
 from muster.cli.infra import allocator_app, runner_app
 from muster.cli.platform import platform_app
+from muster.cli.proxies import coordinator_app, proxy_app
 from muster.cli.rotate import rotate_app
 from muster.cli.service import service_app
 from muster.cli.tokens import token_app
@@ -59,6 +60,8 @@ app.add_typer(token_app, name="token")
 app.add_typer(allocator_app, name="allocator")
 app.add_typer(deployment_app, name="deployment")
 app.add_typer(runner_app, name="runner")
+app.add_typer(proxy_app, name="proxy")
+app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(platform_app, name="platform")
 app.add_typer(service_app, name="service")
 app.add_typer(rotate_app, name="rotate")
