@@ -24,7 +24,15 @@ expect = sync_api.expect
 Page = sync_api.Page
 Shot = Callable[..., Path]
 
-PAGES = ["/ui/overview", "/ui/allocators", "/ui/runners", "/ui/tokens", "/ui/users", "/ui/audit"]
+PAGES = [
+    "/ui/overview",
+    "/ui/allocators",
+    "/ui/proxies",
+    "/ui/runners",
+    "/ui/tokens",
+    "/ui/users",
+    "/ui/audit",
+]
 FIRST_HOST = "127.0.0.1"
 RUNNERS = "/api/v1/platform/infrastructure/runners"
 

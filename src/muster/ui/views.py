@@ -291,6 +291,11 @@ def allocator(request: Request, allocator_id: str) -> Response:
     )
 
 
+@router.get(f"{UI}/proxies")
+def proxies(request: Request) -> Response:
+    return _page(request, "proxies.html", "proxies", "Proxies")
+
+
 @router.get(f"{UI}/deployments")
 def deployments(request: Request) -> Response:
     return _page(request, "deployments.html", "deployments", "Deployments")
