@@ -20,6 +20,8 @@ from tests.conftest import run_muster
         ["token", "delete"],
         ["runner", "delete"],
         ["allocator", "list"],
+        ["proxy", "list"],
+        ["coordinator", "list"],
         [],
     ],
 )
