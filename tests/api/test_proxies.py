@@ -15,11 +15,15 @@ from cryptography import x509
 from fastapi.testclient import TestClient
 
 from muster.api.app import create_app
+from muster.clock import FakeClock
 from muster.domain import pki
+from muster.domain.platform import create_platform, load_platform
 from muster.domain.runners import JoinRequest, join_host
+from muster.storage import open_store
 from tests.api.test_allocators import assert_ece_shape, assert_error
 from tests.api.test_fastpath import WithCert
 from tests.conftest import Installed, create_token, first_heartbeat, join
+from tests.pgdb import fresh_database
 
 HEARTBEAT = "/api/v1/agent/heartbeat"
 PROXIES = "/api/v1/platform/infrastructure/proxies"
@@ -248,3 +252,35 @@ def test_region_scoped_paths_answer_as_the_platform_ones(hosts: Hosts) -> None:
     )
     assert other.status_code == 404
     assert hosts.get(REGIONAL + "/proxies/health?expect_status=Green", 417)["status"] == "Yellow"
+
+
+# ---- PostgreSQL ---------------------------------------------------------------------------------
+
+
+def test_every_coordinator_sharing_a_postgresql_store_is_listed() -> None:
+    with fresh_database("proxies") as url:
+        store = open_store(url)
+        try:
+            clock = FakeClock()
+            _ca, bootstrap = create_platform(store, clock)
+            installed = Installed(load_platform(store, clock), bootstrap, clock)
+            app = create_app(installed.platform, flush_period_s=3600)
+            with TestClient(app, base_url="https://testserver") as client:
+                roles = ["coordinator", "proxy"]
+                token = create_token(client, installed, roles=roles)["token"]
+                server_csr = pki.build_csr(pki.generate_private_key(), "10.0.1.1")
+                for runner_id, extra in (
+                    ("10.0.1.1", {"api_port": 12443, "server_csr": server_csr}),
+                    ("10.0.1.2", {}),  # no API port recorded
+                ):
+                    reply = join(client, token, runner_id, host_ip=runner_id, **extra)
+                    assert reply.status_code == 200, reply.text
+                first_heartbeat(installed, "10.0.1.1")
+                listed = client.get(COORDINATORS, auth=installed.readonly).json()
+                proxies = client.get(PROXIES, auth=installed.readonly).json()
+        finally:
+            store.close()
+    assert_ece_shape(listed, "CoordinatorsSummary")
+    ports = {c["name"]: (c["client_port"], c["connected"]) for c in listed["coordinators"]}
+    assert ports == {"10.0.1.1": (12443, True), "10.0.1.2": (0, False)}
+    assert [p["proxy_id"] for p in proxies["proxies"]] == ["10.0.1.1", "10.0.1.2"]
