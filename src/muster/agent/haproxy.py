@@ -20,13 +20,11 @@ from typing import IO, Any
 
 from muster.errors import InvalidInputError
 
-# How fast a stopped instance leaves the pool: a check every second, every half second once one
-# failed, down after two failures (~1.5 s); a connection error from real traffic marks it down at
-# once (`observe layer4`), and the request that met it is retried on another server.
-_SERVER_DEFAULTS = (
-    "check inter 1s fastinter 500ms downinter 1s fall 2 rise 2 "
-    "observe layer4 error-limit 1 on-error mark-down"
-)
+# How fast a stopped instance leaves the pool: a TCP check every second, every half second once
+# one failed, down after two failures (~1.5 s). Requests that meet it meanwhile are retried on
+# another server (`retry-on` below). Traffic errors do not mark a server down by themselves
+# (`observe`): a single refused connection from a full accept queue would empty the pool.
+_SERVER_DEFAULTS = "check inter 1s fastinter 500ms downinter 1s fall 2 rise 2"
 _DEPLOYMENT_ID = re.compile(r"[0-9a-z][0-9a-z-]{0,63}")
 _INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
@@ -149,16 +147,23 @@ def render_config(table: RoutingTable, listen: Listen) -> str:
         "# Written by the agent at every change; edits here are lost.",
         "global",
         # No maxconn: haproxy derives it from the file descriptor limit it is given.
-        # The old worker hands its listening sockets to the new one on reload (no refused
-        # connection while both swap); the master's own CLI is the -S socket.
+        # On reload the new worker takes the old one's listening sockets instead of binding its
+        # own, so no connection waiting in a closing accept queue is reset. haproxy 2.6's master
+        # passes them over its socket pair with the worker; `expose-fd listeners` is the
+        # documented way and keeps it so. (The master's own CLI is the -S socket.)
         f"    stats socket {listen.state_dir / 'admin.sock'} mode 600 level admin"
         " expose-fd listeners",
-        # An old worker still serving long requests after a reload ends after this.
+        # An old worker still serving long requests after a reload ends after this; and no
+        # more than this many old workers linger through a burst of reloads.
         "    hard-stop-after 5m",
+        "    mworker-max-reloads 20",
         "    ssl-default-bind-options ssl-min-ver TLSv1.2",
         "defaults",
         "    mode http",
         "    option http-keep-alive",
+        # An old worker answers the next request on an idle kept-alive connection with
+        # "Connection: close" instead of closing it under a client that may be sending one.
+        "    option idle-close-on-response",
         "    timeout connect 2s",
         "    timeout check 1s",
         "    timeout client 5m",
@@ -211,7 +216,8 @@ def render_config(table: RoutingTable, listen: Listen) -> str:
             "    balance roundrobin",
             f"    http-response set-header X-Found-Handling-Cluster {route.deployment_id}",
             "    http-response set-header X-Found-Handling-Instance %[srv_name]",
-            "    " + _return(503, UNAVAILABLE_CODE, unavailable) + " if { nbsrv lt 1 }",
+            # haproxy's own 503 (no server up, or every try failed), in ECE's error shape.
+            # (Not `nbsrv`: a new worker counts no server up until its first check.)
             "    http-error status 503 content-type application/json string"
             f" '{error_body(UNAVAILABLE_CODE, unavailable)}'",
         ]
@@ -267,15 +273,16 @@ class Haproxy:
     def check(self, config: Path) -> None:
         """Raises HaproxyError with haproxy's own words when `config` is not valid."""
         result = subprocess.run(
-            [self.binary, "-c", "-q", "-f", str(config)],
+            [self.binary, "-c", "-f", str(config)],
             capture_output=True,
             text=True,
             timeout=30,
             check=False,
         )
         if result.returncode != 0:
-            words = (result.stderr or result.stdout).strip()
-            raise HaproxyError(f"haproxy refused the configuration: {words[-800:]}")
+            output = (result.stderr + result.stdout).splitlines()
+            alerts = [line.strip() for line in output if "[ALERT]" in line] or output[-3:]
+            raise HaproxyError(f"haproxy refused the configuration: {' / '.join(alerts)[-800:]}")
 
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
