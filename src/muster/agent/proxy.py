@@ -71,12 +71,13 @@ class ProxyKeeper:
         self._threads: list[threading.Thread] = []
         # The routes thread's
         self._fetched: str | None = None  # the version of the newest table fetched
-        self._offered: str | None = None
         # Shared: the newest table (routes thread -> haproxy thread) and what is served.
         self._wanted: RoutingTable | None = None
         self._served: RoutingTable | None = None
         self._error: str | None = None
         # The haproxy thread's
+        # (table, certificate, config, hosts map) of the last rendering
+        self._rendered: tuple[RoutingTable, object, str, tuple[Path, str]] | None = None
         self._served_config: str | None = None
         self._rejected_config: str | None = None
         self._certificate: tuple[str, Path] | None = None  # (fingerprint, PEM file)
@@ -92,7 +93,6 @@ class ProxyKeeper:
         """A heartbeat reply's routes_version: wakes the routes thread if it is not the one held
         (the long poll normally has it first; this is the fallback)."""
         if version is not None and version != self._fetched:
-            self._offered = version
             self._poll_wake.set()
 
     def report(self) -> ProxyReport:
@@ -185,6 +185,11 @@ class ProxyKeeper:
             self._restarts = 0
 
     def _render(self, table: RoutingTable) -> tuple[str, tuple[Path, str]]:
+        """The configuration and hosts map for `table` and the certificate held (rendered again
+        only when either changes: a round runs twice a second)."""
+        last = self._rendered
+        if last is not None and last[0] is table and last[1] == self._certificate:
+            return last[2], last[3]
         hosts = render_hosts_map(table)
         hosts_path = self.state_dir / content_name("hosts", ".map", hosts)
         listen = Listen(
@@ -195,7 +200,9 @@ class ProxyKeeper:
             hosts_map=hosts_path,
             certificate=None if self._certificate is None else self._certificate[1],
         )
-        return render_config(table, listen), (hosts_path, hosts)
+        config = render_config(table, listen)
+        self._rendered = (table, self._certificate, config, (hosts_path, hosts))
+        return config, (hosts_path, hosts)
 
     def _restart(self, table: RoutingTable, config: str, hosts_map: tuple[Path, str]) -> None:
         now = time.monotonic()
