@@ -5,9 +5,10 @@ second, p50 and p99 latency, and the CPU each process used: the load generator's
 and the instance's.
 
 The load generator is wrk (Debian's `wrk`) when installed, else a Python one (a subprocess of
-threads on kept-alive connections; said in the output). The instance is busybox's httpd (Debian's
-busybox-static: a process per connection, so one TCP connection per request, as a small real
-server) or, with `--backend python`, an asyncio HTTP/1.1 server with kept-alive connections.
+threads on kept-alive connections; said in the output). The instance is a small asyncio
+HTTP/1.1 server with kept-alive connections (a subprocess), or with `--backend busybox`
+busybox's httpd (Debian's busybox-static: a process per connection, so one TCP connection per
+request, and a listen backlog of 9 that overflows when haproxy opens connections in bursts).
 """
 
 from __future__ import annotations
@@ -318,7 +319,7 @@ def start_proxy(state_dir: Path, backend_port: int) -> tuple[ProxyKeeper, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.proxy", description=__doc__)
-    parser.add_argument("--backend", choices=["busybox", "python"], default="busybox")
+    parser.add_argument("--backend", choices=["python", "busybox"], default="python")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     parser.add_argument("--rounds", type=int, default=3, help="direct/proxy pairs, alternated")
     parser.add_argument("--connections", type=int, default=16)
