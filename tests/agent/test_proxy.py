@@ -417,6 +417,34 @@ def test_a_table_haproxy_refuses_leaves_the_last_one_serving(
     assert proxy.get(f"{B}.{DOMAIN}").status == 503
 
 
+def test_a_port_held_by_another_process_fails_the_reload_and_the_last_table_keeps_serving(
+    coordinator: Coordinator, proxy: Proxy
+) -> None:
+    a0 = Backend("instance-0000000000")
+    first = coordinator.publish({A: [a0]})
+    with socket.socket() as squatter:  # haproxy's check does not bind: only the reload fails
+        squatter.bind(("127.0.0.1", proxy.https_port))
+        squatter.listen()
+        proxy.keeper.start()
+        wait_until(lambda: proxy.serves(first), timeout_s=20, what="the first table served")
+        served = (proxy.state_dir / "haproxy.cfg").read_text()
+
+        coordinator.set_certificate(wildcard_certificate(f"*.{DOMAIN}")[1])
+        coordinator.publish({A: [a0]})
+        error = wait_until(lambda: proxy.keeper.report().error, timeout_s=20, what="the failure")
+        assert "Address already in use" in error
+        report = proxy.keeper.report()
+        assert (report.running, report.routes_version) == (True, first)
+        answer = wait_until(
+            lambda: (a := proxy.get(f"{A}.{DOMAIN}")).status == 200 and a,
+            timeout_s=10,
+            what="the old table answering",
+        )
+        assert answer.body == a0.name
+        # A restart from here starts what is served, not the table that failed.
+        assert (proxy.state_dir / "haproxy.cfg").read_text() == served
+
+
 def test_a_killed_haproxy_is_started_again(coordinator: Coordinator, proxy: Proxy) -> None:
     a0 = Backend("instance-0000000000")
     version = coordinator.publish({A: [a0]})

@@ -30,6 +30,7 @@ _INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*", re.IGNORECASE)
+_LOG_MAX_BYTES = 4 << 20  # haproxy's log (its alerts, servers going up and down) at a start
 NOT_FOUND_CODE = "deployments.deployment_not_found"
 UNAVAILABLE_CODE = "deployments.no_healthy_instance"
 
@@ -294,7 +295,11 @@ class Haproxy:
         """Start the master on `self.config` (stopping first one left by an earlier agent)."""
         self.stop()
         self.kill_stale()
-        self._log = open(self.state_dir / "haproxy.log", "ab")  # noqa: SIM115 (kept open)
+        log_path = self.state_dir / "haproxy.log"
+        with contextlib.suppress(OSError):
+            if log_path.stat().st_size > _LOG_MAX_BYTES:  # one earlier log is kept
+                log_path.replace(log_path.with_suffix(".log.1"))
+        self._log = open(log_path, "ab")  # noqa: SIM115 (kept open)
         self._process = subprocess.Popen(
             [
                 self.binary,
@@ -340,7 +345,9 @@ class Haproxy:
             with contextlib.suppress(OSError):
                 reloads, failed = self._master_counts()
                 if failed > before[1]:
-                    raise HaproxyError("haproxy could not load the new configuration")
+                    raise HaproxyError(
+                        f"haproxy could not load the new configuration: {self.alerts()}"
+                    )
                 if reloads > before[0] and self._current_worker() is not None:
                     return
             time.sleep(0.05)

@@ -32,6 +32,7 @@ ROUTES_WAIT_S = 25.0  # the long poll's wait; the coordinator bounds it at 30 s
 MAX_ERROR = 1024
 _BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 _STABLE_S = 30.0  # haproxy up this long: its restart backoff starts over
+_RETRY_REJECTED_S = 30.0  # a configuration haproxy refused is tried again after this
 
 
 class ProxyKeeper:
@@ -80,6 +81,7 @@ class ProxyKeeper:
         self._rendered: tuple[RoutingTable, object, str, tuple[Path, str]] | None = None
         self._served_config: str | None = None
         self._rejected_config: str | None = None
+        self._rejected_at = 0.0
         self._certificate: tuple[str, Path] | None = None  # (fingerprint, PEM file)
         self._certificate_retry_at = 0.0
         self._certificate_failures = 0
@@ -179,7 +181,7 @@ class ProxyKeeper:
         config, hosts_map = self._render(table)
         if not self._haproxy.is_running():
             self._restart(table, config, hosts_map)
-        elif config != self._served_config and config != self._rejected_config:
+        elif config != self._served_config and not self._is_rejected(config):
             self._apply(table, config, hosts_map, reload=True)
         if self._haproxy.is_running() and time.monotonic() - self._started_at > _STABLE_S:
             self._restarts = 0
@@ -211,7 +213,7 @@ class ProxyKeeper:
         if self._served_config is not None:  # it ran, and died
             code = self._haproxy.exit_code()
             self._on_event(f"haproxy exited (code {code}); starting it again")
-        if config == self._rejected_config:
+        if self._is_rejected(config):
             if self._served_config is None:
                 return  # nothing good to serve yet: wait for the next table
             self._restarts += 1
@@ -242,9 +244,7 @@ class ProxyKeeper:
             write_atomically(candidate, config, 0o600)
             self._haproxy.check(candidate)
         except (HaproxyError, OSError) as exc:
-            self._rejected_config = config
-            self._set_error(f"routing table {table.version} not served: {exc}")
-            self._on_event(f"proxy: routing table {table.version} refused; serving the last one")
+            self._reject(config, f"routing table {table.version} not served: {exc}")
             return
         candidate.replace(self._haproxy.config)
         try:
@@ -254,7 +254,12 @@ class ProxyKeeper:
                 self._haproxy.start()
                 self._started_at = time.monotonic()
         except (HaproxyError, OSError) as exc:
-            self._set_error(f"could not {'reload' if reload else 'start'} haproxy: {exc}")
+            # A check does not bind: a port taken by another process fails only here. The old
+            # worker keeps serving; haproxy.cfg goes back to what it serves, for a restart.
+            if reload and self._served_config is not None:
+                write_atomically(self._haproxy.config, self._served_config, 0o600)
+            verb = "reload" if reload else "start"
+            self._reject(config, f"could not {verb} haproxy on table {table.version}: {exc}")
             return
         self._served_config = config
         self._rejected_config = None
@@ -266,6 +271,21 @@ class ProxyKeeper:
         self._on_event(
             f"proxy: serving routing table {table.version}: {len(table.routes)} deployment(s),"
             f" {table.backend_count} backend(s){https}"
+        )
+
+    def _reject(self, config: str, error: str) -> None:
+        """Keep serving the last good configuration; try this one again after a while (what
+        refused it, such as a port another process held, may pass)."""
+        if config != self._rejected_config:  # said once for each refused configuration
+            self._on_event(f"proxy: {error}; serving the last table")
+        self._rejected_config = config
+        self._rejected_at = time.monotonic()
+        self._set_error(error)
+
+    def _is_rejected(self, config: str) -> bool:
+        return (
+            config == self._rejected_config
+            and time.monotonic() - self._rejected_at < _RETRY_REJECTED_S
         )
 
     def _refresh_certificate(self, table: RoutingTable) -> None:
