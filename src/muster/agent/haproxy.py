@@ -162,6 +162,7 @@ def render_config(table: RoutingTable, listen: Listen) -> str:
         "defaults",
         "    mode http",
         "    option http-keep-alive",
+        "    option forwardfor",  # the client's address, for the instance
         # An old worker answers the next request on an idle kept-alive connection with
         # "Connection: close" instead of closing it under a client that may be sending one.
         "    option idle-close-on-response",
@@ -174,7 +175,8 @@ def render_config(table: RoutingTable, listen: Listen) -> str:
         "    timeout queue 10s",
         "    timeout tunnel 1h",
         # A request meeting a server that just went away goes to another one: a refused
-        # connection or a connection closed before any reply byte (never after a reply began).
+        # connection, or a connection closed before any reply byte (never after a reply began;
+        # a server that closes having acted on a request but sent nothing may see it twice).
         "    retries 3",
         "    option redispatch 1",
         "    retry-on conn-failure empty-response",
@@ -234,13 +236,11 @@ def write_atomically(path: Path, text: str | bytes, mode: int = 0o644) -> None:
     a crash leaves the old file or the new one, never half of one."""
     temporary = path.with_name(f".{path.name}.tmp")
     data = text.encode() if isinstance(text, str) else text
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(temporary, mode)
+    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.chmod(temporary, mode)  # an existing temporary file kept its mode
     os.replace(temporary, path)
 
 
