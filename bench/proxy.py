@@ -118,15 +118,20 @@ def start_backend(kind: str, folder: Path) -> tuple[subprocess.Popen[bytes], int
 def serve(port: int) -> None:
     """A minimal HTTP/1.1 server with kept-alive connections: answers every request `ok`."""
     reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
+    last = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (
+        len(BODY),
+        BODY,
+    )
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                if not head:
-                    break
-                writer.write(reply)
+                closing = b"connection: close" in head.lower()
+                writer.write(last if closing else reply)
                 await writer.drain()
+                if closing:
+                    break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -144,9 +149,11 @@ def serve(port: int) -> None:
 
 
 def run_load(
-    url: str, host: str, duration_s: float, connections: int, threads: int
+    url: str, host: str, duration_s: float, connections: int, threads: int, close: bool
 ) -> tuple[int, int, float, float, float]:
-    """(requests, errors, p50 ms, p99 ms, the generator's CPU seconds)."""
+    """(requests, errors, p50 ms, p99 ms, the generator's CPU seconds). `close`: a new
+    connection for every request."""
+    headers = [f"Host: {host}"] + (["Connection: close"] if close else [])
     wrk = shutil.which("wrk")
     if wrk is not None:
         command = [
@@ -155,8 +162,7 @@ def run_load(
             f"-c{connections}",
             f"-d{duration_s:g}s",
             "--latency",
-            "-H",
-            f"Host: {host}",
+            *(arg for header in headers for arg in ("-H", header)),
             url,
         ]
     else:
@@ -165,7 +171,7 @@ def run_load(
             "-m",
             "bench.proxy",
             "--load",
-            json.dumps([url, host, duration_s, connections]),
+            json.dumps([url, headers, duration_s, connections]),
         ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
@@ -201,8 +207,10 @@ def _milliseconds(value: str, unit: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def python_load(url: str, host: str, duration_s: float, connections: int) -> None:
-    """The fallback load generator: `connections` threads, each on one kept-alive connection."""
+def python_load(url: str, header_lines: list[str], duration_s: float, connections: int) -> None:
+    """The fallback load generator: `connections` threads, each on one kept-alive connection
+    (or a new one for each request, with a `Connection: close` header)."""
+    headers = dict(line.split(": ", 1) for line in header_lines)
     address = url.split("//", 1)[1].split("/", 1)[0]
     name, port = address.rsplit(":", 1)
     latencies: list[float] = []
@@ -215,10 +223,12 @@ def python_load(url: str, host: str, duration_s: float, connections: int) -> Non
         while time.monotonic() < deadline:
             started = time.perf_counter()
             try:
-                connection.request("GET", "/", headers={"Host": host})
+                connection.request("GET", "/", headers=headers)
                 response = connection.getresponse()
                 response.read()
                 ok = 200 <= response.status < 400
+                if response.will_close:
+                    connection.close()
             except (OSError, http.client.HTTPException):
                 connection.close()
                 ok = False
@@ -251,10 +261,14 @@ def python_load(url: str, host: str, duration_s: float, connections: int) -> Non
 
 
 def measure(url: str, args: argparse.Namespace, server_pid: int, proxy_pgid: int | None) -> Result:
-    proxy_pids = [] if proxy_pgid is None else process_group(proxy_pgid)
-    server_before, proxy_before = process_cpu_s([server_pid]), process_cpu_s(proxy_pids)
+    def proxy_cpu_s() -> float:
+        # haproxy's process group, listed again each time: a reload adds workers to it, and the
+        # CPU of the old ones that exited is counted in the master's (their parent's).
+        return 0.0 if proxy_pgid is None else process_cpu_s(process_group(proxy_pgid))
+
+    server_before, proxy_before = process_cpu_s([server_pid]), proxy_cpu_s()
     requests, errors, p50, p99, loadgen_cpu = run_load(
-        url, HOST, args.duration, args.connections, args.threads
+        url, HOST, args.duration, args.connections, args.threads, args.close
     )
     return Result(
         requests=requests,
@@ -264,57 +278,81 @@ def measure(url: str, args: argparse.Namespace, server_pid: int, proxy_pgid: int
         p99_ms=p99,
         loadgen_cpu_s=loadgen_cpu,
         server_cpu_s=process_cpu_s([server_pid]) - server_before,
-        proxy_cpu_s=process_cpu_s(proxy_pids) - proxy_before,
+        proxy_cpu_s=proxy_cpu_s() - proxy_before,
     )
 
 
-def start_proxy(state_dir: Path, backend_port: int) -> tuple[ProxyKeeper, int]:
-    reply: dict[str, Any] = {
-        "routes_version": "0000000000000001",
-        "domain": DOMAIN,
-        "ports": {"http": 9200, "https": 9243},
-        "tls_fingerprint": None,
-        "deployments": [
-            {
-                "deployment_id": DEPLOYMENT,
-                "name": "bench",
-                "backends": [
-                    {
-                        "instance_name": "instance-0000000000",
-                        "zone": "zone-1",
-                        "host": "127.0.0.1",
-                        "port": backend_port,
-                    }
-                ],
-            }
-        ],
-    }
-    stop = threading.Event()
+class Routes:
+    """What the coordinator's routes long poll answers: the one deployment, and with each
+    `republish` a new version (an extra deployment with no backend comes and goes)."""
 
-    def fetch_routes(version: str | None, wait_s: float) -> dict[str, Any]:
-        if version == reply["routes_version"]:
-            stop.wait(wait_s)
-        return reply
+    def __init__(self, backend_port: int) -> None:
+        self.published = 0
+        self._changed = threading.Condition()
+        self._backend = {
+            "instance_name": "instance-0000000000",
+            "zone": "zone-1",
+            "host": "127.0.0.1",
+            "port": backend_port,
+        }
+        self.reply = self._reply()
 
-    def fetch_certificate() -> dict[str, Any]:
+    def _reply(self) -> dict[str, Any]:
+        deployments = [{"deployment_id": DEPLOYMENT, "name": "bench", "backends": [self._backend]}]
+        if self.published % 2:
+            deployments.append({"deployment_id": "f" * 32, "name": "other", "backends": []})
+        return {
+            "routes_version": f"{self.published + 1:016x}",
+            "domain": DOMAIN,
+            "ports": {"http": 9200, "https": 9243},
+            "tls_fingerprint": None,
+            "deployments": deployments,
+        }
+
+    def republish(self) -> str:
+        with self._changed:
+            self.published += 1
+            self.reply = self._reply()
+            self._changed.notify_all()
+            return str(self.reply["routes_version"])
+
+    def fetch_routes(self, version: str | None, wait_s: float) -> dict[str, Any]:
+        with self._changed:
+            if version == self.reply["routes_version"]:
+                self._changed.wait(wait_s)
+            return self.reply
+
+    def fetch_certificate(self) -> dict[str, Any]:
         raise OSError("no certificate in this benchmark")
 
+
+def start_proxy(state_dir: Path, routes: Routes) -> tuple[ProxyKeeper, int]:
     port = free_port()
     keeper = ProxyKeeper(
-        fetch_routes,
-        fetch_certificate,
+        routes.fetch_routes,
+        routes.fetch_certificate,
         state_dir=state_dir,
         http_port=port,
         bind_address="127.0.0.1",
     )
     keeper.start()
     deadline = time.monotonic() + 30
-    while keeper.report().routes_version != reply["routes_version"]:
+    while keeper.report().routes_version != routes.reply["routes_version"]:
         if time.monotonic() > deadline:
             keeper.stop()
             raise SystemExit(f"the proxy did not start: {keeper.report().error}")
         time.sleep(0.1)
     return keeper, port
+
+
+def reload_during(
+    routes: Routes, keeper: ProxyKeeper, every_s: float, stop: threading.Event
+) -> None:
+    """A new routing table every `every_s` while the load runs, each waited for until served."""
+    while not stop.wait(every_s):
+        version = routes.republish()
+        while keeper.report().routes_version != version and not stop.is_set():
+            time.sleep(0.02)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,6 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="direct/proxy pairs, alternated")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--close", action="store_true", help="a new connection for every request")
+    parser.add_argument(
+        "--reload-every",
+        type=float,
+        metavar="S",
+        help="during the proxy runs, a new routing table (a reload) every S seconds",
+    )
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--load", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -331,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.serve)
         return 0
     if args.load is not None:
-        url, host, duration, connections = json.loads(args.load)
-        python_load(url, host, duration, connections)
+        url, headers, duration, connections = json.loads(args.load)
+        python_load(url, headers, duration, connections)
         return 0
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -342,10 +387,12 @@ def main(argv: list[str] | None = None) -> int:
         f"load generator: {generator}, {args.connections} connections, {args.threads} thread(s),"
         f" {args.duration:g} s a run; instance: {args.backend}"
         f" ({'busybox httpd' if args.backend == 'busybox' else 'asyncio HTTP/1.1'})"
+        f"{'; a new connection a request' if args.close else ''}"
     )
     with tempfile.TemporaryDirectory() as folder:
         backend, backend_port = start_backend(args.backend, Path(folder))
-        keeper, proxy_port = start_proxy(Path(folder) / "proxy", backend_port)
+        routes = Routes(backend_port)
+        keeper, proxy_port = start_proxy(Path(folder) / "proxy", routes)
         proxy_pgid = int((Path(folder) / "proxy" / "haproxy.pid").read_text().split()[0])
         results: dict[str, list[Result]] = {"direct": [], "proxy": []}
         try:
@@ -353,9 +400,22 @@ def main(argv: list[str] | None = None) -> int:
                 for kind, port in (("direct", backend_port), ("proxy", proxy_port)):
                     url = f"http://127.0.0.1:{port}/"
                     pgid = proxy_pgid if kind == "proxy" else None
-                    result = measure(url, args, backend.pid, pgid)
+                    stop = threading.Event()
+                    reloader = threading.Thread(
+                        target=reload_during, args=(routes, keeper, args.reload_every, stop)
+                    )
+                    if kind == "proxy" and args.reload_every:
+                        reloader.start()
+                    published = routes.published
+                    try:
+                        result = measure(url, args, backend.pid, pgid)
+                    finally:
+                        stop.set()
+                        if reloader.is_alive():
+                            reloader.join()
                     results[kind].append(result)
-                    print(_line(kind, result))
+                    reloads = routes.published - published
+                    print(_line(kind, result) + (f", {reloads} reloads" if reloads else ""))
         finally:
             keeper.stop()
             backend.terminate()
