@@ -336,6 +336,34 @@ def test_https_routes_by_server_name_and_host_once_a_certificate_is_held(
     [pem] = proxy.state_dir.glob("proxy-*.pem")  # the key in it is for root's eyes only
     assert pem.stat().st_mode & 0o077 == 0
 
+    # A renewed certificate (another fingerprint in the table) is fetched and served.
+    renewed_ca, renewed = wildcard_certificate(f"*.{DOMAIN}")
+    coordinator.set_certificate(renewed)
+    version = coordinator.publish({A: [a0], B: [b0]})
+    wait_until(lambda: proxy.serves(version), timeout_s=20, what="the renewed certificate")
+    name = f"{A}.{DOMAIN}"
+    answer = https_get(proxy.https_port, name, name, ssl.create_default_context(cadata=renewed_ca))
+    assert answer.body == a0.name
+    assert [p.name for p in proxy.state_dir.glob("proxy-*.pem")] != [pem.name]
+
+
+def test_a_certificate_that_cannot_be_fetched_is_reported_and_plain_http_keeps_serving(
+    coordinator: Coordinator, proxy: Proxy
+) -> None:
+    a0 = Backend("instance-0000000000")
+    certificate, other = (wildcard_certificate(f"*.{DOMAIN}")[1] for _ in range(2))
+    coordinator.set_certificate({**certificate, "private_key": other["private_key"]})
+    version = coordinator.publish({A: [a0]})
+    proxy.keeper.start()
+    wait_until(lambda: proxy.serves(version), timeout_s=20, what="the table served")
+    report = proxy.keeper.report()
+    assert report.error is not None
+    assert "key is not the certificate's" in report.error
+    assert proxy.get(f"{A}.{DOMAIN}").body == a0.name
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", proxy.https_port), timeout=5).close()
+    assert not list(proxy.state_dir.glob("proxy-*.pem"))
+
 
 def test_a_new_table_is_taken_under_steady_load_without_losing_a_request(
     coordinator: Coordinator, proxy: Proxy

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from muster.errors import InvalidInputError
 
 # How fast a stopped instance leaves the pool: a TCP check every second, every half second once
@@ -229,6 +232,21 @@ def render_config(table: RoutingTable, listen: Listen) -> str:
         ]
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def certificate_pem(chain: str, private_key: str) -> str:
+    """The PEM haproxy's `crt` reads: the chain (leaf first), then the key. Raises ValueError
+    when the chain holds no certificate or the key is not the leaf's."""
+    try:
+        certificates = x509.load_pem_x509_certificates(chain.encode())
+        key = serialization.load_pem_private_key(private_key.encode(), password=None)
+    except ValueError as exc:
+        raise ValueError(f"the proxy certificate or key does not parse: {exc}") from exc
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    leaf_key = certificates[0].public_key().public_bytes(serialization.Encoding.DER, public)
+    if key.public_key().public_bytes(serialization.Encoding.DER, public) != leaf_key:
+        raise ValueError("the proxy private key is not the certificate's")
+    return chain.strip() + "\n" + private_key.strip() + "\n"
 
 
 def write_atomically(path: Path, text: str | bytes, mode: int = 0o644) -> None:

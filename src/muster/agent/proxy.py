@@ -18,6 +18,7 @@ from muster.agent.haproxy import (
     HaproxyError,
     Listen,
     RoutingTable,
+    certificate_pem,
     content_name,
     render_config,
     render_hosts_map,
@@ -85,6 +86,7 @@ class ProxyKeeper:
         self._certificate: tuple[str, Path] | None = None  # (fingerprint, PEM file)
         self._certificate_retry_at = 0.0
         self._certificate_failures = 0
+        self._certificate_error: str | None = None
         self._restarts = 0
         self._restart_at = 0.0
         self._started_at = 0.0
@@ -265,7 +267,7 @@ class ProxyKeeper:
         self._rejected_config = None
         with self._lock:
             self._served = table
-            self._error = None
+            self._error = self._certificate_error  # a certificate still missing stays said
         self._remove_unused_files(config)
         https = "" if self._certificate is None else f" (https on {self.https_port})"
         self._on_event(
@@ -295,22 +297,28 @@ class ProxyKeeper:
             return
         try:
             reply = self._fetch_certificate()
-            chain, key = str(reply["certificate_chain"]), str(reply["private_key"])
-            fingerprint = hashlib.sha256(chain.encode()).hexdigest()
-            if fingerprint != reply.get("fingerprint"):
-                raise ValueError("the certificate's fingerprint does not match its chain")
-            pem = chain.rstrip("\n") + "\n" + key.rstrip("\n") + "\n"
-            path = self.state_dir / f"proxy-{fingerprint[:16]}.pem"
+            chain = str(reply["certificate_chain"])
+            # Checked here, not left to haproxy's check: a bad certificate must not hold back
+            # the routing table that comes with it.
+            pem = certificate_pem(chain, str(reply["private_key"]))
+            fingerprint = str(
+                reply.get("fingerprint") or hashlib.sha256(chain.encode()).hexdigest()
+            )
+            path = self.state_dir / f"proxy-{hashlib.sha256(pem.encode()).hexdigest()[:16]}.pem"
             write_atomically(path, pem, 0o600)
         except (MusterError, OSError, KeyError, TypeError, ValueError) as exc:
             self._certificate_failures += 1
             delay = _BACKOFF_S[min(self._certificate_failures, len(_BACKOFF_S)) - 1]
             self._certificate_retry_at = time.monotonic() + delay
             reason = exc.message if isinstance(exc, MusterError) else str(exc)
-            self._set_error(f"could not fetch the proxy certificate: {reason}")
+            self._certificate_error = f"could not fetch the proxy certificate: {reason}"[:MAX_ERROR]
+            self._set_error(self._certificate_error)
             return
         self._certificate_failures = 0
+        self._certificate_error = None
         self._certificate = (fingerprint, path)
+        if fingerprint != wanted:  # renewed again meanwhile: the next table will say so
+            self._certificate_retry_at = time.monotonic() + _BACKOFF_S[-1]
 
     def _set_error(self, error: str) -> None:
         log.warning("%s", error)
