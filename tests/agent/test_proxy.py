@@ -141,7 +141,7 @@ class Coordinator:
                 raise CoordinatorUnreachableError("no coordinator answers")
             reply = self.reply()
             if reply["routes_version"] == version:
-                self._changed.wait(min(wait_s, 1.0))
+                self._changed.wait(min(wait_s, 2.0))
                 reply = self.reply()
             return reply
 

@@ -137,6 +137,7 @@ class ProxyKeeper:
     def _poll_routes(self) -> None:
         failures = 0
         while not self._stop.is_set():
+            asked_at = time.monotonic()
             try:
                 reply = self._fetch_routes(self._fetched, ROUTES_WAIT_S)
                 table = RoutingTable.from_reply(reply)
@@ -155,6 +156,11 @@ class ProxyKeeper:
                 continue
             failures = 0
             self._poll_wake.clear()
+            if table.version == self._fetched and time.monotonic() - asked_at < 1.0:
+                # The same table at once: a coordinator that does not hold the poll. Ask again
+                # in a while rather than in a tight loop.
+                self._poll_wake.wait(_BACKOFF_S[2])
+                self._poll_wake.clear()
             if table.version != self._fetched:
                 self._fetched = table.version
                 with self._lock:
