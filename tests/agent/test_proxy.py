@@ -606,3 +606,13 @@ def wildcard_certificate(name: str) -> tuple[str, dict[str, Any]]:
     ).decode()
     fingerprint = hashlib.sha256(chain.encode()).hexdigest()
     return ca_pem, {"fingerprint": fingerprint, "certificate_chain": chain, "private_key": key_pem}
+
+
+def test_a_state_directory_haproxy_cannot_name_is_refused(tmp_path: Path) -> None:
+    coordinator = Coordinator()
+    with pytest.raises(InvalidInputError, match="choose another data directory"):
+        ProxyKeeper(
+            coordinator.fetch_routes,
+            coordinator.fetch_certificate,
+            state_dir=tmp_path / "proxy data",
+        )

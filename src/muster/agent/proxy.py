@@ -25,7 +25,7 @@ from muster.agent.haproxy import (
     write_atomically,
 )
 from muster.domain.models import ProxyReport
-from muster.errors import MusterError
+from muster.errors import InvalidInputError, MusterError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,12 @@ class ProxyKeeper:
         on_event: Callable[[str], None] | None = None,
     ) -> None:
         self.state_dir = state_dir.resolve()
+        if any(c.isspace() or c in "\"'#\\" for c in str(self.state_dir)):
+            # Its paths go into haproxy's configuration unquoted.
+            raise InvalidInputError(
+                f"the proxy's state directory {str(state_dir)!r} holds a space, quote or '#',"
+                " which haproxy's configuration cannot name; choose another data directory"
+            )
         self.http_port = http_port
         self.https_port = https_port
         self.bind_address = bind_address
