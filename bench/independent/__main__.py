@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import muster
 from bench.coordinator import SQLITE, Store, drop_storage
@@ -46,6 +47,56 @@ def command(
     return args
 
 
+def run_independent(
+    hosts: int,
+    interval_s: float,
+    seconds: float,
+    *,
+    fleet_hosts: int | None = None,
+    workers: int | None = None,
+    processes: int | None = None,
+    store: Store = SQLITE,
+    cache: Path = CACHE,
+) -> dict[str, Any]:
+    """Start a coordinator on a copy of the cached fleet (built if missing), run heartbeat.mjs
+    against it and return the generator's result. Raises RuntimeError if the generator fails."""
+    raise_fd_limit()
+    fleet = ensure_fleet(max(fleet_hosts or 0, hosts), store=store, cache=cache)
+    workers = workers or max(2, workers_needed(hosts))
+    work = Path(tempfile.mkdtemp(prefix="independent-", dir=cache))
+    try:
+        coordinator = _start_copy(
+            fleet.storage,
+            work / "storage",
+            work / "coordinator.log",
+            workers=workers,
+            store=store,
+            interval_s=interval_s,
+        )
+        try:
+            argv = command(
+                fleet.root,
+                coordinator.port,
+                coordinator.proc.pid,
+                hosts,
+                interval_s,
+                seconds,
+                processes=processes,
+            )
+            print(" ".join(argv), file=sys.stderr)
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        finally:
+            coordinator.stop()
+    finally:
+        drop_storage(work / "storage", store)
+        shutil.rmtree(work, ignore_errors=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"heartbeat.mjs exited {done.returncode}: {done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result["coordinator_workers"] = workers
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.independent", description=__doc__)
     parser.add_argument("--hosts", type=int, required=True)
@@ -61,42 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if shutil.which("node") is None:
         parser.error("needs Node.js 20 (`node`) on PATH")
-    raise_fd_limit()
-    store = Store(args.database_url) if args.database_url else SQLITE
-    fleet = ensure_fleet(max(args.fleet or 0, args.hosts), store=store)
-    workers = args.workers or max(2, workers_needed(args.hosts))
-    work = Path(tempfile.mkdtemp(prefix="independent-", dir=CACHE))
-    try:
-        coordinator = _start_copy(
-            fleet.storage,
-            work / "storage",
-            work / "coordinator.log",
-            workers=workers,
-            store=store,
-            interval_s=args.interval,
-        )
-        try:
-            argv_node = command(
-                fleet.root,
-                coordinator.port,
-                coordinator.proc.pid,
-                args.hosts,
-                args.interval,
-                args.seconds,
-                processes=args.processes,
-            )
-            print(" ".join(argv_node), file=sys.stderr)
-            done = subprocess.run(argv_node, capture_output=True, text=True, check=False)
-        finally:
-            coordinator.stop()
-    finally:
-        drop_storage(work / "storage", store)
-        shutil.rmtree(work, ignore_errors=True)
-    if done.returncode != 0:
-        print(done.stdout, done.stderr, file=sys.stderr)
-        return done.returncode
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["coordinator_workers"] = workers
+    result = run_independent(
+        args.hosts,
+        args.interval,
+        args.seconds,
+        fleet_hosts=args.fleet,
+        workers=args.workers,
+        processes=args.processes,
+        store=Store(args.database_url) if args.database_url else SQLITE,
+    )
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
