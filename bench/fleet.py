@@ -45,6 +45,8 @@ from muster.domain import pki
 CACHE = Path(__file__).resolve().parent / ".cache"
 FORMAT = 3  # bump when the layout below (or what the hosts send when joining) changes
 MAX_AGE = timedelta(days=20)  # runner certificates live 30 days
+# Joins in flight while building, over all generator processes (a 100,000-host fleet has 7).
+BUILD_CONCURRENCY = 128
 SNAPSHOTS = (10000,)  # allocator counts a fleet larger than that keeps a copy at
 SRC = Path(muster.__file__).resolve().parent
 KEYED_SOURCES = ("storage/schema.py", "storage/migrations")
@@ -242,7 +244,8 @@ def _build(
                     for k, i in zip(keys, chunk, strict=True)
                 ]
                 share = [bodies[n::processes] for n in range(processes)]
-                results = pool.ask_each([("join", s, 64) for s in share])
+                in_flight = max(1, BUILD_CONCURRENCY // processes)
+                results = pool.ask_each([("join", s, in_flight) for s in share])
                 certs: dict[str, str] = {}
                 for result in results:
                     if result["failures"]:
