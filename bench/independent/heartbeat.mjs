@@ -13,6 +13,8 @@
 // DIR holds hosts/00000.pem ... (certificate and key in one PEM each) and storage/coordinator/
 // ca.crt, the platform CA. A slot that comes while the host's previous heartbeat is still
 // waiting is missed (not sent); a heartbeat without a 200 within the interval has failed.
+// Every host connects first (its first heartbeat, not measured) and keeps heartbeating from
+// then on; the window starts one interval and SETTLE_S after the last host connected.
 
 import { fork } from 'node:child_process';
 import fs from 'node:fs';
@@ -73,35 +75,43 @@ async function child(first, count) {
     req.end(body);
   });
 
-  // Connect every host (its first heartbeat, not measured), CONNECTING at a time.
-  let next = 0, connectFailed = 0;
-  await Promise.all(Array.from({ length: CONNECTING }, async () => {
-    while (next < hosts.length) if ((await beat(hosts[next++])) !== 200) connectFailed++;
-  }));
-  process.send({ connected: hosts.length, connectFailed });
-  const { start, from, to } = await new Promise((resolve) => process.once('message', resolve));
-
+  // The measured window, once the parent names it; until then nothing counts.
+  let from = Infinity, to = Infinity;
   const latencies = [], failures = {};
   let missed = 0, cpuFrom = null, cpuTo = null;
-  setTimeout(() => { cpuFrom = process.cpuUsage(); }, from - now());
-  setTimeout(() => { cpuTo = process.cpuUsage(cpuFrom); }, to - now());
-  for (const host of hosts) {
-    let due = start + Math.random() * interval;
+  const schedule = (host) => {
+    // From its connection on, each host heartbeats every interval at a random phase, so its
+    // kept connection is never idle for longer than one interval.
+    let due = now() + Math.random() * interval;
     const tick = async () => {
       if (due >= to) return;
       const intended = due;
       due += interval;
       setTimeout(tick, due - now());
-      if (host.busy) { if (intended >= from) missed++; return; }
+      if (host.busy) { if (intended >= from && intended < to) missed++; return; }
       host.busy = true;
       const status = await beat(host);
       host.busy = false;
-      if (intended < from) return;
+      if (intended < from || intended >= to) return;
       if (status === 200) latencies.push(now() - intended);
       else failures[status] = (failures[status] ?? 0) + 1;
     };
     setTimeout(tick, due - now());
-  }
+  };
+
+  // Connect every host (its first heartbeat, not measured), CONNECTING at a time.
+  let next = 0, connectFailed = 0;
+  await Promise.all(Array.from({ length: CONNECTING }, async () => {
+    while (next < hosts.length) {
+      const host = hosts[next++];
+      if ((await beat(host)) !== 200) connectFailed++;
+      schedule(host);
+    }
+  }));
+  process.send({ connected: hosts.length, connectFailed });
+  ({ from, to } = await new Promise((resolve) => process.once('message', resolve)));
+  setTimeout(() => { cpuFrom = process.cpuUsage(); }, from - now());
+  setTimeout(() => { cpuTo = process.cpuUsage(cpuFrom); }, to - now());
   await new Promise((resolve) => setTimeout(resolve, to - now() + interval + 1000));
   for (const host of hosts) host.agent.destroy();
   process.send({ latencies, failures, missed, cpuUs: cpuTo.user + cpuTo.system });
@@ -143,11 +153,10 @@ async function parent() {
   }
   const message = (c) => new Promise((resolve) => c.once('message', resolve));
   const connected = await Promise.all(children.map(message));
-  const start = now() + 1000;
-  const from = start + interval + SETTLE_S * 1000; // every host on its schedule by then
+  const from = now() + interval + SETTLE_S * 1000; // every host on its schedule by then
   const to = from + Number(opt.seconds) * 1000;
   const results = children.map(message);
-  for (const c of children) c.send({ start, from, to });
+  for (const c of children) c.send({ from, to });
   const pid = opt['coordinator-pid'] ? Number(opt['coordinator-pid']) : null;
   let coordinator = null;
   if (pid) {
