@@ -154,6 +154,8 @@ class Results:
         """Every failure the run saw: refused or failed requests, missed slots, lost joins."""
         total = sum(sum(level["failures"].values()) + level["missed"] for level in self.levels)
         total += sum(level.get("connect_failures", 0) for level in self.levels)
+        for floor in (level.get("open_floor") or {} for level in self.levels):
+            total += sum(floor.get("failures", {}).values()) + floor.get("missed", 0)
         total += sum(self.floor.get("failures", {}).values())
         total += sum(self.joins.get("failures", {}).values())
         return int(total)
@@ -212,9 +214,10 @@ def run(
                     )
             finally:
                 pool.close()
-            results.joins = _joins(plan, coordinator, work / "joins", progress)
+            if plan.joins:
+                results.joins = _joins(plan, coordinator, work / "joins", progress)
             if plan.listing_allocators is None and plan.listing_requests:
-                allocators = fleet.hosts + 1 + results.joins["joined"]
+                allocators = fleet.hosts + 1 + results.joins.get("joined", 0)
                 results.listing = _listing(plan, coordinator, allocators, progress)
         finally:
             coordinator.stop()
@@ -454,7 +457,7 @@ def _joins(
     stamp = datetime.now(UTC).strftime("%H%M%S")
     # Indexes past any fleet's: each joining host dials from an address no fleet host uses.
     hosts = [(200_000 + i, f"join-{stamp}-{i:05d}") for i in range(plan.joins)]
-    processes = max(1, min(plan.join_processes, plan.joins))
+    processes = max(1, min(plan.join_processes, plan.joins))  # no idle joiner process
     pool = Pool(coordinator.port, coordinator.ca_file, [], processes=processes)
     try:
         share = [hosts[n::processes] for n in range(processes)]

@@ -16,7 +16,14 @@ import pytest
 from bench.agentjoin import local_ip
 from bench.coordinator import descendants
 from bench.loadgen import HEARTBEAT, HEARTBEAT_BODY, KINDS, Samples
-from bench.run import HOSTS_PER_PROCESS, Plan, kb_per_host, per_request_us, workers_needed
+from bench.run import (
+    HOSTS_PER_PROCESS,
+    Plan,
+    Results,
+    kb_per_host,
+    per_request_us,
+    workers_needed,
+)
 from bench.wire import agent_request_bytes
 
 from muster import __version__
@@ -126,3 +133,15 @@ def test_coordinator_processes_include_every_descendant() -> None:
         for pid in reversed(descendants(proc.pid)):
             subprocess.run(["kill", str(pid)], check=False)
         proc.wait()
+
+
+def test_errors_count_the_open_loop_floor_and_joins_too() -> None:
+    level = {
+        "failures": {"timed out": 1},
+        "missed": 2,
+        "connect_failures": 0,
+        "open_floor": {"failures": {"http 500": 3}, "missed": 4},
+    }
+    results = Results(plan={}, machine={}, load_before="", levels=[level])
+    results.joins = {"failures": {"TokenRefusedError: expired": 5}}
+    assert results.errors() == 1 + 2 + 3 + 4 + 5
