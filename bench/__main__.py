@@ -21,7 +21,7 @@ from bench.coordinator import SQLITE, Store
 from bench.fleet import CACHE
 from bench.loadgen import raise_fd_limit
 from bench.report import plot, table
-from bench.run import full_plan, quick_plan, run
+from bench.run import HOSTS_PER_PROCESS, full_plan, quick_plan, run, workers_needed
 
 DOCS_PNG = Path(__file__).resolve().parent.parent / "docs" / "heartbeat-latency.png"
 
@@ -41,13 +41,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listing", type=int, help="requests per allocator listing query")
     parser.add_argument("--saturate", type=float, help="seconds per floor/heartbeat round")
     parser.add_argument("--rounds", type=int, help="floor/heartbeat rounds")
+    parser.add_argument(
+        "--open-floor",
+        type=float,
+        metavar="SECONDS",
+        help="per level, seconds of the floor route sent open loop on the same connections at "
+        "the same rate (0: none)",
+    )
     parser.add_argument("--joins", type=int, help="hosts joined in the join benchmark")
-    parser.add_argument("--processes", type=int, help="load generator processes")
+    parser.add_argument(
+        "--join-concurrency", type=int, help="hosts joining at once in the join benchmark"
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        help=f"load generator processes (at least one per {HOSTS_PER_PROCESS:,} hosts)",
+    )
     parser.add_argument(
         "--workers",
         type=_at_least_one,
         help=f"coordinator server processes, `muster start --workers` (default: {_cpus()}, "
-        "the number of CPUs)",
+        f"the number of CPUs, or one per {HOSTS_PER_PROCESS:,} hosts if more)",
     )
     parser.add_argument(
         "--database-url",
@@ -76,11 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         "listing_requests": args.listing,
         "saturate_s": args.saturate,
         "saturate_rounds": args.rounds,
+        "open_floor_s": args.open_floor,
         "joins": args.joins,
+        "join_concurrency": args.join_concurrency,
         "processes": args.processes,
         "workers": args.workers,
     }
     plan = replace(plan, **{k: v for k, v in overrides.items() if v is not None})
+    if args.workers is None:
+        plan = replace(plan, workers=max(plan.workers, workers_needed(max(plan.levels))))
     if plan.listing_allocators and plan.listing_allocators > plan.hosts:
         plan = replace(plan, listing_allocators=None)
     raise_fd_limit()

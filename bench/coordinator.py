@@ -194,6 +194,28 @@ def install(root: Path, port: int, log: Path, *, database_url: str | None = None
         )
 
 
+def set_heartbeat_interval(root: Path, interval_s: float) -> None:
+    """The heartbeat interval the copied installation's coordinator tells its agents (and
+    from which its grace period follows), kept in host.json."""
+    host = root / "host.json"
+    config = json.loads(host.read_text())
+    config["heartbeat_interval_s"] = interval_s
+    host.write_text(json.dumps(config, indent=2))
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process under it (from /proc/PID/task/*/children), parents first."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop(0)
+        out.append(current)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
 def set_port(root: Path, port: int) -> None:
     """Point a copied installation at a new port (host.json and the local agent's state)."""
     host = root / "host.json"
@@ -297,13 +319,9 @@ class Coordinator:
         raise RuntimeError("the coordinator did not answer in time")
 
     def pids(self) -> list[int]:
-        """The coordinator's processes: `muster start` and, with --workers > 1, its workers."""
-        try:
-            path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-            workers = [int(pid) for pid in path.read_text().split()]
-        except OSError:
-            workers = []
-        return [self.proc.pid, *workers]
+        """The coordinator's processes: `muster start`, its workers (--workers > 1) and any
+        process they started, read from /proc at each call (a restarted worker counts)."""
+        return descendants(self.proc.pid)
 
     def rss_mb(self) -> float:
         """Resident memory of the coordinator's processes, MB (pages the workers still share
@@ -316,7 +334,8 @@ class Coordinator:
         return total_kb / 1024
 
     def cpu_s(self) -> float:
-        """User + system CPU seconds the coordinator's processes have used."""
+        """User + system CPU seconds the coordinator's processes have used (every thread of
+        each; a process that ended since is no longer counted)."""
         return sum(self.cpu_by_process().values())
 
     def cpu_by_process(self) -> dict[int, float]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import muster
+from bench.agentjoin import REPORT, host_fields
 from bench.coordinator import (
     SQLITE,
     Coordinator,
@@ -42,14 +43,13 @@ from bench.loadgen import Pool
 from muster.domain import pki
 
 CACHE = Path(__file__).resolve().parent / ".cache"
-FORMAT = 2  # bump when the layout below changes
+FORMAT = 3  # bump when the layout below (or what the hosts send when joining) changes
 MAX_AGE = timedelta(days=20)  # runner certificates live 30 days
+# Joins in flight while building, over all generator processes (a 100,000-host fleet has 7).
+BUILD_CONCURRENCY = 128
 SNAPSHOTS = (10000,)  # allocator counts a fleet larger than that keeps a copy at
 SRC = Path(muster.__file__).resolve().parent
 KEYED_SOURCES = ("storage/schema.py", "storage/migrations")
-ZONES = ("ece-zone-1", "ece-zone-2", "ece-zone-3")
-FAMILIES = ("gp", "memory", "cpu")
-CAPACITIES_MB = (16384, 32768, 65536, 131072)
 
 Progress = Callable[[str], None]
 
@@ -59,16 +59,15 @@ def runner_id(index: int) -> str:
 
 
 def join_body(token: str, csr: str, index: int, *, rid: str | None = None) -> bytes:
+    """A join request's body for fleet host `index` (the fleet is built with these, raw: the
+    measured joins go through the agent's code, bench.agentjoin)."""
     body = {
         "token": token,
         "csr": csr,
         "runner_id": rid or runner_id(index),
-        "host_ip": f"10.{(index >> 16) & 255}.{(index >> 8) & 255}.{index & 255}",
         "roles": ["allocator"],
-        "zone": ZONES[index % len(ZONES)],
-        "capacity_mb": CAPACITIES_MB[index % len(CAPACITIES_MB)],
-        "tags": {"instance_family": FAMILIES[index % len(FAMILIES)], "ssd": str(index % 2 == 0)},
-        "report": {"memory_mb": 65536, "storage_mib": 512000, "cpus": 16, "version": "0.1.0"},
+        **host_fields(index),
+        "report": REPORT.to_json(),
     }
     return json.dumps(body).encode()
 
@@ -245,7 +244,8 @@ def _build(
                     for k, i in zip(keys, chunk, strict=True)
                 ]
                 share = [bodies[n::processes] for n in range(processes)]
-                results = pool.ask_each([("join", s, 64) for s in share])
+                in_flight = max(1, BUILD_CONCURRENCY // processes)
+                results = pool.ask_each([("join", s, in_flight) for s in share])
                 certs: dict[str, str] = {}
                 for result in results:
                     if result["failures"]:

@@ -3,13 +3,22 @@
 The parent sends commands over a pipe and gets plain data back:
   ("connect", n)          connect this worker's hosts up to n and start heartbeating each every
                           `interval_s` (open loop, random phase), each on its own keep-alive mTLS
-                          connection with its own client certificate
-  ("window", t0, t1)      the heartbeats that completed between t0 and t1 (time.monotonic())
+                          connection with its own client certificate, as an agent keeps one
+  ("route", kind)         what the hosts send from now on: "heartbeat", or "ping" (the floor
+                          route: the same connections at the same rate, open loop)
+  ("window", t0, t1, kind)   the requests of `kind` whose intended send time fell between t0
+                          and t1 (time.monotonic()); latency is counted from that intended time
   ("saturate", kind, conns, seconds)   closed loop: `conns` connections send back-to-back
                           requests (kind "ping": the floor route, "heartbeat")
   ("interval", seconds)    heartbeat every `seconds` from each host's next heartbeat on
-  ("join", specs, concurrency)   join hosts through the join API, a new TLS connection each
+  ("join", bodies, concurrency)   raw join requests, a new TLS connection each (fleet building)
+  ("agent_join", hosts, concurrency, token, folder)   joins through the agent's own code
+                          (bench.agentjoin), in threads
+  ("usage",)              this process's CPU seconds (getrusage: user + system, all threads)
+                          and resident memory
   ("stop",)
+
+The requests are the agent's own bytes (`wire.agent_request_bytes`: httpx's headers and JSON).
 """
 
 from __future__ import annotations
@@ -30,18 +39,19 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from bench.wire import Conn, WireError, client_context, local_ip, request_bytes
+from bench.agentjoin import REPORT, join_many, local_ip
+from bench.wire import Conn, WireError, agent_request_bytes, client_context, request_bytes
 
 HEARTBEAT = "/api/v1/agent/heartbeat"
 PING = "/api/v1/agent/_ping"
 JOIN = "/api/v1/agent/join"
-REPORT = {
-    "memory_mb": 65536,
-    "storage_mib": 512000,
-    "cpus": 16,
-    "healthy": True,
-    "checks": {"storage_writable": True},
-    "version": "0.1.0",
+KINDS = ("heartbeat", "ping")
+# An allocator's heartbeat as its agent sends it (muster.agent.loop: the host report, the
+# Docker Engine check and its instances, none here).
+HEARTBEAT_BODY = {
+    **REPORT.to_json(),
+    "checks": {"storage_writable": True, "docker": True},
+    "instances": [],
 }
 
 
@@ -64,41 +74,75 @@ def raise_fd_limit() -> int:
 
 @dataclass
 class Samples:
-    done_at: array[float] = field(default_factory=lambda: array("d"))
-    latency: array[float] = field(default_factory=lambda: array("d"))
-    lag: array[float] = field(default_factory=lambda: array("d"))
-    failures: list[tuple[float, str]] = field(default_factory=list)
-    missed: list[float] = field(default_factory=list)
+    """One record per request sent: its intended send time (`due`), when it was sent and when
+    its reply was complete, and its kind (an index in KINDS). Latency is counted from the
+    intended time (open loop: a generator that sends late, or a host whose previous request is
+    still waiting, does not hide the wait); `service` from the moment it was written."""
 
-    def window(self, t0: float, t1: float) -> dict[str, Any]:
-        keep = [i for i, t in enumerate(self.done_at) if t0 <= t < t1]
+    due: array[float] = field(default_factory=lambda: array("d"))
+    sent: array[float] = field(default_factory=lambda: array("d"))
+    done: array[float] = field(default_factory=lambda: array("d"))
+    kind: array[int] = field(default_factory=lambda: array("b"))
+    failures: list[tuple[float, int, str]] = field(default_factory=list)
+    missed: list[tuple[float, int]] = field(default_factory=list)
+
+    def add(self, due: float, sent: float, done: float, kind: int) -> None:
+        self.due.append(due)
+        self.sent.append(sent)
+        self.done.append(done)
+        self.kind.append(kind)
+
+    def window(
+        self, t0: float, t1: float, kind: int, now: float, in_flight: list[tuple[float, int]]
+    ) -> dict[str, Any]:
+        """The requests of `kind` intended for [t0, t1). Those still waiting for their reply at
+        `now` count with the latency they have so far (a lower bound), so a stall shows."""
+        keep = [i for i, d in enumerate(self.due) if t0 <= d < t1 and self.kind[i] == kind]
+        waiting = [now - d for d, k in in_flight if t0 <= d < t1 and k == kind]
         return {
-            "latency": array("d", (self.latency[i] for i in keep)).tobytes(),
-            "lag": array("d", (self.lag[i] for i in keep)).tobytes(),
-            "failures": Counter(kind for t, kind in self.failures if t0 <= t < t1),
-            "missed": sum(1 for t in self.missed if t0 <= t < t1),
+            "latency": array(
+                "d", [*(self.done[i] - self.due[i] for i in keep), *waiting]
+            ).tobytes(),
+            "service": array("d", (self.done[i] - self.sent[i] for i in keep)).tobytes(),
+            "lag": array("d", (self.sent[i] - self.due[i] for i in keep)).tobytes(),
+            "in_flight": len(waiting),
+            "failures": Counter(why for d, k, why in self.failures if t0 <= d < t1 and k == kind),
+            "missed": sum(1 for d, k in self.missed if t0 <= d < t1 and k == kind),
         }
 
     def forget_before(self, t: float) -> None:
-        first = next((i for i, done in enumerate(self.done_at) if done >= t), len(self.done_at))
-        del self.done_at[:first]
-        del self.latency[:first]
-        del self.lag[:first]
+        keep = [i for i, d in enumerate(self.due) if d >= t]
+        for name in ("due", "sent", "done", "kind"):
+            old = getattr(self, name)
+            setattr(self, name, array(old.typecode, (old[i] for i in keep)))
         self.failures = [f for f in self.failures if f[0] >= t]
-        self.missed = [m for m in self.missed if m >= t]
+        self.missed = [m for m in self.missed if m[0] >= t]
+
+
+def usage() -> dict[str, float]:
+    """This process's CPU seconds (user + system, every thread) and resident memory in MB."""
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    rss_kb = 0
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        status = Path("/proc/self/status").read_text()
+        rss_kb = int(status.split("VmRSS:")[1].split()[0])
+    return {"cpu_s": used.ru_utime + used.ru_stime, "rss_mb": rss_kb / 1024}
 
 
 class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.address = f"127.0.0.1:{config.port}"
-        self.heartbeat = request_bytes(
-            "POST", HEARTBEAT, self.address, json.dumps(REPORT, separators=(",", ":")).encode()
-        )
-        self.ping = request_bytes("GET", PING, self.address)
+        self.requests = [
+            agent_request_bytes("POST", HEARTBEAT, self.address, HEARTBEAT_BODY),
+            agent_request_bytes("GET", PING, self.address),
+        ]
+        self.route = 0  # what the hosts send: an index in KINDS ("route" command)
         self.conns: dict[int, Conn] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.samples = Samples()
+        self.in_flight: dict[int, tuple[float, int]] = {}  # host -> (intended time, kind)
+        self.reconnects = 0
         self.connect_failures: Counter[str] = Counter()
         self.rng = random.Random(config.seed)
         self.running = True
@@ -143,33 +187,42 @@ class Worker:
                 await asyncio.sleep(delay)
             if not self.running:
                 return
-            sent = time.monotonic()
+            kind = self.route
+            self.in_flight[index] = (due, kind)
             conn = self.conns.get(index)
             try:
                 if conn is None or conn.closed:
-                    self.samples.failures.append((sent, "reconnect"))
+                    # The agent's client opens a new connection when its kept one is gone.
+                    self.reconnects += 1
                     conn = self.conns[index] = await self._open(index, identity)
-                reply = await conn.call(self.heartbeat, timeout_s=interval)
-                done = time.monotonic()
+                sent = time.monotonic()
+                reply = await conn.call(self.requests[kind], timeout_s=interval)
                 if reply.status == 200:
-                    self.samples.done_at.append(done)
-                    self.samples.latency.append(done - sent)
-                    self.samples.lag.append(sent - due)
+                    self.samples.add(due, sent, time.monotonic(), kind)
                 else:
-                    self.samples.failures.append((done, f"http {reply.status}"))
+                    self.samples.failures.append((due, kind, f"http {reply.status}"))
             except WireError as exc:
-                self.samples.failures.append((time.monotonic(), str(exc)[:40]))
+                self.samples.failures.append((due, kind, str(exc)[:40]))
             except Exception as exc:  # never let one host's loop die silently
-                self.samples.failures.append((time.monotonic(), type(exc).__name__))
+                self.samples.failures.append((due, kind, type(exc).__name__))
+            finally:
+                del self.in_flight[index]
             due += interval
             now = time.monotonic()
-            while due < now:  # a heartbeat that could not be sent in its slot
-                self.samples.missed.append(due)
+            while due < now:  # a slot that passed while the previous request was waiting
+                self.samples.missed.append((due, kind))
                 due += interval
+
+    def window(self, t0: float, t1: float, kind: str) -> dict[str, Any]:
+        out = self.samples.window(
+            t0, t1, KINDS.index(kind), time.monotonic(), list(self.in_flight.values())
+        )
+        out["reconnects"] = self.reconnects
+        return out
 
     # -- closed loop -------------------------------------------------------------------------
     async def saturate(self, kind: str, conns: int, seconds: float) -> dict[str, Any]:
-        raw = self.ping if kind == "ping" else self.heartbeat
+        raw = self.requests[KINDS.index(kind)]
         pool = [(i, p) for i, p in self.config.hosts[:conns]]
         opened = [await self._open(i, p) for i, p in pool]
         latencies = array("d")
@@ -242,6 +295,20 @@ class Worker:
             "runner_ids": [r["runner_id"] for r in replies],
         }
 
+    async def agent_join(
+        self, hosts: Sequence[tuple[int, str]], concurrency: int, token: str, folder: str
+    ) -> dict[str, Any]:
+        before = usage()["cpu_s"]
+        out = await asyncio.to_thread(
+            join_many, self.config.port, token, hosts, concurrency, Path(folder)
+        )
+        return {
+            "joined": len(out["latencies"]),
+            "latency": array("d", out["latencies"]).tobytes(),
+            "failures": out["failures"],
+            "cpu_s": usage()["cpu_s"] - before,
+        }
+
     async def stop(self) -> None:
         self.running = False
         for task in self.tasks:
@@ -276,8 +343,11 @@ async def _serve(pipe: Connection, config: WorkerConfig) -> None:
         result: Any
         if name == "connect":
             result = await worker.connect(command[1])
+        elif name == "route":
+            worker.route = KINDS.index(command[1])
+            result = command[1]
         elif name == "window":
-            result = worker.samples.window(command[1], command[2])
+            result = worker.window(command[1], command[2], command[3])
             worker.samples.forget_before(command[1])
         elif name == "saturate":
             result = await worker.saturate(command[1], command[2], command[3])
@@ -286,6 +356,10 @@ async def _serve(pipe: Connection, config: WorkerConfig) -> None:
             result = worker.interval_s
         elif name == "join":
             result = await worker.join(command[1], command[2])
+        elif name == "agent_join":
+            result = await worker.agent_join(command[1], command[2], command[3], command[4])
+        elif name == "usage":
+            result = usage()
         else:
             raise ValueError(name)
         pipe.send(result)
@@ -335,6 +409,10 @@ class Pool:
             self.pipes.append(parent)
             self.procs.append(proc)
 
+    @property
+    def size(self) -> int:
+        return len(self.procs)
+
     def ask(self, *command: Any) -> list[Any]:
         for pipe in self.pipes:
             pipe.send(command)
@@ -344,6 +422,10 @@ class Pool:
         for pipe, command in zip(self.pipes, commands, strict=True):
             pipe.send(command)
         return [pipe.recv() for pipe in self.pipes]
+
+    def usage(self) -> list[dict[str, float]]:
+        """Each generator process's CPU seconds and RSS (getrusage, /proc/self/status)."""
+        return self.ask("usage")
 
     def close(self) -> None:
         for pipe in self.pipes:

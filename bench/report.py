@@ -36,31 +36,56 @@ def table(data: dict[str, Any]) -> str:
         f"coordinator: {data['plan'].get('workers', 1)} worker process(es), store: "
         + store_name(data),
         "",
-        "| hosts | every | heartbeats/s (expected) | p50 ms | p99 ms | max ms | failed | missed "
-        "| RSS MB | coordinator CPU | open files per process |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "Open loop; latency from each heartbeat's intended send time. CPU per heartbeat in µs: "
+        "the coordinator's processes (/proc), the load generator's (getrusage); machine: cores "
+        "busy in all (/proc/stat: everything that ran, other work included). Floor: the same "
+        "connections at the same rate sending the empty-200 route."
+        + (
+            " The coordinator idle (no host connected) used "
+            f"{data['idle']['coordinator_cpu_share']:.1%} of a core: its background work, "
+            "included in every per-request figure."
+            if data.get("idle")
+            else ""
+        ),
+        "",
+        "| hosts | every | heartbeats/s (expected) | p50 ms | p99 ms | p99.9 ms | max ms "
+        "| failed | missed | coordinator µs | generator µs | machine cores busy "
+        "| floor: coordinator µs, p99 ms | RSS MB | KB per new host | open files per process |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: | ---: | ---: |",
     ]
     for level in data["levels"]:
         lat = level["latency"]
         failed = sum(level["failures"].values()) + level.get("connect_failures", 0)
+        floor_row = level.get("open_floor") or {}
+        floor_cell = (
+            f"{floor_row['coordinator_cpu_us']}, {floor_row['latency']['p99_ms']}"
+            if floor_row
+            else "-"
+        )
         lines.append(
             f"| {level['hosts']:,} | {level['interval_s']:g} s "
             f"| {level['rate']:,} ({level['expected_rate']:,}) "
-            f"| {lat['p50_ms']} | {lat['p99_ms']} | {lat['max_ms']} | {failed} "
-            f"| {level['missed']} | {level['rss_mb']} | {level['coordinator_cpu_share']:.0%} "
+            f"| {lat['p50_ms']} | {lat['p99_ms']} | {lat.get('p999_ms', '-')} | {lat['max_ms']} "
+            f"| {failed} | {level['missed']} "
+            f"| {level.get('coordinator_cpu_us', '-')} | {level.get('generator_cpu_us', '-')} "
+            f"| {level.get('machine_cpu_share', '-')} | {floor_cell} "
+            f"| {level['rss_mb']} | {level.get('kb_per_host', '-')} "
             f"| {' / '.join(f'{n:,}' for n in level.get('open_files_per_process', []))} |"
         )
     floor = data["floor"]
     if floor:
         lines += [
             "",
-            "| closed loop, same connections | req/s | coordinator CPU µs/req | p50 ms | p99 ms |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "| closed loop, same connections | req/s | coordinator CPU µs/req "
+            "| generator CPU µs/req | p50 ms | p99 ms |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         for kind in ("ping", "heartbeat"):
             row = floor[kind]
             lines.append(
                 f"| {kind} | {row['rps_best']:,} | {row['cpu_us_per_request']} "
+                f"| {row.get('generator_cpu_us_per_request', '-')} "
                 f"| {row['latency']['p50_ms']} | {row['latency']['p99_ms']} |"
             )
         lines.append(
@@ -69,26 +94,38 @@ def table(data: dict[str, Any]) -> str:
     joins = data["joins"]
     if joins:
         lines.append(
-            f"joins: {joins['joined']} at concurrency {joins['concurrency']}: {joins['rate']}/s, "
-            f"p50 {joins['latency']['p50_ms']} ms, p99 {joins['latency']['p99_ms']} ms, "
-            f"{joins['coordinator_cpu_ms_per_join']} ms coordinator CPU per join"
+            f"joins (each a new host through the agent's code: CA pin, new key and CSR, new TLS "
+            f"connections): {joins['joined']} at concurrency {joins['concurrency']}: "
+            f"{joins['rate']}/s, p50 {joins['latency']['p50_ms']} ms, p99 "
+            f"{joins['latency']['p99_ms']} ms; CPU per join: coordinator "
+            f"{joins['coordinator_cpu_ms_per_join']} ms, generator "
+            f"{joins.get('generator_cpu_ms_per_join', '-')} ms; machine: "
+            f"{joins.get('machine_cpu_share', '-')} cores busy"
         )
-    for name, row in data["listing"].items():
-        if isinstance(row, dict):
-            lines.append(
-                f"listing {name} ({data['listing']['allocators']} allocators): "
-                + (
-                    f"p50 {row['p50_ms']} ms, p90 {row['p90_ms']} ms, {row['bytes']} bytes"
-                    if "p50_ms" in row
-                    else f"HTTP {row['status']}: {row['body']}"
+    for key, when in (("listing_under_load", "while the fleet heartbeats"), ("listing", "idle")):
+        listing = data.get(key) or {}
+        for name, row in listing.items():
+            if isinstance(row, dict):
+                lines.append(
+                    f"listing {name} ({listing['allocators']:,} allocators, {when}): "
+                    + (
+                        f"p50 {row['p50_ms']} ms, p90 {row['p90_ms']} ms, {row['bytes']} bytes"
+                        if "p50_ms" in row
+                        else f"HTTP {row['status']}: {row['body']}"
+                    )
                 )
-            )
     base = data["plan"]["interval_s"]
     slopes = _mb_per_1000([lv for lv in data["levels"] if lv["interval_s"] == base])
     if slopes:
         lines.append(
             "memory: "
             + ", ".join(f"{a:,}->{b:,} hosts: {s} MB per 1,000 hosts" for a, b, s in slopes)
+        )
+    fleet = data.get("fleet") or {}
+    if fleet:
+        lines.append(
+            f"fleet: {fleet['hosts']:,} hosts ({fleet['root']}), built "
+            f"{fleet['built_at'][:16]} in {fleet.get('build_seconds', '?')} s"
         )
     if data.get("persisted"):
         p = data["persisted"]

@@ -6,8 +6,14 @@ their figures.
 2. fleet levels: hosts connect (each its own certificate and keep-alive connection) and
    heartbeat every interval; at each level, latency percentiles, failures, missed slots and the
    coordinator's resident memory. The last level is the sustained one.
-3. joins: concurrent joiners, each a new TLS connection, through the real join API.
-4. allocator listing: GET /platform/infrastructure/allocators, unfiltered and filtered.
+   Latency is counted from each request's intended send time (open loop); at each level the
+   same connections then send the floor route at the same rate (the open-loop floor). Beside
+   every figure: the coordinator's CPU per request (/proc, all its processes), the load
+   generator's own (getrusage in each of its processes) and the whole machine's (/proc/stat).
+3. joins: concurrent new hosts, each joining through the agent's own code (bench.agentjoin:
+   CA fetch and pin, a new key and CSR, a new TLS connection per request).
+4. allocator listing: GET /platform/infrastructure/allocators, unfiltered and filtered: on the
+   whole fleet while it heartbeats, and on an idle snapshot of 10,000 allocators (full plan).
 
 The store is SQLite, or PostgreSQL with `run(..., store=Store(server))`: each run then works on
 its own databases (muster_bench_run_<random>, copies of the cached fleet's), dropped after the
@@ -42,16 +48,22 @@ from bench.coordinator import (
     drop_storage,
     free_port,
     secrets,
+    set_heartbeat_interval,
     set_port,
 )
-from bench.fleet import CACHE, Fleet, ensure_fleet, join_body
+from bench.fleet import CACHE, Fleet, ensure_fleet
 from bench.loadgen import Pool
-from bench.stats import loadavg, machine, merge, summary_ms
+from bench.stats import loadavg, machine, machine_busy_s, merge, summary_ms
 from bench.wire import Conn, client_context, request_bytes
-from muster.domain import pki
 
 Progress = Callable[[str], None]
 ALLOCATORS = "/api/v1/platform/infrastructure/allocators"
+# Connections one process holds, generator or coordinator worker: under RLIMIT_NOFILE (20,000
+# here, hard) with room for the rest of its files.
+HOSTS_PER_PROCESS = 16_000
+# Seconds after a window before its requests are collected: a reply still missing then counts
+# with the latency it has so far.
+COLLECT_GRACE_S = 2.0
 
 
 @dataclass
@@ -64,12 +76,15 @@ class Plan:
     # After the levels: the largest level again at this interval (None: the last level's window
     # is the sustained one), e.g. 19,000 hosts every 7.6 s = 2,500 heartbeats/s.
     sustain_interval_s: float | None = None
-    processes: int = 2
+    processes: int = 2  # load-generator processes, at least one per HOSTS_PER_PROCESS hosts
+    open_floor_s: float = 10.0  # per level: the floor route, open loop (0: not measured)
+    idle_s: float = 5.0  # the coordinator's own background CPU, before any host connects
     saturate_conns: int = 32  # per process
     saturate_s: float = 3.0
     saturate_rounds: int = 2
     joins: int = 300
     join_concurrency: int = 32
+    join_processes: int = 2
     listing_allocators: int | None = None  # the snapshot to list; None: the fleet itself
     listing_requests: int = 20
 
@@ -80,6 +95,17 @@ class Plan:
     @property
     def hosts(self) -> int:
         return max(self.fleet or 0, *self.levels)
+
+    @property
+    def generators(self) -> int:
+        """Load-generator processes: `processes`, or more so none holds over HOSTS_PER_PROCESS
+        connections."""
+        return max(self.processes, workers_needed(max(self.levels)))
+
+
+def workers_needed(hosts: int) -> int:
+    """Processes needed to hold `hosts` connections, HOSTS_PER_PROCESS at most each."""
+    return max(1, math.ceil(hosts / HOSTS_PER_PROCESS))
 
 
 def quick_plan() -> Plan:
@@ -96,6 +122,7 @@ def full_plan() -> Plan:
         window_s=30,
         sustain_s=120,
         settle_s=20,
+        open_floor_s=30,
         saturate_conns=64,
         saturate_s=10,
         saturate_rounds=3,
@@ -104,11 +131,6 @@ def full_plan() -> Plan:
         listing_allocators=10000,
         listing_requests=10,
     )
-
-
-def _cpu_of(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -121,6 +143,9 @@ class Results:
     levels: list[dict[str, Any]] = field(default_factory=list)
     joins: dict[str, Any] = field(default_factory=dict)
     listing: dict[str, Any] = field(default_factory=dict)
+    listing_under_load: dict[str, Any] = field(default_factory=dict)
+    idle: dict[str, Any] = field(default_factory=dict)
+    fleet: dict[str, Any] = field(default_factory=dict)
     persisted: dict[str, Any] = field(default_factory=dict)
     load_after: str = ""
     seconds: float = 0.0
@@ -129,6 +154,8 @@ class Results:
         """Every failure the run saw: refused or failed requests, missed slots, lost joins."""
         total = sum(sum(level["failures"].values()) + level["missed"] for level in self.levels)
         total += sum(level.get("connect_failures", 0) for level in self.levels)
+        for floor in (level.get("open_floor") or {} for level in self.levels):
+            total += sum(floor.get("failures", {}).values()) + floor.get("missed", 0)
         total += sum(self.floor.get("failures", {}).values())
         total += sum(self.joins.get("failures", {}).values())
         return int(total)
@@ -146,11 +173,17 @@ def run(
     needed), its store on `store`; the coordinator and the load generator are stopped, and
     (unless `keep`) the run's copies removed, before this returns."""
     started = time.monotonic()
+    if plan.workers < workers_needed(max(plan.levels)):
+        raise ValueError(
+            f"{max(plan.levels):,} hosts need at least {workers_needed(max(plan.levels))} "
+            f"coordinator workers (--workers) of {HOSTS_PER_PROCESS:,} connections each"
+        )
     results = Results(asdict(plan), machine(), loadavg(), store.describe())
     cache.mkdir(parents=True, exist_ok=True)
     fleet = ensure_fleet(
-        plan.hosts, processes=plan.processes, progress=progress, cache=cache, store=store
+        plan.hosts, processes=plan.generators, progress=progress, cache=cache, store=store
     )
+    results.fleet = {"root": fleet.root.name, **fleet.meta}
     work = Path(tempfile.mkdtemp(prefix="run-", dir=cache))
     try:
         coordinator = _start_copy(
@@ -159,24 +192,33 @@ def run(
             work / "coordinator.log",
             workers=plan.workers,
             store=store,
+            interval_s=max(plan.interval_s, plan.sustain_interval_s or 0),
         )
         try:
             pool = Pool(
                 coordinator.port,
                 coordinator.ca_file,
                 fleet.identities(),
-                processes=plan.processes,
+                processes=plan.generators,
                 interval_s=plan.interval_s,
             )
             try:
+                results.idle = _idle(plan, coordinator)
                 results.floor = _floor(plan, pool, coordinator, progress)
                 mark = datetime.now(UTC)
                 results.levels = _levels(plan, pool, coordinator, progress)
+                if plan.listing_requests:
+                    # The whole fleet's listing while every host keeps heartbeating.
+                    results.listing_under_load = _listing(
+                        plan, coordinator, fleet.hosts + 1, progress
+                    )
             finally:
                 pool.close()
-            results.joins = _joins(plan, coordinator, progress)
+            if plan.joins:
+                results.joins = _joins(plan, coordinator, work / "joins", progress)
             if plan.listing_allocators is None and plan.listing_requests:
-                results.listing = _listing(plan, coordinator, fleet.hosts + 1, progress)
+                allocators = fleet.hosts + 1 + results.joins.get("joined", 0)
+                results.listing = _listing(plan, coordinator, allocators, progress)
         finally:
             coordinator.stop()
         results.persisted = _persisted(work / "storage", mark, max(plan.levels))
@@ -198,14 +240,33 @@ def run(
 
 
 def _start_copy(
-    src: Path, dst: Path, log: Path, *, workers: int = 1, store: Store = SQLITE
+    src: Path,
+    dst: Path,
+    log: Path,
+    *,
+    workers: int = 1,
+    store: Store = SQLITE,
+    interval_s: float | None = None,
 ) -> Coordinator:
     """A coordinator on a copy of the installation `src` (on PostgreSQL, with its own copy of
-    the database, which `drop_storage(dst, store)` drops)."""
+    the database, which `drop_storage(dst, store)` drops), telling its agents to heartbeat
+    every `interval_s` if given (its liveness grace follows from it)."""
     copy_storage(src, dst, store)
     port = free_port()
     set_port(dst, port)
+    if interval_s is not None:
+        set_heartbeat_interval(dst, interval_s)
     return Coordinator.start(dst, port, log, workers=workers)
+
+
+def _idle(plan: Plan, coordinator: Coordinator) -> dict[str, Any]:
+    """The coordinator's CPU with no host connected: its background threads (refreshers, the
+    constructor, flushers), which every per-request figure below includes."""
+    cpu0, t0 = coordinator.cpu_s(), time.monotonic()
+    time.sleep(plan.idle_s)
+    return {
+        "coordinator_cpu_share": round((coordinator.cpu_s() - cpu0) / (time.monotonic() - t0), 3)
+    }
 
 
 def _floor(plan: Plan, pool: Pool, coordinator: Coordinator, progress: Progress) -> dict[str, Any]:
@@ -213,15 +274,17 @@ def _floor(plan: Plan, pool: Pool, coordinator: Coordinator, progress: Progress)
     runs: dict[str, list[dict[str, Any]]] = {"ping": [], "heartbeat": []}
     for _ in range(plan.saturate_rounds):
         for kind in ("ping", "heartbeat"):
-            cpu0, t0 = coordinator.cpu_s(), time.monotonic()
+            gen0, cpu0, t0 = pool.usage(), coordinator.cpu_s(), time.monotonic()
             answers = pool.ask("saturate", kind, plan.saturate_conns, plan.saturate_s)
             cpu, wall = coordinator.cpu_s() - cpu0, time.monotonic() - t0
+            gen = _generator_cpu_s(gen0, pool.usage())
             requests = sum(a["requests"] for a in answers)
             seconds = max(a["seconds"] for a in answers)
             runs[kind].append(
                 {
                     "rps": requests / seconds,
                     "cpu_us_per_request": cpu / max(1, requests) * 1e6,
+                    "generator_cpu_us_per_request": gen / max(1, requests) * 1e6,
                     "coordinator_cpu_share": cpu / wall,
                     "latency": merge(a["latency"] for a in answers),
                     "failures": Counter[str](),
@@ -238,6 +301,7 @@ def _floor(plan: Plan, pool: Pool, coordinator: Coordinator, progress: Progress)
             "rps_best": round(best["rps"]),
             "rps_all": [round(r["rps"]) for r in rounds],
             "cpu_us_per_request": round(best["cpu_us_per_request"]),
+            "generator_cpu_us_per_request": round(best["generator_cpu_us_per_request"]),
             "coordinator_cpu_share": round(best["coordinator_cpu_share"], 2),
             "latency": summary_ms(best["latency"]),
         }
@@ -253,6 +317,67 @@ def _floor(plan: Plan, pool: Pool, coordinator: Coordinator, progress: Progress)
     return out
 
 
+def _generator_cpu_s(before: list[dict[str, float]], after: list[dict[str, float]]) -> float:
+    """CPU seconds the generator processes used between two `Pool.usage()` readings."""
+    return sum(b["cpu_s"] - a["cpu_s"] for a, b in zip(before, after, strict=True))
+
+
+def per_request_us(cpu_s: float, requests: int) -> float:
+    """CPU seconds spent on `requests` requests, in µs per request."""
+    return round(cpu_s / max(1, requests) * 1e6, 1)
+
+
+def kb_per_host(rss_before_mb: float, rss_after_mb: float, hosts_added: int) -> float | None:
+    """Resident memory the coordinator took on per newly connected host, KB (None: no host
+    was added)."""
+    if hosts_added <= 0:
+        return None
+    return round((rss_after_mb - rss_before_mb) * 1024 / hosts_added, 1)
+
+
+def _open_loop(pool: Pool, coordinator: Coordinator, kind: str, seconds: float) -> dict[str, Any]:
+    """Every connected host sends `kind` on its own schedule for `seconds`: latency from each
+    request's intended send time, and the CPU each side was charged in that time."""
+    pool.ask("route", kind)
+    gen0, cpu0, busy0 = pool.usage(), coordinator.cpu_by_process(), machine_busy_s()
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    t1 = time.monotonic()
+    cpu1, busy1, gen1 = coordinator.cpu_by_process(), machine_busy_s(), pool.usage()
+    time.sleep(COLLECT_GRACE_S)
+    answers = pool.ask("window", t0, t1, kind)
+    wall = t1 - t0
+    cpu = sum(cpu1.values()) - sum(cpu0.values())
+    gen = _generator_cpu_s(gen0, gen1)
+    latency = merge(a["latency"] for a in answers)
+    done = merge(a["service"] for a in answers)
+    failures: Counter[str] = Counter()
+    for a in answers:
+        failures.update(a["failures"])
+    return {
+        "requests": len(done),
+        "rate": round(len(done) / wall),
+        "latency": summary_ms(latency),
+        "service": summary_ms(done),
+        "schedule_lag": summary_ms(merge(a["lag"] for a in answers)),
+        "in_flight": sum(a["in_flight"] for a in answers),
+        "failures": dict(failures),
+        "missed": sum(a["missed"] for a in answers),
+        "reconnects": sum(a["reconnects"] for a in answers),
+        "coordinator_cpu_us": per_request_us(cpu, len(done)),
+        "generator_cpu_us": per_request_us(gen, len(done)),
+        "machine_cpu_us": per_request_us(busy1 - busy0, len(done)),
+        "coordinator_cpu_share": round(cpu / wall, 3),
+        "generator_cpu_share": round(gen / wall, 3),
+        "machine_cpu_share": round((busy1 - busy0) / wall, 3),
+        # How the load spread: each coordinator process's share of a core (supervisor first).
+        "cpu_share_per_process": [
+            round((used - cpu0.get(pid, 0.0)) / wall, 3) for pid, used in cpu1.items()
+        ],
+        "window_s": round(wall, 1),
+    }
+
+
 def _levels(
     plan: Plan, pool: Pool, coordinator: Coordinator, progress: Progress
 ) -> list[dict[str, Any]]:
@@ -263,8 +388,10 @@ def _levels(
     else:
         steps.append((plan.levels[-1], plan.sustain_interval_s, plan.sustain_s))
     interval = plan.interval_s
+    hosts_before = 0
     for level, step_interval, window in steps:
-        per = [len(range(i, level, plan.processes)) for i in range(plan.processes)]
+        per = [len(range(i, level, pool.size)) for i in range(pool.size)]
+        rss_before = coordinator.rss_mb()
         t_connect = time.monotonic()
         connected = pool.ask_each([("connect", k) for k in per])
         connect_s = time.monotonic() - t_connect
@@ -277,28 +404,14 @@ def _levels(
             time.sleep(plan.interval_s)
         progress(f"level {level}: {hosts} connected in {connect_s:.1f}s; settling")
         time.sleep(plan.settle_s)
-        gen_pids = [p.pid for p in pool.procs]
-        by_process0, gen0 = coordinator.cpu_by_process(), sum(_cpu_of(p) for p in gen_pids)
-        t0 = time.monotonic()
-        time.sleep(window)
-        t1 = time.monotonic()
-        by_process = coordinator.cpu_by_process()
-        gen = sum(_cpu_of(p) for p in gen_pids) - gen0
-        cpu = sum(by_process.values()) - sum(by_process0.values())
-        # How the heartbeat load spread: each process's share of a core (supervisor first).
-        cpu_shares = [
-            round((used - by_process0.get(pid, 0.0)) / (t1 - t0), 3)
-            for pid, used in by_process.items()
-        ]
         rss = coordinator.rss_mb()
         open_files = coordinator.open_files()
-        answers = pool.ask("window", t0, t1)
-        latency = merge(a["latency"] for a in answers)
-        lag = merge(a["lag"] for a in answers)
-        failures: Counter[str] = Counter()
-        for a in answers:
-            failures.update(a["failures"])
-        missed = sum(a["missed"] for a in answers)
+        generators = pool.usage()
+        beat = _open_loop(pool, coordinator, "heartbeat", window)
+        floor = (
+            _open_loop(pool, coordinator, "ping", plan.open_floor_s) if plan.open_floor_s else {}
+        )
+        pool.ask("route", "heartbeat")
         row = {
             "hosts": hosts,
             "target": level,
@@ -306,47 +419,58 @@ def _levels(
             "sustained": window == plan.sustain_s,
             "connect_s": round(connect_s, 1),
             "connect_failures": connect_failures,
-            "window_s": round(t1 - t0, 1),
-            "heartbeats": len(latency),
-            "rate": round(len(latency) / (t1 - t0)),
+            "heartbeats": beat["requests"],
             "expected_rate": round(hosts / interval),
-            "latency": summary_ms(latency),
-            "schedule_lag": summary_ms(lag),
-            "failures": dict(failures),
-            "missed": missed,
+            **beat,
+            "open_floor": floor,
             "rss_mb": round(rss, 1),
+            "rss_before_connect_mb": round(rss_before, 1),
+            "kb_per_host": kb_per_host(rss_before, rss, hosts - hosts_before),
+            "generator_rss_mb": round(sum(g["rss_mb"] for g in generators), 1),
             "open_files_per_process": open_files,
-            "coordinator_cpu_share": round(cpu / (t1 - t0), 3),
-            "cpu_share_per_process": cpu_shares,
-            "generator_cpu_share": round(gen / (t1 - t0), 3),
         }
+        hosts_before = hosts
         levels.append(row)
+        lat = row["latency"]
         progress(
-            f"level {level}: {row['rate']}/s p50 {row['latency']['p50_ms']} ms "
-            f"p99 {row['latency']['p99_ms']} ms, failures {sum(failures.values())}, "
-            f"missed {missed}, RSS {rss:.0f} MB, coordinator CPU {row['coordinator_cpu_share']} "
-            f"(per process {cpu_shares}), open files per process {open_files}"
+            f"level {level}: {row['rate']}/s p50 {lat['p50_ms']} p99 {lat['p99_ms']} p99.9 "
+            f"{lat['p999_ms']} max {lat['max_ms']} ms (from intended send), failures "
+            f"{sum(row['failures'].values())}, missed {row['missed']}; coordinator "
+            f"{row['coordinator_cpu_us']} µs/heartbeat, generator {row['generator_cpu_us']} µs"
+            + (
+                f"; open-loop floor {floor['coordinator_cpu_us']} µs/ping p99 "
+                f"{floor['latency']['p99_ms']} ms"
+                if floor
+                else ""
+            )
+            + f"; RSS {rss:.0f} MB ({row['kb_per_host']} KB per new host), open files "
+            f"{open_files}"
         )
     return levels
 
 
-def _joins(plan: Plan, coordinator: Coordinator, progress: Progress) -> dict[str, Any]:
+def _joins(
+    plan: Plan, coordinator: Coordinator, folder: Path, progress: Progress
+) -> dict[str, Any]:
+    """New hosts join as their agents do (bench.agentjoin), `join_concurrency` at a time."""
     token = secrets(coordinator.root)["allocator_only_token"]
     stamp = datetime.now(UTC).strftime("%H%M%S")
-    bodies = []
-    for i in range(plan.joins):
-        key = pki.generate_private_key()
-        rid = f"join-{stamp}-{i:05d}"
-        bodies.append(join_body(token, pki.build_csr(key, rid), 60000 + i, rid=rid))
-    pool = Pool(coordinator.port, coordinator.ca_file, [], processes=plan.processes)
+    # Indexes past any fleet's: each joining host dials from an address no fleet host uses.
+    hosts = [(200_000 + i, f"join-{stamp}-{i:05d}") for i in range(plan.joins)]
+    processes = max(1, min(plan.join_processes, plan.joins))  # no idle joiner process
+    pool = Pool(coordinator.port, coordinator.ca_file, [], processes=processes)
     try:
-        share = [bodies[n :: plan.processes] for n in range(plan.processes)]
-        conc = math.ceil(plan.join_concurrency / plan.processes)
-        cpu0, t0 = coordinator.cpu_s(), time.monotonic()
-        answers = pool.ask_each([("join", s, conc) for s in share])
-        wall, cpu = time.monotonic() - t0, coordinator.cpu_s() - cpu0
+        share = [hosts[n::processes] for n in range(processes)]
+        conc = math.ceil(plan.join_concurrency / processes)
+        gen0, cpu0, busy0 = pool.usage(), coordinator.cpu_s(), machine_busy_s()
+        t0 = time.monotonic()
+        answers = pool.ask_each([("agent_join", s, conc, token, str(folder)) for s in share])
+        wall = time.monotonic() - t0
+        cpu, busy = coordinator.cpu_s() - cpu0, machine_busy_s() - busy0
+        gen = _generator_cpu_s(gen0, pool.usage())
     finally:
         pool.close()
+        shutil.rmtree(folder, ignore_errors=True)
     joined = sum(a["joined"] for a in answers)
     latency = merge(a["latency"] for a in answers)
     failures: Counter[str] = Counter()
@@ -355,15 +479,20 @@ def _joins(plan: Plan, coordinator: Coordinator, progress: Progress) -> dict[str
     out = {
         "joins": plan.joins,
         "concurrency": plan.join_concurrency,
+        "generator_processes": processes,
         "joined": joined,
         "rate": round(joined / wall),
         "latency": summary_ms(latency),
         "coordinator_cpu_ms_per_join": round(cpu / max(1, joined) * 1000, 2),
+        "generator_cpu_ms_per_join": round(gen / max(1, joined) * 1000, 2),
+        "machine_cpu_share": round(busy / wall, 2),
         "failures": dict(failures),
     }
     progress(
         f"joins: {out['rate']}/s p50 {out['latency']['p50_ms']} ms p99 "
-        f"{out['latency']['p99_ms']} ms, failures {sum(failures.values())}"
+        f"{out['latency']['p99_ms']} ms, coordinator {out['coordinator_cpu_ms_per_join']} ms "
+        f"CPU per join, generator {out['generator_cpu_ms_per_join']} ms, failures "
+        f"{sum(failures.values())}"
     )
     return out
 

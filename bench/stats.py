@@ -60,6 +60,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (every core, every process, interrupts
+    and the kernel's own network work included; /proc/stat), to set beside what the
+    coordinator's and the generator's processes were charged."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:9]]
+    idle = values[3] + values[4]  # idle, iowait
+    return (sum(values) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def loadavg() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx2 as httpx
+
 
 class WireError(Exception):
     """The connection failed or the reply was not HTTP/1.1 as expected."""
@@ -41,6 +43,18 @@ def request_bytes(
         lines.append(f"Content-Type: {content_type}")
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def agent_request_bytes(method: str, path: str, host: str, json: Any = None) -> bytes:
+    """The bytes the agent's client (`muster.client.Client`, httpx) puts on the wire for this
+    request: its headers (Accept, Accept-Encoding, Connection, User-Agent, ...) and its JSON
+    encoding of the body, built by httpx itself, so the coordinator parses what it parses for a
+    real agent. Built once per kind of request; the generator then only writes them."""
+    with httpx.Client(verify=False) as client:
+        request = client.build_request(method, f"https://{host}{path}", json=json)
+    head = [f"{method} {request.url.raw_path.decode()} HTTP/1.1".encode()]
+    head += [name + b": " + value for name, value in request.headers.raw]
+    return b"\r\n".join(head) + b"\r\n\r\n" + request.content
 
 
 class _Protocol(asyncio.Protocol):
@@ -164,9 +178,3 @@ def client_context(ca_file: Path, identity_file: Path | None = None) -> ssl.SSLC
     if identity_file is not None:
         ctx.load_cert_chain(str(identity_file))
     return ctx
-
-
-def local_ip(index: int) -> str:
-    """Spread connections over 127.0.0.0/8 source addresses so 25,000 hosts never run out of
-    ephemeral ports (about 28,000 per source address)."""
-    return f"127.{(index // 8000) + 1}.{(index // 250) % 32}.{index % 250 + 1}"

@@ -23,6 +23,7 @@ import gc
 import logging
 import multiprocessing
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -78,12 +79,25 @@ def serve_coordinator(
     this process (`config.workers` == 1) or in that many worker processes. Raises
     MusterError if workers keep failing."""
     logs.configure(config.log_format)
+    raise_open_files_limit()
     workers = config.workers
     with _metrics_directory():
         if workers == 1:
             _serve(paths, config, log_level=log_level, on_started=on_ready)
         else:
             Supervisor(paths, config, workers, log_level=log_level).run(on_ready)
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit (the forked workers
+    inherit it) and return it. Each agent holds a connection, so a worker holds about one file
+    per host it serves; a shell's usual soft limit (1,024) would refuse connections long before
+    the hard limit (systemd's LimitNOFILE, or `ulimit -Hn`) does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def metrics_base() -> Path:

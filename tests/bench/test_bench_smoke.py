@@ -1,17 +1,21 @@
 """The benchmark harness works end to end on a tiny fleet: a real coordinator process, hosts
-joined through the join API, heartbeats over mTLS, the floor route, joins, the check that every
-heartbeat reached the store; on SQLite and on PostgreSQL. No timing is asserted: only that
-every part produced results and nothing failed."""
+joined through the join API, heartbeats over mTLS, the floor route (closed and open loop), joins
+through the agent's own code, the check that every heartbeat reached the store; on SQLite and on
+PostgreSQL; and the independent Node.js generator on the same kind of fleet. No timing is
+asserted: only that every part produced results and nothing failed."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 from bench.coordinator import Store
 from bench.fleet import forget_fleets
+from bench.independent.__main__ import run_independent
 from bench.run import Plan, Results, run
 
+from tests.images import unavailable
 from tests.pgdb import ADMIN_URL, require_postgres
 
 pytestmark = pytest.mark.e2e
@@ -31,6 +35,8 @@ def _tiny_plan() -> Plan:
         joins=5,
         join_concurrency=2,
         listing_requests=1,
+        open_floor_s=1,
+        idle_s=1,
     )
 
 
@@ -39,10 +45,20 @@ def _assert_complete(results: Results) -> None:
     [level] = results.levels
     assert level["hosts"] == 20
     assert level["heartbeats"] > 0
+    assert level["latency"]["count"] >= level["heartbeats"]
+    # CPU beside every figure: the coordinator's (from /proc) and the generator's (getrusage).
+    assert level["coordinator_cpu_us"] > 0
+    assert level["generator_cpu_us"] > 0
+    assert level["open_floor"]["requests"] > 0
+    assert level["open_floor"]["failures"] == {}
+    assert level["kb_per_host"] is not None
     assert results.floor["ping"]["rps_best"] > 0
     assert results.floor["heartbeat"]["rps_best"] > 0
+    assert results.floor["heartbeat"]["generator_cpu_us_per_request"] > 0
     assert results.joins["joined"] == 5
-    assert results.listing["allocators"] == 21
+    assert results.joins["generator_cpu_ms_per_join"] > 0
+    assert results.listing_under_load["allocators"] == 21
+    assert results.listing["allocators"] == 26  # the fleet, the first host and the 5 joined
     assert results.persisted["heartbeat_persisted"] == 20
 
 
@@ -66,3 +82,15 @@ def test_quick_bench_on_postgresql_produces_results_without_errors(tmp_path: Pat
         assert store.exists(f"muster_bench_fleet_{fleet.name.rsplit('-', 1)[1]}")
     finally:
         forget_fleets(cache, store)
+
+
+def test_independent_generator_heartbeats_twenty_hosts_without_errors(tmp_path: Path) -> None:
+    if shutil.which("node") is None:
+        unavailable("no Node.js (`node`) for bench/independent")
+    result = run_independent(20, 1.0, 2.0, workers=1, cache=tmp_path / "cache")
+    assert result["connected"] == 20
+    assert result["heartbeats"] > 0
+    assert result["failed"] == 0
+    assert result["missed"] == 0
+    assert result["coordinator_cpu_s"] >= 0
+    assert result["generator_cpu_s"] > 0

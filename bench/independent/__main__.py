@@ -1,0 +1,131 @@
+"""`python -m bench.independent`: the heartbeat scenario driven by an independent load generator
+(heartbeat.mjs, Node.js, written from the wire protocol alone) against a coordinator on a copy of
+the cached fleet, as `python -m bench` starts one; prints the generator's JSON result.
+
+    python -m bench.independent --hosts 25000 --interval 10 --seconds 120
+    python -m bench.independent --hosts 100000 --interval 40 --seconds 120 --workers 8
+
+The coordinator's pid is handed to the generator, which reads its CPU from /proc itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import muster
+from bench.coordinator import SQLITE, Store, drop_storage
+from bench.fleet import CACHE, ensure_fleet
+from bench.loadgen import raise_fd_limit
+from bench.run import HOSTS_PER_PROCESS, _start_copy, workers_needed
+
+SCRIPT = Path(__file__).with_name("heartbeat.mjs")
+
+
+def command(
+    fleet: Path,
+    port: int,
+    pid: int,
+    hosts: int,
+    interval_s: float,
+    seconds: float,
+    *,
+    processes: int | None = None,
+) -> list[str]:
+    """The generator's command line (what docs/benchmarks.md shows)."""
+    args = ["node", str(SCRIPT), "--fleet", str(fleet), "--port", str(port)]
+    args += ["--hosts", str(hosts), "--interval", f"{interval_s:g}", "--seconds", f"{seconds:g}"]
+    args += ["--coordinator-pid", str(pid), "--version", muster.__version__]
+    if processes:
+        args += ["--processes", str(processes)]
+    return args
+
+
+def run_independent(
+    hosts: int,
+    interval_s: float,
+    seconds: float,
+    *,
+    fleet_hosts: int | None = None,
+    workers: int | None = None,
+    processes: int | None = None,
+    store: Store = SQLITE,
+    cache: Path = CACHE,
+) -> dict[str, Any]:
+    """Start a coordinator on a copy of the cached fleet (built if missing), run heartbeat.mjs
+    against it and return the generator's result. Raises RuntimeError if the generator fails."""
+    raise_fd_limit()
+    fleet = ensure_fleet(max(fleet_hosts or 0, hosts), store=store, cache=cache)
+    workers = workers or max(2, workers_needed(hosts))
+    work = Path(tempfile.mkdtemp(prefix="independent-", dir=cache))
+    try:
+        coordinator = _start_copy(
+            fleet.storage,
+            work / "storage",
+            work / "coordinator.log",
+            workers=workers,
+            store=store,
+            interval_s=interval_s,
+        )
+        try:
+            argv = command(
+                fleet.root,
+                coordinator.port,
+                coordinator.proc.pid,
+                hosts,
+                interval_s,
+                seconds,
+                processes=processes,
+            )
+            print(" ".join(argv), file=sys.stderr)
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        finally:
+            coordinator.stop()
+    finally:
+        drop_storage(work / "storage", store)
+        shutil.rmtree(work, ignore_errors=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"heartbeat.mjs exited {done.returncode}: {done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result["coordinator_workers"] = workers
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.independent", description=__doc__)
+    parser.add_argument("--hosts", type=int, required=True)
+    parser.add_argument("--interval", type=float, default=10.0, help="seconds between heartbeats")
+    parser.add_argument("--seconds", type=float, default=60.0, help="the measured window")
+    parser.add_argument("--fleet", type=int, help="hosts in the cached fleet (default: --hosts)")
+    parser.add_argument("--workers", type=int, help="coordinator worker processes")
+    parser.add_argument(
+        "--processes", type=int, help=f"generator processes (one per {HOSTS_PER_PROCESS:,} hosts)"
+    )
+    parser.add_argument("--database-url", help="a PostgreSQL server URL (as python -m bench)")
+    parser.add_argument("--out", type=Path, help="also write the JSON result here")
+    args = parser.parse_args(argv)
+    if shutil.which("node") is None:
+        parser.error("needs Node.js 20 (`node`) on PATH")
+    result = run_independent(
+        args.hosts,
+        args.interval,
+        args.seconds,
+        fleet_hosts=args.fleet,
+        workers=args.workers,
+        processes=args.processes,
+        store=Store(args.database_url) if args.database_url else SQLITE,
+    )
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    return 0 if result["failed"] == 0 and result["missed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
