@@ -6,10 +6,10 @@ unverified and checks it against the pin, then a second new TLS connection verif
 that CA that POSTs /api/v1/agent/join. A join counts once its 200 reply is read; its latency is
 the whole sequence, key included. Closed loop: `--concurrency` hosts join at any moment.
 
-The coordinator is `muster start --workers N` on a fresh installation (SQLite, or PostgreSQL
-with --database-url). Reported: joins/s, latency percentiles, the coordinator's CPU per join
-(all its processes, from /proc) and the generator's own CPU per join (its processes'
-getrusage): both share the machine's cores. `--against PORT:PID:TOKEN_FILE` measures a
+The coordinator is `muster start --workers N` on a fresh installation (SQLite). Reported:
+joins/s, latency percentiles, the coordinator's CPU per join (all its processes, from /proc)
+and the generator's own CPU per join (its processes' getrusage): both share the machine's
+cores. `--against PORT:PID:TOKEN_FILE` measures a
 coordinator that is already running instead (e.g. under a profiler; its CPU is read from /proc
 for PID and its child processes).
 """
@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from bench.coordinator import SQLITE, Coordinator, Store, free_port, install, secrets
+from bench.coordinator import Coordinator, free_port, install, secrets
 from bench.stats import loadavg, merge, summary_ms
 from bench.wire import Conn, WireError, local_ip, request_bytes
 from muster.agent.join import pinned_fingerprint
@@ -298,7 +298,6 @@ def main(argv: list[str] | None = None) -> int:
         default="agent",
         help="agent: the join; ca, floor: the same connections with less behind them",
     )
-    parser.add_argument("--database-url", help="PostgreSQL server (default: SQLite)")
     parser.add_argument("--against", help="PORT:PID:TOKEN_FILE of a running coordinator")
     parser.add_argument("--out", type=Path, help="results JSON")
     args = parser.parse_args(argv)
@@ -312,9 +311,6 @@ def main(argv: list[str] | None = None) -> int:
             rounds.append(_round(running, int(port_s), token, args, n))
             print(json.dumps(rounds[-1]), flush=True)
     else:
-        store = Store(args.database_url) if args.database_url else SQLITE
-        if store.server:
-            raise SystemExit("bench.joins: PostgreSQL is not wired in yet; use python -m bench")
         work = Path(tempfile.mkdtemp(prefix="muster-bench-joins-"))
         try:
             port = free_port()
