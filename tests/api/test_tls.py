@@ -15,6 +15,7 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 import uvicorn
+from cryptography.hazmat.primitives import serialization
 
 from muster.api import tls
 from muster.api.tls import PeerCertProtocol, peer_certificate, server_context
@@ -252,3 +253,51 @@ def test_a_connection_that_never_starts_tls_is_closed_after_the_handshake_timeou
     with _silent_connection(server_url) as silent:
         # asyncio's default would hold it 60 s; closed well before this socket's wait ends.
         assert _is_closed_by_server(silent, 20)
+
+
+def _handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> tuple[ssl.SSLObject, bytes]:
+    """A whole handshake in memory: the client's end, and every byte the server sent."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    c = client.wrap_bio(c_in, c_out, server_hostname="127.0.0.1")
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    sent = b""
+    done = {c: False, s: False}
+    while not all(done.values()):
+        for end, out, peer_in in ((c, c_out, s_in), (s, s_out, c_in)):
+            if not done[end]:
+                try:
+                    end.do_handshake()
+                    done[end] = True
+                except ssl.SSLWantReadError:
+                    pass
+            data = out.read()
+            sent += data if end is s else b""
+            peer_in.write(data)
+    with pytest.raises(ssl.SSLWantReadError):
+        c.read(1)  # takes in what the server sent after the handshake (tickets, if any)
+    return c, sent
+
+
+def test_the_server_sends_its_issuing_ca_and_no_session_ticket(
+    certificates: Pki, tmp_path: Path
+) -> None:
+    """The chain comes from the certificate's own issuer among the trusted CAs (here the second
+    of a rotation's bundle), as OpenSSL would build it; no host ever resumes a session."""
+    cert_file, key_file = certificates.identities["server"]
+    other = pki.create_ca(SystemClock().now(), "previous CA")
+    bundle = other.certificate_pem() + certificates.ca_file.read_text()
+    server = server_context(certfile=cert_file, keyfile=key_file, cadata=bundle)
+    assert server.num_tickets == 0
+    client = ssl.create_default_context(cafile=str(certificates.ca_file))
+    client.maximum_version = ssl.TLSVersion.TLSv1_2  # the Certificate message in the clear
+    _, sent = _handshake(server, client)
+    ca_der = pki.load_certificate(certificates.ca_file.read_text()).public_bytes(
+        serialization.Encoding.DER
+    )
+    assert ca_der in sent
+    assert other.certificate.public_bytes(serialization.Encoding.DER) not in sent
+    modern = ssl.create_default_context(cafile=str(certificates.ca_file))
+    end, _ = _handshake(server, modern)
+    assert end.version() == "TLSv1.3"
+    assert end.session is not None
+    assert not end.session.has_ticket

@@ -1,6 +1,7 @@
 """The coordinator's ASGI edge, outermost in front of FastAPI: every request body is read here,
-once (413 past the limit, chunked or not), and the agents' two hot requests are answered here
-without FastAPI's layers: heartbeats (one per host per interval) and joins (in bursts).
+once (413 past the limit, chunked or not), and the agents' hot requests are answered here
+without FastAPI's layers: heartbeats (one per host per interval) and joins (in bursts), with
+the platform CA that every joining host fetches first.
 
 A fast path answers only what succeeds, with the route's reply byte for byte. Anything else (no
 or unknown client certificate, a body the route's model refuses, a larger body than an agent
@@ -24,9 +25,9 @@ from muster.api import metrics
 from muster.api.app import MAX_BODY_BYTES, error_response
 from muster.api.headers import JSON_REPLY_HEADERS
 from muster.api.routes.agent import REFUSED, join_reply, join_request
-from muster.api.schemas import HeartbeatReply, HostReportModel, JoinRequestModel
+from muster.api.schemas import HeartbeatReply, HostReportModel, JoinRequestModel, PlatformCAReply
 from muster.api.tls import peer_certificate
-from muster.domain import runners
+from muster.domain import pki, runners
 from muster.domain.desired import InstanceVersions
 from muster.domain.identities import CoordinatorDirectory, RunnerIdentities
 from muster.domain.platform import Platform
@@ -34,6 +35,7 @@ from muster.errors import PayloadTooLargeError
 
 HEARTBEAT_PATH = "/api/v1/agent/heartbeat"
 JOIN_PATH = "/api/v1/agent/join"
+CA_PATH = "/api/v1/agent/ca"
 PING_PATH = "/api/v1/agent/_ping"
 # A report is ~150 bytes (plus ~300 per instance an allocator runs), a join 2-3 KB: a larger
 # body (an allocator with hundreds of instances) goes to the route, which answers the same.
@@ -79,6 +81,9 @@ class Edge:
         self._reply_addresses: tuple[str, ...] | None = None
         self._replies: dict[int, list[Message]] = {}
         self._reply_trusted: tuple[str, ...] | None = None
+        # GET /agent/ca's reply, rendered again when the trusted CAs change (a rotation).
+        self._ca_trusted: tuple[str, ...] | None = None
+        self._ca_reply: list[Message] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,6 +103,11 @@ class Edge:
             return
         if body is None:
             return  # the client left before its request was whole: nobody to answer
+        if path == CA_PATH and scope["method"] == "GET" and not scope.get("query_string"):
+            metrics.note_route(scope, CA_PATH)
+            for message in self._platform_ca_reply():
+                await send(message)
+            return
         if (
             scope["method"] == "POST"
             and path in (HEARTBEAT_PATH, JOIN_PATH)
@@ -164,6 +174,23 @@ class Edge:
                 self._replies = {}
             reply = self._replies[version] = _json_reply(content)
         return reply
+
+    def _platform_ca_reply(self) -> list[Message]:
+        """The route's reply (`get_platform_ca`), byte for byte: every joining host asks for it
+        first, on a connection of its own, so it costs no more than the floor."""
+        trusted = self.platform.ca_fingerprints
+        if trusted is not self._ca_trusted:
+            model = PlatformCAReply(
+                ca_certificate=self.platform.ca.certificate_pem(),
+                ca_fingerprint=self.platform.ca_fingerprint,
+                ca_certificates=[
+                    pki.certificate_to_pem(c)
+                    for c in pki.load_certificates(self.platform.ca_bundle_pem)
+                ],
+            )
+            self._ca_reply = _json_reply(_render(model))
+            self._ca_trusted = trusted
+        return self._ca_reply
 
     async def _join(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
         # FastAPI's layers, its thread pool hop and its response validation cost about as much
@@ -285,6 +312,17 @@ def _parse(model: type[_Model], body: bytes) -> _Model | None:
         return model.model_validate(json.loads(body))
     except (ValueError, RecursionError, ValidationError):
         return None
+
+
+def _render(model: BaseModel) -> bytes:
+    """Starlette's JSONResponse rendering of a route's reply model, byte for byte."""
+    return json.dumps(
+        model.model_dump(mode="json"),
+        ensure_ascii=False,
+        allow_nan=False,
+        indent=None,
+        separators=(",", ":"),
+    ).encode()
 
 
 def _json_reply(content: bytes) -> list[Message]:

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import ssl
+import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -65,13 +66,42 @@ def server_context(
 ) -> ssl.SSLContext:
     """TLS 1.2+ server context; a client certificate is optional (browsers and curl have none)
     but, when sent, must chain to a platform CA (`cafile` or `cadata`: one, or a bundle of the
-    current and previous CAs during a CA rotation)."""
+    current and previous CAs during a CA rotation).
+
+    Every new connection's handshake is on a joining host's path (docs/benchmarks.md, 'Joins,
+    second round'), so the context is set up for what a handshake costs the server: the
+    certificate is loaded with its issuing CA as its chain (else OpenSSL builds that same chain
+    from the trust store again in every handshake, and sends the same bytes), and no TLS 1.3
+    session ticket is sent (agents keep one connection open and never resume a session; each
+    ticket costs the server an encryption and a write per connection)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(certfile=str(certfile), keyfile=str(keyfile))
-    ctx.load_verify_locations(cafile=str(cafile) if cafile else None, cadata=cadata)
+    ctx.num_tickets = 0
+    trusted = Path(cafile).read_text() if cafile else (cadata or "")
+    _load_with_chain(ctx, certfile, keyfile, trusted)
+    ctx.load_verify_locations(cadata=trusted or None)
     ctx.verify_mode = ssl.CERT_OPTIONAL
     return ctx
+
+
+def _load_with_chain(ctx: ssl.SSLContext, certfile: Path, keyfile: Path, trusted: str) -> None:
+    """Load the certificate and key, the certificate followed by the CA of `trusted` that issued
+    it (none found: the certificate alone, and OpenSSL builds the chain as before)."""
+    cert_pem = certfile.read_text()
+    try:
+        leaf = pki.load_certificate(cert_pem)
+        issuers = [ca for ca in pki.load_certificates(trusted) if pki.is_issued_by(leaf, ca)]
+    except ValueError:
+        issuers = []
+    if not issuers or leaf == issuers[0]:
+        ctx.load_cert_chain(certfile=str(certfile), keyfile=str(keyfile))
+        return
+    # load_cert_chain reads files only: the chain (public certificates) goes through one that
+    # lives only while it is read.
+    with tempfile.TemporaryDirectory(prefix="muster-chain-") as folder:
+        chain = Path(folder) / "chain.pem"
+        chain.write_text(cert_pem.rstrip("\n") + "\n" + pki.certificate_to_pem(issuers[0]))
+        ctx.load_cert_chain(certfile=str(chain), keyfile=str(keyfile))
 
 
 class ServerTLS:

@@ -1,0 +1,337 @@
+"""`python -m bench.joins`: new hosts joining as the agent joins (muster.agent.join), measured.
+
+Each join is a new host: its own new ECDSA P-256 key and CSR (the agent's `pki` calls), the
+CA pin read from the roles token, a new TLS connection that fetches GET /api/v1/agent/ca
+unverified and checks it against the pin, then a second new TLS connection verified against
+that CA that POSTs /api/v1/agent/join. A join counts once its 200 reply is read; its latency is
+the whole sequence, key included. Closed loop: `--concurrency` hosts join at any moment.
+
+The coordinator is `muster start --workers N` on a fresh installation (SQLite). Reported:
+joins/s, latency percentiles, the coordinator's CPU per join (all its processes, from /proc)
+and the generator's own CPU per join (its processes' getrusage): both share the machine's
+cores. `--against PORT:PID:TOKEN_FILE` measures a
+coordinator that is already running instead (e.g. under a profiler; its CPU is read from /proc
+for PID and its child processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import resource
+import shutil
+import ssl
+import sys
+import tempfile
+import time
+from array import array
+from collections import Counter
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from bench.coordinator import Coordinator, free_port, install, secrets
+from bench.stats import loadavg, merge, summary_ms
+from bench.wire import Conn, WireError, local_ip, request_bytes
+from muster.agent.join import pinned_fingerprint
+from muster.domain import pki
+
+CA_PATH = "/api/v1/agent/ca"
+JOIN_PATH = "/api/v1/agent/join"
+PING_PATH = "/api/v1/agent/_ping"  # the floor route (bench.coordinator's BENCH_ENV)
+
+
+@dataclass(frozen=True)
+class Job:
+    port: int
+    token: str
+    joins: int
+    concurrency: int
+    prefix: str  # runner ids: <prefix>-<n>
+    first_index: int  # spreads source addresses over 127.0.0.0/8 across processes
+    # "agent": the agent's sequence. For attributing the coordinator's CPU, the same two new
+    # connections with less behind them: "ca" (GET /agent/ca, then the empty 200 floor route
+    # instead of the join), "floor" (the floor route on both).
+    sequence: str = "agent"
+
+
+def _unverified_context() -> ssl.SSLContext:
+    # As `httpx.get(..., verify=False)` in fetch_pinned_ca: the pin is the authentication.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+class Joiner:
+    """One generator process's hosts, joining `concurrency` at a time."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.address = f"127.0.0.1:{job.port}"
+        self.pin = pinned_fingerprint(job.token, None)
+        self.unverified = _unverified_context()
+        # The agent makes this context from the CA it fetched (`tls_context(ca_pem=...)`), per
+        # join; the generator keeps one per CA so that its own cost stays small. The
+        # coordinator sees the same handshake either way.
+        self.verified: dict[str, ssl.SSLContext] = {}
+        self.latency = array("d")
+        self.failures: Counter[str] = Counter()
+        self._ca_pem = ""  # the "floor" sequence's CA, fetched once
+
+    async def prepare(self) -> None:
+        if self.job.sequence == "floor":
+            ctx, raw = self.unverified, request_bytes("GET", CA_PATH, self.address)
+            conn = await Conn.open("127.0.0.1", self.job.port, ctx)
+            try:
+                self._ca_pem = str(json.loads((await conn.call(raw)).body)["ca_certificate"])
+            finally:
+                conn.close()
+
+    def _context_for(self, ca_pem: str) -> ssl.SSLContext:
+        ctx = self.verified.get(ca_pem)
+        if ctx is None:
+            ctx = self.verified[ca_pem] = ssl.create_default_context(cadata=ca_pem)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+    async def _call(self, ctx: ssl.SSLContext, raw: bytes, n: int) -> tuple[int, bytes]:
+        conn = await Conn.open("127.0.0.1", self.job.port, ctx, local_ip=local_ip(n))
+        try:
+            reply = await conn.call(raw, timeout_s=60)
+        finally:
+            conn.close()
+        return reply.status, reply.body
+
+    async def one(self, n: int) -> None:
+        started = time.monotonic()
+        rid = f"{self.job.prefix}-{n:06d}"
+        pin = pinned_fingerprint(self.job.token, None)
+        # agent -> coordinator, no trust yet: the CA, checked against the token's pin.
+        first = CA_PATH if self.job.sequence != "floor" else PING_PATH
+        status, body = await self._call(
+            self.unverified, request_bytes("GET", first, self.address), n
+        )
+        if self.job.sequence == "floor":
+            body = json.dumps({"ca_certificate": self._ca_pem}).encode()
+        if status != 200:
+            self.failures[f"ca: http {status}"] += 1
+            return
+        ca_pem = str(json.loads(body)["ca_certificate"])
+        if not pki.fingerprints_match(pin, pki.load_certificate(ca_pem)):
+            self.failures["ca: pin mismatch"] += 1
+            return
+        # The host's own key, never sent; the CSR for it.
+        key = pki.generate_private_key()
+        join = {
+            "token": self.job.token,
+            "csr": pki.build_csr(key, rid),
+            "runner_id": rid,
+            "host_ip": local_ip(n),
+            "zone": ("ece-zone-1", "ece-zone-2", "ece-zone-3")[n % 3],
+            "public_hostname": "",
+            "capacity_mb": 65536,
+            "tags": {},
+            "report": {"memory_mb": 65536, "storage_mib": 512000, "cpus": 16},
+            "roles": ["allocator"],
+        }
+        raw = request_bytes("POST", JOIN_PATH, self.address, json.dumps(join).encode())
+        if self.job.sequence != "agent":
+            status, _ = await self._call(
+                self._context_for(ca_pem), request_bytes("GET", PING_PATH, self.address), n
+            )
+            if status != 200:
+                self.failures[f"floor: http {status}"] += 1
+            else:
+                self.latency.append(time.monotonic() - started)
+            return
+        status, body = await self._call(self._context_for(ca_pem), raw, n)
+        if status != 200:
+            self.failures[f"join: http {status}: {body[:100]!r}"] += 1
+            return
+        reply = json.loads(body)
+        if reply["runner_id"] != rid or "BEGIN CERTIFICATE" not in reply["certificate"]:
+            self.failures["join: unexpected reply"] += 1
+            return
+        self.latency.append(time.monotonic() - started)
+
+    async def run(self) -> dict[str, Any]:
+        gate = asyncio.Semaphore(self.job.concurrency)
+
+        async def gated(n: int) -> None:
+            async with gate:
+                try:
+                    await self.one(n)
+                except WireError as exc:
+                    self.failures[str(exc)[:60]] += 1
+
+        cpu0 = _cpu_s()
+        started = time.monotonic()
+        first = self.job.first_index
+        await asyncio.gather(*(gated(first + i) for i in range(self.job.joins)))
+        return {
+            "joined": len(self.latency),
+            "seconds": time.monotonic() - started,
+            "cpu_s": _cpu_s() - cpu0,
+            "latency": self.latency.tobytes(),
+            "failures": dict(self.failures),
+        }
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _generator_main(pipe: Connection, job: Job) -> None:
+    import uvloop
+
+    uvloop.install()
+    joiner = Joiner(job)
+
+    async def main() -> dict[str, Any]:
+        await joiner.prepare()
+        pipe.send("ready")
+        await asyncio.get_running_loop().run_in_executor(None, pipe.recv)  # go
+        return await joiner.run()
+
+    pipe.send(asyncio.run(main()))
+
+
+def measure(
+    port: int,
+    token: str,
+    *,
+    joins: int,
+    concurrency: int,
+    processes: int,
+    prefix: str,
+    sequence: str = "agent",
+) -> dict[str, Any]:
+    """Run the generator processes against the coordinator on `port`; their merged figures
+    (CPU of the coordinator is read by the caller around this)."""
+    ctx = mp.get_context("spawn")
+    pipes, procs = [], []
+    for p in range(processes):
+        parent, child = ctx.Pipe()
+        share = joins // processes + (1 if p < joins % processes else 0)
+        job = Job(
+            port,
+            token,
+            share,
+            max(1, concurrency // processes),
+            f"{prefix}{p}",
+            p * 100_000,
+            sequence,
+        )
+        proc = ctx.Process(target=_generator_main, args=(child, job), daemon=True)
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    for pipe in pipes:
+        pipe.recv()
+    for pipe in pipes:
+        pipe.send("go")
+    answers = [pipe.recv() for pipe in pipes]
+    for proc in procs:
+        proc.join(timeout=10)
+    failures: Counter[str] = Counter()
+    for a in answers:
+        failures.update(a["failures"])
+    return {
+        "joined": sum(a["joined"] for a in answers),
+        "seconds": max(a["seconds"] for a in answers),
+        "generator_cpu_s": sum(a["cpu_s"] for a in answers),
+        "latency": merge(a["latency"] for a in answers),
+        "failures": dict(failures),
+    }
+
+
+@dataclass(frozen=True)
+class _Running:
+    """The process a running coordinator was started as (Coordinator reads its /proc)."""
+
+    pid: int
+
+
+def _round(
+    coordinator: Coordinator | None, port: int, token: str, args: argparse.Namespace, n: int
+) -> dict[str, Any]:
+    cpu0 = coordinator.cpu_s() if coordinator else 0.0
+    out = measure(
+        port,
+        token,
+        joins=args.joins,
+        concurrency=args.concurrency,
+        processes=args.processes,
+        prefix=f"j{int(time.time()) % 100000}r{n}p",
+        sequence=args.sequence,
+    )
+    cpu = coordinator.cpu_s() - cpu0 if coordinator else float("nan")
+    joined = max(1, out["joined"])
+    return {
+        "joined": out["joined"],
+        "rate": round(out["joined"] / out["seconds"]),
+        "latency": summary_ms(out["latency"]),
+        "coordinator_cpu_ms_per_join": round(cpu / joined * 1000, 3),
+        "generator_cpu_ms_per_join": round(out["generator_cpu_s"] / joined * 1000, 3),
+        "failures": out["failures"],
+        "sequence": args.sequence,
+        "load": loadavg(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.joins", description=__doc__)
+    parser.add_argument("--joins", type=int, default=2000, help="hosts joined per round")
+    parser.add_argument("--concurrency", type=int, default=64, help="hosts joining at once")
+    parser.add_argument("--processes", type=int, default=2, help="generator processes")
+    parser.add_argument("--workers", type=int, default=2, help="`muster start --workers`")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--sequence",
+        choices=["agent", "ca", "floor"],
+        default="agent",
+        help="agent: the join; ca, floor: the same connections with less behind them",
+    )
+    parser.add_argument("--against", help="PORT:PID:TOKEN_FILE of a running coordinator")
+    parser.add_argument("--out", type=Path, help="results JSON")
+    args = parser.parse_args(argv)
+    results: dict[str, Any] = {"command": "python -m bench.joins " + " ".join(sys.argv[1:])}
+    rounds = []
+    if args.against:
+        port_s, pid_s, token_file = args.against.split(":", 2)
+        token = Path(token_file).read_text().strip()
+        running = Coordinator(Path(), int(port_s), _Running(int(pid_s)))  # type: ignore[arg-type]
+        for n in range(args.rounds):
+            rounds.append(_round(running, int(port_s), token, args, n))
+            print(json.dumps(rounds[-1]), flush=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="muster-bench-joins-"))
+        try:
+            port = free_port()
+            install(work / "host", port, work / "log.txt")
+            token = str(secrets(work / "host")["allocator_only_token"])
+            coordinator = Coordinator.start(
+                work / "host", port, work / "log.txt", workers=args.workers
+            )
+            try:
+                for n in range(args.rounds):
+                    rounds.append(_round(coordinator, port, token, args, n))
+                    print(json.dumps(rounds[-1]), flush=True)
+            finally:
+                coordinator.stop()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    results["rounds"] = rounds
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
