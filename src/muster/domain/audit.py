@@ -50,6 +50,8 @@ SIGNING_KEY_RETIRED = "signing_key.retired"
 CA_ROTATED = "ca.rotated"
 CA_RETIRED = "ca.retired"
 SERVER_CERTIFICATE_ROTATED = "server_certificate.rotated"
+TLS_CERTIFICATE_ISSUED = "tls.certificate_issued"
+TLS_CERTIFICATE_INSTALLED = "tls.certificate_installed"
 
 KINDS = (
     TOKEN_CREATED,
@@ -88,6 +90,8 @@ KINDS = (
     CA_ROTATED,
     CA_RETIRED,
     SERVER_CERTIFICATE_ROTATED,
+    TLS_CERTIFICATE_ISSUED,
+    TLS_CERTIFICATE_INSTALLED,
 )
 
 
