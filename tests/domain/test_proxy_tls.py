@@ -50,12 +50,16 @@ def test_the_proxy_certificate_is_a_wildcard_for_the_domain_from_the_platform_ca
     key = pki.load_private_key(chain.private_key_pem)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     assert key.public_key() == chain.leaf.public_key()  # the key stored is the leaf's
-    (issued,) = events(platform, audit.TLS_CERTIFICATE_ISSUED)
-    assert issued["reason"] == "missing"
-    assert issued["fingerprint"] == chain.fingerprint
-    assert "PRIVATE" not in repr(issued)
-    assert "BEGIN" not in repr(issued)
     assert chain.private_key_pem not in repr(chain)
+
+
+def test_the_proxy_certificate_is_issued_with_the_platform_and_when_missing(
+    platform: Platform,
+) -> None:
+    assert proxy_tls.find_chain(platform, "proxy") is not None  # create_platform stored it
+    assert events(platform, audit.TLS_CERTIFICATE_ISSUED) == []  # and nothing more was written
+    now, ca = platform.clock.now(), platform.ca.certificate
+    assert proxy_tls.renewal_reason(None, domain=DOMAIN, ca=ca, now=now) == "missing"
 
 
 def test_the_proxy_certificate_is_issued_once_and_kept_while_not_due(
@@ -64,7 +68,7 @@ def test_the_proxy_certificate_is_issued_once_and_kept_while_not_due(
     first = proxy_tls.ensure_proxy_chain(platform)
     clock.advance(proxy_tls.PROXY_CERT_VALIDITY / 2)  # half its life left: not due
     assert proxy_tls.ensure_proxy_chain(platform).fingerprint == first.fingerprint
-    assert len(events(platform, audit.TLS_CERTIFICATE_ISSUED)) == 1
+    assert events(platform, audit.TLS_CERTIFICATE_ISSUED) == []
 
 
 def test_the_proxy_certificate_is_renewed_with_a_third_of_its_life_left(
@@ -76,10 +80,12 @@ def test_the_proxy_certificate_is_renewed_with_a_third_of_its_life_left(
     assert renewed.fingerprint != first.fingerprint
     assert renewed.leaf.not_valid_after_utc > first.leaf.not_valid_after_utc
     assert renewed.private_key_pem != first.private_key_pem
-    assert [e["reason"] for e in events(platform, audit.TLS_CERTIFICATE_ISSUED)] == [
-        "expiring",
-        "missing",
-    ]
+    (issued,) = events(platform, audit.TLS_CERTIFICATE_ISSUED)
+    assert issued["reason"] == "expiring"
+    assert issued["fingerprint"] == renewed.fingerprint
+    assert issued["actor"] == "platform"
+    assert "PRIVATE" not in repr(issued)
+    assert "BEGIN" not in repr(issued)
 
 
 def test_the_proxy_certificate_is_issued_again_when_the_domain_changes(

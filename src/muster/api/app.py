@@ -29,6 +29,7 @@ from muster.domain.desired import InstanceVersions
 from muster.domain.identities import CoordinatorDirectory, Refresher, RunnerIdentities
 from muster.domain.liveness import Flusher
 from muster.domain.platform import Platform
+from muster.domain.proxy_tls import ProxyCertificates
 from muster.errors import MusterError, RateLimitedError, UnauthenticatedError
 
 log = logging.getLogger(__name__)
@@ -194,13 +195,21 @@ def create_app(
     identities = RunnerIdentities(platform)
     directory = CoordinatorDirectory(platform, coordinators or [])
     versions = InstanceVersions(platform)  # what heartbeat replies tell allocator hosts
+    # The proxies' certificate: issued, renewed when due and issued again for a new deployment
+    # domain or CA by the refresher's thread (the first coordinator process to see it due does).
+    proxy_certificates = ProxyCertificates(platform)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         flusher = Flusher(platform.liveness, period_s=flush_period_s)
         flusher.start()
         refresher = Refresher(
-            identities, directory, also={"desired instances versions": versions.refresh}
+            identities,
+            directory,
+            also={
+                "desired instances versions": versions.refresh,
+                "the proxy certificate": proxy_certificates.refresh,
+            },
         )
         refresher.start()
         constructor = Constructor(platform, lost_grace=timedelta(seconds=lost_allocator_grace_s))
@@ -228,6 +237,7 @@ def create_app(
     app.state.identities = identities
     app.state.coordinators = directory
     app.state.instance_versions = versions
+    app.state.proxy_certificates = proxy_certificates
 
     @app.exception_handler(MusterError)
     async def _muster_error(_request: Request, exc: MusterError) -> Response:
@@ -277,6 +287,7 @@ def create_app(
         agent,
         allocators,
         audit,
+        certificates,
         deployments,
         rotation,
         runners,
@@ -299,6 +310,7 @@ def create_app(
             vacate,
             platform_api,
             rotation,
+            certificates,
         )
     ]
     for router in api_routers:

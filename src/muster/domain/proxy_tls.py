@@ -212,6 +212,11 @@ def issue_proxy_chain(ca: pki.CertificateAuthority, domain: str, now: datetime) 
     )
 
 
+def store_first_proxy_chain(tx: Transaction, ca: pki.CertificateAuthority, now: datetime) -> None:
+    """At the platform's creation, in its transaction: the proxies' first chain."""
+    _store(tx, issue_proxy_chain(ca, deployment_domain(tx), now))
+
+
 def _ca_of(tx: Transaction) -> pki.CertificateAuthority:
     cert, key = tx.find_setting(CA_CERT), tx.find_setting(CA_KEY)
     if cert is None or key is None:
