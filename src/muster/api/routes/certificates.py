@@ -113,7 +113,7 @@ async def set_tls_certificate(
     renewed by the platform."""
     service = proxy_tls.service_of(service_name)
     text = _chain_text(await request.body())
-    await run_in_threadpool(
+    chain = await run_in_threadpool(
         proxy_tls.install_chain,
         platform_of(request),
         principal,
@@ -121,6 +121,11 @@ async def set_tls_certificate(
         text,
         source=source_of(request),
     )
+    tls = getattr(request.app.state, "server_tls", None)
+    if service == proxy_tls.UI and isinstance(tls, ServerTLS):
+        # Served by this process at once; the others take it up within a reload.
+        tls.use_ui_chain(chain)
+        await run_in_threadpool(tls.reload)
     return UpdatedTlsChain(service=service)
 
 
