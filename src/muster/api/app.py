@@ -29,6 +29,7 @@ from muster.domain.desired import InstanceVersions
 from muster.domain.identities import CoordinatorDirectory, Refresher, RunnerIdentities
 from muster.domain.liveness import Flusher
 from muster.domain.platform import Platform
+from muster.domain.routing import Routes
 from muster.errors import MusterError, RateLimitedError, UnauthenticatedError
 
 log = logging.getLogger(__name__)
@@ -194,13 +195,16 @@ def create_app(
     identities = RunnerIdentities(platform)
     directory = CoordinatorDirectory(platform, coordinators or [])
     versions = InstanceVersions(platform)  # what heartbeat replies tell allocator hosts
+    routes = Routes(platform)  # the routing table proxies fetch, and its version for heartbeats
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         flusher = Flusher(platform.liveness, period_s=flush_period_s)
         flusher.start()
         refresher = Refresher(
-            identities, directory, also={"desired instances versions": versions.refresh}
+            identities,
+            directory,
+            also={"desired instances versions": versions.refresh, "routing table": routes.refresh},
         )
         refresher.start()
         constructor = Constructor(platform, lost_grace=timedelta(seconds=lost_allocator_grace_s))
@@ -228,6 +232,7 @@ def create_app(
     app.state.identities = identities
     app.state.coordinators = directory
     app.state.instance_versions = versions
+    app.state.routes = routes
 
     @app.exception_handler(MusterError)
     async def _muster_error(_request: Request, exc: MusterError) -> Response:
@@ -278,6 +283,7 @@ def create_app(
         allocators,
         audit,
         deployments,
+        networking,
         rotation,
         runners,
         tokens,
@@ -299,6 +305,7 @@ def create_app(
             vacate,
             platform_api,
             rotation,
+            networking,
         )
     ]
     for router in api_routers:
@@ -319,6 +326,7 @@ def create_app(
         identities=identities,
         directory=directory,
         versions=versions,
+        routes=routes,
         ping=bench_routes,
     )
     # Outermost: NUL in a path or query is refused, and every unexpected error ends here.

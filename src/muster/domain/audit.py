@@ -50,6 +50,7 @@ SIGNING_KEY_RETIRED = "signing_key.retired"
 CA_ROTATED = "ca.rotated"
 CA_RETIRED = "ca.retired"
 SERVER_CERTIFICATE_ROTATED = "server_certificate.rotated"
+DEPLOYMENT_DOMAIN_CHANGED = "platform.deployment_domain_changed"
 
 KINDS = (
     TOKEN_CREATED,
@@ -88,6 +89,7 @@ KINDS = (
     CA_ROTATED,
     CA_RETIRED,
     SERVER_CERTIFICATE_ROTATED,
+    DEPLOYMENT_DOMAIN_CHANGED,
 )
 
 
