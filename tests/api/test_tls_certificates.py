@@ -4,6 +4,7 @@ shape without a change, GET showing what POST installed, and only proxy hosts re
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -12,14 +13,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from muster.api.app import create_app
-from muster.domain import audit, pki, proxy_tls
+from muster.domain import audit, networking, pki, proxy_tls
 from tests.api.test_fastpath import WithCert
+from tests.api.test_routes import DOMAIN, PROXY, CertByHeader, ProxyFleet
 from tests.chains import key_pem, make_chain
 from tests.conftest import Installed, create_token, join
 
 TLS = "/api/v1/platform/configuration/security/tls"
 AGENT_CERTIFICATE = "/api/v1/agent/proxy/certificate"
-WILDCARD = f"*.{proxy_tls.DEFAULT_DEPLOYMENT_DOMAIN}"
+WILDCARD = f"*.{networking.DEFAULT_DOMAIN}"
 
 
 def chain_setting(installed: Installed, service: str) -> str | None:
@@ -36,7 +38,7 @@ def test_readonly_reads_the_platform_issued_proxy_chain(
     assert body["user_supplied"] is False
     assert body["api_managed"] is True
     leaf, ca = (pki.load_certificate(pem) for pem in body["chain"])
-    assert pki.subject_alternative_names(leaf)[0] == [WILDCARD, proxy_tls.DEFAULT_DEPLOYMENT_DOMAIN]
+    assert pki.subject_alternative_names(leaf)[0] == [WILDCARD, networking.DEFAULT_DOMAIN]
     assert ca == installed.platform.ca.certificate
     assert "PRIVATE" not in reply.text
     status = body["chain_status"]
@@ -202,3 +204,45 @@ def test_a_proxy_host_gets_the_chain_an_admin_installed(
     body = client.get(AGENT_CERTIFICATE).json()
     assert body["certificate_chain"] == "".join(mine.chain_pems())
     assert body["private_key"] == key_pem(mine.key)
+
+
+# ---- the routing table names the certificate -----------------------------------------------------
+
+
+@pytest.fixture
+def fleet(installed: Installed) -> Iterator[ProxyFleet]:
+    app = create_app(installed.platform, flush_period_s=3600, coordinators=["10.0.0.1:12443"])
+    wrapper = CertByHeader(app)
+    with TestClient(wrapper, base_url="https://testserver") as client:
+        yield ProxyFleet(client, wrapper, app, installed)
+
+
+def test_a_new_proxy_certificate_changes_the_routing_table_version(fleet: ProxyFleet) -> None:
+    """Installed by an admin, or issued again for a new domain: the routes reply's
+    tls_fingerprint is the certificate's, so its version moves and proxies fetch it."""
+    first = fleet.table()
+    fleet.wrapper.cert = fleet.certs[PROXY]
+    assert first["tls_fingerprint"] == fleet.client.get(AGENT_CERTIFICATE).json()["fingerprint"]
+
+    domain = "apps.example.com"
+    assert fleet.admin("PUT", DOMAIN, json={"value": domain}).status_code == 200
+    fleet.app.state.proxy_certificates.refresh()  # the refresher thread's step, now
+    fleet.refresh()
+    moved = fleet.table()
+    assert moved["routes_version"] != first["routes_version"]
+    assert moved["tls_fingerprint"] != first["tls_fingerprint"]
+    fleet.wrapper.cert = fleet.certs[PROXY]
+    fetched = fleet.client.get(AGENT_CERTIFICATE).json()
+    assert fetched["fingerprint"] == moved["tls_fingerprint"]
+    leaf = pki.load_certificates(fetched["certificate_chain"])[0]
+    assert pki.subject_alternative_names(leaf)[0] == [f"*.{domain}", domain]
+
+    mine = make_chain([f"*.{domain}"], now=fleet.installed.clock.now())
+    assert fleet.admin("POST", f"{TLS}/proxy", content=mine.body()).status_code == 202
+    fleet.refresh()
+    installed = fleet.table()
+    assert installed["routes_version"] != moved["routes_version"]
+    assert (
+        installed["tls_fingerprint"]
+        == hashlib.sha256("".join(mine.chain_pems()).encode()).hexdigest()
+    )

@@ -11,14 +11,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from muster.clock import FakeClock
-from muster.domain import audit, pki, proxy_tls, rotation
+from muster.domain import audit, networking, pki, proxy_tls, rotation
 from muster.domain.platform import Platform
 from muster.domain.users import Principal
 from muster.errors import ForbiddenError, InvalidInputError, NotFoundError
 from tests.chains import key_pem, make_chain
 
 ADMIN = Principal(name="admin", role="admin", method="basic")
-DOMAIN = proxy_tls.DEFAULT_DEPLOYMENT_DOMAIN
+DOMAIN = networking.DEFAULT_DOMAIN
 
 
 def events(platform: Platform, kind: str) -> list[dict[str, Any]]:
@@ -28,8 +28,7 @@ def events(platform: Platform, kind: str) -> list[dict[str, Any]]:
 
 
 def set_domain(platform: Platform, domain: str) -> None:
-    with platform.store.write() as tx:
-        tx.put_setting(proxy_tls.DEPLOYMENT_DOMAIN, domain)
+    networking.set_deployment_domain(platform, ADMIN, domain, source="198.51.100.7")
 
 
 def install(platform: Platform, service: str, body: str) -> proxy_tls.TlsChain:

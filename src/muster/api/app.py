@@ -30,6 +30,7 @@ from muster.domain.identities import CoordinatorDirectory, Refresher, RunnerIden
 from muster.domain.liveness import Flusher
 from muster.domain.platform import Platform
 from muster.domain.proxy_tls import ProxyCertificates
+from muster.domain.routing import Routes
 from muster.errors import MusterError, RateLimitedError, UnauthenticatedError
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,7 @@ def create_app(
     # The proxies' certificate: issued, renewed when due and issued again for a new deployment
     # domain or CA by the refresher's thread (the first coordinator process to see it due does).
     proxy_certificates = ProxyCertificates(platform)
+    routes = Routes(platform)  # the routing table proxies fetch, and its version for heartbeats
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -208,7 +210,9 @@ def create_app(
             directory,
             also={
                 "desired instances versions": versions.refresh,
+                # Before the routing table: a renewed certificate is in the same round's table.
                 "the proxy certificate": proxy_certificates.refresh,
+                "routing table": routes.refresh,
             },
         )
         refresher.start()
@@ -238,6 +242,7 @@ def create_app(
     app.state.coordinators = directory
     app.state.instance_versions = versions
     app.state.proxy_certificates = proxy_certificates
+    app.state.routes = routes
 
     @app.exception_handler(MusterError)
     async def _muster_error(_request: Request, exc: MusterError) -> Response:
@@ -289,6 +294,7 @@ def create_app(
         audit,
         certificates,
         deployments,
+        networking,
         rotation,
         runners,
         tokens,
@@ -311,6 +317,7 @@ def create_app(
             platform_api,
             rotation,
             certificates,
+            networking,
         )
     ]
     for router in api_routers:
@@ -331,6 +338,7 @@ def create_app(
         identities=identities,
         directory=directory,
         versions=versions,
+        routes=routes,
         ping=bench_routes,
     )
     # Outermost: NUL in a path or query is refused, and every unexpected error ends here.

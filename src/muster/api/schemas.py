@@ -392,6 +392,32 @@ class HeartbeatReply(Reply):
     # The host's desired-instances version: when it is not the one the host holds, it fetches
     # GET /api/v1/agent/instances.
     instances_version: int = 0
+    # A proxy host's routing table version (None for other hosts): when it is not the one the
+    # proxy serves, it fetches GET /api/v1/agent/routes.
+    routes_version: str | None = None
+
+
+class RouteBackend(Reply):
+    instance_name: str
+    zone: str
+    host: str
+    port: int
+
+
+class RoutedDeployment(Reply):
+    deployment_id: str
+    name: str
+    backends: list[RouteBackend]
+
+
+class RoutesReply(Reply):
+    """The routing table a proxy serves (muster.domain.routing)."""
+
+    routes_version: str
+    domain: str
+    ports: dict[str, int]
+    tls_fingerprint: str | None = None
+    deployments: list[RoutedDeployment]
 
 
 class DesiredInstanceModel(Reply):

@@ -52,6 +52,7 @@ CA_RETIRED = "ca.retired"
 SERVER_CERTIFICATE_ROTATED = "server_certificate.rotated"
 TLS_CERTIFICATE_ISSUED = "tls.certificate_issued"
 TLS_CERTIFICATE_INSTALLED = "tls.certificate_installed"
+DEPLOYMENT_DOMAIN_CHANGED = "platform.deployment_domain_changed"
 
 KINDS = (
     TOKEN_CREATED,
@@ -92,6 +93,7 @@ KINDS = (
     SERVER_CERTIFICATE_ROTATED,
     TLS_CERTIFICATE_ISSUED,
     TLS_CERTIFICATE_INSTALLED,
+    DEPLOYMENT_DOMAIN_CHANGED,
 )
 
 

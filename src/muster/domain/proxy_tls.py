@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from muster.domain import audit, pki
+from muster.domain import audit, networking, pki
 from muster.domain.platform import CA_CERT, CA_KEY, Platform
 from muster.domain.store import Transaction
 from muster.domain.users import Principal
@@ -42,12 +42,6 @@ INSTALLABLE = (PROXY, UI)
 
 # platform_settings names: a JSON object {"chain", "private_key", "user_supplied", "domain"}.
 SETTING = {PROXY: "tls.proxy", UI: "tls.ui"}
-
-# The deployment domain (ECE's deployment_domain_name): `<deployment id>.<domain>` reaches a
-# deployment through the proxies. Read through `deployment_domain` alone, so that the one place
-# to change is there when the networking setting's own module owns it.
-DEPLOYMENT_DOMAIN = "networking.deployment_domain_name"
-DEFAULT_DEPLOYMENT_DOMAIN = "muster.localhost"
 
 # The platform-issued proxy certificate: short-lived, renewed with a third of its life left (so
 # a coordinator away for weeks still finds it valid), at once after a CA rotation or a change
@@ -111,8 +105,9 @@ class TlsChain:
 
 
 def deployment_domain(tx: Transaction) -> str:
-    """The deployment domain, `muster.localhost` unless set."""
-    return tx.find_setting(DEPLOYMENT_DOMAIN) or DEFAULT_DEPLOYMENT_DOMAIN
+    """The deployment domain (ECE's deployment_domain_name, muster.domain.networking):
+    `<deployment id>.<domain>` reaches a deployment through the proxies."""
+    return networking.read_domain(tx).value
 
 
 def wildcard(domain: str) -> str:
@@ -132,6 +127,15 @@ def covers(names: Sequence[str], host: str) -> bool:
 
 
 # ---- reading and writing the chains --------------------------------------------------------------
+
+
+def read_proxy_fingerprint(tx: Transaction) -> str | None:
+    """The fingerprint of the proxies' chain in `tx` (TlsChain.fingerprint: the stored PEM is
+    `chain_pem`), without parsing it; None if none is stored yet."""
+    raw = tx.find_setting(SETTING[PROXY])
+    if raw is None:
+        return None
+    return hashlib.sha256(str(json.loads(raw)["chain"]).encode()).hexdigest()
 
 
 def _stored(tx: Transaction, service: str) -> TlsChain | None:
@@ -306,9 +310,9 @@ def proxy_chain_for(platform: Platform, runner_id: str) -> TlsChain:
         runner = tx.find_runner(runner_id)
     if runner is None or "proxy" not in runner.roles:
         raise ForbiddenError(
-            f"runner {runner_id!r} does not hold the proxy role; only proxies read the proxy "
+            f"runner {runner_id!r} does not hold the proxy role; only proxy hosts read the proxy "
             "certificate",
-            code="runners.role_required",
+            code="runners.proxy_role_required",
         )
     return ensure_proxy_chain(platform)
 

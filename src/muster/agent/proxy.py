@@ -1,0 +1,299 @@
+"""A proxy host's proxy process, kept beside its heartbeats: long-poll the coordinator's routing
+table, render HAProxy's configuration from it, check it, reload haproxy without dropping a
+connection, restart it when it dies, and hold what it serves for the heartbeat's report."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from muster.agent.haproxy import (
+    Haproxy,
+    HaproxyError,
+    Listen,
+    RoutingTable,
+    content_name,
+    render_config,
+    render_hosts_map,
+    write_atomically,
+)
+from muster.domain.models import ProxyReport
+from muster.errors import MusterError
+
+log = logging.getLogger(__name__)
+
+ROUTES_WAIT_S = 25.0  # the long poll's wait; the coordinator bounds it at 30 s
+MAX_ERROR = 1024
+_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+_STABLE_S = 30.0  # haproxy up this long: its restart backoff starts over
+
+
+class ProxyKeeper:
+    """Keeps haproxy serving the coordinator's routing table on this host.
+
+    `fetch_routes(held_version, wait_s)` is GET /api/v1/agent/routes (a long poll) and
+    `fetch_certificate()` GET /api/v1/agent/proxy/certificate; both raise MusterError or
+    OSError when they cannot. Until the first table arrives haproxy does not start; while the
+    coordinator is away the last table keeps being served. The https frontend binds once a
+    certificate is held. A configuration haproxy refuses never replaces the running one: the
+    old one keeps serving and `report().error` says why."""
+
+    def __init__(
+        self,
+        fetch_routes: Callable[[str | None, float], dict[str, Any]],
+        fetch_certificate: Callable[[], dict[str, Any]],
+        *,
+        state_dir: Path,
+        http_port: int = 9200,
+        https_port: int = 9243,
+        bind_address: str = "*",
+        haproxy: str = "haproxy",
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self.state_dir = state_dir.resolve()
+        self.http_port = http_port
+        self.https_port = https_port
+        self.bind_address = bind_address
+        self._fetch_routes = fetch_routes
+        self._fetch_certificate = fetch_certificate
+        self._on_event = on_event or (lambda message: log.info("%s", message))
+        self._haproxy = Haproxy(haproxy, self.state_dir)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._poll_wake = threading.Event()  # the routes thread: a heartbeat saw a new version
+        self._kick = threading.Event()  # the haproxy thread: a new table or certificate
+        self._threads: list[threading.Thread] = []
+        # The routes thread's
+        self._fetched: str | None = None  # the version of the newest table fetched
+        self._offered: str | None = None
+        # Shared: the newest table (routes thread -> haproxy thread) and what is served.
+        self._wanted: RoutingTable | None = None
+        self._served: RoutingTable | None = None
+        self._error: str | None = None
+        # The haproxy thread's
+        self._served_config: str | None = None
+        self._rejected_config: str | None = None
+        self._certificate: tuple[str, Path] | None = None  # (fingerprint, PEM file)
+        self._certificate_retry_at = 0.0
+        self._certificate_failures = 0
+        self._restarts = 0
+        self._restart_at = 0.0
+        self._started_at = 0.0
+
+    # -- beside the heartbeat --------------------------------------------------------------------
+
+    def offer_version(self, version: str | None) -> None:
+        """A heartbeat reply's routes_version: wakes the routes thread if it is not the one held
+        (the long poll normally has it first; this is the fallback)."""
+        if version is not None and version != self._fetched:
+            self._offered = version
+            self._poll_wake.set()
+
+    def report(self) -> ProxyReport:
+        with self._lock:
+            served, error = self._served, self._error
+        return ProxyReport(
+            running=self._haproxy.is_running(),
+            routes_version=None if served is None else served.version,
+            backends=0 if served is None else served.backend_count,
+            error=None if error is None else error[:MAX_ERROR],
+        )
+
+    def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._stop.clear()
+        self._threads = [
+            threading.Thread(target=self._poll_routes, name="proxy-routes", daemon=True),
+            threading.Thread(target=self._keep_haproxy, name="proxy-haproxy", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Stop both threads and haproxy with all its processes (old workers too)."""
+        self._stop.set()
+        self._poll_wake.set()
+        self._kick.set()
+        for thread in self._threads:
+            # The routes thread may sit in a long poll (its daemon thread is not waited for);
+            # the haproxy thread finishes its step (a start or reload: seconds) before haproxy
+            # is stopped under it.
+            thread.join(timeout=1 if thread.name == "proxy-routes" else 30)
+        self._threads = []
+        self._haproxy.stop()
+
+    # -- the routes thread -----------------------------------------------------------------------
+
+    def _poll_routes(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                reply = self._fetch_routes(self._fetched, ROUTES_WAIT_S)
+                table = RoutingTable.from_reply(reply)
+            except (MusterError, OSError) as exc:
+                reason = exc.message if isinstance(exc, MusterError) else repr(exc)
+                if failures == 0:  # said once, not at every retry
+                    log.warning("could not fetch the routing table, will retry: %s", reason)
+                failures += 1
+                self._poll_wake.wait(_BACKOFF_S[min(failures, len(_BACKOFF_S)) - 1])
+                self._poll_wake.clear()
+                continue
+            except Exception:  # any: the proxy must outlive one bad reply
+                log.exception("reading the routing table failed; trying again")
+                failures += 1
+                self._stop.wait(_BACKOFF_S[-1])
+                continue
+            failures = 0
+            self._poll_wake.clear()
+            if table.version != self._fetched:
+                self._fetched = table.version
+                with self._lock:
+                    self._wanted = table
+                self._kick.set()
+
+    # -- the haproxy thread ----------------------------------------------------------------------
+
+    def _keep_haproxy(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._step()
+            except Exception:  # any: the proxy must outlive one bad round
+                log.exception("keeping haproxy failed; trying again")
+            self._kick.wait(0.5)
+            self._kick.clear()
+
+    def _step(self) -> None:
+        """One round: take a new certificate if the table names one not held, then start,
+        restart or reload haproxy if what it should serve is not what it serves."""
+        with self._lock:
+            table = self._wanted
+        if table is None or self._stop.is_set():
+            return
+        self._refresh_certificate(table)
+        config, hosts_map = self._render(table)
+        if not self._haproxy.is_running():
+            self._restart(table, config, hosts_map)
+        elif config != self._served_config and config != self._rejected_config:
+            self._apply(table, config, hosts_map, reload=True)
+        if self._haproxy.is_running() and time.monotonic() - self._started_at > _STABLE_S:
+            self._restarts = 0
+
+    def _render(self, table: RoutingTable) -> tuple[str, tuple[Path, str]]:
+        hosts = render_hosts_map(table)
+        hosts_path = self.state_dir / content_name("hosts", ".map", hosts)
+        listen = Listen(
+            state_dir=self.state_dir,
+            bind_address=self.bind_address,
+            http_port=self.http_port,
+            https_port=self.https_port,
+            hosts_map=hosts_path,
+            certificate=None if self._certificate is None else self._certificate[1],
+        )
+        return render_config(table, listen), (hosts_path, hosts)
+
+    def _restart(self, table: RoutingTable, config: str, hosts_map: tuple[Path, str]) -> None:
+        now = time.monotonic()
+        if now < self._restart_at:
+            return
+        if self._served_config is not None:  # it ran, and died
+            code = self._haproxy.exit_code()
+            self._on_event(f"haproxy exited (code {code}); starting it again")
+        if config == self._rejected_config:
+            if self._served_config is None:
+                return  # nothing good to serve yet: wait for the next table
+            self._restarts += 1
+            self._restart_at = now + _BACKOFF_S[min(self._restarts, len(_BACKOFF_S)) - 1]
+            self._start_served()  # the last good configuration, still haproxy.cfg
+            return
+        self._restarts += 1
+        self._restart_at = now + _BACKOFF_S[min(self._restarts, len(_BACKOFF_S)) - 1]
+        self._apply(table, config, hosts_map, reload=False)
+
+    def _start_served(self) -> None:
+        try:
+            self._haproxy.start()
+        except (HaproxyError, OSError) as exc:
+            self._set_error(f"could not start haproxy: {exc}")
+            return
+        self._started_at = time.monotonic()
+
+    def _apply(
+        self, table: RoutingTable, config: str, hosts_map: tuple[Path, str], *, reload: bool
+    ) -> None:
+        """Write the files, have haproxy check them, then put them live: a refused configuration
+        leaves the running one (and haproxy.cfg) as they were."""
+        path, text = hosts_map
+        candidate = self.state_dir / "haproxy.cfg.new"
+        try:
+            write_atomically(path, text)
+            write_atomically(candidate, config, 0o600)
+            self._haproxy.check(candidate)
+        except (HaproxyError, OSError) as exc:
+            self._rejected_config = config
+            self._set_error(f"routing table {table.version} not served: {exc}")
+            self._on_event(f"proxy: routing table {table.version} refused; serving the last one")
+            return
+        candidate.replace(self._haproxy.config)
+        try:
+            if reload:
+                self._haproxy.reload()
+            else:
+                self._haproxy.start()
+                self._started_at = time.monotonic()
+        except (HaproxyError, OSError) as exc:
+            self._set_error(f"could not {'reload' if reload else 'start'} haproxy: {exc}")
+            return
+        self._served_config = config
+        self._rejected_config = None
+        with self._lock:
+            self._served = table
+            self._error = None
+        self._remove_unused_files(config)
+        https = "" if self._certificate is None else f" (https on {self.https_port})"
+        self._on_event(
+            f"proxy: serving routing table {table.version}: {len(table.routes)} deployment(s),"
+            f" {table.backend_count} backend(s){https}"
+        )
+
+    def _refresh_certificate(self, table: RoutingTable) -> None:
+        wanted = table.tls_fingerprint
+        held = None if self._certificate is None else self._certificate[0]
+        if wanted is None or wanted == held or time.monotonic() < self._certificate_retry_at:
+            return
+        try:
+            reply = self._fetch_certificate()
+            chain, key = str(reply["certificate_chain"]), str(reply["private_key"])
+            fingerprint = hashlib.sha256(chain.encode()).hexdigest()
+            if fingerprint != reply.get("fingerprint"):
+                raise ValueError("the certificate's fingerprint does not match its chain")
+            pem = chain.rstrip("\n") + "\n" + key.rstrip("\n") + "\n"
+            path = self.state_dir / f"proxy-{fingerprint[:16]}.pem"
+            write_atomically(path, pem, 0o600)
+        except (MusterError, OSError, KeyError, TypeError, ValueError) as exc:
+            self._certificate_failures += 1
+            delay = _BACKOFF_S[min(self._certificate_failures, len(_BACKOFF_S)) - 1]
+            self._certificate_retry_at = time.monotonic() + delay
+            reason = exc.message if isinstance(exc, MusterError) else str(exc)
+            self._set_error(f"could not fetch the proxy certificate: {reason}")
+            return
+        self._certificate_failures = 0
+        self._certificate = (fingerprint, path)
+
+    def _set_error(self, error: str) -> None:
+        log.warning("%s", error)
+        with self._lock:
+            self._error = error[:MAX_ERROR]
+
+    def _remove_unused_files(self, config: str) -> None:
+        """Maps and certificates of earlier tables, once the live configuration names none."""
+        for pattern in ("hosts-*.map", "proxy-*.pem"):
+            for path in self.state_dir.glob(pattern):
+                if str(path) not in config:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
