@@ -123,6 +123,12 @@ def set_deployment_domain(
             value=name,
             previous_value=current.value,
         )
+    if name != current.value:
+        # The proxies' certificate for the new domain now, not a second later from the
+        # refresher's thread (imported here: proxy_tls reads the domain through this module).
+        from muster.domain.proxy_tls import ensure_proxy_chain
+
+        ensure_proxy_chain(platform)
     return updated
 
 
