@@ -117,6 +117,22 @@ def test_the_keeper_holds_the_fingerprint_the_store_has(platform: Platform) -> N
     assert keeper.fingerprint() == chain.fingerprint == stored.fingerprint
 
 
+def test_the_keeper_renews_when_due_and_sees_another_processs_change(
+    platform: Platform, clock: FakeClock
+) -> None:
+    keeper = proxy_tls.ProxyCertificates(platform)
+    first = keeper.refresh()
+    assert keeper.refresh().fingerprint == first.fingerprint  # nothing due: kept
+    clock.advance(proxy_tls.PROXY_CERT_VALIDITY * 2 / 3 + timedelta(hours=1))
+    renewed = keeper.refresh()
+    assert renewed.fingerprint != first.fingerprint
+    other = proxy_tls.ProxyCertificates(platform)  # another coordinator process
+    mine = make_chain([f"*.{DOMAIN}"], now=clock.now())
+    install(platform, "proxy", mine.body())
+    assert keeper.refresh().fingerprint == other.refresh().fingerprint
+    assert keeper.fingerprint() == proxy_tls.parse_chain("proxy", mine.body()).fingerprint
+
+
 def test_only_a_proxy_runner_reads_the_proxy_certificate(platform: Platform) -> None:
     from muster.domain import enrollment
     from tests.domain.test_rotation import join

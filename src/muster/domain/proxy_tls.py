@@ -133,8 +133,10 @@ def read_proxy_fingerprint(tx: Transaction) -> str | None:
     """The fingerprint of the proxies' chain in `tx` (TlsChain.fingerprint: the stored PEM is
     `chain_pem`), without parsing it; None if none is stored yet."""
     raw = tx.find_setting(SETTING[PROXY])
-    if raw is None:
-        return None
+    return _fingerprint_of(raw) if raw is not None else None
+
+
+def _fingerprint_of(raw: str) -> str:
     return hashlib.sha256(str(json.loads(raw)["chain"]).encode()).hexdigest()
 
 
@@ -189,11 +191,16 @@ def renewal_reason(
         return "domain"
     if not pki.is_issued_by(chain.leaf, ca):
         return "ca"
-    leaf = chain.leaf
-    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
-    if leaf.not_valid_after_utc - now < lifetime * RENEW_WHEN_LEFT:
+    if now >= renew_at(chain):
         return "expiring"
     return None
+
+
+def renew_at(chain: TlsChain) -> datetime:
+    """When a platform-issued chain is due: a third of its leaf's life left."""
+    leaf = chain.leaf
+    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    return leaf.not_valid_after_utc - lifetime * RENEW_WHEN_LEFT
 
 
 def issue_proxy_chain(ca: pki.CertificateAuthority, domain: str, now: datetime) -> TlsChain:
@@ -286,13 +293,33 @@ class ProxyCertificates:
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
         self._chain: TlsChain | None = None
+        # What the chain was checked against (the stored chain, the domain, the CA): while the
+        # store holds the same and it is not due, a round reads three settings and no more
+        # (no PEM parsed, no signature checked).
+        self._checked: tuple[str | None, str, str | None] | None = None
         self._lock = threading.Lock()
 
     def refresh(self) -> TlsChain:
         """Read the chain, issuing or renewing it if due. Raises StoreError."""
+        with self.platform.store.read() as tx:
+            seen = (
+                tx.find_setting(SETTING[PROXY]),
+                deployment_domain(tx),
+                tx.find_setting(CA_CERT),
+            )
+        held = self._chain
+        if (
+            held is not None
+            and seen == self._checked
+            and self.platform.clock.now() < renew_at(held)
+        ):
+            return held
         chain = ensure_proxy_chain(self.platform)
         with self._lock:
             self._chain = chain
+            # Only a chain that is the one read (not one issued just now) vouches for `seen`.
+            unchanged = seen[0] is not None and _fingerprint_of(seen[0]) == chain.fingerprint
+            self._checked = seen if unchanged else None
         return chain
 
     def current(self) -> TlsChain | None:
