@@ -162,7 +162,8 @@ def test_a_proxy_reads_the_table_of_deployments_and_their_running_instances(
     assert empty["deployments"] == []
     assert empty["domain"] == "muster.localhost"
     assert empty["ports"] == {"http": 9200, "https": 9243}
-    assert empty["tls_fingerprint"] is None
+    # The proxies' certificate, issued with the platform (tests/api/test_tls_certificates.py).
+    assert len(empty["tls_fingerprint"]) == 64
     assert len(empty["routes_version"]) >= 16
 
     deployment_id = fleet.create()

@@ -29,6 +29,7 @@ from muster.domain.desired import InstanceVersions
 from muster.domain.identities import CoordinatorDirectory, Refresher, RunnerIdentities
 from muster.domain.liveness import Flusher
 from muster.domain.platform import Platform
+from muster.domain.proxy_tls import ProxyCertificates
 from muster.domain.routing import Routes
 from muster.errors import MusterError, RateLimitedError, UnauthenticatedError
 
@@ -195,6 +196,9 @@ def create_app(
     identities = RunnerIdentities(platform)
     directory = CoordinatorDirectory(platform, coordinators or [])
     versions = InstanceVersions(platform)  # what heartbeat replies tell allocator hosts
+    # The proxies' certificate: issued, renewed when due and issued again for a new deployment
+    # domain or CA by the refresher's thread (the first coordinator process to see it due does).
+    proxy_certificates = ProxyCertificates(platform)
     routes = Routes(platform)  # the routing table proxies fetch, and its version for heartbeats
 
     @asynccontextmanager
@@ -204,7 +208,12 @@ def create_app(
         refresher = Refresher(
             identities,
             directory,
-            also={"desired instances versions": versions.refresh, "routing table": routes.refresh},
+            also={
+                "desired instances versions": versions.refresh,
+                # Before the routing table: a renewed certificate is in the same round's table.
+                "the proxy certificate": proxy_certificates.refresh,
+                "routing table": routes.refresh,
+            },
         )
         refresher.start()
         constructor = Constructor(platform, lost_grace=timedelta(seconds=lost_allocator_grace_s))
@@ -232,6 +241,7 @@ def create_app(
     app.state.identities = identities
     app.state.coordinators = directory
     app.state.instance_versions = versions
+    app.state.proxy_certificates = proxy_certificates
     app.state.routes = routes
 
     @app.exception_handler(MusterError)
@@ -282,6 +292,7 @@ def create_app(
         agent,
         allocators,
         audit,
+        certificates,
         deployments,
         networking,
         rotation,
@@ -305,6 +316,7 @@ def create_app(
             vacate,
             platform_api,
             rotation,
+            certificates,
             networking,
         )
     ]

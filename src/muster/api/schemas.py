@@ -373,6 +373,12 @@ class PlatformCAReply(Reply):
     ca_certificates: list[str] = Field(default_factory=list)
 
 
+class ProxyCertificateReply(Reply):
+    fingerprint: str = Field(description="SHA-256 hex of certificate_chain")
+    certificate_chain: str = Field(description="PEM, the leaf first")
+    private_key: str = Field(description="PEM")
+
+
 class RenewRequestModel(Strict):
     csr: str = Field(max_length=8192)
 

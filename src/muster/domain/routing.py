@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from muster.domain import networking
+from muster.domain import networking, proxy_tls
 from muster.domain.models import DeploymentRecord, InstanceRecord
 from muster.domain.platform import Platform
 from muster.domain.store import Transaction
@@ -97,7 +97,8 @@ def read_table(tx: Transaction) -> tuple[RoutingTable, frozenset[str]]:
     runners = tx.list_runner_columns(["roles", "host_ip"])
     host_ips = {rid: str(host_ip) for rid, _roles, host_ip in runners}
     proxies = frozenset(rid for rid, roles, _ip in runners if PROXY_ROLE in (roles or ()))
-    return build_table(domain, deployments, instances, host_ips), proxies
+    fingerprint = proxy_tls.read_proxy_fingerprint(tx)
+    return build_table(domain, deployments, instances, host_ips, fingerprint), proxies
 
 
 def compute_table(platform: Platform) -> RoutingTable:

@@ -19,10 +19,11 @@ from muster.api.schemas import (
     JoinReply,
     JoinRequestModel,
     PlatformCAReply,
+    ProxyCertificateReply,
     RenewRequestModel,
     RoutesReply,
 )
-from muster.domain import desired, pki, renewal, routing, runners
+from muster.domain import desired, pki, proxy_tls, renewal, routing, runners
 from muster.domain.desired import InstanceVersions
 from muster.domain.routing import Routes
 from muster.domain.users import Principal
@@ -207,4 +208,25 @@ def renew_certificate(
         ca_certificate=result.ca_pem,
         heartbeat_interval_seconds=result.heartbeat_interval_s,
         coordinators=_coordinators(request),
+    )
+
+
+@router.get(
+    "/proxy/certificate",
+    operation_id="get-proxy-certificate",
+    response_model=ProxyCertificateReply,
+    responses=errors(401, 403),
+)
+def get_proxy_certificate(
+    request: Request, runner: Principal = Depends(require_runner)
+) -> ProxyCertificateReply:
+    """The proxies' certificate chain (leaf first) and its private key, for a host holding the
+    `proxy` role (403 for any other): its HAProxy serves it on the HTTPS port. `fingerprint`
+    is what the routes reply's `tls_fingerprint` names, so a proxy fetches again when it
+    changes."""
+    chain = proxy_tls.proxy_chain_for(platform_of(request), runner.name)
+    return ProxyCertificateReply(
+        fingerprint=chain.fingerprint,
+        certificate_chain=chain.chain_pem,
+        private_key=chain.private_key_pem,
     )
