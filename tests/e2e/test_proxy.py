@@ -1,6 +1,7 @@
 """Proxies end to end: a real coordinator, allocator agents beside the real Docker Engine, and two
 proxy hosts in network namespaces, each running real HAProxy through its agent. A two-zone
-deployment answers through both proxies by its Host name; a killed instance leaves the pool; a
+deployment answers through both proxies by its Host name (and over HTTPS, by its TLS server
+name, with the platform CA's wildcard certificate); a killed instance leaves the pool; a
 deployment with no healthy instance answers 503 and an unknown one 404, in ECE's error shape;
 a vacate under a steady stream of requests; and the proxies keep serving while the coordinator
 is down, then serve the same routing table version once it is back.
@@ -18,6 +19,7 @@ import os
 import random
 import shutil
 import signal
+import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -78,6 +80,18 @@ class Proxy:
             headers={"Host": f"{deployment_id}.{DOMAIN}", **headers},
             timeout=5,
         )
+
+    def get_tls(self, deployment_id: str, ca_file: Path) -> httpx.Response:
+        """Over HTTPS, the name in both the TLS server name and the Host header, the proxy's
+        certificate checked against the platform CA (its wildcard for the domain)."""
+        name = f"{deployment_id}.{DOMAIN}"
+        context = ssl.create_default_context(cafile=str(ca_file))
+        with httpx.Client(verify=context, timeout=5) as client:
+            return client.get(
+                f"https://{self.ip}:9243/",
+                headers={"Host": name},
+                extensions={"sni_hostname": name},
+            )
 
     def served_version(self) -> str | None:
         """The routing table version of the configuration haproxy runs (its first line)."""
@@ -188,6 +202,13 @@ def _answers(proxy: Proxy, deployment_id: str) -> int:
         return 0
 
 
+def _tls_answer(proxy: Proxy, deployment_id: str, ca_file: Path) -> httpx.Response | None:
+    try:
+        return proxy.get_tls(deployment_id, ca_file)
+    except httpx.ConnectError:  # no https frontend until the certificate arrived
+        return None
+
+
 def _running(world: World, request: dict[str, Any]) -> str:
     deployment_id = create(world.coordinator, request)
     wait_until(
@@ -229,6 +250,15 @@ def test_a_two_zone_deployment_answers_through_both_proxies(world: World, image:
         # The Host header's port and case do not matter.
         upper = proxy.get(deployment_id, Host=f"{deployment_id.upper()}.{DOMAIN}:9200")
         assert upper.status_code == 200
+        # HTTPS, once the proxy holds its certificate: the platform CA's wildcard.
+        secure = wait_until(
+            lambda p=proxy: _tls_answer(p, deployment_id, world.coordinator.ca_file),
+            timeout_s=DEADLINE_S,
+            what=f"HTTPS through {proxy.runner_id}",
+        )
+        assert secure.status_code == 200
+        assert secure.text == "ok\n"
+        assert secure.headers["x-found-handling-cluster"] == deployment_id
     # The deployment's metadata names the endpoint the proxies serve.
     doc = world.coordinator.get(f"/api/v1/deployments/{deployment_id}")
     metadata = doc["resources"]["container"][0]["info"]["metadata"]
