@@ -301,6 +301,11 @@ class ProxyCertificates:
 
     def refresh(self) -> TlsChain:
         """Read the chain, issuing or renewing it if due. Raises StoreError."""
+        # One refresh at a time: one that read earlier never installs an older chain.
+        with self._lock:
+            return self._refresh()
+
+    def _refresh(self) -> TlsChain:
         with self.platform.store.read() as tx:
             seen = (
                 tx.find_setting(SETTING[PROXY]),
@@ -308,18 +313,14 @@ class ProxyCertificates:
                 tx.find_setting(CA_CERT),
             )
         held = self._chain
-        if (
-            held is not None
-            and seen == self._checked
-            and self.platform.clock.now() < renew_at(held)
-        ):
+        now = self.platform.clock.now()
+        if held is not None and seen == self._checked and now < renew_at(held):
             return held
         chain = ensure_proxy_chain(self.platform)
-        with self._lock:
-            self._chain = chain
-            # Only a chain that is the one read (not one issued just now) vouches for `seen`.
-            unchanged = seen[0] is not None and _fingerprint_of(seen[0]) == chain.fingerprint
-            self._checked = seen if unchanged else None
+        self._chain = chain
+        # Only a chain that is the one read (not one issued just now) vouches for `seen`.
+        unchanged = seen[0] is not None and _fingerprint_of(seen[0]) == chain.fingerprint
+        self._checked = seen if unchanged else None
         return chain
 
     def current(self) -> TlsChain | None:

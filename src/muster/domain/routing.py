@@ -121,6 +121,7 @@ class Routes:
         self._proxies: frozenset[str] = frozenset()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._lock = threading.Lock()
+        self._refreshing = threading.Lock()
 
     @property
     def table(self) -> RoutingTable | None:
@@ -141,9 +142,12 @@ class Routes:
     def refresh(self) -> None:
         """Read the table and the proxy runners again; wake the waiting proxies if the version
         moved. Raises StoreError (memory then keeps the last table)."""
-        with self.platform.store.read() as tx:
-            table, proxies = read_table(tx)
-        self._install(table, proxies)
+        # One refresh at a time (the refresher's thread, a request's first read, a test): one
+        # that read earlier must not install its older table over a newer one.
+        with self._refreshing:
+            with self.platform.store.read() as tx:
+                table, proxies = read_table(tx)
+            self._install(table, proxies)
 
     def _install(self, table: RoutingTable, proxies: frozenset[str]) -> None:
         with self._lock:
