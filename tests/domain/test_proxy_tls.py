@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from muster.clock import FakeClock
-from muster.domain import audit, networking, pki, proxy_tls, rotation
+from muster.domain import audit, networking, pki, proxy_tls, rotation, tls_chains
 from muster.domain.platform import Platform
 from muster.domain.users import Principal
 from muster.errors import ForbiddenError, InvalidInputError, NotFoundError
@@ -31,7 +31,7 @@ def set_domain(platform: Platform, domain: str) -> None:
     networking.set_deployment_domain(platform, ADMIN, domain, source="198.51.100.7")
 
 
-def install(platform: Platform, service: str, body: str) -> proxy_tls.TlsChain:
+def install(platform: Platform, service: str, body: str) -> tls_chains.TlsChain:
     return proxy_tls.install_chain(platform, ADMIN, service, body, source="198.51.100.7")
 
 
@@ -130,7 +130,7 @@ def test_the_keeper_renews_when_due_and_sees_another_processs_change(
     mine = make_chain([f"*.{DOMAIN}"], now=clock.now())
     install(platform, "proxy", mine.body())
     assert keeper.refresh().fingerprint == other.refresh().fingerprint
-    assert keeper.fingerprint() == proxy_tls.parse_chain("proxy", mine.body()).fingerprint
+    assert keeper.fingerprint() == tls_chains.parse_chain("proxy", mine.body()).fingerprint
 
 
 def test_only_a_proxy_runner_reads_the_proxy_certificate(platform: Platform) -> None:
@@ -295,13 +295,13 @@ def test_a_certificate_that_cannot_be_read_is_refused(platform: Platform, clock:
 
 
 def test_services_muster_does_not_install_are_refused_by_name() -> None:
-    assert proxy_tls.service_of("proxy") == "proxy"
+    assert tls_chains.service_of("proxy") == "proxy"
     for name in ("internalca", "adminconsole"):
         with pytest.raises(InvalidInputError) as caught:
-            proxy_tls.service_of(name)
+            tls_chains.service_of(name)
         assert caught.value.code == "tls.unsupported_service"
     with pytest.raises(NotFoundError):
-        proxy_tls.service_of("elasticsearch")
+        tls_chains.service_of("elasticsearch")
 
 
 def test_the_internal_ca_chain_is_the_platform_ca(platform: Platform) -> None:
@@ -311,7 +311,7 @@ def test_the_internal_ca_chain_is_the_platform_ca(platform: Platform) -> None:
 
 
 def test_covers_matches_one_label_under_a_wildcard() -> None:
-    assert proxy_tls.covers(["*.example.com"], "A.example.com")
-    assert not proxy_tls.covers(["*.example.com"], "a.b.example.com")
-    assert not proxy_tls.covers(["*.example.com"], "example.com")
-    assert proxy_tls.covers(["console.example.com"], "console.example.com.")
+    assert tls_chains.covers(["*.example.com"], "A.example.com")
+    assert not tls_chains.covers(["*.example.com"], "a.b.example.com")
+    assert not tls_chains.covers(["*.example.com"], "example.com")
+    assert tls_chains.covers(["console.example.com"], "console.example.com.")

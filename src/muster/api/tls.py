@@ -29,7 +29,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from muster.domain import pki
 from muster.domain.platform import Platform
-from muster.domain.proxy_tls import UI, TlsChain, covers, find_chain
+from muster.domain.proxy_tls import find_chain
+from muster.domain.tls_chains import UI, TlsChain, covers
 from muster.errors import MusterError
 from muster.hoststate import write_private
 

@@ -19,7 +19,7 @@ from muster.api.auth import platform_of, require_admin, require_user, source_of
 from muster.api.routes import errors
 from muster.api.schemas import Reply
 from muster.api.tls import ServerTLS
-from muster.domain import proxy_tls
+from muster.domain import proxy_tls, tls_chains
 from muster.domain.platform import utc_iso
 from muster.domain.users import Principal
 from muster.errors import InvalidInputError
@@ -66,7 +66,7 @@ def _served(request: Request) -> list[Any]:
     return [tls.certificate(), platform.ca.certificate]
 
 
-def _reply(chain: proxy_tls.TlsChain) -> TlsPublicCertChain:
+def _reply(chain: tls_chains.TlsChain) -> TlsPublicCertChain:
     first = chain.first_to_expire
     return TlsPublicCertChain(
         user_supplied=chain.user_supplied,
@@ -75,7 +75,7 @@ def _reply(chain: proxy_tls.TlsChain) -> TlsPublicCertChain:
             expiration_date=utc_iso(first.not_valid_after_utc) or "",
             first_certificate_to_expire=first.subject.rfc4514_string(),
         ),
-        api_managed=chain.service in proxy_tls.INSTALLABLE,
+        api_managed=chain.service in tls_chains.INSTALLABLE,
     )
 
 
@@ -111,7 +111,7 @@ async def set_tls_certificate(
     dates, and for `proxy` the deployment domain's wildcard), then the proxies fetch it and
     every coordinator serves it (`ui`) without a restart. An installed proxy chain is never
     renewed by the platform."""
-    service = proxy_tls.service_of(service_name)
+    service = tls_chains.service_of(service_name)
     text = _chain_text(await request.body())
     chain = await run_in_threadpool(
         proxy_tls.install_chain,
@@ -122,7 +122,7 @@ async def set_tls_certificate(
         source=source_of(request),
     )
     tls = getattr(request.app.state, "server_tls", None)
-    if service == proxy_tls.UI and isinstance(tls, ServerTLS):
+    if service == tls_chains.UI and isinstance(tls, ServerTLS):
         # Served by this process at once; the others take it up within a reload.
         tls.use_ui_chain(chain)
         await run_in_threadpool(tls.reload)
