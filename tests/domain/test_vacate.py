@@ -5,10 +5,13 @@ validate_only, all or nothing, maintenance, and the constructor's lease."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
+from muster.clock import FakeClock
+from muster.domain import routing
 from muster.domain.allocators import AllocatorAdmin
 from muster.domain.constructor import Constructor, Round
 from muster.domain.deployments import DeploymentAdmin
@@ -81,8 +84,10 @@ def used(platform: Platform) -> dict[str, int]:
         return {c.allocator_id: c.used_mb for c in tx.list_placement_candidates()}
 
 
-def report_running(platform: Platform, *records: InstanceRecord) -> None:
-    """What the hosts say, written through the store's own method (the liveness flush's)."""
+def report_running(platform: Platform, *records: InstanceRecord, settled: bool = True) -> None:
+    """What the hosts say, written through the store's own method (the liveness flush's);
+    `settled`: as reported long enough ago for the proxies to route to them (routing's
+    PROPAGATION), else now."""
     reports = [
         (
             r.allocator_id,
@@ -98,7 +103,8 @@ def report_running(platform: Platform, *records: InstanceRecord) -> None:
         for r in records
     ]
     with platform.store.write() as tx:
-        tx.record_instance_reports(reports, platform.clock.now())
+        at = platform.clock.now() - (routing.PROPAGATION if settled else timedelta(0))
+        tx.record_instance_reports(reports, at)
 
 
 def on(platform: Platform, allocator_id: str) -> InstanceRecord:
@@ -118,7 +124,7 @@ def zone1_instance(platform: Platform) -> InstanceRecord:
 
 
 def test_vacate_places_replacements_in_the_same_zone_and_keeps_the_old_until_they_run(
-    platform: Platform,
+    platform: Platform, clock: FakeClock
 ) -> None:
     create(platform)
     old = zone1_instance(platform)
@@ -140,7 +146,10 @@ def test_vacate_places_replacements_in_the_same_zone_and_keeps_the_old_until_the
     constructor = Constructor(platform, holder="c1")
     constructor.run_once()  # the replacement has not reported running: nothing stops
     assert old.instance_name in {i.instance_name for i in instances(platform)}
-    report_running(platform, new, other)
+    report_running(platform, new, other, settled=False)
+    # Running, but the proxies may not route to it yet: the old one stays a while.
+    assert constructor.run_once().released == 0
+    clock.advance(routing.PROPAGATION)
     assert constructor.run_once().released == 1
     assert old.instance_name not in {i.instance_name for i in instances(platform)}
     assert used(platform)[old.allocator_id] == 0

@@ -165,7 +165,7 @@ class Constructor:
             if deployment.status != RUNNING:
                 return (0, 0, 0, 0)
             instances = tx.list_instances(deployment_id=deployment_id)
-            released = vacate.finish_moves(tx, instances)
+            released = vacate.finish_moves(tx, instances, now=now)
             # A lost allocator's instances move: their replacements are placed below, and they
             # are released (no longer desired) once those run, as a vacate's are. Until then a
             # host that comes back keeps running them.

@@ -14,6 +14,7 @@ import json
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from muster.domain import networking, proxy_tls
@@ -23,6 +24,11 @@ from muster.domain.store import Transaction
 
 PROXY_ROLE = "proxy"
 MAX_WAIT_S = 30.0
+# How long a change takes to reach the proxies' HAProxy: the refresher's period (1 s), the long
+# poll's answer, then haproxy's check and reload (a few hundred ms), with room. A moved
+# instance is stopped only once its replacement has run this long (muster.domain.vacate), so
+# the proxies route to the replacement before the old one goes.
+PROPAGATION = timedelta(seconds=3)
 
 
 @dataclass(frozen=True)

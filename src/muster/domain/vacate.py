@@ -7,9 +7,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
-from muster.domain import audit, placement
+from muster.domain import audit, placement, routing
 from muster.domain.deployments import connected_allocators, instance_name
 from muster.domain.models import InstanceRecord, ResourceRecord
 from muster.domain.placement import InsufficientCapacityError, Slot
@@ -229,10 +230,17 @@ class Vacate:
         return moves
 
 
-def finish_moves(tx: Transaction, instances: Sequence[InstanceRecord]) -> int:
+def finish_moves(
+    tx: Transaction,
+    instances: Sequence[InstanceRecord],
+    *,
+    now: datetime,
+    settle: timedelta = routing.PROPAGATION,
+) -> int:
     """Release the moving instances whose group (resource and topology element) has as many
-    running instances that are not moving as its plan's zone_count: make-before-break, the
-    plan's full strength runs before an old instance stops. Returns how many were released."""
+    running instances that are not moving as its plan's zone_count, each reported running at
+    least `settle` before `now`: make-before-break, the plan's full strength runs, and the
+    proxies route to it, before an old instance stops. Returns how many were released."""
     groups: dict[tuple[str, int], list[InstanceRecord]] = defaultdict(list)
     for instance in instances:
         groups[(instance.resource_id, instance.topology_element)].append(instance)
@@ -240,7 +248,13 @@ def finish_moves(tx: Transaction, instances: Sequence[InstanceRecord]) -> int:
     released = 0
     for (resource_id, element), members in sorted(groups.items()):
         moving = [i.instance_name for i in members if i.moving]
-        running = [i for i in members if not i.moving and i.is_running]
+        running = [
+            i
+            for i in members
+            if not i.moving
+            and i.is_running
+            and (i.reported_at is None or now - i.reported_at >= settle)
+        ]
         if moving and len(running) >= wanted.get((resource_id, element), 1):
             released += tx.delete_instances(resource_id, moving)
     return released
