@@ -203,7 +203,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        flusher = Flusher(platform.liveness, period_s=flush_period_s)
+        flusher = Flusher(platform.liveness, period_s=flush_period_s, on_instances=routes.refresh)
         flusher.start()
         refresher = Refresher(
             identities,

@@ -115,7 +115,8 @@ def compute_table(platform: Platform) -> RoutingTable:
 
 class Routes:
     """The routing table and the proxy runners, as of the last `refresh` (the identities'
-    Refresher thread, every second): requests read them without a store call.
+    Refresher thread, every second, and the liveness flusher's after it wrote instance states):
+    requests read them without a store call.
 
     A proxy's long poll (`wait`) parks a future on its event loop; `refresh` (another thread)
     wakes the waiters through `call_soon_threadsafe` when the version changes. Until the first
@@ -127,6 +128,9 @@ class Routes:
         self._proxies: frozenset[str] = frozenset()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._lock = threading.Lock()
+        # One refresh at a time (the refresher's thread, and the liveness flusher's after it
+        # wrote instance states): an older read never replaces a newer table.
+        self._refreshing = threading.Lock()
 
     @property
     def table(self) -> RoutingTable | None:
@@ -147,9 +151,10 @@ class Routes:
     def refresh(self) -> None:
         """Read the table and the proxy runners again; wake the waiting proxies if the version
         moved. Raises StoreError (memory then keeps the last table)."""
-        with self.platform.store.read() as tx:
-            table, proxies = read_table(tx)
-        self._install(table, proxies)
+        with self._refreshing:
+            with self.platform.store.read() as tx:
+                table, proxies = read_table(tx)
+            self._install(table, proxies)
 
     def _install(self, table: RoutingTable, proxies: frozenset[str]) -> None:
         with self._lock:
