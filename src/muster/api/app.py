@@ -216,7 +216,9 @@ def create_app(
             },
         )
         refresher.start()
-        constructor = Constructor(platform, lost_grace=timedelta(seconds=lost_allocator_grace_s))
+        constructor = Constructor(
+            platform, lost_grace=timedelta(seconds=lost_allocator_grace_s), routes=routes
+        )
         constructor.start()
         try:
             yield

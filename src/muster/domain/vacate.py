@@ -5,7 +5,7 @@ finishing moves, once the replacements run, by the constructor (`muster.domain.c
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -230,17 +230,28 @@ class Vacate:
         return moves
 
 
+# The longest a replacement waits for the proxies to route to it before its old instance is
+# released all the same.
+PROXY_PATIENCE = timedelta(seconds=30)
+
+
 def finish_moves(
     tx: Transaction,
     instances: Sequence[InstanceRecord],
     *,
     now: datetime,
+    is_routed: Callable[[InstanceRecord], bool] | None = None,
     settle: timedelta = routing.PROPAGATION,
+    patience: timedelta = PROXY_PATIENCE,
 ) -> int:
     """Release the moving instances whose group (resource and topology element) has as many
-    running instances that are not moving as its plan's zone_count, each reported running at
-    least `settle` before `now`: make-before-break, the plan's full strength runs, and the
-    proxies route to it, before an old instance stops. Returns how many were released."""
+    running instances that are not moving as its plan's zone_count, each routed by the proxies:
+    make-before-break, the plan's full strength runs, and the proxies send traffic to it,
+    before an old instance stops. Returns how many were released.
+
+    Routed: `is_routed(instance)` (every proxy serving traffic says so), or, past `patience`
+    since it was reported running, anyway (a proxy that stays behind does not hold moves up
+    for ever); without `is_routed`, once it was reported running `settle` before `now`."""
     groups: dict[tuple[str, int], list[InstanceRecord]] = defaultdict(list)
     for instance in instances:
         groups[(instance.resource_id, instance.topology_element)].append(instance)
@@ -251,13 +262,24 @@ def finish_moves(
         running = [
             i
             for i in members
-            if not i.moving
-            and i.is_running
-            and (i.reported_at is None or now - i.reported_at >= settle)
+            if not i.moving and i.is_running and _is_routed(i, now, is_routed, settle, patience)
         ]
         if moving and len(running) >= wanted.get((resource_id, element), 1):
             released += tx.delete_instances(resource_id, moving)
     return released
+
+
+def _is_routed(
+    instance: InstanceRecord,
+    now: datetime,
+    is_routed: Callable[[InstanceRecord], bool] | None,
+    settle: timedelta,
+    patience: timedelta,
+) -> bool:
+    age = now - instance.reported_at if instance.reported_at is not None else patience
+    if is_routed is None:
+        return age >= settle
+    return age >= patience or is_routed(instance)
 
 
 def _zone_counts(tx: Transaction, deployment_ids: Collection[str]) -> dict[tuple[str, int], int]:
