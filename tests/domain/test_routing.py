@@ -12,7 +12,14 @@ from datetime import UTC, datetime
 import pytest
 
 from muster.domain import networking
-from muster.domain.models import INSTANCE_RUNNING, DeploymentRecord, InstanceRecord
+from muster.domain.liveness import Flusher
+from muster.domain.models import (
+    INSTANCE_RUNNING,
+    DeploymentRecord,
+    HostReport,
+    InstanceRecord,
+    InstanceReport,
+)
 from muster.domain.platform import Platform
 from muster.domain.routing import Routes, build_table
 from muster.errors import InvalidInputError
@@ -136,3 +143,19 @@ def test_a_waiting_proxy_is_woken_by_a_refresh_from_another_thread(platform: Pla
         assert routes.version_for("alloc-1") is None
 
     asyncio.run(scenario())
+
+
+def test_a_flush_that_writes_instance_states_refreshes_the_table_at_once(
+    platform: Platform,
+) -> None:
+    refreshed = threading.Event()
+    flusher = Flusher(platform.liveness, period_s=0.05, on_instances=refreshed.set)
+    flusher.start()
+    try:
+        platform.liveness.beat("alloc-1", HostReport(memory_mb=1024))
+        assert not refreshed.wait(0.5)  # a heartbeat alone: nothing to refresh for
+        report = InstanceReport("r" * 32, "instance-0000000000", D1, 1, True, True)
+        platform.liveness.beat("alloc-1", HostReport(memory_mb=1024), (report,))
+        assert refreshed.wait(30)
+    finally:
+        flusher.stop()

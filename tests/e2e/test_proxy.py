@@ -31,6 +31,9 @@ import httpx2 as httpx
 import pytest
 
 from muster.agent.instances import LABEL_DEPLOYMENT, LABEL_INSTANCE
+from muster.domain.models import ProxyReport
+from muster.hoststate import HostPaths
+from muster.storage import open_store
 from tests.conftest import Coordinator, MusterProcess, install_coordinator, wait_until
 from tests.e2e import _instances
 from tests.e2e._instances import (
@@ -200,6 +203,17 @@ def _answers(proxy: Proxy, deployment_id: str) -> int:
         return proxy.get(deployment_id).status_code
     except httpx.TransportError:
         return 0
+
+
+def _proxy_report(coordinator: Coordinator, runner_id: str) -> ProxyReport | None:
+    """The proxy process as the runner's last persisted heartbeat reported it."""
+    store = open_store(HostPaths(coordinator.storage_path).sqlite_url)
+    try:
+        with store.read() as tx:
+            runner = tx.find_runner(runner_id)
+    finally:
+        store.close()
+    return None if runner is None else runner.report.proxy
 
 
 def _tls_answer(proxy: Proxy, deployment_id: str, ca_file: Path) -> httpx.Response | None:
@@ -441,6 +455,18 @@ def test_the_routing_table_survives_a_coordinator_restart(world: World, image: s
 
     version = wait_until(
         settled_version, timeout_s=DEADLINE_S, what="both proxies serving the current table"
+    )
+    # Each proxy's heartbeats say so (HostReport.proxy, as the coordinator keeps it).
+    wait_until(
+        lambda: all(
+            (r := _proxy_report(coordinator, p.runner_id)) is not None
+            and r.running
+            and r.routes_version == version
+            and r.backends >= 2
+            for p in world.proxies
+        ),
+        timeout_s=DEADLINE_S,
+        what="the proxies' heartbeats reporting the table they serve",
     )
     coordinator.stop()
     try:

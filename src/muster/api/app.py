@@ -203,7 +203,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        flusher = Flusher(platform.liveness, period_s=flush_period_s)
+        flusher = Flusher(platform.liveness, period_s=flush_period_s, on_instances=routes.refresh)
         flusher.start()
         refresher = Refresher(
             identities,
@@ -216,7 +216,9 @@ def create_app(
             },
         )
         refresher.start()
-        constructor = Constructor(platform, lost_grace=timedelta(seconds=lost_allocator_grace_s))
+        constructor = Constructor(
+            platform, lost_grace=timedelta(seconds=lost_allocator_grace_s), routes=routes
+        )
         constructor.start()
         try:
             yield

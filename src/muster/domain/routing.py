@@ -12,8 +12,10 @@ import contextlib
 import hashlib
 import json
 import threading
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from muster.domain import networking, proxy_tls
@@ -23,6 +25,13 @@ from muster.domain.store import Transaction
 
 PROXY_ROLE = "proxy"
 MAX_WAIT_S = 30.0
+# How long a change takes to reach the proxies' HAProxy: the refresher's period (1 s), the long
+# poll's answer, then haproxy's check and reload (a few hundred ms), with room. A moved
+# instance is stopped only once its replacement has run this long (muster.domain.vacate), so
+# the proxies route to the replacement before the old one goes.
+PROPAGATION = timedelta(seconds=3)
+# Tables remembered by version, to tell what a proxy's reported version routes to.
+HISTORY = 64
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,9 @@ class RoutingTable:
     deployments: int = 0
     backends: int = 0
     content: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # (deployment id, instance name) of every backend: whether a proxy serving this version
+    # sends traffic to an instance.
+    routed: frozenset[tuple[str, str]] = field(default=frozenset(), compare=False, repr=False)
 
 
 def build_table(
@@ -85,6 +97,11 @@ def build_table(
         deployments=len(listed),
         backends=sum(len(b) for b in backends.values()),
         content=content,
+        routed=frozenset(
+            (deployment_id, b["instance_name"])
+            for deployment_id, pool in backends.items()
+            for b in pool
+        ),
     )
 
 
@@ -109,7 +126,8 @@ def compute_table(platform: Platform) -> RoutingTable:
 
 class Routes:
     """The routing table and the proxy runners, as of the last `refresh` (the identities'
-    Refresher thread, every second): requests read them without a store call.
+    Refresher thread, every second, and the liveness flusher's after it wrote instance states):
+    requests read them without a store call.
 
     A proxy's long poll (`wait`) parks a future on its event loop; `refresh` (another thread)
     wakes the waiters through `call_soon_threadsafe` when the version changes. Until the first
@@ -121,7 +139,10 @@ class Routes:
         self._proxies: frozenset[str] = frozenset()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._lock = threading.Lock()
+        # One refresh at a time (the refresher's thread, and the liveness flusher's after it
+        # wrote instance states): an older read never replaces a newer table.
         self._refreshing = threading.Lock()
+        self._history: OrderedDict[str, frozenset[tuple[str, str]]] = OrderedDict()
 
     @property
     def table(self) -> RoutingTable | None:
@@ -142,8 +163,6 @@ class Routes:
     def refresh(self) -> None:
         """Read the table and the proxy runners again; wake the waiting proxies if the version
         moved. Raises StoreError (memory then keeps the last table)."""
-        # One refresh at a time (the refresher's thread, a request's first read, a test): one
-        # that read earlier must not install its older table over a newer one.
         with self._refreshing:
             with self.platform.store.read() as tx:
                 table, proxies = read_table(tx)
@@ -156,11 +175,40 @@ class Routes:
             if previous is not None and previous.version == table.version:
                 return
             self._table = table
+            self._history[table.version] = table.routed
+            self._history.move_to_end(table.version)
+            while len(self._history) > HISTORY:
+                self._history.popitem(last=False)
             waiters, self._waiters = self._waiters, []
         for loop, future in waiters:
             # RuntimeError: that loop has closed, nobody waits there any more.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_wake, future)
+
+    def routes_to(self, version: str | None, deployment_id: str, instance_name: str) -> bool:
+        """Whether the table of `version` (one of the last HISTORY this process held) sends
+        traffic to the instance; False for a version not known here."""
+        routed = self._history.get(version) if version is not None else None
+        return routed is not None and (deployment_id, instance_name) in routed
+
+    def serving_proxies_route(self) -> Callable[[InstanceRecord], bool]:
+        """A check, for this moment, of whether every proxy host that is connected and reports
+        its HAProxy running serves a table that routes to an instance (true when there is none).
+        Reads the proxies' latest reports: this process's memory, else the store (another
+        coordinator heard them). Raises StoreError."""
+        with self.platform.store.read() as tx:
+            rows = tx.list_runner_columns(["roles", "report", "last_heartbeat_at"])
+        liveness = self.platform.liveness
+        versions = []
+        for runner_id, roles, report, last_heartbeat_at in rows:
+            if PROXY_ROLE not in (roles or ()):
+                continue
+            proxy = liveness.latest_report(runner_id, report).proxy
+            if proxy is None or not proxy.running:
+                continue  # serves no traffic
+            if liveness.is_connected(runner_id, last_heartbeat_at):
+                versions.append(proxy.routes_version)
+        return lambda i: all(self.routes_to(v, i.deployment_id, i.instance_name) for v in versions)
 
     async def wait(self, version: str | None, timeout_s: float) -> RoutingTable:
         """The table once its version differs from `version` (at once if it already does, or
