@@ -164,15 +164,30 @@ class Client:
         )
         self._current = 0
 
-    def request(self, method: str, path: str, *, json: Any = None, params: Any = None) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Any = None,
+        timeout_s: float | None = None,
+    ) -> Any:
         """The decoded JSON reply. Raises the Muster error the reply names, or
-        CoordinatorUnreachableError when no coordinator answers."""
+        CoordinatorUnreachableError when no coordinator answers. `timeout_s` replaces the
+        client's timeout for this request (a long poll's)."""
         last: Exception | None = None
         for attempt in range(len(self.coordinators)):
             index = (self._current + attempt) % len(self.coordinators)
             url = self.coordinators[index] + path
             try:
-                response = self._http.request(method, url, json=json, params=params)
+                response = self._http.request(
+                    method,
+                    url,
+                    json=json,
+                    params=params,
+                    timeout=timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT,
+                )
             except httpx.ConnectError as exc:
                 if _caused_by(exc, ssl.SSLCertVerificationError):
                     raise UntrustedCertificateError(
@@ -191,3 +206,24 @@ class Client:
         raise CoordinatorUnreachableError(
             f"no coordinator answered ({', '.join(self.coordinators)}): {type(last).__name__}"
         )
+
+    # -- a proxy host's calls ----------------------------------------------------------------
+
+    def fetch_routes(self, version: str | None = None, wait_s: float = 0.0) -> dict[str, Any]:
+        """The routing table (GET /api/v1/agent/routes): at once if its version is not
+        `version`, else when it changes or after `wait_s` seconds (the long poll, 0-30).
+        Raises ForbiddenError for a host without the proxy role, and as `request`."""
+        params: dict[str, Any] = {"wait_s": wait_s}
+        if version is not None:
+            params["version"] = version
+        # The connection may stay silent for the whole wait: the timeout covers it.
+        reply: dict[str, Any] = self.request(
+            "GET", "/api/v1/agent/routes", params=params, timeout_s=wait_s + 15.0
+        )
+        return reply
+
+    def fetch_proxy_certificate(self) -> dict[str, Any]:
+        """The proxy's TLS certificate chain and key (GET /api/v1/agent/proxy/certificate):
+        `fingerprint`, `certificate_chain`, `private_key`. Raises as `request`."""
+        reply: dict[str, Any] = self.request("GET", "/api/v1/agent/proxy/certificate")
+        return reply

@@ -162,6 +162,10 @@ class Settings(BaseSettings):
     # How long an allocator may stay disconnected before its instances are placed elsewhere
     # (`--lost-allocator-grace`, docs/deployments.md).
     lost_allocator_grace_s: Annotated[float, Field(ge=1, le=7 * 24 * 3600)] = 300.0
+    # A proxy host's HAProxy ports: plain HTTP and HTTPS (`--proxy-http-port`,
+    # `--proxy-https-port`; ECE's 9200 and 9243).
+    proxy_http_port: Port = 9200
+    proxy_https_port: Port = 9243
     # Coordinator server processes on this host (`--workers`, docs/high-availability.md).
     workers: Workers = 1
     # How the server writes its log lines: "text" or one JSON object a line (`--log-format`).

@@ -185,6 +185,7 @@ def _serve(
                 [config.local_api_address()],
                 interval_s=config.heartbeat_interval_s,
                 max_backoff_s=config.agent_max_backoff_s,
+                proxy_ports=(config.proxy_http_port, config.proxy_https_port),
             )
             if with_agent and paths.agent_cert.exists()
             else None
@@ -548,6 +549,7 @@ def run_agent(paths: HostPaths, config: Settings, *, on_event: Callable[[str], N
         interval_s=config.heartbeat_interval_s,
         max_backoff_s=config.agent_max_backoff_s,
         on_event=on_event,
+        proxy_ports=(config.proxy_http_port, config.proxy_https_port),
     )
 
     def stop(_sig: int, _frame: FrameType | None) -> None:

@@ -5,10 +5,13 @@ validate_only, all or nothing, maintenance, and the constructor's lease."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
+from muster.clock import FakeClock
+from muster.domain import routing
 from muster.domain.allocators import AllocatorAdmin
 from muster.domain.constructor import Constructor, Round
 from muster.domain.deployments import DeploymentAdmin
@@ -17,11 +20,13 @@ from muster.domain.models import (
     HostReport,
     InstanceRecord,
     InstanceReport,
+    ProxyReport,
     RunnerRecord,
 )
 from muster.domain.platform import Platform
+from muster.domain.routing import Routes
 from muster.domain.users import Principal
-from muster.domain.vacate import Vacate
+from muster.domain.vacate import PROXY_PATIENCE, Vacate, finish_moves
 from muster.errors import InvalidInputError, NotFoundError
 from tests.conftest import Installed
 
@@ -81,8 +86,10 @@ def used(platform: Platform) -> dict[str, int]:
         return {c.allocator_id: c.used_mb for c in tx.list_placement_candidates()}
 
 
-def report_running(platform: Platform, *records: InstanceRecord) -> None:
-    """What the hosts say, written through the store's own method (the liveness flush's)."""
+def report_running(platform: Platform, *records: InstanceRecord, settled: bool = True) -> None:
+    """What the hosts say, written through the store's own method (the liveness flush's);
+    `settled`: as reported long enough ago for the proxies to route to them (routing's
+    PROPAGATION), else now."""
     reports = [
         (
             r.allocator_id,
@@ -98,7 +105,8 @@ def report_running(platform: Platform, *records: InstanceRecord) -> None:
         for r in records
     ]
     with platform.store.write() as tx:
-        tx.record_instance_reports(reports, platform.clock.now())
+        at = platform.clock.now() - (routing.PROPAGATION if settled else timedelta(0))
+        tx.record_instance_reports(reports, at)
 
 
 def on(platform: Platform, allocator_id: str) -> InstanceRecord:
@@ -118,7 +126,7 @@ def zone1_instance(platform: Platform) -> InstanceRecord:
 
 
 def test_vacate_places_replacements_in_the_same_zone_and_keeps_the_old_until_they_run(
-    platform: Platform,
+    platform: Platform, clock: FakeClock
 ) -> None:
     create(platform)
     old = zone1_instance(platform)
@@ -140,7 +148,10 @@ def test_vacate_places_replacements_in_the_same_zone_and_keeps_the_old_until_the
     constructor = Constructor(platform, holder="c1")
     constructor.run_once()  # the replacement has not reported running: nothing stops
     assert old.instance_name in {i.instance_name for i in instances(platform)}
-    report_running(platform, new, other)
+    report_running(platform, new, other, settled=False)
+    # Running, but the proxies may not route to it yet: the old one stays a while.
+    assert constructor.run_once().released == 0
+    clock.advance(routing.PROPAGATION)
     assert constructor.run_once().released == 1
     assert old.instance_name not in {i.instance_name for i in instances(platform)}
     assert used(platform)[old.allocator_id] == 0
@@ -247,3 +258,59 @@ def test_only_the_lease_holder_acts(platform: Platform) -> None:
     first.stop()  # a clean stop gives the lease up: c2 takes over at once
     assert second.run_once() == Round(held=True, released=1)
     assert old.instance_name not in {i.instance_name for i in instances(platform)}
+
+
+def test_the_old_instance_stays_until_the_proxies_route_to_its_replacement(
+    platform: Platform, clock: FakeClock
+) -> None:
+    now = clock.now()
+    with platform.store.write() as tx:
+        tx.create_runner(
+            RunnerRecord("proxy-1", "10.0.0.21", "", "zone-1", ("proxy",), "s", now, now,
+                         HostReport())
+        )  # fmt: skip
+    routes = Routes(platform)
+
+    def proxy_serves(version: str | None) -> None:
+        proxy = ProxyReport(running=True, routes_version=version, backends=1)
+        platform.liveness.beat("proxy-1", HostReport(memory_mb=1024, proxy=proxy))
+
+    create(platform)
+    old = zone1_instance(platform)
+    other = on(platform, "b1")
+    [move] = Vacate(platform, ADMIN, "test").vacate(old.allocator_id)
+    new = {i.instance_name: i for i in instances(platform)}[move.replacement]
+    constructor = Constructor(platform, holder="c1", routes=routes)
+    routes.refresh()
+    before = routes.table
+    assert before is not None
+    proxy_serves(before.version)
+    report_running(platform, new, other, settled=False)
+    routes.refresh()
+    after = routes.table
+    assert after is not None
+    assert after.version != before.version
+    assert routes.routes_to(after.version, new.deployment_id, new.instance_name)
+    assert not routes.routes_to(before.version, new.deployment_id, new.instance_name)
+    # The proxy still serves the table without the replacement: the old instance stays.
+    assert constructor.run_once().released == 0
+    proxy_serves(after.version)
+    assert constructor.run_once().released == 1
+    assert old.instance_name not in {i.instance_name for i in instances(platform)}
+
+
+def test_a_proxy_that_stays_behind_holds_a_move_up_for_a_while_only(
+    platform: Platform, clock: FakeClock
+) -> None:
+    create(platform)
+    old = zone1_instance(platform)
+    other = on(platform, "b1")
+    [move] = Vacate(platform, ADMIN, "test").vacate(old.allocator_id)
+    new = {i.instance_name: i for i in instances(platform)}[move.replacement]
+    report_running(platform, new, other, settled=False)
+    moving = instances(platform)
+    with platform.store.write() as tx:
+        assert finish_moves(tx, moving, now=clock.now(), is_routed=lambda _i: False) == 0
+    later = clock.now() + PROXY_PATIENCE
+    with platform.store.write() as tx:
+        assert finish_moves(tx, moving, now=later, is_routed=lambda _i: False) == 1

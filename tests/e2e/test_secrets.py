@@ -11,11 +11,13 @@ import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from muster.api.tls import server_context
+from tests.chains import key_pem, make_chain
 from tests.conftest import (
     TOKENS,
     Coordinator,
@@ -26,6 +28,8 @@ from tests.conftest import (
 )
 from tests.e2e._hardening import LOGIN, Host, query
 from tests.e2e.conftest import join_args
+
+TLS = "/api/v1/platform/configuration/security/tls"
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("hardening-secrets")]
 
@@ -206,12 +210,22 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
         )
         assert refreshed.status_code == 200, refreshed.text
         s.secrets["refreshed_session"] = refreshed.json()["token"]
+        # TLS chains: an admin's own for the Cloud UI (its key sent once, never shown again),
+        # and the proxies' (issued with the platform)
+        mine = make_chain(["console.example.test"], now=datetime.now(UTC))
+        installed = coordinator.api("POST", TLS + "/ui", content=mine.body())
+        assert installed.status_code == 202, installed.text
+        s.secrets["ui_private_key"] = key_body(key_pem(mine.key))
+        s.replies += [installed.text] + [
+            coordinator.api("GET", f"{TLS}/{service}").text for service in ("ui", "proxy")
+        ]
         s.replies.append(coordinator.api("GET", "/api/v1/platform/audit?size=1000").text)
 
         # private keys: the CA's and the signing key (in the store), the server's, the agents'
         settings = dict(query(coordinator, "SELECT name, value FROM platform_settings"))
         s.secrets["ca_private_key"] = key_body(settings["ca.private_key"])
         s.secrets["signing_key"] = settings["tokens.signing_key"]
+        s.secrets["proxy_private_key"] = key_body(json.loads(settings["tls.proxy"])["private_key"])
         s.secrets["signing_key_urlsafe"] = (
             base64.urlsafe_b64encode(base64.b64decode(settings["tokens.signing_key"]))
             .decode()

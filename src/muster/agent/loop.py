@@ -1,7 +1,8 @@
 """The runner agent's loop: heartbeat over mTLS at the coordinator's interval with jitter, back
 off while no coordinator answers, fail over between coordinators, renew the certificate before
 it expires (with the current certificate, never the token). On an allocator host, the instances
-are kept beside it (`muster.agent.instances_loop`) and reported in every heartbeat."""
+are kept beside it (`muster.agent.instances_loop`) and reported in every heartbeat; on a proxy
+host, HAProxy (`muster.agent.proxy`), told of a new routing table by the heartbeat replies."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from muster.agent.join import (
     save_agent_state,
     save_identity,
 )
+from muster.agent.proxy import ProxyKeeper
 from muster.agent.runtime import Runtime
 from muster.client import Client
 from muster.clock import SystemClock
@@ -41,6 +43,8 @@ JITTER = 0.2  # each wait is the interval +/- 20 %
 # host.json overrides it (tests compress minutes of absence into seconds this way).
 MAX_BACKOFF_S = 60.0
 RENEW_AT_REMAINING = 1 / 3  # renew once two thirds of the certificate's life have passed
+# The proxies' ports (ECE's), unless host.json says otherwise.
+PROXY_HTTP_PORT, PROXY_HTTPS_PORT = 9200, 9243
 
 
 class Agent:
@@ -53,6 +57,8 @@ class Agent:
         max_backoff_s: float = MAX_BACKOFF_S,
         on_event: Callable[[str], None] | None = None,
         keep_instances: bool | None = None,
+        keep_proxy: bool | None = None,
+        proxy_ports: tuple[int, int] | None = None,
     ) -> None:
         self.paths = paths
         self.interval_s = interval_s
@@ -77,12 +83,23 @@ class Agent:
             self.interval_s = float(state["heartbeat_interval_seconds"])
         # An allocator runs its instances on this host's Docker Engine (DOCKER_HOST, else the
         # local socket): started with `run`, beside the heartbeats.
+        settings = read_json(paths.host_file) if paths.host_file.exists() else {}
         if keep_instances is None:
-            settings = read_json(paths.host_file) if paths.host_file.exists() else {}
             keep_instances = "allocator" in settings.get("roles", ())
         self.keep_instances = keep_instances
         self.instances: InstanceKeeper | None = None
         self._instances_client: Client | None = None
+        # A proxy host runs HAProxy on its proxy ports (host.json's, from `muster install
+        # --proxy-http-port/--proxy-https-port`), its files under the storage path.
+        if keep_proxy is None:
+            keep_proxy = "proxy" in settings.get("roles", ())
+        self.keep_proxy = keep_proxy
+        self.proxy_ports = proxy_ports or (
+            int(settings.get("proxy_http_port", PROXY_HTTP_PORT)),
+            int(settings.get("proxy_https_port", PROXY_HTTPS_PORT)),
+        )
+        self.proxy: ProxyKeeper | None = None
+        self._proxy_clients: dict[str, Client] = {}
 
     def _connect(self) -> Client:
         if self._client is None:
@@ -105,6 +122,8 @@ class Agent:
                 report["checks"][DOCKER_CHECK] = docker
                 report["healthy"] = report["healthy"] and docker
             report["instances"] = states
+        if self.proxy is not None:
+            report["proxy"] = self.proxy.report().to_json()
         reply: dict[str, Any] = self._connect().request(
             "POST", "/api/v1/agent/heartbeat", json=report
         )
@@ -112,6 +131,10 @@ class Agent:
         self._adopt(reply)
         if self.instances is not None:
             self.instances.offer_version(reply.get("instances_version"))
+        if self.proxy is not None:
+            # The fallback wake-up: the long poll normally learns of a new table first.
+            version = reply.get("routes_version")
+            self.proxy.offer_version(str(version) if version is not None else None)
         return reply
 
     def _fetch_instances(self) -> Any:
@@ -126,6 +149,48 @@ class Agent:
             self._instances_client.close()  # the next try connects anew (a renewed certificate)
             self._instances_client = None
             raise
+
+    def _on_proxy_client(self, purpose: str, call: Callable[[Client], dict[str, Any]]) -> Any:
+        """`call` on a connection of its own per purpose (the long poll holds its connection
+        for up to half a minute, and each runs in a thread of the ProxyKeeper's)."""
+        client = self._proxy_clients.get(purpose)
+        if client is None:
+            client = self._proxy_clients[purpose] = Client(
+                self.coordinators, verify=client_context(self.paths), timeout_s=30.0
+            )
+        try:
+            return call(client)
+        except (MusterError, OSError):
+            client.close()  # the next try connects anew (a renewed certificate, a failover)
+            self._proxy_clients.pop(purpose, None)
+            raise
+
+    def _fetch_routes(self, version: str | None, wait_s: float) -> dict[str, Any]:
+        reply: dict[str, Any] = self._on_proxy_client(
+            "routes", lambda client: client.fetch_routes(version, wait_s)
+        )
+        return reply
+
+    def _fetch_proxy_certificate(self) -> dict[str, Any]:
+        reply: dict[str, Any] = self._on_proxy_client(
+            "certificate", lambda client: client.fetch_proxy_certificate()
+        )
+        return reply
+
+    def _start_proxy(self) -> None:
+        if not self.keep_proxy or self.proxy is not None:
+            return
+        http_port, https_port = self.proxy_ports
+        self.proxy = ProxyKeeper(
+            self._fetch_routes,
+            self._fetch_proxy_certificate,
+            state_dir=self.paths.root / "proxy",
+            http_port=http_port,
+            https_port=https_port,
+            on_event=self.on_event,
+        )
+        self.proxy.start()
+        self.on_event(f"serving deployments through HAProxy on ports {http_port}, {https_port}")
 
     def _start_instances(self) -> None:
         if not self.keep_instances or self.instances is not None:
@@ -202,6 +267,7 @@ class Agent:
         failures = 0
         talking_to = ""  # the coordinator of the last heartbeat: a failover is said, too
         self._start_instances()
+        self._start_proxy()
         while not self.stopped.is_set():
             try:
                 self.renew_if_due()
@@ -245,6 +311,12 @@ class Agent:
         if self._instances_client is not None:
             self._instances_client.close()
             self._instances_client = None
+        if self.proxy is not None:
+            self.proxy.stop()  # haproxy stops with its agent
+            self.proxy = None
+        for client in list(self._proxy_clients.values()):
+            client.close()
+        self._proxy_clients.clear()
         self._reset_client()
 
     def stop(self) -> None:

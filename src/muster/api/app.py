@@ -29,6 +29,8 @@ from muster.domain.desired import InstanceVersions
 from muster.domain.identities import CoordinatorDirectory, Refresher, RunnerIdentities
 from muster.domain.liveness import Flusher
 from muster.domain.platform import Platform
+from muster.domain.proxy_tls import ProxyCertificates
+from muster.domain.routing import Routes
 from muster.errors import MusterError, RateLimitedError, UnauthenticatedError
 
 log = logging.getLogger(__name__)
@@ -194,16 +196,29 @@ def create_app(
     identities = RunnerIdentities(platform)
     directory = CoordinatorDirectory(platform, coordinators or [])
     versions = InstanceVersions(platform)  # what heartbeat replies tell allocator hosts
+    # The proxies' certificate: issued, renewed when due and issued again for a new deployment
+    # domain or CA by the refresher's thread (the first coordinator process to see it due does).
+    proxy_certificates = ProxyCertificates(platform)
+    routes = Routes(platform)  # the routing table proxies fetch, and its version for heartbeats
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        flusher = Flusher(platform.liveness, period_s=flush_period_s)
+        flusher = Flusher(platform.liveness, period_s=flush_period_s, on_instances=routes.refresh)
         flusher.start()
         refresher = Refresher(
-            identities, directory, also={"desired instances versions": versions.refresh}
+            identities,
+            directory,
+            also={
+                "desired instances versions": versions.refresh,
+                # Before the routing table: a renewed certificate is in the same round's table.
+                "the proxy certificate": proxy_certificates.refresh,
+                "routing table": routes.refresh,
+            },
         )
         refresher.start()
-        constructor = Constructor(platform, lost_grace=timedelta(seconds=lost_allocator_grace_s))
+        constructor = Constructor(
+            platform, lost_grace=timedelta(seconds=lost_allocator_grace_s), routes=routes
+        )
         constructor.start()
         try:
             yield
@@ -228,6 +243,8 @@ def create_app(
     app.state.identities = identities
     app.state.coordinators = directory
     app.state.instance_versions = versions
+    app.state.proxy_certificates = proxy_certificates
+    app.state.routes = routes
 
     @app.exception_handler(MusterError)
     async def _muster_error(_request: Request, exc: MusterError) -> Response:
@@ -277,7 +294,9 @@ def create_app(
         agent,
         allocators,
         audit,
+        certificates,
         deployments,
+        networking,
         proxies,
         rotation,
         runners,
@@ -301,6 +320,8 @@ def create_app(
             vacate,
             platform_api,
             rotation,
+            certificates,
+            networking,
         )
     ]
     for router in api_routers:
@@ -321,6 +342,7 @@ def create_app(
         identities=identities,
         directory=directory,
         versions=versions,
+        routes=routes,
         ping=bench_routes,
     )
     # Outermost: NUL in a path or query is refused, and every unexpected error ends here.

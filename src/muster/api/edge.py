@@ -31,6 +31,7 @@ from muster.domain import pki, runners
 from muster.domain.desired import InstanceVersions
 from muster.domain.identities import CoordinatorDirectory, RunnerIdentities
 from muster.domain.platform import Platform
+from muster.domain.routing import Routes
 from muster.errors import PayloadTooLargeError
 
 HEARTBEAT_PATH = "/api/v1/agent/heartbeat"
@@ -40,7 +41,7 @@ PING_PATH = "/api/v1/agent/_ping"
 # A report is ~150 bytes (plus ~300 per instance an allocator runs), a join 2-3 KB: a larger
 # body (an allocator with hundreds of instances) goes to the route, which answers the same.
 FAST_BODY_BYTES = 64 * 1024
-MAX_CACHED_REPLIES = 4096  # heartbeat replies kept, one per instances version
+MAX_CACHED_REPLIES = 4096  # heartbeat replies kept, one per (instances, routes) version
 
 _Model = TypeVar("_Model", bound=BaseModel)
 _EMPTY_200: list[Message] = [
@@ -65,6 +66,7 @@ class Edge:
         identities: RunnerIdentities,
         directory: CoordinatorDirectory,
         versions: InstanceVersions,
+        routes: Routes,
         limit: int = MAX_BODY_BYTES,
         ping: bool = False,
     ) -> None:
@@ -73,13 +75,15 @@ class Edge:
         self.identities = identities
         self.directory = directory
         self.versions = versions
+        self.routes = routes
         self.limit = limit
         self.ping = ping
-        # The heartbeat replies, one per desired-instances version (most hosts share a few),
-        # rendered again only when the interval or the coordinators change.
+        # The heartbeat replies, one per desired-instances version and routing table version
+        # (most hosts share a few; only proxies get a routing version), rendered again only
+        # when the interval or the coordinators change.
         self._reply_interval_s = 0.0
         self._reply_addresses: tuple[str, ...] | None = None
-        self._replies: dict[int, list[Message]] = {}
+        self._replies: dict[tuple[int, str | None], list[Message]] = {}
         self._reply_trusted: tuple[str, ...] | None = None
         # GET /agent/ca's reply, rendered again when the trusted CAs change (a rotation).
         self._ca_trusted: tuple[str, ...] | None = None
@@ -139,10 +143,11 @@ class Edge:
             await self.app({**scope, REFUSED: exc}, replay(body, receive), send)
             return
         metrics.count_fast_heartbeat(scope)
-        for message in self._heartbeat_reply(self.versions.version(runner.name)):
+        key = (self.versions.version(runner.name), self.routes.version_for(runner.name))
+        for message in self._heartbeat_reply(key):
             await send(message)
 
-    def _heartbeat_reply(self, version: int) -> list[Message]:
+    def _heartbeat_reply(self, key: tuple[int, str | None]) -> list[Message]:
         interval_s = self.platform.heartbeat_interval_s
         addresses = self.directory.addresses()
         trusted = self.platform.ca_fingerprints
@@ -154,17 +159,19 @@ class Edge:
             self._replies = {}
             self._reply_interval_s, self._reply_addresses = interval_s, addresses
             self._reply_trusted = trusted
-        reply = self._replies.get(version)
+        reply = self._replies.get(key)
         if reply is None:
             model = HeartbeatReply(
                 heartbeat_interval_seconds=interval_s,
                 coordinators=[*addresses],
                 ca_fingerprints=[*trusted],
-                instances_version=version,
+                instances_version=key[0],
+                routes_version=key[1],
             )
-            # Starlette's JSONResponse rendering (the route's), byte for byte.
+            # Starlette's JSONResponse rendering (the route's, response_model_exclude_none: no
+            # routes_version but for proxies), byte for byte.
             content = json.dumps(
-                model.model_dump(mode="json"),
+                model.model_dump(mode="json", exclude_none=True),
                 ensure_ascii=False,
                 allow_nan=False,
                 indent=None,
@@ -172,7 +179,7 @@ class Edge:
             ).encode()
             if len(self._replies) >= MAX_CACHED_REPLIES:
                 self._replies = {}
-            reply = self._replies[version] = _json_reply(content)
+            reply = self._replies[key] = _json_reply(content)
         return reply
 
     def _platform_ca_reply(self) -> list[Message]:

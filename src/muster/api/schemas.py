@@ -373,6 +373,12 @@ class PlatformCAReply(Reply):
     ca_certificates: list[str] = Field(default_factory=list)
 
 
+class ProxyCertificateReply(Reply):
+    fingerprint: str = Field(description="SHA-256 hex of certificate_chain")
+    certificate_chain: str = Field(description="PEM, the leaf first")
+    private_key: str = Field(description="PEM")
+
+
 class RenewRequestModel(Strict):
     csr: str = Field(max_length=8192)
 
@@ -386,6 +392,32 @@ class HeartbeatReply(Reply):
     # The host's desired-instances version: when it is not the one the host holds, it fetches
     # GET /api/v1/agent/instances.
     instances_version: int = 0
+    # A proxy host's routing table version (None for other hosts): when it is not the one the
+    # proxy serves, it fetches GET /api/v1/agent/routes.
+    routes_version: str | None = None
+
+
+class RouteBackend(Reply):
+    instance_name: str
+    zone: str
+    host: str
+    port: int
+
+
+class RoutedDeployment(Reply):
+    deployment_id: str
+    name: str
+    backends: list[RouteBackend]
+
+
+class RoutesReply(Reply):
+    """The routing table a proxy serves (muster.domain.routing)."""
+
+    routes_version: str
+    domain: str
+    ports: dict[str, int]
+    tls_fingerprint: str | None = None
+    deployments: list[RoutedDeployment]
 
 
 class DesiredInstanceModel(Reply):

@@ -155,9 +155,17 @@ class ClusterPlansInfo(Reply):
     history: list[ClusterPlanInfo]
 
 
+class ClusterMetadataPortInfo(Reply):
+    http: int
+    https: int
+
+
 class ClusterMetadataInfo(Reply):
     version: int
     last_modified: str
+    endpoint: str | None = Field(None, description="The deployment's name at the proxies")
+    service_url: str | None = Field(None, description="Its HTTPS URL through the proxies")
+    ports: ClusterMetadataPortInfo | None = None
 
 
 class ContainerClusterInfo(Reply):

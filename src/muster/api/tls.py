@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import ssl
 import tempfile
 import threading
@@ -28,6 +29,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from muster.domain import pki
 from muster.domain.platform import Platform
+from muster.domain.proxy_tls import find_chain
+from muster.domain.tls_chains import UI, TlsChain, covers
 from muster.errors import MusterError
 from muster.hoststate import write_private
 
@@ -105,51 +108,80 @@ def _load_with_chain(ctx: ssl.SSLContext, certfile: Path, keyfile: Path, trusted
 
 
 class ServerTLS:
-    """The coordinator's server certificate files and the TLS context made of them and of the
-    trusted CAs, made again by `reload` when either changed (a rotation) and used by every new
-    connection from then on: `context`'s SNI callback, which OpenSSL runs in every handshake
-    (with or without SNI), hands the handshake the newest context. Open connections keep the
-    one they began with."""
+    """The coordinator's server certificate files, the UI chain an admin installed (if any) and
+    the TLS contexts made of them and of the trusted CAs, made again by `reload` when any
+    changed (a rotation, an installed chain) and used by every new connection from then on:
+    `context`'s SNI callback, which OpenSSL runs in every handshake (with or without SNI),
+    hands the handshake the newest context. Open connections keep the one they began with.
+
+    The installed UI chain is served to handshakes whose SNI names a host it covers (a browser
+    or script at https://console.example.com:12443); every other handshake gets the platform's
+    own certificate: by IP address (no SNI), which is how hosts' agents and the CLI reach a
+    coordinator by default, and they trust only the platform CA."""
 
     def __init__(self, *, certfile: Path, keyfile: Path, ca_pem: Callable[[], str]) -> None:
         self.certfile = certfile
         self.keyfile = keyfile
         self._ca_pem = ca_pem
         self._lock = threading.Lock()
+        self._ui_chain: TlsChain | None = None
+        self._ui: tuple[list[str], ssl.SSLContext] | None = None  # its names and context
         self._seen = self._signature()
         self.context = self._build()
         self.context.sni_callback = self._select
         self._current = self.context
 
-    def _signature(self) -> tuple[int, int, int, str]:
+    def _signature(self) -> tuple[int, int, int, str, str | None]:
         cert, key = self.certfile.stat(), self.keyfile.stat()
-        return cert.st_mtime_ns, cert.st_size, key.st_mtime_ns, self._ca_pem()
+        ui = self._ui_chain.fingerprint if self._ui_chain is not None else None
+        return cert.st_mtime_ns, cert.st_size, key.st_mtime_ns, self._ca_pem(), ui
 
     def _build(self) -> ssl.SSLContext:
         return server_context(certfile=self.certfile, keyfile=self.keyfile, cadata=self._ca_pem())
 
-    def _select(self, ssl_object: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
-        current = self._current
-        if ssl_object.context is not current:
-            ssl_object.context = current
+    def _build_ui(self) -> tuple[list[str], ssl.SSLContext] | None:
+        chain = self._ui_chain
+        if chain is None:
+            return None
+        # OpenSSL loads a key only from a file: one 0600 file beside server.key, for the load.
+        fd, name = tempfile.mkstemp(prefix=".ui-chain-", dir=self.keyfile.parent)
+        try:
+            with os.fdopen(fd, "w") as file:
+                file.write(chain.private_key_pem + chain.chain_pem)
+            context = server_context(certfile=Path(name), keyfile=Path(name), cadata=self._ca_pem())
+        finally:
+            os.unlink(name)
+        return chain.dns_names(), context
+
+    def _select(self, ssl_object: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        ui = self._ui
+        chosen = ui[1] if ui is not None and name and covers(ui[0], name) else self._current
+        if ssl_object.context is not chosen:
+            ssl_object.context = chosen
+
+    def use_ui_chain(self, chain: TlsChain | None) -> None:
+        """The chain an admin installed for the UI and API, or None: taken up by `reload`."""
+        with self._lock:
+            self._ui_chain = chain
 
     def reload(self) -> bool:
-        """Make the context again if the certificate, key or trusted CAs changed. True if new
-        connections now use a new context. A pair that does not load (a key written, its
-        certificate not yet) keeps the old context: the next reload tries again."""
+        """Make the contexts again if the certificate, key, UI chain or trusted CAs changed.
+        True if new connections now use new contexts. A pair that does not load (a key
+        written, its certificate not yet) keeps the old contexts: the next reload tries again."""
         with self._lock:
             try:
                 seen = self._signature()
                 if seen == self._seen:
                     return False
-                context = self._build()
+                context, ui = self._build(), self._build_ui()
             except (OSError, ssl.SSLError) as exc:
                 log.warning("server certificate not reloaded (tried again later): %s", exc)
                 return False
-            self._current, self._seen = context, seen
+            self._current, self._ui, self._seen = context, ui, seen
             return True
 
     def certificate(self) -> x509.Certificate:
+        """The platform-issued certificate (the one agents and the CLI are served)."""
         return pki.load_certificate(self.certfile.read_bytes())
 
     def install(self, key_pem: str, cert_pem: str) -> None:
@@ -162,10 +194,11 @@ class ServerTLS:
 
 class SecurityReloader:
     """One daemon thread per server process: every SECURITY_RELOAD_S it reads the platform's CAs
-    and token keys again (a rotation made through another coordinator or worker), keeps the
-    coordinator's CA file (the CLI's --cacert) equal to the trusted bundle, and reloads the TLS
-    context when the CAs or the certificate files changed. So no restart (and no SIGHUP) is
-    needed after a rotation: new connections use it within SECURITY_RELOAD_S."""
+    and token keys again (a rotation made through another coordinator or worker) and the UI
+    chain an admin installed, keeps the coordinator's CA file (the CLI's --cacert) equal to the
+    trusted bundle, and reloads the TLS contexts when any of them or the certificate files
+    changed. So no restart (and no SIGHUP) is needed after a rotation or an installed chain:
+    new connections use it within SECURITY_RELOAD_S."""
 
     def __init__(self, platform: Platform, tls: ServerTLS, *, ca_file: Path) -> None:
         self.platform = platform
@@ -188,6 +221,7 @@ class SecurityReloader:
         while not self._stop.wait(SECURITY_RELOAD_S):
             try:
                 self.platform.reload_security()
+                self.run_once()
             except Exception as exc:  # any: were the thread to end, rotations would go unseen
                 if not self._failing:
                     # The message of a MusterError, else only the type: a driver's own text
@@ -199,10 +233,10 @@ class SecurityReloader:
             if self._failing:
                 log.warning("can read the platform's CAs and keys again")
             self._failing = False
-            self.run_once()
 
     def run_once(self) -> None:
-        """Write the CA file if the bundle changed, and reload the TLS context if needed."""
+        """Write the CA file if the bundle changed, take up the installed UI chain, and reload
+        the TLS contexts if needed. Raises StoreError."""
         bundle = self.platform.ca_bundle_pem
         try:
             on_disk = self.ca_file.read_text()
@@ -213,6 +247,7 @@ class SecurityReloader:
                 write_private(self.ca_file, bundle, 0o644)
             except OSError as exc:
                 log.warning("could not write %s: %s", self.ca_file, exc)
+        self.tls.use_ui_chain(find_chain(self.platform, UI))
         self.tls.reload()
 
 

@@ -136,6 +136,20 @@ WorkersOpt = Annotated[
 ]
 
 
+ProxyHttpPortOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="a proxy host's plain HTTP port for deployments (default 9200); kept in host.json",
+        show_default=False,
+    ),
+]
+ProxyHttpsPortOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="a proxy host's HTTPS port for deployments (default 9243); kept in host.json",
+        show_default=False,
+    ),
+]
 LogFormatOpt = Annotated[
     str | None,
     typer.Option(
@@ -205,6 +219,8 @@ def install(
     ] = None,
     workers: WorkersOpt = None,
     log_format: LogFormatOpt = None,
+    proxy_http_port: ProxyHttpPortOpt = None,
+    proxy_https_port: ProxyHttpsPortOpt = None,
     no_start: Annotated[bool, typer.Option("--no-start", help="set up only; start later")] = False,
     rejoin: Annotated[
         bool,
@@ -233,6 +249,8 @@ def install(
                 "database_url": database_url,
                 "workers": workers,
                 "log_format": log_format,
+                "proxy_http_port": proxy_http_port,
+                "proxy_https_port": proxy_https_port,
             }
         )
         if coordinator_host is None:
@@ -368,6 +386,8 @@ def start(
             show_default=False,
         ),
     ] = None,
+    proxy_http_port: ProxyHttpPortOpt = None,
+    proxy_https_port: ProxyHttpsPortOpt = None,
 ) -> None:
     """Run an installed host again in the foreground (SIGINT/SIGTERM stop it)."""
     _start(
@@ -377,6 +397,7 @@ def start(
         api_port,
         log_format=log_format,
         lost_allocator_grace=lost_allocator_grace,
+        proxy_ports=(proxy_http_port, proxy_https_port),
     )
 
 
@@ -388,6 +409,7 @@ def _start(
     *,
     log_format: str | None = None,
     lost_allocator_grace: float | None = None,
+    proxy_ports: tuple[int | None, int | None] = (None, None),
 ) -> None:
     from muster.config import load_host, load_settings, save_host
 
@@ -404,6 +426,8 @@ def _start(
             "api_port": api_port,
             "log_format": log_format,
             "lost_allocator_grace_s": lost_allocator_grace,
+            "proxy_http_port": proxy_ports[0],
+            "proxy_https_port": proxy_ports[1],
         }
         config = load_settings(flags, saved)
         kept = {
@@ -417,6 +441,8 @@ def _start(
                 "its agent",
                 EXIT_USAGE,
             )
+        ports = zip(("proxy_http_port", "proxy_https_port"), proxy_ports, strict=True)
+        kept |= {k: v for k, v in ports if v is not None and v != getattr(saved, k)}
         # One storage path, one process: held while this one runs (forked workers share it).
         lock = hold_host_lock(paths)
         try:

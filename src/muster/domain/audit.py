@@ -50,6 +50,9 @@ SIGNING_KEY_RETIRED = "signing_key.retired"
 CA_ROTATED = "ca.rotated"
 CA_RETIRED = "ca.retired"
 SERVER_CERTIFICATE_ROTATED = "server_certificate.rotated"
+TLS_CERTIFICATE_ISSUED = "tls.certificate_issued"
+TLS_CERTIFICATE_INSTALLED = "tls.certificate_installed"
+DEPLOYMENT_DOMAIN_CHANGED = "platform.deployment_domain_changed"
 
 KINDS = (
     TOKEN_CREATED,
@@ -88,6 +91,9 @@ KINDS = (
     CA_ROTATED,
     CA_RETIRED,
     SERVER_CERTIFICATE_ROTATED,
+    TLS_CERTIFICATE_ISSUED,
+    TLS_CERTIFICATE_INSTALLED,
+    DEPLOYMENT_DOMAIN_CHANGED,
 )
 
 

@@ -11,7 +11,7 @@ import secrets
 import socket
 import threading
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -20,6 +20,7 @@ from muster.domain.deployments import RUNNING, connected_allocators, instance_na
 from muster.domain.models import InstanceRecord, ResourceRecord
 from muster.domain.placement import Slot
 from muster.domain.platform import Platform
+from muster.domain.routing import Routes
 from muster.domain.store import Transaction
 from muster.errors import InvalidInputError, MusterError
 
@@ -69,8 +70,12 @@ class Constructor:
         lost_grace: timedelta = DEFAULT_LOST_GRACE,
         period_s: float = 1.0,
         holder: str | None = None,
+        routes: Routes | None = None,
     ) -> None:
         self.platform = platform
+        # The routing table's versions: a moved instance is released once the proxies route
+        # to its replacement (muster.domain.vacate.finish_moves).
+        self.routes = routes
         self.lost_grace = lost_grace
         self.period_s = period_s
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -142,6 +147,9 @@ class Constructor:
         plans: dict[str, list[ResourceRecord]] = defaultdict(list)
         for resource in resources:
             plans[resource.deployment_id].append(resource)
+        is_routed = None
+        if self.routes is not None and any(i.moving for i in instances):
+            is_routed = self.routes.serving_proxies_route()
         totals = [0, 0, 0, 0]
         for deployment_id in sorted(deployments):
             if deployments[deployment_id].status != RUNNING or not _needs_work(
@@ -149,7 +157,7 @@ class Constructor:
             ):
                 continue
             try:
-                done = self._repair(deployment_id, lost, connected, now)
+                done = self._repair(deployment_id, lost, connected, now, is_routed)
             except MusterError as exc:  # one deployment's trouble must not stall the others
                 log.warning("constructor: deployment %s: %s", deployment_id, exc.message)
                 continue
@@ -158,14 +166,19 @@ class Constructor:
         return Round(True, *totals)
 
     def _repair(
-        self, deployment_id: str, lost: Collection[str], connected: Collection[str], now: datetime
+        self,
+        deployment_id: str,
+        lost: Collection[str],
+        connected: Collection[str],
+        now: datetime,
+        is_routed: Callable[[InstanceRecord], bool] | None = None,
     ) -> tuple[int, int, int, int]:
         with self.platform.store.write() as tx:
             deployment = tx.get_deployment(deployment_id, for_update=True)
             if deployment.status != RUNNING:
                 return (0, 0, 0, 0)
             instances = tx.list_instances(deployment_id=deployment_id)
-            released = vacate.finish_moves(tx, instances)
+            released = vacate.finish_moves(tx, instances, now=now, is_routed=is_routed)
             # A lost allocator's instances move: their replacements are placed below, and they
             # are released (no longer desired) once those run, as a vacate's are. Until then a
             # host that comes back keeps running them.

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from muster.domain import networking
 from muster.domain.deployments import check_id
 from muster.domain.models import (
     INSTANCE_RUNNING,
@@ -90,6 +91,7 @@ def get_stamped_deployment(
         maintenance = {
             a.allocator_id for a in tx.list_allocators_by_id(allocator_ids) if a.maintenance
         }
+        domain = networking.read_domain(tx).value
     rendered = [
         _resource(
             deployment,
@@ -98,6 +100,7 @@ def get_stamped_deployment(
             [a for a in attempts if a.resource_id == resource.id],
             hosts,
             maintenance,
+            domain=domain,
             show_plan_history=show_plan_history,
         )
         for resource in resources
@@ -170,6 +173,20 @@ def _attempt(attempt: PlanAttemptRecord) -> dict[str, Any]:
     return doc
 
 
+def _metadata(
+    deployment: DeploymentRecord, resource: ResourceRecord, domain: str
+) -> dict[str, Any]:
+    """ECE's ClusterMetadataInfo: where the proxies serve the deployment."""
+    endpoint = networking.endpoint(deployment.id, domain)
+    return {
+        "version": resource.plan_version,
+        "last_modified": utc_iso(deployment.updated_at),
+        "endpoint": endpoint,
+        "service_url": f"https://{endpoint}:{networking.HTTPS_PORT}",
+        "ports": dict(networking.PORTS),
+    }
+
+
 def _status(deployment: DeploymentRecord, attempts: Sequence[PlanAttemptRecord]) -> str:
     """ECE's cluster status: stopped, initializing (first plan pending), reconfiguring (a
     later plan pending) or started."""
@@ -189,6 +206,7 @@ def _resource(
     hosts: dict[str, str],
     maintenance: Collection[str],
     *,
+    domain: str,
     show_plan_history: bool,
 ) -> dict[str, Any]:
     rendered = [_instance(i, hosts, maintenance) for i in instances]
@@ -215,10 +233,7 @@ def _resource(
             "status": _status(deployment, attempts),
             "plan_info": plan_info,
             "topology": {"healthy": topology_healthy, "instances": rendered},
-            "metadata": {
-                "version": resource.plan_version,
-                "last_modified": utc_iso(deployment.updated_at),
-            },
+            "metadata": _metadata(deployment, resource, domain),
             "external_links": [],
         },
     }

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 
 from muster.clock import Clock
@@ -44,6 +44,7 @@ class Liveness:
         # flush: only changes are written.
         self._instances: dict[str, tuple[InstanceReport, ...]] = {}
         self._instances_pending: set[str] = set()
+        self.instance_writes = 0  # flushes that wrote instance states (Flusher.on_instances)
         self._docker_down: set[str] = set()
         self._lock = threading.Lock()
         # For the console: joins not logged yet, and whether each runner heard from here was
@@ -183,6 +184,7 @@ class Liveness:
         try:
             with self.store.write() as tx:
                 instance_reports.record(tx, reports, self.clock.now())
+            self.instance_writes += 1
         except MusterError as exc:
             log.warning("could not persist %d instance states, will retry: %s", len(reports), exc)
             with self._lock:
@@ -252,9 +254,18 @@ class Liveness:
 class Flusher:
     """A daemon thread that flushes a Liveness every `period_s` until stopped."""
 
-    def __init__(self, liveness: Liveness, period_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        liveness: Liveness,
+        period_s: float = 1.0,
+        on_instances: Callable[[], object] | None = None,
+    ) -> None:
         self.liveness = liveness
         self.period_s = period_s
+        # Called (on this thread) after a flush wrote instance states: the routing table reads
+        # them at once rather than at its next refresh, so proxies learn of a started or
+        # stopped instance up to a second sooner.
+        self.on_instances = on_instances
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="liveness-flush", daemon=True)
 
@@ -268,7 +279,13 @@ class Flusher:
 
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):
+            writes = self.liveness.instance_writes
             self.liveness.flush()
+            if self.on_instances is not None and self.liveness.instance_writes != writes:
+                try:
+                    self.on_instances()
+                except Exception as exc:  # the store may be down: the refresher says so
+                    log.debug("after the flush: %s", type(exc).__name__)
             try:
                 self.liveness.sweep()
             except Exception:  # the console's lines must never stop the flushes

@@ -203,13 +203,15 @@ def issue_server_certificate(
     dns_names: list[str],
     ip_addresses: list[str],
     now: datetime,
+    validity: timedelta = SERVER_CERT_VALIDITY,
 ) -> x509.Certificate:
-    """A TLS server certificate for a coordinator, valid for each DNS name and IP given."""
+    """A TLS server certificate (a coordinator's, the proxies' wildcard), valid for each DNS
+    name and IP given."""
     sans: list[x509.GeneralName] = [x509.DNSName(name) for name in dict.fromkeys(dns_names)]
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in dict.fromkeys(ip_addresses)]
     common_name = dns_names[0] if dns_names else ip_addresses[0]
     return (
-        _leaf_builder(ca, public_key, common_name, now, SERVER_CERT_VALIDITY)
+        _leaf_builder(ca, public_key, common_name, now, validity)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca.key, hashes.SHA256())

@@ -167,9 +167,15 @@ def create_platform(
         )
         for name, roles in BOOTSTRAP_TOKENS.items()
     }
+    # Imported here: proxy_tls reads the platform this module defines.
+    from muster.domain.proxy_tls import store_first_proxy_chain
+
     with store.write() as tx:
         if tx.find_setting(SIGNING_KEY) is not None:
             raise ConflictError("this store already holds a Muster platform")
+        # The proxies' certificate from the start: a running platform then writes it again
+        # only when it is due (muster.domain.proxy_tls).
+        store_first_proxy_chain(tx, ca, now)
         tx.put_setting(CA_CERT, ca.certificate_pem())
         tx.put_setting(CA_KEY, pki.private_key_to_pem(ca.key))
         tx.put_setting(SIGNING_KEY, base64.b64encode(signing_key).decode())

@@ -17,7 +17,7 @@ from datetime import datetime
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from muster.domain import audit, pki
+from muster.domain import audit, pki, proxy_tls
 from muster.domain.platform import (
     CA_CERT,
     CA_KEY,
@@ -210,6 +210,8 @@ def rotate_ca(platform: Platform, principal: Principal, *, source: str) -> Secur
             previous_fingerprints=[pki.spki_fingerprint(pki.load_certificate(p)) for p in previous],
         )
     platform.reload_security()
+    # The proxies' certificate from the new CA now (the refresher's thread would a second later).
+    proxy_tls.ensure_proxy_chain(platform)
     return security_status(platform)
 
 

@@ -5,11 +5,12 @@ finishing moves, once the replacements run, by the constructor (`muster.domain.c
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
-from muster.domain import audit, placement
+from muster.domain import audit, placement, routing
 from muster.domain.deployments import connected_allocators, instance_name
 from muster.domain.models import InstanceRecord, ResourceRecord
 from muster.domain.placement import InsufficientCapacityError, Slot
@@ -229,10 +230,28 @@ class Vacate:
         return moves
 
 
-def finish_moves(tx: Transaction, instances: Sequence[InstanceRecord]) -> int:
+# The longest a replacement waits for the proxies to route to it before its old instance is
+# released all the same.
+PROXY_PATIENCE = timedelta(seconds=30)
+
+
+def finish_moves(
+    tx: Transaction,
+    instances: Sequence[InstanceRecord],
+    *,
+    now: datetime,
+    is_routed: Callable[[InstanceRecord], bool] | None = None,
+    settle: timedelta = routing.PROPAGATION,
+    patience: timedelta = PROXY_PATIENCE,
+) -> int:
     """Release the moving instances whose group (resource and topology element) has as many
-    running instances that are not moving as its plan's zone_count: make-before-break, the
-    plan's full strength runs before an old instance stops. Returns how many were released."""
+    running instances that are not moving as its plan's zone_count, each routed by the proxies:
+    make-before-break, the plan's full strength runs, and the proxies send traffic to it,
+    before an old instance stops. Returns how many were released.
+
+    Routed: `is_routed(instance)` (every proxy serving traffic says so), or, past `patience`
+    since it was reported running, anyway (a proxy that stays behind does not hold moves up
+    for ever); without `is_routed`, once it was reported running `settle` before `now`."""
     groups: dict[tuple[str, int], list[InstanceRecord]] = defaultdict(list)
     for instance in instances:
         groups[(instance.resource_id, instance.topology_element)].append(instance)
@@ -240,10 +259,27 @@ def finish_moves(tx: Transaction, instances: Sequence[InstanceRecord]) -> int:
     released = 0
     for (resource_id, element), members in sorted(groups.items()):
         moving = [i.instance_name for i in members if i.moving]
-        running = [i for i in members if not i.moving and i.is_running]
+        running = [
+            i
+            for i in members
+            if not i.moving and i.is_running and _is_routed(i, now, is_routed, settle, patience)
+        ]
         if moving and len(running) >= wanted.get((resource_id, element), 1):
             released += tx.delete_instances(resource_id, moving)
     return released
+
+
+def _is_routed(
+    instance: InstanceRecord,
+    now: datetime,
+    is_routed: Callable[[InstanceRecord], bool] | None,
+    settle: timedelta,
+    patience: timedelta,
+) -> bool:
+    age = now - instance.reported_at if instance.reported_at is not None else patience
+    if is_routed is None:
+        return age >= settle
+    return age >= patience or is_routed(instance)
 
 
 def _zone_counts(tx: Transaction, deployment_ids: Collection[str]) -> dict[tuple[str, int], int]:

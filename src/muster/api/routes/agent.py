@@ -8,7 +8,7 @@ raise the refusals it met (`REFUSED`), and document the operations.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from muster.api.auth import platform_of, require_runner, source_of
 from muster.api.routes import errors
@@ -19,11 +19,15 @@ from muster.api.schemas import (
     JoinReply,
     JoinRequestModel,
     PlatformCAReply,
+    ProxyCertificateReply,
     RenewRequestModel,
+    RoutesReply,
 )
-from muster.domain import desired, pki, renewal, runners
+from muster.domain import desired, pki, proxy_tls, renewal, routing, runners
 from muster.domain.desired import InstanceVersions
+from muster.domain.routing import Routes
 from muster.domain.users import Principal
+from muster.errors import ForbiddenError
 
 router = APIRouter(prefix="/agent", tags=["Agent"])
 # The scope key under which the edge hands a refusal it met (a join or heartbeat the domain
@@ -109,6 +113,7 @@ def _heartbeat_runner(request: Request) -> Principal:
     "/heartbeat",
     operation_id="heartbeat",
     response_model=HeartbeatReply,
+    response_model_exclude_none=True,
     responses=errors(400, 401),
 )
 async def heartbeat(
@@ -117,11 +122,13 @@ async def heartbeat(
     platform = platform_of(request)
     runners.record_heartbeat(platform, runner, body.to_report(), body.to_instances())
     versions: InstanceVersions = request.app.state.instance_versions
+    routes: Routes = request.app.state.routes
     return HeartbeatReply(
         heartbeat_interval_seconds=platform.heartbeat_interval_s,
         coordinators=_coordinators(request),
         ca_fingerprints=[*platform.ca_fingerprints],
         instances_version=versions.version(runner.name),
+        routes_version=routes.version_for(runner.name),
     )
 
 
@@ -140,6 +147,46 @@ def get_desired_instances(
     return DesiredInstancesReply.model_validate(
         {"instances_version": version, "instances": [i.to_json() for i in instances]}
     )
+
+
+def require_proxy(request: Request, runner: Principal = Depends(require_runner)) -> Principal:
+    """The calling runner, if it holds the proxy role (memory first; a runner given the role
+    since the last refresh is read from the store, in this worker thread). Raises
+    ForbiddenError (runners.proxy_role_required)."""
+    routes: Routes = request.app.state.routes
+    if routes.is_proxy(runner.name):
+        return runner
+    record = runners.require_runner(platform_of(request), runner.name)
+    if routing.PROXY_ROLE not in record.roles:
+        raise ForbiddenError(
+            f"runner {runner.name!r} does not hold the proxy role; only proxy hosts read the "
+            "routing table",
+            code="runners.proxy_role_required",
+        )
+    return runner
+
+
+@router.get(
+    "/routes",
+    operation_id="get-routes",
+    response_model=RoutesReply,
+    responses=errors(400, 401, 403),
+)
+async def get_routes(
+    request: Request,
+    version: str | None = Query(
+        None, max_length=128, description="The version the proxy serves: wait for another"
+    ),
+    wait_s: float = Query(
+        0.0, ge=0, le=routing.MAX_WAIT_S, description="Seconds to wait for a change (long poll)"
+    ),
+    _runner: Principal = Depends(require_proxy),
+) -> Response:
+    """The routing table for a proxy host: at once when its version is not `version`, else
+    when it changes or after `wait_s` seconds (the same table then)."""
+    routes: Routes = request.app.state.routes
+    table = await routes.wait(version, wait_s)
+    return Response(table.body, media_type="application/json")
 
 
 @router.post(
@@ -161,4 +208,25 @@ def renew_certificate(
         ca_certificate=result.ca_pem,
         heartbeat_interval_seconds=result.heartbeat_interval_s,
         coordinators=_coordinators(request),
+    )
+
+
+@router.get(
+    "/proxy/certificate",
+    operation_id="get-proxy-certificate",
+    response_model=ProxyCertificateReply,
+    responses=errors(401, 403),
+)
+def get_proxy_certificate(
+    request: Request, runner: Principal = Depends(require_runner)
+) -> ProxyCertificateReply:
+    """The proxies' certificate chain (leaf first) and its private key, for a host holding the
+    `proxy` role (403 for any other): its HAProxy serves it on the HTTPS port. `fingerprint`
+    is what the routes reply's `tls_fingerprint` names, so a proxy fetches again when it
+    changes."""
+    chain = proxy_tls.proxy_chain_for(platform_of(request), runner.name)
+    return ProxyCertificateReply(
+        fingerprint=chain.fingerprint,
+        certificate_chain=chain.chain_pem,
+        private_key=chain.private_key_pem,
     )

@@ -31,6 +31,8 @@
     "signing_key.rotated": "Signing key rotated",
     "signing_key.retired": "Signing key retired", "ca.rotated": "CA rotated", "ca.retired": "CA retired",
     "server_certificate.rotated": "Server certificate rotated",
+    "platform.deployment_domain_changed": "Deployment domain changed",
+    "tls.certificate_issued": "TLS certificate issued", "tls.certificate_installed": "TLS certificate installed",
   };
   for (const k of kinds) select.append(h("option", { value: k, text: (LABELS[k] || k) + " (" + k + ")" }));
   select.value = kind;
