@@ -33,9 +33,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from bench.agentjoin import local_ip
 from bench.coordinator import Coordinator, free_port, install, secrets
 from bench.stats import loadavg, merge, summary_ms
-from bench.wire import Conn, WireError, local_ip, request_bytes
+from bench.wire import Conn, WireError, request_bytes
 from muster.agent.join import pinned_fingerprint
 from muster.domain import pki
 
