@@ -22,6 +22,7 @@ from muster.domain.models import (
     ApiKeyRecord,
     AuditEvent,
     DeploymentRecord,
+    Filter,
     HostReport,
     InstanceRecord,
     InstanceReport,
@@ -251,6 +252,17 @@ class Transaction(Protocol):
     def list_runner_columns(self, columns: Iterable[str]) -> list[tuple[Any, ...]]:
         """(runner id, *values of `columns`, RunnerRecord fields) of every runner, in one read,
         ordered by runner id. Raises ValueError for an unknown column."""
+        ...
+
+    def list_allocator_page(
+        self, where: Filter, order: Sequence[tuple[str, bool]], offset: int, limit: int
+    ) -> list[AllocatorRecord]:
+        """The allocators matching `where` (a filter over allocators' columns: `zone_id`,
+        `allocator_id`, `maintenance`, `memory_used_mb`), ordered by `order` ((column,
+        descending), most significant first) and then by allocator id ascending, strings by
+        code point; the `limit` of them from `offset` on. Filtered, ordered and paged by the
+        database, on its indexes where it has them (zone, id): the cost follows the page, not
+        the fleet. Raises ValueError for another column or operator (a programming error)."""
         ...
 
     def list_allocators_by_id(self, allocator_ids: Iterable[str]) -> list[AllocatorRecord]:
