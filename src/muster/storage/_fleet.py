@@ -109,14 +109,18 @@ class FleetReads:
             self._page_column(name).desc() if desc else self._page_column(name)
             for name, desc in order
         ]
-        keys.append(self._page_column("allocator_id"))  # ties: allocator id ascending
-        query = (
-            select(t.allocators)
+        if "allocator_id" not in (name for name, _ in order):
+            keys.append(self._page_column("allocator_id"))  # ties: allocator id ascending
+        # The page's ids first, then their rows: the rows an offset skips are stepped over in
+        # an index (id; zone and id) without reading them, where the filter allows.
+        page = (
+            select(t.allocators.c.allocator_id)
             .where(self._page_where(where))
             .order_by(*keys)
             .limit(limit)
             .offset(offset)
         )
+        query = select(t.allocators).where(t.allocators.c.allocator_id.in_(page)).order_by(*keys)
         return [rec.allocator_record(row) for row in self.conn.execute(query)]
 
     def _page_column(self, name: str) -> Any:
