@@ -338,6 +338,21 @@ class Transaction(Protocol):
         """Every attempt of these resources, by resource, then oldest version first."""
         ...
 
+    def list_allocator_zones(self) -> list[str]:
+        """Every zone an allocator is in, each once; read from the zone index, one step per
+        zone, not a scan of the allocators."""
+        ...
+
+    def list_placement_page(
+        self, zone_id: str, min_free_mb: int, after: tuple[int, str] | None, limit: int
+    ) -> list[tuple[PlacementCandidate, datetime | None]]:
+        """Up to `limit` allocators of `zone_id` outside maintenance with at least
+        `min_free_mb` free, fullest first (least free, then lowest id by code point), after
+        the (free MB, allocator id) `after` when given; each with its runner's last stored
+        heartbeat (None: none, or no runner). Read along an index in that order: the cost
+        follows `limit`, not the fleet."""
+        ...
+
     def list_placement_candidates(self) -> list[PlacementCandidate]:
         """Every allocator as placement sees it (zone, capacity with the settings' override,
         memory used, maintenance), in one read of a few columns, ordered by allocator id."""
