@@ -267,9 +267,9 @@ class DeploymentTables:
         self, zone_id: str, min_free_mb: int, after: tuple[int, str] | None, limit: int
     ) -> list[tuple[PlacementCandidate, datetime | None]]:
         free = _free_mb(self.conn.dialect.name)
-        allocator_id = _a.allocator_id
+        allocator_id: Any = _a.allocator_id
         if self.conn.dialect.name == "postgresql":
-            allocator_id = allocator_id.collate("C")  # code point order, as placement's ties
+            allocator_id = _a.allocator_id.collate("C")  # code point order, as placement's ties
         query = (
             select(
                 _a.allocator_id,
