@@ -27,10 +27,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from muster.agent.instances import LABEL_DEPLOYMENT
 from tests.e2e._instances import ALLOCATORS, Platform, body, remove_containers
 from tests.images import connect_engine, offline_image
 from tests.processes import Coordinator, install_coordinator
+
+from muster.agent.instances import LABEL_DEPLOYMENT
 
 DEPLOYMENTS = "/api/v1/deployments"
 POLL_S = 0.05
