@@ -6,6 +6,7 @@ heartbeat reply offers it; an engine that does not answer is said once and repor
 from __future__ import annotations
 
 import secrets
+from dataclasses import replace
 from typing import Any
 
 from muster.agent.instances_loop import InstanceKeeper
@@ -112,3 +113,32 @@ def test_an_engine_that_does_not_answer_is_reported_and_said_once(
     assert len([e for e in events if e.startswith("docker unavailable")]) == 1
     runtime.close()
     collect_failed_connections()
+
+
+def test_a_change_of_state_asks_for_a_heartbeat_and_a_starting_service_is_checked_again_soon(
+    engine: Any, image: str, make_runtime: Any, runner_id: str
+) -> None:
+    coordinator = Coordinator()
+    coordinator.reachable, coordinator.version = True, 1
+    # A container that runs and never listens: its service never answers.
+    silent = replace(spec(image, secrets.token_hex(4)), command=["sleep", "3600"])
+    coordinator.instances = [as_json(silent)]
+    changes: list[int] = []
+    keeper = InstanceKeeper(
+        make_runtime(), coordinator.fetch, period_s=2.0, on_change=lambda: changes.append(1)
+    )
+    keeper.step()
+    [state] = keeper.report_fields()[0]
+    assert (state["container_started"], state["service_running"]) == (True, False)
+    assert len(changes) == 1  # from none to one started: the heartbeat goes now
+    waits = [keeper.next_wait_s]
+    for _ in range(4):
+        keeper.step()
+        waits.append(keeper.next_wait_s)
+    assert len(changes) == 1  # the same state again: no early heartbeat
+    assert waits == [0.25, 0.5, 1.0, 2.0, 2.0]  # sooner, doubling up to the period, then it
+    coordinator.version, coordinator.instances = 2, []
+    keeper.offer_version(2)
+    keeper.step()  # removed: a change again, and nothing left to wait for
+    assert len(changes) == 2
+    assert keeper.next_wait_s == 2.0

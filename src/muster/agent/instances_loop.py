@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 DOCKER_CHECK = "docker"  # the host check the coordinator's placement reads (domain.liveness)
 MAX_REPORTED = 500  # instances one heartbeat reports (the coordinator's bound)
 MAX_ERROR = 1024
+# While an instance's container runs but its service does not answer yet, the next round comes
+# sooner than the period: after FIRST_RECHECK_S, doubling up to the period, so a service that
+# starts listening is reported within about a second, and one that never does costs a few
+# rounds after each change, then rounds at the period.
+FIRST_RECHECK_S = 0.25
 
 
 class InstanceKeeper:
@@ -37,9 +42,15 @@ class InstanceKeeper:
         *,
         period_s: float = 10.0,
         on_event: Callable[[str], None] | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.runtime = runtime
         self.period_s = period_s
+        # Called after a round whose states differ from the last one's: the heartbeat loop
+        # then reports them at once, not at its next interval.
+        self._on_change = on_change or (lambda: None)
+        self._recheck_s: float | None = None  # the next round's wait while a service starts
+        self._rechecked = False  # rechecked soon enough since the last change: back to period
         self._fetch = fetch
         self._on_event = on_event or (lambda message: log.info("%s", message))
         self._announced: int | None = None  # the last version said to have been applied
@@ -91,8 +102,26 @@ class InstanceKeeper:
                 self.step()
             except Exception:  # any: the host's instances must outlive one bad round
                 log.exception("keeping the instances failed; trying again")
-            self._wake.wait(self.period_s)
+            self._wake.wait(self.next_wait_s)
             self._wake.clear()
+
+    @property
+    def next_wait_s(self) -> float:
+        """How long the thread waits for the next round, unless woken sooner."""
+        return self.period_s if self._recheck_s is None else self._recheck_s
+
+    def _settle(self, states: list[dict[str, Any]], before: list[dict[str, Any]]) -> None:
+        """After a round: say whether the states changed, and when the next round comes."""
+        if [_summary(s) for s in states] != [_summary(s) for s in before]:
+            self._on_change()
+            self._rechecked = False
+        starting = any(s["container_started"] and not s["service_running"] for s in states)
+        if starting and not self._rechecked:
+            wait = FIRST_RECHECK_S if self._recheck_s is None else 2 * self._recheck_s
+            self._recheck_s = wait if wait < self.period_s else None
+            self._rechecked = self._recheck_s is None  # then at the period, until a change
+        else:
+            self._recheck_s = None
 
     def step(self) -> None:
         """One round: fetch the desired instances if their version moved (or never came), check
@@ -111,7 +140,8 @@ class InstanceKeeper:
             states = [_unreached(spec, why) for spec in desired]
         with self._lock:
             self._docker = healthy
-            self._states = states[:MAX_REPORTED]
+            before, self._states = self._states, states[:MAX_REPORTED]
+        self._settle(self._states, before)
         if desired is not None and version != self._announced and healthy:
             self._announced = version
             running = sum(1 for s in states if s["container_started"])
@@ -168,6 +198,16 @@ def _unreached(spec: InstanceSpec, why: str) -> dict[str, Any]:
         "last_error": why[:MAX_ERROR],
         "container_id": None,
     }
+
+
+def _summary(state: dict[str, Any]) -> tuple[Any, ...]:
+    """What of an instance's state its heartbeat is worth sending early for."""
+    return (
+        state["instance_name"],
+        state["plan_version"],
+        state["container_started"],
+        state["service_running"],
+    )
 
 
 def _state_json(state: InstanceState) -> dict[str, Any]:

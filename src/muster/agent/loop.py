@@ -65,6 +65,7 @@ class Agent:
         self.max_backoff_s = max_backoff_s
         self.coordinators = coordinators
         self.stopped = threading.Event()
+        self._wake = threading.Event()  # a heartbeat now: stopping, or instances changed
         self.on_event = on_event or (lambda message: log.info("%s", message))
         self.connected = False
         self.beats = 0
@@ -202,7 +203,11 @@ class Agent:
             return
         runtime = Runtime(runner_id, clock=SystemClock())
         self.instances = InstanceKeeper(
-            runtime, self._fetch_instances, period_s=self.interval_s, on_event=self.on_event
+            runtime,
+            self._fetch_instances,
+            period_s=self.interval_s,
+            on_event=self.on_event,
+            on_change=self.beat_soon,
         )
         self.instances.start()
         self.on_event("keeping this allocator's instances on the Docker Engine")
@@ -304,7 +309,8 @@ class Agent:
             except OSError as exc:  # e.g. the storage path vanished
                 failures += 1
                 self.on_event(f"heartbeat failed: {type(exc).__name__}: {exc}")
-            self.stopped.wait(self.wait_s(failures))
+            self._wake.wait(self.wait_s(failures))
+            self._wake.clear()
         if self.instances is not None:
             self.instances.stop()  # the containers keep running
             self.instances = None
@@ -319,8 +325,16 @@ class Agent:
         self._proxy_clients.clear()
         self._reset_client()
 
+    def beat_soon(self) -> None:
+        """Heartbeat now rather than at the next interval (this host's instances changed
+        state: the coordinator learns it at once). Ignored while heartbeats fail: the
+        backoff stands."""
+        if self.connected:
+            self._wake.set()
+
     def stop(self) -> None:
         self.stopped.set()
+        self._wake.set()
 
 
 def reply_expiry(cert_pem: str) -> str:

@@ -14,7 +14,6 @@ from muster.domain import audit, placement
 from muster.domain.models import (
     DeploymentRecord,
     InstanceRecord,
-    PlacementCandidate,
     PlanAttemptRecord,
     ResourceRecord,
 )
@@ -61,9 +60,8 @@ def connected_allocators(platform: Platform) -> frozenset[str]:
     return frozenset(aid for aid, last in rows if alive(aid, last) and aid not in down)
 
 
-def _zones_exist(specs: Sequence[ResourceSpec], candidates: Sequence[PlacementCandidate]) -> None:
+def _zones_exist(specs: Sequence[ResourceSpec], zones: Collection[str]) -> None:
     """zone_count may not ask for more zones than the platform's allocators are in."""
-    zones = {c.zone_id for c in candidates}
     for i, spec in enumerate(specs):
         for k, (zone_count, _mb) in enumerate(spec.topology):
             if zone_count > len(zones):
@@ -135,6 +133,16 @@ class DeploymentAdmin:
             return self.connected
         return connected_allocators(self.platform)
 
+    def _alive(self) -> placement.Alive:
+        """Whether an allocator may take instances, from its id and stored heartbeat: as
+        `connected_allocators` decides, one allocator at a time (no read of the fleet)."""
+        if self.connected is not None:
+            given = self.connected
+            return lambda allocator_id, _last: allocator_id in given
+        liveness = self.platform.liveness
+        down = liveness.docker_unavailable()
+        return lambda aid, last: liveness.is_connected(aid, last) and aid not in down
+
     # -- create --------------------------------------------------------------------------------
     def create(self, body: Any, *, validate_only: bool = False) -> dict[str, Any]:
         """Create a deployment from ECE's DeploymentCreateRequest and place its instances, all
@@ -144,7 +152,7 @@ class DeploymentAdmin:
         Raises InvalidInputError naming the bad field (nothing written), or with code
         deployments.insufficient_capacity when the instances fit nowhere (nothing placed)."""
         name, specs = check_create(body, self.platform.region)
-        connected, now = self._connected(), self.platform.clock.now()
+        alive, now = self._alive(), self.platform.clock.now()
         deployment_id = new_id()
         deployment = DeploymentRecord(
             id=deployment_id,
@@ -168,20 +176,20 @@ class DeploymentAdmin:
             for spec in specs
         ]
         slots = [slot for r in resources for slot in _slots(r, r.plan, first=0)]
+        # The candidates are read along the store's placement index, a few per zone: a create
+        # does not read the fleet (`placement.read_candidates`).
         if validate_only:
             with self.platform.store.read() as tx:
-                candidates = tx.list_placement_candidates()
-            _zones_exist(specs, candidates)
-            placement.choose(slots, candidates, connected)
+                _zones_exist(specs, tx.list_allocator_zones())
+                placement.choose_from_index(tx, slots, alive)
             return _created(deployment, resources, created=False, validate_only=True)
         with self.platform.store.write() as tx:
-            candidates = tx.list_placement_candidates()
-            _zones_exist(specs, candidates)
+            _zones_exist(specs, tx.list_allocator_zones())
             # A refusal below (no capacity) rolls every row back: nothing is half-placed.
             tx.create_deployment(deployment)
             for resource in resources:
                 tx.create_resource(resource)
-            placed = placement.place(tx, slots, connected, now, candidates=candidates)
+            placed = placement.place(tx, slots, (), now, alive=alive)
             for resource in resources:
                 mine = [i for i in placed if i.resource_id == resource.id]
                 tx.create_plan_attempt(_attempt(resource, now, mine))
@@ -230,8 +238,7 @@ class DeploymentAdmin:
                     code="deployments.deployment_shut_down",
                 )
             existing = {r.ref_id: r for r in tx.list_resources([deployment_id])}
-            candidates = tx.list_placement_candidates()
-            _zones_exist(specs or [], candidates)
+            _zones_exist(specs or [], tx.list_allocator_zones())
             if prune and specs is not None:
                 given = {spec.ref_id for spec in specs}
                 for orphan in [r for ref_id, r in existing.items() if ref_id not in given]:

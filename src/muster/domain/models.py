@@ -320,3 +320,36 @@ class PlacementCandidate:
     @property
     def free_mb(self) -> int:
         return self.capacity_mb - self.used_mb
+
+
+# ---- filters a store evaluates --------------------------------------------------------------
+# A search the store can answer by itself (`muster.domain.listing`): a tree of comparisons
+# joined by AND, OR and NOT, or a constant. The query language builds it over document fields
+# (`muster.domain.query`); the listing turns those into store columns before the store sees it.
+
+
+@dataclass(frozen=True)
+class Compare:
+    """`name op value`: op is "=", ">" or, over document fields only, "exists" (value None)."""
+
+    name: str
+    op: str
+    value: Any = None
+
+
+@dataclass(frozen=True)
+class AllOf:
+    parts: tuple[Filter, ...]
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    parts: tuple[Filter, ...]
+
+
+@dataclass(frozen=True)
+class Negate:
+    part: Filter
+
+
+Filter = Compare | AllOf | AnyOf | Negate | bool

@@ -11,7 +11,7 @@ lowest allocator id, then zone. The same fleet and plan always give the same pla
 from __future__ import annotations
 
 import bisect
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -142,6 +142,57 @@ def _insufficient(slot: Slot, largest: dict[str, int]) -> InsufficientCapacityEr
     )
 
 
+Alive = Callable[[str, datetime | None], bool]  # (allocator id, stored heartbeat) -> connected
+Fleet = tuple[list[PlacementCandidate], set[str]]  # candidates, and those of them connected
+# How many allocators a page of placement's index read holds at least.
+_PAGE = 16
+
+
+def read_candidates(tx: Transaction, slots: Sequence[Slot], alive: Alive) -> Fleet:
+    """The allocators `choose` needs to place `slots` as it would over the whole fleet, read
+    along the store's placement index (`list_placement_page`), and which of them are `alive`.
+
+    For each zone and each slot size M, the first len(slots) connected allocators outside
+    maintenance with M free, fullest first: each slot before the last takes room on one
+    allocator, so the best allocator for any slot is always among them, or among those
+    already taken from. The read follows the plan's size, not the fleet's (but pages past
+    allocators that are not connected: a zone of silent hosts is read through)."""
+    wanted = len(slots)
+    sizes = sorted({slot.memory_mb for slot in slots})
+    limit = max(_PAGE, 2 * wanted)
+    found: dict[str, PlacementCandidate] = {}
+    connected: set[str] = set()
+    for zone in tx.list_allocator_zones():
+        for size in sizes:
+            alive_here, after = 0, None
+            while alive_here < wanted:
+                page = tx.list_placement_page(zone, size, after, limit)
+                for candidate, last in page:
+                    if alive_here < wanted and alive(candidate.allocator_id, last):
+                        found[candidate.allocator_id] = candidate
+                        connected.add(candidate.allocator_id)
+                        alive_here += 1
+                if len(page) < limit:
+                    break
+                after = (page[-1][0].free_mb, page[-1][0].allocator_id)
+    return list(found.values()), connected
+
+
+def choose_from_index(
+    tx: Transaction, slots: Sequence[Slot], alive: Alive
+) -> list[tuple[Slot, PlacementCandidate]]:
+    """`choose` over the allocators `read_candidates` finds. A refusal is made again over the
+    whole fleet (read whole, on a refusal only), whose largest free memory per zone it shows."""
+    candidates, connected = read_candidates(tx, slots, alive)
+    try:
+        return choose(slots, candidates, connected)
+    except InsufficientCapacityError:
+        beats = tx.list_allocator_columns(["runner.last_heartbeat_at"])
+        everyone = {aid for aid, last in beats if alive(aid, last)}
+        choose(slots, tx.list_placement_candidates(), everyone)
+        raise
+
+
 def place(
     tx: Transaction,
     slots: Sequence[Slot],
@@ -149,12 +200,14 @@ def place(
     now: datetime,
     *,
     candidates: Sequence[PlacementCandidate] | None = None,
+    alive: Alive | None = None,
 ) -> list[InstanceRecord]:
     """Place the slots and record their instances in `tx` (a write transaction), their memory
     and ports reserved on the allocators chosen; returns the instances as recorded.
 
     One read of the fleet's few placement columns (`candidates`, if the caller read them in
-    this transaction already), then one reservation that checks again under the allocators'
+    this transaction already; with `alive`, only the allocators `read_candidates` finds, and
+    `connected` is not used), then one reservation that checks again under the allocators'
     locks; if a concurrent placement took the room meanwhile, read again and retry, at most
     MAX_ATTEMPTS times. Raises InvalidInputError (deployments.insufficient_capacity) when the
     slots do not fit; nothing is reserved then."""
@@ -162,7 +215,10 @@ def place(
         return []
     for attempt in range(MAX_ATTEMPTS):
         fleet = candidates if candidates is not None and attempt == 0 else None
-        chosen = choose(slots, fleet or tx.list_placement_candidates(), connected)
+        if fleet is None and alive is not None:
+            chosen = choose_from_index(tx, slots, alive)
+        else:
+            chosen = choose(slots, fleet or tx.list_placement_candidates(), connected)
         records = [
             InstanceRecord(
                 deployment_id=slot.deployment_id,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol
 
+from muster.domain.models import AllOf, AnyOf, Compare, Filter, Negate
 from muster.errors import InvalidInputError
 
 __all__ = [
@@ -63,6 +64,12 @@ class Query(Protocol):
     def fields(self) -> frozenset[str] | None:
         """The fields it reads, as written (aliases not applied); None when it may read any
         (a bare term searches every string of the document)."""
+        ...
+
+    @property
+    def where(self) -> Filter | None:
+        """The same query as a filter over the fields it names (aliases not applied), for a
+        store to evaluate; None when it has no such form (text, globs, ranges, ...)."""
         ...
 
     def matches(self, doc: Mapping[str, Any], /) -> bool: ...
@@ -195,17 +202,19 @@ def _strings(node: Any) -> Iterator[str]:
 
 @dataclass(frozen=True)
 class _Predicate:
-    """A parsed query; `test` decides one doc, `fields` are those it reads (None: any)."""
+    """A parsed query; `test` decides one doc, `fields` are those it reads (None: any),
+    `where` the same test as a filter when it has one."""
 
     test: Callable[[Mapping[str, Any]], bool]
     fields: frozenset[str] | None = frozenset()
+    where: Filter | None = None
 
     def matches(self, doc: Mapping[str, Any], /) -> bool:
         return self.test(doc)
 
 
-MATCH_ALL: Query = _Predicate(lambda d: True)
-MATCH_NONE: Query = _Predicate(lambda d: False)
+MATCH_ALL: Query = _Predicate(lambda d: True, where=True)
+MATCH_NONE: Query = _Predicate(lambda d: False, where=False)
 
 
 def _fields_of(clauses: Iterable[Query]) -> frozenset[str] | None:
@@ -217,25 +226,44 @@ def _fields_of(clauses: Iterable[Query]) -> frozenset[str] | None:
     return frozenset(fields)
 
 
+def _wheres(clauses: Iterable[Query]) -> tuple[Filter, ...] | None:
+    wheres = [c.where for c in clauses]
+    return tuple(w for w in wheres if w is not None) if None not in wheres else None
+
+
 def _all_of(clauses: Sequence[Query]) -> Query:
     if len(clauses) == 1:
         return clauses[0]
-    return _Predicate(lambda d: all(c.matches(d) for c in clauses), _fields_of(clauses))
+    wheres = _wheres(clauses)
+    return _Predicate(
+        lambda d: all(c.matches(d) for c in clauses),
+        _fields_of(clauses),
+        None if wheres is None else AllOf(wheres),
+    )
 
 
 def _at_least(count: int, clauses: Sequence[Query]) -> Query:
+    wheres = _wheres(clauses) if count <= 1 else None  # "at least 2 of" has no filter form
+    where: Filter | None = None
+    if wheres is not None:
+        where = True if count <= 0 else AnyOf(wheres)
     return _Predicate(
-        lambda d: sum(1 for c in clauses if c.matches(d)) >= count, _fields_of(clauses)
+        lambda d: sum(1 for c in clauses if c.matches(d)) >= count, _fields_of(clauses), where
     )
 
 
 def _not(clause: Query) -> Query:
-    return _Predicate(lambda d: not clause.matches(d), clause.fields)
+    where = None if clause.where is None else Negate(clause.where)
+    return _Predicate(lambda d: not clause.matches(d), clause.fields, where)
 
 
 def _equals_query(field: str, value: Scalar) -> Query:
     equals = _equality(value)
-    return _Predicate(lambda d: any(map(equals, resolve_field(d, field))), frozenset({field}))
+    return _Predicate(
+        lambda d: any(map(equals, resolve_field(d, field))),
+        frozenset({field}),
+        Compare(field, "=", value),
+    )
 
 
 def _glob_query(field: str, glob: tuple[str, ...]) -> Query:
@@ -262,7 +290,7 @@ def _exists_query(field: str) -> Query:
         held = doc.get(flag)
         return bool(resolve_field(doc, field)) if held is None else bool(held)
 
-    return _Predicate(exists, frozenset({flag}))
+    return _Predicate(exists, frozenset({flag}), Compare(field, "exists"))
 
 
 def _text_query(raw: str, *, quoted: bool) -> Query:

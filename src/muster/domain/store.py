@@ -22,6 +22,7 @@ from muster.domain.models import (
     ApiKeyRecord,
     AuditEvent,
     DeploymentRecord,
+    Filter,
     HostReport,
     InstanceRecord,
     InstanceReport,
@@ -253,6 +254,17 @@ class Transaction(Protocol):
         ordered by runner id. Raises ValueError for an unknown column."""
         ...
 
+    def list_allocator_page(
+        self, where: Filter, order: Sequence[tuple[str, bool]], offset: int, limit: int
+    ) -> list[AllocatorRecord]:
+        """The allocators matching `where` (a filter over allocators' columns: `zone_id`,
+        `allocator_id`, `maintenance`, `memory_used_mb`), ordered by `order` ((column,
+        descending), most significant first) and then by allocator id ascending, strings by
+        code point; the `limit` of them from `offset` on. Filtered, ordered and paged by the
+        database, on its indexes where it has them (zone, id): the cost follows the page, not
+        the fleet. Raises ValueError for another column or operator (a programming error)."""
+        ...
+
     def list_allocators_by_id(self, allocator_ids: Iterable[str]) -> list[AllocatorRecord]:
         """The allocators with these ids, in no particular order; unknown ids are skipped."""
         ...
@@ -324,6 +336,21 @@ class Transaction(Protocol):
 
     def list_plan_attempts(self, resource_ids: Iterable[str]) -> list[PlanAttemptRecord]:
         """Every attempt of these resources, by resource, then oldest version first."""
+        ...
+
+    def list_allocator_zones(self) -> list[str]:
+        """Every zone an allocator is in, each once; read from the zone index, one step per
+        zone, not a scan of the allocators."""
+        ...
+
+    def list_placement_page(
+        self, zone_id: str, min_free_mb: int, after: tuple[int, str] | None, limit: int
+    ) -> list[tuple[PlacementCandidate, datetime | None]]:
+        """Up to `limit` allocators of `zone_id` outside maintenance with at least
+        `min_free_mb` free, fullest first (least free, then lowest id by code point), after
+        the (free MB, allocator id) `after` when given; each with its runner's last stored
+        heartbeat (None: none, or no runner). Read along an index in that order: the cost
+        follows `limit`, not the fleet."""
         ...
 
     def list_placement_candidates(self) -> list[PlacementCandidate]:

@@ -11,7 +11,22 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Integer,
+    and_,
+    bindparam,
+    delete,
+    false,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from muster.domain.models import (
@@ -63,6 +78,30 @@ _REPORT = (
 )
 # Instances change plans and states, never their placement this way.
 _INSTANCE_CHANGES = {"plan_version", "desired", "state", "moving"}
+
+
+# An allocator's free memory in MB: its capacity (the settings' override, else as installed)
+# less what its instances take. Written as migration 0009's placement index has it, word for
+# word, so that the database matches the two and walks the index in free-memory order.
+_FREE_MB = {
+    "sqlite": "coalesce(json_extract(settings, '$.capacity'), capacity_mb) - memory_used_mb",
+    "postgresql": "coalesce((settings ->> 'capacity')::integer, capacity_mb) - memory_used_mb",
+}
+
+
+def _free_mb(dialect: str) -> Any:
+    return literal_column(f"({_FREE_MB[dialect]})", Integer)
+
+
+# The distinct zones, smallest first, one index lookup each (the zone index of migration 0001).
+_ZONES = text(
+    "WITH RECURSIVE z(zone) AS ("
+    " SELECT min(zone_id) FROM allocators"
+    " UNION ALL"
+    " SELECT (SELECT min(zone_id) FROM allocators WHERE zone_id > z.zone) FROM z"
+    " WHERE z.zone IS NOT NULL)"
+    " SELECT zone FROM z WHERE zone IS NOT NULL"
+)
 
 
 def _capacity(capacity_mb: int, settings: Any) -> int:
@@ -217,6 +256,43 @@ class DeploymentTables:
         return [
             PlacementCandidate(aid, zone, int(cap), int(used), bool(maint))
             for aid, zone, cap, used, maint in rows
+        ]
+
+    def list_allocator_zones(self) -> list[str]:
+        # One index step per zone (a loose index scan), not a scan of every allocator.
+        rows = self.conn.execute(_ZONES)
+        return [str(row[0]) for row in rows if row[0] is not None]
+
+    def list_placement_page(
+        self, zone_id: str, min_free_mb: int, after: tuple[int, str] | None, limit: int
+    ) -> list[tuple[PlacementCandidate, datetime | None]]:
+        free = _free_mb(self.conn.dialect.name)
+        allocator_id: Any = _a.allocator_id
+        if self.conn.dialect.name == "postgresql":
+            allocator_id = _a.allocator_id.collate("C")  # code point order, as placement's ties
+        query = (
+            select(
+                _a.allocator_id,
+                _a.zone_id,
+                free,
+                _a.memory_used_mb,
+                t.runners.c.last_heartbeat_at,
+            )
+            .select_from(
+                t.allocators.outerjoin(t.runners, t.runners.c.runner_id == _a.allocator_id)
+            )
+            .where(_a.zone_id == zone_id, _a.maintenance == false(), free >= min_free_mb)
+            .order_by(free, allocator_id)
+            .limit(limit)
+        )
+        if after is not None:
+            query = query.where(tuple_(free, allocator_id) > tuple_(after[0], after[1]))
+        return [
+            (
+                PlacementCandidate(aid, zone, int(free_mb) + int(used), int(used), False),
+                rec.utc(last),
+            )
+            for aid, zone, free_mb, used, last in self.conn.execute(query)
         ]
 
     def create_instances(

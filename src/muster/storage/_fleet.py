@@ -4,13 +4,21 @@ whole records of one page (for searches over tens of thousands of hosts)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, and_, false, func, not_, or_, select, true
 
-from muster.domain.models import AllocatorRecord, HostReport, RunnerRecord
+from muster.domain.models import (
+    AllocatorRecord,
+    AllOf,
+    AnyOf,
+    Filter,
+    HostReport,
+    Negate,
+    RunnerRecord,
+)
 from muster.storage import _rows as rec
 from muster.storage import schema as t
 
@@ -90,6 +98,56 @@ class FleetReads:
                     values[i] = convert(values[i])
             result.append(tuple(values))
         return result
+
+    # -- one page of allocators, filtered, ordered and paged by the database -------------------
+    _PAGE_COLUMNS = ("allocator_id", "zone_id", "maintenance", "memory_used_mb")
+
+    def list_allocator_page(
+        self, where: Filter, order: Sequence[tuple[str, bool]], offset: int, limit: int
+    ) -> list[AllocatorRecord]:
+        keys = [
+            self._page_column(name).desc() if desc else self._page_column(name)
+            for name, desc in order
+        ]
+        if "allocator_id" not in (name for name, _ in order):
+            keys.append(self._page_column("allocator_id"))  # ties: allocator id ascending
+        # The page's ids first, then their rows: the rows an offset skips are stepped over in
+        # an index (id; zone and id) without reading them, where the filter allows.
+        page = (
+            select(t.allocators.c.allocator_id)
+            .where(self._page_where(where))
+            .order_by(*keys)
+            .limit(limit)
+            .offset(offset)
+        )
+        query = select(t.allocators).where(t.allocators.c.allocator_id.in_(page)).order_by(*keys)
+        return [rec.allocator_record(row) for row in self.conn.execute(query)]
+
+    def _page_column(self, name: str) -> Any:
+        if name not in self._PAGE_COLUMNS:
+            raise ValueError(f"allocator pages are not filtered or ordered by {name!r}")
+        column = t.allocators.c[name]
+        # Strings compare by code point, as Python's do: PostgreSQL's "C" collation (the
+        # indexes of migration 0009 are built with it); SQLite's BINARY already does.
+        if self.conn.dialect.name == "postgresql" and name in ("allocator_id", "zone_id"):
+            return column.collate("C")
+        return column
+
+    def _page_where(self, where: Filter) -> Any:
+        if isinstance(where, bool):
+            return true() if where else false()
+        if isinstance(where, Negate):
+            return not_(self._page_where(where.part))
+        if isinstance(where, AllOf | AnyOf):
+            parts = [self._page_where(part) for part in where.parts]
+            joined = and_ if isinstance(where, AllOf) else or_
+            return joined(*parts) if parts else (true() if isinstance(where, AllOf) else false())
+        column = self._page_column(where.name)
+        if where.op == "=":
+            return column == where.value
+        if where.op == ">":
+            return column > where.value
+        raise ValueError(f"allocator pages have no operator {where.op!r}")
 
     def list_allocators_by_id(self, allocator_ids: Iterable[str]) -> list[AllocatorRecord]:
         return [
