@@ -66,11 +66,18 @@ def muster_command(args: Sequence[str], netns: str | None = None) -> list[str]:
     return [*prefix, MUSTER, *args]
 
 
-def muster_env() -> dict[str, str]:
+def muster_env(netns: str | None = None) -> dict[str, str]:
     """The environment of a `muster` subprocess: none of the caller's MUSTER_* settings, wide
-    unwrapped output."""
+    unwrapped output. Every first host holds the proxy role and so runs HAProxy: outside a
+    network namespace, where tests run side by side on one set of ports, each process gets
+    ports of its own (a variable, never kept in host.json; a flag still wins). A host in a
+    namespace keeps ECE's 9200 and 9243."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MUSTER_")}
     env.update(PYTHONUNBUFFERED="1", COLUMNS="200", TERM="dumb", NO_COLOR="1")
+    if netns is None:
+        env.update(
+            MUSTER_PROXY_HTTP_PORT=str(free_port()), MUSTER_PROXY_HTTPS_PORT=str(free_port())
+        )
     return env
 
 
@@ -105,7 +112,7 @@ def run_muster(
             stderr=err,
             input=None if stdin is None else stdin.encode(),
             stdin=subprocess.DEVNULL if stdin is None else None,
-            env=muster_env(),
+            env=muster_env(netns),
             timeout=timeout_s,
             check=False,
         )
@@ -136,7 +143,7 @@ class MusterProcess:
             stdout=self._out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**muster_env(), **(env or {})},
+            env={**muster_env(netns), **(env or {})},
             start_new_session=True,
         )
 
