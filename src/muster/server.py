@@ -146,7 +146,11 @@ def _serve(
     )
     try:
         platform = load_platform(
-            store, SystemClock(), heartbeat_interval_s=config.heartbeat_interval_s
+            store,
+            SystemClock(),
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            heartbeat_budget=config.heartbeat_budget,
+            heartbeat_max_interval_s=config.heartbeat_max_interval_s,
         )
         coordinators = list(dict.fromkeys([config.advertised_address(), *config.coordinators]))
         app = build_app(

@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterable
 from typing import TypeVar
 
+from cryptography import x509
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -30,6 +31,7 @@ from muster.domain import runners
 from muster.domain.desired import InstanceVersions
 from muster.domain.identities import CoordinatorDirectory, RunnerIdentities
 from muster.domain.platform import Platform
+from muster.domain.users import Principal
 from muster.errors import PayloadTooLargeError
 
 HEARTBEAT_PATH = "/api/v1/agent/heartbeat"
@@ -60,25 +62,17 @@ class Edge:
         app: ASGIApp,
         *,
         platform: Platform,
-        identities: RunnerIdentities,
+        heartbeats: Heartbeats,
         directory: CoordinatorDirectory,
-        versions: InstanceVersions,
         limit: int = MAX_BODY_BYTES,
         ping: bool = False,
     ) -> None:
         self.app = app
         self.platform = platform
-        self.identities = identities
+        self.heartbeats = heartbeats
         self.directory = directory
-        self.versions = versions
         self.limit = limit
         self.ping = ping
-        # The heartbeat replies, one per desired-instances version (most hosts share a few),
-        # rendered again only when the interval or the coordinators change.
-        self._reply_interval_s = 0.0
-        self._reply_addresses: tuple[str, ...] | None = None
-        self._replies: dict[int, list[Message]] = {}
-        self._reply_trusted: tuple[str, ...] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -114,56 +108,20 @@ class Edge:
         await self.app(scope, replay(body, receive), send)
 
     async def _heartbeat(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
-        # Only a certificate memory vouches for is taken here: checking any other may read the
-        # store, which the route does from a worker thread.
-        cert = peer_certificate(scope)
-        runner = self.identities.vouch(cert) if cert is not None else None
-        model = _parse(HostReportModel, body) if runner is not None else None
+        heartbeats = self.heartbeats
+        runner, model = heartbeats.check(peer_certificate(scope), body)
         if runner is None or model is None:
             await self.app(scope, replay(body, receive), send)
             return
         logs.set_runner_id(runner.name)
         try:
-            runners.record_heartbeat(self.platform, runner, model.to_report(), model.to_instances())
+            heartbeats.record(runner, model)
         except Exception as exc:
             await self.app({**scope, REFUSED: exc}, replay(body, receive), send)
             return
         metrics.count_fast_heartbeat(scope)
-        for message in self._heartbeat_reply(self.versions.version(runner.name)):
+        for message in heartbeats.reply(runner.name):
             await send(message)
-
-    def _heartbeat_reply(self, version: int) -> list[Message]:
-        interval_s = self.platform.heartbeat_interval_s
-        addresses = self.directory.addresses()
-        trusted = self.platform.ca_fingerprints
-        if (
-            addresses is not self._reply_addresses
-            or interval_s != self._reply_interval_s
-            or trusted is not self._reply_trusted
-        ):
-            self._replies = {}
-            self._reply_interval_s, self._reply_addresses = interval_s, addresses
-            self._reply_trusted = trusted
-        reply = self._replies.get(version)
-        if reply is None:
-            model = HeartbeatReply(
-                heartbeat_interval_seconds=interval_s,
-                coordinators=[*addresses],
-                ca_fingerprints=[*trusted],
-                instances_version=version,
-            )
-            # Starlette's JSONResponse rendering (the route's), byte for byte.
-            content = json.dumps(
-                model.model_dump(mode="json"),
-                ensure_ascii=False,
-                allow_nan=False,
-                indent=None,
-                separators=(",", ":"),
-            ).encode()
-            if len(self._replies) >= MAX_CACHED_REPLIES:
-                self._replies = {}
-            reply = self._replies[version] = _json_reply(content)
-        return reply
 
     async def _join(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
         # FastAPI's layers, its thread pool hop and its response validation cost about as much
@@ -187,6 +145,119 @@ class Edge:
         # As FastAPI renders the route's reply (pydantic's JSON, response_model_exclude_none).
         for message in _json_reply(reply.model_dump_json(exclude_none=True).encode()):
             await send(message)
+
+
+class Heartbeats:
+    """The heartbeat fast path's work, shared by the edge (ASGI) and the TLS protocol's express
+    path (`muster.api.tls`, `express`), which answers a heartbeat straight from the HTTP parser,
+    without the ASGI request cycle, its task or any layer: what takes a heartbeat, records it
+    and renders its reply is this one class.
+
+    Only a certificate memory vouches for is taken: checking any other may read the store,
+    which the route does from a worker thread."""
+
+    def __init__(
+        self,
+        platform: Platform,
+        identities: RunnerIdentities,
+        directory: CoordinatorDirectory,
+        versions: InstanceVersions,
+    ) -> None:
+        self.platform = platform
+        self.identities = identities
+        self.directory = directory
+        self.versions = versions
+        # The replies, one per desired-instances version (most hosts share a few), as ASGI
+        # messages and as raw header lines and body, rendered again only when the interval,
+        # the coordinators or the trusted CAs change.
+        self._reply_interval_s = 0.0
+        self._reply_addresses: tuple[str, ...] = ()
+        self._reply_trusted: tuple[str, ...] = ()
+        self._rendered = False
+        self._replies: dict[int, list[Message]] = {}
+        self._raw: dict[int, tuple[bytes, bytes]] = {}
+
+    def check(
+        self, cert: x509.Certificate | None, body: bytes
+    ) -> tuple[Principal | None, HostReportModel | None]:
+        """The runner a vouched-for certificate names and its valid report (else Nones)."""
+        runner = self.identities.vouch(cert) if cert is not None else None
+        model = _parse(HostReportModel, body) if runner is not None else None
+        return runner, model
+
+    def record(self, runner: Principal, model: HostReportModel) -> None:
+        """The domain's heartbeat rule; raises what it raises (the route renders it)."""
+        runners.record_heartbeat(self.platform, runner, model.to_report(), model.to_instances())
+
+    def express(
+        self, cert: x509.Certificate | None, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> bytes | None:
+        """For the TLS protocol: record the heartbeat and return its reply's header lines
+        (those after the server's own: date), blank line and body, byte for byte what the ASGI
+        path sends, X-Request-Id included; None if the ASGI path must take the request (it
+        then does everything again, and a refusal reaches the route)."""
+        if not is_json(headers):
+            return None
+        runner, model = self.check(cert, body)
+        if runner is None or model is None:
+            return None
+        try:
+            self.record(runner, model)
+        except Exception:  # the ASGI path meets it again and hands it to the route
+            return None
+        metrics.count_heartbeat()
+        given = None
+        for name, value in headers:
+            if name == logs.REQUEST_ID_HEADER:
+                given = value
+                break
+        version = self.versions.version(runner.name)
+        raw = self._raw.get(version)
+        if raw is None or self._stale():
+            self.reply(runner.name)
+            raw = self._raw[version]
+        head, content = raw
+        request_id = logs.request_id(given).encode()
+        return b"".join((head, b"x-request-id: ", request_id, b"\r\n\r\n", content))
+
+    def _stale(self) -> bool:
+        return (
+            not self._rendered
+            or self.directory.addresses() is not self._reply_addresses
+            or self.platform.liveness.interval_s != self._reply_interval_s
+            or self.platform.ca_fingerprints is not self._reply_trusted
+        )
+
+    def reply(self, runner_id: str) -> list[Message]:
+        """The reply to a recorded heartbeat of `runner_id`, as ASGI messages."""
+        version = self.versions.version(runner_id)
+        if self._stale():
+            self._replies, self._raw, self._rendered = {}, {}, True
+            self._reply_interval_s = self.platform.liveness.interval_s
+            self._reply_addresses = self.directory.addresses()
+            self._reply_trusted = self.platform.ca_fingerprints
+        reply = self._replies.get(version)
+        if reply is None:
+            model = HeartbeatReply(
+                heartbeat_interval_seconds=self._reply_interval_s,
+                coordinators=[*self._reply_addresses],
+                ca_fingerprints=[*self._reply_trusted],
+                instances_version=version,
+            )
+            # Starlette's JSONResponse rendering (the route's), byte for byte.
+            content = json.dumps(
+                model.model_dump(mode="json"),
+                ensure_ascii=False,
+                allow_nan=False,
+                indent=None,
+                separators=(",", ":"),
+            ).encode()
+            if len(self._replies) >= MAX_CACHED_REPLIES:
+                self._replies, self._raw = {}, {}
+            reply = self._replies[version] = _json_reply(content)
+            head = b"".join(name + b": " + value + b"\r\n" for name, value in reply[0]["headers"])
+            self._raw[version] = (head, content)
+        return reply
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:

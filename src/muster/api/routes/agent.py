@@ -118,7 +118,7 @@ async def heartbeat(
     runners.record_heartbeat(platform, runner, body.to_report(), body.to_instances())
     versions: InstanceVersions = request.app.state.instance_versions
     return HeartbeatReply(
-        heartbeat_interval_seconds=platform.heartbeat_interval_s,
+        heartbeat_interval_seconds=platform.liveness.interval_s,
         coordinators=_coordinators(request),
         ca_fingerprints=[*platform.ca_fingerprints],
         instances_version=versions.version(runner.name),
