@@ -43,6 +43,7 @@ from uvicorn.config import LOGGING_CONFIG
 
 from muster import logs
 from muster.agent.loop import Agent
+from muster.api.edge import HEARTBEAT_PATH
 from muster.api.tls import SecurityReloader, ServerTLS, peer_cert_protocol
 from muster.clock import SystemClock
 from muster.config import Settings
@@ -242,7 +243,12 @@ def _uvicorn_config(app: Any, tls: ServerTLS, config: Settings, log_level: str) 
         log_config=None if config.log_format == "json" else LOGGING_CONFIG,
         host=config.bind,
         port=config.api_port,
-        http=peer_cert_protocol(read_timeout_s=config.read_timeout_s),
+        # Heartbeats answered by the protocol itself, before any ASGI layer (muster.api.tls).
+        http=peer_cert_protocol(
+            read_timeout_s=config.read_timeout_s,
+            express=app.state.heartbeats.express,
+            express_path=HEARTBEAT_PATH,
+        ),
         ssl_context_factory=context,
         # TLS handshakes capped per address and in time (muster.api.tls._Handshake).
         loop="muster.api.tls:new_event_loop",
