@@ -1,10 +1,15 @@
-"""`python -m bench.hotpath`: the coordinator's ASGI app answering heartbeats in this process,
-without TLS, sockets or uvicorn: CPU µs per heartbeat through every ASGI layer (the telemetry,
-the shield, the edge, the domain's record_heartbeat) and, with `--profile`, where it goes
-(cProfile, sorted by own time). Repeatable on a shared machine: process CPU time, best of
-`--rounds`.
+"""`python -m bench.hotpath`: the coordinator answering heartbeats in this process, without TLS
+or sockets: CPU µs per heartbeat (process CPU time, best of `--rounds`: repeatable on a shared
+machine) and, with `--profile`, where it goes (cProfile, sorted by own time).
 
-    python -m bench.hotpath [--hosts 200] [--beats 20000] [--rounds 5] [--profile]
+    --via asgi     the ASGI app called directly: every layer (telemetry, shield, edge) and the
+                   domain's record_heartbeat
+    --via http     the request's bytes fed to the server's HTTP protocol (uvicorn's httptools
+                   protocol with muster.api.tls's additions), which answers it through the ASGI
+                   app: the request cycle and its task as well
+    --via express  the same bytes, answered by the protocol's express path
+
+    python -m bench.hotpath [--via asgi|http|express] [--hosts 200] [--beats 20000] [--profile]
 """
 
 from __future__ import annotations
@@ -21,9 +26,15 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
+import uvicorn
+import uvloop
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from uvicorn.server import ServerState
 
-from muster.api.tls import TLS_EXTENSION
+from bench.wire import request_bytes
+from muster.api.edge import HEARTBEAT_PATH
+from muster.api.tls import TLS_EXTENSION, peer_cert_protocol
 from muster.clock import SystemClock
 from muster.domain import pki, runners
 from muster.domain.platform import create_platform, load_platform
@@ -51,6 +62,78 @@ def _join_fleet(platform: Any, token: str, hosts: int) -> list[x509.Certificate]
         result = runners.join_host(platform, request, source="127.0.0.1")
         certs.append(pki.load_certificate(result.certificate_pem))
     return certs
+
+
+class _Transport:
+    """What the protocol writes to, in place of a TLS transport."""
+
+    def __init__(self, der: bytes, port: int) -> None:
+        self.der, self.port = der, port
+        self.written = 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {
+            "peername": ("127.0.0.1", self.port),
+            "sockname": ("127.0.0.1", 12443),
+            "sslcontext": True,
+            "ssl_object": self,
+        }.get(name, default)
+
+    def getpeercert(self, binary_form: bool = False) -> bytes:
+        return self.der
+
+    def write(self, data: bytes) -> None:
+        self.written += 1
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def _http_beats(
+    app: Any, certs: list[x509.Certificate], count: int, *, express: bool
+) -> float:
+    """CPU seconds for `count` heartbeats fed as bytes to the server's HTTP protocol, one
+    connection per host, each request answered before the next is fed."""
+    config = uvicorn.Config(app, lifespan="off", log_level="warning", server_header=False)
+    state = ServerState()
+    state.default_headers = [(b"date", b"Wed, 02 Dec 2026 12:00:00 GMT")]
+    protocol_class = peer_cert_protocol(
+        express=app.state.heartbeats.express if express else None, express_path=HEARTBEAT_PATH
+    )
+    loop = asyncio.get_running_loop()
+    transports = [
+        _Transport(c.public_bytes(serialization.Encoding.DER), 40000 + i)
+        for i, c in enumerate(certs)
+    ]
+    protocols = []
+    for transport in transports:
+        protocol = protocol_class(config=config, server_state=state, app_state={}, _loop=loop)
+        protocol.connection_made(transport)
+        protocols.append(protocol)
+    data = request_bytes("POST", HEARTBEAT_PATH, "127.0.0.1:12443", REPORT)
+    started = time.process_time()
+    for n in range(count):
+        protocol = protocols[n % len(protocols)]
+        protocol.data_received(data)
+        if state.tasks:  # the ASGI path's request task
+            await asyncio.wait(set(state.tasks))
+        await asyncio.sleep(0)  # the coalesced write
+    spent = time.process_time() - started
+    written = sum(t.written for t in transports)
+    for protocol in protocols:
+        protocol.connection_lost(None)
+    if written < count:
+        raise SystemExit(f"{count - written} heartbeats were not answered")
+    return spent
 
 
 async def _beats(app: Any, certs: list[x509.Certificate], count: int) -> float:
@@ -91,6 +174,7 @@ def main() -> int:
     parser.add_argument("--beats", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--via", choices=["asgi", "http", "express"], default="asgi")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         store = open_store(f"sqlite:///{Path(work) / 'hot.db'}")
@@ -108,20 +192,30 @@ def main() -> int:
                 app({"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan.get, sent.put)
             )
             await sent.get()  # started: the snapshot is read, the flusher runs
-            await _beats(app, certs, 1000)  # warm up
+
+            async def beats(count: int) -> float:
+                if args.via == "asgi":
+                    return await _beats(app, certs, count)
+                return await _http_beats(app, certs, count, express=args.via == "express")
+
+            await beats(1000)  # warm up
             if args.profile:
                 profiler = cProfile.Profile()
                 profiler.enable()
-                await _beats(app, certs, args.beats)
+                await beats(args.beats)
                 profiler.disable()
                 pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
             else:
-                best = min([await _beats(app, certs, args.beats) for _ in range(args.rounds)])
-                print(f"{best / args.beats * 1e6:.1f} µs CPU per heartbeat (best of {args.rounds})")
+                best = min([await beats(args.beats) for _ in range(args.rounds)])
+                print(
+                    f"{args.via}: {best / args.beats * 1e6:.1f} µs CPU per heartbeat "
+                    f"(best of {args.rounds})"
+                )
             await lifespan.put({"type": "lifespan.shutdown"})
             await task
 
-        asyncio.run(run())
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # as the server's
+            runner.run(run())
         store.close()
     return 0
 
