@@ -30,6 +30,7 @@ from muster.api.tls import peer_certificate
 from muster.domain import runners
 from muster.domain.desired import InstanceVersions
 from muster.domain.identities import CoordinatorDirectory, RunnerIdentities
+from muster.domain.models import HostReport, InstanceReport
 from muster.domain.platform import Platform
 from muster.domain.users import Principal
 from muster.errors import PayloadTooLargeError
@@ -41,8 +42,13 @@ PING_PATH = "/api/v1/agent/_ping"
 # body (an allocator with hundreds of instances) goes to the route, which answers the same.
 FAST_BODY_BYTES = 64 * 1024
 MAX_CACHED_REPLIES = 4096  # heartbeat replies kept, one per instances version
+# Each runner's last report body is kept (to skip parsing it again while it does not change)
+# up to this size, for at most this many runners.
+REMEMBERED_BODY_BYTES = 2048
+MAX_REMEMBERED_BODIES = 200_000
 
 _Model = TypeVar("_Model", bound=BaseModel)
+_Beat = tuple[Principal, HostReport, tuple[InstanceReport, ...]]  # who, and what it reported
 _EMPTY_200: list[Message] = [
     {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]},
     {"type": "http.response.body", "body": b""},
@@ -109,18 +115,18 @@ class Edge:
 
     async def _heartbeat(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
         heartbeats = self.heartbeats
-        runner, model = heartbeats.check(peer_certificate(scope), body)
-        if runner is None or model is None:
+        beat = heartbeats.check(peer_certificate(scope), body)
+        if beat is None:
             await self.app(scope, replay(body, receive), send)
             return
-        logs.set_runner_id(runner.name)
+        logs.set_runner_id(beat[0].name)
         try:
-            heartbeats.record(runner, model)
+            heartbeats.record(beat)
         except Exception as exc:
             await self.app({**scope, REFUSED: exc}, replay(body, receive), send)
             return
         metrics.count_fast_heartbeat(scope)
-        for message in heartbeats.reply(runner.name):
+        for message in heartbeats.reply(beat[0].name):
             await send(message)
 
     async def _join(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
@@ -176,18 +182,32 @@ class Heartbeats:
         self._rendered = False
         self._replies: dict[int, list[Message]] = {}
         self._raw: dict[int, tuple[bytes, bytes]] = {}
+        # Each runner's last report as sent and as parsed.
+        self._last: dict[str, tuple[bytes, HostReport, tuple[InstanceReport, ...]]] = {}
 
-    def check(
-        self, cert: x509.Certificate | None, body: bytes
-    ) -> tuple[Principal | None, HostReportModel | None]:
-        """The runner a vouched-for certificate names and its valid report (else Nones)."""
+    def check(self, cert: x509.Certificate | None, body: bytes) -> _Beat | None:
+        """The runner a vouched-for certificate names and its valid report, else None. A host
+        sends the same report until something changes: a body equal to the runner's last one
+        is not parsed again."""
         runner = self.identities.vouch(cert) if cert is not None else None
-        model = _parse(HostReportModel, body) if runner is not None else None
-        return runner, model
+        if runner is None:
+            return None
+        last = self._last.get(runner.name)
+        if last is not None and last[0] == body:
+            return runner, last[1], last[2]
+        model = _parse(HostReportModel, body)
+        if model is None:
+            return None
+        report, instances = model.to_report(), model.to_instances()
+        if len(body) <= REMEMBERED_BODY_BYTES:
+            if len(self._last) >= MAX_REMEMBERED_BODIES:
+                self._last.clear()
+            self._last[runner.name] = (body, report, instances)
+        return runner, report, instances
 
-    def record(self, runner: Principal, model: HostReportModel) -> None:
+    def record(self, beat: _Beat) -> None:
         """The domain's heartbeat rule; raises what it raises (the route renders it)."""
-        runners.record_heartbeat(self.platform, runner, model.to_report(), model.to_instances())
+        runners.record_heartbeat(self.platform, *beat)
 
     def express(
         self, cert: x509.Certificate | None, headers: list[tuple[bytes, bytes]], body: bytes
@@ -198,11 +218,11 @@ class Heartbeats:
         then does everything again, and a refusal reaches the route)."""
         if not is_json(headers):
             return None
-        runner, model = self.check(cert, body)
-        if runner is None or model is None:
+        beat = self.check(cert, body)
+        if beat is None:
             return None
         try:
-            self.record(runner, model)
+            self.record(beat)
         except Exception:  # the ASGI path meets it again and hands it to the route
             return None
         metrics.count_heartbeat()
@@ -211,10 +231,11 @@ class Heartbeats:
             if name == logs.REQUEST_ID_HEADER:
                 given = value
                 break
-        version = self.versions.version(runner.name)
+        runner_id = beat[0].name
+        version = self.versions.version(runner_id)
         raw = self._raw.get(version)
         if raw is None or self._stale():
-            self.reply(runner.name)
+            self.reply(runner_id)
             raw = self._raw[version]
         head, content = raw
         request_id = logs.request_id(given).encode()

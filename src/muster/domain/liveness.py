@@ -130,7 +130,8 @@ class Liveness:
         now = self.clock.now()
         with self._lock:
             self._seen[runner_id] = now
-            if self._reports.get(runner_id) != report:
+            known = self._reports.get(runner_id)
+            if known is not report and known != report:
                 self._reports[runner_id] = report
                 if report.checks.get(DOCKER_CHECK) is False:
                     self._docker_down.add(runner_id)
