@@ -19,7 +19,7 @@ from pydantic_settings import (
 )
 
 from muster.address import check_database_url, host_port
-from muster.domain.liveness import DEFAULT_HEARTBEAT_BUDGET, DEFAULT_MAX_INTERVAL_S
+from muster.domain.heartbeats import DEFAULT_HEARTBEAT_BUDGET, DEFAULT_MAX_INTERVAL_S
 from muster.domain.models import ROLES
 from muster.errors import InvalidInputError
 from muster.hoststate import HostPaths, write_json

@@ -10,7 +10,8 @@ from datetime import timedelta
 import pytest
 
 from muster.clock import FakeClock
-from muster.domain.liveness import GRACE_INTERVALS, Liveness, heartbeat_interval
+from muster.domain.heartbeats import heartbeat_interval
+from muster.domain.liveness import GRACE_INTERVALS, Liveness
 from muster.domain.models import HostReport
 from muster.domain.platform import Platform
 from muster.domain.store import Store

@@ -9,15 +9,14 @@ the event loop) logs hosts that join, disconnect and come back.
 
 The interval hosts are told (`interval_s`) grows with the fleet, as Nomad's does: the whole
 platform is held to a heartbeat budget (heartbeats per second), never under the configured
-interval and never over the cap (`heartbeat_interval`). The grace follows the interval in force,
-and after the interval shrinks the longer one's grace holds for one such grace period, until
-every host has heard the shorter one.
+interval and never over the cap (muster.domain.heartbeats). The grace follows the interval in
+force, and after the interval shrinks the longer one's grace holds for one such grace period,
+until every host has heard the shorter one.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -25,31 +24,19 @@ from datetime import datetime, timedelta
 
 from muster.clock import Clock
 from muster.domain import instance_reports
+from muster.domain.heartbeats import (
+    DEFAULT_HEARTBEAT_BUDGET,
+    DEFAULT_MAX_INTERVAL_S,
+    heartbeat_interval,
+)
 from muster.domain.models import HostReport, InstanceReport
 from muster.domain.store import Store
 from muster.errors import MusterError
 
 GRACE_INTERVALS = 5
-# The heartbeats per second the whole platform is held to by default: 100,000 hosts heartbeat
-# every 25 s, 25,000 every 10 s (the default interval). `--heartbeat-budget`.
-DEFAULT_HEARTBEAT_BUDGET = 4000.0
-# The longest interval the budget may stretch to, unless the operator configures more
-# (`--heartbeat-max-interval`): a host that dies is noticed within GRACE_INTERVALS of it.
-DEFAULT_MAX_INTERVAL_S = 30.0
 DOCKER_CHECK = "docker"  # the host check an allocator's agent reports its Docker Engine under
 NO_INSTANCES: tuple[InstanceReport, ...] = ()
 log = logging.getLogger(__name__)
-
-
-def heartbeat_interval(fleet: int, *, base_s: float, budget: float, max_s: float) -> float:
-    """The interval that keeps `fleet` hosts within `budget` heartbeats per second: never under
-    `base_s` (the configured interval), at most `max_s` (or `base_s` if that is longer), and
-    whole seconds once stretched, so that a join or two does not change it (each change
-    renders the heartbeat replies again)."""
-    needed = fleet / budget if budget > 0 else 0.0
-    if needed <= base_s:
-        return base_s
-    return max(base_s, min(max_s, float(math.ceil(needed))))
 
 
 class Liveness:

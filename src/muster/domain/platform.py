@@ -13,7 +13,8 @@ from cryptography import x509
 
 from muster.clock import Clock
 from muster.domain import pki
-from muster.domain.liveness import DEFAULT_HEARTBEAT_BUDGET, DEFAULT_MAX_INTERVAL_S, Liveness
+from muster.domain.heartbeats import DEFAULT_HEARTBEAT_BUDGET, DEFAULT_MAX_INTERVAL_S
+from muster.domain.liveness import Liveness
 from muster.domain.models import TokenRecord
 from muster.domain.ratelimit import FailureLimiter, LoginLimits
 from muster.domain.store import Store, Transaction
