@@ -43,7 +43,6 @@ from uvicorn.config import LOGGING_CONFIG
 
 from muster import logs
 from muster.agent.loop import Agent
-from muster.api.edge import HEARTBEAT_PATH
 from muster.api.tls import SecurityReloader, ServerTLS, peer_cert_protocol
 from muster.clock import SystemClock
 from muster.config import Settings
@@ -247,7 +246,7 @@ def _uvicorn_config(app: Any, tls: ServerTLS, config: Settings, log_level: str) 
         http=peer_cert_protocol(
             read_timeout_s=config.read_timeout_s,
             express=app.state.heartbeats.express,
-            express_path=HEARTBEAT_PATH,
+            express_path=app.state.heartbeats.path,
         ),
         ssl_context_factory=context,
         # TLS handshakes capped per address and in time (muster.api.tls._Handshake).

@@ -162,6 +162,8 @@ class Heartbeats:
     Only a certificate memory vouches for is taken: checking any other may read the store,
     which the route does from a worker thread."""
 
+    path = HEARTBEAT_PATH
+
     def __init__(
         self,
         platform: Platform,
