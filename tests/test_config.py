@@ -70,6 +70,8 @@ def write_host_json(tmp_path: Path, data: object) -> HostPaths:
         ({"bind": "every address"}, "--bind: 'every address' is not a name"),
         ({"heartbeat_interval_s": 0.1}, "--heartbeat-interval: input should be greater than"),
         ({"heartbeat_interval_s": "often"}, "--heartbeat-interval: input should be a valid number"),
+        ({"heartbeat_budget": 0}, "--heartbeat-budget: input should be greater than or equal"),
+        ({"heartbeat_max_interval_s": 0.5}, "--heartbeat-max-interval: input should be greater"),
         ({"workers": 0}, "--workers: must be a whole number of server processes from 1 to 64"),
         ({"workers": 65}, "--workers: must be a whole number of server processes from 1 to 64"),
         ({"workers": "two"}, "--workers: input should be a valid integer"),
@@ -93,6 +95,7 @@ def test_a_bad_flag_is_refused_naming_it(flags: dict[str, object], message: str)
         ("MUSTER_READ_TIMEOUT_S", "-1", "MUSTER_READ_TIMEOUT_S: input should be greater than 0"),
         ("MUSTER_AGENT_MAX_BACKOFF_S", "soon", "MUSTER_AGENT_MAX_BACKOFF_S: input should be a"),
         ("MUSTER_BENCH_ROUTES", "perhaps", "MUSTER_BENCH_ROUTES: input should be a valid bool"),
+        ("MUSTER_HEARTBEAT_BUDGET", "many", "MUSTER_HEARTBEAT_BUDGET: input should be a valid"),
     ],
 )
 def test_a_bad_variable_is_refused_naming_it(

@@ -19,6 +19,7 @@ from pydantic_settings import (
 )
 
 from muster.address import check_database_url, host_port
+from muster.domain.heartbeats import DEFAULT_HEARTBEAT_BUDGET, DEFAULT_MAX_INTERVAL_S
 from muster.domain.models import ROLES
 from muster.errors import InvalidInputError
 from muster.hoststate import HostPaths, write_json
@@ -42,6 +43,8 @@ ENV_KEYS = (
     "bench_routes",
     "log_format",
     "lost_allocator_grace_s",
+    "heartbeat_budget",
+    "heartbeat_max_interval_s",
 )
 # The flag that sets each key, for error messages.
 FLAGS = {
@@ -50,6 +53,8 @@ FLAGS = {
     "bind": "--bind",
     "database_url": "--database-url",
     "heartbeat_interval_s": "--heartbeat-interval",
+    "heartbeat_budget": "--heartbeat-budget",
+    "heartbeat_max_interval_s": "--heartbeat-max-interval",
     "host_ip": "--host-ip",
     "lost_allocator_grace_s": "--lost-allocator-grace",
     "region": "--region",
@@ -152,6 +157,11 @@ class Settings(BaseSettings):
     bind: Annotated[str, AfterValidator(_address)] = "0.0.0.0"
     region: Annotated[str, AfterValidator(_name)] = "ece-region"
     heartbeat_interval_s: Annotated[float, Field(ge=0.2, le=3600)] = 10.0
+    # The heartbeats per second the whole platform is held to: a larger fleet is told a longer
+    # interval (never under heartbeat_interval_s, at most heartbeat_max_interval_s or
+    # heartbeat_interval_s if longer). `--heartbeat-budget`, `--heartbeat-max-interval`.
+    heartbeat_budget: Annotated[float, Field(ge=1, le=1_000_000)] = DEFAULT_HEARTBEAT_BUDGET
+    heartbeat_max_interval_s: Annotated[float, Field(ge=1, le=3600)] = DEFAULT_MAX_INTERVAL_S
     # May carry the database password: a SecretStr shows `**********` in repr() and logs.
     database_url: Annotated[SecretStr | None, AfterValidator(_database_url)] = None
     serves_api: bool = False

@@ -160,7 +160,11 @@ def _serve(
     )
     try:
         platform = load_platform(
-            store, SystemClock(), heartbeat_interval_s=config.heartbeat_interval_s
+            store,
+            SystemClock(),
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            heartbeat_budget=config.heartbeat_budget,
+            heartbeat_max_interval_s=config.heartbeat_max_interval_s,
         )
         coordinators = list(dict.fromkeys([config.advertised_address(), *config.coordinators]))
         app = build_app(
@@ -253,7 +257,12 @@ def _uvicorn_config(app: Any, tls: ServerTLS, config: Settings, log_level: str) 
         log_config=None if config.log_format == "json" else LOGGING_CONFIG,
         host=config.bind,
         port=config.api_port,
-        http=peer_cert_protocol(read_timeout_s=config.read_timeout_s),
+        # Heartbeats answered by the protocol itself, before any ASGI layer (muster.api.tls).
+        http=peer_cert_protocol(
+            read_timeout_s=config.read_timeout_s,
+            express=app.state.heartbeats.express,
+            express_path=app.state.heartbeats.path,
+        ),
         ssl_context_factory=context,
         # TLS handshakes capped per address and in time (muster.api.tls._Handshake).
         loop="muster.api.tls:new_event_loop",

@@ -164,3 +164,14 @@ def test_certificate_renews_only_once_a_third_of_its_life_is_left(
     assert renewed.public_key() == key.public_key()
     assert agent.heartbeat_once()["heartbeat_interval_seconds"] == 1.0  # with the new identity
     agent._reset_client()
+
+
+def test_the_agent_heartbeats_at_the_interval_the_reply_sets(tmp_path: Path) -> None:
+    """A coordinator with a large fleet stretches the interval: the agent's next waits follow
+    the reply (with its jitter), and it remembers the interval across restarts."""
+    agent = agent_at(tmp_path, 10.0)
+    agent._adopt({"heartbeat_interval_seconds": 25.0, "coordinators": ["127.0.0.1:1"]})
+    assert agent.interval_s == 25.0
+    waits = [agent.wait_s(0) for _ in range(500)]
+    assert all(20.0 <= w <= 30.0 for w in waits)
+    assert Agent(HostPaths(tmp_path), ["127.0.0.1:1"]).interval_s == 25.0

@@ -21,6 +21,7 @@ from muster.api.edge import Edge
 from muster.api.tls import TLS_EXTENSION
 from muster.domain import pki, runners
 from muster.domain.identities import RunnerIdentities
+from muster.domain.liveness import GRACE_INTERVALS
 from muster.domain.models import HostReport
 from muster.domain.platform import Platform, load_platform
 from muster.domain.users import Principal
@@ -350,3 +351,32 @@ def test_a_body_over_the_limit_is_413_on_the_fast_paths_too(
     assert response.status_code == 413
     assert response.json()["errors"][0]["code"] == "root.payload_too_large"
     assert routes == []
+
+
+def test_the_replies_interval_grows_with_the_fleet(installed: Installed) -> None:
+    """Held to 2 heartbeats/s, a fleet of n hosts is told n/2 s, never under the configured
+    1 s: in heartbeat replies (the edge's) and in join replies, once the snapshot counted it."""
+    platform = load_platform(
+        installed.platform.store, installed.clock, heartbeat_interval_s=1.0, heartbeat_budget=2.0
+    )
+    app = create_app(platform, flush_period_s=3600)
+    wrapper = WithCert(app)
+    with TestClient(wrapper, base_url="https://testserver") as client:
+        wrapper.cert = _joined(client, installed, "h0")
+        app.state.identities.refresh()
+        routes = guard_routes(app, HEARTBEAT, block=True)
+        first = client.post(HEARTBEAT, json=REPORT)
+        assert first.json()["heartbeat_interval_seconds"] == 1.0
+        for n in range(1, 6):
+            _joined(client, installed, f"h{n}")
+        app.state.identities.refresh()
+        grown = client.post(HEARTBEAT, json=REPORT)
+        assert grown.status_code == 200
+        assert routes == []  # the edge answered
+        assert grown.json()["heartbeat_interval_seconds"] == 3.0  # 6 hosts at 2/s
+        token = create_token(client, installed)["token"]
+        assert join(client, token, "h6").json()["heartbeat_interval_seconds"] == 3.0
+        # The grace follows: a host silent for longer than the configured interval's grace
+        # is still connected.
+        installed.clock.advance(GRACE_INTERVALS * 1.0 + 5)
+        assert platform.liveness.is_connected("h0", None)

@@ -289,7 +289,12 @@ def create_app(
         return response
 
     from muster.api import metrics
-    from muster.api.edge import Edge
+    from muster.api.edge import Edge, Heartbeats
+
+    # Heartbeats are answered by the edge or, under `muster start`, before any ASGI layer by
+    # the TLS protocol's express path (muster.server hands it `app.state.heartbeats`).
+    heartbeats = Heartbeats(platform, identities, directory, versions, routes)
+    app.state.heartbeats = heartbeats
     from muster.api.routes import (
         agent,
         allocators,
@@ -337,13 +342,7 @@ def create_app(
     # Outermost: reads every body (413 past MAX_BODY_BYTES); heartbeats and joins skip every
     # layer they do not need.
     app.add_middleware(
-        Edge,
-        platform=platform,
-        identities=identities,
-        directory=directory,
-        versions=versions,
-        routes=routes,
-        ping=bench_routes,
+        Edge, platform=platform, heartbeats=heartbeats, directory=directory, ping=bench_routes
     )
     # Outermost: NUL in a path or query is refused, and every unexpected error ends here.
     app.add_middleware(Shield, state=app.state)

@@ -17,6 +17,7 @@ import json
 from collections.abc import Iterable
 from typing import TypeVar
 
+from cryptography import x509
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -30,8 +31,10 @@ from muster.api.tls import peer_certificate
 from muster.domain import pki, runners
 from muster.domain.desired import InstanceVersions
 from muster.domain.identities import CoordinatorDirectory, RunnerIdentities
+from muster.domain.models import HostReport, InstanceReport
 from muster.domain.platform import Platform
 from muster.domain.routing import Routes
+from muster.domain.users import Principal
 from muster.errors import PayloadTooLargeError
 
 HEARTBEAT_PATH = "/api/v1/agent/heartbeat"
@@ -42,8 +45,13 @@ PING_PATH = "/api/v1/agent/_ping"
 # body (an allocator with hundreds of instances) goes to the route, which answers the same.
 FAST_BODY_BYTES = 64 * 1024
 MAX_CACHED_REPLIES = 4096  # heartbeat replies kept, one per (instances, routes) version
+# Each runner's last report body is kept (to skip parsing it again while it does not change)
+# up to this size, for at most this many runners.
+REMEMBERED_BODY_BYTES = 2048
+MAX_REMEMBERED_BODIES = 200_000
 
 _Model = TypeVar("_Model", bound=BaseModel)
+_Beat = tuple[Principal, HostReport, tuple[InstanceReport, ...]]  # who, and what it reported
 _EMPTY_200: list[Message] = [
     {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]},
     {"type": "http.response.body", "body": b""},
@@ -63,28 +71,17 @@ class Edge:
         app: ASGIApp,
         *,
         platform: Platform,
-        identities: RunnerIdentities,
+        heartbeats: Heartbeats,
         directory: CoordinatorDirectory,
-        versions: InstanceVersions,
-        routes: Routes,
         limit: int = MAX_BODY_BYTES,
         ping: bool = False,
     ) -> None:
         self.app = app
         self.platform = platform
-        self.identities = identities
+        self.heartbeats = heartbeats
         self.directory = directory
-        self.versions = versions
-        self.routes = routes
         self.limit = limit
         self.ping = ping
-        # The heartbeat replies, one per desired-instances version and routing table version
-        # (most hosts share a few; only proxies get a routing version), rendered again only
-        # when the interval or the coordinators change.
-        self._reply_interval_s = 0.0
-        self._reply_addresses: tuple[str, ...] | None = None
-        self._replies: dict[tuple[int, str | None], list[Message]] = {}
-        self._reply_trusted: tuple[str, ...] | None = None
         # GET /agent/ca's reply, rendered again when the trusted CAs change (a rotation).
         self._ca_trusted: tuple[str, ...] | None = None
         self._ca_reply: list[Message] = []
@@ -128,59 +125,20 @@ class Edge:
         await self.app(scope, replay(body, receive), send)
 
     async def _heartbeat(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
-        # Only a certificate memory vouches for is taken here: checking any other may read the
-        # store, which the route does from a worker thread.
-        cert = peer_certificate(scope)
-        runner = self.identities.vouch(cert) if cert is not None else None
-        model = _parse(HostReportModel, body) if runner is not None else None
-        if runner is None or model is None:
+        heartbeats = self.heartbeats
+        beat = heartbeats.check(peer_certificate(scope), body)
+        if beat is None:
             await self.app(scope, replay(body, receive), send)
             return
-        logs.set_runner_id(runner.name)
+        logs.set_runner_id(beat[0].name)
         try:
-            runners.record_heartbeat(self.platform, runner, model.to_report(), model.to_instances())
+            heartbeats.record(beat)
         except Exception as exc:
             await self.app({**scope, REFUSED: exc}, replay(body, receive), send)
             return
         metrics.count_fast_heartbeat(scope)
-        key = (self.versions.version(runner.name), self.routes.version_for(runner.name))
-        for message in self._heartbeat_reply(key):
+        for message in heartbeats.reply(beat[0].name):
             await send(message)
-
-    def _heartbeat_reply(self, key: tuple[int, str | None]) -> list[Message]:
-        interval_s = self.platform.heartbeat_interval_s
-        addresses = self.directory.addresses()
-        trusted = self.platform.ca_fingerprints
-        if (
-            addresses is not self._reply_addresses
-            or interval_s != self._reply_interval_s
-            or trusted is not self._reply_trusted
-        ):
-            self._replies = {}
-            self._reply_interval_s, self._reply_addresses = interval_s, addresses
-            self._reply_trusted = trusted
-        reply = self._replies.get(key)
-        if reply is None:
-            model = HeartbeatReply(
-                heartbeat_interval_seconds=interval_s,
-                coordinators=[*addresses],
-                ca_fingerprints=[*trusted],
-                instances_version=key[0],
-                routes_version=key[1],
-            )
-            # Starlette's JSONResponse rendering (the route's, response_model_exclude_none: no
-            # routes_version but for proxies), byte for byte.
-            content = json.dumps(
-                model.model_dump(mode="json", exclude_none=True),
-                ensure_ascii=False,
-                allow_nan=False,
-                indent=None,
-                separators=(",", ":"),
-            ).encode()
-            if len(self._replies) >= MAX_CACHED_REPLIES:
-                self._replies = {}
-            reply = self._replies[key] = _json_reply(content)
-        return reply
 
     def _platform_ca_reply(self) -> list[Message]:
         """The route's reply (`get_platform_ca`), byte for byte: every joining host asks for it
@@ -221,6 +179,144 @@ class Edge:
         # As FastAPI renders the route's reply (pydantic's JSON, response_model_exclude_none).
         for message in _json_reply(reply.model_dump_json(exclude_none=True).encode()):
             await send(message)
+
+
+class Heartbeats:
+    """The heartbeat fast path's work, shared by the edge (ASGI) and the TLS protocol's express
+    path (`muster.api.tls`, `express`), which answers a heartbeat straight from the HTTP parser,
+    without the ASGI request cycle, its task or any layer: what takes a heartbeat, records it
+    and renders its reply is this one class.
+
+    Only a certificate memory vouches for is taken: checking any other may read the store,
+    which the route does from a worker thread."""
+
+    path = HEARTBEAT_PATH
+
+    def __init__(
+        self,
+        platform: Platform,
+        identities: RunnerIdentities,
+        directory: CoordinatorDirectory,
+        versions: InstanceVersions,
+        routes: Routes,
+    ) -> None:
+        self.platform = platform
+        self.identities = identities
+        self.directory = directory
+        self.versions = versions
+        self.routes = routes
+        # The replies, one per desired-instances version and routing table version (most
+        # hosts share a few; only proxies get a routing version), as ASGI messages and as raw
+        # header lines and body, rendered again only when the interval, the coordinators or
+        # the trusted CAs change.
+        self._reply_interval_s = 0.0
+        self._reply_addresses: tuple[str, ...] = ()
+        self._reply_trusted: tuple[str, ...] = ()
+        self._rendered = False
+        self._replies: dict[tuple[int, str | None], list[Message]] = {}
+        self._raw: dict[tuple[int, str | None], tuple[bytes, bytes]] = {}
+        # Each runner's last report as sent and as parsed.
+        self._last: dict[str, tuple[bytes, HostReport, tuple[InstanceReport, ...]]] = {}
+
+    def check(self, cert: x509.Certificate | None, body: bytes) -> _Beat | None:
+        """The runner a vouched-for certificate names and its valid report, else None. A host
+        sends the same report until something changes: a body equal to the runner's last one
+        is not parsed again."""
+        runner = self.identities.vouch(cert) if cert is not None else None
+        if runner is None:
+            return None
+        last = self._last.get(runner.name)
+        if last is not None and last[0] == body:
+            return runner, last[1], last[2]
+        model = _parse(HostReportModel, body)
+        if model is None:
+            return None
+        report, instances = model.to_report(), model.to_instances()
+        if len(body) <= REMEMBERED_BODY_BYTES:
+            if len(self._last) >= MAX_REMEMBERED_BODIES:
+                self._last.clear()
+            self._last[runner.name] = (body, report, instances)
+        return runner, report, instances
+
+    def record(self, beat: _Beat) -> None:
+        """The domain's heartbeat rule; raises what it raises (the route renders it)."""
+        runners.record_heartbeat(self.platform, *beat)
+
+    def express(
+        self, cert: x509.Certificate | None, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> bytes | None:
+        """For the TLS protocol: record the heartbeat and return its reply's header lines
+        (those after the server's own: date), blank line and body, byte for byte what the ASGI
+        path sends, X-Request-Id included; None if the ASGI path must take the request (it
+        then does everything again, and a refusal reaches the route)."""
+        if not is_json(headers):
+            return None
+        beat = self.check(cert, body)
+        if beat is None:
+            return None
+        try:
+            self.record(beat)
+        except Exception:  # the ASGI path meets it again and hands it to the route
+            return None
+        metrics.count_heartbeat()
+        given = None
+        for name, value in headers:
+            if name == logs.REQUEST_ID_HEADER:
+                given = value
+                break
+        runner_id = beat[0].name
+        key = self._key(runner_id)
+        raw = self._raw.get(key)
+        if raw is None or self._stale():
+            self.reply(runner_id)
+            raw = self._raw[key]
+        head, content = raw
+        request_id = logs.request_id(given).encode()
+        return b"".join((head, b"x-request-id: ", request_id, b"\r\n\r\n", content))
+
+    def _stale(self) -> bool:
+        return (
+            not self._rendered
+            or self.directory.addresses() is not self._reply_addresses
+            or self.platform.liveness.interval_s != self._reply_interval_s
+            or self.platform.ca_fingerprints is not self._reply_trusted
+        )
+
+    def _key(self, runner_id: str) -> tuple[int, str | None]:
+        return self.versions.version(runner_id), self.routes.version_for(runner_id)
+
+    def reply(self, runner_id: str) -> list[Message]:
+        """The reply to a recorded heartbeat of `runner_id`, as ASGI messages."""
+        key = self._key(runner_id)
+        if self._stale():
+            self._replies, self._raw, self._rendered = {}, {}, True
+            self._reply_interval_s = self.platform.liveness.interval_s
+            self._reply_addresses = self.directory.addresses()
+            self._reply_trusted = self.platform.ca_fingerprints
+        reply = self._replies.get(key)
+        if reply is None:
+            model = HeartbeatReply(
+                heartbeat_interval_seconds=self._reply_interval_s,
+                coordinators=[*self._reply_addresses],
+                ca_fingerprints=[*self._reply_trusted],
+                instances_version=key[0],
+                routes_version=key[1],
+            )
+            # Starlette's JSONResponse rendering (the route's, response_model_exclude_none: no
+            # routes_version but for proxies), byte for byte.
+            content = json.dumps(
+                model.model_dump(mode="json", exclude_none=True),
+                ensure_ascii=False,
+                allow_nan=False,
+                indent=None,
+                separators=(",", ":"),
+            ).encode()
+            if len(self._replies) >= MAX_CACHED_REPLIES:
+                self._replies, self._raw = {}, {}
+            reply = self._replies[key] = _json_reply(content)
+            head = b"".join(name + b": " + value + b"\r\n" for name, value in reply[0]["headers"])
+            self._raw[key] = (head, content)
+        return reply
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:

@@ -146,6 +146,11 @@ def count_fast_heartbeat(scope: Scope) -> None:
     _HEARTBEAT_RECORDED.inc()
 
 
+def count_heartbeat() -> None:
+    """The TLS protocol's express path recorded a heartbeat and answered it (no scope)."""
+    _HEARTBEAT_RECORDED.inc()
+
+
 def note_route(scope: Scope, route: str) -> None:
     """The route template a request is counted under, for replies that no FastAPI route sends
     (the edge's)."""

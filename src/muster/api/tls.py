@@ -25,7 +25,7 @@ from typing import Any, cast
 
 import httptools
 from cryptography import x509
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from muster.domain import pki
 from muster.domain.platform import Platform
@@ -52,6 +52,14 @@ MAX_PENDING_HANDSHAKES = 32
 # How often each server process reads the CAs and token keys again and looks at its certificate
 # files: a rotation (through any coordinator or worker) reaches new connections within this.
 SECURITY_RELOAD_S = 2.0
+# The largest body the express path reads (a heartbeat's report is ~150 bytes, ~300 more per
+# instance an allocator runs); a larger one takes the ASGI path, which answers the same.
+EXPRESS_BODY_BYTES = 64 * 1024
+
+# The express path's answerer (muster.api.edge.Heartbeats.express): given the verified client
+# certificate, the request's headers and body, the reply's header lines after the server's own,
+# blank line and body; or None, and the request takes the ASGI path as any other.
+Express = Callable[[x509.Certificate | None, list[tuple[bytes, bytes]], bytes], bytes | None]
 
 _REASONS = {
     408: (b"Request Timeout", "root.request_timeout", "the request did not arrive in time"),
@@ -289,6 +297,14 @@ class _CoalescingTransport:
             self._loop.call_soon(self._flush)
         self._pending.append(bytes(data))
 
+    def write_now(self, data: bytes) -> None:
+        """A whole reply written at once: sent now, unless writes are pending (then after
+        them, in order)."""
+        if self._pending:
+            self.write(data)
+        elif not self._transport.is_closing():
+            self._transport.write(data)
+
     def writelines(self, chunks: Any) -> None:
         for chunk in chunks:
             self.write(chunk)
@@ -314,9 +330,19 @@ class _CoalescingTransport:
 
 class PeerCertProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, plus the verified client certificate in the scope, a cap on
-    the request head (414/431) and a deadline for receiving each request (408, then close)."""
+    the request head (414/431), a deadline for receiving each request (408, then close), and
+    the express path.
+
+    The express path: a `POST express_path` that arrives on an idle keep-alive connection with a
+    declared, small body is read here and handed to `express` (the heartbeat's answerer) when
+    whole; its reply is written at once. No ASGI scope, request cycle, task or middleware runs
+    for it: on an agents' coordinator these are most of a heartbeat's cost besides TLS. If
+    `express` declines, the request goes to the app exactly as uvicorn would have sent it."""
 
     read_timeout_s: float = READ_TIMEOUT_S
+    express: Express | None = None
+    express_path: bytes = b""
+    _express_body: bytearray | None = None  # the body of a request the express path reads
     _tls: dict[str, Any] | None = None
     _refusal: int | None = None
     _reading_head = True  # between the end of one message and the end of the next one's head
@@ -382,12 +408,72 @@ class PeerCertProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._reading_head, self._head_bytes = False, 0
+        if self.express is not None and self.url == self.express_path and self._may_express():
+            self._express_body = bytearray()
+            return
         super().on_headers_complete()
+
+    def _may_express(self) -> bool:
+        """A POST on an idle connection (nothing in flight or queued: replies keep their order)
+        that keeps it alive, with a declared body of at most EXPRESS_BODY_BYTES."""
+        parser = self.parser
+        if (
+            parser.get_method() != b"POST"
+            or parser.get_http_version() != "1.1"
+            or not parser.should_keep_alive()
+            or self.expect_100_continue
+            or self.pipeline
+            or (self.cycle is not None and not self.cycle.response_complete)
+        ):
+            return False
+        length = None
+        for name, value in self.headers:
+            if name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                return False
+        return length is not None and length.isdigit() and int(length) <= EXPRESS_BODY_BYTES
+
+    def on_body(self, body: bytes) -> None:
+        if self._express_body is not None:
+            self._express_body += body
+        else:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._disarm_deadline()
         self._reading_head = True
-        super().on_message_complete()
+        body = self._express_body
+        if body is None:
+            super().on_message_complete()
+            return
+        self._express_body = None
+        reply = None
+        if self.express is not None:
+            try:
+                reply = self.express(
+                    (self._tls or {}).get("client_cert"), self.headers, bytes(body)
+                )
+            except Exception:  # the ASGI path meets it again, and answers it in ECE's shape
+                log.debug("the express path declined a request on an error", exc_info=True)
+        if reply is None:
+            # To the app, as uvicorn would have handed it: the head, then the body, whole.
+            super().on_headers_complete()
+            if body:
+                super().on_body(bytes(body))
+            super().on_message_complete()
+            return
+        defaults = self.server_state.default_headers
+        lines = [b"%s: %s\r\n" % pair for pair in defaults]
+        cast(_CoalescingTransport, self.transport).write_now(
+            b"".join((STATUS_LINE[200], *lines, reply))
+        )
+        self.server_state.total_requests += 1
+        # As uvicorn after a reply: the connection may idle for timeout_keep_alive.
+        self._unset_keepalive_if_required()
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
 
     def send_400_response(self, msg: str) -> None:
         if self._refusal is None:
@@ -422,13 +508,21 @@ class PeerCertProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def peer_cert_protocol(*, read_timeout_s: float = READ_TIMEOUT_S) -> type[PeerCertProtocol]:
-    """PeerCertProtocol with its own read deadline (uvicorn builds one protocol per connection
-    from the class it is given)."""
-    return cast(
-        type[PeerCertProtocol],
-        type("PeerCertProtocol", (PeerCertProtocol,), {"read_timeout_s": read_timeout_s}),
-    )
+def peer_cert_protocol(
+    *,
+    read_timeout_s: float = READ_TIMEOUT_S,
+    express: Express | None = None,
+    express_path: str = "",
+) -> type[PeerCertProtocol]:
+    """PeerCertProtocol with its own read deadline and, with `express`, the express path for
+    `POST express_path` (uvicorn builds one protocol per connection from the class it is
+    given)."""
+    attributes = {
+        "read_timeout_s": read_timeout_s,
+        "express": staticmethod(express) if express is not None else None,
+        "express_path": express_path.encode(),
+    }
+    return cast(type[PeerCertProtocol], type("PeerCertProtocol", (PeerCertProtocol,), attributes))
 
 
 def peer_certificate(scope: Any) -> x509.Certificate | None:

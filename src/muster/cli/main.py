@@ -388,6 +388,23 @@ def start(
     ] = None,
     proxy_http_port: ProxyHttpPortOpt = None,
     proxy_https_port: ProxyHttpsPortOpt = None,
+    heartbeat_budget: Annotated[
+        float | None,
+        typer.Option(
+            help="heartbeats per second the whole platform is held to: a larger fleet is told "
+            "a longer interval, never under --heartbeat-interval (default 4000: 100,000 hosts "
+            "every 25 s) [env var: MUSTER_HEARTBEAT_BUDGET]",
+            show_default=False,
+        ),
+    ] = None,
+    heartbeat_max_interval: Annotated[
+        float | None,
+        typer.Option(
+            help="the longest interval the budget may stretch to, seconds (default 30) "
+            "[env var: MUSTER_HEARTBEAT_MAX_INTERVAL_S]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run an installed host again in the foreground (SIGINT/SIGTERM stop it)."""
     _start(
@@ -398,6 +415,8 @@ def start(
         log_format=log_format,
         lost_allocator_grace=lost_allocator_grace,
         proxy_ports=(proxy_http_port, proxy_https_port),
+        heartbeat_budget=heartbeat_budget,
+        heartbeat_max_interval=heartbeat_max_interval,
     )
 
 
@@ -410,6 +429,8 @@ def _start(
     log_format: str | None = None,
     lost_allocator_grace: float | None = None,
     proxy_ports: tuple[int | None, int | None] = (None, None),
+    heartbeat_budget: float | None = None,
+    heartbeat_max_interval: float | None = None,
 ) -> None:
     from muster.config import load_host, load_settings, save_host
 
@@ -428,6 +449,8 @@ def _start(
             "lost_allocator_grace_s": lost_allocator_grace,
             "proxy_http_port": proxy_ports[0],
             "proxy_https_port": proxy_ports[1],
+            "heartbeat_budget": heartbeat_budget,
+            "heartbeat_max_interval_s": heartbeat_max_interval,
         }
         config = load_settings(flags, saved)
         kept = {

@@ -178,6 +178,8 @@ class RunnerIdentities:
                     del self._forgotten[rid]
             self._serials = serials
             self._confirmed_at = self._read_at = started
+        # Every runner with a valid certificate: the fleet the heartbeat interval is set for.
+        self.platform.liveness.set_fleet_size(len(serials))
 
 
 class CoordinatorDirectory:

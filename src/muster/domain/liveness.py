@@ -6,6 +6,12 @@ states that changed since in one more (settling the plan attempts they finish). 
 connected while its latest heartbeat, seen here or persisted by any coordinator, is younger than
 GRACE_INTERVALS heartbeat intervals; a join is not a heartbeat. `sweep()` (after each flush, off
 the event loop) logs hosts that join, disconnect and come back.
+
+The interval hosts are told (`interval_s`) grows with the fleet, as Nomad's does: the whole
+platform is held to a heartbeat budget (heartbeats per second), never under the configured
+interval and never over the cap (muster.domain.heartbeats). The grace follows the interval in
+force, and after the interval shrinks the longer one's grace holds for one such grace period,
+until every host has heard the shorter one.
 """
 
 from __future__ import annotations
@@ -18,6 +24,11 @@ from datetime import datetime, timedelta
 
 from muster.clock import Clock
 from muster.domain import instance_reports
+from muster.domain.heartbeats import (
+    DEFAULT_HEARTBEAT_BUDGET,
+    DEFAULT_MAX_INTERVAL_S,
+    heartbeat_interval,
+)
 from muster.domain.models import HostReport, InstanceReport
 from muster.domain.store import Store
 from muster.errors import MusterError
@@ -29,10 +40,25 @@ log = logging.getLogger(__name__)
 
 
 class Liveness:
-    def __init__(self, store: Store, clock: Clock, *, interval_s: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        *,
+        interval_s: float,
+        budget: float = DEFAULT_HEARTBEAT_BUDGET,
+        max_interval_s: float = DEFAULT_MAX_INTERVAL_S,
+    ) -> None:
         self.store = store
         self.clock = clock
+        self.base_interval_s = interval_s
+        self.budget = budget
+        self.max_interval_s = max_interval_s
+        # The interval in force: what heartbeat and join replies tell hosts (`set_fleet_size`).
         self.interval_s = interval_s
+        self.fleet_size = 0
+        # After the interval shrank: the longer one, and until when its grace still holds.
+        self._longer: tuple[float, datetime] | None = None
         # Times and reports apart, and a report kept while it does not change: a heartbeat then
         # leaves no new object behind that Python's garbage collector tracks. With tens of
         # thousands of hosts, such leftovers trigger full collections, each a pause as long as
@@ -56,7 +82,30 @@ class Liveness:
 
     @property
     def grace(self) -> timedelta:
-        return timedelta(seconds=self.interval_s * GRACE_INTERVALS)
+        """How long a host stays connected without a heartbeat: GRACE_INTERVALS intervals, of
+        the longest interval a host may still be heartbeating at."""
+        interval_s = self.interval_s
+        longer = self._longer
+        if longer is not None and self.clock.now() < longer[1]:
+            interval_s = max(interval_s, longer[0])
+        return timedelta(seconds=interval_s * GRACE_INTERVALS)
+
+    def set_fleet_size(self, hosts: int) -> float:
+        """The platform has `hosts` hosts (every runner with a valid certificate, from the
+        store): set the interval in force for them; returns it."""
+        interval_s = heartbeat_interval(
+            hosts, base_s=self.base_interval_s, budget=self.budget, max_s=self.max_interval_s
+        )
+        self.fleet_size = hosts
+        if interval_s < self.interval_s:
+            # Hosts heard the longer interval and keep it until their next reply: its grace
+            # holds for one grace period, by when each has heartbeat and heard the new one.
+            now, longest = self.clock.now(), self.interval_s
+            if self._longer is not None and now < self._longer[1]:
+                longest = max(longest, self._longer[0])
+            self._longer = (longest, now + timedelta(seconds=longest * GRACE_INTERVALS))
+        self.interval_s = interval_s
+        return interval_s
 
     def beat(
         self,
@@ -69,7 +118,8 @@ class Liveness:
         now = self.clock.now()
         with self._lock:
             self._seen[runner_id] = now
-            if self._reports.get(runner_id) != report:
+            known = self._reports.get(runner_id)
+            if known is not report and known != report:
                 self._reports[runner_id] = report
                 if report.checks.get(DOCKER_CHECK) is False:
                     self._docker_down.add(runner_id)

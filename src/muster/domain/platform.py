@@ -13,6 +13,7 @@ from cryptography import x509
 
 from muster.clock import Clock
 from muster.domain import pki
+from muster.domain.heartbeats import DEFAULT_HEARTBEAT_BUDGET, DEFAULT_MAX_INTERVAL_S
 from muster.domain.liveness import Liveness
 from muster.domain.models import TokenRecord
 from muster.domain.ratelimit import FailureLimiter, LoginLimits
@@ -44,7 +45,11 @@ class Platform:
     ca: pki.CertificateAuthority
     signing_key: bytes
     region: str
+    # The configured interval, the floor of the one in force (`liveness.interval_s`, which
+    # grows with the fleet to keep it within `heartbeat_budget` heartbeats/s, up to the cap).
     heartbeat_interval_s: float = 10.0
+    heartbeat_budget: float = DEFAULT_HEARTBEAT_BUDGET
+    heartbeat_max_interval_s: float = DEFAULT_MAX_INTERVAL_S
     liveness: Liveness = field(init=False)
     credentials: CredentialCache = field(default_factory=CredentialCache)
     # Failed sign-ins, counted in the store (shared by every worker and coordinator).
@@ -79,7 +84,13 @@ class Platform:
     ca_bundle_pem: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
-        self.liveness = Liveness(self.store, self.clock, interval_s=self.heartbeat_interval_s)
+        self.liveness = Liveness(
+            self.store,
+            self.clock,
+            interval_s=self.heartbeat_interval_s,
+            budget=self.heartbeat_budget,
+            max_interval_s=self.heartbeat_max_interval_s,
+        )
         self._derive_trust()
 
     @property
@@ -192,7 +203,14 @@ def create_platform(
     return ca, Bootstrap(admin_password, readonly_password, tokens, ca.fingerprint)
 
 
-def load_platform(store: Store, clock: Clock, *, heartbeat_interval_s: float = 10.0) -> Platform:
+def load_platform(
+    store: Store,
+    clock: Clock,
+    *,
+    heartbeat_interval_s: float = 10.0,
+    heartbeat_budget: float = DEFAULT_HEARTBEAT_BUDGET,
+    heartbeat_max_interval_s: float = DEFAULT_MAX_INTERVAL_S,
+) -> Platform:
     """Load a created platform. Raises StoreError if the store holds none."""
     with store.read() as tx:
         signing_key, region = tx.find_setting(SIGNING_KEY), tx.find_setting(REGION)
@@ -207,6 +225,8 @@ def load_platform(store: Store, clock: Clock, *, heartbeat_interval_s: float = 1
         signing_key=base64.b64decode(signing_key),
         region=region or DEFAULT_REGION,
         heartbeat_interval_s=heartbeat_interval_s,
+        heartbeat_budget=heartbeat_budget,
+        heartbeat_max_interval_s=heartbeat_max_interval_s,
         previous_cas=previous,
         token_keys=keys,
     )

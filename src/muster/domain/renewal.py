@@ -57,5 +57,5 @@ def renew_certificate(
         runner=updated,
         certificate_pem=pki.certificate_to_pem(cert),
         ca_pem=platform.ca_bundle_pem,
-        heartbeat_interval_s=platform.heartbeat_interval_s,
+        heartbeat_interval_s=platform.liveness.interval_s,
     )

@@ -326,7 +326,7 @@ def _joined(platform: Platform, request: JoinRequest, prepared: _PreparedJoin) -
         runner=runner,
         certificate_pem=pki.certificate_to_pem(certificate),
         ca_pem=platform.ca_bundle_pem,
-        heartbeat_interval_s=platform.heartbeat_interval_s,
+        heartbeat_interval_s=platform.liveness.interval_s,
         server_certificate_pem=server_cert,
         database_url=database_url,
     )

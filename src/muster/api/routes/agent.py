@@ -124,7 +124,7 @@ async def heartbeat(
     versions: InstanceVersions = request.app.state.instance_versions
     routes: Routes = request.app.state.routes
     return HeartbeatReply(
-        heartbeat_interval_seconds=platform.heartbeat_interval_s,
+        heartbeat_interval_seconds=platform.liveness.interval_s,
         coordinators=_coordinators(request),
         ca_fingerprints=[*platform.ca_fingerprints],
         instances_version=versions.version(runner.name),

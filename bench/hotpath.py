@@ -1,0 +1,224 @@
+"""`python -m bench.hotpath`: the coordinator answering heartbeats in this process, without TLS
+or sockets: CPU µs per heartbeat (process CPU time, best of `--rounds`: repeatable on a shared
+machine) and, with `--profile`, where it goes (cProfile, sorted by own time).
+
+    --via asgi     the ASGI app called directly: every layer (telemetry, shield, edge) and the
+                   domain's record_heartbeat
+    --via http     the request's bytes fed to the server's HTTP protocol (uvicorn's httptools
+                   protocol with muster.api.tls's additions), which answers it through the ASGI
+                   app: the request cycle and its task as well
+    --via express  the same bytes, answered by the protocol's express path
+
+    python -m bench.hotpath [--via asgi|http|express] [--hosts 200] [--beats 20000] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import pstats
+import sys
+import tempfile
+import time
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from uvicorn.server import ServerState
+
+from bench.wire import request_bytes
+from muster.api.edge import HEARTBEAT_PATH
+from muster.api.tls import TLS_EXTENSION, peer_cert_protocol
+from muster.clock import SystemClock
+from muster.domain import pki, runners
+from muster.domain.platform import create_platform, load_platform
+from muster.storage import open_store
+from muster.web import build_app
+
+REPORT = json.dumps(
+    {"memory_mb": 8192, "storage_mib": 100_000, "cpus": 4, "checks": {"disk": True}}
+).encode()
+HEADERS = [
+    (b"host", b"127.0.0.1:12443"),
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(REPORT)).encode()),
+]
+
+
+def _join_fleet(platform: Any, token: str, hosts: int) -> list[x509.Certificate]:
+    certs = []
+    for i in range(hosts):
+        key = pki.generate_private_key()
+        request = runners.JoinRequest(
+            token=token, csr_pem=pki.build_csr(key, f"hot-{i}"), runner_id=f"hot-{i}",
+            host_ip="10.0.0.2", capacity_mb=4096,
+        )  # fmt: skip
+        result = runners.join_host(platform, request, source="127.0.0.1")
+        certs.append(pki.load_certificate(result.certificate_pem))
+    return certs
+
+
+class _Transport:
+    """What the protocol writes to, in place of a TLS transport."""
+
+    def __init__(self, der: bytes, port: int) -> None:
+        self.der, self.port = der, port
+        self.written = 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {
+            "peername": ("127.0.0.1", self.port),
+            "sockname": ("127.0.0.1", 12443),
+            "sslcontext": True,
+            "ssl_object": self,
+        }.get(name, default)
+
+    def getpeercert(self, binary_form: bool = False) -> bytes:
+        return self.der
+
+    def write(self, data: bytes) -> None:
+        self.written += 1
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def _http_beats(
+    app: Any, certs: list[x509.Certificate], count: int, *, express: bool
+) -> float:
+    """CPU seconds for `count` heartbeats fed as bytes to the server's HTTP protocol, one
+    connection per host, each request answered before the next is fed."""
+    config = uvicorn.Config(app, lifespan="off", log_level="warning", server_header=False)
+    state = ServerState()
+    state.default_headers = [(b"date", b"Wed, 02 Dec 2026 12:00:00 GMT")]
+    protocol_class = peer_cert_protocol(
+        express=app.state.heartbeats.express if express else None, express_path=HEARTBEAT_PATH
+    )
+    loop = asyncio.get_running_loop()
+    transports = [
+        _Transport(c.public_bytes(serialization.Encoding.DER), 40000 + i)
+        for i, c in enumerate(certs)
+    ]
+    protocols = []
+    for transport in transports:
+        protocol = protocol_class(config=config, server_state=state, app_state={}, _loop=loop)
+        protocol.connection_made(transport)
+        protocols.append(protocol)
+    data = request_bytes("POST", HEARTBEAT_PATH, "127.0.0.1:12443", REPORT)
+    started = time.process_time()
+    for n in range(count):
+        protocol = protocols[n % len(protocols)]
+        protocol.data_received(data)
+        if state.tasks:  # the ASGI path's request task
+            await asyncio.wait(set(state.tasks))
+        await asyncio.sleep(0)  # the coalesced write
+    spent = time.process_time() - started
+    written = sum(t.written for t in transports)
+    for protocol in protocols:
+        protocol.connection_lost(None)
+    if written < count:
+        raise SystemExit(f"{count - written} heartbeats were not answered")
+    return spent
+
+
+async def _beats(app: Any, certs: list[x509.Certificate], count: int) -> float:
+    """CPU seconds for `count` heartbeats, round robin over `certs`."""
+    scopes = [
+        {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "https", "path": "/api/v1/agent/heartbeat", "raw_path": b"",
+            "query_string": b"", "root_path": "", "headers": HEADERS,
+            "client": ("127.0.0.1", 40000 + i), "server": ("127.0.0.1", 12443),
+            "extensions": {TLS_EXTENSION: {"client_cert": cert, "client_cert_chain": []}},
+        }
+        for i, cert in enumerate(certs)
+    ]  # fmt: skip
+    message = {"type": "http.request", "body": REPORT, "more_body": False}
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return message
+
+    async def send(reply: dict[str, Any]) -> None:
+        if reply["type"] == "http.response.start":
+            statuses.append(reply["status"])
+
+    started = time.process_time()
+    for n in range(count):
+        # uvicorn gives every request a scope of its own.
+        await app(dict(scopes[n % len(scopes)]), receive, send)
+    spent = time.process_time() - started
+    if set(statuses) != {200}:
+        raise SystemExit(f"not every heartbeat was answered 200: {set(statuses)}")
+    return spent
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.hotpath")
+    parser.add_argument("--hosts", type=int, default=200)
+    parser.add_argument("--beats", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--via", choices=["asgi", "http", "express"], default="asgi")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        store = open_store(f"sqlite:///{Path(work) / 'hot.db'}")
+        clock = SystemClock()
+        _ca, bootstrap = create_platform(store, clock)
+        platform = load_platform(store, clock)
+        certs = _join_fleet(platform, bootstrap.tokens["allocator_only_token"], args.hosts)
+        app = build_app(platform, coordinators=["127.0.0.1:12443"])
+
+        async def run() -> None:
+            lifespan: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+            await lifespan.put({"type": "lifespan.startup"})
+            sent: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue()
+            task = asyncio.ensure_future(
+                app({"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan.get, sent.put)
+            )
+            await sent.get()  # started: the snapshot is read, the flusher runs
+
+            async def beats(count: int) -> float:
+                if args.via == "asgi":
+                    return await _beats(app, certs, count)
+                return await _http_beats(app, certs, count, express=args.via == "express")
+
+            await beats(1000)  # warm up
+            if args.profile:
+                profiler = cProfile.Profile()
+                profiler.enable()
+                await beats(args.beats)
+                profiler.disable()
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+            else:
+                best = min([await beats(args.beats) for _ in range(args.rounds)])
+                print(
+                    f"{args.via}: {best / args.beats * 1e6:.1f} µs CPU per heartbeat "
+                    f"(best of {args.rounds})"
+                )
+            await lifespan.put({"type": "lifespan.shutdown"})
+            await task
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # as the server's
+            runner.run(run())
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

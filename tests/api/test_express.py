@@ -1,0 +1,230 @@
+"""The TLS protocol's express path (muster.api.tls) against a real uvicorn over real TLS, serving
+the coordinator's app as `muster start` does: a heartbeat is answered before any ASGI layer,
+with the bytes the ASGI path sends; whatever it declines reaches the app, body and order kept."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import uvicorn
+from starlette.types import Receive, Scope, Send
+
+from muster.api.app import create_app
+from muster.api.edge import HEARTBEAT_PATH
+from muster.api.tls import peer_cert_protocol, server_context
+from muster.clock import SystemClock
+from muster.domain import pki, runners
+from muster.domain.platform import Platform, create_platform, load_platform
+from muster.storage import open_store
+from tests.conftest import free_port, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("api-tls")]
+
+REPORT = json.dumps({"memory_mb": 8192, "storage_mib": 1000, "cpus": 4}).encode()
+
+
+@dataclass
+class Served:
+    platform: Platform
+    port: int
+    context: ssl.SSLContext  # the host's: its client certificate, the platform's CA
+    reached: list[str]  # the paths (with query) that reached the ASGI app
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    folder = tmp_path_factory.mktemp("express")
+    store = open_store(f"sqlite:///{folder / 'muster.db'}")
+    clock = SystemClock()
+    ca, bootstrap = create_platform(store, clock)
+    platform = load_platform(store, clock)
+    # A joined host's key and certificate, and the server's, from the platform's CA.
+    key = pki.generate_private_key()
+    joined = runners.join_host(
+        platform,
+        runners.JoinRequest(
+            token=bootstrap.tokens["allocator_only_token"],
+            csr_pem=pki.build_csr(key, "express-host"),
+            runner_id="express-host",
+            host_ip="127.0.0.1",
+        ),
+        source="127.0.0.1",
+    )
+    (folder / "host.crt").write_text(joined.certificate_pem)
+    (folder / "host.key").write_text(pki.private_key_to_pem(key))
+    server_key = pki.generate_private_key()
+    server_cert = pki.issue_server_certificate(
+        ca, server_key.public_key(), dns_names=["localhost"], ip_addresses=["127.0.0.1"],
+        now=clock.now(),
+    )  # fmt: skip
+    (folder / "server.crt").write_text(pki.certificate_to_pem(server_cert))
+    (folder / "server.key").write_text(pki.private_key_to_pem(server_key))
+    (folder / "ca.crt").write_text(platform.ca_bundle_pem)
+
+    app = create_app(platform, flush_period_s=3600, coordinators=["127.0.0.1:12443"])
+    reached: list[str] = []
+
+    async def watched(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            query = scope["query_string"].decode()
+            reached.append(scope["path"] + (f"?{query}" if query else ""))
+        await app(scope, receive, send)
+
+    port, trusted = free_port(), platform.ca_bundle_pem
+    config = uvicorn.Config(
+        watched,
+        host="127.0.0.1",
+        port=port,
+        http=peer_cert_protocol(express=app.state.heartbeats.express, express_path=HEARTBEAT_PATH),
+        ssl_context_factory=lambda _config, _default: server_context(
+            certfile=folder / "server.crt", keyfile=folder / "server.key", cadata=trusted
+        ),
+        lifespan="on",
+        log_level="warning",
+        server_header=False,
+        loop="muster.api.tls:new_event_loop",
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    context = ssl.create_default_context(cafile=str(folder / "ca.crt"))
+    context.load_cert_chain(str(folder / "host.crt"), str(folder / "host.key"))
+    try:
+        wait_until(lambda: server.started, timeout_s=15, what="uvicorn to start")
+        wait_until(
+            lambda: app.state.identities.vouch(pki.load_certificate(joined.certificate_pem)),
+            timeout_s=15,
+            what="the runner snapshot",
+        )
+        yield Served(platform, port, context, reached)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        store.close()
+
+
+def request(path: str, body: bytes = REPORT, *extra: str) -> bytes:
+    head = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
+    head += [f"Content-Length: {len(body)}", *extra]
+    return "\r\n".join(head).encode() + b"\r\n\r\n" + body
+
+
+def get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+
+
+class Connection:
+    """One keep-alive TLS connection with the host's certificate; replies read whole."""
+
+    def __init__(self, served: Served) -> None:
+        raw = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        self.sock = served.context.wrap_socket(raw, server_hostname="127.0.0.1")
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> tuple[int, dict[str, str], list[str], bytes]:
+        """Status, headers, header names in order, body."""
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self._recv()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        status_line, *lines = head.decode().split("\r\n")
+        pairs = [line.split(": ", 1) for line in lines]
+        headers = {name: value for name, value in pairs}
+        length = int(headers["content-length"])
+        while len(self.buffer) < length:
+            self.buffer += self._recv()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return int(status_line.split()[1]), headers, [name for name, _ in pairs], body
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(65536)
+        assert data, "the server closed the connection"
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def connection(served: Served) -> Iterator[Connection]:
+    conn = Connection(served)
+    yield conn
+    conn.close()
+
+
+def test_a_heartbeat_is_answered_before_the_app_with_the_asgi_paths_bytes(
+    served: Served, connection: Connection
+) -> None:
+    served.reached.clear()
+    connection.send(request(HEARTBEAT_PATH, REPORT, "X-Request-Id: beat-1"))
+    status, headers, names, body = connection.reply()
+    assert served.reached == []  # no ASGI layer ran
+    assert status == 200
+    assert headers["x-request-id"] == "beat-1"
+    assert served.platform.liveness.last_seen("express-host", None) is not None
+    # The same request through the ASGI path (a query string keeps it off the express path):
+    # the edge answers it, with the same headers in the same order and the same body.
+    connection.send(request(HEARTBEAT_PATH + "?via=asgi", REPORT, "X-Request-Id: beat-2"))
+    status2, headers2, names2, body2 = connection.reply()
+    assert served.reached == [HEARTBEAT_PATH + "?via=asgi"]
+    assert (status2, names2, body2) == (status, names, body)
+    assert {**headers2, "x-request-id": "beat-1", "date": ""} == {**headers, "date": ""}
+    assert json.loads(body)["heartbeat_interval_seconds"] == served.platform.liveness.interval_s
+
+
+def test_a_heartbeat_the_express_path_declines_reaches_the_route_in_ece_shape(
+    served: Served, connection: Connection
+) -> None:
+    served.reached.clear()
+    connection.send(request(HEARTBEAT_PATH, b'{"memory_mb": -1}'))
+    status, headers, _names, body = connection.reply()
+    assert served.reached == [HEARTBEAT_PATH]
+    assert status == 400
+    assert json.loads(body)["errors"][0]["code"] == headers["x-cloud-error-codes"]
+    # The connection stays usable, and the next heartbeat is express again.
+    connection.send(request(HEARTBEAT_PATH))
+    assert connection.reply()[0] == 200
+    assert served.reached == [HEARTBEAT_PATH]
+
+
+def test_pipelined_requests_are_answered_in_order(served: Served, connection: Connection) -> None:
+    """A heartbeat behind a request still in flight waits its turn on the ASGI path."""
+    served.reached.clear()
+    connection.send(
+        get("/api/v1/agent/unknown")
+        + request(HEARTBEAT_PATH, REPORT, "X-Request-Id: second")
+        + request(HEARTBEAT_PATH, REPORT, "X-Request-Id: third")
+    )
+    first, second, third = connection.reply(), connection.reply(), connection.reply()
+    assert first[0] in (401, 404, 405)
+    assert (second[0], second[1]["x-request-id"]) == (200, "second")
+    assert (third[0], third[1]["x-request-id"]) == (200, "third")
+    assert served.reached[0] == "/api/v1/agent/unknown"
+
+
+def test_a_heartbeat_without_a_declared_length_or_closing_takes_the_asgi_path(
+    served: Served, connection: Connection
+) -> None:
+    served.reached.clear()
+    chunked = (
+        (
+            f"POST {HEARTBEAT_PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Transfer-Encoding: chunked\r\n\r\n{len(REPORT):x}\r\n"
+        ).encode()
+        + REPORT
+        + b"\r\n0\r\n\r\n"
+    )
+    connection.send(chunked)
+    assert connection.reply()[0] == 200
+    connection.send(request(HEARTBEAT_PATH, REPORT, "Connection: close"))
+    status, headers, _names, _body = connection.reply()
+    assert (status, headers.get("connection")) == (200, "close")
+    assert served.reached == [HEARTBEAT_PATH, HEARTBEAT_PATH]
