@@ -221,6 +221,11 @@ class PinnedConnection:
     anything, on that same socket. Nothing here can reach another socket: the TLS socket is
     opened once in `__init__`, and the HTTP layer over it cannot reconnect (`_OneSocket`), so
     a coordinator that closes the connection in between gets an error, not the request.
+
+    Why http.client over one socket rather than httpx: an httpx client picks a connection from
+    its pool per request, and would open a new (here unverified) one whenever the pooled one
+    has gone; that the token rides the checked socket would rest on the pool's internals. Here
+    it rests on this class alone.
     """
 
     def __init__(self, coordinator: str, *, timeout_s: float = 15.0) -> None:
@@ -241,6 +246,9 @@ class PinnedConnection:
         except OSError as exc:
             raw.close()
             raise self._unreachable(exc) from exc
+        # What this socket's server presented in its handshake (kept now: a socket the server
+        # closes forgets it).
+        self._peer_der = self._sock.getpeercert(binary_form=True)
         self._http = _OneSocket(self._sock, self.host, port, timeout_s)
         self._trusted = False
 
@@ -266,10 +274,9 @@ class PinnedConnection:
     def trust(self, check: Callable[[bytes], None]) -> None:
         """Run `check` on the DER certificate the server presented on this connection; if it
         returns, `request` may send. It raises to refuse, and then nothing is ever sent."""
-        der = self._sock.getpeercert(binary_form=True)
-        if der is None:  # unreachable after a completed handshake; refuse all the same
+        if self._peer_der is None:  # a completed TLS handshake has one; refuse all the same
             raise UntrustedCertificateError(f"{self.url} presented no certificate")
-        check(der)
+        check(self._peer_der)
         self._trusted = True
 
     def request(self, method: str, path: str, *, json: Any = None) -> Any:

@@ -23,6 +23,7 @@ from muster.domain import pki
 from muster.errors import (
     CAMismatchError,
     CertificateNameError,
+    CoordinatorUnreachableError,
     InvalidInputError,
     MusterError,
     UntrustedCertificateError,
@@ -77,8 +78,11 @@ def _reply(body: dict[str, object], status: str = "200 OK") -> bytes:
     )
 
 
-def _answer(raw: socket.socket, ctx: ssl.SSLContext, ca_pem: str, received: bytearray) -> None:
-    """Serve one connection until the client hangs up, keeping each request in `received`."""
+def _answer(
+    raw: socket.socket, ctx: ssl.SSLContext, ca_pem: str, received: bytearray, close: bool
+) -> None:
+    """Serve one connection until the client hangs up (or, if `close`, until the CA is sent),
+    keeping each request in `received`."""
     try:
         with ctx.wrap_socket(raw, server_side=True) as conn:
             buffer = bytearray()
@@ -86,6 +90,8 @@ def _answer(raw: socket.socket, ctx: ssl.SSLContext, ca_pem: str, received: byte
                 received += request
                 if request.startswith(b"GET /api/v1/agent/ca "):
                     conn.sendall(_reply({"ca_certificate": ca_pem}))
+                    if close:
+                        return
                 else:  # a refusal in ECE's shape: the agent saves nothing
                     refusal = {"code": "root.test_server", "message": "test server"}
                     conn.sendall(_reply({"errors": [refusal]}, "400 Bad Request"))
@@ -96,9 +102,9 @@ def _answer(raw: socket.socket, ctx: ssl.SSLContext, ca_pem: str, received: byte
 class _Server:
     """Accepts every connection (each served by its own thread) until `stop`."""
 
-    def __init__(self, ctx: ssl.SSLContext, ca_pem: str) -> None:
+    def __init__(self, ctx: ssl.SSLContext, ca_pem: str, close: bool) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.ctx, self.ca_pem = ctx, ca_pem
+        self.ctx, self.ca_pem, self.close = ctx, ca_pem, close
         self.received: list[bytearray] = []
         self.threads: list[threading.Thread] = []
         self.acceptor = threading.Thread(target=self._accept, daemon=True)
@@ -112,7 +118,9 @@ class _Server:
                 return  # stopped
             self.received.append(bytearray())
             thread = threading.Thread(
-                target=_answer, args=(raw, self.ctx, self.ca_pem, self.received[-1]), daemon=True
+                target=_answer,
+                args=(raw, self.ctx, self.ca_pem, self.received[-1], self.close),
+                daemon=True,
             )
             thread.start()
             self.threads.append(thread)
@@ -137,6 +145,7 @@ def _server(
     tmp_path: Path,
     pinned: pki.CertificateAuthority,
     cert_ca: pki.CertificateAuthority,
+    close: bool = False,
     **issue: object,
 ) -> Iterator[tuple[str, Capture]]:
     key: ec.EllipticCurvePrivateKey = pki.generate_private_key()
@@ -147,7 +156,7 @@ def _server(
     key_file.write_text(pki.private_key_to_pem(key))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(chain, key_file)
-    server = _Server(ctx, pinned.certificate_pem())
+    server = _Server(ctx, pinned.certificate_pem(), close)
     capture = Capture()
     try:
         yield f"127.0.0.1:{server.listener.getsockname()[1]}", capture
@@ -232,3 +241,18 @@ def test_the_token_goes_on_the_connection_that_was_checked(
     assert requests.startswith(b"GET /api/v1/agent/ca HTTP/1.1\r\n")
     assert b"\r\n\r\nPOST /api/v1/agent/join HTTP/1.1\r\n" in requests
     assert TOKEN.encode() in requests
+
+
+def test_a_server_that_hangs_up_after_the_ca_gets_no_second_connection(
+    pinned_ca: pki.CertificateAuthority, tmp_path: Path
+) -> None:
+    """The join never dials again for the token: a closed connection is an error."""
+    issue = {"dns_names": [], "ip_addresses": ["127.0.0.1"], "now": NOW}
+    with (
+        _server(tmp_path, pinned_ca, pinned_ca, close=True, **issue) as (address, capture),
+        pytest.raises(CoordinatorUnreachableError),
+    ):
+        _join(address, pinned_ca, tmp_path)
+
+    assert len(capture.connections) == 1
+    assert TOKEN.encode() not in capture.everything
