@@ -145,8 +145,8 @@ def _server(
     tmp_path: Path,
     pinned: pki.CertificateAuthority,
     cert_ca: pki.CertificateAuthority,
+    issue: dict[str, object],
     close: bool = False,
-    **issue: object,
 ) -> Iterator[tuple[str, Capture]]:
     key: ec.EllipticCurvePrivateKey = pki.generate_private_key()
     cert = pki.issue_server_certificate(cert_ca, key.public_key(), **issue)  # type: ignore[arg-type]
@@ -208,10 +208,11 @@ REFUSED: dict[str, tuple[type[MusterError], str, dict[str, object]]] = {
 def test_a_server_the_pinned_ca_did_not_vouch_for_never_receives_the_token(
     case: str, pinned_ca: pki.CertificateAuthority, tmp_path: Path
 ) -> None:
-    error, message, issue = REFUSED[case]
+    error, message, fields = REFUSED[case]
+    issue = dict(fields)
     issuer = pki.create_ca(NOW) if issue.pop("ca", None) == "other" else pinned_ca
 
-    with _server(tmp_path, pinned_ca, issuer, **issue) as (address, capture):
+    with _server(tmp_path, pinned_ca, issuer, issue) as (address, capture):
         with pytest.raises(error, match=message) as refused:
             _join(address, pinned_ca, tmp_path)
         assert type(refused.value) is error
@@ -231,7 +232,7 @@ def test_the_token_goes_on_the_connection_that_was_checked(
     receives the join, on the one connection that fetched the CA."""
     issue = {"dns_names": ["coordinator.example"], "ip_addresses": ["127.0.0.1"], "now": NOW}
     with (
-        _server(tmp_path, pinned_ca, pinned_ca, **issue) as (address, capture),
+        _server(tmp_path, pinned_ca, pinned_ca, issue) as (address, capture),
         pytest.raises(InvalidInputError, match="test server"),
     ):
         _join(address, pinned_ca, tmp_path)
@@ -249,7 +250,7 @@ def test_a_server_that_hangs_up_after_the_ca_gets_no_second_connection(
     """The join never dials again for the token: a closed connection is an error."""
     issue = {"dns_names": [], "ip_addresses": ["127.0.0.1"], "now": NOW}
     with (
-        _server(tmp_path, pinned_ca, pinned_ca, close=True, **issue) as (address, capture),
+        _server(tmp_path, pinned_ca, pinned_ca, issue, close=True) as (address, capture),
         pytest.raises(CoordinatorUnreachableError),
     ):
         _join(address, pinned_ca, tmp_path)
