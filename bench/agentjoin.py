@@ -1,5 +1,5 @@
 """Joins as a new host makes them: `muster.agent.join.join` itself (CA fetched and pinned, a
-new ECDSA key and CSR, a new TLS connection for each step), run in threads of a load-generator
+new ECDSA key and CSR, one new TLS connection), run in threads of a load-generator
 process, each simulated host dialling from its own 127.x.y.z source address as separate hosts
 would (the coordinator caps pending TLS handshakes per address)."""
 

@@ -2,8 +2,10 @@
 
 Each join is a new host: its own new ECDSA P-256 key and CSR (the agent's `pki` calls), the
 CA pin read from the roles token, a new TLS connection that fetches GET /api/v1/agent/ca
-unverified and checks it against the pin, then a second new TLS connection verified against
-that CA that POSTs /api/v1/agent/join. A join counts once its 200 reply is read; its latency is
+unverified and checks it against the pin, then checks that connection's server certificate
+against the pinned CA (the agent's `check_server_certificate`) and POSTs /api/v1/agent/join on
+it. `--sequence two` is the agent's sequence before: the join on a second new TLS connection
+verified against that CA. A join counts once its 200 reply is read; its latency is
 the whole sequence, key included. Closed loop: `--concurrency` hosts join at any moment.
 
 The coordinator is `muster start --workers N` on a fresh installation (SQLite). Reported:
@@ -37,7 +39,7 @@ from bench.agentjoin import local_ip
 from bench.coordinator import Coordinator, free_port, install, secrets
 from bench.stats import loadavg, merge, summary_ms
 from bench.wire import Conn, WireError, request_bytes
-from muster.agent.join import pinned_fingerprint
+from muster.agent.join import check_server_certificate, pinned_fingerprint
 from muster.domain import pki
 
 CA_PATH = "/api/v1/agent/ca"
@@ -53,9 +55,10 @@ class Job:
     concurrency: int
     prefix: str  # runner ids: <prefix>-<n>
     first_index: int  # spreads source addresses over 127.0.0.0/8 across processes
-    # "agent": the agent's sequence. For attributing the coordinator's CPU, the same two new
-    # connections with less behind them: "ca" (GET /agent/ca, then the empty 200 floor route
-    # instead of the join), "floor" (the floor route on both).
+    # "agent": the agent's sequence, one connection. "two": the agent's sequence before, the CA
+    # on one connection and the join on a second one verified against it. For attributing the
+    # coordinator's CPU, two new connections with less behind them: "ca" (GET /agent/ca, then
+    # the empty 200 floor route instead of the join), "floor" (the floor route on both).
     sequence: str = "agent"
 
 
@@ -109,8 +112,66 @@ class Joiner:
         return reply.status, reply.body
 
     async def one(self, n: int) -> None:
-        started = time.monotonic()
+        if self.job.sequence == "agent":
+            await self.one_connection(n)
+        else:
+            await self.two_connections(n)
+
+    def _join_body(self, n: int) -> bytes:
+        """A new host's join: its own new key (never sent) and the CSR for it."""
         rid = f"{self.job.prefix}-{n:06d}"
+        key = pki.generate_private_key()
+        join = {
+            "token": self.job.token,
+            "csr": pki.build_csr(key, rid),
+            "runner_id": rid,
+            "host_ip": local_ip(n),
+            "zone": ("ece-zone-1", "ece-zone-2", "ece-zone-3")[n % 3],
+            "public_hostname": "",
+            "capacity_mb": 65536,
+            "tags": {},
+            "report": {"memory_mb": 65536, "storage_mib": 512000, "cpus": 16},
+            "roles": ["allocator"],
+        }
+        return request_bytes("POST", JOIN_PATH, self.address, json.dumps(join).encode())
+
+    def _check_reply(self, status: int, body: bytes, n: int, started: float) -> None:
+        if status != 200:
+            self.failures[f"join: http {status}: {body[:100]!r}"] += 1
+            return
+        reply = json.loads(body)
+        if (
+            reply["runner_id"] != f"{self.job.prefix}-{n:06d}"
+            or "BEGIN CERTIFICATE" not in (reply["certificate"])
+        ):
+            self.failures["join: unexpected reply"] += 1
+            return
+        self.latency.append(time.monotonic() - started)
+
+    async def one_connection(self, n: int) -> None:
+        """The agent's join: the CA on a new unverified connection, checked against the pin;
+        that connection's server certificate checked against the pinned CA
+        (`check_server_certificate`, as the agent does); then the join on it."""
+        started = time.monotonic()
+        pin = pinned_fingerprint(self.job.token, None)
+        conn = await Conn.open("127.0.0.1", self.job.port, self.unverified, local_ip=local_ip(n))
+        try:
+            reply = await conn.call(request_bytes("GET", CA_PATH, self.address), timeout_s=60)
+            if reply.status != 200:
+                self.failures[f"ca: http {reply.status}"] += 1
+                return
+            ca_pem = str(json.loads(reply.body)["ca_certificate"])
+            if not pki.fingerprints_match(pin, pki.load_certificate(ca_pem)):
+                self.failures["ca: pin mismatch"] += 1
+                return
+            check_server_certificate("127.0.0.1", conn.peer_certificate(), ca_pem, pin)
+            reply = await conn.call(self._join_body(n), timeout_s=60)
+        finally:
+            conn.close()
+        self._check_reply(reply.status, reply.body, n, started)
+
+    async def two_connections(self, n: int) -> None:
+        started = time.monotonic()
         pin = pinned_fingerprint(self.job.token, None)
         # agent -> coordinator, no trust yet: the CA, checked against the token's pin.
         first = CA_PATH if self.job.sequence != "floor" else PING_PATH
@@ -126,22 +187,8 @@ class Joiner:
         if not pki.fingerprints_match(pin, pki.load_certificate(ca_pem)):
             self.failures["ca: pin mismatch"] += 1
             return
-        # The host's own key, never sent; the CSR for it.
-        key = pki.generate_private_key()
-        join = {
-            "token": self.job.token,
-            "csr": pki.build_csr(key, rid),
-            "runner_id": rid,
-            "host_ip": local_ip(n),
-            "zone": ("ece-zone-1", "ece-zone-2", "ece-zone-3")[n % 3],
-            "public_hostname": "",
-            "capacity_mb": 65536,
-            "tags": {},
-            "report": {"memory_mb": 65536, "storage_mib": 512000, "cpus": 16},
-            "roles": ["allocator"],
-        }
-        raw = request_bytes("POST", JOIN_PATH, self.address, json.dumps(join).encode())
-        if self.job.sequence != "agent":
+        raw = self._join_body(n)
+        if self.job.sequence in ("ca", "floor"):
             status, _ = await self._call(
                 self._context_for(ca_pem), request_bytes("GET", PING_PATH, self.address), n
             )
@@ -151,14 +198,7 @@ class Joiner:
                 self.latency.append(time.monotonic() - started)
             return
         status, body = await self._call(self._context_for(ca_pem), raw, n)
-        if status != 200:
-            self.failures[f"join: http {status}: {body[:100]!r}"] += 1
-            return
-        reply = json.loads(body)
-        if reply["runner_id"] != rid or "BEGIN CERTIFICATE" not in reply["certificate"]:
-            self.failures["join: unexpected reply"] += 1
-            return
-        self.latency.append(time.monotonic() - started)
+        self._check_reply(status, body, n, started)
 
     async def run(self) -> dict[str, Any]:
         gate = asyncio.Semaphore(self.job.concurrency)
@@ -262,6 +302,8 @@ class _Running:
 def _round(
     coordinator: Coordinator | None, port: int, token: str, args: argparse.Namespace, n: int
 ) -> dict[str, Any]:
+    sequences = args.sequence.split(",")
+    sequence = sequences[n % len(sequences)]  # alternated round by round
     cpu0 = coordinator.cpu_s() if coordinator else 0.0
     out = measure(
         port,
@@ -270,7 +312,7 @@ def _round(
         concurrency=args.concurrency,
         processes=args.processes,
         prefix=f"j{int(time.time()) % 100000}r{n}p",
-        sequence=args.sequence,
+        sequence=sequence,
     )
     cpu = coordinator.cpu_s() - cpu0 if coordinator else float("nan")
     joined = max(1, out["joined"])
@@ -281,7 +323,7 @@ def _round(
         "coordinator_cpu_ms_per_join": round(cpu / joined * 1000, 3),
         "generator_cpu_ms_per_join": round(out["generator_cpu_s"] / joined * 1000, 3),
         "failures": out["failures"],
-        "sequence": args.sequence,
+        "sequence": sequence,
         "load": loadavg(),
     }
 
@@ -295,13 +337,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--sequence",
-        choices=["agent", "ca", "floor"],
         default="agent",
-        help="agent: the join; ca, floor: the same connections with less behind them",
+        help="agent: the join on one connection; two: the join as before, on two; ca, floor: "
+        "two connections with less behind them; several, comma-separated: alternated by round",
     )
     parser.add_argument("--against", help="PORT:PID:TOKEN_FILE of a running coordinator")
     parser.add_argument("--out", type=Path, help="results JSON")
     args = parser.parse_args(argv)
+    if not set(args.sequence.split(",")) <= {"agent", "two", "ca", "floor"}:
+        parser.error("--sequence: agent, two, ca or floor, comma-separated")
     results: dict[str, Any] = {"command": "python -m bench.joins " + " ".join(sys.argv[1:])}
     rounds = []
     if args.against:

@@ -141,6 +141,14 @@ class Conn:
     def closed(self) -> bool:
         return self._p.closed
 
+    def peer_certificate(self) -> bytes:
+        """The DER certificate the server presented on this connection."""
+        ssl_object = self._p.transport.get_extra_info("ssl_object")
+        der: bytes | None = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        if der is None:
+            raise WireError("no server certificate")
+        return der
+
     async def call(self, raw: bytes, timeout_s: float = 10.0) -> Reply:
         p = self._p
         if p.closed or p.transport is None or p.transport.is_closing():

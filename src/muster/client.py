@@ -6,10 +6,14 @@ cannot be reached, and turns ECE-shaped error replies back into Muster's excepti
 
 from __future__ import annotations
 
+import http.client
+import json as jsonlib
+import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2 as httpx
 
@@ -227,3 +231,110 @@ class Client:
         `fingerprint`, `certificate_chain`, `private_key`. Raises as `request`."""
         reply: dict[str, Any] = self.request("GET", "/api/v1/agent/proxy/certificate")
         return reply
+
+
+class _OneSocket(http.client.HTTPConnection):
+    """http.client's HTTP/1.1 over a TLS socket opened beforehand, that never opens another:
+    `connect` raises and `auto_open` is off, so once the socket is closed (by either side) a
+    request fails with NotConnected instead of dialling again."""
+
+    def __init__(self, sock: ssl.SSLSocket, host: str, port: int, timeout_s: float) -> None:
+        super().__init__(host, port, timeout=timeout_s)
+        self.sock = sock
+        self.auto_open = 0
+
+    def connect(self) -> None:
+        raise http.client.NotConnected("the connection closed; no other is opened")
+
+
+class PinnedConnection:
+    """One TLS connection to a coordinator that a joining host does not trust yet.
+
+    The handshake verifies nothing (the host has no CA yet): `fetch_unverified` reads what
+    needs no trust (the CA, which the caller checks against its pin). `trust` then runs the
+    caller's check on the certificate this very socket's server presented (the TLS handshake
+    proved that the server holds its key), and only after it returns does `request` send
+    anything, on that same socket. Nothing here can reach another socket: the TLS socket is
+    opened once in `__init__`, and the HTTP layer over it cannot reconnect (`_OneSocket`), so
+    a coordinator that closes the connection in between gets an error, not the request.
+
+    Why http.client over one socket rather than httpx: an httpx client picks a connection from
+    its pool per request, and would open a new (here unverified) one whenever the pooled one
+    has gone; that the token rides the checked socket would rest on the pool's internals. Here
+    it rests on this class alone.
+    """
+
+    def __init__(self, coordinator: str, *, timeout_s: float = 15.0) -> None:
+        self.url = base_url(coordinator)
+        parts = urlsplit(self.url)
+        self.host = parts.hostname or coordinator
+        port = parts.port or DEFAULT_PORT
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # the caller's check in `trust` authenticates
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            raw = socket.create_connection((self.host, port), timeout=timeout_s)
+        except OSError as exc:
+            raise self._unreachable(exc) from exc
+        try:
+            self._sock = ctx.wrap_socket(raw, server_hostname=self.host)
+        except OSError as exc:
+            raw.close()
+            raise self._unreachable(exc) from exc
+        # What this socket's server presented in its handshake (kept now: a socket the server
+        # closes forgets it).
+        self._peer_der = self._sock.getpeercert(binary_form=True)
+        self._http = _OneSocket(self._sock, self.host, port, timeout_s)
+        self._trusted = False
+
+    def _unreachable(self, exc: BaseException) -> CoordinatorUnreachableError:
+        return CoordinatorUnreachableError(
+            f"cannot reach the coordinator at {self.url}: {type(exc).__name__}"
+        )
+
+    def close(self) -> None:
+        self._http.close()  # closes the TLS socket too
+
+    def __enter__(self) -> PinnedConnection:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def fetch_unverified(self, path: str) -> httpx.Response:
+        """GET `path` before the server is trusted: its reply, whatever the status. Send
+        nothing secret this way."""
+        return self._exchange("GET", path, None)
+
+    def trust(self, check: Callable[[bytes], None]) -> None:
+        """Run `check` on the DER certificate the server presented on this connection; if it
+        returns, `request` may send. It raises to refuse, and then nothing is ever sent."""
+        if self._peer_der is None:  # a completed TLS handshake has one; refuse all the same
+            raise UntrustedCertificateError(f"{self.url} presented no certificate")
+        check(self._peer_der)
+        self._trusted = True
+
+    def request(self, method: str, path: str, *, json: Any = None) -> Any:
+        """The decoded JSON reply, on this connection only once `trust` passed. Raises the
+        Muster error the reply names, or CoordinatorUnreachableError."""
+        if not self._trusted:
+            raise UntrustedCertificateError(f"{self.url} is not verified; not sending")
+        body = jsonlib.dumps(json).encode() if json is not None else None
+        response = self._exchange(method, path, body)
+        if response.status_code >= 400:
+            raise error_from_response(response)
+        return response.json() if response.content else {}
+
+    def _exchange(self, method: str, path: str, body: bytes | None) -> httpx.Response:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            self._http.request(method, path, body=body, headers=headers)
+            reply = self._http.getresponse()
+            content = reply.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise self._unreachable(exc) from exc
+        return httpx.Response(reply.status, headers=reply.getheaders(), content=content)

@@ -1,31 +1,33 @@
 """Joining a host: pin the coordinator's CA, make the key, send the CSR with the roles token.
 
-agent -> coordinator (no trust yet): GET /agent/ca; its SPKI hash must equal the token's
-ca_fingerprint (or --ca-fingerprint), else stop before the token is ever sent.
-agent -> coordinator (TLS verified against that CA): POST /agent/join with CSR + token.
+All on one TLS connection (`muster.client.PinnedConnection`), whose handshake verifies nothing:
+agent -> coordinator: GET /agent/ca; its SPKI hash must equal the token's ca_fingerprint (or
+--ca-fingerprint), else stop. Then the certificate this connection's server presented must be
+the pinned CA's, for the address dialled, valid now (`check_server_certificate`), else stop:
+the token is never sent.
+agent -> coordinator (the same connection): POST /agent/join with CSR + token.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import httpx2 as httpx
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.verification import VerificationError
 
-from muster.client import Client, base_url, tls_context
+from muster.client import PinnedConnection, tls_context
 from muster.domain import pki
 from muster.domain.models import HostReport
 from muster.domain.tokens import read_unverified_claims
 from muster.errors import (
     CAMismatchError,
     CertificateNameError,
-    CoordinatorUnreachableError,
     TokenRefusedError,
     UntrustedCertificateError,
 )
@@ -65,46 +67,35 @@ def pinned_fingerprint(token: str, override: str | None) -> str:
     return pin
 
 
-def fetch_pinned_ca(coordinator: str, pin: str, *, timeout_s: float = 10.0) -> str:
-    """Fetch the coordinator's CA without trusting it yet, and accept it only if it matches the
-    pin. Returns the CA PEM. Raises CAMismatchError or CoordinatorUnreachableError."""
-    url = base_url(coordinator) + "/api/v1/agent/ca"
-    try:
-        # No verification here on purpose: the pin below is the authentication.
-        response = httpx.get(url, verify=False, timeout=timeout_s)
-    except httpx.HTTPError as exc:
-        raise CoordinatorUnreachableError(
-            f"cannot reach the coordinator at {base_url(coordinator)}: {type(exc).__name__}"
-        ) from exc
-    try:
-        reply = response.json()
-        ca_pem = str(reply["ca_certificate"])
-        ca = pki.load_certificate(ca_pem)
-        # During a CA rotation the previous CA is listed too (a token minted before pins it).
-        trusted = [str(pem) for pem in reply.get("ca_certificates") or []]
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CAMismatchError(
-            f"{base_url(coordinator)} did not send a platform CA; is it a Muster coordinator?"
-        ) from exc
-    for candidate in [ca_pem, *trusted]:
-        try:
-            if pki.fingerprints_match(pin, pki.load_certificate(candidate)):
-                return candidate  # only the pinned CA is trusted: the rest came unauthenticated
-        except ValueError:
-            continue
-    raise CAMismatchError(
-        f"the coordinator's CA ({pki.spki_fingerprint(ca)}) is not the one the roles token "
-        f"pins ({pin}); not sending the token. Check --coordinator-host."
-    )
-
-
 def join(plan: JoinPlan, paths: HostPaths, progress: Progress = lambda _m: None) -> dict[str, Any]:
-    """Run the whole join; on success the key, certificate and CA are in `paths.agent`.
-    Returns the coordinator's join reply. Raises CAMismatchError, CoordinatorUnreachableError,
-    TokenRefusedError, ConflictError (runner id taken), InvalidInputError."""
+    """Run the whole join on one TLS connection; on success the key, certificate and CA are in
+    `paths.agent`. Returns the coordinator's join reply. Raises CAMismatchError,
+    CertificateNameError, UntrustedCertificateError (each before the token is sent),
+    CoordinatorUnreachableError, TokenRefusedError, ConflictError (runner id taken),
+    InvalidInputError."""
     pin = pinned_fingerprint(plan.token, plan.ca_fingerprint)
-    ca_pem = fetch_pinned_ca(plan.coordinator, pin)
-    progress(f"coordinator verified: its CA matches {pin[:23]}...")
+    with PinnedConnection(plan.coordinator) as connection:
+        ca_pem = pinned_ca(connection, pin)
+        connection.trust(lambda der: check_server_certificate(connection.host, der, ca_pem, pin))
+        progress(f"coordinator verified: its CA matches {pin[:23]}...")
+        key, body, server_key = _join_request(plan)
+        reply: dict[str, Any] = connection.request("POST", "/api/v1/agent/join", json=body)
+    save_identity(paths, pki.private_key_to_pem(key), reply["certificate"], reply["ca_certificate"])
+    if server_key is not None and reply.get("server_certificate"):
+        write_private(paths.server_key, pki.private_key_to_pem(server_key))
+        write_private(paths.server_cert, reply["server_certificate"], 0o644)
+        write_private(paths.coordinator_ca, reply["ca_certificate"], 0o644)
+        progress("coordinator identity issued: this host serves the API too")
+    roles = ", ".join(reply["roles"]) or "none"
+    progress(f"identity issued: runner {reply['runner_id']} with roles {roles}")
+    return reply
+
+
+def _join_request(
+    plan: JoinPlan,
+) -> tuple[ec.EllipticCurvePrivateKey, dict[str, Any], ec.EllipticCurvePrivateKey | None]:
+    """The host's new key, the join body (its CSR, the token, the host's facts) and, for the
+    coordinator role, the server key."""
     key = pki.generate_private_key()
     body: dict[str, Any] = {
         "token": plan.token,
@@ -125,51 +116,90 @@ def join(plan: JoinPlan, paths: HostPaths, progress: Progress = lambda _m: None)
         body["api_port"] = plan.api_port
         body["server_csr"] = pki.build_csr(server_key, plan.host_ip)
         body["server_names"] = [n for n in plan.server_names if n]
-    with Client([plan.coordinator], verify=tls_context(ca_pem=ca_pem)) as client:
-        try:
-            reply: dict[str, Any] = client.request("POST", "/api/v1/agent/join", json=body)
-        except UntrustedCertificateError as exc:
-            # A certificate the pinned CA signed that still fails: it names other addresses
-            # than the one dialled.
-            mismatch = name_mismatch(plan.coordinator, ca_pem)
-            if mismatch is not None:
-                raise mismatch from exc
-            # The pinned CA is listed but did not issue the server's certificate: the platform's
-            # CA was rotated around this token's making (docs/rotation.md).
-            raise CAMismatchError(
-                f"the coordinator's certificate is not from the CA the roles token pins ({pin}); "
-                "if the platform CA was rotated since the token was made, pass the current CA's "
-                "--ca-fingerprint (`muster rotate status`) or create a new token"
-            ) from exc
-    save_identity(paths, pki.private_key_to_pem(key), reply["certificate"], reply["ca_certificate"])
-    if server_key is not None and reply.get("server_certificate"):
-        write_private(paths.server_key, pki.private_key_to_pem(server_key))
-        write_private(paths.server_cert, reply["server_certificate"], 0o644)
-        write_private(paths.coordinator_ca, reply["ca_certificate"], 0o644)
-        progress("coordinator identity issued: this host serves the API too")
-    roles = ", ".join(reply["roles"]) or "none"
-    progress(f"identity issued: runner {reply['runner_id']} with roles {roles}")
-    return reply
+    return key, body, server_key
 
 
-def name_mismatch(coordinator: str, ca_pem: str) -> CertificateNameError | None:
-    """What to do when the coordinator's certificate, signed by the platform CA `ca_pem`, does
-    not name `coordinator`: the names it has, and the flags that fix it on either side. None if
-    the certificate cannot be read or the CA did not sign it."""
-    dialled = urlsplit(base_url(coordinator))
-    host, port = dialled.hostname or coordinator, dialled.port or 12443
+def pinned_ca(connection: PinnedConnection, pin: str) -> str:
+    """Fetch the coordinator's CA on `connection` without trusting it yet, and accept it only if
+    it matches the pin. Returns the CA PEM. Raises CAMismatchError or
+    CoordinatorUnreachableError."""
+    response = connection.fetch_unverified("/api/v1/agent/ca")
     try:
-        pem = ssl.get_server_certificate((host, port), timeout=10)  # read, then checked here
-        cert = pki.load_certificate(pem)
-        cert.verify_directly_issued_by(pki.load_certificate(ca_pem))
-    except (OSError, ValueError, TypeError, InvalidSignature):
-        return None
-    names = ", ".join(_certificate_names(cert)) or "no address"
-    return CertificateNameError(
-        f"the coordinator's certificate names {names}, not {host}: join with "
-        "--coordinator-host set to one of those that reaches it from here, or install the "
-        f"coordinator with --host-ip (its address on this network) or --external-hostname {host}"
+        reply = response.json()
+        ca_pem = str(reply["ca_certificate"])
+        ca = pki.load_certificate(ca_pem)
+        # During a CA rotation the previous CA is listed too (a token minted before pins it).
+        trusted = [str(pem) for pem in reply.get("ca_certificates") or []]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CAMismatchError(
+            f"{connection.url} did not send a platform CA; is it a Muster coordinator?"
+        ) from exc
+    for candidate in [ca_pem, *trusted]:
+        try:
+            if pki.fingerprints_match(pin, pki.load_certificate(candidate)):
+                return candidate  # only the pinned CA is trusted: the rest came unauthenticated
+        except ValueError:
+            continue
+    raise CAMismatchError(
+        f"the coordinator's CA ({pki.spki_fingerprint(ca)}) is not the one the roles token "
+        f"pins ({pin}); not sending the token. Check --coordinator-host."
     )
+
+
+def check_server_certificate(host: str, der: bytes, ca_pem: str, pin: str) -> None:
+    """Accept the certificate the coordinator presented only if the pinned CA issued it as a
+    server certificate for `host`, the name or address dialled, valid now
+    (`pki.verify_server_certificate`, cryptography's X.509 verification). Raises
+    CAMismatchError (not from the pinned CA), CertificateNameError (from it, for other names)
+    or UntrustedCertificateError (from it, for this name, yet refused: expired, not for a
+    server)."""
+    ca = pki.load_certificate(ca_pem)
+    try:
+        leaf = x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise UntrustedCertificateError(
+            "the coordinator presented a certificate that cannot be read; not sending the token"
+        ) from exc
+    try:
+        pki.verify_server_certificate(leaf, ca, host)
+    except (VerificationError, ValueError) as exc:
+        raise _refusal(leaf, ca, host, pin, exc) from exc
+
+
+def _refusal(
+    leaf: x509.Certificate, ca: x509.Certificate, host: str, pin: str, reason: Exception
+) -> UntrustedCertificateError | CAMismatchError:
+    """The error, and what fixes it, for a server certificate the verification refused."""
+    if not pki.is_issued_by(leaf, ca):
+        # The pinned CA is listed but did not issue the server's certificate: the platform's
+        # CA was rotated around this token's making (docs/rotation.md), or another server.
+        return CAMismatchError(
+            f"the coordinator's certificate is not from the CA the roles token pins ({pin}); "
+            "if the platform CA was rotated since the token was made, pass the current CA's "
+            "--ca-fingerprint (`muster rotate status`) or create a new token"
+        )
+    if not _names(leaf, host):
+        names = ", ".join(_certificate_names(leaf)) or "no address"
+        return CertificateNameError(
+            f"the coordinator's certificate names {names}, not {host}: join with "
+            "--coordinator-host set to one of those that reaches it from here, or install the "
+            "coordinator with --host-ip (its address on this network) or --external-hostname "
+            f"{host}"
+        )
+    return UntrustedCertificateError(
+        f"the coordinator's certificate is from the pinned CA but is refused ({reason}); "
+        "not sending the token"
+    )
+
+
+def _names(cert: x509.Certificate, host: str) -> bool:
+    """Whether `host` is among the certificate's addresses (to choose the message only: the
+    verification decides)."""
+    names = _certificate_names(cert)
+    try:
+        return str(ipaddress.ip_address(host)) in names
+    except ValueError:
+        return host.lower().rstrip(".") in [n.lower() for n in names]
 
 
 def _certificate_names(cert: x509.Certificate) -> list[str]:

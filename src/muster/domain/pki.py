@@ -19,6 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import PolicyBuilder, Store
 
 from muster.errors import InvalidInputError
 
@@ -113,6 +114,26 @@ def is_issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
+
+
+def verify_server_certificate(
+    leaf: x509.Certificate, ca: x509.Certificate, host: str, now: datetime | None = None
+) -> None:
+    """Check, with cryptography's X.509 verification (its web PKI server policy), that `ca`
+    issued `leaf` as a TLS server certificate for `host` (a DNS name or an IP address, matched
+    against its subjectAltName), valid at `now` (the current time if None), with the serverAuth
+    extended key usage. `ca` is the only trust anchor and no intermediate is accepted: the
+    platform's CAs issue server certificates directly.
+
+    Raises cryptography's `VerificationError`, or ValueError for a host that is neither."""
+    try:
+        subject: x509.DNSName | x509.IPAddress = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        subject = x509.DNSName(host)
+    builder = PolicyBuilder().store(Store([ca]))
+    if now is not None:
+        builder = builder.time(now)
+    builder.build_server_verifier(subject).verify(leaf, [])
 
 
 def subject_alternative_names(cert: x509.Certificate) -> tuple[list[str], list[str]]:
