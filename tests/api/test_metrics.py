@@ -15,6 +15,7 @@ from cryptography import x509
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from muster.api.app import create_app
 from muster.api.metrics import FLEET_MAX_AGE_S, observe_transaction
@@ -119,6 +120,50 @@ def test_requests_are_counted_by_route_template_method_and_status(
     text = client.get(METRICS, auth=installed.readonly).text
     assert "raw-runner-name" not in text
     assert "secret-ish" not in text
+
+
+class CountAtReplyEnd:
+    """The server's side of the app: notes the request count (as a scrape would read it) at
+    the moment the app hands over a reply's last message, the moment a client may have its
+    reply and a worker may be killed."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app: ASGIApp = app
+        self.registry = app.state.metrics
+        self.label = ("", "")  # the route and status of the request under way
+        self.seen: list[float] = []
+
+    def requests(self, route: str, status: str) -> float:
+        labels = {"route": route, "method": "GET", "status": status}
+        return self.registry.get_sample_value("muster_http_requests_total", labels) or 0.0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def watched(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self.seen.append(self.requests(*self.label))
+            await send(message)
+
+        await self.app(scope, receive, watched)
+
+
+def test_a_request_is_counted_before_its_reply_ends(installed: Installed) -> None:
+    """A worker killed -9 once its client has the reply has counted it already."""
+    app = CountAtReplyEnd(create_app(installed.platform, flush_period_s=3600))
+    regional = "/api/v1/regions/ece-region/platform/infrastructure/allocators"
+    cases = [
+        (ALLOCATORS, installed.readonly, (ALLOCATORS, "200")),
+        (ALLOCATORS, None, (ALLOCATORS, "401")),
+        (regional, installed.readonly, (ALLOCATORS, "200")),  # through a copy of the scope
+        (f"{RUNNERS}/gone", installed.readonly, (f"{RUNNERS}/{{runner_id}}", "404")),
+        ("/no/such/path", None, ("unmatched", "404")),
+    ]
+    with TestClient(app, base_url="https://testserver") as client:
+        for path, auth, label in cases:
+            app.label = label
+            before = app.requests(*label)
+            app.seen.clear()
+            response = client.get(path, auth=auth)
+            assert (str(response.status_code), app.seen) == (label[1], [before + 1]), path
 
 
 def test_heartbeats_joins_refusals_and_transactions_move_their_counters(

@@ -157,7 +157,10 @@ def note_route(scope: Scope, route: str) -> None:
 class Telemetry:
     """Outermost, around even the 500 handler: gives the request its id (the client's sane
     X-Request-Id or a new one) for the log lines written while handling it and the reply's
-    X-Request-Id header, and counts it once the reply is sent."""
+    X-Request-Id header, and counts it just before its reply's last message goes to the
+    server. Counted before, not after: a worker killed once the client has its reply has
+    counted it, so a killed worker's counts are whole; one killed between the count and the
+    send counts a reply the client never got, which the client sees (its connection breaks)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -178,14 +181,23 @@ class Telemetry:
         scope[STATE] = state
         reply: list[int | bytes | None] = [None, None]  # status, error code
 
+        def count() -> None:
+            status, code = reply
+            if not state.counted and isinstance(status, int):
+                state.counted = True
+                _count(scope["method"], state.route, status, code, time.perf_counter() - started)
+
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            kind = message["type"]
+            if kind == "http.response.start":
                 headers = list(message.get("headers", ()))
                 if not state.counted:
                     reply[0] = message["status"]
                     reply[1] = next((v for n, v in headers if n == b"x-cloud-error-codes"), None)
                 headers.append(header)
                 message = {**message, "headers": headers}  # never change a cached reply
+            elif kind == "http.response.body" and not message.get("more_body", False):
+                count()
             await send(message)
 
         token = logs.CURRENT.set(context)
@@ -193,9 +205,7 @@ class Telemetry:
             await self.app(scope, receive, send_with_id)
         finally:
             logs.CURRENT.reset(token)
-            status, code = reply
-            if not state.counted and isinstance(status, int):
-                _count(scope["method"], state.route, status, code, time.perf_counter() - started)
+            count()  # a reply begun but never ended (the app failed, the client left)
 
 
 def _count(method: str, route: str | None, status: int, code: object, seconds: float) -> None:
@@ -218,9 +228,11 @@ def _count(method: str, route: str | None, status: int, code: object, seconds: f
 
 class RouteNote:
     """Inside the layers that may hand a copy of the scope on: tells Telemetry the template of
-    the route that took the request. Starlette's router names the route in the scope; a route
-    of a router included under a prefix names its path without it, so `prefixed` gives the
-    prefix of each such router's routes."""
+    the route that took the request, as its reply starts (Telemetry counts the request before
+    the reply's end goes out) and, for a reply the layers outside send after an error, once
+    the app is done. Starlette's router names the route in the scope; a route of a router
+    included under a prefix names its path without it, so `prefixed` gives the prefix of each
+    such router's routes."""
 
     def __init__(self, app: ASGIApp, *, prefixed: dict[str, list[APIRouter]]) -> None:
         self.app = app
@@ -232,14 +244,22 @@ class RouteNote:
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_noting(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self._note(scope)
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_noting)
         finally:
-            route = scope.get("route")
-            state: _RequestState | None = scope.get(STATE)
-            path = getattr(route, "path", None)
-            if state is not None and isinstance(path, str):
-                state.route = self._templates.get(id(route), path)
+            self._note(scope)
+
+    def _note(self, scope: Scope) -> None:
+        route = scope.get("route")
+        state: _RequestState | None = scope.get(STATE)
+        path = getattr(route, "path", None)
+        if state is not None and isinstance(path, str):
+            state.route = self._templates.get(id(route), path)
 
 
 class FleetGauges(Collector):
