@@ -15,6 +15,7 @@ from cryptography import x509
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from muster.api.app import create_app
 from muster.api.metrics import FLEET_MAX_AGE_S, observe_transaction
@@ -119,6 +120,60 @@ def test_requests_are_counted_by_route_template_method_and_status(
     text = client.get(METRICS, auth=installed.readonly).text
     assert "raw-runner-name" not in text
     assert "secret-ish" not in text
+
+
+class ServerSide:
+    """Between the app and the server: as each message of a reply reaches the server, notes
+    how many body bytes the client may then have and the request count a scrape would read."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app: ASGIApp = app
+        self.registry = app.state.metrics
+        self.label = ("", "")  # the route and status of the request under way
+        self.seen: list[tuple[int, float]] = []  # (body bytes sent, count) at each message
+
+    def requests(self, route: str, status: str) -> float:
+        labels = {"route": route, "method": "GET", "status": status}
+        return self.registry.get_sample_value("muster_http_requests_total", labels) or 0.0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sent = 0
+
+        async def watched(message: Message) -> None:
+            nonlocal sent
+            sent += len(message.get("body", b""))
+            self.seen.append((sent, self.requests(*self.label)))
+            await send(message)
+
+        await self.app(scope, receive, watched)
+
+
+def test_a_request_is_counted_before_its_client_has_the_whole_reply(
+    installed: Installed,
+) -> None:
+    """So a worker killed -9 once its client has the reply has counted it already. The body
+    may reach the server before the reply's last message (an empty one, from the
+    `@app.middleware` layer): the count comes before the last byte, not the last message."""
+    app = ServerSide(create_app(installed.platform, flush_period_s=3600))
+    regional = "/api/v1/regions/ece-region/platform/infrastructure/allocators"
+    cases = [
+        (ALLOCATORS, installed.readonly, (ALLOCATORS, "200")),
+        (ALLOCATORS, None, (ALLOCATORS, "401")),
+        (regional, installed.readonly, (ALLOCATORS, "200")),  # through a copy of the scope
+        (f"{RUNNERS}/gone", installed.readonly, (f"{RUNNERS}/{{runner_id}}", "404")),
+        ("/no/such/path", None, ("unmatched", "404")),
+    ]
+    with TestClient(app, base_url="https://testserver") as client:
+        for path, auth, label in cases:
+            app.label = label
+            before = app.requests(*label)
+            app.seen.clear()
+            response = client.get(path, auth=auth)
+            assert str(response.status_code) == label[1], response.text
+            whole = len(response.content)
+            assert whole > 0
+            at_last_byte = next(count for sent, count in app.seen if sent == whole)
+            assert at_last_byte == before + 1, path
 
 
 def test_heartbeats_joins_refusals_and_transactions_move_their_counters(

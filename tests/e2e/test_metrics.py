@@ -105,6 +105,7 @@ def test_a_killed_workers_counts_stay_and_the_supervisor_logs_json(
         for connection in pinned.values():
             connection.close()
     assert coordinator.process is not None
+    # Right after its last reply: a worker counts a request before its reply goes out.
     os.kill(workers[1], signal.SIGKILL)
     coordinator.process.wait_for_output("starting it again")
     replaced = wait_until(

@@ -162,7 +162,10 @@ def note_route(scope: Scope, route: str) -> None:
 class Telemetry:
     """Outermost, around even the 500 handler: gives the request its id (the client's sane
     X-Request-Id or a new one) for the log lines written while handling it and the reply's
-    X-Request-Id header, and counts it once the reply is sent."""
+    X-Request-Id header, and counts it just before the server is handed the reply's last
+    bytes (`_ReplyEnd`). Counted before, not after: a worker killed once its client has the
+    whole reply has counted it, so a killed worker's counts are whole; one killed between the
+    count and the send counts a reply its client never got, whose connection then breaks."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -181,16 +184,27 @@ class Telemetry:
         header = (logs.REQUEST_ID_HEADER, context.request_id.encode())
         state = _RequestState()
         scope[STATE] = state
-        reply: list[int | bytes | None] = [None, None]  # status, error code
+        end: _ReplyEnd | None = None
+
+        def count() -> None:
+            if not state.counted and end is not None:
+                state.counted = True
+                seconds = time.perf_counter() - started
+                _count(scope["method"], state.route, end.status, end.code, seconds)
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            nonlocal end
+            kind = message["type"]
+            if kind == "http.response.start":
                 headers = list(message.get("headers", ()))
                 if not state.counted:
-                    reply[0] = message["status"]
-                    reply[1] = next((v for n, v in headers if n == b"x-cloud-error-codes"), None)
+                    end = _ReplyEnd(scope["method"], message["status"], headers)
+                    if end.left == 0:
+                        count()
                 headers.append(header)
                 message = {**message, "headers": headers}  # never change a cached reply
+            elif kind == "http.response.body" and end is not None and end.ends_with(message):
+                count()
             await send(message)
 
         token = logs.CURRENT.set(context)
@@ -198,9 +212,37 @@ class Telemetry:
             await self.app(scope, receive, send_with_id)
         finally:
             logs.CURRENT.reset(token)
-            status, code = reply
-            if not state.counted and isinstance(status, int):
-                _count(scope["method"], state.route, status, code, time.perf_counter() - started)
+            count()  # a reply begun but never ended (the app failed, the client left)
+
+
+class _ReplyEnd:
+    """Which message of a reply gives its client the reply's last byte: the head when no body
+    follows it (HEAD, 1xx, 204, 304), the body message that completes its Content-Length (a
+    layer such as Starlette's BaseHTTPMiddleware sends the whole body and only then an empty
+    last message), else, chunked, the last message (it sends the closing chunk)."""
+
+    __slots__ = ("code", "left", "status")
+
+    def __init__(self, method: str, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.code: bytes | None = None  # x-cloud-error-codes
+        self.left: int | None = None  # body bytes the client still waits for; None: chunked
+        for name, value in headers:
+            if name == b"x-cloud-error-codes" and self.code is None:
+                self.code = value
+            elif name == b"content-length" and value.isdigit():
+                self.left = int(value)
+        if method == "HEAD" or status < 200 or status in (204, 304):
+            self.left = 0
+
+    def ends_with(self, message: Message) -> bool:
+        """Whether `message`, a body message about to be sent, holds the reply's last byte."""
+        if not message.get("more_body", False):
+            return True
+        if self.left is None:
+            return False
+        self.left -= len(message.get("body", b""))
+        return self.left <= 0
 
 
 def _count(method: str, route: str | None, status: int, code: object, seconds: float) -> None:
@@ -223,9 +265,11 @@ def _count(method: str, route: str | None, status: int, code: object, seconds: f
 
 class RouteNote:
     """Inside the layers that may hand a copy of the scope on: tells Telemetry the template of
-    the route that took the request. Starlette's router names the route in the scope; a route
-    of a router included under a prefix names its path without it, so `prefixed` gives the
-    prefix of each such router's routes."""
+    the route that took the request, as its reply starts (Telemetry counts the request before
+    the reply's last bytes go out) and, for a reply the layers outside send after an error,
+    once the app is done. Starlette's router names the route in the scope; a route of a router
+    included under a prefix names its path without it, so `prefixed` gives the prefix of each
+    such router's routes."""
 
     def __init__(self, app: ASGIApp, *, prefixed: dict[str, list[APIRouter]]) -> None:
         self.app = app
@@ -237,14 +281,22 @@ class RouteNote:
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_noting(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self._note(scope)
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_noting)
         finally:
-            route = scope.get("route")
-            state: _RequestState | None = scope.get(STATE)
-            path = getattr(route, "path", None)
-            if state is not None and isinstance(path, str):
-                state.route = self._templates.get(id(route), path)
+            self._note(scope)
+
+    def _note(self, scope: Scope) -> None:
+        route = scope.get("route")
+        state: _RequestState | None = scope.get(STATE)
+        path = getattr(route, "path", None)
+        if state is not None and isinstance(path, str):
+            state.route = self._templates.get(id(route), path)
 
 
 class FleetGauges(Collector):
