@@ -213,6 +213,22 @@ class Client:
 
     # -- a proxy host's calls ----------------------------------------------------------------
 
+    def fetch_instances(self, version: int | None = None, wait_s: float = 0.0) -> dict[str, Any]:
+        """This host's desired instances (GET /api/v1/agent/instances): at once without
+        `version` or when the host's version is not `version`, else when it changes or after
+        `wait_s` seconds (the long poll, 0-30). Raises as `request`."""
+        if version is None:
+            reply: dict[str, Any] = self.request("GET", "/api/v1/agent/instances")
+            return reply
+        # The connection may stay silent for the whole wait: the timeout covers it.
+        reply = self.request(
+            "GET",
+            "/api/v1/agent/instances",
+            params={"version": version, "wait_s": wait_s},
+            timeout_s=wait_s + 15.0,
+        )
+        return reply
+
     def fetch_routes(self, version: str | None = None, wait_s: float = 0.0) -> dict[str, Any]:
         """The routing table (GET /api/v1/agent/routes): at once if its version is not
         `version`, else when it changes or after `wait_s` seconds (the long poll, 0-30).

@@ -1,15 +1,18 @@
 """The agent's instance keeper on the real Docker Engine: nothing is touched before the host
 knows what it should run (a restart while no coordinator answers keeps every container), then
 the engine is made to match what the coordinator sends, and a newer version is fetched when a
-heartbeat reply offers it; an engine that does not answer is said once and reported."""
+heartbeat reply offers it, or a long poll answers with it; an engine that does not answer is
+said once and reported."""
 
 from __future__ import annotations
 
 import secrets
+import threading
+import time
 from dataclasses import replace
 from typing import Any
 
-from muster.agent.instances_loop import InstanceKeeper
+from muster.agent.instances_loop import POLL_WAIT_S, InstanceKeeper
 from muster.agent.runtime import Runtime
 from muster.clock import FakeClock
 from muster.errors import CoordinatorUnreachableError
@@ -27,20 +30,40 @@ make_runtime = test_runtime.make_runtime
 
 
 class Coordinator:
-    """What GET /api/v1/agent/instances answers: the version and instances set here, or
-    unreachable."""
+    """What GET /api/v1/agent/instances answers: the version and instances set here (`set`
+    answers the long polls waiting), or unreachable. Records each request's (version,
+    wait_s)."""
 
     def __init__(self) -> None:
         self.reachable = False
         self.version = 0
         self.instances: list[dict[str, Any]] = []
         self.fetches = 0
+        self.asked: list[tuple[int | None, float]] = []
+        self._changed = threading.Condition()
 
-    def fetch(self) -> dict[str, Any]:
+    def set(self, version: int, instances: list[dict[str, Any]]) -> None:
+        with self._changed:
+            self.version, self.instances = version, instances
+            self._changed.notify_all()
+
+    def fetch(self, version: int | None = None, wait_s: float = 0.0) -> dict[str, Any]:
         self.fetches += 1
+        self.asked.append((version, wait_s))
         if not self.reachable:
             raise CoordinatorUnreachableError("no coordinator answers")
-        return {"instances_version": self.version, "instances": self.instances}
+        with self._changed:
+            if version is not None:
+                self._changed.wait_for(lambda: self.version != version, timeout=wait_s)
+            return {"instances_version": self.version, "instances": self.instances}
+
+
+def eventually(check: Any, what: str) -> None:
+    """Wait (60 s at most) until check() holds."""
+    deadline = time.monotonic() + 60
+    while not check():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.05)
 
 
 def as_json(instance: Any) -> dict[str, Any]:
@@ -142,3 +165,32 @@ def test_a_change_of_state_asks_for_a_heartbeat_and_a_starting_service_is_checke
     keeper.step()  # removed: a change again, and nothing left to wait for
     assert len(changes) == 2
     assert keeper.next_wait_s == 2.0
+
+
+def test_the_long_poll_brings_a_new_version_without_a_heartbeat(
+    engine: Any, image: str, make_runtime: Any, runner_id: str
+) -> None:
+    coordinator = Coordinator()
+    coordinator.reachable, coordinator.version = True, 1
+    events: list[str] = []
+    # The period is an hour: only the long poll can bring the new version in this test.
+    keeper = InstanceKeeper(
+        make_runtime(), coordinator.fetch, period_s=3600, on_event=events.append
+    )
+    keeper.start()
+    try:
+        eventually(lambda: (1, POLL_WAIT_S) in coordinator.asked, "a long poll with version 1")
+        wanted = spec(image, secrets.token_hex(4))
+        coordinator.set(2, [as_json(wanted)])  # no heartbeat offers it
+        eventually(lambda: keeper.report_fields()[0] != [], "the new instance started")
+        [state] = keeper.report_fields()[0]
+        assert (state["instance_name"], state["container_started"]) == (
+            wanted.instance_name,
+            True,
+        )
+        assert [c.name for c in owned(engine, runner_id)] != []
+        eventually(lambda: (2, POLL_WAIT_S) in coordinator.asked, "a long poll with version 2")
+        assert "instances version 2: 1 of 1 instance(s) started" in events
+    finally:
+        coordinator.set(3, [])  # the parked poll returns; the keeper stops
+        keeper.stop()

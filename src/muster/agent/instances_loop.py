@@ -1,12 +1,14 @@
-"""An allocator host's instances, kept beside its heartbeats: fetch the desired instances when the
-coordinator's version moves, make the Docker Engine match (`Runtime.reconcile`, which can take
-minutes: a thread of its own, so heartbeats never wait), and hold the latest states and the
-engine's health for the next heartbeat to report."""
+"""An allocator host's instances, kept beside its heartbeats: learn that the coordinator's
+desired-instances version moved from a long poll held open on it (the heartbeat reply's version
+is the fallback), fetch the desired instances, make the Docker Engine match
+(`Runtime.reconcile`, which can take minutes: a thread of its own, so heartbeats never wait),
+and hold the latest states and the engine's health for the next heartbeat to report."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,21 +26,29 @@ MAX_ERROR = 1024
 # starts listening is reported within about a second, and one that never does costs a few
 # rounds after each change, then rounds at the period.
 FIRST_RECHECK_S = 0.25
+POLL_WAIT_S = 25.0  # the long poll's wait; the coordinator bounds it at 30 s
+POLL_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # after 1, 2, ... failed polls in a row
+# A poll answered at once with the version this host holds (a coordinator that does not hold
+# the poll, or whose memory is a moment behind the store): the next one comes after this.
+SAME_AT_ONCE_S = 2.0
 
 
 class InstanceKeeper:
-    """Keeps this host's instances as the coordinator wants them. `fetch()` returns the reply of
-    GET /api/v1/agent/instances (raising MusterError or OSError when it cannot).
+    """Keeps this host's instances as the coordinator wants them. `fetch(version, wait_s)`
+    returns the reply of GET /api/v1/agent/instances (raising MusterError or OSError when it
+    cannot): at once for version None, else held until the host's version is not `version` or
+    `wait_s` passed.
 
     Until the first fetch succeeds nothing is reconciled: a host that restarts while no
     coordinator answers keeps every container it runs, and adopts them once it learns what it
-    should run. `offer_version` (from each heartbeat reply) wakes the loop when the version it
-    holds is not the coordinator's."""
+    should run. A thread of its own long-polls with the newest version it knows and hands each
+    new reply to the keeping thread; `offer_version` (from each heartbeat reply) is the
+    fallback, and wakes both when the version it holds is not the coordinator's."""
 
     def __init__(
         self,
         runtime: Runtime,
-        fetch: Callable[[], Any],
+        fetch: Callable[[int | None, float], Any],
         *,
         period_s: float = 10.0,
         on_event: Callable[[str], None] | None = None,
@@ -58,12 +68,17 @@ class InstanceKeeper:
         self._wanted: int | None = None  # the coordinator's version, from the last reply
         self._held: int | None = None  # the version of `_desired`
         self._desired: list[InstanceSpec] | None = None
+        # A long poll's reply not yet taken by the keeping thread: (version, instances).
+        self._pending: tuple[int, list[InstanceSpec]] | None = None
+        self._polled: int | None = None  # the version of the last long poll's reply
+        self._poll_wake = threading.Event()  # the poll thread: a heartbeat saw another version
         self._states: list[dict[str, Any]] = []
         self._docker: bool | None = None  # None: not checked yet
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._poll_thread: threading.Thread | None = None
 
     # -- beside the heartbeat --------------------------------------------------------------------
 
@@ -71,6 +86,7 @@ class InstanceKeeper:
         if isinstance(version, int) and version != self._held:
             self._wanted = version
             self._wake.set()
+            self._poll_wake.set()  # a coordinator answers: a backing-off poll asks again now
 
     def report_fields(self) -> tuple[list[dict[str, Any]], bool | None]:
         """(instance states, Docker answering or None before the first check) for the next
@@ -84,17 +100,48 @@ class InstanceKeeper:
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="instances", daemon=True)
         self._thread.start()
+        self._poll_thread = threading.Thread(target=self._poll, name="instances-poll", daemon=True)
+        self._poll_thread.start()
 
     def stop(self) -> None:
         """Stop keeping; the containers keep running (a restarted agent adopts them)."""
         self._stop.set()
         self._wake.set()
+        self._poll_wake.set()
+        # The poll thread may sit in a long poll: its daemon thread is not waited for.
+        self._poll_thread = None
         if self._thread is not None:
             # A reconcile may be stopping a container (10 s): the daemon thread is not waited
             # for longer, and the engine finishes what it was asked.
             self._thread.join(timeout=10)
             self._thread = None
         self.runtime.close()
+
+    def _poll(self) -> None:
+        """The poll thread: hold a long poll open with the newest version known, and hand a
+        reply of another version to the keeping thread; back off while no coordinator answers."""
+        failures = 0
+        while not self._stop.is_set():
+            known = self._polled if self._polled is not None else self._held
+            asked_at = time.monotonic()
+            try:
+                version, desired = _desired(self._fetch(known, POLL_WAIT_S))
+            except (MusterError, OSError, KeyError, TypeError, ValueError):
+                # Said by the keeping thread's own fetch, which fails alike.
+                failures += 1
+                self._poll_wake.wait(POLL_BACKOFF_S[min(failures, len(POLL_BACKOFF_S)) - 1])
+                self._poll_wake.clear()
+                continue
+            failures = 0
+            self._poll_wake.clear()
+            self._polled = version
+            if version != known:
+                with self._lock:
+                    self._pending = (version, desired)
+                self._wake.set()
+            elif time.monotonic() - asked_at < 1.0:
+                self._poll_wake.wait(SAME_AT_ONCE_S)
+                self._poll_wake.clear()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -126,6 +173,10 @@ class InstanceKeeper:
     def step(self) -> None:
         """One round: fetch the desired instances if their version moved (or never came), check
         the engine, reconcile, keep the states."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None and pending[0] != self._held:
+            self._held, self._desired = pending
         if self._desired is None or (self._wanted is not None and self._wanted != self._held):
             self._refresh_desired()
         healthy, why = self.runtime.health()
@@ -151,9 +202,7 @@ class InstanceKeeper:
 
     def _refresh_desired(self) -> None:
         try:
-            reply = self._fetch()
-            version = int(reply["instances_version"])
-            desired = [spec for item in reply["instances"] if (spec := _spec(item)) is not None]
+            version, desired = _desired(self._fetch(None, 0.0))
         except (MusterError, OSError, KeyError, TypeError, ValueError) as exc:
             if not self._fetch_failing:  # said once, not at every retry
                 reason = exc.message if isinstance(exc, MusterError) else type(exc).__name__
@@ -162,6 +211,12 @@ class InstanceKeeper:
             return
         self._fetch_failing = False
         self._desired, self._held = desired, version
+
+
+def _desired(reply: Any) -> tuple[int, list[InstanceSpec]]:
+    """(version, instances) of a reply. Raises KeyError, TypeError, ValueError."""
+    version = int(reply["instances_version"])
+    return version, [spec for item in reply["instances"] if (spec := _spec(item)) is not None]
 
 
 def _spec(item: dict[str, Any]) -> InstanceSpec | None:

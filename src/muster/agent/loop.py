@@ -89,7 +89,6 @@ class Agent:
             keep_instances = "allocator" in settings.get("roles", ())
         self.keep_instances = keep_instances
         self.instances: InstanceKeeper | None = None
-        self._instances_client: Client | None = None
         # A proxy host runs HAProxy on its proxy ports (host.json's, from `muster install
         # --proxy-http-port/--proxy-https-port`), its files under the storage path.
         if keep_proxy is None:
@@ -100,7 +99,7 @@ class Agent:
             int(settings.get("proxy_https_port", PROXY_HTTPS_PORT)),
         )
         self.proxy: ProxyKeeper | None = None
-        self._proxy_clients: dict[str, Client] = {}
+        self._clients: dict[str, Client] = {}  # by purpose: the keepers' threads' connections
 
     def _connect(self) -> Client:
         if self._client is None:
@@ -138,42 +137,39 @@ class Agent:
             self.proxy.offer_version(str(version) if version is not None else None)
         return reply
 
-    def _fetch_instances(self) -> Any:
-        """This host's desired instances (the instances thread's own connection)."""
-        if self._instances_client is None:
-            self._instances_client = Client(
-                self.coordinators, verify=client_context(self.paths), timeout_s=30.0
-            )
-        try:
-            return self._instances_client.request("GET", "/api/v1/agent/instances")
-        except (MusterError, OSError):
-            self._instances_client.close()  # the next try connects anew (a renewed certificate)
-            self._instances_client = None
-            raise
+    def _fetch_instances(self, version: int | None, wait_s: float) -> dict[str, Any]:
+        """This host's desired instances: at once (the instances thread's fetch, on its own
+        connection) or a long poll (the poll thread's, any `wait_s`, on another)."""
+        purpose = "instances-poll" if wait_s > 0 else "instances"
+        reply: dict[str, Any] = self._on_client(
+            purpose, lambda client: client.fetch_instances(version, wait_s)
+        )
+        return reply
 
-    def _on_proxy_client(self, purpose: str, call: Callable[[Client], dict[str, Any]]) -> Any:
-        """`call` on a connection of its own per purpose (the long poll holds its connection
-        for up to half a minute, and each runs in a thread of the ProxyKeeper's)."""
-        client = self._proxy_clients.get(purpose)
+    def _on_client(self, purpose: str, call: Callable[[Client], dict[str, Any]]) -> Any:
+        """`call` on a connection of its own per purpose (a long poll holds its connection for
+        up to half a minute, and each runs in a thread of the InstanceKeeper's or the
+        ProxyKeeper's)."""
+        client = self._clients.get(purpose)
         if client is None:
-            client = self._proxy_clients[purpose] = Client(
+            client = self._clients[purpose] = Client(
                 self.coordinators, verify=client_context(self.paths), timeout_s=30.0
             )
         try:
             return call(client)
         except (MusterError, OSError):
             client.close()  # the next try connects anew (a renewed certificate, a failover)
-            self._proxy_clients.pop(purpose, None)
+            self._clients.pop(purpose, None)
             raise
 
     def _fetch_routes(self, version: str | None, wait_s: float) -> dict[str, Any]:
-        reply: dict[str, Any] = self._on_proxy_client(
+        reply: dict[str, Any] = self._on_client(
             "routes", lambda client: client.fetch_routes(version, wait_s)
         )
         return reply
 
     def _fetch_proxy_certificate(self) -> dict[str, Any]:
-        reply: dict[str, Any] = self._on_proxy_client(
+        reply: dict[str, Any] = self._on_client(
             "certificate", lambda client: client.fetch_proxy_certificate()
         )
         return reply
@@ -314,15 +310,12 @@ class Agent:
         if self.instances is not None:
             self.instances.stop()  # the containers keep running
             self.instances = None
-        if self._instances_client is not None:
-            self._instances_client.close()
-            self._instances_client = None
         if self.proxy is not None:
             self.proxy.stop()  # haproxy stops with its agent
             self.proxy = None
-        for client in list(self._proxy_clients.values()):
+        for client in list(self._clients.values()):
             client.close()
-        self._proxy_clients.clear()
+        self._clients.clear()
         self._reset_client()
 
     def beat_soon(self) -> None:

@@ -1,27 +1,41 @@
 """What each allocator host should run: its desired-instances version, kept in memory for the
 heartbeat reply by one background thread, and the instances themselves, which the host fetches
-when the version it holds is no longer the one its heartbeat reply carries."""
+when the version it holds is no longer the one its heartbeat reply carries, or when its long
+poll (`InstanceVersions.wait`) answers that its version moved."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 from muster.domain.platform import Platform
+from muster.domain.waiters import Waiters
 
 log = logging.getLogger(__name__)
+
+MAX_WAIT_S = 30.0  # the longest an allocator's long poll is held
 
 
 class InstanceVersions:
     """allocator id -> desired-instances version (`allocators.instances_version`), as of the
     last `refresh` (by the identities' Refresher thread, with the runner snapshot). Heartbeats
-    read it without a store call: `version` is one dict lookup."""
+    read it without a store call: `version` is one dict lookup.
+
+    An allocator's long poll (`wait`) parks a future on its event loop under its own id; a
+    refresh wakes only the waiters whose allocator's version moved, so thousands of waiting
+    hosts cost a dict lookup each per refresh, and a placement wakes the hosts it placed on."""
 
     def __init__(self, platform: Platform, period_s: float = 1.0) -> None:
         self.platform = platform
         self.period_s = period_s
         self._versions: dict[str, int] = {}
+        self._refreshed = False
+        # One refresh at a time: each wakes for the moves since the one before it.
+        self._refreshing = threading.Lock()
+        self._waiters: Waiters[str] = Waiters()
 
     def version(self, runner_id: str) -> int:
         return self._versions.get(runner_id, 0)
@@ -30,11 +44,34 @@ class InstanceVersions:
         """How many allocators the last refresh read."""
         return len(self._versions)
 
+    def waiting(self) -> int:
+        """How many allocators have a long poll parked here."""
+        return len(self._waiters)
+
     def refresh(self) -> None:
-        """Read every allocator's version in one query of one column. Raises StoreError."""
-        with self.platform.store.read() as tx:
-            rows = tx.list_allocator_columns(["instances_version"])
-        self._versions = {aid: int(version) for aid, version in rows}  # swapped whole
+        """Read every allocator's version in one query of one column, and wake the long polls
+        of the allocators whose version moved. Raises StoreError."""
+        with self._refreshing:
+            with self.platform.store.read() as tx:
+                rows = tx.list_allocator_columns(["instances_version"])
+            versions = {aid: int(version) for aid, version in rows}
+            before, self._versions = self._versions, versions  # swapped whole
+            self._refreshed = True
+            self._waiters.wake(lambda aid: versions.get(aid, 0) != before.get(aid, 0))
+
+    async def wait(self, runner_id: str, version: int, timeout_s: float) -> None:
+        """Return once the allocator's version is not `version` (at once if it is not now),
+        else after `timeout_s` (0 to MAX_WAIT_S). Before the first refresh this process reads
+        the versions itself (in a worker thread). Raises StoreError from that read."""
+        if not self._refreshed:
+            await asyncio.to_thread(self.refresh)
+        if timeout_s <= 0:
+            return
+        await self._waiters.wait(
+            runner_id,
+            lambda: self._versions.get(runner_id, 0) != version,
+            min(timeout_s, MAX_WAIT_S),
+        )
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ event loop, not in a thread each."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import threading
@@ -22,6 +21,7 @@ from muster.domain import networking, proxy_tls
 from muster.domain.models import DeploymentRecord, InstanceRecord
 from muster.domain.platform import Platform
 from muster.domain.store import Transaction
+from muster.domain.waiters import Waiters
 
 PROXY_ROLE = "proxy"
 MAX_WAIT_S = 30.0
@@ -137,7 +137,7 @@ class Routes:
         self.platform = platform
         self._table: RoutingTable | None = None
         self._proxies: frozenset[str] = frozenset()
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._waiters: Waiters[None] = Waiters()  # the proxies' long polls, all on one key
         self._lock = threading.Lock()
         # One refresh at a time (the refresher's thread, and the liveness flusher's after it
         # wrote instance states): an older read never replaces a newer table.
@@ -179,11 +179,7 @@ class Routes:
             self._history.move_to_end(table.version)
             while len(self._history) > HISTORY:
                 self._history.popitem(last=False)
-            waiters, self._waiters = self._waiters, []
-        for loop, future in waiters:
-            # RuntimeError: that loop has closed, nobody waits there any more.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_wake, future)
+        self._waiters.wake(lambda _key: True)
 
     def routes_to(self, version: str | None, deployment_id: str, instance_name: str) -> bool:
         """Whether the table of `version` (one of the last HISTORY this process held) sends
@@ -221,23 +217,10 @@ class Routes:
                 raise RuntimeError("no routing table after a refresh")
         if version is None or version != table.version or timeout_s <= 0:
             return table
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        with self._lock:
+
+        def changed() -> bool:
             current = self._table
-            if current is not None and current.version != version:
-                return current
-            self._waiters.append((loop, future))
-        try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(future, min(timeout_s, MAX_WAIT_S))
-        finally:
-            with self._lock:
-                if (loop, future) in self._waiters:
-                    self._waiters.remove((loop, future))
+            return current is not None and current.version != version
+
+        await self._waiters.wait(None, changed, min(timeout_s, MAX_WAIT_S))
         return self._table or table
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

@@ -9,6 +9,7 @@ raise the refusals it met (`REFUSED`), and document the operations.
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from muster.api.auth import platform_of, require_runner, source_of
 from muster.api.routes import errors
@@ -136,16 +137,30 @@ async def heartbeat(
     "/instances",
     operation_id="get-desired-instances",
     response_model=DesiredInstancesReply,
-    responses=errors(401),
+    responses=errors(400, 401),
 )
-def get_desired_instances(
-    request: Request, runner: Principal = Depends(require_runner)
+async def get_desired_instances(
+    request: Request,
+    version: int | None = Query(
+        None, ge=0, description="The version the host holds: wait for another"
+    ),
+    wait_s: float = Query(
+        0.0, ge=0, le=desired.MAX_WAIT_S, description="Seconds to wait for a change (long poll)"
+    ),
+    runner: Principal = Depends(require_runner),
 ) -> DesiredInstancesReply:
-    """The instances the calling host should run, and their version. Bound to the runner its
-    certificate names: a host never reads another's instances."""
-    version, instances = desired.desired_instances(platform_of(request), runner.name)
+    """The instances the calling host should run, and their version: at once without
+    `version`, or when the host's version is not `version`, else when it changes or after
+    `wait_s` seconds (the same version then). Bound to the runner its certificate names: a host
+    never reads another's instances, nor waits on another's version."""
+    if version is not None:
+        versions: InstanceVersions = request.app.state.instance_versions
+        await versions.wait(runner.name, version, wait_s)
+    found, instances = await run_in_threadpool(
+        desired.desired_instances, platform_of(request), runner.name
+    )
     return DesiredInstancesReply.model_validate(
-        {"instances_version": version, "instances": [i.to_json() for i in instances]}
+        {"instances_version": found, "instances": [i.to_json() for i in instances]}
     )
 
 
