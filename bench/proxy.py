@@ -434,12 +434,14 @@ def main(argv: list[str] | None = None) -> int:
         proxy_pgid = int((Path(folder) / "proxy" / "haproxy.pid").read_text().split()[0])
         placements = ["shared", "pinned"] if args.placement == "both" else [args.placement]
         summaries: list[tuple[str, Result, Result]] = []
+        own_cores = os.sched_getaffinity(0)
         try:
             for placement in placements:
                 print(pin(placement, backend.pid, proxy_pgid))
                 results = run_rounds(args, routes, keeper, backend.pid, backend_port, proxy_port)
                 summaries.append((placement, _median(results["direct"]), _median(results["proxy"])))
         finally:
+            os.sched_setaffinity(0, own_cores)
             keeper.stop()
             backend.terminate()
             backend.wait()

@@ -46,7 +46,9 @@ class ProxyKeeper:
     OSError when they cannot. Until the first table arrives haproxy does not start; while the
     coordinator is away the last table keeps being served. The https frontend binds once a
     certificate is held. A configuration haproxy refuses never replaces the running one: the
-    old one keeps serving and `report().error` says why."""
+    old one keeps serving and `report().error` says why. Servers coming, going or moving in the
+    deployments already served are changed through the worker's CLI, without a reload
+    (`_apply_runtime`); any other change, or a runtime command that fails, reloads."""
 
     def __init__(
         self,
@@ -91,6 +93,7 @@ class ProxyKeeper:
         self._served_config: str | None = None
         self._listen: Listen | None = None  # of the last rendering
         self._parked: set[str] = set()  # `backend/server` in maintenance, deleted when idle
+        self._partial = False  # a runtime change failed midway: the worker differs from the file
         self._rejected_config: str | None = None
         self._rejected_at = 0.0
         self._certificate: tuple[str, Path] | None = None  # (fingerprint, PEM file)
@@ -248,6 +251,7 @@ class ProxyKeeper:
             self._haproxy.apply_runtime(commands, table)
             write_atomically(self._haproxy.config, config, 0o600)
         except (HaproxyError, OSError) as exc:
+            self._partial = True
             self._on_event(
                 f"proxy: routing table {table.version} not taken at runtime ({exc}); reloading"
             )
@@ -315,6 +319,7 @@ class ProxyKeeper:
             self._haproxy.check(candidate)
         except (HaproxyError, OSError) as exc:
             self._reject(config, f"routing table {table.version} not served: {exc}")
+            self._undo_partial()
             return
         candidate.replace(self._haproxy.config)
         try:
@@ -330,10 +335,12 @@ class ProxyKeeper:
                 write_atomically(self._haproxy.config, self._served_config, 0o600)
             verb = "reload" if reload else "start"
             self._reject(config, f"could not {verb} haproxy on table {table.version}: {exc}")
+            self._undo_partial()
             return
         self._served_config = config
         self._rejected_config = None
         self._parked.clear()  # a new worker holds only the configuration's servers
+        self._partial = False
         with self._lock:
             self._served = table
             self._error = self._certificate_error  # a certificate still missing stays said
@@ -343,6 +350,19 @@ class ProxyKeeper:
             f"proxy: serving routing table {table.version}: {len(table.routes)} deployment(s),"
             f" {table.backend_count} backend(s){https}"
         )
+
+    def _undo_partial(self) -> None:
+        """After a runtime change failed midway and its table was refused too, reload what is
+        served (haproxy.cfg), so the worker holds what the file says again."""
+        if not self._partial or not self._haproxy.is_running():
+            return
+        try:
+            self._haproxy.reload()
+        except (HaproxyError, OSError) as exc:
+            self._set_error(f"could not reload haproxy on the served table: {exc}")
+            return
+        self._partial = False
+        self._parked.clear()
 
     def _reject(self, config: str, error: str) -> None:
         """Keep serving the last good configuration; try this one again after a while (what
