@@ -464,6 +464,12 @@ def test_servers_coming_and_going_are_taken_at_runtime_and_written_for_a_reload(
     assert proxy.get(f"{A}.{DOMAIN}").status == 503  # a1 stopped, a0 left
     assert worker_pid(proxy.state_dir) == worker  # no reload
     assert sum("at runtime" in e for e in proxy.events) == 2
+    # The server that left, in maintenance at once, is deleted once it holds no connection.
+    wait_until(
+        lambda: a0.name not in cli(proxy.state_dir, f"show servers state d-{A}"),
+        timeout_s=10,
+        what="the server that left deleted",
+    )
 
     # The configuration on disk holds what the worker holds: a reload serves the same.
     assert configured_servers(proxy.state_dir) == [

@@ -500,13 +500,6 @@ class Haproxy:
         answer = self._worker_command(f"del server {name}")
         return answer.strip().startswith(("Server deleted", "No such server"))
 
-    def worker_pid(self) -> int | None:
-        """The current worker's pid as its own CLI says (`show info`)."""
-        for line in self._worker_command("show info").splitlines():
-            if line.startswith("Pid:"):
-                return int(line.split(":", 1)[1])
-        return None
-
     def _servers_state(self, backend: str) -> dict[str, tuple[str, str, int]]:
         """name -> (address, port, admin state bits) of each server of `backend`."""
         servers = {}
