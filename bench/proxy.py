@@ -9,12 +9,19 @@ threads on kept-alive connections; said in the output). The instance is a small 
 HTTP/1.1 server with kept-alive connections (a subprocess), or with `--backend busybox`
 busybox's httpd (Debian's busybox-static: a process per connection, so one TCP connection per
 request, and a listen backlog of 9 that overflows when haproxy opens connections in bursts).
+
+`--placement`: `shared` lets every process run on every core (on a small machine the load
+generator, haproxy and the instance then compete for the same cores, which a deployment with
+proxies on hosts of their own does not see); `pinned` puts the instance alone on one core and
+the load generator and haproxy on the others, so that direct and proxied runs are both bounded
+by the instance's core; `both` (the default) measures one then the other.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -355,6 +362,31 @@ def reload_during(
             time.sleep(0.02)
 
 
+def pin(placement: str, backend_pid: int, proxy_pgid: int) -> str:
+    """Set the CPU affinity of the instance, of haproxy's processes (a reload's new worker
+    inherits the master's) and of this thread (the load generator, started from it, inherits
+    it). Returns what was set, for the output."""
+    cores = sorted(os.sched_getaffinity(0) | os.sched_getaffinity(backend_pid))
+    if placement == "shared":
+        front, back = set(cores), set(cores)
+    elif len(cores) < 2:
+        raise SystemExit("--placement pinned needs two cores")
+    else:
+        front, back = set(cores[:-1]), {cores[-1]}
+    os.sched_setaffinity(backend_pid, back)
+    for pid in process_group(proxy_pgid):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(pid, front)
+    os.sched_setaffinity(0, front)
+    if placement == "shared":
+        return f"shared: every process on cores {_cores(front)}"
+    return f"pinned: instance on core {_cores(back)}, load generator and haproxy on {_cores(front)}"
+
+
+def _cores(cores: set[int]) -> str:
+    return ",".join(str(core) for core in sorted(cores))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.proxy", description=__doc__)
     parser.add_argument("--backend", choices=["python", "busybox"], default="python")
@@ -368,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         metavar="S",
         help="during the proxy runs, a new routing table (a reload) every S seconds",
+    )
+    parser.add_argument(
+        "--placement",
+        choices=["shared", "pinned", "both"],
+        default="both",
+        help="which cores the processes run on (see above)",
     )
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--load", help=argparse.SUPPRESS)
@@ -394,43 +432,72 @@ def main(argv: list[str] | None = None) -> int:
         routes = Routes(backend_port)
         keeper, proxy_port = start_proxy(Path(folder) / "proxy", routes)
         proxy_pgid = int((Path(folder) / "proxy" / "haproxy.pid").read_text().split()[0])
-        results: dict[str, list[Result]] = {"direct": [], "proxy": []}
+        placements = ["shared", "pinned"] if args.placement == "both" else [args.placement]
+        summaries: list[tuple[str, Result, Result]] = []
+        own_cores = os.sched_getaffinity(0)
         try:
-            for _ in range(args.rounds):
-                for kind, port in (("direct", backend_port), ("proxy", proxy_port)):
-                    url = f"http://127.0.0.1:{port}/"
-                    pgid = proxy_pgid if kind == "proxy" else None
-                    stop = threading.Event()
-                    reloader = threading.Thread(
-                        target=reload_during, args=(routes, keeper, args.reload_every, stop)
-                    )
-                    if kind == "proxy" and args.reload_every:
-                        reloader.start()
-                    published = routes.published
-                    try:
-                        result = measure(url, args, backend.pid, pgid)
-                    finally:
-                        stop.set()
-                        if reloader.is_alive():
-                            reloader.join()
-                    results[kind].append(result)
-                    reloads = routes.published - published
-                    print(_line(kind, result) + (f", {reloads} reloads" if reloads else ""))
+            for placement in placements:
+                print(pin(placement, backend.pid, proxy_pgid))
+                results = run_rounds(args, routes, keeper, backend.pid, backend_port, proxy_port)
+                summaries.append((placement, _median(results["direct"]), _median(results["proxy"])))
         finally:
+            os.sched_setaffinity(0, own_cores)
             keeper.stop()
             backend.terminate()
             backend.wait()
-    print()
-    direct, proxied = (_median(results[k]) for k in ("direct", "proxy"))
-    print(_line("direct (median)", direct))
-    print(_line("proxy (median)", proxied))
-    print(
-        f"through the proxy: {proxied.rate / direct.rate:.1%} of direct throughput,"
-        f" p50 {proxied.p50_ms - direct.p50_ms:+.3f} ms,"
-        f" p99 {proxied.p99_ms - direct.p99_ms:+.3f} ms,"
-        f" haproxy {proxied.proxy_cpu_s / max(proxied.requests, 1) * 1e6:.1f} us CPU a request"
-    )
+    for placement, direct, proxied in summaries:
+        print()
+        print(_line(f"{placement} direct", direct))
+        print(_line(f"{placement} proxy", proxied))
+        print(
+            f"{placement}: through the proxy {proxied.rate / direct.rate:.1%} of direct"
+            f" throughput, p50 {proxied.p50_ms - direct.p50_ms:+.3f} ms,"
+            f" p99 {proxied.p99_ms - direct.p99_ms:+.3f} ms; CPU a request (us):"
+            f" instance {_per_request(direct.server_cpu_s, direct)} direct,"
+            f" {_per_request(proxied.server_cpu_s, proxied)} proxied; load generator"
+            f" {_per_request(direct.loadgen_cpu_s, direct)} direct,"
+            f" {_per_request(proxied.loadgen_cpu_s, proxied)} proxied;"
+            f" haproxy {_per_request(proxied.proxy_cpu_s, proxied)}"
+        )
     return 0
+
+
+def run_rounds(
+    args: argparse.Namespace,
+    routes: Routes,
+    keeper: ProxyKeeper,
+    backend_pid: int,
+    backend_port: int,
+    proxy_port: int,
+) -> dict[str, list[Result]]:
+    """--rounds pairs of runs, direct then through the proxy."""
+    proxy_pgid = int((keeper.state_dir / "haproxy.pid").read_text().split()[0])
+    results: dict[str, list[Result]] = {"direct": [], "proxy": []}
+    for _ in range(args.rounds):
+        for kind, port in (("direct", backend_port), ("proxy", proxy_port)):
+            url = f"http://127.0.0.1:{port}/"
+            pgid = proxy_pgid if kind == "proxy" else None
+            stop = threading.Event()
+            reloader = threading.Thread(
+                target=reload_during, args=(routes, keeper, args.reload_every, stop)
+            )
+            if kind == "proxy" and args.reload_every:
+                reloader.start()
+            published = routes.published
+            try:
+                result = measure(url, args, backend_pid, pgid)
+            finally:
+                stop.set()
+                if reloader.is_alive():
+                    reloader.join()
+            results[kind].append(result)
+            reloads = routes.published - published
+            print(_line(kind, result) + (f", {reloads} reloads" if reloads else ""))
+    return results
+
+
+def _per_request(cpu_s: float, r: Result) -> str:
+    return f"{cpu_s / max(r.requests, 1) * 1e6:.1f}"
 
 
 def _median(results: list[Result]) -> Result:

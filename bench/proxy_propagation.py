@@ -299,7 +299,8 @@ def run(deployments: int, samples: int, database_url: str | None) -> dict[str, A
             results.append({"total_s": total, "table_s": probe.table_s})
             print(
                 f"reported running -> 200 through haproxy: {total:.3f}s (the new table in "
-                f"memory at {probe.table_s:.3f}s, then the proxy's fetch, check and reload)"
+                f"memory at {probe.table_s:.3f}s, then the proxy's fetch and change: at runtime,"
+                " or a check and reload)"
             )
     finally:
         keeper.stop()

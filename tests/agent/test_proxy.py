@@ -397,7 +397,10 @@ def test_a_new_table_is_taken_under_steady_load_without_losing_a_request(
         thread.start()
     try:
         for i in range(6):
-            version = coordinator.publish({A: backends[: 2 + i % 2], B: backends[i % 2 :]})
+            # Servers coming and going in deployments already served are taken at runtime; a
+            # deployment added (i = 0 and 2) or removed (i = 4) reloads haproxy.
+            more = {C: backends[:1]} if i in (2, 3) else {}
+            version = coordinator.publish({A: backends[: 2 + i % 2], B: backends[i % 2 :], **more})
             wait_until(lambda v=version: proxy.serves(v), timeout_s=20, what=f"table {i}")
             before = counts["ok"]
             wait_until(lambda b=before: counts["ok"] > b + 20, timeout_s=20, what="requests")
@@ -409,6 +412,100 @@ def test_a_new_table_is_taken_under_steady_load_without_losing_a_request(
     assert listening_socket(proxy.http_port) == listener
     assert counts["ok"] > 120
     assert sum("serving routing table" in e for e in proxy.events) == 7
+    assert sum("at runtime" in e for e in proxy.events) == 3, proxy.events
+
+
+def cli(state_dir: Path, command: str) -> str:
+    """One command on the current worker's CLI (the stats socket)."""
+    with socket.socket(socket.AF_UNIX) as connection:
+        connection.connect(str(state_dir / "admin.sock"))
+        connection.sendall(command.encode() + b"\n")
+        connection.shutdown(socket.SHUT_WR)
+        return connection.makefile().read()
+
+
+def worker_pid(state_dir: Path) -> int:
+    info = dict(line.split(": ", 1) for line in cli(state_dir, "show info").splitlines() if line)
+    return int(info["Pid"])
+
+
+def configured_servers(state_dir: Path) -> list[str]:
+    return [
+        line.split(maxsplit=2)[1] + " " + line.split()[2]
+        for line in (state_dir / "haproxy.cfg").read_text().splitlines()
+        if line.startswith("    server ")
+    ]
+
+
+def test_servers_coming_and_going_are_taken_at_runtime_and_written_for_a_reload(
+    coordinator: Coordinator, proxy: Proxy
+) -> None:
+    a0, a1 = Backend("instance-0000000000"), Backend("instance-0000000001")
+    version = coordinator.publish({A: [a0], B: []})
+    proxy.keeper.start()
+    wait_until(lambda: proxy.serves(version), timeout_s=20, what="the first table served")
+    worker = worker_pid(proxy.state_dir)
+
+    # An instance starts: added to its deployment's backend by the worker's CLI.
+    version = coordinator.publish({A: [a0], B: [a1]})
+    wait_until(lambda: proxy.serves(version), timeout_s=20, what="the added server")
+    answer = proxy.get(f"{B}.{DOMAIN}")
+    assert (answer.status, answer.body, answer.headers["x-found-handling-instance"]) == (
+        200,
+        a1.name,
+        a1.name,
+    )
+    # One leaves, one joins, and one moves to another port (same instance name).
+    moved = Backend(a1.name)
+    version = coordinator.publish({A: [a1], B: [moved]})
+    wait_until(lambda: proxy.serves(version), timeout_s=20, what="the changed servers")
+    a1.stop()
+    assert {proxy.get(f"{B}.{DOMAIN}").body for _ in range(3)} == {moved.name}
+    assert proxy.get(f"{A}.{DOMAIN}").status == 503  # a1 stopped, a0 left
+    assert worker_pid(proxy.state_dir) == worker  # no reload
+    assert sum("at runtime" in e for e in proxy.events) == 2
+    # The server that left, in maintenance at once, is deleted once it holds no connection.
+    wait_until(
+        lambda: a0.name not in cli(proxy.state_dir, f"show servers state d-{A}"),
+        timeout_s=10,
+        what="the server that left deleted",
+    )
+
+    # The configuration on disk holds what the worker holds: a reload serves the same.
+    assert configured_servers(proxy.state_dir) == [
+        f"instance-0000000001 127.0.0.1:{a1.port}",
+        f"instance-0000000001 127.0.0.1:{moved.port}",
+    ]
+    proxy.keeper._haproxy.reload()
+    assert worker_pid(proxy.state_dir) != worker
+    assert proxy.get(f"{B}.{DOMAIN}").body == moved.name
+    assert proxy.get(f"{A}.{DOMAIN}").status == 503
+
+
+def test_a_change_the_worker_refuses_is_taken_by_a_reload(
+    coordinator: Coordinator, proxy: Proxy
+) -> None:
+    a0 = Backend("instance-0000000000")
+    version = coordinator.publish({A: [a0]})
+    proxy.keeper.start()
+    wait_until(lambda: proxy.serves(version), timeout_s=20, what="the first table served")
+    worker = worker_pid(proxy.state_dir)
+    # The server is deleted behind the keeper's back: moving it at runtime fails.
+    assert "Server deleted" in cli(
+        proxy.state_dir, f"set server d-{A}/{a0.name} state maint; del server d-{A}/{a0.name}"
+    )
+
+    moved = Backend(a0.name)
+    version = coordinator.publish({A: [moved]})
+    wait_until(lambda: proxy.serves(version), timeout_s=20, what="the moved server")
+    assert worker_pid(proxy.state_dir) != worker
+    assert any("not taken at runtime" in e and "reloading" in e for e in proxy.events)
+    answer = wait_until(
+        lambda: (a := proxy.get(f"{A}.{DOMAIN}")).status == 200 and a,
+        timeout_s=10,
+        what="the reloaded worker answering",
+    )
+    assert answer.body == moved.name
 
 
 def listening_socket(port: int) -> str:

@@ -1,7 +1,8 @@
 """The proxy benchmark runs end to end: an instance, the real haproxy kept by ProxyKeeper, the
 load generator against both (a new connection a request, the proxy reloading meanwhile), and a
 summary. No timing is asserted: only that both paths were measured and that every request was
-answered, through the reloads too."""
+answered, through the reloads too, and that it ran shared and pinned (the instance alone on a
+core)."""
 
 from __future__ import annotations
 
@@ -27,4 +28,6 @@ def test_the_proxy_benchmark_measures_both_paths(capsys: pytest.CaptureFixture[s
         assert int(rate[1].replace(",", "")) > 0, line
         assert "errors 0" in line, line
     assert re.search(r"proxy: .* [1-9]\d* reloads", output), output
-    assert "of direct throughput" in output
+    # Measured with every process on every core, then with the instance on a core of its own.
+    assert re.search(r"^shared: through the proxy .* of direct throughput", output, re.M), output
+    assert re.search(r"^pinned: through the proxy .* of direct throughput", output, re.M), output

@@ -234,6 +234,62 @@ def render_config(table: RoutingTable, listen: Listen) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def runtime_commands(served: RoutingTable, wanted: RoutingTable) -> list[str] | None:
+    """The worker's CLI commands that turn the servers of `served` into those of `wanted`, or
+    None when only a reload can: another domain, a deployment added or removed, or an address
+    that is a host name (a dynamic server is not resolved). Each deployment: servers that left
+    are put in maintenance (`del server` follows, see `Haproxy.delete_server`), servers that
+    moved take their new address, new ones are added with the checks of `default-server` (a
+    dynamic server does not inherit it) and enabled."""
+    if served.domain != wanted.domain or [r.deployment_id for r in served.routes] != [
+        r.deployment_id for r in wanted.routes
+    ]:
+        return None
+    commands: list[str] = []
+    for old, new in zip(served.routes, wanted.routes, strict=True):
+        if old == new:
+            continue
+        if not all(_is_ip(b.host) for b in new.backends):
+            return None
+        backend = f"d-{new.deployment_id}"
+        before = {b.instance_name: b for b in old.backends}
+        after = {b.instance_name: b for b in new.backends}
+        for name in before.keys() - after.keys():
+            commands.append(f"set server {backend}/{name} state maint")
+        for name, server in after.items():
+            if name not in before:
+                commands += [
+                    f"add server {backend}/{name} {_address(server.host, server.port)}"
+                    f" {_SERVER_DEFAULTS}",
+                    f"enable server {backend}/{name}",
+                    f"enable health {backend}/{name}",
+                ]
+            elif before[name] != server:
+                commands.append(
+                    f"set server {backend}/{name} addr {server.host} port {server.port}"
+                )
+    return commands
+
+
+def runtime_deletions(served: RoutingTable, wanted: RoutingTable) -> list[str]:
+    """`backend/server` of each server in `served` that `wanted` no longer lists."""
+    after = {f"d-{r.deployment_id}/{b.instance_name}" for r in wanted.routes for b in r.backends}
+    return sorted(
+        name
+        for r in served.routes
+        for b in r.backends
+        if (name := f"d-{r.deployment_id}/{b.instance_name}") not in after
+    )
+
+
 def certificate_pem(chain: str, private_key: str) -> str:
     """The PEM haproxy's `crt` reads: the chain (leaf first), then the key. Raises ValueError
     when the chain holds no certificate or the key is not the leaf's."""
@@ -282,6 +338,7 @@ class Haproxy:
         self.config = state_dir / "haproxy.cfg"
         self.master_socket = state_dir / "master.sock"
         self.pidfile = state_dir / "haproxy.pid"
+        self.admin_socket = state_dir / "admin.sock"  # the current worker's (`stats socket`)
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -409,18 +466,56 @@ class Haproxy:
         if str(self.config).encode() in command:
             _kill_group(pid)
 
+    # -- the worker's CLI: routing changes without a reload -------------------------------------
+
+    def apply_runtime(self, commands: list[str], wanted: RoutingTable) -> None:
+        """Run `commands` (from `runtime_commands`) on the current worker, then read back the
+        servers of every backend they touched: each server `wanted` lists must be there at its
+        address and ready, any other in maintenance. Raises HaproxyError when a command was
+        refused or the state read back differs (the caller then reloads)."""
+        for command in commands:
+            answer = self._worker_command(command).strip()
+            if answer and not answer.startswith(("New server registered", "IP changed", "no need")):
+                raise HaproxyError(f"haproxy refused {command!r}: {answer[:200]}")
+        touched = {command.split()[2].split("/")[0] for command in commands}
+        for route in wanted.routes:
+            backend = f"d-{route.deployment_id}"
+            if backend not in touched:
+                continue
+            servers = self._servers_state(backend)
+            for server in route.backends:
+                held = servers.pop(server.instance_name, None)
+                if held is None or held[:2] != (server.host, str(server.port)) or held[2] != 0:
+                    raise HaproxyError(
+                        f"haproxy holds {backend}/{server.instance_name} as {held}, not at"
+                        f" {_address(server.host, server.port)} and ready"
+                    )
+            for name, held in servers.items():
+                if not held[2] & 1:  # SRV_ADMF_FMAINT: put in maintenance by the CLI
+                    raise HaproxyError(f"haproxy still serves {backend}/{name}")
+
+    def delete_server(self, name: str) -> bool:
+        """`del server` of a server in maintenance (`backend/server`): False while it still has
+        connections (requests that began before it left finish first; try again later)."""
+        answer = self._worker_command(f"del server {name}")
+        return answer.strip().startswith(("Server deleted", "No such server"))
+
+    def _servers_state(self, backend: str) -> dict[str, tuple[str, str, int]]:
+        """name -> (address, port, admin state bits) of each server of `backend`."""
+        servers = {}
+        for line in self._worker_command(f"show servers state {backend}").splitlines()[2:]:
+            fields = line.split()
+            if len(fields) > 18 and fields[1] == backend:
+                servers[fields[3]] = (fields[4], fields[18], int(fields[6]))
+        return servers
+
+    def _worker_command(self, command: str) -> str:
+        return _cli(self.admin_socket, command)
+
     # -- the master CLI --------------------------------------------------------------------------
 
     def _master_command(self, command: str) -> str:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-            connection.settimeout(2)
-            connection.connect(str(self.master_socket))
-            connection.sendall(command.encode() + b"\n")
-            connection.shutdown(socket.SHUT_WR)  # one command: the CLI answers, then closes
-            chunks = []
-            while chunk := connection.recv(65536):
-                chunks.append(chunk)
-        return b"".join(chunks).decode(errors="replace")
+        return _cli(self.master_socket, command)
 
     def _master_counts(self) -> tuple[int, int]:
         """(reloads, failed reloads) as the master counts them."""
@@ -447,6 +542,19 @@ class Haproxy:
             if section == "workers" and len(fields) > 2 and fields[1:3] == ["worker", "0"]:
                 return int(fields[0])
         return None
+
+
+def _cli(path: Path, command: str) -> str:
+    """One command on one of haproxy's CLI sockets: it answers, then closes."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(2)
+        connection.connect(str(path))
+        connection.sendall(command.encode() + b"\n")
+        connection.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
 
 
 def _kill_group(pid: int) -> None:

@@ -22,6 +22,8 @@ from muster.agent.haproxy import (
     content_name,
     render_config,
     render_hosts_map,
+    runtime_commands,
+    runtime_deletions,
     write_atomically,
 )
 from muster.domain.models import ProxyReport
@@ -44,7 +46,9 @@ class ProxyKeeper:
     OSError when they cannot. Until the first table arrives haproxy does not start; while the
     coordinator is away the last table keeps being served. The https frontend binds once a
     certificate is held. A configuration haproxy refuses never replaces the running one: the
-    old one keeps serving and `report().error` says why."""
+    old one keeps serving and `report().error` says why. Servers coming, going or moving in the
+    deployments already served are changed through the worker's CLI, without a reload
+    (`_apply_runtime`); any other change, or a runtime command that fails, reloads."""
 
     def __init__(
         self,
@@ -87,6 +91,9 @@ class ProxyKeeper:
         # (table, certificate, config, hosts map) of the last rendering
         self._rendered: tuple[RoutingTable, object, str, tuple[Path, str]] | None = None
         self._served_config: str | None = None
+        self._listen: Listen | None = None  # of the last rendering
+        self._parked: set[str] = set()  # `backend/server` in maintenance, deleted when idle
+        self._partial = False  # a runtime change failed midway: the worker differs from the file
         self._rejected_config: str | None = None
         self._rejected_at = 0.0
         self._certificate: tuple[str, Path] | None = None  # (fingerprint, PEM file)
@@ -195,8 +202,13 @@ class ProxyKeeper:
         config, hosts_map = self._render(table)
         if not self._haproxy.is_running():
             self._restart(table, config, hosts_map)
-        elif config != self._served_config and not self._is_rejected(config):
+        elif (
+            config != self._served_config
+            and not self._is_rejected(config)
+            and not self._apply_runtime(table, config)
+        ):
             self._apply(table, config, hosts_map, reload=True)
+        self._delete_parked()
         if self._haproxy.is_running() and time.monotonic() - self._started_at > _STABLE_S:
             self._restarts = 0
 
@@ -217,8 +229,55 @@ class ProxyKeeper:
             certificate=None if self._certificate is None else self._certificate[1],
         )
         config = render_config(table, listen)
+        self._listen = listen
         self._rendered = (table, self._certificate, config, (hosts_path, hosts))
         return config, (hosts_path, hosts)
+
+    def _apply_runtime(self, table: RoutingTable, config: str) -> bool:
+        """Take `table` through the worker's CLI, without a reload, when it only adds, removes
+        or moves servers of deployments already served (an instance starting or stopping: the
+        common change), then write its configuration to haproxy.cfg, so that a restart or a
+        later reload serves the same. False when it cannot (the caller reloads)."""
+        with self._lock:
+            served = self._served
+        if served is None or self._listen is None or self._served_config is None:
+            return False
+        if render_config(served, self._listen) != self._served_config:
+            return False  # the certificate or the ports changed: a reload
+        commands = runtime_commands(served, table)
+        if commands is None:
+            return False
+        try:
+            self._haproxy.apply_runtime(commands, table)
+            write_atomically(self._haproxy.config, config, 0o600)
+        except (HaproxyError, OSError) as exc:
+            self._partial = True
+            self._on_event(
+                f"proxy: routing table {table.version} not taken at runtime ({exc}); reloading"
+            )
+            return False
+        self._parked.update(runtime_deletions(served, table))
+        self._served_config = config
+        self._rejected_config = None
+        with self._lock:
+            self._served = table
+            self._error = self._certificate_error
+        self._on_event(
+            f"proxy: serving routing table {table.version} (at runtime, {len(commands)}"
+            f" command(s)): {len(table.routes)} deployment(s), {table.backend_count} backend(s)"
+        )
+        return True
+
+    def _delete_parked(self) -> None:
+        """`del server` the servers that left the table once their last request is over (a
+        server with connections cannot be deleted; in maintenance it takes no new one)."""
+        for name in sorted(self._parked):
+            try:
+                deleted = self._haproxy.delete_server(name)
+            except OSError:
+                return
+            if deleted:
+                self._parked.discard(name)
 
     def _restart(self, table: RoutingTable, config: str, hosts_map: tuple[Path, str]) -> None:
         now = time.monotonic()
@@ -239,6 +298,7 @@ class ProxyKeeper:
         self._apply(table, config, hosts_map, reload=False)
 
     def _start_served(self) -> None:
+        self._parked.clear()
         try:
             self._haproxy.start()
         except (HaproxyError, OSError) as exc:
@@ -259,6 +319,7 @@ class ProxyKeeper:
             self._haproxy.check(candidate)
         except (HaproxyError, OSError) as exc:
             self._reject(config, f"routing table {table.version} not served: {exc}")
+            self._undo_partial()
             return
         candidate.replace(self._haproxy.config)
         try:
@@ -274,9 +335,12 @@ class ProxyKeeper:
                 write_atomically(self._haproxy.config, self._served_config, 0o600)
             verb = "reload" if reload else "start"
             self._reject(config, f"could not {verb} haproxy on table {table.version}: {exc}")
+            self._undo_partial()
             return
         self._served_config = config
         self._rejected_config = None
+        self._parked.clear()  # a new worker holds only the configuration's servers
+        self._partial = False
         with self._lock:
             self._served = table
             self._error = self._certificate_error  # a certificate still missing stays said
@@ -286,6 +350,19 @@ class ProxyKeeper:
             f"proxy: serving routing table {table.version}: {len(table.routes)} deployment(s),"
             f" {table.backend_count} backend(s){https}"
         )
+
+    def _undo_partial(self) -> None:
+        """After a runtime change failed midway and its table was refused too, reload what is
+        served (haproxy.cfg), so the worker holds what the file says again."""
+        if not self._partial or not self._haproxy.is_running():
+            return
+        try:
+            self._haproxy.reload()
+        except (HaproxyError, OSError) as exc:
+            self._set_error(f"could not reload haproxy on the served table: {exc}")
+            return
+        self._partial = False
+        self._parked.clear()
 
     def _reject(self, config: str, error: str) -> None:
         """Keep serving the last good configuration; try this one again after a while (what
