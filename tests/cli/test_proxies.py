@@ -11,6 +11,7 @@ from muster.cli.proxies import coordinator_rows, proxy_rows
 from muster.errors import EXIT_CODES, NotFoundError
 from tests.cli.test_infra import FIRST_HOST, as_json, muster, ok
 from tests.conftest import Coordinator
+from tests.processes import wait_until
 from tests.proxyhosts import join_proxy_host
 
 __all__ = ["muster"]  # the fixture, shared with the allocator commands' tests
@@ -36,8 +37,13 @@ def test_proxy_list_shows_each_proxys_process_and_routes_version(
         "ece-zone-2", "10.77.0.1", "10.77.0.1", "yes", "up", VERSION, "3", "yes",
     ]  # fmt: skip
     assert row_of(table, "10.77.0.2")[3:] == ["yes", "down", "-", "0", "no"]
-    # The first host holds every role; its agent reports no proxy process (yet).
-    assert row_of(table, FIRST_HOST)[3:5] == ["yes", "unknown"]
+    # The first host holds every role: its agent runs HAProxy (on ports of its own in tests) and
+    # reports it up once it serves its first routing table.
+    wait_until(
+        lambda: row_of(ok(muster("proxy", "list")), FIRST_HOST)[3:5] == ["yes", "up"],
+        timeout_s=30,
+        what="the first host's proxy process reported up",
+    )
 
     overview = as_json(muster("proxy", "list", "--output", "json"))
     listed = {p["proxy_id"]: p for p in overview["proxies"]}
