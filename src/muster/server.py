@@ -183,6 +183,7 @@ def _serve(
         reloader.run_once()
         _tune_gc()
         server = _Server(_uvicorn_config(app, tls, config, log_level))
+        server.release_long_polls = app.state.release_long_polls
         agent = (
             Agent(
                 paths,
@@ -235,8 +236,13 @@ class _Server(uvicorn.Server):
     progress still finishes (within `timeout_graceful_shutdown`)."""
 
     before_shutdown: Callable[[], None] | None = None
+    # Answers the parked long polls (routes, desired instances): in flight, they would hold the
+    # graceful shutdown to its timeout.
+    release_long_polls: Callable[[], None] | None = None
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.release_long_polls is not None:
+            self.release_long_polls()
         if self.before_shutdown is not None:
             self.before_shutdown()
         for connection in list(self.server_state.connections):

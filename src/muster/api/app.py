@@ -246,6 +246,12 @@ def create_app(
     app.state.proxy_certificates = proxy_certificates
     app.state.routes = routes
 
+    def release_long_polls() -> None:
+        routes.release()
+        versions.release()
+
+    app.state.release_long_polls = release_long_polls
+
     @app.exception_handler(MusterError)
     async def _muster_error(_request: Request, exc: MusterError) -> Response:
         return _render(exc)

@@ -48,6 +48,10 @@ class InstanceVersions:
         """How many allocators have a long poll parked here."""
         return len(self._waiters)
 
+    def release(self) -> None:
+        """Answer every long poll now and later ones at once (the server is stopping)."""
+        self._waiters.close()
+
     def refresh(self) -> None:
         """Read every allocator's version in one query of one column, and wake the long polls
         of the allocators whose version moved. Raises StoreError."""

@@ -181,6 +181,10 @@ class Routes:
                 self._history.popitem(last=False)
         self._waiters.wake(lambda _key: True)
 
+    def release(self) -> None:
+        """Answer every proxy's long poll now and later ones at once (the server is stopping)."""
+        self._waiters.close()
+
     def routes_to(self, version: str | None, deployment_id: str, instance_name: str) -> bool:
         """Whether the table of `version` (one of the last HISTORY this process held) sends
         traffic to the instance; False for a version not known here."""

@@ -24,6 +24,7 @@ class Waiters(Generic[K]):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiting: dict[K, set[_Waiter]] = {}
+        self._closed = False
 
     def __len__(self) -> int:
         """How many keys have a waiter."""
@@ -35,7 +36,7 @@ class Waiters(Generic[K]):
         loop = asyncio.get_running_loop()
         waiter: _Waiter = (loop, loop.create_future())
         with self._lock:
-            if changed():
+            if self._closed or changed():
                 return
             self._waiting.setdefault(key, set()).add(waiter)
         try:
@@ -63,6 +64,15 @@ class Waiters(Generic[K]):
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_wake_all, futures)
         return len(woken)
+
+    def close(self) -> None:
+        """Answer every parked waiter now, and every later `wait` at once: the server is
+        stopping, and a long poll left parked would hold its shutdown until the graceful
+        timeout (and be cancelled with an error then). Each poll answers with what it holds;
+        its host asks again, of this coordinator once it is back or of another."""
+        with self._lock:
+            self._closed = True
+        self.wake(lambda _key: True)
 
 
 def _wake_all(futures: list[asyncio.Future[None]]) -> None:
