@@ -235,7 +235,9 @@ def copy_storage(src: Path, dst: Path, store: Store = SQLITE, *, database: str =
     (src's coordinator must be stopped), and the copy's host.json points at <database>
     (default: muster_bench_run_<random>) before it exists, so `drop_storage(dst)` drops it
     whatever happens."""
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("muster.db*"))
+    # The first host's agent runs HAProxy: its state directory (sockets, pid file) belongs to
+    # that process and is made anew by the copy's own agent.
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("muster.db*", "*.sock", "haproxy.pid"))
     template = database_name(src)
     if template is not None:
         if not store.server:

@@ -62,7 +62,7 @@ def measure(
         time.sleep(seconds)
         t1 = time.monotonic()
         user1, system1 = _times(pids)
-        answers = pool.ask("window", t0, t1)
+        answers = pool.ask("window", t0, t1, "heartbeat")
         beats = sum(len(a["latency"]) // 8 for a in answers)  # doubles, one per heartbeat
         failed = sum(sum(a["failures"].values()) for a in answers)
         missed = sum(a["missed"] for a in answers)

@@ -318,6 +318,10 @@ class Worker:
         await asyncio.sleep(0.1)
 
 
+class CommandFailed(Exception):
+    """A worker's command raised: sent back in place of its answer."""
+
+
 async def _serve(pipe: Connection, config: WorkerConfig) -> None:
     worker = Worker(config)
     loop = asyncio.get_running_loop()
@@ -339,6 +343,13 @@ async def _serve(pipe: Connection, config: WorkerConfig) -> None:
     running: set[asyncio.Task[None]] = set()
 
     async def handle(command: tuple[Any, ...]) -> None:
+        try:
+            result = await run(command)
+        except Exception as exc:  # the parent raises it: a task failing silently hangs it
+            result = CommandFailed(f"{command[0]}: {exc!r}")
+        pipe.send(result)
+
+    async def run(command: tuple[Any, ...]) -> Any:
         name = command[0]
         result: Any
         if name == "connect":
@@ -362,7 +373,7 @@ async def _serve(pipe: Connection, config: WorkerConfig) -> None:
             result = usage()
         else:
             raise ValueError(name)
-        pipe.send(result)
+        return result
 
     while True:
         command = await commands.get()
@@ -414,14 +425,18 @@ class Pool:
         return len(self.procs)
 
     def ask(self, *command: Any) -> list[Any]:
-        for pipe in self.pipes:
-            pipe.send(command)
-        return [pipe.recv() for pipe in self.pipes]
+        return self.ask_each([command] * len(self.pipes))
 
     def ask_each(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send each worker its command and return their answers. Raises CommandFailed when a
+        worker's command raised."""
         for pipe, command in zip(self.pipes, commands, strict=True):
             pipe.send(command)
-        return [pipe.recv() for pipe in self.pipes]
+        answers = [pipe.recv() for pipe in self.pipes]
+        for answer in answers:
+            if isinstance(answer, CommandFailed):
+                raise answer
+        return answers
 
     def usage(self) -> list[dict[str, float]]:
         """Each generator process's CPU seconds and RSS (getrusage, /proc/self/status)."""

@@ -134,7 +134,7 @@ def test_the_keeper_renews_when_due_and_sees_another_processs_change(
 
 
 def test_only_a_proxy_runner_reads_the_proxy_certificate(platform: Platform) -> None:
-    from muster.domain import enrollment
+    from muster.domain import enrollment, runners
     from tests.domain.test_rotation import join
 
     for runner_id, roles in (("10.0.0.5", ["proxy"]), ("10.0.0.6", ["allocator"])):
@@ -142,11 +142,12 @@ def test_only_a_proxy_runner_reads_the_proxy_certificate(platform: Platform) -> 
             platform, ADMIN, source="test", roles=roles, persistent=True
         )
         join(platform, token, runner_id)
-    assert proxy_tls.proxy_chain_for(platform, "10.0.0.5").private_key_pem
-    with pytest.raises(ForbiddenError):
-        proxy_tls.proxy_chain_for(platform, "10.0.0.6")
-    with pytest.raises(ForbiddenError):
-        proxy_tls.proxy_chain_for(platform, "10.9.9.9")
+    what = "the proxy certificate"
+    assert runners.require_proxy(platform, "10.0.0.5", reading=what).roles == ("proxy",)
+    with pytest.raises(ForbiddenError, match="only proxy hosts read the proxy certificate"):
+        runners.require_proxy(platform, "10.0.0.6", reading=what)
+    with pytest.raises(NotFoundError):
+        runners.require_proxy(platform, "10.9.9.9", reading=what)
 
 
 # ---- chains an admin installs --------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -15,14 +15,18 @@ from muster.domain import networking
 from muster.domain.liveness import Flusher
 from muster.domain.models import (
     INSTANCE_RUNNING,
+    AllocatorRecord,
     DeploymentRecord,
     HostReport,
     InstanceRecord,
     InstanceReport,
+    ResourceRecord,
+    RunnerRecord,
 )
 from muster.domain.platform import Platform
-from muster.domain.routing import Routes, build_table
+from muster.domain.routing import FULL_READ_S, Routes, build_table
 from muster.errors import InvalidInputError
+from tests.conftest import Installed
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 D1, D2, D3 = "a" * 32, "b" * 32, "c" * 32
@@ -159,3 +163,51 @@ def test_a_flush_that_writes_instance_states_refreshes_the_table_at_once(
         assert refreshed.wait(30)
     finally:
         flusher.stop()
+
+
+def test_the_table_is_read_again_when_the_store_marks_move_and_after_a_while(
+    installed: Installed,
+) -> None:
+    """A refresh reads the whole table only when the store's routing marks moved (placements,
+    deployments, reported states) or FULL_READ_S passed: a host's address is not among the
+    marks, so it shows only after the full read's time."""
+    platform, clock = installed.platform, installed.clock
+    now = clock.now()
+    with platform.store.write() as tx:
+        tx.create_runner(
+            RunnerRecord(
+                "alloc-1",
+                "10.0.0.11",
+                "alloc-1",
+                "zone-1",
+                ("allocator",),
+                "s1",
+                now + timedelta(days=30),
+                now,
+                HostReport(memory_mb=4096),
+            )
+        )
+        tx.create_allocator(AllocatorRecord("alloc-1", "zone-1", 4096))
+        tx.create_deployment(DeploymentRecord(D1, "web", now, now, "admin"))
+        tx.create_resource(ResourceRecord("r" + D1[1:], D1, "main", "container", "r", {}, 1, now))
+        tx.create_instances(
+            [instance(D1, "instance-0000000000", "alloc-1", running=False)], range(18000, 18100)
+        )
+    routes = Routes(platform)
+
+    def hosts() -> list[str]:
+        routes.refresh()
+        assert routes.table is not None
+        [listed] = routes.table.content["deployments"]
+        return [b["host"] for b in listed["backends"]]
+
+    assert hosts() == []
+    report = InstanceReport("r" + D1[1:], "instance-0000000000", D1, 1, True, True)
+    with platform.store.write() as tx:  # a host reports it running: the marks move
+        tx.record_instance_reports([("alloc-1", report)], now)
+    assert hosts() == ["10.0.0.11"]
+    with platform.store.write() as tx:
+        tx.update_runner("alloc-1", host_ip="10.0.0.99")
+    assert hosts() == ["10.0.0.11"]  # not read again: nothing the marks cover moved
+    clock.advance(FULL_READ_S)
+    assert hosts() == ["10.0.0.99"]

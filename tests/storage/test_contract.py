@@ -769,6 +769,33 @@ def test_runner_columns_hold_what_the_records_hold(store: Store) -> None:
     assert rows == [(r.runner_id, *(getattr(r, name) for name in names)) for r in reversed(records)]
 
 
+def test_runner_columns_of_some_runners_or_of_a_role(store: Store) -> None:
+    """The routing table reads only the proxies and the hosts of its instances, not the fleet:
+    a role matches a whole role (not `proxyish`), ids past one IN list are all read."""
+    roles = {
+        "10.0.0.1": ("allocator", "proxy"),
+        "10.0.0.2": ("allocator",),
+        "10.0.0.3": ("proxy",),
+        "10.0.0.4": ("allocator", "coordinator"),
+    }
+    ids = [f"10.1.{i // 250}.{i % 250}" for i in range(1100)]
+    with store.write() as tx:
+        for rid, held in roles.items():
+            tx.create_runner(runner(rid, roles=held, host_ip=rid))
+        tx.create_runners(runner(rid, cert_serial=f"{rid}-s") for rid in ids)
+    with store.read() as tx:
+        proxies = tx.list_runner_columns(["host_ip"], role="proxy")
+        none = tx.list_runner_columns([], role="prox")
+        some = tx.list_runner_columns(["roles"], runner_ids=["10.0.0.3", "10.0.0.2", "10.9.9.9"])
+        both = tx.list_runner_columns([], runner_ids=["10.0.0.2", "10.0.0.3"], role="proxy")
+        many = tx.list_runner_columns([], runner_ids=[*ids, "10.9.9.9"])
+    assert proxies == [("10.0.0.1", "10.0.0.1"), ("10.0.0.3", "10.0.0.3")]
+    assert none == []
+    assert some == [("10.0.0.2", ("allocator",)), ("10.0.0.3", ("proxy",))]
+    assert both == [("10.0.0.3",)]
+    assert [row[0] for row in many] == sorted(ids)
+
+
 def test_records_by_id_skip_unknown_ids_past_any_parameter_limit(store: Store) -> None:
     ids = [f"10.0.{i // 250}.{i % 250}" for i in range(1100)]  # more than one IN list holds
     with store.write() as tx:

@@ -15,9 +15,9 @@ from typing import Any
 
 from muster.domain.models import HostReport, ProxyReport, RunnerRecord
 from muster.domain.platform import Platform, utc_iso
+from muster.domain.runners import PROXY_ROLE
 from muster.errors import InvalidInputError, NotFoundError
 
-PROXY_ROLE = "proxy"
 COORDINATOR_ROLE = "coordinator"
 # ECE's health statuses, best first: an expectation is met by its own status or a better one.
 STATUSES = ("Green", "Yellow", "Red")
@@ -30,7 +30,7 @@ def _runners_with(platform: Platform, role: str) -> list[RunnerRecord]:
     """The runners holding `role`, by runner id, in one read: only their roles are read for
     the rest of the fleet (most hosts of a large one are allocators)."""
     with platform.store.read() as tx:
-        ids = [row[0] for row in tx.list_runner_columns(["roles"]) if role in row[1]]
+        ids = [row[0] for row in tx.list_runner_columns([], role=role)]
         records = tx.list_runners_by_id(ids) if ids else []
     return sorted(records, key=lambda r: r.runner_id)
 

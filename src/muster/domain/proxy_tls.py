@@ -34,7 +34,7 @@ from muster.domain.tls_chains import (
     wildcard,
 )
 from muster.domain.users import Principal
-from muster.errors import ForbiddenError, StoreError
+from muster.errors import StoreError
 
 # platform_settings names: a JSON object {"chain", "private_key", "user_supplied", "domain"}.
 SETTING = {PROXY: "tls.proxy", UI: "tls.ui"}
@@ -262,20 +262,6 @@ class ProxyCertificates:
     def fingerprint(self) -> str | None:
         chain = self._chain
         return chain.fingerprint if chain is not None else None
-
-
-def proxy_chain_for(platform: Platform, runner_id: str) -> TlsChain:
-    """The proxies' chain with its key, for a runner holding the `proxy` role. Raises
-    ForbiddenError for any other runner, StoreError."""
-    with platform.store.read() as tx:
-        runner = tx.find_runner(runner_id)
-    if runner is None or "proxy" not in runner.roles:
-        raise ForbiddenError(
-            f"runner {runner_id!r} does not hold the proxy role; only proxy hosts read the proxy "
-            "certificate",
-            code="runners.proxy_role_required",
-        )
-    return ensure_proxy_chain(platform)
 
 
 # ---- chains an admin installs --------------------------------------------------------------------

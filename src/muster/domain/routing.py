@@ -20,11 +20,15 @@ from typing import Any
 from muster.domain import networking, proxy_tls
 from muster.domain.models import DeploymentRecord, InstanceRecord
 from muster.domain.platform import Platform
+from muster.domain.runners import PROXY_ROLE
 from muster.domain.store import Transaction
 from muster.domain.waiters import Waiters
 
-PROXY_ROLE = "proxy"
 MAX_WAIT_S = 30.0
+# The table is read again when the store's routing marks move (deployments, instances,
+# placements), after the domain or the proxy certificate changed, and at least this often: a
+# host's address that changed under its instances is routed to within this long.
+FULL_READ_S = 30.0
 # How long a change takes to reach the proxies' HAProxy: the refresher's period (1 s), the long
 # poll's answer, then haproxy's check and reload (a few hundred ms), with room. A moved
 # instance is stopped only once its replacement has run this long (muster.domain.vacate), so
@@ -111,11 +115,18 @@ def read_table(tx: Transaction) -> tuple[RoutingTable, frozenset[str]]:
     domain = networking.read_domain(tx).value
     deployments = tx.list_deployments()
     instances = tx.list_instances()
-    runners = tx.list_runner_columns(["roles", "host_ip"])
-    host_ips = {rid: str(host_ip) for rid, _roles, host_ip in runners}
-    proxies = frozenset(rid for rid, roles, _ip in runners if PROXY_ROLE in (roles or ()))
+    # Only the hosts that run instances and the proxies: not a read of every runner (a fleet
+    # of 100,000 hosts has a few proxies, and instances on the hosts it placed them on).
+    hosts = tx.list_runner_columns(["host_ip"], runner_ids={i.allocator_id for i in instances})
+    host_ips = {rid: str(host_ip) for rid, host_ip in hosts}
+    proxies = read_proxies(tx)
     fingerprint = proxy_tls.read_proxy_fingerprint(tx)
     return build_table(domain, deployments, instances, host_ips, fingerprint), proxies
+
+
+def read_proxies(tx: Transaction) -> frozenset[str]:
+    """The ids of the runners holding the proxy role."""
+    return frozenset(rid for (rid,) in tx.list_runner_columns([], role=PROXY_ROLE))
 
 
 def compute_table(platform: Platform) -> RoutingTable:
@@ -143,6 +154,9 @@ class Routes:
         # wrote instance states): an older read never replaces a newer table.
         self._refreshing = threading.Lock()
         self._history: OrderedDict[str, frozenset[tuple[str, str]]] = OrderedDict()
+        self._marks: tuple[object, ...] | None = None
+        self._settings: tuple[object, ...] | None = None
+        self._read_at = 0.0
 
     @property
     def table(self) -> RoutingTable | None:
@@ -161,11 +175,25 @@ class Routes:
         return table.version
 
     def refresh(self) -> None:
-        """Read the table and the proxy runners again; wake the waiting proxies if the version
-        moved. Raises StoreError (memory then keeps the last table)."""
+        """Read the proxy runners again, and the table if the store's routing marks moved (or
+        FULL_READ_S passed); wake the waiting proxies if its version moved. Raises StoreError
+        (memory then keeps the last table)."""
         with self._refreshing:
+            now = self.platform.clock.monotonic()
             with self.platform.store.read() as tx:
+                marks = tx.get_routing_marks()
+                fresh = now - self._read_at < FULL_READ_S
+                if self._table is not None and marks == self._marks and fresh:
+                    settings = (
+                        networking.read_domain(tx).value,
+                        proxy_tls.read_proxy_fingerprint(tx),
+                    )
+                    if settings == self._settings:
+                        self._proxies = read_proxies(tx)
+                        return
                 table, proxies = read_table(tx)
+            self._marks, self._read_at = marks, now
+            self._settings = (table.content.get("domain"), table.content.get("tls_fingerprint"))
             self._install(table, proxies)
 
     def _install(self, table: RoutingTable, proxies: frozenset[str]) -> None:
@@ -197,12 +225,10 @@ class Routes:
         Reads the proxies' latest reports: this process's memory, else the store (another
         coordinator heard them). Raises StoreError."""
         with self.platform.store.read() as tx:
-            rows = tx.list_runner_columns(["roles", "report", "last_heartbeat_at"])
+            rows = tx.list_runner_columns(["report", "last_heartbeat_at"], role=PROXY_ROLE)
         liveness = self.platform.liveness
         versions = []
-        for runner_id, roles, report, last_heartbeat_at in rows:
-            if PROXY_ROLE not in (roles or ()):
-                continue
+        for runner_id, report, last_heartbeat_at in rows:
             proxy = liveness.latest_report(runner_id, report).proxy
             if proxy is None or not proxy.running:
                 continue  # serves no traffic

@@ -27,6 +27,7 @@ from muster.domain.tokens import TokenClaims, check_roles
 from muster.domain.users import Principal
 from muster.errors import (
     ConflictError,
+    ForbiddenError,
     InvalidInputError,
     MusterError,
     RateLimitedError,
@@ -36,6 +37,7 @@ from muster.errors import (
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
 _TAG = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MAX_CAPACITY_MB = 64 * 1024 * 1024  # 64 TiB: anything larger is a typo
+PROXY_ROLE = "proxy"
 
 
 @dataclass(frozen=True)
@@ -435,3 +437,16 @@ def require_runner(platform: Platform, runner_id: str) -> RunnerRecord:
     """The runner's record. Raises NotFoundError (runners.runner_not_found)."""
     with platform.store.read() as tx:
         return tx.get_runner(runner_id)
+
+
+def require_proxy(platform: Platform, runner_id: str, *, reading: str) -> RunnerRecord:
+    """The runner's record, if it holds the proxy role: only proxy hosts read `reading` (the
+    routing table, the proxy certificate). Raises NotFoundError (runners.runner_not_found),
+    ForbiddenError (runners.proxy_role_required)."""
+    record = require_runner(platform, runner_id)
+    if PROXY_ROLE not in record.roles:
+        raise ForbiddenError(
+            f"runner {runner_id!r} does not hold the proxy role; only proxy hosts read {reading}",
+            code="runners.proxy_role_required",
+        )
+    return record

@@ -249,9 +249,16 @@ class Transaction(Protocol):
         the records hold them. Raises ValueError for an unknown column (a programming error)."""
         ...
 
-    def list_runner_columns(self, columns: Iterable[str]) -> list[tuple[Any, ...]]:
-        """(runner id, *values of `columns`, RunnerRecord fields) of every runner, in one read,
-        ordered by runner id. Raises ValueError for an unknown column."""
+    def list_runner_columns(
+        self,
+        columns: Iterable[str],
+        *,
+        runner_ids: Iterable[str] | None = None,
+        role: str | None = None,
+    ) -> list[tuple[Any, ...]]:
+        """(runner id, *values of `columns`, RunnerRecord fields) of every runner, or of those
+        with `runner_ids` (unknown ids skipped) and holding `role`, in one read (a few for
+        long id lists), ordered by runner id. Raises ValueError for an unknown column."""
         ...
 
     def list_allocator_page(
@@ -396,6 +403,18 @@ class Transaction(Protocol):
         returns how many were found. Memory, allocator and port never change this way (they
         are placements): ValueError, a programming error. A change of anything but `state`
         moves the instances version of their allocators."""
+        ...
+
+    def get_placement_marks(self) -> tuple[Any, ...]:
+        """Values that move whenever any allocator's instances version moves, or an allocator
+        comes or goes (a count and a sum, one scan in the database): refreshers compare them
+        before reading every allocator's version again."""
+        ...
+
+    def get_routing_marks(self) -> tuple[Any, ...]:
+        """Values that move whenever the routing table's store rows may have changed: the
+        placement marks, the deployments' count, versions and last update, the instances'
+        count and last report. (A host's address changing is not among them.)"""
         ...
 
     def delete_instances(

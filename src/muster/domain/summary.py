@@ -12,11 +12,11 @@ from muster.domain.models import RunnerRecord
 from muster.domain.platform import Platform
 from muster.domain.proxies import (
     COORDINATOR_ROLE,
-    PROXY_ROLE,
     proxies_summary,
     render_coordinator,
     render_proxy,
 )
+from muster.domain.runners import PROXY_ROLE
 
 
 def platform_info(platform: Platform, *, version: str) -> dict[str, Any]:

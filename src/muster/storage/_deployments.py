@@ -30,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from muster.domain.models import (
+    INSTANCE_RUNNING,
     DeploymentRecord,
     InstanceRecord,
     InstanceReport,
@@ -424,6 +425,24 @@ class DeploymentTables:
         ids = sorted(set(allocator_ids))  # in id order, as placements lock them
         if ids:
             self.conn.execute(_BUMP, [{"aid": aid} for aid in ids])
+
+    def get_placement_marks(self) -> tuple[Any, ...]:
+        return tuple(self.conn.execute(select(func.count(), func.sum(_a.instances_version))).one())
+
+    def get_routing_marks(self) -> tuple[Any, ...]:
+        d = t.deployments.c
+        deployments = self.conn.execute(
+            select(func.count(), func.sum(d.version), func.max(d.updated_at))
+        ).one()
+        # The last report's time moves with every flush that wrote states; the running count
+        # and the reported plans' sum also catch a change written at the same instant.
+        running = func.count().filter(_i.state == INSTANCE_RUNNING)
+        instances = self.conn.execute(
+            select(
+                func.count(), func.max(_i.reported_at), running, func.sum(_i.reported_plan_version)
+            )
+        ).one()
+        return (*self.get_placement_marks(), *deployments, *instances)
 
     def get_instances_version(self, allocator_id: str) -> int:
         row = self.conn.execute(

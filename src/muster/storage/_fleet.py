@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, false, func, not_, or_, select, true
+from sqlalchemy import Connection, Text, and_, cast, false, func, not_, or_, select, true
 
 from muster.domain.models import (
     AllocatorRecord,
@@ -67,14 +67,38 @@ class FleetReads:
             )
         return self._column_rows(query, picked)
 
-    def list_runner_columns(self, columns: Iterable[str]) -> list[tuple[Any, ...]]:
+    def list_runner_columns(
+        self,
+        columns: Iterable[str],
+        *,
+        runner_ids: Iterable[str] | None = None,
+        role: str | None = None,
+    ) -> list[tuple[Any, ...]]:
         r = t.runners.c
         picked = [r.runner_id]
         for name in columns:
             if name not in r:
                 raise ValueError(f"runners have no column {name!r}")
             picked.append(r[name])
-        return self._column_rows(select(*picked).order_by(r.runner_id), picked)
+        query = select(*picked, r.roles).order_by(r.runner_id)
+        if role is not None:
+            # The roles' JSON text holds the role quoted (a cheap filter in the database over
+            # every row; the list itself is checked below).
+            query = query.where(cast(r.roles, Text).like(f'%"{role}"%'))
+        if runner_ids is None:
+            rows = self._column_rows(query, [*picked, r.roles])
+        else:
+            ids = sorted(set(runner_ids))
+            rows = [
+                row
+                for start in range(0, len(ids), self._IN_CHUNK)
+                for row in self._column_rows(
+                    query.where(r.runner_id.in_(ids[start : start + self._IN_CHUNK])),
+                    [*picked, r.roles],
+                )
+            ]
+            rows.sort(key=lambda row: str(row[0]))
+        return [row[:-1] for row in rows if role is None or role in row[-1]]
 
     def _column_rows(self, query: Any, picked: list[Any]) -> list[tuple[Any, ...]]:
         """Rows of `query` with values as the records hold them (SQLAlchemy already decodes

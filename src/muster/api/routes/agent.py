@@ -28,7 +28,6 @@ from muster.domain import desired, pki, proxy_tls, renewal, routing, runners
 from muster.domain.desired import InstanceVersions
 from muster.domain.routing import Routes
 from muster.domain.users import Principal
-from muster.errors import ForbiddenError
 
 router = APIRouter(prefix="/agent", tags=["Agent"])
 # The scope key under which the edge hands a refusal it met (a join or heartbeat the domain
@@ -171,13 +170,7 @@ def require_proxy(request: Request, runner: Principal = Depends(require_runner))
     routes: Routes = request.app.state.routes
     if routes.is_proxy(runner.name):
         return runner
-    record = runners.require_runner(platform_of(request), runner.name)
-    if routing.PROXY_ROLE not in record.roles:
-        raise ForbiddenError(
-            f"runner {runner.name!r} does not hold the proxy role; only proxy hosts read the "
-            "routing table",
-            code="runners.proxy_role_required",
-        )
+    runners.require_proxy(platform_of(request), runner.name, reading="the routing table")
     return runner
 
 
@@ -239,7 +232,9 @@ def get_proxy_certificate(
     `proxy` role (403 for any other): its HAProxy serves it on the HTTPS port. `fingerprint`
     is what the routes reply's `tls_fingerprint` names, so a proxy fetches again when it
     changes."""
-    chain = proxy_tls.proxy_chain_for(platform_of(request), runner.name)
+    platform = platform_of(request)
+    runners.require_proxy(platform, runner.name, reading="the proxy certificate")
+    chain = proxy_tls.ensure_proxy_chain(platform)
     return ProxyCertificateReply(
         fingerprint=chain.fingerprint,
         certificate_chain=chain.chain_pem,
