@@ -38,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         "--sustain-interval", type=float, help="interval for a final sustained step (faster)"
     )
     parser.add_argument("--fleet", type=int, help="hosts in the cached fleet")
+    parser.add_argument(
+        "--instances",
+        type=int,
+        help="instance states in each host's heartbeat, all running (default 0); the store "
+        "holds none of them, so the coordinator keeps and compares them but writes nothing",
+    )
     parser.add_argument("--listing", type=int, help="requests per allocator listing query")
     parser.add_argument("--saturate", type=float, help="seconds per floor/heartbeat round")
     parser.add_argument("--rounds", type=int, help="floor/heartbeat rounds")
@@ -87,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "interval_s": args.interval,
         "sustain_interval_s": args.sustain_interval,
         "fleet": args.fleet,
+        "instances": args.instances,
         "listing_requests": args.listing,
         "saturate_s": args.saturate,
         "saturate_rounds": args.rounds,

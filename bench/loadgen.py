@@ -63,6 +63,7 @@ class WorkerConfig:
     interval_s: float = 10.0
     connects_in_flight: int = 32
     seed: int = 0
+    instances: int = 0  # instance states in each host's heartbeat (all running)
 
 
 def raise_fd_limit() -> int:
@@ -129,6 +130,26 @@ def usage() -> dict[str, float]:
     return {"cpu_s": used.ru_utime + used.ru_stime, "rss_mb": rss_kb / 1024}
 
 
+def heartbeat_body(index: int, instances: int) -> dict[str, Any]:
+    """An allocator's heartbeat reporting `instances` running instances, named after the host
+    (so no two hosts report the same one), as muster.agent.instances_loop reports them."""
+    states = [
+        {
+            "deployment_id": f"{index:08x}{n:024x}",
+            "resource_id": f"{index:08x}{n:024x}"[::-1],
+            "instance_name": f"instance-{n:010d}",
+            "plan_version": 1,
+            "container_started": True,
+            "service_running": True,
+            "restarts": 0,
+            "last_error": None,
+            "container_id": f"{index:032x}{n:032x}",
+        }
+        for n in range(instances)
+    ]
+    return {**HEARTBEAT_BODY, "instances": states}
+
+
 class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
@@ -137,6 +158,7 @@ class Worker:
             agent_request_bytes("POST", HEARTBEAT, self.address, HEARTBEAT_BODY),
             agent_request_bytes("GET", PING, self.address),
         ]
+        self._heartbeats: dict[int, bytes] = {}  # per host, when it reports instances
         self.route = 0  # what the hosts send: an index in KINDS ("route" command)
         self.conns: dict[int, Conn] = {}
         self.tasks: list[asyncio.Task[None]] = []
@@ -147,6 +169,18 @@ class Worker:
         self.rng = random.Random(config.seed)
         self.running = True
         self.interval_s = config.interval_s  # changed by the "interval" command
+
+    def request(self, index: int, kind: int) -> bytes:
+        """The bytes host `index` sends for `kind`: its own heartbeat if it reports instances."""
+        if kind != 0 or not self.config.instances:
+            return self.requests[kind]
+        raw = self._heartbeats.get(index)
+        if raw is None:
+            body = heartbeat_body(index, self.config.instances)
+            raw = self._heartbeats[index] = agent_request_bytes(
+                "POST", HEARTBEAT, self.address, body
+            )
+        return raw
 
     # -- fleet -------------------------------------------------------------------------------
     async def _open(self, index: int, identity: Path) -> Conn:
@@ -196,7 +230,7 @@ class Worker:
                     self.reconnects += 1
                     conn = self.conns[index] = await self._open(index, identity)
                 sent = time.monotonic()
-                reply = await conn.call(self.requests[kind], timeout_s=interval)
+                reply = await conn.call(self.request(index, kind), timeout_s=interval)
                 if reply.status == 200:
                     self.samples.add(due, sent, time.monotonic(), kind)
                 else:
@@ -408,13 +442,21 @@ class Pool:
         *,
         processes: int,
         interval_s: float = 10.0,
+        instances: int = 0,
     ) -> None:
         ctx = mp.get_context("spawn")
         self.pipes: list[Connection] = []
         self.procs: list[Any] = []
         for n in range(processes):
             parent, child = ctx.Pipe()
-            config = WorkerConfig(port, ca_file, hosts[n::processes], interval_s=interval_s, seed=n)
+            config = WorkerConfig(
+                port,
+                ca_file,
+                hosts[n::processes],
+                interval_s=interval_s,
+                seed=n,
+                instances=instances,
+            )
             proc = ctx.Process(target=worker_main, args=(child, config), daemon=True)
             proc.start()
             self.pipes.append(parent)

@@ -99,7 +99,9 @@ def process_group(pgid: int) -> list[int]:
 # -- the instance -------------------------------------------------------------------------------
 
 
-def start_backend(kind: str, folder: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_backend(
+    kind: str, folder: Path, work_us: float = 0.0
+) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     if kind == "busybox":
         busybox = shutil.which("busybox")
@@ -109,7 +111,10 @@ def start_backend(kind: str, folder: Path) -> tuple[subprocess.Popen[bytes], int
         (folder / "www" / "index.html").write_bytes(BODY)
         command = [busybox, "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", str(folder / "www")]
     else:
-        command = [sys.executable, "-m", "bench.proxy", "--serve", str(port)]
+        command = [
+            *(sys.executable, "-m", "bench.proxy", "--serve", str(port)),
+            *("--work-us", str(work_us)),
+        ]
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -122,8 +127,9 @@ def start_backend(kind: str, folder: Path) -> tuple[subprocess.Popen[bytes], int
     raise SystemExit(f"the {kind} backend did not listen on {port}")
 
 
-def serve(port: int) -> None:
-    """A minimal HTTP/1.1 server with kept-alive connections: answers every request `ok`."""
+def serve(port: int, work_us: float = 0.0) -> None:
+    """A minimal HTTP/1.1 server with kept-alive connections: answers every request `ok`,
+    after `work_us` microseconds of CPU work (a busy loop), what a real service spends on one."""
     reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
     last = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (
         len(BODY),
@@ -135,6 +141,10 @@ def serve(port: int) -> None:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 closing = b"connection: close" in head.lower()
+                if work_us:
+                    until = time.thread_time() + work_us / 1e6
+                    while time.thread_time() < until:
+                        pass
                 writer.write(last if closing else reply)
                 await writer.drain()
                 if closing:
@@ -407,11 +417,19 @@ def main(argv: list[str] | None = None) -> int:
         default="both",
         help="which cores the processes run on (see above)",
     )
+    parser.add_argument(
+        "--work-us",
+        type=float,
+        default=0.0,
+        metavar="US",
+        help="the python instance's CPU work per request, microseconds (default 0: it only"
+        " answers; a real service's request costs it more than the proxy's ~15-20 us)",
+    )
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--load", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve is not None:
-        serve(args.serve)
+        serve(args.serve, args.work_us)
         return 0
     if args.load is not None:
         url, headers, duration, connections = json.loads(args.load)
@@ -424,11 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"load generator: {generator}, {args.connections} connections, {args.threads} thread(s),"
         f" {args.duration:g} s a run; instance: {args.backend}"
-        f" ({'busybox httpd' if args.backend == 'busybox' else 'asyncio HTTP/1.1'})"
+        f" ({'busybox httpd' if args.backend == 'busybox' else 'asyncio HTTP/1.1'}"
+        f"{f', {args.work_us:g} us of work a request' if args.work_us else ''})"
         f"{'; a new connection a request' if args.close else ''}"
     )
     with tempfile.TemporaryDirectory() as folder:
-        backend, backend_port = start_backend(args.backend, Path(folder))
+        backend, backend_port = start_backend(args.backend, Path(folder), args.work_us)
         routes = Routes(backend_port)
         keeper, proxy_port = start_proxy(Path(folder) / "proxy", routes)
         proxy_pgid = int((Path(folder) / "proxy" / "haproxy.pid").read_text().split()[0])

@@ -77,6 +77,7 @@ class Plan:
     # is the sustained one), e.g. 19,000 hosts every 7.6 s = 2,500 heartbeats/s.
     sustain_interval_s: float | None = None
     processes: int = 2  # load-generator processes, at least one per HOSTS_PER_PROCESS hosts
+    instances: int = 0  # instance states in each host's heartbeat (all running)
     open_floor_s: float = 10.0  # per level: the floor route, open loop (0: not measured)
     idle_s: float = 5.0  # the coordinator's own background CPU, before any host connects
     saturate_conns: int = 32  # per process
@@ -201,6 +202,7 @@ def run(
                 fleet.identities(),
                 processes=plan.generators,
                 interval_s=plan.interval_s,
+                instances=plan.instances,
             )
             try:
                 results.idle = _idle(plan, coordinator)

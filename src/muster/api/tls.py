@@ -605,7 +605,9 @@ class _Handshake(asyncio.Protocol):
     def _replay(self, raw: asyncio.Transport) -> None:
         layer = raw.get_protocol()
         data, self.early = b"".join(self.early), []
-        if not data or layer is self:
+        # No layer: the connection was closed meanwhile (a handshake timed out or the client
+        # went away under load), and there is nothing to hand the bytes to.
+        if not data or layer is None or layer is self or raw.is_closing():
             return
         # Both TLS layers (asyncio's and uvloop's, which is no asyncio.BufferedProtocol
         # subclass) take bytes through the buffered-protocol calls.

@@ -43,14 +43,24 @@ class Round:
 
 
 def lost_allocators(
-    platform: Platform, grace: timedelta, now: datetime, *, since: datetime | None = None
+    platform: Platform,
+    grace: timedelta,
+    now: datetime,
+    *,
+    since: datetime | None = None,
+    among: Collection[str] | None = None,
 ) -> frozenset[str]:
-    """The allocators whose host has heartbeat, but not for longer than `grace` (at least the
-    liveness grace, so a merely late host is never lost), counted from `since` at the earliest.
-    One that never heartbeat was never connected, so was never given an instance."""
+    """The allocators (of `among`, if given: those holding instances) whose host has
+    heartbeat, but not for longer than `grace` (at least the liveness grace, so a merely late
+    host is never lost), counted from `since` at the earliest. One that never heartbeat was
+    never connected, so was never given an instance."""
     grace = max(grace, platform.liveness.grace)
     with platform.store.read() as tx:
-        rows = tx.list_allocator_columns(["runner.last_heartbeat_at"])
+        if among is None:
+            rows = tx.list_allocator_columns(["runner.last_heartbeat_at"])
+        else:
+            # An allocator's runner has its id (and goes with it when the host is deleted).
+            rows = tx.list_runner_columns(["last_heartbeat_at"], runner_ids=among)
     lost = set()
     for allocator_id, persisted in rows:
         last = platform.liveness.last_seen(allocator_id, persisted)
@@ -139,8 +149,16 @@ class Constructor:
             resources = tx.list_resources()
         if not any(d.status == RUNNING for d in deployments.values()):
             return Round(held=True)  # nothing to move or place: no read of the whole fleet
-        lost = lost_allocators(self.platform, self.lost_grace, now, since=self._held_since)
-        connected = connected_allocators(self.platform) - lost
+        # Only the hosts of instances can be lost with something to move, and the connected
+        # allocators (a read of the whole fleet) are needed only when some deployment needs work.
+        lost = lost_allocators(
+            self.platform,
+            self.lost_grace,
+            now,
+            since=self._held_since,
+            among={i.allocator_id for i in instances},
+        )
+        connected: frozenset[str] | None = None
         by_deployment: dict[str, list[InstanceRecord]] = defaultdict(list)
         for instance in instances:
             by_deployment[instance.deployment_id].append(instance)
@@ -156,6 +174,8 @@ class Constructor:
                 by_deployment[deployment_id], plans[deployment_id], lost
             ):
                 continue
+            if connected is None:
+                connected = connected_allocators(self.platform) - lost
             try:
                 done = self._repair(deployment_id, lost, connected, now, is_routed)
             except MusterError as exc:  # one deployment's trouble must not stall the others
