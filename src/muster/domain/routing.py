@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import random
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -26,8 +27,9 @@ from muster.domain.waiters import Waiters
 
 MAX_WAIT_S = 30.0
 # The table is read again when the store's routing marks move (deployments, instances,
-# placements), after the domain or the proxy certificate changed, and at least this often: a
-# host's address that changed under its instances is routed to within this long.
+# placements, runners joining or leaving), after the domain or the proxy certificate changed,
+# and at least this often: a host's address that changed under its instances, or a runner
+# given the proxy role, shows within this long (a proxy's own long poll is let in at once).
 FULL_READ_S = 30.0
 # How long a change takes to reach the proxies' HAProxy: the refresher's period (1 s), the long
 # poll's answer, then haproxy's check and reload (a few hundred ms), with room. A moved
@@ -175,9 +177,10 @@ class Routes:
         return table.version
 
     def refresh(self) -> None:
-        """Read the proxy runners again, and the table if the store's routing marks moved (or
-        FULL_READ_S passed); wake the waiting proxies if its version moved. Raises StoreError
-        (memory then keeps the last table)."""
+        """Read the table and the proxy runners again if the store's routing marks moved (a
+        runner joined or left, a placement, a deployment, a reported state), the domain or the
+        proxy certificate changed, or FULL_READ_S passed; wake the waiting proxies if its
+        version moved. Raises StoreError (memory then keeps the last table)."""
         with self._refreshing:
             now = self.platform.clock.monotonic()
             with self.platform.store.read() as tx:
@@ -189,10 +192,12 @@ class Routes:
                         proxy_tls.read_proxy_fingerprint(tx),
                     )
                     if settings == self._settings:
-                        self._proxies = read_proxies(tx)
                         return
                 table, proxies = read_table(tx)
-            self._marks, self._read_at = marks, now
+            # The next full read comes after FULL_READ_S, give or take a fifth: the refreshers'
+            # full reads (this one, the versions', the certificates') drift apart instead of
+            # falling in the same second of every process.
+            self._marks, self._read_at = marks, now - random.uniform(-0.2, 0.2) * FULL_READ_S  # noqa: S311
             self._settings = (table.content.get("domain"), table.content.get("tls_fingerprint"))
             self._install(table, proxies)
 

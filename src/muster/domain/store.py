@@ -414,7 +414,8 @@ class Transaction(Protocol):
     def get_routing_marks(self) -> tuple[Any, ...]:
         """Values that move whenever the routing table's store rows may have changed: the
         placement marks, the deployments' count, versions and last update, the instances'
-        count and last report. (A host's address changing is not among them.)"""
+        count, last report, running count and reported plans, the runners' count. (A host's
+        address or roles changing is not among them.)"""
         ...
 
     def delete_instances(

@@ -442,7 +442,8 @@ class DeploymentTables:
                 func.count(), func.max(_i.reported_at), running, func.sum(_i.reported_plan_version)
             )
         ).one()
-        return (*self.get_placement_marks(), *deployments, *instances)
+        runners = self.conn.execute(select(func.count()).select_from(t.runners)).scalar_one()
+        return (*self.get_placement_marks(), *deployments, *instances, runners)
 
     def get_instances_version(self, allocator_id: str) -> int:
         row = self.conn.execute(
