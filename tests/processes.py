@@ -137,6 +137,13 @@ class MusterProcess:
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log
         _LOGS.append(log)
+        # A proxy host's agent runs HAProxy in a process group of its own (it outlives a killed
+        # agent, as it should): stop() ends it too, found by the pid file under the host's path.
+        self.storage = (
+            Path(args[args.index("--host-storage-path") + 1])
+            if "--host-storage-path" in args
+            else None
+        )
         self._out = log.open("ab")
         self.popen = subprocess.Popen(
             muster_command(args, netns),
@@ -188,7 +195,16 @@ class MusterProcess:
             os.killpg(self.pid, signal.SIGKILL)  # anything the command left in its group
         self.popen.wait()
         self._out.close()
+        self._stop_haproxy()
         return code
+
+    def _stop_haproxy(self) -> None:
+        if self.storage is None:
+            return
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            master = int((self.storage / "proxy" / "haproxy.pid").read_text().split()[0])
+            if b"haproxy" in Path(f"/proc/{master}/cmdline").read_bytes():  # not a reused pid
+                os.killpg(master, signal.SIGKILL)
 
 
 @dataclass
