@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import threading
 from dataclasses import dataclass
 from typing import Any
 
+from muster.domain.marks import FullReads
 from muster.domain.platform import Platform
 from muster.domain.waiters import Waiters
 
@@ -37,8 +37,7 @@ class InstanceVersions:
         self.period_s = period_s
         self._versions: dict[str, int] = {}
         self._refreshed = False
-        self._marks: tuple[object, ...] | None = None
-        self._read_at = 0.0
+        self._full_reads = FullReads(FULL_READ_S)
         # One refresh at a time: each wakes for the moves since the one before it.
         self._refreshing = threading.Lock()
         self._waiters: Waiters[str] = Waiters()
@@ -66,11 +65,10 @@ class InstanceVersions:
             now = self.platform.clock.monotonic()
             with self.platform.store.read() as tx:
                 marks = tx.get_placement_marks()
-                if marks == self._marks and now - self._read_at < FULL_READ_S:
+                if not self._full_reads.needed(marks, now):
                     return
                 rows = tx.list_allocator_columns(["instances_version"])
-            # Give or take a fifth: this full read drifts apart from the other refreshers'.
-            self._marks, self._read_at = marks, now - random.uniform(-0.2, 0.2) * FULL_READ_S  # noqa: S311
+            self._full_reads.done(marks, now)
             versions = {aid: int(version) for aid, version in rows}
             before, self._versions = self._versions, versions  # swapped whole
             self._refreshed = True

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import random
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 from muster.domain import networking, proxy_tls
+from muster.domain.marks import FullReads
 from muster.domain.models import DeploymentRecord, InstanceRecord
 from muster.domain.platform import Platform
 from muster.domain.runners import PROXY_ROLE
@@ -156,9 +156,8 @@ class Routes:
         # wrote instance states): an older read never replaces a newer table.
         self._refreshing = threading.Lock()
         self._history: OrderedDict[str, frozenset[tuple[str, str]]] = OrderedDict()
-        self._marks: tuple[object, ...] | None = None
+        self._full_reads = FullReads(FULL_READ_S)
         self._settings: tuple[object, ...] | None = None
-        self._read_at = 0.0
 
     @property
     def table(self) -> RoutingTable | None:
@@ -185,8 +184,7 @@ class Routes:
             now = self.platform.clock.monotonic()
             with self.platform.store.read() as tx:
                 marks = tx.get_routing_marks()
-                fresh = now - self._read_at < FULL_READ_S
-                if self._table is not None and marks == self._marks and fresh:
+                if self._table is not None and not self._full_reads.needed(marks, now):
                     settings = (
                         networking.read_domain(tx).value,
                         proxy_tls.read_proxy_fingerprint(tx),
@@ -194,10 +192,7 @@ class Routes:
                     if settings == self._settings:
                         return
                 table, proxies = read_table(tx)
-            # The next full read comes after FULL_READ_S, give or take a fifth: the refreshers'
-            # full reads (this one, the versions', the certificates') drift apart instead of
-            # falling in the same second of every process.
-            self._marks, self._read_at = marks, now - random.uniform(-0.2, 0.2) * FULL_READ_S  # noqa: S311
+            self._full_reads.done(marks, now)
             self._settings = (table.content.get("domain"), table.content.get("tls_fingerprint"))
             self._install(table, proxies)
 
