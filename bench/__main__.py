@@ -44,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         help="instance states in each host's heartbeat, all running (default 0); the store "
         "holds none of them, so the coordinator keeps and compares them but writes nothing",
     )
+    parser.add_argument(
+        "--connect-rate",
+        type=float,
+        metavar="PER_SECOND",
+        help="new connections a second across the generators while a level connects (default "
+        "0: as fast as the handshakes go); a large fleet's agents start over a while, and "
+        "handshakes at full speed starve the hosts already heartbeating on these shared cores",
+    )
     parser.add_argument("--listing", type=int, help="requests per allocator listing query")
     parser.add_argument("--saturate", type=float, help="seconds per floor/heartbeat round")
     parser.add_argument("--rounds", type=int, help="floor/heartbeat rounds")
@@ -94,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "sustain_interval_s": args.sustain_interval,
         "fleet": args.fleet,
         "instances": args.instances,
+        "connect_rate": args.connect_rate,
         "listing_requests": args.listing,
         "saturate_s": args.saturate,
         "saturate_rounds": args.rounds,

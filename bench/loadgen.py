@@ -1,9 +1,10 @@
 """The load generator: worker processes that each hold a share of the hosts' TLS connections.
 
 The parent sends commands over a pipe and gets plain data back:
-  ("connect", n)          connect this worker's hosts up to n and start heartbeating each every
-                          `interval_s` (open loop, random phase), each on its own keep-alive mTLS
-                          connection with its own client certificate, as an agent keeps one
+  ("connect", n[, rate])  connect this worker's hosts up to n (at most `rate` a second) and start
+                          heartbeating each every `interval_s` (open loop, random phase), each on
+                          its own keep-alive mTLS connection with its own client certificate, as
+                          an agent keeps one
   ("route", kind)         what the hosts send from now on: "heartbeat", or "ping" (the floor
                           route: the same connections at the same rate, open loop)
   ("window", t0, t1, kind)   the requests of `kind` whose intended send time fell between t0
@@ -189,12 +190,17 @@ class Worker:
             "127.0.0.1", self.config.port, ctx, local_ip=local_ip(index), timeout_s=30
         )
 
-    async def connect(self, n: int) -> dict[str, Any]:
+    async def connect(self, n: int, rate: float = 0.0) -> dict[str, Any]:
+        """Connect the first `n` hosts, each then heartbeating at a random phase; at most
+        `rate` new connections a second (0: as fast as the handshakes go), as a fleet whose
+        agents start over a while rather than at one instant."""
         todo = [h for h in self.config.hosts[:n] if h[0] not in self.conns]
         gate = asyncio.Semaphore(self.config.connects_in_flight)
         started = time.monotonic()
 
-        async def one(index: int, identity: Path) -> None:
+        async def one(position: int, index: int, identity: Path) -> None:
+            if rate > 0:
+                await asyncio.sleep(max(0.0, started + position / rate - time.monotonic()))
             async with gate:
                 try:
                     conn = await self._open(index, identity)
@@ -205,7 +211,7 @@ class Worker:
             phase = self.rng.uniform(0, self.interval_s)
             self.tasks.append(asyncio.create_task(self._beat(index, identity, phase)))
 
-        await asyncio.gather(*(one(i, p) for i, p in todo))
+        await asyncio.gather(*(one(k, i, p) for k, (i, p) in enumerate(todo)))
         return {
             "connected": len(self.conns),
             "seconds": time.monotonic() - started,
@@ -387,7 +393,7 @@ async def _serve(pipe: Connection, config: WorkerConfig) -> None:
         name = command[0]
         result: Any
         if name == "connect":
-            result = await worker.connect(command[1])
+            result = await worker.connect(*command[1:])
         elif name == "route":
             worker.route = KINDS.index(command[1])
             result = command[1]

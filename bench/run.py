@@ -78,6 +78,8 @@ class Plan:
     sustain_interval_s: float | None = None
     processes: int = 2  # load-generator processes, at least one per HOSTS_PER_PROCESS hosts
     instances: int = 0  # instance states in each host's heartbeat (all running)
+    # New connections a second across the generators (0: as fast as the handshakes go).
+    connect_rate: float = 0.0
     open_floor_s: float = 10.0  # per level: the floor route, open loop (0: not measured)
     idle_s: float = 5.0  # the coordinator's own background CPU, before any host connects
     saturate_conns: int = 32  # per process
@@ -395,7 +397,8 @@ def _levels(
         per = [len(range(i, level, pool.size)) for i in range(pool.size)]
         rss_before = coordinator.rss_mb()
         t_connect = time.monotonic()
-        connected = pool.ask_each([("connect", k) for k in per])
+        rate = plan.connect_rate / pool.size
+        connected = pool.ask_each([("connect", k, rate) for k in per])
         connect_s = time.monotonic() - t_connect
         hosts = sum(c["connected"] for c in connected)
         connect_failures = sum(sum(c["connect_failures"].values()) for c in connected)
