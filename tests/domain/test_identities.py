@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
+from typing import Any, cast
 
 import pytest
 from cryptography import x509
@@ -16,7 +17,12 @@ from cryptography import x509
 from muster.clock import FakeClock
 from muster.domain import enrollment, pki
 from muster.domain.desired import InstanceVersions
-from muster.domain.identities import CoordinatorDirectory, Refresher, RunnerIdentities
+from muster.domain.identities import (
+    FULL_RELOAD_S,
+    CoordinatorDirectory,
+    Refresher,
+    RunnerIdentities,
+)
 from muster.domain.models import HostReport, RunnerRecord
 from muster.domain.platform import Platform, create_platform, load_platform
 from muster.domain.runners import JoinRequest, delete_runner, join_host
@@ -186,6 +192,110 @@ def test_with_the_store_down_the_last_good_snapshot_answers_without_store_calls(
     assert identities.authenticate(later).name == "host-g"
 
 
+def test_joins_since_the_last_read_are_added_without_reading_every_runner(
+    platform: Platform, identities: RunnerIdentities, clock: FakeClock
+) -> None:
+    first = joined(platform, "host-j1")
+    clock.advance(5)
+    joined(platform, "host-j1b")  # the newest certificate at the read: read again after it
+    identities.refresh()
+    # A change no mark moves (never made by Muster: a serial rewritten in place) shows which
+    # read a refresh made: only a read of every runner sees it.
+    with platform.store.write() as tx:
+        tx.update_runner("host-j1", cert_serial="rewritten")
+    clock.advance(5)  # a later certificate, as any join's after the last read (no full read due)
+    second = joined(platform, "host-j2")
+    assert identities.refresh() is True
+    assert identities.vouch(second) is not None  # the join, read along the expiry
+    assert identities.vouch(first) is not None  # host-j1's row was not read again
+    assert platform.liveness.fleet_size == 3
+    identities.refresh(full=True)
+    assert identities.vouch(first) is None
+
+
+def test_a_deletion_with_a_join_reads_every_runner_again(
+    platform: Platform, identities: RunnerIdentities
+) -> None:
+    gone = joined(platform, "host-k1")
+    identities.refresh()
+    delete_runner(platform, ADMIN, "host-k1", source="elsewhere")
+    later = joined(platform, "host-k2")
+    assert identities.refresh() is True
+    assert identities.vouch(gone) is None
+    assert identities.vouch(later) is not None
+    assert platform.liveness.fleet_size == 1
+
+
+class ReadingHook:
+    """The store, calling `during` whenever a transaction lists every runner's serials."""
+
+    def __init__(self, store: Store, during: Callable[[], None]) -> None:
+        self.store, self.url, self.during = store, store.url, during
+
+    @contextmanager
+    def read(self) -> Iterator[Transaction]:
+        with self.store.read() as tx:
+            yield cast(Transaction, _HookedTransaction(tx, self.during))
+
+    def write(self) -> AbstractContextManager[Transaction]:
+        return self.store.write()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class _HookedTransaction:
+    def __init__(self, tx: Transaction, during: Callable[[], None]) -> None:
+        self._tx, self._during = tx, during
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tx, name)
+
+    def list_runner_serials(self, **kwargs: Any) -> list[tuple[str, str, str | None]]:
+        if not kwargs:
+            self._during()
+        return self._tx.list_runner_serials(**kwargs)
+
+
+def test_the_snapshot_stays_confirmed_while_every_serial_is_read_again(
+    installed: Installed, clock: FakeClock
+) -> None:
+    seen: list[Principal | None] = []
+    hooked = ReadingHook(installed.platform.store, lambda: seen.append(identities.vouch(cert)))
+    platform = load_platform(cast(Store, hooked), clock)
+    identities = RunnerIdentities(platform, ttl_s=2.0)
+    cert = joined(platform, "host-m")
+    identities.refresh()
+    seen.clear()
+    clock.advance(FULL_RELOAD_S + 1)  # nothing moved, but the periodic full read is due
+    assert identities.vouch(cert) is None  # stale: not confirmed for ttl_s
+    assert identities.refresh() is True
+    # Confirmed by the version before the long read began: heartbeats kept the fast path.
+    assert [p.name if p else None for p in seen] == ["host-m"]
+
+
+def test_a_stuck_fleet_refresher_does_not_hold_up_the_snapshot(
+    platform: Platform, identities: RunnerIdentities
+) -> None:
+    directory = CoordinatorDirectory(platform, ["10.0.0.1:12443"])
+    release = threading.Event()
+    refresher = Refresher(identities, directory, also={"stuck": lambda: release.wait(30)})
+    refresher.start()
+    try:
+        cert = joined(platform, "host-n")  # after the first refresh, most likely: read later
+        found = threading.Event()
+        for _ in range(500):
+            if identities.vouch(cert) is not None:
+                found.set()
+                break
+            found.wait(0.01)
+        assert found.is_set()  # while the other thread still waits in "stuck"
+        assert not release.is_set()
+    finally:
+        release.set()
+        refresher.stop()
+
+
 def test_the_refresher_reads_the_store_from_its_own_thread_only(
     platform: Platform, identities: RunnerIdentities, recording: RecordingStore
 ) -> None:
@@ -206,7 +316,8 @@ def test_the_refresher_reads_the_store_from_its_own_thread_only(
     finally:
         refresher.stop()
     threads = {thread for thread, _on_loop in recording.calls[before:]}
-    assert threads == {"identities-refresh"}  # the versions' read included
+    # The snapshot's thread, and the other refreshers' (the versions' read) apart from it.
+    assert threads == {"identities-refresh", "fleet-refresh"}
     assert recording.on_the_loop() == []
 
 
@@ -284,4 +395,5 @@ def test_on_sqlite_the_directory_lists_only_this_coordinator_and_reads_no_store(
 @pytest.fixture(autouse=True)
 def _no_thread_left() -> Iterator[None]:
     yield
-    assert not [t for t in threading.enumerate() if t.name == "identities-refresh"]
+    names = {"identities-refresh", "fleet-refresh"}
+    assert not [t for t in threading.enumerate() if t.name in names]

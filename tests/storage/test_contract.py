@@ -686,6 +686,32 @@ def test_runner_serials_list_current_and_previous_of_every_runner(store: Store) 
         ]
 
 
+def test_runner_serials_from_an_expiry_on_are_those_joined_or_renewed_since(
+    store: Store,
+) -> None:
+    with store.write() as tx:
+        tx.create_runner(runner("10.0.0.4", cert_expires_at=at(100)))
+        tx.create_runner(runner("10.0.0.3", cert_expires_at=at(200)))
+        tx.create_runner(runner("10.0.0.2", cert_expires_at=at(300)))
+    with store.read() as tx:
+        assert tx.list_runner_serials(expiring_from=at(200)) == [
+            ("10.0.0.2", "10.0.0.2-serial-1", None),
+            ("10.0.0.3", "10.0.0.3-serial-1", None),  # at the expiry itself: included
+        ]
+        assert tx.list_runner_serials(expiring_from=at(301)) == []
+    with store.write() as tx:  # a renewal expires later than every earlier certificate
+        tx.update_runner(
+            "10.0.0.4",
+            cert_serial="renewed",
+            previous_cert_serial="10.0.0.4-serial-1",
+            cert_expires_at=at(400),
+        )
+    with store.read() as tx:
+        assert tx.list_runner_serials(expiring_from=at(301)) == [
+            ("10.0.0.4", "renewed", "10.0.0.4-serial-1")
+        ]
+
+
 def test_revoked_serials_are_listed_once_a_runner_is_deleted(store: Store) -> None:
     with store.write() as tx:
         tx.create_runner(runner(previous_cert_serial="old-serial"))

@@ -50,13 +50,17 @@ class RunnerIdentities:
 
     Refreshing is cheap: one aggregate read of what any change to a runner's valid serials
     moves (runner count and newest certificate expiry: joins and renewals; revoked count:
-    deletions). Only when it moved (or every FULL_RELOAD_S) are all serials read again.
+    deletions), index-backed. When only joins and renewals moved it, only the certificates from
+    the newest known expiry on are read (a large fleet's joins must not cost every process a
+    read of every runner each second); for anything else (or every FULL_RELOAD_S) all serials
+    are read again.
     """
 
     def __init__(self, platform: Platform, ttl_s: float = 2.0) -> None:
         self.platform = platform
         self.ttl_s = ttl_s
         self._serials: dict[str, tuple[str, ...]] = {}
+        self._revoked: frozenset[str] = frozenset()  # as of the last full read
         self._confirmed_at = float("-inf")  # when the store last confirmed the snapshot
         self._read_at = float("-inf")  # when all serials were last read
         self._version: tuple[int, datetime | None, int] | None = None
@@ -147,11 +151,20 @@ class RunnerIdentities:
             # refresh read again, where the other order would hide it until a full reload.
             with self.platform.store.read() as tx:
                 version = tx.get_certificates_version()
-                unchanged = version == self._version and started - self._read_at < FULL_RELOAD_S
-                if unchanged and not full:
+                if version == self._version:
+                    # Confirmed as of `started`, also when the periodic full read follows: a
+                    # read of every serial takes seconds of a busy process's time at 100,000
+                    # runners, and heartbeats must not lose the snapshot meanwhile.
                     self._confirmed_at = started
                     self._store_down = False
-                    return False
+                    if started - self._read_at < FULL_RELOAD_S and not full:
+                        return False
+                elif not full and self._only_added(version, started):
+                    # Joins and renewals: only the certificates since the newest one known.
+                    added = tx.list_runner_serials(expiring_from=self._version_expiry())
+                    if self._merge(started, added, version):
+                        self._store_down = False
+                        return True
                 rows = tx.list_runner_serials()
                 revoked = frozenset(tx.list_revoked_serials())
         except MusterError:
@@ -160,6 +173,47 @@ class RunnerIdentities:
         self._install(started, rows, revoked)
         self._version = version
         self._store_down = False
+        return True
+
+    def _only_added(self, version: tuple[int, datetime | None, int], started: float) -> bool:
+        """Whether the move from the last version can only be certificates added (joins,
+        renewals: the count and the newest expiry grew, nothing was revoked) and no full read
+        is due: then reading the certificates from the newest known expiry on is enough."""
+        last = self._version
+        return (
+            last is not None
+            and last[1] is not None
+            and version[1] is not None
+            and version[2] == last[2]
+            and version[0] >= last[0]
+            and version[1] >= last[1]
+            and started - self._read_at < FULL_RELOAD_S
+        )
+
+    def _version_expiry(self) -> datetime | None:
+        return None if self._version is None else self._version[1]
+
+    def _merge(
+        self,
+        started: float,
+        rows: list[tuple[str, str, str | None]],
+        version: tuple[int, datetime | None, int],
+    ) -> bool:
+        """Add the certificates read since the newest known expiry to the snapshot; False (the
+        snapshot untouched in what it vouches for) unless it then holds exactly the runners the
+        version counts: something else moved too, and only a full read can tell."""
+        with self._lock:
+            merged = dict(self._serials)
+            for rid, current, previous in rows:
+                if self._forgotten.get(rid, float("-inf")) >= started:
+                    continue  # forgotten while this read ran
+                merged[rid] = tuple(s for s in (current, previous) if s and s not in self._revoked)
+            if len(merged) != version[0]:
+                return False
+            self._serials = merged
+            self._confirmed_at = started
+            self._version = version
+        self.platform.liveness.set_fleet_size(len(merged))
         return True
 
     def _install(
@@ -177,6 +231,7 @@ class RunnerIdentities:
                 else:
                     del self._forgotten[rid]
             self._serials = serials
+            self._revoked = revoked
             self._confirmed_at = self._read_at = started
         # Every runner with a valid certificate: the fleet the heartbeat interval is set for.
         self.platform.liveness.set_fleet_size(len(serials))
@@ -229,10 +284,14 @@ class CoordinatorDirectory:
 
 
 class Refresher:
-    """One daemon thread that keeps a RunnerIdentities, a CoordinatorDirectory and what else the
-    heartbeat replies carry (`also`: the desired-instances versions) current: the only place
-    they read the store while the server runs. The snapshot and `also` are refreshed every
-    `identities.ttl_s / 2`, the directory every `directory.ttl_s`."""
+    """Two daemon threads that keep a RunnerIdentities, a CoordinatorDirectory and what else the
+    heartbeat replies carry (`also`: the desired-instances versions, the routing table) current:
+    the only places they read the store while the server runs. The snapshot is confirmed every
+    `identities.ttl_s / 2` by a thread of its own ("identities-refresh"), so that no slower
+    read (a routing table's, at a large fleet on busy cores) can let it lapse past `ttl_s`: a
+    heartbeat whose certificate memory cannot vouch for takes the store's slower path. The other
+    thread ("fleet-refresh") refreshes `also` at the same period and the directory every
+    `directory.ttl_s`."""
 
     def __init__(
         self,
@@ -244,26 +303,36 @@ class Refresher:
         self.directory = directory
         self.also = dict(also or {})
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._failing: set[str] = set()
+        self._failing_lock = threading.Lock()
 
     def start(self) -> None:
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="identities-refresh", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._identities, name="identities-refresh", daemon=True),
+            threading.Thread(target=self._fleet, name="fleet-refresh", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._threads = []
 
-    def _run(self) -> None:
+    def _identities(self) -> None:
+        period_s = self.identities.ttl_s / 2
+        while not self._stop.is_set():
+            self._attempt("runner certificates", self.identities.refresh)
+            self._stop.wait(period_s)
+
+    def _fleet(self) -> None:
         period_s = self.identities.ttl_s / 2
         directory_every = max(1, round(self.directory.ttl_s / period_s))
         rounds = 0
         while not self._stop.is_set():
-            self._attempt("runner certificates", self.identities.refresh)
             for what, refresh in self.also.items():
                 self._attempt(what, refresh)
             if rounds % directory_every == 0:
@@ -276,11 +345,15 @@ class Refresher:
         try:
             refresh()
         except Exception as exc:  # any: were the thread to end, heartbeats would read the store
-            if what not in self._failing:
+            with self._failing_lock:
+                first = what not in self._failing
                 self._failing.add(what)
+            if first:
                 reason = exc.message if isinstance(exc, MusterError) else type(exc).__name__
                 log.warning("could not read %s, answering from memory: %s", what, reason)
             return
-        if what in self._failing:
+        with self._failing_lock:
+            back = what in self._failing
             self._failing.discard(what)
+        if back:
             log.warning("can read %s again", what)

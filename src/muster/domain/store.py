@@ -225,9 +225,12 @@ class Transaction(Protocol):
         ...
 
     # -- runner certificates, in bulk (the coordinator's in-memory snapshot) ---------------------
-    def list_runner_serials(self) -> list[tuple[str, str, str | None]]:
+    def list_runner_serials(
+        self, *, expiring_from: datetime | None = None
+    ) -> list[tuple[str, str, str | None]]:
         """(runner id, current certificate serial, previous serial or None) of every runner,
-        in one read, ordered by runner id. Revoked serials are not filtered out."""
+        or of those whose certificate expires at or after `expiring_from` (index-backed), in
+        one read, ordered by runner id. Revoked serials are not filtered out."""
         ...
 
     def list_revoked_serials(self) -> list[str]:

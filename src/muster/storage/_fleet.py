@@ -22,28 +22,42 @@ from muster.domain.models import (
 from muster.storage import _rows as rec
 from muster.storage import schema as t
 
+# What every coordinator process reads about once a second (muster.domain.identities), along
+# ix_runners_cert_expires_at (migration 0010) rather than every runner's row: the newest expiry
+# is a lookup at the index's end (asked together with the count, SQLite would scan it all) and
+# the count a scan of that small index.
+NEWEST_CERTIFICATE = select(func.max(t.runners.c.cert_expires_at))
+RUNNER_COUNT = select(func.count()).select_from(t.runners)
+
 
 class FleetReads:
     conn: Connection
 
     # -- runner certificates, in bulk --------------------------------------------------------------
-    def list_runner_serials(self) -> list[tuple[str, str, str | None]]:
+    def list_runner_serials(
+        self, *, expiring_from: datetime | None = None
+    ) -> list[tuple[str, str, str | None]]:
         c = t.runners.c
-        rows = self.conn.execute(
-            select(c.runner_id, c.cert_serial, c.previous_cert_serial).order_by(c.runner_id)
-        )
-        return [(str(r[0]), str(r[1]), None if r[2] is None else str(r[2])) for r in rows]
+        query = select(c.runner_id, c.cert_serial, c.previous_cert_serial)
+        if expiring_from is None:
+            query = query.order_by(c.runner_id)
+        else:
+            # Along the expiry's index, sorted here: ordered by id, the database would read
+            # every runner in the primary key's order to find the few.
+            query = query.where(c.cert_expires_at >= expiring_from)
+        rows = self.conn.execute(query)
+        found = [(str(r[0]), str(r[1]), None if r[2] is None else str(r[2])) for r in rows]
+        return found if expiring_from is None else sorted(found)
 
     def list_revoked_serials(self) -> list[str]:
         rows = self.conn.execute(select(t.revoked_certificates.c.serial))
         return [str(r[0]) for r in rows]
 
     def get_certificates_version(self) -> tuple[int, datetime | None, int]:
-        runners = self.conn.execute(
-            select(func.count(), func.max(t.runners.c.cert_expires_at))
-        ).one()
+        count = self.conn.execute(RUNNER_COUNT).scalar_one()
+        newest = self.conn.execute(NEWEST_CERTIFICATE).scalar_one()
         revoked = self.conn.execute(select(func.count()).select_from(t.revoked_certificates))
-        return (int(runners[0]), rec.utc(runners[1]), int(revoked.scalar_one()))
+        return (int(count), rec.utc(newest), int(revoked.scalar_one()))
 
     # -- listings at fleet scale: a few columns of every row, whole records of one page ---------
     # Reading only the columns a search needs (no JSON or dates it does not look at) is what
