@@ -257,7 +257,7 @@ class _HookedTransaction:
         return self._tx.list_runner_serials(**kwargs)
 
 
-def test_the_snapshot_stays_confirmed_while_every_serial_is_read_again(
+def test_the_periodic_full_read_is_apart_from_the_confirmations(
     installed: Installed, clock: FakeClock
 ) -> None:
     seen: list[Principal | None] = []
@@ -269,9 +269,37 @@ def test_the_snapshot_stays_confirmed_while_every_serial_is_read_again(
     seen.clear()
     clock.advance(FULL_RELOAD_S + 1)  # nothing moved, but the periodic full read is due
     assert identities.vouch(cert) is None  # stale: not confirmed for ttl_s
-    assert identities.refresh() is True
-    # Confirmed by the version before the long read began: heartbeats kept the fast path.
-    assert [p.name if p else None for p in seen] == ["host-m"]
+    assert identities.refresh() is False  # a confirmation reads the version alone
+    assert seen == []
+    assert identities.reload_if_due() is True  # the other thread's full read
+    assert [p.name if p else None for p in seen] == ["host-m"]  # vouched for meanwhile
+    assert identities.reload_if_due() is False  # not due again for FULL_RELOAD_S
+
+
+def test_a_full_read_overtaken_by_a_later_one_is_not_installed(
+    installed: Installed, clock: FakeClock
+) -> None:
+    def meanwhile() -> None:
+        # While the periodic read runs on one thread, the runner is deleted elsewhere and the
+        # other thread's refresh reads every serial again (the revocation moved the version).
+        if not done:
+            done.append(True)
+            delete_runner(platform, ADMIN, "host-p", source="elsewhere")
+            assert identities.refresh() is True
+
+    done: list[bool] = [True]  # not during the first read
+    hooked = ReadingHook(installed.platform.store, meanwhile)
+    platform = load_platform(cast(Store, hooked), clock)
+    identities = RunnerIdentities(platform, ttl_s=2.0)
+    cert = joined(platform, "host-p")
+    identities.refresh()
+    clock.advance(FULL_RELOAD_S + 1)
+    done.clear()
+    assert identities.reload_if_due() is True  # its rows, read before the deletion, hold host-p
+    assert done
+    assert identities.vouch(cert) is None
+    with pytest.raises(UnauthenticatedError):
+        identities.authenticate(cert)
 
 
 def test_a_stuck_fleet_refresher_does_not_hold_up_the_snapshot(

@@ -5,6 +5,7 @@ all no heartbeat, on the event loop) waits for the store.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -61,6 +62,8 @@ class RunnerIdentities:
         self.ttl_s = ttl_s
         self._serials: dict[str, tuple[str, ...]] = {}
         self._revoked: frozenset[str] = frozenset()  # as of the last full read
+        self._reads = itertools.count()
+        self._installed = -1  # the last full read installed, by `_reads`
         self._confirmed_at = float("-inf")  # when the store last confirmed the snapshot
         self._read_at = float("-inf")  # when all serials were last read
         self._version: tuple[int, datetime | None, int] | None = None
@@ -141,25 +144,23 @@ class RunnerIdentities:
                 del self._checked[key]
 
     def refresh(self, *, full: bool = False) -> bool:
-        """Confirm the snapshot against the store, reading all serials again only if they may
-        have changed (or if `full`). True if they were read. Raises StoreError (and the
-        snapshot then keeps answering: see the class comment)."""
+        """Confirm the snapshot against the store: its version, one index-backed read. If only
+        joins and renewals moved it, read the certificates since the newest known; if anything
+        else did (or `full`), every serial. True if serials were read. Raises StoreError (and
+        the snapshot then keeps answering: see the class comment)."""
         started = self.platform.clock.monotonic()
+        ticket = next(self._reads)  # orders the full reads of the two threads by when they began
         try:
             # The version is read before the serials (PostgreSQL's READ COMMITTED gives each
             # statement its own snapshot): a change between the two reads makes the next
             # refresh read again, where the other order would hide it until a full reload.
             with self.platform.store.read() as tx:
                 version = tx.get_certificates_version()
-                if version == self._version:
-                    # Confirmed as of `started`, also when the periodic full read follows: a
-                    # read of every serial takes seconds of a busy process's time at 100,000
-                    # runners, and heartbeats must not lose the snapshot meanwhile.
+                if version == self._version and not full:
                     self._confirmed_at = started
                     self._store_down = False
-                    if started - self._read_at < FULL_RELOAD_S and not full:
-                        return False
-                elif not full and self._only_added(version, started):
+                    return False
+                if not full and self._only_added(version):
                     # Joins and renewals: only the certificates since the newest one known.
                     added = tx.list_runner_serials(expiring_from=self._version_expiry())
                     if self._merge(started, added, version):
@@ -170,15 +171,23 @@ class RunnerIdentities:
         except MusterError:
             self._store_down = True
             raise
-        self._install(started, rows, revoked)
-        self._version = version
+        self._install(started, ticket, rows, revoked, version)
         self._store_down = False
         return True
 
-    def _only_added(self, version: tuple[int, datetime | None, int], started: float) -> bool:
+    def reload_if_due(self) -> bool:
+        """Read every serial again if FULL_RELOAD_S passed since the last such read (in case a
+        change to a runner's certificates does not move the version). For a thread other than
+        the one that confirms the snapshot: at 100,000 runners this read takes a busy process
+        seconds, and confirmations must not wait behind it. True if it read."""
+        if self.platform.clock.monotonic() - self._read_at < FULL_RELOAD_S:
+            return False
+        return self.refresh(full=True)
+
+    def _only_added(self, version: tuple[int, datetime | None, int]) -> bool:
         """Whether the move from the last version can only be certificates added (joins,
-        renewals: the count and the newest expiry grew, nothing was revoked) and no full read
-        is due: then reading the certificates from the newest known expiry on is enough."""
+        renewals: the count and the newest expiry grew, nothing was revoked): then reading the
+        certificates from the newest known expiry on is enough."""
         last = self._version
         return (
             last is not None
@@ -187,7 +196,6 @@ class RunnerIdentities:
             and version[2] == last[2]
             and version[0] >= last[0]
             and version[1] >= last[1]
-            and started - self._read_at < FULL_RELOAD_S
         )
 
     def _version_expiry(self) -> datetime | None:
@@ -217,13 +225,23 @@ class RunnerIdentities:
         return True
 
     def _install(
-        self, started: float, rows: list[tuple[str, str, str | None]], revoked: frozenset[str]
+        self,
+        started: float,
+        ticket: int,
+        rows: list[tuple[str, str, str | None]],
+        revoked: frozenset[str],
+        version: tuple[int, datetime | None, int],
     ) -> None:
         serials = {
             rid: tuple(s for s in (current, previous) if s and s not in revoked)
             for rid, current, previous in rows
         }
         with self._lock:
+            if ticket < self._installed:
+                # The other thread's full read began later and was installed first: this one
+                # may still hold a runner deleted since.
+                return
+            self._installed = ticket
             # A runner forgotten while this read ran may be in it: leave it out.
             for rid, at in list(self._forgotten.items()):
                 if at >= started:
@@ -232,7 +250,9 @@ class RunnerIdentities:
                     del self._forgotten[rid]
             self._serials = serials
             self._revoked = revoked
-            self._confirmed_at = self._read_at = started
+            self._version = version
+            self._read_at = started
+            self._confirmed_at = max(self._confirmed_at, started)
         # Every runner with a valid certificate: the fleet the heartbeat interval is set for.
         self.platform.liveness.set_fleet_size(len(serials))
 
@@ -290,8 +310,8 @@ class Refresher:
     `identities.ttl_s / 2` by a thread of its own ("identities-refresh"), so that no slower
     read (a routing table's, at a large fleet on busy cores) can let it lapse past `ttl_s`: a
     heartbeat whose certificate memory cannot vouch for takes the store's slower path. The other
-    thread ("fleet-refresh") refreshes `also` at the same period and the directory every
-    `directory.ttl_s`."""
+    thread ("fleet-refresh") reads every serial again when that is due, refreshes `also` at the
+    same period and the directory every `directory.ttl_s`."""
 
     def __init__(
         self,
@@ -333,6 +353,7 @@ class Refresher:
         directory_every = max(1, round(self.directory.ttl_s / period_s))
         rounds = 0
         while not self._stop.is_set():
+            self._attempt("every runner certificate", self.identities.reload_if_due)
             for what, refresh in self.also.items():
                 self._attempt(what, refresh)
             if rounds % directory_every == 0:
