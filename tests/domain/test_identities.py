@@ -276,6 +276,19 @@ def test_the_periodic_full_read_is_apart_from_the_confirmations(
     assert identities.reload_if_due() is False  # not due again for FULL_RELOAD_S
 
 
+def test_a_large_fleets_full_read_comes_less_often(
+    platform: Platform, identities: RunnerIdentities, clock: FakeClock
+) -> None:
+    joined(platform, "host-q")
+    identities.refresh()
+    identities._serials.update({f"filler-{n}": ("x",) for n in range(99_999)})  # 100,000 held
+    clock.advance(FULL_RELOAD_S + 1)
+    assert identities.reload_if_due() is False  # at 100,000 runners: every 100 s
+    clock.advance(100)
+    assert identities.reload_if_due() is True
+    assert platform.liveness.fleet_size == 1  # the store's, read again
+
+
 def test_a_full_read_overtaken_by_a_later_one_is_not_installed(
     installed: Installed, clock: FakeClock
 ) -> None:

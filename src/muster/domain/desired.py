@@ -68,7 +68,7 @@ class InstanceVersions:
                 if not self._full_reads.needed(marks, now):
                     return
                 rows = tx.list_allocator_columns(["instances_version"])
-            self._full_reads.done(marks, now)
+            self._full_reads.done(marks, now, len(rows))
             versions = {aid: int(version) for aid, version in rows}
             before, self._versions = self._versions, versions  # swapped whole
             self._refreshed = True

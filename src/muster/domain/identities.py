@@ -14,6 +14,7 @@ from datetime import datetime
 from cryptography import x509
 
 from muster.domain import pki
+from muster.domain.marks import safety_net_s
 from muster.domain.models import RunnerRecord
 from muster.domain.platform import Platform
 from muster.domain.users import Principal
@@ -176,11 +177,13 @@ class RunnerIdentities:
         return True
 
     def reload_if_due(self) -> bool:
-        """Read every serial again if FULL_RELOAD_S passed since the last such read (in case a
-        change to a runner's certificates does not move the version). For a thread other than
+        """Read every serial again if FULL_RELOAD_S passed since the last such read, or ROW_S a
+        runner if longer (in case a change to a runner's certificates does not move the
+        version). For a thread other than
         the one that confirms the snapshot: at 100,000 runners this read takes a busy process
         seconds, and confirmations must not wait behind it. True if it read."""
-        if self.platform.clock.monotonic() - self._read_at < FULL_RELOAD_S:
+        spacing = safety_net_s(FULL_RELOAD_S, len(self._serials))
+        if self.platform.clock.monotonic() - self._read_at < spacing:
             return False
         return self.refresh(full=True)
 

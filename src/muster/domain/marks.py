@@ -1,11 +1,22 @@
 """When a refresher reads a whole table again: the store keeps cheap marks (counts, sums, the
 latest times, computed by the database) that move with the rows a refresher reads; it reads
-the rows only when the marks moved, and at least about every `every_s` whatever they say."""
+the rows only when the marks moved, and at least about every `every_s` whatever they say, or
+every ROW_S per row read if that is longer."""
 
 from __future__ import annotations
 
 import math
 import random
+
+# The full read that comes whatever the marks say is a safety net: it is spaced by the rows it
+# reads, so that it costs each process the same small share of a core at any fleet size (a
+# read costs 2-4 µs of CPU a row: at 100,000 rows ~0.3 s, every 100 s rather than every 30).
+ROW_S = 0.001
+
+
+def safety_net_s(every_s: float, rows: int) -> float:
+    """Seconds between full reads of `rows` rows that no mark asked for."""
+    return max(every_s, rows * ROW_S)
 
 
 class FullReads:
@@ -22,7 +33,8 @@ class FullReads:
         """Whether the rows must be read again: the marks moved, or the full read is due."""
         return marks != self._marks or now >= self._due
 
-    def done(self, marks: tuple[object, ...], now: float) -> None:
-        """The rows were read along with `marks` at `now` (monotonic seconds)."""
+    def done(self, marks: tuple[object, ...], now: float, rows: int = 0) -> None:
+        """`rows` rows were read along with `marks` at `now` (monotonic seconds)."""
         self._marks = marks
-        self._due = now + self.every_s * random.uniform(0.8, 1.2)  # noqa: S311 - jitter
+        spacing = safety_net_s(self.every_s, rows)
+        self._due = now + spacing * random.uniform(0.8, 1.2)  # noqa: S311 - jitter
