@@ -179,9 +179,9 @@ class RunnerIdentities:
     def reload_if_due(self) -> bool:
         """Read every serial again if FULL_RELOAD_S passed since the last such read, or ROW_S a
         runner if longer (in case a change to a runner's certificates does not move the
-        version). For a thread other than
-        the one that confirms the snapshot: at 100,000 runners this read takes a busy process
-        seconds, and confirmations must not wait behind it. True if it read."""
+        version). For a thread other than the one that confirms the snapshot: at 100,000
+        runners this read takes a busy process seconds, and confirmations must not wait behind
+        it. True if it read."""
         spacing = safety_net_s(FULL_RELOAD_S, len(self._serials))
         if self.platform.clock.monotonic() - self._read_at < spacing:
             return False
@@ -218,7 +218,7 @@ class RunnerIdentities:
             for rid, current, previous in rows:
                 if self._forgotten.get(rid, float("-inf")) >= started:
                     continue  # forgotten while this read ran
-                merged[rid] = tuple(s for s in (current, previous) if s and s not in self._revoked)
+                merged[rid] = _valid(current, previous, self._revoked)
             if len(merged) != version[0]:
                 return False
             self._serials = merged
@@ -235,10 +235,7 @@ class RunnerIdentities:
         revoked: frozenset[str],
         version: tuple[int, datetime | None, int],
     ) -> None:
-        serials = {
-            rid: tuple(s for s in (current, previous) if s and s not in revoked)
-            for rid, current, previous in rows
-        }
+        serials = {rid: _valid(current, previous, revoked) for rid, current, previous in rows}
         with self._lock:
             if ticket < self._installed:
                 # The other thread's full read began later and was installed first: this one
@@ -258,6 +255,11 @@ class RunnerIdentities:
             self._confirmed_at = max(self._confirmed_at, started)
         # Every runner with a valid certificate: the fleet the heartbeat interval is set for.
         self.platform.liveness.set_fleet_size(len(serials))
+
+
+def _valid(current: str, previous: str | None, revoked: frozenset[str]) -> tuple[str, ...]:
+    """A runner's serials that are not revoked: the current one, and the one before it."""
+    return tuple(s for s in (current, previous) if s and s not in revoked)
 
 
 class CoordinatorDirectory:
