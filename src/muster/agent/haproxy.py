@@ -34,6 +34,11 @@ _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*", re.IGNORECASE)
 _LOG_MAX_BYTES = 4 << 20  # haproxy's log (its alerts, servers going up and down) at a start
+# An ALERT line's prefix ("[ALERT]    (1234) : ") and the file it names ("[/state/haproxy.cfg:12]"):
+# the state directory's path would crowd haproxy's reason out of the short error a host reports.
+_ALERT_PREFIX = re.compile(r"^.*?\[ALERT\]\s*\(\d+\)\s*:\s*")
+_SUMMARIES = ("Exiting.", "Fatal errors found", "Failed to initialize server(s) addr")
+_CONFIG_LINE = re.compile(r"\[[^\]\s]*/[^\]\s/]+:(\d+)\]")
 NOT_FOUND_CODE = "deployments.deployment_not_found"
 UNAVAILABLE_CODE = "deployments.no_healthy_instance"
 
@@ -357,7 +362,7 @@ class Haproxy:
         )
         if result.returncode != 0:
             output = (result.stderr + result.stdout).splitlines()
-            alerts = [line.strip() for line in output if "[ALERT]" in line] or output[-3:]
+            alerts = _causes(output) or output[-3:]
             raise HaproxyError(f"haproxy refused the configuration: {' / '.join(alerts)[-800:]}")
 
     def is_running(self) -> bool:
@@ -420,9 +425,7 @@ class Haproxy:
             with contextlib.suppress(OSError):
                 reloads, failed = self._master_counts()
                 if failed > before[1]:
-                    raise HaproxyError(
-                        f"haproxy could not load the new configuration: {self.alerts()}"
-                    )
+                    raise HaproxyError(f"haproxy refused the new configuration: {self.alerts()}")
                 if reloads > before[0] and self._current_worker() is not None:
                     return
             time.sleep(0.05)
@@ -452,7 +455,7 @@ class Haproxy:
                 tail = log_file.read().decode(errors="replace")
         except OSError:
             return "no log"
-        alerts = [line for line in tail.splitlines() if "[ALERT]" in line]
+        alerts = _causes(tail.splitlines())
         return " / ".join(alerts[-3:])[-800:] or "no alert in its log"
 
     def kill_stale(self) -> None:
@@ -542,6 +545,20 @@ class Haproxy:
             if section == "workers" and len(fields) > 2 and fields[1:3] == ["worker", "0"]:
                 return int(fields[0])
         return None
+
+
+def _causes(output: list[str]) -> list[str]:
+    """haproxy's ALERT lines in `output`, in its words (`_said`), without the summaries it adds
+    after the cause ("Exiting.", "Fatal errors found") unless nothing else was said."""
+    alerts = [_said(line) for line in output if "[ALERT]" in line]
+    return [a for a in alerts if not any(s in a for s in _SUMMARIES)] or alerts
+
+
+def _said(alert: str) -> str:
+    """What an ALERT line says, without its prefix, and with the file it names cut to its line:
+    "[ALERT]    (1234) : config : [/state/haproxy.cfg:12] : 'server b/s1' : could not resolve"
+    becomes "config : line 12 : 'server b/s1' : could not resolve"."""
+    return _CONFIG_LINE.sub(r"line \1", _ALERT_PREFIX.sub("", alert.strip()))
 
 
 def _cli(path: Path, command: str) -> str:
