@@ -10,11 +10,16 @@ import secrets
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from muster.agent.instances_loop import POLL_WAIT_S, InstanceKeeper
+from muster.agent.instances import InstanceState
+from muster.agent.instances_loop import POLL_WAIT_S, InstanceKeeper, _state_json, _unreached
+from muster.agent.proxy import ProxyKeeper
 from muster.agent.runtime import Runtime
+from muster.api.schemas import InstanceStateModel, ProxyReportModel
 from muster.clock import FakeClock
+from muster.domain.models import MAX_REPORTED_ERROR, cut_error
 from muster.errors import CoordinatorUnreachableError
 from tests.agent import test_runtime
 from tests.agent.test_runtime import owned, spec
@@ -194,3 +199,41 @@ def test_the_long_poll_brings_a_new_version_without_a_heartbeat(
     finally:
         coordinator.set(3, [])  # the parked poll returns; the keeper stops
         keeper.stop()
+
+
+def test_an_instances_long_error_is_cut_to_what_the_coordinator_accepts() -> None:
+    """A pull of a missing image fails with a long message: reported whole, the coordinator
+    refused every heartbeat of the host (422), which then counted as disconnected."""
+    long = "pull of registry.invalid/none failed: " + "layer x " * 100 + "repository does not exist"
+    state = InstanceState(
+        "d" * 32, "r" * 32, "instance-0000000000", 1, 512, False, False, 3, long, None
+    )
+    model = InstanceStateModel.model_validate(_state_json(state))  # raised before
+    assert model.last_error == cut_error(long)
+    assert model.last_error.startswith("pull of registry.invalid/none failed: ")
+    assert model.last_error.endswith("repository does not exist")
+    unreached = _unreached(spec("registry.invalid/none:1", "d" * 32), long)
+    assert InstanceStateModel.model_validate(unreached).last_error == cut_error(long)
+
+
+def test_a_proxys_long_error_is_cut_to_what_the_coordinator_accepts(tmp_path: Path) -> None:
+    keeper = ProxyKeeper(_unused, _unused, state_dir=tmp_path)  # never started
+    long = "routing table 0123 not served: haproxy refused the configuration: " + "x" * 1000
+    keeper._set_error(long + " could not resolve address 'no-such-host.invalid'.")
+    model = ProxyReportModel.model_validate(keeper.report().to_json())  # raised before
+    assert model.error is not None
+    assert model.error.startswith("routing table 0123 not served")
+    assert model.error.endswith("could not resolve address 'no-such-host.invalid'.")
+
+
+def _unused(*_: object) -> dict[str, Any]:
+    raise AssertionError("a keeper that is never started fetches nothing")
+
+
+def test_an_error_within_the_bound_is_reported_whole_and_a_longer_one_keeps_both_ends() -> None:
+    assert cut_error("x" * MAX_REPORTED_ERROR) == "x" * MAX_REPORTED_ERROR
+    cut = cut_error("a" * 150 + "b" * 150)
+    assert len(cut) == MAX_REPORTED_ERROR
+    assert cut.startswith("a" * 70)
+    assert cut.endswith("b" * 100)
+    assert " ... " in cut

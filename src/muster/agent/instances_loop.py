@@ -14,13 +14,13 @@ from typing import Any
 
 from muster.agent.instances import InstanceSpec, InstanceState
 from muster.agent.runtime import Runtime
+from muster.domain.models import cut_error
 from muster.errors import InvalidInputError, MusterError
 
 log = logging.getLogger(__name__)
 
 DOCKER_CHECK = "docker"  # the host check the coordinator's placement reads (domain.liveness)
 MAX_REPORTED = 500  # instances one heartbeat reports (the coordinator's bound)
-MAX_ERROR = 1024
 # While an instance's container runs but its service does not answer yet, the next round comes
 # sooner than the period: after FIRST_RECHECK_S, doubling up to the period, so a service that
 # starts listening is reported within about a second, and one that never does costs a few
@@ -250,7 +250,7 @@ def _unreached(spec: InstanceSpec, why: str) -> dict[str, Any]:
         "container_started": False,
         "service_running": False,
         "restarts": 0,
-        "last_error": why[:MAX_ERROR],
+        "last_error": cut_error(why),
         "container_id": None,
     }
 
@@ -275,6 +275,6 @@ def _state_json(state: InstanceState) -> dict[str, Any]:
         "container_started": state.container_started,
         "service_running": state.service_running,
         "restarts": state.restarts,
-        "last_error": error[:MAX_ERROR] if error else None,
+        "last_error": cut_error(error) if error else None,
         "container_id": state.container_id,
     }

@@ -26,13 +26,12 @@ from muster.agent.haproxy import (
     runtime_deletions,
     write_atomically,
 )
-from muster.domain.models import ProxyReport
+from muster.domain.models import ProxyReport, cut_error
 from muster.errors import InvalidInputError, MusterError
 
 log = logging.getLogger(__name__)
 
 ROUTES_WAIT_S = 25.0  # the long poll's wait; the coordinator bounds it at 30 s
-MAX_ERROR = 1024
 _BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 _STABLE_S = 30.0  # haproxy up this long: its restart backoff starts over
 _RETRY_REJECTED_S = 30.0  # a configuration haproxy refused is tried again after this
@@ -119,7 +118,7 @@ class ProxyKeeper:
             running=self._haproxy.is_running(),
             routes_version=None if served is None else served.version,
             backends=0 if served is None else served.backend_count,
-            error=None if error is None else error[:MAX_ERROR],
+            error=None if error is None else cut_error(error),
         )
 
     def start(self) -> None:
@@ -400,7 +399,7 @@ class ProxyKeeper:
             delay = _BACKOFF_S[min(self._certificate_failures, len(_BACKOFF_S)) - 1]
             self._certificate_retry_at = time.monotonic() + delay
             reason = exc.message if isinstance(exc, MusterError) else str(exc)
-            self._certificate_error = f"could not fetch the proxy certificate: {reason}"[:MAX_ERROR]
+            self._certificate_error = cut_error(f"could not fetch the proxy certificate: {reason}")
             self._set_error(self._certificate_error)
             return
         self._certificate_failures = 0
@@ -412,7 +411,7 @@ class ProxyKeeper:
     def _set_error(self, error: str) -> None:
         log.warning("%s", error)
         with self._lock:
-            self._error = error[:MAX_ERROR]
+            self._error = cut_error(error)
 
     def _remove_unused_files(self, config: str) -> None:
         """Maps and certificates of earlier tables, once the live configuration names none."""

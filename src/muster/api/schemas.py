@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from muster.domain.instance_reports import MAX_REPORTS
 from muster.domain.liveness import NO_INSTANCES
-from muster.domain.models import HostReport, InstanceReport, ProxyReport
+from muster.domain.models import MAX_REPORTED_ERROR, HostReport, InstanceReport, ProxyReport
 
 INT32_MAX = 2**31 - 1
 
@@ -226,8 +226,8 @@ MAX_CHECKS = 64
 MAX_CHECK_NAME = 64
 MAX_VERSION = 64
 MAX_REPORT_BYTES = 1024 * 1024  # the body limit (api.app.MAX_BODY_BYTES)
-MAX_INSTANCE_ERROR = 200
-MAX_PROXY_ERROR = 200
+MAX_INSTANCE_ERROR = MAX_REPORTED_ERROR
+MAX_PROXY_ERROR = MAX_REPORTED_ERROR
 MAX_ROUTES_VERSION = 64  # InstanceId's bound
 # Ids Muster made (hex, instance-0000000000, container ids): ASCII, so never escaped in JSON.
 InstanceId = Annotated[

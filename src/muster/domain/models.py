@@ -68,6 +68,22 @@ class SessionRecord:
     generation: int = 0
 
 
+# The longest error text a host reports for one of its instances or for its proxy: the agent
+# cuts its errors to it and the API refuses longer (a report's size bound is reckoned from it).
+MAX_REPORTED_ERROR = 200
+_CUT = " ... "
+
+
+def cut_error(text: str) -> str:
+    """`text` within MAX_REPORTED_ERROR: a longer one keeps its start (what failed) and its end
+    (the reason, which tools print last), with the middle left out."""
+    if len(text) <= MAX_REPORTED_ERROR:
+        return text
+    head = (MAX_REPORTED_ERROR - len(_CUT)) * 2 // 5
+    tail = MAX_REPORTED_ERROR - len(_CUT) - head
+    return text[:head] + _CUT + text[-tail:]
+
+
 @dataclass(frozen=True)
 class ProxyReport:
     """What a proxy host says of its proxy process on each heartbeat: whether it is up, the
