@@ -5,7 +5,11 @@
 // every --interval seconds at a random phase, open loop. Latency counts from each heartbeat's
 // intended send time. Prints one JSON object: p50/p99/p99.9/max, failed, missed, and the CPU
 // this generator used (process.cpuUsage of each of its processes) and, with --coordinator-pid,
-// the coordinator's (its processes' utime + stime from /proc).
+// the coordinator's (its processes' utime + stime from /proc). The generator's own share of the
+// latency is printed beside it: how late it sent each heartbeat (send lag) and how long its event
+// loop stalled (perf_hooks' event-loop delay), and the seconds of the window in which heartbeats
+// took over SLOW_MS (how many, and the latest the generator sent one of them), to tell a
+// periodic stall from a spread tail, and the coordinator's stalls from the generator's own.
 //
 //   node bench/independent/heartbeat.mjs --fleet DIR --port PORT --hosts 25000 --interval 10 \
 //     --seconds 120 [--ca FILE] [--processes 2] [--coordinator-pid PID]
@@ -20,13 +24,14 @@ import { fork } from 'node:child_process';
 import fs from 'node:fs';
 import https from 'node:https';
 import path from 'node:path';
-import { performance } from 'node:perf_hooks';
+import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 
 const PER_PROCESS = 16000; // connections per process: under the 20,000 open-files limit
 const CONNECTING = 32; // first connections (TLS handshakes) in flight per process
 const SETTLE_S = 5; // after every host is connected, before the measured window
+const SLOW_MS = 50; // heartbeats slower than this are counted per second of the window
 
 const { values: opt } = parseArgs({
   options: {
@@ -77,7 +82,7 @@ async function child(first, count) {
 
   // The measured window, once the parent names it; until then nothing counts.
   let from = Infinity, to = Infinity;
-  const latencies = [], failures = {};
+  const latencies = [], lags = [], slow = {}, failures = {};
   let missed = 0, cpuFrom = null, cpuTo = null;
   const schedule = (host) => {
     // From its connection on, each host heartbeats every interval at a random phase, so its
@@ -90,11 +95,20 @@ async function child(first, count) {
       setTimeout(tick, due - now());
       if (host.busy) { if (intended >= from && intended < to) missed++; return; }
       host.busy = true;
+      const lag = now() - intended;
       const status = await beat(host);
       host.busy = false;
       if (intended < from || intended >= to) return;
-      if (status === 200) latencies.push(now() - intended);
-      else failures[status] = (failures[status] ?? 0) + 1;
+      lags.push(lag);
+      if (status !== 200) { failures[status] = (failures[status] ?? 0) + 1; return; }
+      const latency = now() - intended;
+      latencies.push(latency);
+      if (latency > SLOW_MS) {
+        // [heartbeats over SLOW_MS, the latest this generator sent one of them] per second
+        const second = Math.floor((intended - from) / 1000);
+        const [n, late] = slow[second] ?? [0, 0];
+        slow[second] = [n + 1, Math.max(late, lag)];
+      }
     };
     setTimeout(tick, due - now());
   };
@@ -110,11 +124,15 @@ async function child(first, count) {
   }));
   process.send({ connected: hosts.length, connectFailed });
   ({ from, to } = await new Promise((resolve) => process.once('message', resolve)));
-  setTimeout(() => { cpuFrom = process.cpuUsage(); }, from - now());
-  setTimeout(() => { cpuTo = process.cpuUsage(cpuFrom); }, to - now());
+  const loopDelay = monitorEventLoopDelay({ resolution: 10 });
+  setTimeout(() => { cpuFrom = process.cpuUsage(); loopDelay.enable(); }, from - now());
+  setTimeout(() => { cpuTo = process.cpuUsage(cpuFrom); loopDelay.disable(); }, to - now());
   await new Promise((resolve) => setTimeout(resolve, to - now() + interval + 1000));
   for (const host of hosts) host.agent.destroy();
-  process.send({ latencies, failures, missed, cpuUs: cpuTo.user + cpuTo.system });
+  process.send({
+    latencies, lags, slow, failures, missed, cpuUs: cpuTo.user + cpuTo.system,
+    loopDelayMs: { p99: loopDelay.percentile(99) / 1e6, max: loopDelay.max / 1e6 },
+  });
 }
 
 function coordinatorCpuS(pid) {
@@ -169,11 +187,21 @@ async function parent() {
   const failures = {};
   for (const a of answers) for (const [k, v] of Object.entries(a.failures)) failures[k] = (failures[k] ?? 0) + v;
   const count = latencies.length;
-  const ms = (p) => Math.round(percentile(latencies, p) * 100) / 100;
+  const round = (x) => Math.round(x * 100) / 100;
+  const ms = (p) => round(percentile(latencies, p));
+  const lags = Float64Array.from(answers.flatMap((a) => a.lags)).sort();
+  const slow = {};
+  for (const a of answers) {
+    for (const [k, [n, late]] of Object.entries(a.slow)) {
+      const [total, latest] = slow[k] ?? [0, 0];
+      slow[k] = [total + n, round(Math.max(latest, late))];
+    }
+  }
   const generatorS = answers.reduce((sum, a) => sum + a.cpuUs, 0) / 1e6;
   const out = {
     generator: 'node ' + process.version,
     hosts, processes, interval_s: interval / 1000, window_s: Number(opt.seconds),
+    window_from_unix_s: round(from / 1000),
     connected: connected.reduce((s, c) => s + c.connected, 0),
     connect_failed: connected.reduce((s, c) => s + c.connectFailed, 0),
     heartbeats: count, rate: Math.round(count / Number(opt.seconds)),
@@ -182,6 +210,12 @@ async function parent() {
     missed: answers.reduce((s, a) => s + a.missed, 0),
     generator_cpu_s: Math.round(generatorS * 100) / 100,
     generator_cpu_us_per_heartbeat: Math.round((generatorS / Math.max(1, count)) * 1e6),
+    generator_send_lag_ms: { p99: round(percentile(lags, 99)), max: round(percentile(lags, 100)) },
+    generator_loop_delay_ms: {
+      p99: round(Math.max(...answers.map((a) => a.loopDelayMs.p99))),
+      max: round(Math.max(...answers.map((a) => a.loopDelayMs.max))),
+    },
+    [`seconds_with_heartbeats_over_${SLOW_MS}_ms`]: slow,
   };
   if (coordinator !== null) {
     out.coordinator_cpu_s = Math.round(coordinator * 100) / 100;

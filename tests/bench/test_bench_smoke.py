@@ -94,3 +94,11 @@ def test_independent_generator_heartbeats_twenty_hosts_without_errors(tmp_path: 
     assert result["missed"] == 0
     assert result["coordinator_cpu_s"] >= 0
     assert result["generator_cpu_s"] > 0
+    # The generator's own share of the latency, beside it: how late it sent, how long it stalled.
+    lag, stall = result["generator_send_lag_ms"], result["generator_loop_delay_ms"]
+    assert 0 <= lag["p99"] <= lag["max"]
+    assert 0 < stall["p99"] <= stall["max"]
+    slow = result["seconds_with_heartbeats_over_50_ms"]
+    window = result["window_s"]
+    assert all(0 <= int(s) < window and n > 0 for s, (n, _late) in slow.items())
+    assert result["window_from_unix_s"] > 0
