@@ -686,6 +686,38 @@ def test_runner_serials_list_current_and_previous_of_every_runner(store: Store) 
         ]
 
 
+def test_every_runners_serials_are_exact_whatever_their_ids_hold(store: Store) -> None:
+    """Every serial is read as one aggregated value split on a space and a newline; ids that
+    hold them (written around the API, which allows neither) are read row by row instead."""
+    with store.write() as tx:
+        for n in range(30):
+            previous = f"old-{n}" if n % 2 else None
+            tx.create_runner(runner(f"10.0.1.{n}", previous_cert_serial=previous))
+    with store.read() as tx:
+        expected = sorted(
+            (f"10.0.1.{n}", f"10.0.1.{n}-serial-1", f"old-{n}" if n % 2 else None)
+            for n in range(30)
+        )
+        assert tx.list_runner_serials() == expected
+    for odd in ("host with spaces", "host\nand a line"):
+        with store.write() as tx:
+            tx.create_runner(runner(odd))
+        expected = sorted([*expected, (odd, f"{odd}-serial-1", None)])
+        with store.read() as tx:
+            assert tx.list_runner_serials() == expected
+
+
+def test_every_allocators_version_is_listed_by_id(store: Store) -> None:
+    with store.read() as tx:
+        assert tx.list_allocator_versions() == []
+    with store.write() as tx:
+        tx.create_allocators([allocator("a b"), allocator("10.0.0.3"), allocator("10.0.0.2")])
+    with store.read() as tx:
+        versions = tx.list_allocator_versions()
+        assert versions == [("10.0.0.2", 0), ("10.0.0.3", 0), ("a b", 0)]
+        assert versions == [(aid, v) for aid, v in tx.list_allocator_columns(["instances_version"])]
+
+
 def test_runner_serials_from_an_expiry_on_are_those_joined_or_renewed_since(
     store: Store,
 ) -> None:

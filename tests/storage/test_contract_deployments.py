@@ -268,7 +268,9 @@ def test_resource_is_deleted_with_its_attempts_once_it_holds_no_instance(store: 
 
 def versions(store: Store) -> dict[str, int]:
     with store.read() as tx:
-        return {aid: v for aid, v in tx.list_allocator_columns(["instances_version"])}
+        versions = dict(tx.list_allocator_versions())
+        assert versions == dict(tx.list_allocator_columns(["instances_version"]))
+        return versions
 
 
 def test_instances_version_moves_with_every_change_of_what_an_allocator_runs(store: Store) -> None:

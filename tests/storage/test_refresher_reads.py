@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import Engine, event
 
 from muster.storage import Store, open_store
-from tests.storage.test_contract import T0
+from tests.storage.test_contract import T0, allocator, runner
 
 
 @pytest.fixture
@@ -57,3 +57,31 @@ def test_the_refreshers_reads_go_along_indexes(sqlite_store: tuple[Store, Path])
     )
     full_reads = [s for s in steps if s in ("SCAN runners", "SCAN allocators")]
     assert full_reads == [], plans
+
+
+def test_the_safety_net_reads_come_back_as_one_row(sqlite_store: tuple[Store, Path]) -> None:
+    """Every runner's serials and every allocator's version, the reads each refresher repeats
+    at large fleets, are one aggregate each (a read row by row, the fallback, would be a second
+    statement): the sqlite3 module hands the GIL over around each row, which the busy event
+    loop beside such a read paid for twice a row."""
+    store, _path = sqlite_store
+    with store.write() as tx:
+        for n in range(50):
+            tx.create_runner(runner(f"10.0.2.{n}"))
+        tx.create_allocators([allocator(f"10.0.2.{n}") for n in range(50)])
+    statements: list[str] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+        statements.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", capture)
+    try:
+        with store.read() as tx:
+            serials = tx.list_runner_serials()
+            versions = tx.list_allocator_versions()
+    finally:
+        event.remove(Engine, "before_cursor_execute", capture)
+    assert len(serials) == len(versions) == 50
+    selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    assert len(selects) == 2, selects
+    assert all("group_concat" in s for s in selects), selects

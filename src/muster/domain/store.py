@@ -237,6 +237,11 @@ class Transaction(Protocol):
         """Every revoked certificate serial, in one read."""
         ...
 
+    def list_allocator_versions(self) -> list[tuple[str, int]]:
+        """(allocator id, desired-instances version) of every allocator, in one read, ordered
+        by allocator id."""
+        ...
+
     def get_certificates_version(self) -> tuple[int, datetime | None, int]:
         """(runners, newest certificate expiry or None, revoked certificates): a value that
         changes whenever any runner's set of valid serials changes (a join adds a runner, a

@@ -8,7 +8,20 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Text, and_, cast, false, func, not_, or_, select, true
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    String,
+    Text,
+    and_,
+    cast,
+    false,
+    func,
+    not_,
+    or_,
+    select,
+    true,
+)
 
 from muster.domain.models import (
     AllocatorRecord,
@@ -29,6 +42,14 @@ from muster.storage import schema as t
 NEWEST_CERTIFICATE = select(func.max(t.runners.c.cert_expires_at))
 RUNNER_COUNT = select(func.count()).select_from(t.runners)
 
+# Every runner's or allocator's few values read as one aggregated text, split here: the sqlite3
+# module releases the GIL around each row it steps to, so a 25,000-row read on a refresher thread
+# beside a busy event loop paid two GIL hand-offs a row (about 200 ms of CPU where the read alone
+# takes 30, and the loop's heartbeats waited meanwhile: docs/benchmarks.md, "The safety-net reads
+# and the GIL"). No runner id, allocator id or serial holds these separators; a value that does
+# (one written around the API) makes the read fall back to one row at a time.
+_FIELD, _RECORD = " ", "\n"
+
 
 class FleetReads:
     conn: Connection
@@ -45,9 +66,38 @@ class FleetReads:
             # Along the expiry's index, sorted here: ordered by id, the database would read
             # every runner in the primary key's order to find the few.
             query = query.where(c.cert_expires_at >= expiring_from)
+        if expiring_from is None:
+            joined = self._joined(t.runners, c.runner_id, c.cert_serial, c.previous_cert_serial)
+            if joined is not None:
+                # In id order already on SQLite (its primary key's), which sorting keeps cheap.
+                return sorted((rid, current, previous or None) for rid, current, previous in joined)
         rows = self.conn.execute(query)
         found = [(str(r[0]), str(r[1]), None if r[2] is None else str(r[2])) for r in rows]
         return found if expiring_from is None else sorted(found)
+
+    def list_allocator_versions(self) -> list[tuple[str, int]]:
+        a = t.allocators.c
+        joined = self._joined(t.allocators, a.allocator_id, a.instances_version)
+        if joined is not None:
+            return sorted((aid, int(version)) for aid, version in joined)
+        rows = self.conn.execute(select(a.allocator_id, a.instances_version))
+        return sorted((str(aid), int(version)) for aid, version in rows)
+
+    def _joined(self, table: Any, *columns: ColumnElement[Any]) -> list[list[str]] | None:
+        """Every row of `columns` of `table` as text (NULL as ""), read in one aggregated value
+        (see _FIELD); None if a value held a separator, or the rows did not add up."""
+        fields: ColumnElement[Any] = func.coalesce(cast(columns[0], String), "")
+        for column in columns[1:]:
+            fields = fields.concat(_FIELD).concat(func.coalesce(cast(column, String), ""))
+        count, text = self.conn.execute(
+            select(func.count(), func.aggregate_strings(fields, _RECORD)).select_from(table)
+        ).one()
+        if not count:
+            return []
+        records = [record.split(_FIELD) for record in str(text).split(_RECORD)]
+        if len(records) != count or any(len(r) != len(columns) for r in records):
+            return None
+        return records
 
     def list_revoked_serials(self) -> list[str]:
         rows = self.conn.execute(select(t.revoked_certificates.c.serial))
