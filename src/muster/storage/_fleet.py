@@ -46,9 +46,10 @@ RUNNER_COUNT = select(func.count()).select_from(t.runners)
 # module releases the GIL around each row it steps to, so a 25,000-row read on a refresher thread
 # beside a busy event loop paid two GIL hand-offs a row (about 200 ms of CPU where the read alone
 # takes 30, and the loop's heartbeats waited meanwhile: docs/benchmarks.md, "The safety-net reads
-# and the GIL"). No runner id, allocator id or serial holds these separators; a value that does
-# (one written around the API) makes the read fall back to one row at a time.
-_FIELD, _RECORD = " ", "\n"
+# and the GIL"). Values and rows alike are joined by one space, so the text splits in one call;
+# no runner id, allocator id or serial holds a space, and a value that does (one written around
+# the API) adds a piece, which makes the read fall back to one row at a time.
+_SEPARATOR = " "
 
 
 class FleetReads:
@@ -69,8 +70,9 @@ class FleetReads:
         if expiring_from is None:
             joined = self._joined(t.runners, c.runner_id, c.cert_serial, c.previous_cert_serial)
             if joined is not None:
+                ids, serials, previous = joined
                 # In id order already on SQLite (its primary key's), which sorting keeps cheap.
-                return sorted((rid, current, previous or None) for rid, current, previous in joined)
+                return sorted(zip(ids, serials, [p or None for p in previous], strict=True))
         rows = self.conn.execute(query)
         found = [(str(r[0]), str(r[1]), None if r[2] is None else str(r[2])) for r in rows]
         return found if expiring_from is None else sorted(found)
@@ -79,25 +81,27 @@ class FleetReads:
         a = t.allocators.c
         joined = self._joined(t.allocators, a.allocator_id, a.instances_version)
         if joined is not None:
-            return sorted((aid, int(version)) for aid, version in joined)
+            ids, versions = joined
+            return sorted(zip(ids, map(int, versions), strict=True))
         rows = self.conn.execute(select(a.allocator_id, a.instances_version))
         return sorted((str(aid), int(version)) for aid, version in rows)
 
     def _joined(self, table: Any, *columns: ColumnElement[Any]) -> list[list[str]] | None:
-        """Every row of `columns` of `table` as text (NULL as ""), read in one aggregated value
-        (see _FIELD); None if a value held a separator, or the rows did not add up."""
+        """Each of `columns` over every row of `table`, as text (NULL as ""), the rows in the
+        same order in each; read in one aggregated value (see _SEPARATOR). None if a value held
+        the separator (the pieces then do not add up to the rows counted with them)."""
         fields: ColumnElement[Any] = func.coalesce(cast(columns[0], String), "")
         for column in columns[1:]:
-            fields = fields.concat(_FIELD).concat(func.coalesce(cast(column, String), ""))
+            fields = fields.concat(_SEPARATOR).concat(func.coalesce(cast(column, String), ""))
         count, text = self.conn.execute(
-            select(func.count(), func.aggregate_strings(fields, _RECORD)).select_from(table)
+            select(func.count(), func.aggregate_strings(fields, _SEPARATOR)).select_from(table)
         ).one()
         if not count:
-            return []
-        records = [record.split(_FIELD) for record in str(text).split(_RECORD)]
-        if len(records) != count or any(len(r) != len(columns) for r in records):
+            return [[] for _ in columns]
+        values = str(text).split(_SEPARATOR)
+        if len(values) != count * len(columns):
             return None
-        return records
+        return [values[i :: len(columns)] for i in range(len(columns))]
 
     def list_revoked_serials(self) -> list[str]:
         rows = self.conn.execute(select(t.revoked_certificates.c.serial))
