@@ -18,7 +18,7 @@ from docker.errors import NotFound
 
 from muster.agent.instances import LABEL_RUNNER
 from tests.conftest import Coordinator, MusterProcess, install_coordinator, wait_until
-from tests.e2e.conftest import join_args
+from tests.e2e.conftest import is_connected, join_args
 from tests.images import HTTPD_COMMAND, connect_engine, offline_image
 from tests.processes import log_tail
 
@@ -79,6 +79,13 @@ class Platform:
         )
         process = self.spawn(args, f"join-{name}", env)
         process.wait_for_output("agent started")
+        # Placement takes only connected allocators: a deployment created before the host's
+        # first heartbeat arrives would find its zone empty.
+        wait_until(
+            lambda: is_connected(self.coordinator, name) is True,
+            timeout_s=DEADLINE_S,
+            what=f"the first heartbeat of {name}",
+        )
         host = self.hosts[name] = Host(name, zone, ip, storage, process)
         return host
 
