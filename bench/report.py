@@ -42,8 +42,9 @@ def table(data: dict[str, Any]) -> str:
         "connections at the same rate sending the empty-200 route."
         + (
             " The coordinator idle (no host connected) used "
-            f"{data['idle']['coordinator_cpu_share']:.1%} of a core: its background work, "
-            "included in every per-request figure."
+            f"{data['idle']['coordinator_cpu_share']:.1%} of a core"
+            + _idle_when(data["idle"])
+            + ": its background work, included in every per-request figure."
             if data.get("idle")
             else ""
         ),
@@ -182,3 +183,11 @@ def plot(data: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def _idle_when(idle: dict[str, Any]) -> str:
+    """When the idle share was measured (results of before it was measured settled: none)."""
+    if "settled_after_s" not in idle:
+        return ""
+    after = f" {idle['settled_after_s']:.0f} s after it started answering"
+    return after if idle["settled"] else after + " (its start-up work not yet over)"
