@@ -9,7 +9,12 @@ machine) and, with `--profile`, where it goes (cProfile, sorted by own time).
                    app: the request cycle and its task as well
     --via express  the same bytes, answered by the protocol's express path
 
-    python -m bench.hotpath [--via asgi|http|express] [--hosts 200] [--beats 20000] [--profile]
+    --instances N  each host's report holds N instances running, its own, as an allocator's
+                   agent reports them (bench.loadgen.heartbeat_body); unchanged from one
+                   heartbeat to the next, as a steady host sends it
+
+    python -m bench.hotpath [--via asgi|http|express] [--hosts 200] [--beats 20000]
+                            [--instances 0] [--profile]
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from uvicorn.server import ServerState
 
+from bench.loadgen import heartbeat_body
 from bench.wire import request_bytes
 from muster.api.edge import HEARTBEAT_PATH
 from muster.api.tls import TLS_EXTENSION, peer_cert_protocol
@@ -44,11 +50,21 @@ from muster.web import build_app
 REPORT = json.dumps(
     {"memory_mb": 8192, "storage_mib": 100_000, "cpus": 4, "checks": {"disk": True}}
 ).encode()
-HEADERS = [
-    (b"host", b"127.0.0.1:12443"),
-    (b"content-type", b"application/json"),
-    (b"content-length", str(len(REPORT)).encode()),
-]
+
+
+def _reports(hosts: int, instances: int) -> list[bytes]:
+    """Each host's report body: REPORT, or its own with `instances` instances running."""
+    if not instances:
+        return [REPORT] * hosts
+    return [json.dumps(heartbeat_body(i, instances)).encode() for i in range(hosts)]
+
+
+def _headers(body: bytes) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"host", b"127.0.0.1:12443"),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
 
 
 def _join_fleet(platform: Any, token: str, hosts: int) -> list[x509.Certificate]:
@@ -99,7 +115,7 @@ class _Transport:
 
 
 async def _http_beats(
-    app: Any, certs: list[x509.Certificate], count: int, *, express: bool
+    app: Any, certs: list[x509.Certificate], reports: list[bytes], count: int, *, express: bool
 ) -> float:
     """CPU seconds for `count` heartbeats fed as bytes to the server's HTTP protocol, one
     connection per host, each request answered before the next is fed."""
@@ -119,11 +135,11 @@ async def _http_beats(
         protocol = protocol_class(config=config, server_state=state, app_state={}, _loop=loop)
         protocol.connection_made(transport)
         protocols.append(protocol)
-    data = request_bytes("POST", HEARTBEAT_PATH, "127.0.0.1:12443", REPORT)
+    data = [request_bytes("POST", HEARTBEAT_PATH, "127.0.0.1:12443", r) for r in reports]
     started = time.process_time()
     for n in range(count):
         protocol = protocols[n % len(protocols)]
-        protocol.data_received(data)
+        protocol.data_received(data[n % len(protocols)])
         if state.tasks:  # the ASGI path's request task
             await asyncio.wait(set(state.tasks))
         await asyncio.sleep(0)  # the coalesced write
@@ -136,23 +152,26 @@ async def _http_beats(
     return spent
 
 
-async def _beats(app: Any, certs: list[x509.Certificate], count: int) -> float:
+async def _beats(
+    app: Any, certs: list[x509.Certificate], reports: list[bytes], count: int
+) -> float:
     """CPU seconds for `count` heartbeats, round robin over `certs`."""
     scopes = [
         {
             "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
             "scheme": "https", "path": "/api/v1/agent/heartbeat", "raw_path": b"",
-            "query_string": b"", "root_path": "", "headers": HEADERS,
+            "query_string": b"", "root_path": "", "headers": _headers(reports[i]),
             "client": ("127.0.0.1", 40000 + i), "server": ("127.0.0.1", 12443),
             "extensions": {TLS_EXTENSION: {"client_cert": cert, "client_cert_chain": []}},
         }
         for i, cert in enumerate(certs)
     ]  # fmt: skip
-    message = {"type": "http.request", "body": REPORT, "more_body": False}
+    messages = [{"type": "http.request", "body": r, "more_body": False} for r in reports]
     statuses: list[int] = []
+    at = 0
 
     async def receive() -> dict[str, Any]:
-        return message
+        return messages[at]
 
     async def send(reply: dict[str, Any]) -> None:
         if reply["type"] == "http.response.start":
@@ -160,8 +179,9 @@ async def _beats(app: Any, certs: list[x509.Certificate], count: int) -> float:
 
     started = time.process_time()
     for n in range(count):
+        at = n % len(scopes)
         # uvicorn gives every request a scope of its own.
-        await app(dict(scopes[n % len(scopes)]), receive, send)
+        await app(dict(scopes[at]), receive, send)
     spent = time.process_time() - started
     if set(statuses) != {200}:
         raise SystemExit(f"not every heartbeat was answered 200: {set(statuses)}")
@@ -175,6 +195,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--via", choices=["asgi", "http", "express"], default="asgi")
+    parser.add_argument("--instances", type=int, default=0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         store = open_store(f"sqlite:///{Path(work) / 'hot.db'}")
@@ -183,6 +204,7 @@ def main() -> int:
         platform = load_platform(store, clock)
         certs = _join_fleet(platform, bootstrap.tokens["allocator_only_token"], args.hosts)
         app = build_app(platform, coordinators=["127.0.0.1:12443"])
+        reports = _reports(args.hosts, args.instances)
 
         async def run() -> None:
             lifespan: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -195,8 +217,8 @@ def main() -> int:
 
             async def beats(count: int) -> float:
                 if args.via == "asgi":
-                    return await _beats(app, certs, count)
-                return await _http_beats(app, certs, count, express=args.via == "express")
+                    return await _beats(app, certs, reports, count)
+                return await _http_beats(app, certs, reports, count, express=args.via == "express")
 
             await beats(1000)  # warm up
             if args.profile:
@@ -209,7 +231,8 @@ def main() -> int:
                 best = min([await beats(args.beats) for _ in range(args.rounds)])
                 print(
                     f"{args.via}: {best / args.beats * 1e6:.1f} µs CPU per heartbeat "
-                    f"(best of {args.rounds})"
+                    f"(best of {args.rounds}; {args.instances} instances a report,"
+                    f" {len(reports[0])} bytes)"
                 )
             await lifespan.put({"type": "lifespan.shutdown"})
             await task

@@ -380,3 +380,43 @@ def test_the_replies_interval_grows_with_the_fleet(installed: Installed) -> None
         # is still connected.
         installed.clock.advance(GRACE_INTERVALS * 1.0 + 5)
         assert platform.liveness.is_connected("h0", None)
+
+
+def test_an_unchanged_report_is_parsed_once_whatever_its_size(
+    agent: Any, installed: Installed
+) -> None:
+    """A host sends the same report until something changes; an allocator's lists every
+    instance it runs (~300 bytes each), so a body of many kilobytes is kept too, up to the
+    largest the fast path takes, and a body equal to the last one is not parsed again."""
+    client, _wrapper, app = agent
+    cert = _joined(client, installed, "10.0.0.30")
+    installed.clock.advance(5)
+    app.state.identities.refresh()
+    states = [
+        {
+            "deployment_id": f"{n:032x}",
+            "resource_id": f"{n:032x}"[::-1],
+            "instance_name": f"instance-{n:010d}",
+            "plan_version": 1,
+            "container_started": True,
+            "service_running": True,
+            "restarts": 0,
+            "last_error": None,
+            "container_id": f"{n:064x}",
+        }
+        for n in range(40)
+    ]
+    body = json.dumps({**REPORT, "instances": states}).encode()
+    assert len(body) > 10_000
+    heartbeats = app.state.heartbeats
+    first = heartbeats.check(cert, body)
+    again = heartbeats.check(cert, bytes(bytearray(body)))  # equal, not the same object
+    assert first is not None
+    assert again is not None
+    assert again[1] is first[1]
+    assert again[2] is first[2]
+    states[7]["restarts"] = 1
+    changed = heartbeats.check(cert, json.dumps({**REPORT, "instances": states}).encode())
+    assert changed is not None
+    assert changed[2] is not first[2]
+    assert [i.restarts for i in changed[2]][6:9] == [0, 1, 0]
