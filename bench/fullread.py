@@ -9,7 +9,10 @@ two GIL releases, here on a pipe), and prints the read's wall and CPU time and t
 round trips per millisecond against alone. Each read is timed as the store reads it now (one
 aggregated row) and as it read it before (a row at a time), in the same process.
 
-    python -m bench.fullread [--hosts 25000] [--rounds 3]
+With --database-url (a PostgreSQL server, as for `python -m bench`), the fleet's store is its
+database on that server, read in place (reads only).
+
+    python -m bench.fullread [--hosts 25000] [--rounds 3] [--database-url postgresql://...]
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, select
 
+from bench.coordinator import SQLITE, database_url
+from bench.coordinator import Store as BenchStore
 from bench.fleet import ensure_fleet
 from muster.server import _tune_gc
 from muster.storage import Store, open_store
@@ -107,13 +112,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hosts", type=int, default=25_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--database-url", default=None, help="a PostgreSQL server for the fleet's store"
+    )
     args = parser.parse_args()
-    fleet = ensure_fleet(args.hosts)
+    bench_store = BenchStore(args.database_url) if args.database_url else SQLITE
+    fleet = ensure_fleet(args.hosts, store=bench_store)
     with tempfile.TemporaryDirectory(prefix="fullread-") as work:
-        database = Path(work) / "muster.db"
-        shutil.copy(fleet.storage / "coordinator" / "muster.db", database)
-        store = open_store(f"sqlite:///{database}")
-        engine = create_engine(f"sqlite:///{database}")  # the same file, read a row at a time
+        url = database_url(fleet.storage)
+        if url is None:
+            database = Path(work) / "muster.db"
+            shutil.copy(fleet.storage / "coordinator" / "muster.db", database)
+            url = f"sqlite:///{database}"
+        store = open_store(url, migrate=False)
+        # The same database, read a row at a time (psycopg 3 on PostgreSQL, as the store's).
+        engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
         try:
             reads = _reads(store, engine)
             for read in reads.values():
@@ -123,7 +136,10 @@ def main() -> None:
             deadline = time.perf_counter() + 0.2
             count, seconds = _round_trips(pipe, lambda: time.perf_counter() > deadline)
             alone_per_ms = count / (seconds * 1e3)
-            print(f"{args.hosts} hosts; the loop thread alone: {alone_per_ms:.0f} round trips/ms")
+            print(
+                f"{args.hosts} hosts on {bench_store.backend}; the loop thread alone:"
+                f" {alone_per_ms:.0f} round trips/ms"
+            )
             for name, read in reads.items():
                 runs = [measure(read, pipe, alone_per_ms) for _ in range(args.rounds)]
                 median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
