@@ -274,6 +274,9 @@ def test_an_idle_connection_keeps_no_request_head_after_an_express_reply() -> No
         assert (b"x-request-id", b"idle-1") in answered[0]
         assert protocol.headers == []
         assert dict(protocol.scope) == {}
+        # Its own fields are in slots: in the instance's dictionary, past uvicorn's fields,
+        # they would give every connection a dictionary of its own.
+        assert not {"_tls", "_deadline", "_head_bytes", "_reading_head"} & set(vars(protocol))
         # The next request on the connection is read whole, with its own head.
         protocol.data_received(request(HEARTBEAT_PATH, REPORT, "X-Request-Id: idle-2"))
         assert (b"x-request-id", b"idle-2") in answered[1]
