@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import pytest
 import uvicorn
 import uvicorn.server
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from starlette.types import Receive, Scope, Send
 
 from muster.api.app import create_app
@@ -232,16 +234,31 @@ def test_a_heartbeat_without_a_declared_length_or_closing_takes_the_asgi_path(
     assert served.reached == [HEARTBEAT_PATH, HEARTBEAT_PATH]
 
 
-class _Transport:
-    """What the protocol writes to, in place of a TLS connection without a client certificate."""
+class _PeerCertificate:
+    """What a TLS connection's SSL object says of a verified client certificate."""
 
-    def __init__(self) -> None:
+    def __init__(self, der: bytes) -> None:
+        self.der = der
+
+    def getpeercert(self, binary_form: bool = False) -> bytes:
+        assert binary_form
+        return self.der
+
+
+class _Transport:
+    """What the protocol writes to, in place of a TLS connection (with the client certificate
+    `der`, if given)."""
+
+    def __init__(self, der: bytes | None = None) -> None:
         self.written: list[bytes] = []
+        self.ssl_object = _PeerCertificate(der) if der is not None else None
 
     def get_extra_info(self, name: str, default: object = None) -> object:
-        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 12443)}.get(
-            name, default
-        )
+        return {
+            "peername": ("127.0.0.1", 40000),
+            "sockname": ("127.0.0.1", 12443),
+            "ssl_object": self.ssl_object,
+        }.get(name, default)
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
@@ -255,10 +272,19 @@ class _Transport:
 
 def test_an_idle_connection_keeps_no_request_head_after_an_express_reply() -> None:
     """Between heartbeats a connection holds nothing of the last request (its header list and
-    scope, ~1.2 KB a connection, bench.protomem): an agent's connection idles most of the time."""
+    scope, ~1.2 KB a connection, bench.protomem): an agent's connection idles most of the time.
+    Of its client certificate it keeps the DER bytes and the names a heartbeat is vouched for
+    by, read once: not the parsed certificate, nor its PEM."""
     answered: list[list[tuple[bytes, bytes]]] = []
+    vouched_by: list[object] = []
+    ca = pki.create_ca(SystemClock().now())
+    cert = pki.issue_client_certificate(
+        ca, pki.generate_private_key().public_key(), runner_id="host-x", now=SystemClock().now()
+    )
+    der = cert.public_bytes(serialization.Encoding.DER)
 
-    def express(_cert: object, headers: list[tuple[bytes, bytes]], _body: bytes) -> bytes:
+    def express(names: object, headers: list[tuple[bytes, bytes]], _body: bytes) -> bytes:
+        vouched_by.append(names)
         answered.append(list(headers))
         return b"content-length: 0\r\n\r\n"
 
@@ -267,7 +293,7 @@ def test_an_idle_connection_keeps_no_request_head_after_an_express_reply() -> No
         config = uvicorn.Config(watched_app, lifespan="off", log_level="warning")
         state = uvicorn.server.ServerState()
         protocol = protocol_class(config=config, server_state=state, app_state={})
-        transport = _Transport()
+        transport = _Transport(der)
         protocol.connection_made(transport)
         protocol.data_received(request(HEARTBEAT_PATH, REPORT, "X-Request-Id: idle-1"))
         assert transport.written[0].startswith(b"HTTP/1.1 200 OK\r\n")
@@ -276,10 +302,17 @@ def test_an_idle_connection_keeps_no_request_head_after_an_express_reply() -> No
         assert dict(protocol.scope) == {}
         # Its own fields are in slots: in the instance's dictionary, past uvicorn's fields,
         # they would give every connection a dictionary of its own.
-        assert not {"_tls", "_deadline", "_head_bytes", "_reading_head"} & set(vars(protocol))
+        assert not {"_der", "_names", "_deadline", "_head_bytes"} & set(vars(protocol))
+        assert vouched_by == [("host-x", pki.serial_hex(cert))]
+        held = [getattr(protocol, name, None) for name in dir(protocol)]
+        held += [v for d in held if isinstance(d, dict) for v in d.values()]
+        held += [v for seq in held if isinstance(seq, list | tuple) for v in seq]
+        assert not [value for value in held if isinstance(value, x509.Certificate)]
+        assert not [value for value in held if isinstance(value, str) and "CERTIFICATE" in value]
         # The next request on the connection is read whole, with its own head.
         protocol.data_received(request(HEARTBEAT_PATH, REPORT, "X-Request-Id: idle-2"))
         assert (b"x-request-id", b"idle-2") in answered[1]
+        assert vouched_by[1] == vouched_by[0]
         assert (b"x-request-id", b"idle-1") not in answered[1]
         protocol.connection_lost(None)
 

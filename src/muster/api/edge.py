@@ -17,7 +17,6 @@ import json
 from collections.abc import Iterable
 from typing import TypeVar
 
-from cryptography import x509
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -127,7 +126,8 @@ class Edge:
 
     async def _heartbeat(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
         heartbeats = self.heartbeats
-        beat = heartbeats.check(peer_certificate(scope), body)
+        cert = peer_certificate(scope)
+        beat = heartbeats.check(None if cert is None else pki.certificate_names(cert), body)
         if beat is None:
             await self.app(scope, replay(body, receive), send)
             return
@@ -219,11 +219,11 @@ class Heartbeats:
         # Each runner's last report as sent and as parsed.
         self._last: dict[str, tuple[bytes, HostReport, tuple[InstanceReport, ...]]] = {}
 
-    def check(self, cert: x509.Certificate | None, body: bytes) -> _Beat | None:
-        """The runner a vouched-for certificate names and its valid report, else None. A host
-        sends the same report until something changes: a body equal to the runner's last one
-        is not parsed again."""
-        runner = self.identities.vouch(cert) if cert is not None else None
+    def check(self, names: pki.CertificateNames | None, body: bytes) -> _Beat | None:
+        """The runner a vouched-for certificate names (by its `names`) and its valid report,
+        else None. A host sends the same report until something changes: a body equal to the
+        runner's last one is not parsed again."""
+        runner = self.identities.vouch_names(names) if names is not None else None
         if runner is None:
             return None
         last = self._last.get(runner.name)
@@ -243,7 +243,7 @@ class Heartbeats:
         runners.record_heartbeat(self.platform, *beat)
 
     def express(
-        self, cert: x509.Certificate | None, headers: list[tuple[bytes, bytes]], body: bytes
+        self, names: pki.CertificateNames | None, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> bytes | None:
         """For the TLS protocol: record the heartbeat and return its reply's header lines
         (those after the server's own: date), blank line and body, byte for byte what the ASGI
@@ -251,7 +251,7 @@ class Heartbeats:
         then does everything again, and a refusal reaches the route)."""
         if not is_json(headers):
             return None
-        beat = self.check(cert, body)
+        beat = self.check(names, body)
         if beat is None:
             return None
         try:

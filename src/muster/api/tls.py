@@ -57,9 +57,10 @@ SECURITY_RELOAD_S = 2.0
 EXPRESS_BODY_BYTES = 64 * 1024
 
 # The express path's answerer (muster.api.edge.Heartbeats.express): given the verified client
-# certificate, the request's headers and body, the reply's header lines after the server's own,
-# blank line and body; or None, and the request takes the ASGI path as any other.
-Express = Callable[[x509.Certificate | None, list[tuple[bytes, bytes]], bytes], bytes | None]
+# certificate's names (pki.certificate_names), the request's headers and body, the reply's
+# header lines after the server's own, blank line and body; or None, and the request takes the
+# ASGI path as any other.
+Express = Callable[[pki.CertificateNames | None, list[tuple[bytes, bytes]], bytes], bytes | None]
 
 _REASONS = {
     408: (b"Request Timeout", "root.request_timeout", "the request did not arrive in time"),
@@ -347,18 +348,20 @@ class PeerCertProtocol(HttpToolsProtocol):
     # own (~1.2 KB more per connection, bench.protomem).
     __slots__ = (
         "_deadline",
+        "_der",
         "_express_body",
         "_field_bytes",
         "_head_bytes",
+        "_names",
         "_reading_head",
         "_refusal",
-        "_tls",
         "_url_bytes",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._express_body: bytearray | None = None  # a request the express path reads
-        self._tls: dict[str, Any] | None = None
+        self._der: bytes | None = None  # the verified client certificate
+        self._names: pki.CertificateNames | None = None  # and what it is vouched for by
         self._refusal: int | None = None
         self._reading_head = True  # from the end of one message to the end of the next's head
         self._head_bytes = 0  # raw bytes of the head, counted as they arrive
@@ -371,12 +374,27 @@ class PeerCertProtocol(HttpToolsProtocol):
         super().connection_made(cast(asyncio.Transport, _CoalescingTransport(transport, self.loop)))
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        # Parsed once per connection: an agent sends many heartbeats over one connection.
-        self._tls = {
+        if der:
+            # The names once per connection (an agent sends many heartbeats over one), and
+            # the certificate itself again only for a request the app takes (_tls_extension):
+            # between heartbeats a connection keeps its DER bytes, not the parsed certificate
+            # or its PEM.
+            self._der = der
+            self._names = pki.certificate_names(x509.load_der_x509_certificate(der))
+        self._arm_deadline()
+
+    def _tls_extension(self) -> dict[str, Any]:
+        """ASGI's TLS extension for a request the app takes (peer_certificate reads it)."""
+        der = self._der
+        return {
             "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
             "client_cert": x509.load_der_x509_certificate(der) if der else None,
         }
-        self._arm_deadline()
+
+    def _to_app(self) -> None:
+        """uvicorn's end of a request's head: the request cycle that hands it to the app."""
+        cast(dict[str, Any], self.scope)["extensions"] = {TLS_EXTENSION: self._tls_extension()}
+        super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_deadline()
@@ -404,8 +422,6 @@ class PeerCertProtocol(HttpToolsProtocol):
         self._url_bytes = self._field_bytes = 0
         if self._deadline is None:
             self._arm_deadline()
-        scope = cast(dict[str, Any], self.scope)
-        scope["extensions"] = {TLS_EXTENSION: self._tls or {}}
 
     def on_url(self, url: bytes) -> None:
         # Also guards heads that reach the parser within one read as a pipelined request.
@@ -427,7 +443,7 @@ class PeerCertProtocol(HttpToolsProtocol):
         if self.express is not None and self.url == self.express_path and self._may_express():
             self._express_body = bytearray()
             return
-        super().on_headers_complete()
+        self._to_app()
 
     def _may_express(self) -> bool:
         """A POST on an idle connection (nothing in flight or queued: replies keep their order)
@@ -467,14 +483,12 @@ class PeerCertProtocol(HttpToolsProtocol):
         reply = None
         if self.express is not None:
             try:
-                reply = self.express(
-                    (self._tls or {}).get("client_cert"), self.headers, bytes(body)
-                )
+                reply = self.express(self._names, self.headers, bytes(body))
             except Exception:  # the ASGI path meets it again, and answers it in ECE's shape
                 log.debug("the express path declined a request on an error", exc_info=True)
         if reply is None:
             # To the app, as uvicorn would have handed it: the head, then the body, whole.
-            super().on_headers_complete()
+            self._to_app()
             if body:
                 super().on_body(bytes(body))
             super().on_message_complete()

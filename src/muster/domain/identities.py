@@ -81,8 +81,11 @@ class RunnerIdentities:
     def vouch(self, cert: x509.Certificate) -> Principal | None:
         """The runner `cert` names if memory shows the certificate valid, else None (then only
         `authenticate` can tell). Never reads the store: safe on the event loop."""
-        runner_id = pki.certificate_common_name(cert)
-        serial = pki.serial_hex(cert)
+        return self.vouch_names(pki.certificate_names(cert))
+
+    def vouch_names(self, names: pki.CertificateNames) -> Principal | None:
+        """`vouch` for a certificate's names (pki.certificate_names), read once beforehand."""
+        runner_id, serial = names
         now_s = self.platform.clock.monotonic()
         if self._store_down or now_s - self._confirmed_at < self.ttl_s:
             serials = self._serials.get(runner_id)

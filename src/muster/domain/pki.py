@@ -310,3 +310,14 @@ def certificate_common_name(cert: x509.Certificate) -> str:
 
 def serial_hex(cert: x509.Certificate) -> str:
     return format(cert.serial_number, "x")
+
+
+# What a client certificate is vouched for by: the runner id it names (its common name) and its
+# serial, in hex.
+CertificateNames = tuple[str, str]
+
+
+def certificate_names(cert: x509.Certificate) -> CertificateNames:
+    """The runner id and serial `cert` carries. Read once per connection by the coordinator's
+    TLS protocol: `cert.subject` builds every name object again at each call."""
+    return certificate_common_name(cert), serial_hex(cert)
