@@ -11,6 +11,7 @@ import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import uvicorn
@@ -321,3 +322,55 @@ def test_an_idle_connection_keeps_no_request_head_after_an_express_reply() -> No
 
 async def watched_app(scope: Scope, receive: Receive, send: Send) -> None:
     raise AssertionError(f"the express path declined {scope.get('path')}")
+
+
+class _TimerCountingLoop:
+    """The running loop, counting the timers set through it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.timers = 0
+
+    def call_later(self, delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+        self.timers += 1
+        return self.loop.call_later(delay, callback, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loop, name)
+
+
+def test_a_request_arriving_whole_sets_no_read_deadline_and_one_arriving_in_parts_does() -> None:
+    """The read deadline is for a request that has begun and not arrived whole: a heartbeat
+    that arrives in one read sets only the keep-alive timer; a later request that stops half
+    way is answered 408 once the deadline passes."""
+
+    def express(_names: object, _headers: list[tuple[bytes, bytes]], _body: bytes) -> bytes:
+        return b"content-length: 0\r\n\r\n"
+
+    async def run() -> None:
+        protocol_class = peer_cert_protocol(express=express, express_path=HEARTBEAT_PATH)
+        config = uvicorn.Config(watched_app, lifespan="off", log_level="warning")
+        loop = _TimerCountingLoop(asyncio.get_running_loop())
+        protocol = protocol_class(
+            config=config, server_state=uvicorn.server.ServerState(), app_state={}, _loop=loop
+        )
+        protocol.read_timeout_s = 0.2
+        transport = _Transport()
+        protocol.connection_made(transport)  # the deadline for the first request's bytes
+        for _ in range(3):
+            before = loop.timers
+            protocol.data_received(request(HEARTBEAT_PATH))
+            assert transport.written[-1].startswith(b"HTTP/1.1 200 OK\r\n")
+            assert loop.timers - before == 1  # the keep-alive's, as after any reply
+        await asyncio.sleep(0.4)  # idle past the read deadline: a kept-alive connection
+        assert len(transport.written) == 3
+        half = request(HEARTBEAT_PATH)
+        protocol.data_received(half[:40])
+        await asyncio.sleep(0.1)
+        protocol.data_received(half[40:60])  # in time, but the request never completes
+        await asyncio.sleep(0.2)
+        assert transport.written[-1].startswith(b"HTTP/1.1 408 ")
+        assert len(transport.written) == 4
+        protocol.connection_lost(None)
+
+    asyncio.run(run())

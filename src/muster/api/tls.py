@@ -352,6 +352,7 @@ class PeerCertProtocol(HttpToolsProtocol):
         "_express_body",
         "_field_bytes",
         "_head_bytes",
+        "_in_message",
         "_names",
         "_reading_head",
         "_refusal",
@@ -368,6 +369,7 @@ class PeerCertProtocol(HttpToolsProtocol):
         self._url_bytes = 0  # as parsed, per message
         self._field_bytes = 0  # as parsed, per message
         self._deadline: asyncio.TimerHandle | None = None
+        self._in_message = False  # from a message's first byte parsed to its end
         super().__init__(*args, **kwargs)
 
     def connection_made(self, transport: Any) -> None:
@@ -416,12 +418,16 @@ class PeerCertProtocol(HttpToolsProtocol):
                 return
             self._head_bytes += size
         super().data_received(data)
+        if self._in_message and self._deadline is None and not self.transport.is_closing():
+            # A request begun in this read and not yet whole: its deadline runs from now (the
+            # moment its first bytes were read). One that arrives whole in one read, as a
+            # heartbeat does, never needs a timer set and cancelled.
+            self._arm_deadline()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._url_bytes = self._field_bytes = 0
-        if self._deadline is None:
-            self._arm_deadline()
+        self._in_message = True
 
     def on_url(self, url: bytes) -> None:
         # Also guards heads that reach the parser within one read as a pipelined request.
@@ -474,6 +480,7 @@ class PeerCertProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm_deadline()
+        self._in_message = False
         self._reading_head = True
         body = self._express_body
         if body is None:
