@@ -253,6 +253,7 @@ class _Transport:
     def __init__(self, der: bytes | None = None) -> None:
         self.written: list[bytes] = []
         self.ssl_object = _PeerCertificate(der) if der is not None else None
+        self.closed = False
 
     def get_extra_info(self, name: str, default: object = None) -> object:
         return {
@@ -265,10 +266,10 @@ class _Transport:
         self.written.append(data)
 
     def is_closing(self) -> bool:
-        return False
+        return self.closed
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
 
 def test_an_idle_connection_keeps_no_request_head_after_an_express_reply() -> None:
@@ -340,9 +341,9 @@ class _TimerCountingLoop:
 
 
 def test_a_request_arriving_whole_sets_no_read_deadline_and_one_arriving_in_parts_does() -> None:
-    """The read deadline is for a request that has begun and not arrived whole: a heartbeat
-    that arrives in one read sets only the keep-alive timer; a later request that stops half
-    way is answered 408 once the deadline passes."""
+    """The read deadline is for a request that has begun and not arrived whole: heartbeats that
+    arrive in one read set no timer but the one keep-alive timer they share; a later request
+    that stops half way is answered 408 once the deadline passes."""
 
     def express(_names: object, _headers: list[tuple[bytes, bytes]], _body: bytes) -> bytes:
         return b"content-length: 0\r\n\r\n"
@@ -357,11 +358,11 @@ def test_a_request_arriving_whole_sets_no_read_deadline_and_one_arriving_in_part
         protocol.read_timeout_s = 0.2
         transport = _Transport()
         protocol.connection_made(transport)  # the deadline for the first request's bytes
+        before = loop.timers
         for _ in range(3):
-            before = loop.timers
             protocol.data_received(request(HEARTBEAT_PATH))
             assert transport.written[-1].startswith(b"HTTP/1.1 200 OK\r\n")
-            assert loop.timers - before == 1  # the keep-alive's, as after any reply
+        assert loop.timers - before == 1  # the keep-alive's, once for all three
         await asyncio.sleep(0.4)  # idle past the read deadline: a kept-alive connection
         assert len(transport.written) == 3
         half = request(HEARTBEAT_PATH)
@@ -371,6 +372,42 @@ def test_a_request_arriving_whole_sets_no_read_deadline_and_one_arriving_in_part
         await asyncio.sleep(0.2)
         assert transport.written[-1].startswith(b"HTTP/1.1 408 ")
         assert len(transport.written) == 4
+        protocol.connection_lost(None)
+
+    asyncio.run(run())
+
+
+def test_one_keep_alive_timer_serves_every_heartbeat_and_an_idle_connection_is_closed() -> None:
+    """After express replies the connection still closes once idle for timeout_keep_alive, as
+    after any reply, and a heartbeat within that time keeps it open; the timer, set at the
+    first reply, waits again for the rest of the time from the last heartbeat."""
+
+    def express(_names: object, _headers: list[tuple[bytes, bytes]], _body: bytes) -> bytes:
+        return b"content-length: 0\r\n\r\n"
+
+    async def run() -> None:
+        protocol_class = peer_cert_protocol(express=express, express_path=HEARTBEAT_PATH)
+        config = uvicorn.Config(watched_app, lifespan="off", log_level="warning")
+        real = asyncio.get_running_loop()
+        loop = _TimerCountingLoop(real)
+        protocol = protocol_class(
+            config=config, server_state=uvicorn.server.ServerState(), app_state={}, _loop=loop
+        )
+        protocol.timeout_keep_alive = 2
+        transport = _Transport()
+        protocol.connection_made(transport)
+        protocol.data_received(request(HEARTBEAT_PATH))
+        await asyncio.sleep(1.0)
+        protocol.data_received(request(HEARTBEAT_PATH))
+        second = real.time()
+        assert loop.timers == 2  # the first request's read deadline, the keep-alive
+        await asyncio.sleep(1.4)  # the timer fired 2 s after the first reply: not idle enough
+        assert real.time() - second < 2.0
+        assert not transport.closed
+        assert loop.timers == 3  # it waits again, for the rest of the time
+        await asyncio.sleep(1.2)
+        assert transport.closed  # 2 s after the last heartbeat
+        assert len(transport.written) == 2
         protocol.connection_lost(None)
 
     asyncio.run(run())

@@ -352,6 +352,8 @@ class PeerCertProtocol(HttpToolsProtocol):
         "_express_body",
         "_field_bytes",
         "_head_bytes",
+        "_idle_since",
+        "_idle_timer",
         "_in_message",
         "_names",
         "_reading_head",
@@ -370,6 +372,9 @@ class PeerCertProtocol(HttpToolsProtocol):
         self._field_bytes = 0  # as parsed, per message
         self._deadline: asyncio.TimerHandle | None = None
         self._in_message = False  # from a message's first byte parsed to its end
+        # The keep-alive after express replies (_on_idle): one timer that outlives heartbeats.
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0  # loop time of the connection's last read or express reply
         super().__init__(*args, **kwargs)
 
     def connection_made(self, transport: Any) -> None:
@@ -400,9 +405,13 @@ class PeerCertProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_deadline()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        self._idle_since = self.loop.time()
         if self._reading_head and self._refusal is None:
             # Count the head as it arrives, before httptools buffers it.
             # The URL's own limit (414) is enforced by on_url as the parser sees it: counting
@@ -509,11 +518,34 @@ class PeerCertProtocol(HttpToolsProtocol):
         # The request's head and scope are let go now, not kept until the next request's
         # (uvicorn's on_message_begin makes both anew): ~1.2 KB less per idle connection.
         self.headers, self.url, self.scope = [], b"", cast(Any, {})
-        # As uvicorn after a reply: the connection may idle for timeout_keep_alive.
+        # As uvicorn after a reply, the connection may idle for timeout_keep_alive; but where
+        # uvicorn sets a timer after every reply and cancels it at the next request, one timer
+        # serves every heartbeat: when it fires, it looks at when the connection last did
+        # something (_on_idle).
         self._unset_keepalive_if_required()
-        self.timeout_keep_alive_task = self.loop.call_later(
-            self.timeout_keep_alive, self.timeout_keep_alive_handler
-        )
+        self._idle_since = self.loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self.loop.call_later(self.timeout_keep_alive, self._on_idle)
+
+    def _on_idle(self) -> None:
+        """The keep-alive timer of express replies: closes a connection idle for
+        timeout_keep_alive, else waits again for the rest of that time from its last activity.
+        A request under way, or a reply that uvicorn's own keep-alive timer follows, is left to
+        uvicorn (the next express reply sets this timer again)."""
+        self._idle_timer = None
+        if (
+            self.transport.is_closing()
+            or self.timeout_keep_alive_task is not None
+            or self._in_message
+            or self.pipeline
+            or (self.cycle is not None and not self.cycle.response_complete)
+        ):
+            return
+        remaining = self._idle_since + self.timeout_keep_alive - self.loop.time()
+        if remaining > 0:
+            self._idle_timer = self.loop.call_later(remaining, self._on_idle)
+        else:
+            self.timeout_keep_alive_handler()
 
     def send_400_response(self, msg: str) -> None:
         if self._refusal is None:
