@@ -374,7 +374,7 @@ class PeerCertProtocol(HttpToolsProtocol):
         self._in_message = False  # from a message's first byte parsed to its end
         # The keep-alive after express replies (_on_idle): one timer that outlives heartbeats.
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._idle_since = 0.0  # loop time of the connection's last read or express reply
+        self._idle_since = 0.0  # loop time of the connection's last read
         super().__init__(*args, **kwargs)
 
     def connection_made(self, transport: Any) -> None:
@@ -519,11 +519,9 @@ class PeerCertProtocol(HttpToolsProtocol):
         # (uvicorn's on_message_begin makes both anew): ~1.2 KB less per idle connection.
         self.headers, self.url, self.scope = [], b"", cast(Any, {})
         # As uvicorn after a reply, the connection may idle for timeout_keep_alive; but where
-        # uvicorn sets a timer after every reply and cancels it at the next request, one timer
-        # serves every heartbeat: when it fires, it looks at when the connection last did
-        # something (_on_idle).
-        self._unset_keepalive_if_required()
-        self._idle_since = self.loop.time()
+        # uvicorn sets a timer after every reply and cancels it at the next request's read, one
+        # timer serves every heartbeat: when it fires, it looks at when the connection last
+        # read (_idle_since, set by data_received, within which this reply is written).
         if self._idle_timer is None:
             self._idle_timer = self.loop.call_later(self.timeout_keep_alive, self._on_idle)
 

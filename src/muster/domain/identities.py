@@ -101,12 +101,11 @@ class RunnerIdentities:
         from a worker thread, never on the event loop. Raises UnauthenticatedError
         (runners.certificate_revoked) if the certificate names no live runner, StoreError if
         only the store could tell and it is down."""
-        known = self.vouch(cert)
+        key = pki.certificate_names(cert)
+        known = self.vouch_names(key)
         if known is not None:
             return known
-        runner_id = pki.certificate_common_name(cert)
-        serial = pki.serial_hex(cert)
-        key = (runner_id, serial)
+        runner_id, serial = key
         started = self.platform.clock.monotonic()
         checked = self._checked.get(key)
         if checked is not None and (self._store_down or checked[0] > started):
