@@ -12,6 +12,9 @@ import random
 # reads, so that it costs each process the same small share of a core at any fleet size (a
 # read costs 2-4 µs of CPU a row: at 100,000 rows ~0.3 s, every 100 s rather than every 30).
 ROW_S = 0.001
+# The jitter's own generator: the refreshers draw from it in background threads, and drawing
+# from the random module's shared one moved its state under whatever else used it meanwhile.
+_jitter = random.Random()  # noqa: S311 - jitter, not a secret
 
 
 def safety_net_s(every_s: float, rows: int) -> float:
@@ -37,4 +40,4 @@ class FullReads:
         """`rows` rows were read along with `marks` at `now` (monotonic seconds)."""
         self._marks = marks
         spacing = safety_net_s(self.every_s, rows)
-        self._due = now + spacing * random.uniform(0.8, 1.2)  # noqa: S311 - jitter
+        self._due = now + spacing * _jitter.uniform(0.8, 1.2)
