@@ -4,9 +4,10 @@ machine) and, with `--profile`, where it goes (cProfile, sorted by own time).
 
     --via asgi     the ASGI app called directly: every layer (telemetry, shield, edge) and the
                    domain's record_heartbeat
-    --via http     the request's bytes fed to the server's HTTP protocol (uvicorn's httptools
-                   protocol with muster.api.tls's additions), which answers it through the ASGI
-                   app: the request cycle and its task as well
+    --via http     the agent's request bytes (httpx's headers and JSON) fed to the server's
+                   HTTP protocol (uvicorn's httptools protocol with muster.api.tls's
+                   additions), which answers it through the ASGI app: the request cycle and
+                   its task as well
     --via express  the same bytes, answered by the protocol's express path
 
     --instances N  each host's report holds N instances running, its own, as an allocator's
@@ -38,7 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from uvicorn.server import ServerState
 
 from bench.loadgen import heartbeat_body
-from bench.wire import request_bytes
+from bench.wire import agent_request_bytes
 from muster.api.edge import HEARTBEAT_PATH
 from muster.api.tls import TLS_EXTENSION, peer_cert_protocol
 from muster.clock import SystemClock
@@ -135,7 +136,11 @@ async def _http_beats(
         protocol = protocol_class(config=config, server_state=state, app_state={}, _loop=loop)
         protocol.connection_made(transport)
         protocols.append(protocol)
-    data = [request_bytes("POST", HEARTBEAT_PATH, "127.0.0.1:12443", r) for r in reports]
+    # The agent's own request bytes (httpx's seven headers), as a real host sends them.
+    data = [
+        agent_request_bytes("POST", HEARTBEAT_PATH, "127.0.0.1:12443", json.loads(r))
+        for r in reports
+    ]
     started = time.process_time()
     for n in range(count):
         protocol = protocols[n % len(protocols)]

@@ -235,6 +235,23 @@ def test_a_heartbeat_without_a_declared_length_or_closing_takes_the_asgi_path(
     assert served.reached == [HEARTBEAT_PATH, HEARTBEAT_PATH]
 
 
+def test_a_heartbeat_expecting_100_continue_takes_the_asgi_path(served: Served) -> None:
+    """As uvicorn serves it: the interim 100 Continue first (the protocol reads the Expect
+    header as uvicorn does), then the route's reply."""
+    served.reached.clear()
+    conn = Connection(served)
+    try:
+        conn.send(request(HEARTBEAT_PATH, REPORT, "Expect: 100-continue"))
+        while b"\r\n\r\n" not in conn.buffer:
+            conn.buffer += conn._recv()
+        interim, conn.buffer = conn.buffer.split(b"\r\n\r\n", 1)
+        assert interim == b"HTTP/1.1 100 Continue"
+        assert conn.reply()[0] == 200
+    finally:
+        conn.close()
+    assert served.reached == [HEARTBEAT_PATH]
+
+
 class _PeerCertificate:
     """What a TLS connection's SSL object says of a verified client certificate."""
 
@@ -301,7 +318,7 @@ def test_an_idle_connection_keeps_no_request_head_after_an_express_reply() -> No
         assert transport.written[0].startswith(b"HTTP/1.1 200 OK\r\n")
         assert (b"x-request-id", b"idle-1") in answered[0]
         assert protocol.headers == []
-        assert dict(protocol.scope) == {}
+        assert protocol.scope is None  # none is made for a request the express path answers
         # Its own fields are in slots: in the instance's dictionary, past uvicorn's fields,
         # they would give every connection a dictionary of its own.
         assert not {"_der", "_names", "_deadline", "_head_bytes"} & set(vars(protocol))

@@ -280,6 +280,20 @@ def _error_reply(status: int) -> bytes:
     )
 
 
+# The status line and the server's own header lines (date) of a 200, made again only when the
+# server's default headers change (uvicorn replaces that list every second, for the date).
+_status_200_for: tuple[list[tuple[bytes, bytes]], bytes] = ([], b"")
+
+
+def _status_200(defaults: list[tuple[bytes, bytes]]) -> bytes:
+    global _status_200_for
+    seen, head = _status_200_for
+    if defaults is not seen:
+        head = b"".join([STATUS_LINE[200], *(b"%s: %s\r\n" % pair for pair in defaults)])
+        _status_200_for = (defaults, head)
+    return head
+
+
 class _CoalescingTransport:
     """The connection's TLS transport, with the writes made in one turn of the event loop sent
     together: uvicorn writes a response's head and its body separately, which costs two TLS
@@ -399,8 +413,15 @@ class PeerCertProtocol(HttpToolsProtocol):
         }
 
     def _to_app(self) -> None:
-        """uvicorn's end of a request's head: the request cycle that hands it to the app."""
-        cast(dict[str, Any], self.scope)["extensions"] = {TLS_EXTENSION: self._tls_extension()}
+        """uvicorn's end of a request's head: the request cycle that hands it to the app, with
+        the scope uvicorn makes at a message's beginning, made now (it starts the head it keeps
+        afresh, so the head read so far is put back)."""
+        url, headers, expect_100_continue = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()
+        self.url, self.headers, self.expect_100_continue = url, headers, expect_100_continue
+        scope = cast(dict[str, Any], self.scope)
+        scope["headers"] = headers
+        scope["extensions"] = {TLS_EXTENSION: self._tls_extension()}
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -433,8 +454,15 @@ class PeerCertProtocol(HttpToolsProtocol):
             # heartbeat does, never needs a timer set and cancelled.
             self._arm_deadline()
 
+    # The head's parser callbacks keep what uvicorn's keep (url, headers with lower-cased names,
+    # expect_100_continue), in one call each rather than this class's and uvicorn's: httptools
+    # calls on_header once per header, and a heartbeat has seven. uvicorn's scope is made only
+    # for a request the app takes (_to_app); a heartbeat the express path answers needs none.
+
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
         self._url_bytes = self._field_bytes = 0
         self._in_message = True
 
@@ -444,14 +472,17 @@ class PeerCertProtocol(HttpToolsProtocol):
         if self._url_bytes > MAX_URL_BYTES:
             self._refusal = 414
             raise _Refused("URL too long")
-        super().on_url(url)
+        self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._field_bytes += len(name) + len(value)
         if self._field_bytes > MAX_HEAD_BYTES:
             self._refusal = 431
             raise _Refused("headers too large")
-        super().on_header(name, value)
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._reading_head, self._head_bytes = False, 0
@@ -488,7 +519,8 @@ class PeerCertProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
-        self._disarm_deadline()
+        if self._deadline is not None:
+            self._disarm_deadline()
         self._in_message = False
         self._reading_head = True
         body = self._express_body
@@ -509,15 +541,12 @@ class PeerCertProtocol(HttpToolsProtocol):
                 super().on_body(bytes(body))
             super().on_message_complete()
             return
-        defaults = self.server_state.default_headers
-        lines = [b"%s: %s\r\n" % pair for pair in defaults]
-        cast(_CoalescingTransport, self.transport).write_now(
-            b"".join((STATUS_LINE[200], *lines, reply))
-        )
+        transport: Any = self.transport  # the _CoalescingTransport given to uvicorn
+        transport.write_now(_status_200(self.server_state.default_headers) + reply)
         self.server_state.total_requests += 1
-        # The request's head and scope are let go now, not kept until the next request's
-        # (uvicorn's on_message_begin makes both anew): ~1.2 KB less per idle connection.
-        self.headers, self.url, self.scope = [], b"", cast(Any, {})
+        # The request's head is let go now, not kept until the next request's (on_message_begin
+        # starts it anew): ~1.2 KB less per idle connection.
+        self.headers, self.url = [], b""
         # As uvicorn after a reply, the connection may idle for timeout_keep_alive; but where
         # uvicorn sets a timer after every reply and cancels it at the next request's read, one
         # timer serves every heartbeat: when it fires, it looks at when the connection last
