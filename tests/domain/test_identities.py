@@ -112,6 +112,9 @@ def test_a_runner_in_the_snapshot_is_vouched_for_without_a_store_read(
     assert (runner.name, runner.role) == ("host-a", "runner")
     assert identities.authenticate(cert).name == "host-a"
     assert len(recording.calls) == before
+    # Every heartbeat is vouched for: the runner's principal is made once and handed out again.
+    assert identities.vouch(cert) is runner
+    assert identities.authenticate(cert) is runner
 
 
 def test_a_certificate_memory_cannot_vouch_for_is_read_once_then_cached(
@@ -147,6 +150,7 @@ def test_forget_refuses_a_deleted_runner_at_once_and_a_later_refresh_keeps_it_ou
     assert identities.authenticate(cert).name == "host-d"
     delete_runner(platform, ADMIN, "host-d", source="test")
     identities.forget("host-d")
+    assert "host-d" not in identities._principals  # nothing kept of a forgotten runner
     assert identities.vouch(cert) is None
     with pytest.raises(UnauthenticatedError) as info:
         identities.authenticate(cert)

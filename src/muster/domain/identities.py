@@ -28,6 +28,8 @@ FULL_RELOAD_S = 30.0
 # Store answers about single certificates kept at most (a flood of unknown certificates must
 # not grow memory without bound).
 MAX_CHECKED = 100_000
+# Runner principals kept to be handed out again (at most this many; then they are made anew).
+MAX_PRINCIPALS = 200_000
 
 
 class RunnerIdentities:
@@ -71,6 +73,10 @@ class RunnerIdentities:
         self._store_down = False  # the last refresh could not reach the store
         self._forgotten: dict[str, float] = {}  # runner id -> when this process forgot it
         self._checked: dict[tuple[str, str], tuple[float, bool]] = {}  # -> (until, valid)
+        # Each runner's Principal, made once: a heartbeat vouched for from memory hands out
+        # the same (immutable) one rather than making another (a dataclass's keyword __init__
+        # costs ~9,000 instructions, 8 % of the express path's).
+        self._principals: dict[str, Principal] = {}
         self._lock = threading.Lock()
 
     @property
@@ -90,11 +96,20 @@ class RunnerIdentities:
         if self._store_down or now_s - self._confirmed_at < self.ttl_s:
             serials = self._serials.get(runner_id)
             if serials is not None and serial in serials:
-                return Principal(name=runner_id, role="runner", method="certificate")
+                return self._principal(runner_id)
         checked = self._checked.get((runner_id, serial))
         if checked is not None and checked[1] and (self._store_down or checked[0] > now_s):
-            return Principal(name=runner_id, role="runner", method="certificate")
+            return self._principal(runner_id)
         return None
+
+    def _principal(self, runner_id: str) -> Principal:
+        principal = self._principals.get(runner_id)
+        if principal is None:
+            if len(self._principals) >= MAX_PRINCIPALS:
+                self._principals.clear()
+            principal = Principal(name=runner_id, role="runner", method="certificate")
+            self._principals[runner_id] = principal
+        return principal
 
     def authenticate(self, cert: x509.Certificate) -> Principal:
         """The runner `cert` names. May read the store, once per certificate per `ttl_s`: call it
@@ -135,7 +150,7 @@ class RunnerIdentities:
                 "join the host again with a roles token",
                 code="runners.certificate_revoked",
             )
-        return Principal(name=runner_id, role="runner", method="certificate")
+        return self._principal(runner_id)
 
     def forget(self, runner_id: str) -> None:
         """Drop what this process knows of the runner's certificates (it was deleted, or renewed
@@ -143,6 +158,7 @@ class RunnerIdentities:
         with self._lock:
             self._forgotten[runner_id] = self.platform.clock.monotonic()
             self._serials.pop(runner_id, None)
+            self._principals.pop(runner_id, None)
             for key in [k for k in self._checked if k[0] == runner_id]:
                 del self._checked[key]
 
