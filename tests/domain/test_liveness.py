@@ -88,6 +88,38 @@ def test_a_host_heard_by_another_coordinator_is_not_called_disconnected(
     assert lines(caplog) == []
 
 
+def test_a_report_is_written_when_it_changes_or_after_a_gap_and_the_time_at_every_flush(
+    platform: Platform, clock: FakeClock
+) -> None:
+    join(platform, token(platform), "h3", "198.51.100.7")
+    liveness = platform.liveness
+    interval = timedelta(seconds=liveness.interval_s)
+
+    def stored() -> tuple[object, int | None]:
+        with platform.store.read() as tx:
+            runner = tx.get_runner("h3")
+        return runner.last_heartbeat_at, runner.report.memory_mb
+
+    mine = HostReport(memory_mb=1)
+    liveness.beat("h3", mine)
+    liveness.flush()
+    assert stored() == (clock.now(), 1)
+    with platform.store.write() as tx:  # another worker wrote its own report meanwhile
+        tx.record_heartbeats([("h3", clock.now(), HostReport(memory_mb=2))])
+    clock.advance(interval)
+    liveness.beat("h3", HostReport(memory_mb=1))  # equal to the one written: the time alone
+    liveness.flush()
+    assert stored() == (clock.now(), 2)
+    clock.advance(interval * 2)  # a gap: the host may have reported elsewhere meanwhile
+    liveness.beat("h3", mine)
+    liveness.flush()
+    assert stored() == (clock.now(), 1)
+    clock.advance(interval)
+    liveness.beat("h3", HostReport(memory_mb=3))  # changed
+    liveness.flush()
+    assert stored() == (clock.now(), 3)
+
+
 @pytest.mark.parametrize(
     ("fleet", "base_s", "budget", "max_s", "expected"),
     [

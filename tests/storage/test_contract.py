@@ -486,6 +486,13 @@ def test_heartbeats_are_recorded_in_one_batch(store: Store) -> None:
     for n, rid in enumerate(ids):
         assert found[rid].last_heartbeat_at == at(n)
         assert found[rid].report == HostReport(memory_mb=n, cpus=2)
+    # A time without a report keeps the report stored; both kinds in one batch.
+    with store.write() as tx:
+        tx.record_heartbeats([(ids[0], at(60), None), (ids[1], at(61), HostReport(memory_mb=7))])
+    with store.read() as tx:
+        first, second = tx.get_runner(ids[0]), tx.get_runner(ids[1])
+    assert (first.last_heartbeat_at, first.report) == (at(60), HostReport(memory_mb=0, cpus=2))
+    assert (second.last_heartbeat_at, second.report) == (at(61), HostReport(memory_mb=7))
 
 
 # -- allocators --------------------------------------------------------------------------------

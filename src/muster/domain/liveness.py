@@ -34,6 +34,10 @@ from muster.domain.store import Store
 from muster.errors import MusterError
 
 GRACE_INTERVALS = 5
+# A runner's report is written to the store when it changed, and with the first heartbeat
+# heard here after a gap longer than this many intervals (the host may have reported to another
+# coordinator or worker meanwhile, which wrote its own); otherwise its time alone is written.
+REPORT_GAP_INTERVALS = 1.5
 DOCKER_CHECK = "docker"  # the host check an allocator's agent reports its Docker Engine under
 NO_INSTANCES: tuple[InstanceReport, ...] = ()
 log = logging.getLogger(__name__)
@@ -66,6 +70,8 @@ class Liveness:
         self._seen: dict[str, datetime] = {}
         self._reports: dict[str, HostReport] = {}
         self._pending: set[str] = set()
+        self._reports_pending: set[str] = set()  # of those, the ones whose report is written
+        self._report_gap = timedelta(seconds=interval_s * REPORT_GAP_INTERVALS)
         # Instance states as last reported, and the runners whose states changed since the last
         # flush: only changes are written.
         self._instances: dict[str, tuple[InstanceReport, ...]] = {}
@@ -105,6 +111,7 @@ class Liveness:
                 longest = max(longest, self._longer[0])
             self._longer = (longest, now + timedelta(seconds=longest * GRACE_INTERVALS))
         self.interval_s = interval_s
+        self._report_gap = timedelta(seconds=interval_s * REPORT_GAP_INTERVALS)
         return interval_s
 
     def beat(
@@ -117,14 +124,18 @@ class Liveness:
         the store at the next flush."""
         now = self.clock.now()
         with self._lock:
+            last = self._seen.get(runner_id)
             self._seen[runner_id] = now
             known = self._reports.get(runner_id)
             if known is not report and known != report:
                 self._reports[runner_id] = report
+                self._reports_pending.add(runner_id)
                 if report.checks.get(DOCKER_CHECK) is False:
                     self._docker_down.add(runner_id)
                 else:
                     self._docker_down.discard(runner_id)
+            elif last is None or now - last > self._report_gap:
+                self._reports_pending.add(runner_id)
             if self._instances.get(runner_id, NO_INSTANCES) != instances:
                 self._instances[runner_id] = instances
                 self._instances_pending.add(runner_id)
@@ -144,6 +155,7 @@ class Liveness:
             self._seen.pop(runner_id, None)
             self._reports.pop(runner_id, None)
             self._pending.discard(runner_id)
+            self._reports_pending.discard(runner_id)
             self._was_connected.pop(runner_id, None)
             self._fresh.discard(runner_id)
             self._instances.pop(runner_id, None)
@@ -204,9 +216,12 @@ class Liveness:
         next flush (newer heartbeats and states replace older ones)."""
         with self._lock:
             pending, self._pending = self._pending, set()
+            reported, self._reports_pending = self._reports_pending, set()
             changed, self._instances_pending = self._instances_pending, set()
             batch = [
-                (rid, self._seen[rid], self._reports[rid]) for rid in pending if rid in self._seen
+                (rid, self._seen[rid], self._reports[rid] if rid in reported else None)
+                for rid in pending
+                if rid in self._seen
             ]
             reports = [
                 (rid, report)
@@ -221,8 +236,12 @@ class Liveness:
             except MusterError as exc:
                 log.warning("could not persist %d heartbeats, will retry: %s", len(batch), exc)
                 with self._lock:
-                    # The next flush writes each runner's newest heartbeat, whichever it is then.
+                    # The next flush writes each runner's newest heartbeat, whichever it is then,
+                    # and the reports that were not written.
                     self._pending.update(rid for rid, _at, _report in batch if rid in self._seen)
+                    self._reports_pending.update(
+                        rid for rid, _at, report in batch if report is not None
+                    )
                 batch = []
         if reports:
             self._flush_instances(reports, changed)

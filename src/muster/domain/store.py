@@ -178,9 +178,10 @@ class Transaction(Protocol):
         """Delete the runner and its allocator; revoke its certificates. Raises NotFoundError."""
         ...
 
-    def record_heartbeats(self, beats: Iterable[tuple[str, datetime, HostReport]]) -> None:
-        """Persist a batch of (runner id, time, report); runners that no longer exist are
-        skipped. One statement per batch, not per heartbeat."""
+    def record_heartbeats(self, beats: Iterable[tuple[str, datetime, HostReport | None]]) -> None:
+        """Persist a batch of (runner id, time, report); a report of None keeps the one stored
+        (only the time is written). Runners that no longer exist are skipped. One statement per
+        batch and kind, not per heartbeat."""
         ...
 
     def is_certificate_revoked(self, serial: str) -> bool: ...
