@@ -252,6 +252,17 @@ def test_a_heartbeat_expecting_100_continue_takes_the_asgi_path(served: Served) 
     assert served.reached == [HEARTBEAT_PATH]
 
 
+def test_a_malformed_request_is_answered_400_as_uvicorn_answers_it(served: Served) -> None:
+    conn = Connection(served)
+    try:
+        conn.send(b"NOT HTTP AT ALL\r\n\r\n")
+        status, headers, _names, body = conn.reply()
+        assert (status, headers["connection"]) == (400, "close")
+        assert body == b"Invalid HTTP request received."
+    finally:
+        conn.close()
+
+
 class _PeerCertificate:
     """What a TLS connection's SSL object says of a verified client certificate."""
 

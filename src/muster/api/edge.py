@@ -249,7 +249,14 @@ class Heartbeats:
         (those after the server's own: date), blank line and body, byte for byte what the ASGI
         path sends, X-Request-Id included; None if the ASGI path must take the request (it
         then does everything again, and a refusal reaches the route)."""
-        if not is_json(headers):
+        given = content_type = None  # the first X-Request-Id and Content-Type, in one pass
+        for name, value in headers:
+            if name == b"content-type":
+                if content_type is None:
+                    content_type = value
+            elif name == logs.REQUEST_ID_HEADER and given is None:
+                given = value
+        if content_type is not None and not is_json_media(content_type):
             return None
         beat = self.check(names, body)
         if beat is None:
@@ -259,11 +266,6 @@ class Heartbeats:
         except Exception:  # the ASGI path meets it again and hands it to the route
             return None
         metrics.count_heartbeat()
-        given = None
-        for name, value in headers:
-            if name == logs.REQUEST_ID_HEADER:
-                given = value
-                break
         runner_id = beat[0].name
         key = self._key(runner_id)
         raw = self._raw.get(key)
@@ -373,11 +375,16 @@ def is_json(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     """As FastAPI decides: no Content-Type, or application/json or application/*+json."""
     for name, value in headers:
         if name == b"content-type":
-            media = value.split(b";", 1)[0].strip().lower()
-            return media == b"application/json" or (
-                media.startswith(b"application/") and media.endswith(b"+json")
-            )
+            return is_json_media(value)
     return True
+
+
+def is_json_media(content_type: bytes) -> bool:
+    """A Content-Type of application/json or application/*+json (parameters aside)."""
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (
+        media.startswith(b"application/") and media.endswith(b"+json")
+    )
 
 
 def is_curl_form(headers: Iterable[tuple[bytes, bytes]], body: bytes) -> bool:

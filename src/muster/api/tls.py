@@ -447,7 +447,22 @@ class PeerCertProtocol(HttpToolsProtocol):
                     self._refuse(431)
                 return
             self._head_bytes += size
-        super().data_received(data)
+        # uvicorn's data_received, in this call rather than one more: its keep-alive timer
+        # cancelled (a request arrives), the bytes fed to the parser, and a malformed request
+        # or an upgrade handled by uvicorn's own means.
+        if self.timeout_keep_alive_task is not None:
+            self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+        except httptools.HttpParserError:
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
+            return
         if self._in_message and self._deadline is None and not self.transport.is_closing():
             # A request begun in this read and not yet whole: its deadline runs from now (the
             # moment its first bytes were read). One that arrives whole in one read, as a
