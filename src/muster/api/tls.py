@@ -460,8 +460,9 @@ class PeerCertProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
         except httptools.HttpParserError:
-            self.logger.warning("Invalid HTTP request received.")
-            self.send_400_response("Invalid HTTP request received.")
+            message = "Invalid HTTP request received."
+            self.logger.warning(message)
+            self.send_400_response(message)
             return
         if self._in_message and self._deadline is None and not self.transport.is_closing():
             # A request begun in this read and not yet whole: its deadline runs from now (the
@@ -515,8 +516,7 @@ class PeerCertProtocol(HttpToolsProtocol):
             or parser.get_http_version() != "1.1"
             or not parser.should_keep_alive()
             or self.expect_100_continue
-            or self.pipeline
-            or (self.cycle is not None and not self.cycle.response_complete)
+            or self._answering()
         ):
             return False
         length = None
@@ -526,6 +526,10 @@ class PeerCertProtocol(HttpToolsProtocol):
             elif name == b"transfer-encoding":
                 return False
         return length is not None and length.isdigit() and int(length) <= EXPRESS_BODY_BYTES
+
+    def _answering(self) -> bool:
+        """A request of this connection is in the app's hands or queued behind one."""
+        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
 
     def on_body(self, body: bytes) -> None:
         if self._express_body is not None:
@@ -579,8 +583,7 @@ class PeerCertProtocol(HttpToolsProtocol):
             self.transport.is_closing()
             or self.timeout_keep_alive_task is not None
             or self._in_message
-            or self.pipeline
-            or (self.cycle is not None and not self.cycle.response_complete)
+            or self._answering()
         ):
             return
         remaining = self._idle_since + self.timeout_keep_alive - self.loop.time()
