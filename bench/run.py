@@ -592,7 +592,7 @@ def _persisted(storage: Path, since: datetime, hosts: int) -> dict[str, Any]:
 
         with psycopg.connect(url) as pg:
             row = pg.execute(
-                "SELECT count(*) FROM runners WHERE runner_id LIKE 'bench-%%' "
+                "SELECT count(*) FROM runner_heartbeats WHERE runner_id LIKE 'bench-%%' "
                 "AND last_heartbeat_at >= %s",
                 (since,),
             ).fetchone()
@@ -600,7 +600,7 @@ def _persisted(storage: Path, since: datetime, hosts: int) -> dict[str, Any]:
     db = storage / "coordinator" / "muster.db"
     with sqlite3.connect(db) as conn:
         rows = conn.execute(
-            "SELECT last_heartbeat_at FROM runners WHERE runner_id LIKE 'bench-%'"
+            "SELECT last_heartbeat_at FROM runner_heartbeats WHERE runner_id LIKE 'bench-%'"
         ).fetchall()
     conn.close()
     stamp = since.replace(tzinfo=None).isoformat(sep=" ")

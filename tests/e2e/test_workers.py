@@ -188,7 +188,9 @@ def connected_everywhere(pinned: dict[int, Pinned], admin: tuple[str, str]) -> b
 
 def persisted_heartbeat(coordinator: Coordinator, runner_id: str) -> datetime | None:
     rows = query(
-        coordinator, "SELECT last_heartbeat_at FROM runners WHERE runner_id = ?", runner_id
+        coordinator,
+        "SELECT last_heartbeat_at FROM runner_heartbeats WHERE runner_id = ?",
+        runner_id,
     )
     if not rows or rows[0][0] is None:
         return None

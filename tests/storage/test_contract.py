@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from alembic import command
-from sqlalchemy import insert, text
+from sqlalchemy import DateTime, bindparam, insert, text
 
 from muster.domain.models import (
     AllocatorRecord,
@@ -463,12 +463,17 @@ def test_a_runner_id_can_be_reused_after_deletion(store: Store) -> None:
     with store.write() as tx:
         tx.create_runner(runner())
     with store.write() as tx:
+        tx.record_heartbeats([("10.0.0.2", at(9), None)])
+    with store.write() as tx:
         tx.delete_runner("10.0.0.2", T0)
     with store.write() as tx:
-        tx.create_runner(runner(cert_serial="new-serial"))
+        tx.create_runner(runner(cert_serial="new-serial", last_heartbeat_at=None))
     with store.read() as tx:
         assert tx.is_certificate_revoked("10.0.0.2-serial-1")
         assert not tx.is_certificate_revoked("new-serial")
+        # The heartbeat time went with the runner: the new one has not heartbeat yet.
+        assert tx.get_runner("10.0.0.2").last_heartbeat_at is None
+        assert tx.list_runner_columns(["last_heartbeat_at"]) == [("10.0.0.2", None)]
 
 
 def test_heartbeats_are_recorded_in_one_batch(store: Store) -> None:
@@ -559,6 +564,36 @@ def test_migration_0005_dates_existing_allocators_by_their_runners_join(
         assert tx.get_allocator("a").created_at == at(7)
         assert tx.get_allocator("orphan").created_at is None
         assert tx.get_allocator("a").maintenance_changed_at is None
+
+
+def test_migration_0011_moves_each_runners_heartbeat_time_to_its_own_table(
+    store: Store,
+) -> None:
+    config = alembic_config()
+    with store._writer.begin() as conn:  # type: ignore[attr-defined]
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0010")
+        # The runners table as revision 0010 has it, the time in the runner's row.
+        stamp = text("UPDATE runners SET last_heartbeat_at = :at WHERE runner_id = :id")
+        stamp = stamp.bindparams(bindparam("at", type_=DateTime(timezone=True)))
+        for runner_id, beat in (("beating", at(42)), ("silent", None)):
+            conn.execute(insert(tables.runners).values(runner_row(runner(runner_id))))
+            conn.execute(stamp, {"at": beat, "id": runner_id})
+    upgrade(store)
+    with store.read() as tx:
+        assert tx.get_runner("beating").last_heartbeat_at == at(42)
+        assert tx.get_runner("silent").last_heartbeat_at is None
+        assert tx.list_runner_columns(["last_heartbeat_at"]) == [
+            ("beating", at(42)),
+            ("silent", None),
+        ]
+    with store.write() as tx:
+        tx.record_heartbeats([("silent", at(43), None)])
+        tx.delete_runner("beating", at(44))
+    with store.read() as tx:
+        assert [(r.runner_id, r.last_heartbeat_at) for r in tx.list_runners()] == [
+            ("silent", at(43))
+        ]
 
 
 def test_allocator_errors_carry_allocator_codes(store: Store) -> None:

@@ -281,10 +281,12 @@ class DeploymentTables:
                 _a.zone_id,
                 free,
                 _a.memory_used_mb,
-                t.runners.c.last_heartbeat_at,
+                t.runner_heartbeats.c.last_heartbeat_at,
             )
             .select_from(
-                t.allocators.outerjoin(t.runners, t.runners.c.runner_id == _a.allocator_id)
+                t.allocators.outerjoin(
+                    t.runner_heartbeats, t.runner_heartbeats.c.runner_id == _a.allocator_id
+                )
             )
             .where(_a.zone_id == zone_id, _a.maintenance == false(), free >= min_free_mb)
             .order_by(free, allocator_id)

@@ -119,21 +119,21 @@ class FleetReads:
     _IN_CHUNK = 500
 
     def list_allocator_columns(self, columns: Iterable[str]) -> list[tuple[Any, ...]]:
-        a, r = t.allocators.c, t.runners.c
+        a = t.allocators.c
         picked = [a.allocator_id]
         for name in columns:
-            table, field = (
-                (r, name.removeprefix("runner.")) if name.startswith("runner.") else (a, name)
-            )
-            if field not in table:
+            if name.startswith("runner."):
+                picked.append(_runner_column(name.removeprefix("runner."), "allocators", name))
+            elif name in a:
+                picked.append(a[name])
+            else:
                 raise ValueError(f"allocators have no column {name!r}")
-            picked.append(table[field])
         query = select(*picked).order_by(a.allocator_id)
-        if any(c.table is t.runners for c in picked):
-            query = query.select_from(
-                t.allocators.outerjoin(t.runners, r.runner_id == a.allocator_id)
-            )
-        return self._column_rows(query, picked)
+        joined: Any = t.allocators
+        for table in (t.runners, t.runner_heartbeats):
+            if any(c.table is table for c in picked):
+                joined = joined.outerjoin(table, table.c.runner_id == a.allocator_id)
+        return self._column_rows(query.select_from(joined), picked)
 
     def list_runner_columns(
         self,
@@ -144,11 +144,14 @@ class FleetReads:
     ) -> list[tuple[Any, ...]]:
         r = t.runners.c
         picked = [r.runner_id]
-        for name in columns:
-            if name not in r:
-                raise ValueError(f"runners have no column {name!r}")
-            picked.append(r[name])
+        picked += [_runner_column(name, "runners", name) for name in columns]
         query = select(*picked, r.roles).order_by(r.runner_id)
+        if any(c.table is t.runner_heartbeats for c in picked):
+            query = query.select_from(
+                t.runners.outerjoin(
+                    t.runner_heartbeats, t.runner_heartbeats.c.runner_id == r.runner_id
+                )
+            )
         if role is not None:
             # The roles' JSON text holds the role quoted (a cheap filter in the database over
             # every row; the list itself is checked below).
@@ -249,16 +252,32 @@ class FleetReads:
 
     def list_runners_by_id(self, runner_ids: Iterable[str]) -> list[RunnerRecord]:
         return [
-            rec.runner_record(row) for row in self._rows_by_id(t.runners.c.runner_id, runner_ids)
+            rec.runner_record(row)
+            for row in self._rows_by_id(
+                t.runners.c.runner_id, runner_ids, rec.runners_with_heartbeats()
+            )
         ]
 
-    def _rows_by_id(self, id_column: Any, wanted: Iterable[str]) -> list[Any]:
-        """Whole rows of `id_column`'s table whose id is in `wanted`, in chunks of IN lists."""
+    def _rows_by_id(self, id_column: Any, wanted: Iterable[str], rows: Any = None) -> list[Any]:
+        """Whole rows of `id_column`'s table (or of the `rows` selected) whose id is in
+        `wanted`, in chunks of IN lists."""
         ids = sorted(set(wanted))
+        query: Any = rows
+        if query is None:
+            query = select(id_column.table)
         return [
             row
             for start in range(0, len(ids), self._IN_CHUNK)
             for row in self.conn.execute(
-                select(id_column.table).where(id_column.in_(ids[start : start + self._IN_CHUNK]))
+                query.where(id_column.in_(ids[start : start + self._IN_CHUNK]))
             )
         ]
+
+
+def _runner_column(name: str, of: str, asked: str) -> Any:
+    """A runner's column by name: its row's, or its heartbeat time (a table of its own)."""
+    if name == "last_heartbeat_at":
+        return t.runner_heartbeats.c.last_heartbeat_at
+    if name not in t.runners.c:
+        raise ValueError(f"{of} have no column {asked!r}")
+    return t.runners.c[name]

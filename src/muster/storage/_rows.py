@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row
+from sqlalchemy import Row, Select, select
 
 from muster.domain.models import (
     AllocatorRecord,
@@ -22,6 +22,7 @@ from muster.domain.models import (
     TokenRecord,
     UserRecord,
 )
+from muster.storage import schema as t
 
 
 def utc(value: datetime | None) -> datetime | None:
@@ -49,10 +50,23 @@ def runner_row(runner: RunnerRecord) -> dict[str, Any]:
         "cert_expires_at": runner.cert_expires_at,
         "token_id": runner.token_id,
         "joined_at": runner.joined_at,
-        "last_heartbeat_at": runner.last_heartbeat_at,
         "report": runner.report.to_json(),
         "api_address": runner.api_address,
     }
+
+
+def heartbeat_row(runner: RunnerRecord) -> dict[str, Any]:
+    """The runner's row in runner_heartbeats, made with its row in runners."""
+    return {"runner_id": runner.runner_id, "last_heartbeat_at": runner.last_heartbeat_at}
+
+
+def runners_with_heartbeats() -> Select[Any]:
+    """Runners' whole rows with their latest heartbeat time (a table of its own, migration
+    0011), for `runner_record`."""
+    beats = t.runner_heartbeats.c
+    return select(t.runners, beats.last_heartbeat_at).select_from(
+        t.runners.outerjoin(t.runner_heartbeats, beats.runner_id == t.runners.c.runner_id)
+    )
 
 
 def allocator_row(allocator: AllocatorRecord) -> dict[str, Any]:

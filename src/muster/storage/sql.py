@@ -40,7 +40,7 @@ from muster.storage._users import UserRows
 # Statements on the join and heartbeat paths, built once: building a Core statement per call
 # (`insert().values(...)`, `select().where(...)`) costs more CPU than SQLite takes to run it.
 # Values are bound per execution; SQLAlchemy's compiled cache then skips compilation too.
-_tokens, _runners = t.enrollment_tokens.c, t.runners.c
+_tokens, _runners, _beats = t.enrollment_tokens.c, t.runners.c, t.runner_heartbeats.c
 _INSERT = {table: insert(table) for table in t.metadata.sorted_tables}
 _FIND_TOKEN = select(t.enrollment_tokens).where(_tokens.token_id == bindparam("token_id"))
 _FIND_TOKEN_FOR_UPDATE = _FIND_TOKEN.with_for_update()
@@ -50,20 +50,21 @@ _USE_TOKEN = (
     .values(uses=_tokens.uses + bindparam("count"), last_used_at=bindparam("at"))
     .returning(_tokens.uses)
 )
-_FIND_RUNNER = select(t.runners).where(_runners.runner_id == bindparam("runner_id"))
+_RUNNERS = rec.runners_with_heartbeats()
+_FIND_RUNNER = _RUNNERS.where(_runners.runner_id == bindparam("runner_id"))
 _FIND_ALLOCATOR = select(t.allocators).where(
     t.allocators.c.allocator_id == bindparam("allocator_id")
 )
-# The liveness flush's: a heartbeat's time and report, or its time alone (the report written
-# before is unchanged: writing it again cost SQLite a third of the row's update).
-_RECORD_HEARTBEATS = (
+# The liveness flush's: every heartbeat's time, in its narrow table, and the reports that changed
+# (an unchanged report written again cost SQLite a third of the row's update).
+_RECORD_REPORTS = (
     update(t.runners)
     .where(_runners.runner_id == bindparam("rid"))
-    .values(last_heartbeat_at=bindparam("at"), report=bindparam("report"))
+    .values(report=bindparam("report"))
 )
 _RECORD_HEARTBEAT_TIMES = (
-    update(t.runners)
-    .where(_runners.runner_id == bindparam("rid"))
+    update(t.runner_heartbeats)
+    .where(_beats.runner_id == bindparam("rid"))
     .values(last_heartbeat_at=bindparam("at"))
 )
 _IS_REVOKED = select(t.revoked_certificates.c.serial).where(
@@ -249,15 +250,19 @@ class SqlTransaction(FleetReads, DeploymentTables, UserRows, LimitRows):
             conflict=f"runner id {runner.runner_id!r} is already taken",
             error=RunnerIdTakenError,
         )
+        self.conn.execute(_INSERT[t.runner_heartbeats], rec.heartbeat_row(runner))
 
     def create_runners(self, runners: Iterable[RunnerRecord]) -> None:
-        rows = [rec.runner_row(runner) for runner in runners]
-        if rows:
+        runners = list(runners)
+        if runners:
             self._insert_many(
                 t.runners,
-                rows,
+                [rec.runner_row(runner) for runner in runners],
                 conflict="a runner id is already taken",
                 error=RunnerIdTakenError,
+            )
+            self.conn.execute(
+                _INSERT[t.runner_heartbeats], [rec.heartbeat_row(runner) for runner in runners]
             )
 
     def find_runner(self, runner_id: str) -> RunnerRecord | None:
@@ -272,8 +277,7 @@ class SqlTransaction(FleetReads, DeploymentTables, UserRows, LimitRows):
 
     def list_runners(self) -> list[RunnerRecord]:
         return [
-            rec.runner_record(r)
-            for r in self.conn.execute(select(t.runners).order_by(t.runners.c.runner_id))
+            rec.runner_record(r) for r in self.conn.execute(_RUNNERS.order_by(_runners.runner_id))
         ]
 
     def update_runner(self, runner_id: str, **changes: Any) -> None:
@@ -281,10 +285,23 @@ class SqlTransaction(FleetReads, DeploymentTables, UserRows, LimitRows):
             changes["roles"] = list(changes["roles"])
         if "report" in changes and isinstance(changes["report"], HostReport):
             changes["report"] = changes["report"].to_json()
-        result = self.conn.execute(
-            update(t.runners).where(t.runners.c.runner_id == runner_id).values(**changes)
-        )
-        if result.rowcount == 0:
+        results = []
+        if "last_heartbeat_at" in changes:  # its own table's row, made with the runner's
+            at = changes.pop("last_heartbeat_at")
+            results.append(
+                self.conn.execute(
+                    update(t.runner_heartbeats)
+                    .where(_beats.runner_id == runner_id)
+                    .values(last_heartbeat_at=at)
+                )
+            )
+        if changes:
+            results.append(
+                self.conn.execute(
+                    update(t.runners).where(_runners.runner_id == runner_id).values(**changes)
+                )
+            )
+        if any(result.rowcount == 0 for result in results):
             raise NotFoundError(f"runner {runner_id!r} not found", code="runners.runner_not_found")
 
     def delete_runner(self, runner_id: str, at: datetime) -> RunnerRecord:
@@ -297,21 +314,21 @@ class SqlTransaction(FleetReads, DeploymentTables, UserRows, LimitRows):
                     )
                 )
         self.conn.execute(delete(t.allocators).where(t.allocators.c.allocator_id == runner_id))
-        self.conn.execute(delete(t.runners).where(t.runners.c.runner_id == runner_id))
+        self.conn.execute(delete(t.runner_heartbeats).where(_beats.runner_id == runner_id))
+        self.conn.execute(delete(t.runners).where(_runners.runner_id == runner_id))
         return runner
 
     def record_heartbeats(self, beats: Iterable[tuple[str, datetime, HostReport | None]]) -> None:
-        reported: list[dict[str, Any]] = []
-        timed: list[dict[str, Any]] = []
+        times: list[dict[str, Any]] = []
+        reports: list[dict[str, Any]] = []
         for runner_id, at, report in beats:
-            if report is None:
-                timed.append({"rid": runner_id, "at": at})
-            else:
-                reported.append({"rid": runner_id, "at": at, "report": report.to_json()})
-        if reported:
-            self.conn.execute(_RECORD_HEARTBEATS, reported)
-        if timed:
-            self.conn.execute(_RECORD_HEARTBEAT_TIMES, timed)
+            times.append({"rid": runner_id, "at": at})
+            if report is not None:
+                reports.append({"rid": runner_id, "report": report.to_json()})
+        if reports:
+            self.conn.execute(_RECORD_REPORTS, reports)
+        if times:
+            self.conn.execute(_RECORD_HEARTBEAT_TIMES, times)
 
     def list_api_addresses(self) -> list[str]:
         c = t.runners.c
