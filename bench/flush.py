@@ -12,6 +12,7 @@ spread over many more rows, and pages, than one flush writes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import sys
@@ -21,6 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from bench.coordinator import Store
+from bench.proxy import process_cpu_s
 from muster.clock import SystemClock
 from muster.domain import pki, runners
 from muster.domain.models import HostReport
@@ -85,17 +87,12 @@ def main() -> int:
 def server_cpu_s() -> float:
     """CPU seconds used so far by this host's PostgreSQL processes (the backend, its WAL
     writer and checkpointer), from /proc: a local server's share of the flush."""
-    tick, total = os.sysconf("SC_CLK_TCK"), 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:  # the process ended meanwhile
-            continue
-        name, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :]
-        if name.startswith("postgres"):
-            fields = rest.split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
+    pids = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        with contextlib.suppress(OSError):  # the process ended meanwhile
+            if comm.read_text().startswith("postgres"):
+                pids.append(int(comm.parent.name))
+    return process_cpu_s(pids)
 
 
 if __name__ == "__main__":

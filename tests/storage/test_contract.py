@@ -4,14 +4,15 @@ each Transaction method, its errors and codes, atomicity, and migrations."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from alembic import command
-from sqlalchemy import DateTime, bindparam, insert, text
+from sqlalchemy import Connection, DateTime, bindparam, insert, text
 
 from muster.domain.models import (
     AllocatorRecord,
@@ -34,6 +35,17 @@ T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
 def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
+
+
+@contextmanager
+def at_revision(store: Store, revision: str) -> Iterator[Connection]:
+    """The store migrated back to `revision`, and a transaction on it to write rows as that
+    revision's tables hold them (the test then upgrades the store again)."""
+    config = alembic_config()
+    with store._writer.begin() as conn:  # type: ignore[attr-defined]
+        config.attributes["connection"] = conn
+        command.downgrade(config, revision)
+        yield conn
 
 
 def token(tid: str = "tok-1", **kw: Any) -> TokenRecord:
@@ -544,10 +556,7 @@ def test_allocators_keep_when_they_were_made_and_last_changed(store: Store) -> N
 def test_migration_0005_dates_existing_allocators_by_their_runners_join(
     store: Store,
 ) -> None:
-    config = alembic_config()
-    with store._writer.begin() as conn:  # type: ignore[attr-defined]
-        config.attributes["connection"] = conn
-        command.downgrade(config, "0004")
+    with at_revision(store, "0004") as conn:
         conn.execute(insert(tables.runners).values(runner_row(runner("a", joined_at=at(7)))))
         for allocator_id in ("a", "orphan"):
             # The allocators table as revision 0004 has it (later revisions add columns).
@@ -569,10 +578,7 @@ def test_migration_0005_dates_existing_allocators_by_their_runners_join(
 def test_migration_0011_moves_each_runners_heartbeat_time_to_its_own_table(
     store: Store,
 ) -> None:
-    config = alembic_config()
-    with store._writer.begin() as conn:  # type: ignore[attr-defined]
-        config.attributes["connection"] = conn
-        command.downgrade(config, "0010")
+    with at_revision(store, "0010") as conn:
         # The runners table as revision 0010 has it, the time in the runner's row.
         stamp = text("UPDATE runners SET last_heartbeat_at = :at WHERE runner_id = :id")
         stamp = stamp.bindparams(bindparam("at", type_=DateTime(timezone=True)))
@@ -952,11 +958,7 @@ def test_session_without_a_maximum_or_gone_is_never_extended(store: Store) -> No
 
 
 def test_sessions_from_before_the_sliding_revision_keep_their_end(store: Store) -> None:
-    config = alembic_config()
-    with store._writer.begin() as conn:  # type: ignore[attr-defined]
-        config.attributes["connection"] = conn
-        command.downgrade(config, "0002")
-    with store._writer.begin() as conn:  # type: ignore[attr-defined]
+    with at_revision(store, "0002") as conn:
         conn.execute(
             insert(tables.sessions).values(
                 token_hash="old", username="admin", created_at=T0, expires_at=at(3600)
@@ -973,11 +975,7 @@ def test_sessions_from_before_the_sliding_revision_keep_their_end(store: Store) 
 def test_users_and_sessions_from_before_the_roles_revision_are_carried_over(
     store: Store,
 ) -> None:
-    config = alembic_config()
-    with store._writer.begin() as conn:  # type: ignore[attr-defined]
-        config.attributes["connection"] = conn
-        command.downgrade(config, "0005")
-    with store._writer.begin() as conn:  # type: ignore[attr-defined]
+    with at_revision(store, "0005") as conn:
         for name, role in (("admin", "admin"), ("readonly", "readonly")):
             conn.execute(
                 text(

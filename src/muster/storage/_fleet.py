@@ -123,11 +123,12 @@ class FleetReads:
         picked = [a.allocator_id]
         for name in columns:
             if name.startswith("runner."):
-                picked.append(_runner_column(name.removeprefix("runner."), "allocators", name))
-            elif name in a:
-                picked.append(a[name])
+                column = _runner_column(name.removeprefix("runner."))
             else:
+                column = a.get(name)
+            if column is None:
                 raise ValueError(f"allocators have no column {name!r}")
+            picked.append(column)
         query = select(*picked).order_by(a.allocator_id)
         joined: Any = t.allocators
         for table in (t.runners, t.runner_heartbeats):
@@ -144,14 +145,14 @@ class FleetReads:
     ) -> list[tuple[Any, ...]]:
         r = t.runners.c
         picked = [r.runner_id]
-        picked += [_runner_column(name, "runners", name) for name in columns]
+        for name in columns:
+            column = _runner_column(name)
+            if column is None:
+                raise ValueError(f"runners have no column {name!r}")
+            picked.append(column)
         query = select(*picked, r.roles).order_by(r.runner_id)
         if any(c.table is t.runner_heartbeats for c in picked):
-            query = query.select_from(
-                t.runners.outerjoin(
-                    t.runner_heartbeats, t.runner_heartbeats.c.runner_id == r.runner_id
-                )
-            )
+            query = query.select_from(rec.RUNNERS_AND_HEARTBEATS)
         if role is not None:
             # The roles' JSON text holds the role quoted (a cheap filter in the database over
             # every row; the list itself is checked below).
@@ -247,37 +248,32 @@ class FleetReads:
     def list_allocators_by_id(self, allocator_ids: Iterable[str]) -> list[AllocatorRecord]:
         return [
             rec.allocator_record(row)
-            for row in self._rows_by_id(t.allocators.c.allocator_id, allocator_ids)
+            for row in self._rows_by_id(
+                select(t.allocators), t.allocators.c.allocator_id, allocator_ids
+            )
         ]
 
     def list_runners_by_id(self, runner_ids: Iterable[str]) -> list[RunnerRecord]:
         return [
             rec.runner_record(row)
-            for row in self._rows_by_id(
-                t.runners.c.runner_id, runner_ids, rec.runners_with_heartbeats()
-            )
+            for row in self._rows_by_id(rec.RUNNER_ROWS, t.runners.c.runner_id, runner_ids)
         ]
 
-    def _rows_by_id(self, id_column: Any, wanted: Iterable[str], rows: Any = None) -> list[Any]:
-        """Whole rows of `id_column`'s table (or of the `rows` selected) whose id is in
-        `wanted`, in chunks of IN lists."""
+    def _rows_by_id(self, rows: Any, id_column: Any, wanted: Iterable[str]) -> list[Any]:
+        """The `rows` selected whose `id_column` is in `wanted`, in chunks of IN lists."""
         ids = sorted(set(wanted))
-        query: Any = rows
-        if query is None:
-            query = select(id_column.table)
         return [
             row
             for start in range(0, len(ids), self._IN_CHUNK)
             for row in self.conn.execute(
-                query.where(id_column.in_(ids[start : start + self._IN_CHUNK]))
+                rows.where(id_column.in_(ids[start : start + self._IN_CHUNK]))
             )
         ]
 
 
-def _runner_column(name: str, of: str, asked: str) -> Any:
-    """A runner's column by name: its row's, or its heartbeat time (a table of its own)."""
+def _runner_column(name: str) -> Any:
+    """A runner's column by name, or None: its row's, or its heartbeat time (a table of its
+    own)."""
     if name == "last_heartbeat_at":
         return t.runner_heartbeats.c.last_heartbeat_at
-    if name not in t.runners.c:
-        raise ValueError(f"{of} have no column {asked!r}")
-    return t.runners.c[name]
+    return t.runners.c.get(name)

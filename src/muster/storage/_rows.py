@@ -60,13 +60,14 @@ def heartbeat_row(runner: RunnerRecord) -> dict[str, Any]:
     return {"runner_id": runner.runner_id, "last_heartbeat_at": runner.last_heartbeat_at}
 
 
-def runners_with_heartbeats() -> Select[Any]:
-    """Runners' whole rows with their latest heartbeat time (a table of its own, migration
-    0011), for `runner_record`."""
-    beats = t.runner_heartbeats.c
-    return select(t.runners, beats.last_heartbeat_at).select_from(
-        t.runners.outerjoin(t.runner_heartbeats, beats.runner_id == t.runners.c.runner_id)
-    )
+# Runners beside their heartbeat times (a table of its own, migration 0011), and their whole
+# rows with the time, as `runner_record` reads them.
+RUNNERS_AND_HEARTBEATS = t.runners.outerjoin(
+    t.runner_heartbeats, t.runner_heartbeats.c.runner_id == t.runners.c.runner_id
+)
+RUNNER_ROWS: Select[Any] = select(t.runners, t.runner_heartbeats.c.last_heartbeat_at).select_from(
+    RUNNERS_AND_HEARTBEATS
+)
 
 
 def allocator_row(allocator: AllocatorRecord) -> dict[str, Any]:

@@ -50,8 +50,7 @@ _USE_TOKEN = (
     .values(uses=_tokens.uses + bindparam("count"), last_used_at=bindparam("at"))
     .returning(_tokens.uses)
 )
-_RUNNERS = rec.runners_with_heartbeats()
-_FIND_RUNNER = _RUNNERS.where(_runners.runner_id == bindparam("runner_id"))
+_FIND_RUNNER = rec.RUNNER_ROWS.where(_runners.runner_id == bindparam("runner_id"))
 _FIND_ALLOCATOR = select(t.allocators).where(
     t.allocators.c.allocator_id == bindparam("allocator_id")
 )
@@ -277,7 +276,8 @@ class SqlTransaction(FleetReads, DeploymentTables, UserRows, LimitRows):
 
     def list_runners(self) -> list[RunnerRecord]:
         return [
-            rec.runner_record(r) for r in self.conn.execute(_RUNNERS.order_by(_runners.runner_id))
+            rec.runner_record(r)
+            for r in self.conn.execute(rec.RUNNER_ROWS.order_by(_runners.runner_id))
         ]
 
     def update_runner(self, runner_id: str, **changes: Any) -> None:
