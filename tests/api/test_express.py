@@ -11,7 +11,7 @@ import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import uvicorn
@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from starlette.types import Receive, Scope, Send
 
+from muster.api import tls
 from muster.api.app import create_app
 from muster.api.edge import HEARTBEAT_PATH
 from muster.api.tls import peer_cert_protocol, server_context
@@ -303,8 +304,9 @@ class _Transport:
 def test_an_idle_connection_keeps_no_request_head_after_an_express_reply() -> None:
     """Between heartbeats a connection holds nothing of the last request (its header list and
     scope, ~1.2 KB a connection, bench.protomem): an agent's connection idles most of the time.
-    Of its client certificate it keeps the DER bytes and the names a heartbeat is vouched for
-    by, read once: not the parsed certificate, nor its PEM."""
+    Of its client certificate it keeps the names a heartbeat is vouched for by, read once: not
+    its bytes (the TLS layer holds them), the parsed certificate, nor its PEM. Nor has it a queue
+    of pipelined requests or an event for a paused writer of its own: nothing waits."""
     answered: list[list[tuple[bytes, bytes]]] = []
     vouched_by: list[object] = []
     ca = pki.create_ca(SystemClock().now())
@@ -332,7 +334,10 @@ def test_an_idle_connection_keeps_no_request_head_after_an_express_reply() -> No
         assert protocol.scope is None  # none is made for a request the express path answers
         # Its own fields are in slots: in the instance's dictionary, past uvicorn's fields,
         # they would give every connection a dictionary of its own.
-        assert not {"_der", "_names", "_deadline", "_head_bytes"} & set(vars(protocol))
+        assert not {"_names", "_deadline", "_head_bytes"} & set(vars(protocol))
+        assert not [value for value in vars(protocol).values() if value == der]
+        assert protocol.pipeline is tls._NO_PIPELINE
+        assert protocol.flow._is_writable_event is tls._WRITABLE
         assert vouched_by == [("host-x", pki.serial_hex(cert))]
         held = [getattr(protocol, name, None) for name in dir(protocol)]
         held += [v for d in held if isinstance(d, dict) for v in d.values()]
@@ -437,5 +442,29 @@ def test_one_keep_alive_timer_serves_every_heartbeat_and_an_idle_connection_is_c
         assert transport.closed  # 2 s after the last heartbeat
         assert len(transport.written) == 2
         protocol.connection_lost(None)
+
+    asyncio.run(run())
+
+
+def test_a_paused_writer_waits_alone_though_idle_connections_share_one_event() -> None:
+    """Flow control per connection: a connection whose writing pauses gets an event of its own
+    and waits on it until it resumes; the others' writes do not wait, then or after."""
+
+    async def run() -> None:
+        transport = cast(asyncio.Transport, _Transport())
+        paused, other = tls._FlowControl(transport), tls._FlowControl(transport)
+        paused.pause_writing()
+        assert paused.write_paused
+        assert paused._is_writable_event is not tls._WRITABLE
+        waiting = asyncio.ensure_future(paused.drain())
+        await asyncio.wait_for(other.drain(), 1)
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        paused.resume_writing()
+        await asyncio.wait_for(waiting, 1)
+        paused.pause_writing()  # again: its own event, cleared again
+        assert not paused._is_writable_event.is_set()
+        assert tls._WRITABLE.is_set()
+        await asyncio.wait_for(other.drain(), 1)
 
     asyncio.run(run())

@@ -18,13 +18,14 @@ import os
 import ssl
 import tempfile
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 import httptools
 from cryptography import x509
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from muster.domain import pki
@@ -300,6 +301,8 @@ class _CoalescingTransport:
     records and two send calls per reply (a heartbeat's reply is both). Everything else is the
     transport's own."""
 
+    __slots__ = ("_loop", "_pending", "_transport")
+
     def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
@@ -343,6 +346,30 @@ class _CoalescingTransport:
         return getattr(self._transport, name)
 
 
+# What a connection holds while nothing waits: shared by every connection until its own is needed
+# (each one of its own was an empty deque of ~0.6 KB per connection).
+_NO_PIPELINE: deque[Any] = deque()  # never appended to: _to_app gives the connection its own
+_WRITABLE = asyncio.Event()  # never cleared: _FlowControl gives the connection its own
+_WRITABLE.set()
+
+
+class _FlowControl(FlowControl):
+    """uvicorn's flow control, with the event that a paused writer waits on made when this
+    connection's writing first pauses rather than with every connection: an agent's connection
+    writes a few hundred bytes a heartbeat and never pauses."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:  # uvicorn's, but for the event
+        self._transport = transport
+        self.read_paused = False
+        self.write_paused = False
+        self._is_writable_event = _WRITABLE
+
+    def pause_writing(self) -> None:
+        if self._is_writable_event is _WRITABLE:
+            self._is_writable_event = asyncio.Event()  # cleared by uvicorn's pause_writing
+        super().pause_writing()
+
+
 class PeerCertProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, plus the verified client certificate in the scope, a cap on
     the request head (414/431), a deadline for receiving each request (408, then close), and
@@ -362,7 +389,6 @@ class PeerCertProtocol(HttpToolsProtocol):
     # own (~1.2 KB more per connection, bench.protomem).
     __slots__ = (
         "_deadline",
-        "_der",
         "_express_body",
         "_field_bytes",
         "_head_bytes",
@@ -377,8 +403,7 @@ class PeerCertProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._express_body: bytearray | None = None  # a request the express path reads
-        self._der: bytes | None = None  # the verified client certificate
-        self._names: pki.CertificateNames | None = None  # and what it is vouched for by
+        self._names: pki.CertificateNames | None = None  # what the client certificate vouches for
         self._refusal: int | None = None
         self._reading_head = True  # from the end of one message to the end of the next's head
         self._head_bytes = 0  # raw bytes of the head, counted as they arrive
@@ -390,23 +415,28 @@ class PeerCertProtocol(HttpToolsProtocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0  # loop time of the connection's last read
         super().__init__(*args, **kwargs)
+        self.pipeline = _NO_PIPELINE
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(cast(asyncio.Transport, _CoalescingTransport(transport, self.loop)))
-        ssl_object = transport.get_extra_info("ssl_object")
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        self.flow = _FlowControl(self.transport)
+        der = self._peer_der()
         if der:
-            # The names once per connection (an agent sends many heartbeats over one), and
-            # the certificate itself again only for a request the app takes (_tls_extension):
-            # between heartbeats a connection keeps its DER bytes, not the parsed certificate
-            # or its PEM.
-            self._der = der
+            # The names once per connection (an agent sends many heartbeats over one); the
+            # certificate itself is read again only for a request the app takes
+            # (_tls_extension). Between heartbeats a connection keeps neither its bytes nor the
+            # parsed certificate: the TLS layer holds it already.
             self._names = pki.certificate_names(x509.load_der_x509_certificate(der))
         self._arm_deadline()
 
+    def _peer_der(self) -> bytes | None:
+        """The verified client certificate (DER), as the TLS layer holds it."""
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+
     def _tls_extension(self) -> dict[str, Any]:
         """ASGI's TLS extension for a request the app takes (peer_certificate reads it)."""
-        der = self._der
+        der = self._peer_der()
         return {
             "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
             "client_cert": x509.load_der_x509_certificate(der) if der else None,
@@ -422,6 +452,8 @@ class PeerCertProtocol(HttpToolsProtocol):
         scope = cast(dict[str, Any], self.scope)
         scope["headers"] = headers
         scope["extensions"] = {TLS_EXTENSION: self._tls_extension()}
+        if self.pipeline is _NO_PIPELINE and self._answering():
+            self.pipeline = deque()  # uvicorn queues this request behind the one in flight
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
