@@ -4,9 +4,11 @@ the same share of a core at any fleet size."""
 
 from __future__ import annotations
 
+import multiprocessing
+
 import pytest
 
-from muster.domain.marks import ROW_S, FullReads, safety_net_s
+from muster.domain.marks import ROW_S, FullReads, jitter, safety_net_s
 
 
 def test_rows_are_read_again_when_the_marks_move_and_else_when_the_net_is_due() -> None:
@@ -31,3 +33,23 @@ def test_the_safety_net_is_spaced_by_the_rows_read(rows: int) -> None:
 def test_at_100000_runners_the_certificates_net_comes_every_100_s() -> None:
     assert safety_net_s(30.0, 100_000) == pytest.approx(100.0)
     assert safety_net_s(30.0, 2_500) == 30.0  # small fleets: as before
+
+
+def _draws(into: multiprocessing.SimpleQueue) -> None:  # type: ignore[type-arg]
+    into.put([jitter() for _ in range(8)])
+
+
+def test_forked_workers_draw_their_own_jitter() -> None:
+    """A coordinator's workers are forked from one process: their safety nets must not fall due
+    together, as they did when each inherited one generator's state."""
+    fork = multiprocessing.get_context("fork")
+    into = fork.SimpleQueue()
+    workers = [fork.Process(target=_draws, args=(into,)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    drawn = [into.get() for _ in workers]
+    for worker in workers:
+        worker.join()
+    drawn.append([jitter() for _ in range(8)])
+    assert all(0.8 <= x <= 1.2 for draws in drawn for x in draws)
+    assert len({tuple(draws) for draws in drawn}) == 3

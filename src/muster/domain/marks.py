@@ -12,9 +12,17 @@ import random
 # reads, so that it costs each process the same small share of a core at any fleet size (a
 # read costs 2-4 µs of CPU a row: at 100,000 rows ~0.3 s, every 100 s rather than every 30).
 ROW_S = 0.001
-# The jitter's own generator: the refreshers draw from it in background threads, and drawing
-# from the random module's shared one moved its state under whatever else used it meanwhile.
-_jitter = random.Random()  # noqa: S311 - jitter, not a secret
+# The jitter's generator draws from the operating system: the refreshers draw from it in
+# background threads (drawing from the random module's shared one moved its state under whatever
+# else used it meanwhile), and a coordinator's workers are forked from one process, so a
+# generator with a state of its own gave every worker the same draws, and every worker's full
+# reads fell in the same second (docs/benchmarks.md, "100,000 connected hosts, third attempt").
+_jitter = random.SystemRandom()
+
+
+def jitter() -> float:
+    """A factor between 0.8 and 1.2, drawn apart in every process, forked or not."""
+    return _jitter.uniform(0.8, 1.2)
 
 
 def safety_net_s(every_s: float, rows: int) -> float:
@@ -40,4 +48,4 @@ class FullReads:
         """`rows` rows were read along with `marks` at `now` (monotonic seconds)."""
         self._marks = marks
         spacing = safety_net_s(self.every_s, rows)
-        self._due = now + spacing * _jitter.uniform(0.8, 1.2)
+        self._due = now + spacing * jitter()
