@@ -84,10 +84,16 @@ def test_quick_bench_on_postgresql_produces_results_without_errors(tmp_path: Pat
         forget_fleets(cache, store)
 
 
-def test_independent_generator_heartbeats_twenty_hosts_without_errors(tmp_path: Path) -> None:
-    if shutil.which("node") is None:
+@pytest.mark.parametrize("generator", ["node", "c"])
+def test_independent_generator_heartbeats_twenty_hosts_without_errors(
+    tmp_path: Path, generator: str
+) -> None:
+    if generator == "node" and shutil.which("node") is None:
         unavailable("no Node.js (`node`) for bench/independent")
-    result = run_independent(20, 1.0, 2.0, workers=1, cache=tmp_path / "cache")
+    if generator == "c" and shutil.which("gcc") is None:
+        unavailable("no gcc to build bench/independent/heartbeat.c")
+    result = run_independent(20, 1.0, 2.0, workers=1, generator=generator, cache=tmp_path / "cache")
+    assert result["generator"].startswith(generator)
     assert result["connected"] == 20
     assert result["heartbeats"] > 0
     assert result["failed"] == 0
