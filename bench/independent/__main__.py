@@ -42,7 +42,7 @@ def c_generator(cache: Path = CACHE) -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         building = binary.with_name(binary.name + ".tmp")
         subprocess.run(
-            ["gcc", "-O2", "-Wall", "-o", str(building), str(C_SOURCE), "-lssl", "-lcrypto"],
+            ["gcc", "-O2", "-Wall", "-o", str(building), str(C_SOURCE), "-lssl", "-lcrypto", "-lm"],
             check=True,
         )
         building.rename(binary)

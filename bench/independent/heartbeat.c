@@ -6,7 +6,7 @@
  * counts from each heartbeat's intended send time. It exists because it costs the shared cores
  * far less per heartbeat than Node does, so 100,000 hosts can be driven on a small machine.
  *
- *   gcc -O2 -Wall -Wextra -o heartbeat bench/independent/heartbeat.c -lssl -lcrypto
+ *   gcc -O2 -Wall -Wextra -o heartbeat bench/independent/heartbeat.c -lssl -lcrypto -lm
  *   ./heartbeat --fleet DIR --port PORT --hosts 25000 --interval 10 --seconds 120 \
  *     [--processes 2] [--coordinator-pid PID] [--version V] [--ca FILE] [--connecting 32]
  *
@@ -32,6 +32,7 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
@@ -97,18 +98,9 @@ static int64_t clock_ns(clockid_t id) {
 
 static int64_t mono_ns(void) { return clock_ns(CLOCK_MONOTONIC); }
 
-/* floor and ceil for |x| < 2^62, without libm (the build line has no -lm) */
-static double floor_(double x) {
-    double t = (double)(int64_t)x;
-    return t > x ? t - 1 : t;
-}
-static double ceil_(double x) {
-    double t = (double)(int64_t)x;
-    return t < x ? t + 1 : t;
-}
 /* JavaScript's Math.round(x * 100) / 100 */
-static double round2(double x) { return floor_(x * 100 + 0.5) / 100; }
-static long jsround(double x) { return (long)floor_(x + 0.5); }
+static double round2(double x) { return floor(x * 100 + 0.5) / 100; }
+static long jsround(double x) { return (long)floor(x + 0.5); }
 
 static void die(const char *fmt, ...) {
     va_list ap;
@@ -171,23 +163,17 @@ typedef struct {
     size_t n, cap;
 } vec_t;
 
-static void vec_push(vec_t *a, double x) {
-    if (a->n == a->cap) {
-        size_t cap = a->cap ? a->cap * 2 : 1024;
-        double *v = realloc(a->v, cap * sizeof *v);
-        if (!v) die("out of memory");
-        a->v = v;
-        a->cap = cap;
-    }
-    a->v[a->n++] = x;
-}
-
 static void vec_reserve(vec_t *a, size_t cap) {
     if (cap <= a->cap) return;
     double *v = realloc(a->v, cap * sizeof *v);
     if (!v) die("out of memory");
     a->v = v;
     a->cap = cap;
+}
+
+static void vec_push(vec_t *a, double x) {
+    if (a->n == a->cap) vec_reserve(a, a->cap ? a->cap * 2 : 1024);
+    a->v[a->n++] = x;
 }
 
 static int cmp_double(const void *a, const void *b) {
@@ -198,7 +184,7 @@ static int cmp_double(const void *a, const void *b) {
 /* heartbeat.mjs's percentile: nearest rank on sorted values */
 static double percentile(const double *sorted, size_t n, double p) {
     if (!n) return 0;
-    double rank = ceil_((p / 100) * (double)n) - 1;
+    double rank = ceil((p / 100) * (double)n) - 1;
     if (rank < 0) rank = 0;
     if (rank > (double)(n - 1)) rank = (double)(n - 1);
     return sorted[(size_t)rank];
@@ -857,7 +843,7 @@ static void control_message(void) {
     C.from = w.from;
     C.to = w.to;
     C.end = w.to + C.interval + NS;
-    C.nslow = (size_t)ceil_((double)(w.to - w.from) / 1e9) + 1;
+    C.nslow = (size_t)ceil((double)(w.to - w.from) / 1e9) + 1;
     C.slow = xmalloc(C.nslow * sizeof *C.slow);
     double slots = (double)C.count * ((double)(w.to - w.from) / (double)C.interval + 2);
     vec_reserve(&C.lat, (size_t)slots);
@@ -1067,7 +1053,7 @@ static void jnum(double x) {
         return;
     }
     if (x == 0) x = 0; /* no -0 */
-    if (x == floor_(x) && x < 1e15 && x > -1e15) {
+    if (x == floor(x) && x < 1e15 && x > -1e15) {
         printf("%" PRId64, (int64_t)x);
         return;
     }
