@@ -100,6 +100,7 @@ static int64_t mono_ns(void) { return clock_ns(CLOCK_MONOTONIC); }
 
 /* JavaScript's Math.round(x * 100) / 100 */
 static double round2(double x) { return floor(x * 100 + 0.5) / 100; }
+static double round4(double x) { return floor(x * 10000 + 0.5) / 10000; }
 static long jsround(double x) { return (long)floor(x + 0.5); }
 
 static void die(const char *fmt, ...) {
@@ -1379,7 +1380,7 @@ int main(int argc, char **argv) {
         comma = 1;
     }
     printf("},\"missed\":%" PRIu64 ",\"generator_cpu_s\":", missed);
-    jnum(round2(cpu_s));
+    jnum(round4(cpu_s));
     printf(",\"generator_cpu_us_per_heartbeat\":%ld", jsround(cpu_s / per_beat * 1e6));
     printf(",\"generator_send_lag_ms\":{\"p99\":");
     jnum(round2(percentile(lag.v, lag.n, 99)));

@@ -208,7 +208,7 @@ async function parent() {
     p50_ms: ms(50), p99_ms: ms(99), p999_ms: ms(99.9), max_ms: ms(100),
     failed: Object.values(failures).reduce((s, v) => s + v, 0), failures,
     missed: answers.reduce((s, a) => s + a.missed, 0),
-    generator_cpu_s: Math.round(generatorS * 100) / 100,
+    generator_cpu_s: Math.round(generatorS * 10000) / 10000,
     generator_cpu_us_per_heartbeat: Math.round((generatorS / Math.max(1, count)) * 1e6),
     generator_send_lag_ms: { p99: round(percentile(lags, 99)), max: round(percentile(lags, 100)) },
     generator_loop_delay_ms: {
