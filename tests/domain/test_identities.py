@@ -5,6 +5,7 @@ store call per request; a forgotten runner is refused at once."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -23,7 +24,7 @@ from muster.domain.identities import (
     Refresher,
     RunnerIdentities,
 )
-from muster.domain.models import HostReport, RunnerRecord
+from muster.domain.models import HostReport, RunnerRecord, RunnerSerials
 from muster.domain.platform import Platform, create_platform, load_platform
 from muster.domain.runners import JoinRequest, delete_runner, join_host
 from muster.domain.store import Store, Transaction
@@ -249,7 +250,7 @@ class _HookedTransaction:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._tx, name)
 
-    def list_runner_serials(self, **kwargs: Any) -> list[tuple[str, str, str | None]]:
+    def list_runner_serials(self, **kwargs: Any) -> RunnerSerials:
         if not kwargs:
             self._during()
         return self._tx.list_runner_serials(**kwargs)
@@ -265,7 +266,7 @@ def test_the_periodic_full_read_is_apart_from_the_confirmations(
     cert = joined(platform, "host-m")
     identities.refresh()
     seen.clear()
-    clock.advance(FULL_RELOAD_S + 1)  # nothing moved, but the periodic full read is due
+    clock.advance(FULL_RELOAD_S * 1.25)  # nothing moved, but the periodic full read is due
     assert identities.vouch(cert) is None  # stale: not confirmed for ttl_s
     assert identities.refresh() is False  # a confirmation reads the version alone
     assert seen == []
@@ -279,12 +280,71 @@ def test_a_large_fleets_full_read_comes_less_often(
 ) -> None:
     joined(platform, "host-q")
     identities.refresh()
-    identities._serials.update({f"filler-{n}": ("x",) for n in range(99_999)})  # 100,000 held
-    clock.advance(FULL_RELOAD_S + 1)
-    assert identities.reload_if_due() is False  # at 100,000 runners: every 100 s
+    held = identities._snapshot.serials.current
+    held.update({f"filler-{n}": "x" for n in range(99_999)})  # 100,000 held
+    clock.advance(FULL_RELOAD_S * 1.25)
+    assert identities.reload_if_due() is False  # at 100,000 runners: every 100 s, give or take
     clock.advance(100)
     assert identities.reload_if_due() is True
     assert platform.liveness.fleet_size == 1  # the store's, read again
+
+
+def test_each_snapshot_draws_its_own_spacing_for_the_full_reads(
+    platform: Platform, clock: FakeClock
+) -> None:
+    """A coordinator's workers start together: were the full reads spaced alike, every worker
+    would read every runner in the same second (docs/benchmarks.md, "The full reads'
+    garbage")."""
+    joined(platform, "host-s")
+    waits = []
+    for _ in range(6):
+        identities = RunnerIdentities(platform, ttl_s=2.0)
+        identities.refresh()  # its first full read
+        waited = 0.0
+        while not identities.reload_if_due():
+            clock.advance(0.25)
+            waited += 0.25
+        waits.append(waited)
+    assert all(FULL_RELOAD_S * 0.8 <= w <= FULL_RELOAD_S * 1.2 + 0.25 for w in waits), waits
+    assert len(set(waits)) > 1, waits
+
+
+def test_a_full_read_leaves_no_object_per_runner_for_the_garbage_collector(
+    installed: Installed, clock: FakeClock
+) -> None:
+    """At 100,000 runners a tuple per runner was 100,000 objects for every young-generation
+    collection to scan, in every worker at once: the snapshot holds dicts of strings."""
+    fleet = RunnerSerials(
+        {f"filler-{n}": f"serial-{n}" for n in range(5_000)},
+        {f"filler-{n}": f"old-{n}" for n in range(0, 5_000, 2)},
+    )
+
+    class Fleet(_HookedTransaction):
+        def list_runner_serials(self, **kwargs: Any) -> RunnerSerials:
+            return RunnerSerials(dict(fleet.current), dict(fleet.previous))
+
+    class FleetStore(ReadingHook):
+        @contextmanager
+        def read(self) -> Iterator[Transaction]:
+            with self.store.read() as tx:
+                yield cast(Transaction, Fleet(tx, self.during))
+
+    platform = load_platform(cast(Store, FleetStore(installed.platform.store, lambda: None)), clock)
+    identities = RunnerIdentities(platform, ttl_s=2.0)
+    identities.refresh()
+    gc.collect()
+    gc.disable()  # a collection would untrack tuples of strings and hide them
+    try:
+        before = len(gc.get_objects())
+        assert identities.refresh(full=True) is True
+        held = len(gc.get_objects()) - before
+    finally:
+        gc.enable()
+    assert held < 100, held
+    assert identities.vouch_names(("filler-7", "serial-7")) is not None
+    assert identities.vouch_names(("filler-8", "old-8")) is not None
+    assert identities.vouch_names(("filler-7", "old-8")) is None
+    assert platform.liveness.fleet_size == 5_000
 
 
 def test_a_full_read_overtaken_by_a_later_one_is_not_installed(
@@ -304,7 +364,7 @@ def test_a_full_read_overtaken_by_a_later_one_is_not_installed(
     identities = RunnerIdentities(platform, ttl_s=2.0)
     cert = joined(platform, "host-p")
     identities.refresh()
-    clock.advance(FULL_RELOAD_S + 1)
+    clock.advance(FULL_RELOAD_S * 1.25)
     done.clear()
     assert identities.reload_if_due() is True  # its rows, read before the deletion, hold host-p
     assert done

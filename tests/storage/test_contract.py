@@ -3,6 +3,7 @@ each Transaction method, its errors and codes, atomicity, and migrations."""
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from muster.domain.models import (
     AuditEvent,
     HostReport,
     RunnerRecord,
+    RunnerSerials,
     SessionRecord,
     TokenRecord,
     UserRecord,
@@ -723,15 +725,15 @@ def test_migrations_are_idempotent(store: Store, store_url: str) -> None:
 
 def test_runner_serials_list_current_and_previous_of_every_runner(store: Store) -> None:
     with store.read() as tx:
-        assert tx.list_runner_serials() == []
+        assert tx.list_runner_serials() == RunnerSerials({}, {})
     with store.write() as tx:
         tx.create_runner(runner("10.0.0.3"))
         tx.create_runner(runner("10.0.0.2", previous_cert_serial="old-serial"))
     with store.read() as tx:
-        assert tx.list_runner_serials() == [
-            ("10.0.0.2", "10.0.0.2-serial-1", "old-serial"),
-            ("10.0.0.3", "10.0.0.3-serial-1", None),
-        ]
+        assert tx.list_runner_serials() == RunnerSerials(
+            {"10.0.0.2": "10.0.0.2-serial-1", "10.0.0.3": "10.0.0.3-serial-1"},
+            {"10.0.0.2": "old-serial"},
+        )
 
 
 def test_every_runners_serials_are_exact_whatever_their_ids_hold(store: Store) -> None:
@@ -741,29 +743,53 @@ def test_every_runners_serials_are_exact_whatever_their_ids_hold(store: Store) -
         for n in range(30):
             previous = f"old-{n}" if n % 2 else None
             tx.create_runner(runner(f"10.0.1.{n}", previous_cert_serial=previous))
+    expected = RunnerSerials(
+        {f"10.0.1.{n}": f"10.0.1.{n}-serial-1" for n in range(30)},
+        {f"10.0.1.{n}": f"old-{n}" for n in range(1, 30, 2)},
+    )
     with store.read() as tx:
-        expected = sorted(
-            (f"10.0.1.{n}", f"10.0.1.{n}-serial-1", f"old-{n}" if n % 2 else None)
-            for n in range(30)
-        )
         assert tx.list_runner_serials() == expected
     for odd in ("host with spaces", "host\nand a line"):
         with store.write() as tx:
-            tx.create_runner(runner(odd))
-        expected = sorted([*expected, (odd, f"{odd}-serial-1", None)])
+            tx.create_runner(runner(odd, previous_cert_serial=f"{odd} before"))
+        expected.current[odd] = f"{odd}-serial-1"
+        expected.previous[odd] = f"{odd} before"
         with store.read() as tx:
             assert tx.list_runner_serials() == expected
 
 
 def test_every_allocators_version_is_listed_by_id(store: Store) -> None:
     with store.read() as tx:
-        assert tx.list_allocator_versions() == []
+        assert tx.list_allocator_versions() == {}
     with store.write() as tx:
         tx.create_allocators([allocator("a b"), allocator("10.0.0.3"), allocator("10.0.0.2")])
     with store.read() as tx:
         versions = tx.list_allocator_versions()
-        assert versions == [("10.0.0.2", 0), ("10.0.0.3", 0), ("a b", 0)]
-        assert versions == [(aid, v) for aid, v in tx.list_allocator_columns(["instances_version"])]
+        assert versions == {"10.0.0.2": 0, "10.0.0.3": 0, "a b": 0}
+        assert versions == dict(tx.list_allocator_columns(["instances_version"]))
+
+
+def test_bulk_reads_leave_no_object_per_row_for_the_garbage_collector(store: Store) -> None:
+    """Every runner's serials and every allocator's version, which each coordinator process
+    reads again at intervals: at 100,000 hosts a tuple a row was 100,000 objects that every
+    young-generation collection scanned (docs/benchmarks.md, "The full reads' garbage")."""
+    with store.write() as tx:
+        for n in range(2_000):
+            previous = f"old-{n}" if n % 2 else None
+            tx.create_runner(runner(f"10.3.{n // 250}.{n % 250}", previous_cert_serial=previous))
+        tx.create_allocators([allocator(f"10.3.{n // 250}.{n % 250}") for n in range(2_000)])
+    with store.read() as tx:
+        tx.list_runner_serials(), tx.list_allocator_versions()  # statements compiled, cached
+        gc.collect()
+        gc.disable()  # a collection would untrack tuples of strings and hide them
+        try:
+            before = len(gc.get_objects())
+            read = (tx.list_runner_serials(), tx.list_allocator_versions())
+            held = len(gc.get_objects()) - before
+        finally:
+            gc.enable()
+    assert len(read[0]) == len(read[1]) == 2_000
+    assert held < 200, held  # the statements' and results' own objects, not one per row
 
 
 def test_runner_serials_from_an_expiry_on_are_those_joined_or_renewed_since(
@@ -774,11 +800,12 @@ def test_runner_serials_from_an_expiry_on_are_those_joined_or_renewed_since(
         tx.create_runner(runner("10.0.0.3", cert_expires_at=at(200)))
         tx.create_runner(runner("10.0.0.2", cert_expires_at=at(300)))
     with store.read() as tx:
-        assert tx.list_runner_serials(expiring_from=at(200)) == [
-            ("10.0.0.2", "10.0.0.2-serial-1", None),
-            ("10.0.0.3", "10.0.0.3-serial-1", None),  # at the expiry itself: included
-        ]
-        assert tx.list_runner_serials(expiring_from=at(301)) == []
+        assert tx.list_runner_serials(expiring_from=at(200)) == RunnerSerials(
+            # 10.0.0.3's at the expiry itself: included
+            {"10.0.0.2": "10.0.0.2-serial-1", "10.0.0.3": "10.0.0.3-serial-1"},
+            {},
+        )
+        assert tx.list_runner_serials(expiring_from=at(301)) == RunnerSerials({}, {})
     with store.write() as tx:  # a renewal expires later than every earlier certificate
         tx.update_runner(
             "10.0.0.4",
@@ -787,9 +814,9 @@ def test_runner_serials_from_an_expiry_on_are_those_joined_or_renewed_since(
             cert_expires_at=at(400),
         )
     with store.read() as tx:
-        assert tx.list_runner_serials(expiring_from=at(301)) == [
-            ("10.0.0.4", "renewed", "10.0.0.4-serial-1")
-        ]
+        assert tx.list_runner_serials(expiring_from=at(301)) == RunnerSerials(
+            {"10.0.0.4": "renewed"}, {"10.0.0.4": "10.0.0.4-serial-1"}
+        )
 
 
 def test_revoked_serials_are_listed_once_a_runner_is_deleted(store: Store) -> None:
@@ -802,7 +829,7 @@ def test_revoked_serials_are_listed_once_a_runner_is_deleted(store: Store) -> No
         tx.delete_runner("10.0.0.2", at(60))
     with store.read() as tx:
         assert sorted(tx.list_revoked_serials()) == ["10.0.0.2-serial-1", "old-serial"]
-        assert tx.list_runner_serials() == [("10.0.0.3", "10.0.0.3-serial-1", None)]
+        assert tx.list_runner_serials() == RunnerSerials({"10.0.0.3": "10.0.0.3-serial-1"}, {})
 
 
 def test_certificates_version_moves_with_joins_renewals_and_deletions_only(store: Store) -> None:

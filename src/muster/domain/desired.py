@@ -67,9 +67,8 @@ class InstanceVersions:
                 marks = tx.get_placement_marks()
                 if not self._full_reads.needed(marks, now):
                     return
-                rows = tx.list_allocator_versions()
-            self._full_reads.done(marks, now, len(rows))
-            versions = dict(rows)
+                versions = tx.list_allocator_versions()
+            self._full_reads.done(marks, now, len(versions))
             before, self._versions = self._versions, versions  # swapped whole
             self._refreshed = True
             self._waiters.wake(lambda aid: versions.get(aid, 0) != before.get(aid, 0))

@@ -14,8 +14,8 @@ from datetime import datetime
 from cryptography import x509
 
 from muster.domain import pki
-from muster.domain.marks import safety_net_s
-from muster.domain.models import RunnerRecord
+from muster.domain.marks import jitter, safety_net_s
+from muster.domain.models import RunnerRecord, RunnerSerials
 from muster.domain.platform import Platform
 from muster.domain.users import Principal
 from muster.errors import MusterError, StoreError, UnauthenticatedError
@@ -63,12 +63,12 @@ class RunnerIdentities:
     def __init__(self, platform: Platform, ttl_s: float = 2.0) -> None:
         self.platform = platform
         self.ttl_s = ttl_s
-        self._serials: dict[str, tuple[str, ...]] = {}
-        self._revoked: frozenset[str] = frozenset()  # as of the last full read
+        self._snapshot = _Snapshot(RunnerSerials({}, {}), frozenset())
         self._reads = itertools.count()
         self._installed = -1  # the last full read installed, by `_reads`
         self._confirmed_at = float("-inf")  # when the store last confirmed the snapshot
         self._read_at = float("-inf")  # when all serials were last read
+        self._reload_jitter = 1.0  # the next full read's spacing, as a factor (marks.jitter)
         self._version: tuple[int, datetime | None, int] | None = None
         self._store_down = False  # the last refresh could not reach the store
         self._forgotten: dict[str, float] = {}  # runner id -> when this process forgot it
@@ -93,10 +93,9 @@ class RunnerIdentities:
         """`vouch` for a certificate's names (pki.certificate_names), read once beforehand."""
         runner_id, serial = names
         now_s = self.platform.clock.monotonic()
-        if self._store_down or now_s - self._confirmed_at < self.ttl_s:
-            serials = self._serials.get(runner_id)
-            if serials is not None and serial in serials:
-                return self._principal(runner_id)
+        fresh = self._store_down or now_s - self._confirmed_at < self.ttl_s
+        if fresh and self._snapshot.valid(runner_id, serial):
+            return self._principal(runner_id)
         checked = self._checked.get((runner_id, serial))
         if checked is not None and checked[1] and (self._store_down or checked[0] > now_s):
             return self._principal(runner_id)
@@ -157,7 +156,7 @@ class RunnerIdentities:
         its certificate): its next request is checked in the store. Takes effect at once."""
         with self._lock:
             self._forgotten[runner_id] = self.platform.clock.monotonic()
-            self._serials.pop(runner_id, None)
+            self._snapshot.drop(runner_id)
             self._principals.pop(runner_id, None)
             for key in [k for k in self._checked if k[0] == runner_id]:
                 del self._checked[key]
@@ -185,22 +184,24 @@ class RunnerIdentities:
                     if self._merge(started, added, version):
                         self._store_down = False
                         return True
-                rows = tx.list_runner_serials()
+                read = tx.list_runner_serials()
                 revoked = frozenset(tx.list_revoked_serials())
         except MusterError:
             self._store_down = True
             raise
-        self._install(started, ticket, rows, revoked, version)
+        self._install(started, ticket, read, revoked, version)
         self._store_down = False
         return True
 
     def reload_if_due(self) -> bool:
         """Read every serial again if FULL_RELOAD_S passed since the last such read, or ROW_S a
         runner if longer (in case a change to a runner's certificates does not move the
-        version). For a thread other than the one that confirms the snapshot: at 100,000
-        runners this read takes a busy process seconds, and confirmations must not wait behind
-        it. True if it read."""
-        spacing = safety_net_s(FULL_RELOAD_S, len(self._serials))
+        version), give or take a fifth drawn for each read (marks.jitter: a coordinator's
+        workers, started together, must not all read every runner in the same second). For a
+        thread other than the one that confirms the snapshot: at 100,000 runners this read
+        takes a busy process seconds, and confirmations must not wait behind it. True if it
+        read."""
+        spacing = safety_net_s(FULL_RELOAD_S, len(self._snapshot.serials)) * self._reload_jitter
         if self.platform.clock.monotonic() - self._read_at < spacing:
             return False
         return self.refresh(full=True)
@@ -225,35 +226,31 @@ class RunnerIdentities:
     def _merge(
         self,
         started: float,
-        rows: list[tuple[str, str, str | None]],
+        added: RunnerSerials,
         version: tuple[int, datetime | None, int],
     ) -> bool:
         """Add the certificates read since the newest known expiry to the snapshot; False (the
         snapshot untouched in what it vouches for) unless it then holds exactly the runners the
         version counts: something else moved too, and only a full read can tell."""
         with self._lock:
-            merged = dict(self._serials)
-            for rid, current, previous in rows:
-                if self._forgotten.get(rid, float("-inf")) >= started:
-                    continue  # forgotten while this read ran
-                merged[rid] = _valid(current, previous, self._revoked)
-            if len(merged) != version[0]:
+            forgotten = {r for r, at in self._forgotten.items() if at >= started}
+            merged = self._snapshot.merged(added, forgotten)  # less those forgotten meanwhile
+            if len(merged.serials) != version[0]:
                 return False
-            self._serials = merged
+            self._snapshot = merged
             self._confirmed_at = started
             self._version = version
-        self.platform.liveness.set_fleet_size(len(merged))
+        self.platform.liveness.set_fleet_size(len(merged.serials))
         return True
 
     def _install(
         self,
         started: float,
         ticket: int,
-        rows: list[tuple[str, str, str | None]],
+        read: RunnerSerials,
         revoked: frozenset[str],
         version: tuple[int, datetime | None, int],
     ) -> None:
-        serials = {rid: _valid(current, previous, revoked) for rid, current, previous in rows}
         with self._lock:
             if ticket < self._installed:
                 # The other thread's full read began later and was installed first: this one
@@ -261,23 +258,59 @@ class RunnerIdentities:
                 return
             self._installed = ticket
             # A runner forgotten while this read ran may be in it: leave it out.
+            snapshot = _Snapshot(read, revoked)
             for rid, at in list(self._forgotten.items()):
                 if at >= started:
-                    serials.pop(rid, None)
+                    snapshot.drop(rid)
                 else:
                     del self._forgotten[rid]
-            self._serials = serials
-            self._revoked = revoked
+            self._snapshot = snapshot
             self._version = version
             self._read_at = started
+            self._reload_jitter = jitter()
             self._confirmed_at = max(self._confirmed_at, started)
-        # Every runner with a valid certificate: the fleet the heartbeat interval is set for.
-        self.platform.liveness.set_fleet_size(len(serials))
+        # Every runner read: the fleet the heartbeat interval is set for.
+        self.platform.liveness.set_fleet_size(len(snapshot.serials))
 
 
-def _valid(current: str, previous: str | None, revoked: frozenset[str]) -> tuple[str, ...]:
-    """A runner's serials that are not revoked: the current one, and the one before it."""
-    return tuple(s for s in (current, previous) if s and s not in revoked)
+class _Snapshot:
+    """Every runner's serials and the revoked ones as of one read, replaced whole (a request
+    reads one snapshot, never one read's serials with another's revocations). Held as
+    RunnerSerials' dicts of strings, which the garbage collector does not track."""
+
+    __slots__ = ("revoked", "serials")
+
+    def __init__(self, serials: RunnerSerials, revoked: frozenset[str]) -> None:
+        self.serials = serials
+        self.revoked = revoked
+
+    def valid(self, runner_id: str, serial: str) -> bool:
+        """Whether `serial` is the runner's current or previous one, and not revoked."""
+        serials = self.serials
+        return (
+            serials.current.get(runner_id) == serial or serials.previous.get(runner_id) == serial
+        ) and serial not in self.revoked
+
+    def drop(self, runner_id: str) -> None:
+        """Leave the runner out from now on (in place: a request that reads it meanwhile sees
+        it in or out, either of which the caller allows)."""
+        self.serials.current.pop(runner_id, None)
+        self.serials.previous.pop(runner_id, None)
+
+    def merged(self, added: RunnerSerials, leave_out: set[str]) -> _Snapshot:
+        """This snapshot with `added`'s runners in place of what it held for them, except
+        those in `leave_out`."""
+        current, previous = dict(self.serials.current), dict(self.serials.previous)
+        for rid, serial in added.current.items():
+            if rid in leave_out:
+                continue
+            current[rid] = serial
+            before = added.previous.get(rid)
+            if before:
+                previous[rid] = before
+            else:
+                previous.pop(rid, None)
+        return _Snapshot(RunnerSerials(current, previous), self.revoked)
 
 
 class CoordinatorDirectory:

@@ -173,6 +173,21 @@ class RunnerRecord:
 
 
 @dataclass(frozen=True)
+class RunnerSerials:
+    """Runners' certificate serials as a bulk read returns them: a mapping per column, never a
+    record per runner. A dict of strings is not tracked by Python's garbage collector, where
+    100,000 rows as tuples were 100,000 tracked objects, and so a young-generation collection
+    (with everything else young) on the event loop's GIL in every process that read them
+    (docs/benchmarks.md, "The full reads' garbage")."""
+
+    current: dict[str, str]  # runner id -> its certificate's serial
+    previous: dict[str, str]  # runner id -> the serial before it, for runners that have one
+
+    def __len__(self) -> int:
+        return len(self.current)
+
+
+@dataclass(frozen=True)
 class AllocatorRecord:
     allocator_id: str
     zone_id: str

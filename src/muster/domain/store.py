@@ -30,6 +30,7 @@ from muster.domain.models import (
     PlanAttemptRecord,
     ResourceRecord,
     RunnerRecord,
+    RunnerSerials,
     SessionRecord,
     TokenRecord,
     UserRecord,
@@ -226,21 +227,18 @@ class Transaction(Protocol):
         ...
 
     # -- runner certificates, in bulk (the coordinator's in-memory snapshot) ---------------------
-    def list_runner_serials(
-        self, *, expiring_from: datetime | None = None
-    ) -> list[tuple[str, str, str | None]]:
-        """(runner id, current certificate serial, previous serial or None) of every runner,
-        or of those whose certificate expires at or after `expiring_from` (index-backed), in
-        one read, ordered by runner id. Revoked serials are not filtered out."""
+    def list_runner_serials(self, *, expiring_from: datetime | None = None) -> RunnerSerials:
+        """The current and previous certificate serials of every runner, or of those whose
+        certificate expires at or after `expiring_from` (index-backed), in one read. Revoked
+        serials are not filtered out."""
         ...
 
     def list_revoked_serials(self) -> list[str]:
         """Every revoked certificate serial, in one read."""
         ...
 
-    def list_allocator_versions(self) -> list[tuple[str, int]]:
-        """(allocator id, desired-instances version) of every allocator, in one read, ordered
-        by allocator id."""
+    def list_allocator_versions(self) -> dict[str, int]:
+        """allocator id -> desired-instances version, of every allocator, in one read."""
         ...
 
     def get_certificates_version(self) -> tuple[int, datetime | None, int]:

@@ -31,6 +31,7 @@ from muster.domain.models import (
     HostReport,
     Negate,
     RunnerRecord,
+    RunnerSerials,
 )
 from muster.storage import _rows as rec
 from muster.storage import schema as t
@@ -52,39 +53,43 @@ RUNNER_COUNT = select(func.count()).select_from(t.runners)
 _SEPARATOR = " "
 
 
+def _runner_serials(ids: list[str], serials: list[str], previous: list[str]) -> RunnerSerials:
+    """The columns of a bulk read as dicts (previous "" for none). zip hands the dict
+    comprehension the one tuple it reuses, so no object per runner is left for the garbage
+    collector to track (RunnerSerials)."""
+    before = {rid: p for rid, p in zip(ids, previous, strict=True) if p}
+    return RunnerSerials(dict(zip(ids, serials, strict=True)), before)
+
+
 class FleetReads:
     conn: Connection
 
     # -- runner certificates, in bulk --------------------------------------------------------------
-    def list_runner_serials(
-        self, *, expiring_from: datetime | None = None
-    ) -> list[tuple[str, str, str | None]]:
+    def list_runner_serials(self, *, expiring_from: datetime | None = None) -> RunnerSerials:
         c = t.runners.c
         query = select(c.runner_id, c.cert_serial, c.previous_cert_serial)
         if expiring_from is None:
-            query = query.order_by(c.runner_id)
-        else:
-            # Along the expiry's index, sorted here: ordered by id, the database would read
-            # every runner in the primary key's order to find the few.
-            query = query.where(c.cert_expires_at >= expiring_from)
-        if expiring_from is None:
             joined = self._joined(t.runners, c.runner_id, c.cert_serial, c.previous_cert_serial)
             if joined is not None:
-                ids, serials, previous = joined
-                # In id order already on SQLite (its primary key's), which sorting keeps cheap.
-                return sorted(zip(ids, serials, [p or None for p in previous], strict=True))
-        rows = self.conn.execute(query)
-        found = [(str(r[0]), str(r[1]), None if r[2] is None else str(r[2])) for r in rows]
-        return found if expiring_from is None else sorted(found)
+                return _runner_serials(*joined)
+        else:
+            # Along the expiry's index (the few certificates since the newest known).
+            query = query.where(c.cert_expires_at >= expiring_from)
+        ids, serials, previous = [], [], []
+        for runner_id, serial, before in self.conn.execute(query):
+            ids.append(str(runner_id))
+            serials.append(str(serial))
+            previous.append("" if before is None else str(before))
+        return _runner_serials(ids, serials, previous)
 
-    def list_allocator_versions(self) -> list[tuple[str, int]]:
+    def list_allocator_versions(self) -> dict[str, int]:
         a = t.allocators.c
         joined = self._joined(t.allocators, a.allocator_id, a.instances_version)
         if joined is not None:
             ids, versions = joined
-            return sorted(zip(ids, map(int, versions), strict=True))
+            return dict(zip(ids, map(int, versions), strict=True))
         rows = self.conn.execute(select(a.allocator_id, a.instances_version))
-        return sorted((str(aid), int(version)) for aid, version in rows)
+        return {str(aid): int(version) for aid, version in rows}
 
     def _joined(self, table: Any, *columns: ColumnElement[Any]) -> list[list[str]] | None:
         """Each of `columns` over every row of `table`, as text (NULL as ""), the rows in the
