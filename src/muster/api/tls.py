@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import ssl
 import tempfile
@@ -349,6 +350,9 @@ class _CoalescingTransport:
 # What a connection holds while nothing waits: shared by every connection until its own is needed
 # (each one of its own was an empty deque of ~0.6 KB per connection).
 _NO_PIPELINE: deque[Any] = deque()  # never appended to: _to_app gives the connection its own
+# An express reply's connection holds no head: uvicorn's on_message_begin starts the next one's
+# list (a tuple here, so that anything appending to it fails rather than shares it).
+_NO_HEADERS: Any = ()
 _WRITABLE = asyncio.Event()  # never cleared: _FlowControl gives the connection its own
 _WRITABLE.set()
 
@@ -368,6 +372,65 @@ class _FlowControl(FlowControl):
         if self._is_writable_event is _WRITABLE:
             self._is_writable_event = asyncio.Event()  # cleared by uvicorn's pause_writing
         super().pause_writing()
+
+
+class _IdleWheel:
+    """When express connections' keep-alive is to be checked, by the whole second of loop time:
+    one timer per event loop for all of them. A timer of each connection's own, re-armed each
+    keep-alive period, left four new objects a connection (its handle, libuv's timer, a context,
+    a bound method) for every young-generation collection to scan: at 14,000 connections in a
+    worker, about half of the ~100,000 objects each such collection scanned (docs/benchmarks.md,
+    "The full reads' garbage"). A connection is checked up to a second late."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._slots: dict[int, set[PeerCertProtocol]] = {}  # second -> connections due then
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed_for: int | None = None
+
+    def add(self, protocol: PeerCertProtocol, at: float) -> int:
+        """Check `protocol` (its _on_idle) at loop time `at` or within the second after it;
+        returns the slot, for `discard`."""
+        slot = math.ceil(at)
+        self._slots.setdefault(slot, set()).add(protocol)
+        if self._armed_for is None or slot < self._armed_for:
+            self._arm(slot)
+        return slot
+
+    def discard(self, protocol: PeerCertProtocol, slot: int) -> None:
+        due = self._slots.get(slot)
+        if due is not None:
+            due.discard(protocol)
+            if not due:
+                del self._slots[slot]
+
+    def _arm(self, slot: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._armed_for = slot
+        self._timer = self._loop.call_at(slot, self._fire)
+
+    def _fire(self) -> None:
+        # Up to the slot armed for, whatever the clock says: a timer may fire a little early.
+        until = max(self._loop.time(), self._armed_for or 0)
+        self._timer = self._armed_for = None
+        for slot in sorted(s for s in self._slots if s <= until):
+            for protocol in self._slots.pop(slot):
+                protocol._on_idle()  # may take a later slot
+        if not self._slots:
+            _IDLE_WHEELS.pop(self._loop, None)
+        elif self._armed_for != (first := min(self._slots)):
+            self._arm(first)
+
+
+_IDLE_WHEELS: dict[asyncio.AbstractEventLoop, _IdleWheel] = {}  # while any connection waits
+
+
+def _idle_wheel(loop: asyncio.AbstractEventLoop) -> _IdleWheel:
+    wheel = _IDLE_WHEELS.get(loop)
+    if wheel is None:
+        wheel = _IDLE_WHEELS[loop] = _IdleWheel(loop)
+    return wheel
 
 
 class PeerCertProtocol(HttpToolsProtocol):
@@ -393,7 +456,7 @@ class PeerCertProtocol(HttpToolsProtocol):
         "_field_bytes",
         "_head_bytes",
         "_idle_since",
-        "_idle_timer",
+        "_idle_slot",
         "_in_message",
         "_names",
         "_reading_head",
@@ -411,8 +474,9 @@ class PeerCertProtocol(HttpToolsProtocol):
         self._field_bytes = 0  # as parsed, per message
         self._deadline: asyncio.TimerHandle | None = None
         self._in_message = False  # from a message's first byte parsed to its end
-        # The keep-alive after express replies (_on_idle): one timer that outlives heartbeats.
-        self._idle_timer: asyncio.TimerHandle | None = None
+        # The keep-alive after express replies (_on_idle): a slot of the loop's _IdleWheel,
+        # kept across heartbeats.
+        self._idle_slot: int | None = None
         self._idle_since = 0.0  # loop time of the connection's last read
         super().__init__(*args, **kwargs)
         self.pipeline = _NO_PIPELINE
@@ -458,9 +522,9 @@ class PeerCertProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_deadline()
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        if self._idle_slot is not None:
+            _idle_wheel(self.loop).discard(self, self._idle_slot)
+            self._idle_slot = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -597,20 +661,23 @@ class PeerCertProtocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         # The request's head is let go now, not kept until the next request's (on_message_begin
         # starts it anew): ~1.2 KB less per idle connection.
-        self.headers, self.url = [], b""
+        self.headers, self.url = _NO_HEADERS, b""
         # As uvicorn after a reply, the connection may idle for timeout_keep_alive; but where
         # uvicorn sets a timer after every reply and cancels it at the next request's read, one
-        # timer serves every heartbeat: when it fires, it looks at when the connection last
-        # read (_idle_since, set by data_received, within which this reply is written).
-        if self._idle_timer is None:
-            self._idle_timer = self.loop.call_later(self.timeout_keep_alive, self._on_idle)
+        # slot of the loop's _IdleWheel serves every heartbeat: when it comes, it looks at when
+        # the connection last read (_idle_since, set by data_received, within which this reply
+        # is written).
+        if self._idle_slot is None:
+            self._idle_slot = _idle_wheel(self.loop).add(
+                self, self.loop.time() + self.timeout_keep_alive
+            )
 
     def _on_idle(self) -> None:
-        """The keep-alive timer of express replies: closes a connection idle for
-        timeout_keep_alive, else waits again for the rest of that time from its last activity.
-        A request under way, or a reply that uvicorn's own keep-alive timer follows, is left to
-        uvicorn (the next express reply sets this timer again)."""
-        self._idle_timer = None
+        """The keep-alive of express replies (its _IdleWheel slot came): closes a connection
+        idle for timeout_keep_alive, else waits again for the rest of that time from its last
+        activity. A request under way, or a reply that uvicorn's own keep-alive timer follows,
+        is left to uvicorn (the next express reply takes a slot again)."""
+        self._idle_slot = None
         if (
             self.transport.is_closing()
             or self.timeout_keep_alive_task is not None
@@ -618,9 +685,9 @@ class PeerCertProtocol(HttpToolsProtocol):
             or self._answering()
         ):
             return
-        remaining = self._idle_since + self.timeout_keep_alive - self.loop.time()
-        if remaining > 0:
-            self._idle_timer = self.loop.call_later(remaining, self._on_idle)
+        due = self._idle_since + self.timeout_keep_alive
+        if due > self.loop.time():
+            self._idle_slot = _idle_wheel(self.loop).add(self, due)
         else:
             self.timeout_keep_alive_handler()
 
