@@ -14,7 +14,7 @@ from datetime import datetime
 from cryptography import x509
 
 from muster.domain import pki
-from muster.domain.marks import jitter, safety_net_s
+from muster.domain.marks import FullReads
 from muster.domain.models import RunnerRecord, RunnerSerials
 from muster.domain.platform import Platform
 from muster.domain.users import Principal
@@ -67,8 +67,8 @@ class RunnerIdentities:
         self._reads = itertools.count()
         self._installed = -1  # the last full read installed, by `_reads`
         self._confirmed_at = float("-inf")  # when the store last confirmed the snapshot
-        self._read_at = float("-inf")  # when all serials were last read
-        self._reload_jitter = 1.0  # the next full read's spacing, as a factor (marks.jitter)
+        # When every serial is read again whatever the version says (no marks: () always).
+        self._full_reads = FullReads(FULL_RELOAD_S)
         self._version: tuple[int, datetime | None, int] | None = None
         self._store_down = False  # the last refresh could not reach the store
         self._forgotten: dict[str, float] = {}  # runner id -> when this process forgot it
@@ -194,15 +194,12 @@ class RunnerIdentities:
         return True
 
     def reload_if_due(self) -> bool:
-        """Read every serial again if FULL_RELOAD_S passed since the last such read, or ROW_S a
-        runner if longer (in case a change to a runner's certificates does not move the
-        version), give or take a fifth drawn for each read (marks.jitter: a coordinator's
-        workers, started together, must not all read every runner in the same second). For a
-        thread other than the one that confirms the snapshot: at 100,000 runners this read
-        takes a busy process seconds, and confirmations must not wait behind it. True if it
-        read."""
-        spacing = safety_net_s(FULL_RELOAD_S, len(self._snapshot.serials)) * self._reload_jitter
-        if self.platform.clock.monotonic() - self._read_at < spacing:
+        """Read every serial again when the last such read's FullReads says it is due (in case a
+        change to a runner's certificates does not move the version): FULL_RELOAD_S after it,
+        or ROW_S a runner if longer, give or take a fifth drawn in each process. For a thread
+        other than the one that confirms the snapshot: at 100,000 runners this read takes a
+        busy process seconds, and confirmations must not wait behind it. True if it read."""
+        if not self._full_reads.needed((), self.platform.clock.monotonic()):
             return False
         return self.refresh(full=True)
 
@@ -266,8 +263,7 @@ class RunnerIdentities:
                     del self._forgotten[rid]
             self._snapshot = snapshot
             self._version = version
-            self._read_at = started
-            self._reload_jitter = jitter()
+            self._full_reads.done((), started, len(read))
             self._confirmed_at = max(self._confirmed_at, started)
         # Every runner read: the fleet the heartbeat interval is set for.
         self.platform.liveness.set_fleet_size(len(snapshot.serials))
