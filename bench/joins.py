@@ -25,6 +25,7 @@ import multiprocessing as mp
 import resource
 import shutil
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +38,8 @@ from typing import Any
 
 from bench.agentjoin import local_ip
 from bench.coordinator import Coordinator, free_port, install, secrets
+from bench.fleet import CACHE
+from bench.independent import c_program
 from bench.stats import loadavg, merge, summary_ms
 from bench.wire import Conn, WireError, request_bytes
 from muster.agent.join import check_server_certificate, pinned_fingerprint
@@ -252,23 +255,39 @@ def measure(
     processes: int,
     prefix: str,
     sequence: str = "agent",
+    generator: str = "python",
+    cache: Path = CACHE,
 ) -> dict[str, Any]:
     """Run the generator processes against the coordinator on `port`; their merged figures
-    (CPU of the coordinator is read by the caller around this)."""
+    (CPU of the coordinator is read by the caller around this). `generator="c"`: join.c
+    (bench/independent, built into `cache`), the agent's sequence in C, `concurrency` threads
+    over `processes` processes, in place of this module's."""
+    shares = [joins // processes + (1 if p < joins % processes else 0) for p in range(processes)]
+    each = max(1, concurrency // processes)
+    if generator == "c":
+        answers = _run_c(port, token, shares, each, prefix, cache)
+    else:
+        answers = _run_python(port, token, shares, each, prefix, sequence)
+    failures: Counter[str] = Counter()
+    for a in answers:
+        failures.update(a["failures"])
+    return {
+        "joined": sum(a["joined"] for a in answers),
+        "seconds": max(a["seconds"] for a in answers),
+        "generator_cpu_s": sum(a["cpu_s"] for a in answers),
+        "latency": merge(a["latency"] for a in answers),
+        "failures": dict(failures),
+    }
+
+
+def _run_python(
+    port: int, token: str, shares: list[int], concurrency: int, prefix: str, sequence: str
+) -> list[dict[str, Any]]:
     ctx = mp.get_context("spawn")
     pipes, procs = [], []
-    for p in range(processes):
+    for p, share in enumerate(shares):
         parent, child = ctx.Pipe()
-        share = joins // processes + (1 if p < joins % processes else 0)
-        job = Job(
-            port,
-            token,
-            share,
-            max(1, concurrency // processes),
-            f"{prefix}{p}",
-            p * 100_000,
-            sequence,
-        )
+        job = Job(port, token, share, concurrency, f"{prefix}{p}", p * 100_000, sequence)
         proc = ctx.Process(target=_generator_main, args=(child, job), daemon=True)
         proc.start()
         pipes.append(parent)
@@ -280,16 +299,32 @@ def measure(
     answers = [pipe.recv() for pipe in pipes]
     for proc in procs:
         proc.join(timeout=10)
-    failures: Counter[str] = Counter()
-    for a in answers:
-        failures.update(a["failures"])
-    return {
-        "joined": sum(a["joined"] for a in answers),
-        "seconds": max(a["seconds"] for a in answers),
-        "generator_cpu_s": sum(a["cpu_s"] for a in answers),
-        "latency": merge(a["latency"] for a in answers),
-        "failures": dict(failures),
-    }
+    return answers
+
+
+def _run_c(
+    port: int, token: str, shares: list[int], concurrency: int, prefix: str, cache: Path
+) -> list[dict[str, Any]]:
+    program = c_program("join", cache)
+    with tempfile.TemporaryDirectory(prefix="muster-bench-joins-") as work:
+        token_file = Path(work) / "token"
+        token_file.write_text(token)
+        token_file.chmod(0o600)
+        procs = []
+        for p, share in enumerate(shares):
+            argv = [str(program), "--port", str(port), "--token-file", str(token_file)]
+            argv += ["--joins", str(share), "--concurrency", str(concurrency)]
+            argv += ["--prefix", f"{prefix}{p}", "--first-index", str(p * 100_000)]
+            procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, text=True))
+        outputs = [proc.communicate()[0] for proc in procs]
+    answers = []
+    for proc, out in zip(procs, outputs, strict=True):
+        if proc.returncode != 0:
+            raise RuntimeError(f"{program.name} exited {proc.returncode}")
+        a = json.loads(out.strip().splitlines()[-1])
+        a["cpu_s"], a["latency"] = a["generator_cpu_s"], array("d", a["latency_s"]).tobytes()
+        answers.append(a)
+    return answers
 
 
 @dataclass(frozen=True)
@@ -313,6 +348,7 @@ def _round(
         processes=args.processes,
         prefix=f"j{int(time.time()) % 100000}r{n}p",
         sequence=sequence,
+        generator=args.generator,
     )
     cpu = coordinator.cpu_s() - cpu0 if coordinator else float("nan")
     joined = max(1, out["joined"])
@@ -324,6 +360,7 @@ def _round(
         "generator_cpu_ms_per_join": round(out["generator_cpu_s"] / joined * 1000, 3),
         "failures": out["failures"],
         "sequence": sequence,
+        "generator": args.generator,
         "load": loadavg(),
     }
 
@@ -341,11 +378,22 @@ def main(argv: list[str] | None = None) -> int:
         help="agent: the join on one connection; two: the join as before, on two; ca, floor: "
         "two connections with less behind them; several, comma-separated: alternated by round",
     )
+    parser.add_argument(
+        "--generator",
+        choices=("python", "c"),
+        default="python",
+        help="python: this module's processes; c: bench/independent/join.c, the agent's "
+        "sequence in C (built with gcc), which costs the shared cores less per join",
+    )
     parser.add_argument("--against", help="PORT:PID:TOKEN_FILE of a running coordinator")
     parser.add_argument("--out", type=Path, help="results JSON")
     args = parser.parse_args(argv)
     if not set(args.sequence.split(",")) <= {"agent", "two", "ca", "floor"}:
         parser.error("--sequence: agent, two, ca or floor, comma-separated")
+    if args.generator == "c" and args.sequence != "agent":
+        parser.error("--generator c: the agent's sequence only (--sequence agent)")
+    if args.generator == "c" and shutil.which("gcc") is None:
+        parser.error("--generator c needs gcc and OpenSSL's headers (libssl-dev)")
     results: dict[str, Any] = {"command": "python -m bench.joins " + " ".join(sys.argv[1:])}
     rounds = []
     if args.against:

@@ -14,7 +14,6 @@ The coordinator's pid is handed to the generator, which reads its CPU from /proc
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -26,27 +25,12 @@ from typing import Any
 import muster
 from bench.coordinator import SQLITE, Store, drop_storage
 from bench.fleet import CACHE, ensure_fleet
+from bench.independent import c_program
 from bench.loadgen import raise_fd_limit
 from bench.run import HOSTS_PER_PROCESS, _start_copy, workers_needed
 
 SCRIPT = Path(__file__).with_name("heartbeat.mjs")
-C_SOURCE = Path(__file__).with_name("heartbeat.c")
 GENERATORS = ("node", "c")
-
-
-def c_generator(cache: Path = CACHE) -> Path:
-    """heartbeat.c built (gcc, OpenSSL) into `cache`, once per version of its source."""
-    source = C_SOURCE.read_bytes()
-    binary = cache / f"heartbeat-c-{hashlib.sha256(source).hexdigest()[:12]}"
-    if not binary.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        building = binary.with_name(binary.name + ".tmp")
-        subprocess.run(
-            ["gcc", "-O2", "-Wall", "-o", str(building), str(C_SOURCE), "-lssl", "-lcrypto", "-lm"],
-            check=True,
-        )
-        building.rename(binary)
-    return binary
 
 
 def command(
@@ -62,7 +46,7 @@ def command(
     cache: Path = CACHE,
 ) -> list[str]:
     """The generator's command line (what docs/benchmarks.md shows)."""
-    program = [str(c_generator(cache))] if generator == "c" else ["node", str(SCRIPT)]
+    program = [str(c_program("heartbeat", cache))] if generator == "c" else ["node", str(SCRIPT)]
     args = [*program, "--fleet", str(fleet), "--port", str(port)]
     args += ["--hosts", str(hosts), "--interval", f"{interval_s:g}", "--seconds", f"{seconds:g}"]
     args += ["--coordinator-pid", str(pid), "--version", muster.__version__]

@@ -1,18 +1,22 @@
 """The benchmark harness works end to end on a tiny fleet: a real coordinator process, hosts
 joined through the join API, heartbeats over mTLS, the floor route (closed and open loop), joins
 through the agent's own code, the check that every heartbeat reached the store; on SQLite and on
-PostgreSQL; and the independent Node.js generator on the same kind of fleet. No timing is
-asserted: only that every part produced results and nothing failed."""
+PostgreSQL; and the independent generators (Node.js and C heartbeats, C joins) on the same kind
+of fleet. No timing is asserted: only that every part produced results and nothing failed."""
 
 from __future__ import annotations
 
+import base64
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
-from bench.coordinator import Store
+from bench.coordinator import Coordinator, Store, free_port, install, secrets
 from bench.fleet import forget_fleets
 from bench.independent.__main__ import run_independent
+from bench.joins import measure
 from bench.run import Plan, Results, run
 
 from tests.images import unavailable
@@ -108,3 +112,46 @@ def test_independent_generator_heartbeats_twenty_hosts_without_errors(
     window = result["window_s"]
     assert all(0 <= int(s) < window and n > 0 for s, (n, _late) in slow.items())
     assert result["window_from_unix_s"] > 0
+
+
+def _with_claim(token: str, name: str, value: str) -> str:
+    """`token` with one claim of its payload changed (its signature no longer matches)."""
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims[name] = value
+    changed = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    return f"{header}.{changed}.{signature}"
+
+
+def test_c_join_generator_joins_new_hosts_and_never_sends_a_token_to_an_unpinned_ca(
+    tmp_path: Path,
+) -> None:
+    if shutil.which("gcc") is None:
+        unavailable("no gcc to build bench/independent/join.c")
+    port, log = free_port(), tmp_path / "log.txt"
+    install(tmp_path / "host", port, log)
+    token = str(secrets(tmp_path / "host")["allocator_only_token"])
+
+    def joins(token: str, count: int, prefix: str) -> dict[str, Any]:
+        return measure(
+            port, token, joins=count, concurrency=4, processes=2, prefix=prefix,
+            generator="c", cache=tmp_path / "cache",
+        )  # fmt: skip
+
+    coordinator = Coordinator.start(tmp_path / "host", port, log, workers=1)
+    try:
+        joined = joins(token, 6, "cj")
+        assert joined["failures"] == {}
+        assert joined["joined"] == len(joined["latency"]) == 6
+        assert joined["generator_cpu_s"] > 0
+        # They were recorded: the same runner ids again are refused as taken.
+        again = joins(token, 6, "cj")
+        assert again["joined"] == 0
+        assert again["failures"] == {"join: http 409": 6}
+        # A token that pins another CA is never sent (the coordinator would refuse its signature
+        # with 401): the generator stops at the CA it fetched.
+        refused = joins(_with_claim(token, "ca_fingerprint", "sha256:" + "ab" * 32), 2, "x")
+        assert refused["joined"] == 0
+        assert refused["failures"] == {"ca: pin mismatch": 2}
+    finally:
+        coordinator.stop()
