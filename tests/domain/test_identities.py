@@ -9,6 +9,7 @@ import gc
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any, cast
 
@@ -34,6 +35,7 @@ from muster.storage import open_store
 from tests.conftest import Installed
 from tests.pgdb import fresh_database
 
+SECOND = timedelta(seconds=1)
 ADMIN = Principal(name="admin", role="admin", method="basic")
 
 
@@ -440,6 +442,52 @@ def test_the_refresher_reads_the_store_from_its_own_thread_only(
     # The snapshot's thread, and the other refreshers' (the versions' read) apart from it.
     assert threads == {"identities-refresh", "fleet-refresh"}
     assert recording.on_the_loop() == []
+
+
+def test_a_join_stored_after_a_later_certificate_is_added_without_reading_every_runner(
+    platform: Platform, identities: RunnerIdentities, clock: FakeClock
+) -> None:
+    first = joined(platform, "host-k1")
+    clock.advance(5)
+    joined(platform, "host-k1b")  # the newest certificate at the read: read again after it
+    identities.refresh()
+    with platform.store.write() as tx:  # seen only by a read of every runner (see above)
+        tx.update_runner("host-k1", cert_serial="rewritten")
+    newest = first.not_valid_after_utc + SECOND * 5
+    with platform.store.write() as tx:
+        tx.create_runner(
+            replace(runner("host-k3", None, clock), cert_expires_at=newest + 120 * SECOND)
+        )
+    assert identities.refresh() is True
+    # host-k2's certificate was issued before host-k3's, its join stored after it (it waited for
+    # its group's commit): its expiry is older than the newest the last refresh read.
+    with platform.store.write() as tx:
+        tx.create_runner(
+            replace(runner("host-k2", None, clock), cert_expires_at=newest + 100 * SECOND)
+        )
+    assert identities.refresh() is True
+    assert platform.liveness.fleet_size == 4  # host-k2 read
+    assert identities.vouch(first) is not None  # host-k1's row was not read again
+
+
+def test_the_versions_are_read_again_when_an_allocator_goes_not_when_one_joins(
+    platform: Platform,
+) -> None:
+    """Joins add allocators at version 0, which is what a version not read is taken to be: while
+    hosts joined, every process read every allocator's version again each second (~180 ms at
+    100,000 allocators)."""
+    joined(platform, "host-v1")
+    versions = InstanceVersions(platform)
+    versions.refresh()
+    assert versions.known() == 1
+    joined(platform, "host-v2")
+    joined(platform, "host-v3")
+    versions.refresh()
+    assert versions.known() == 1  # nothing read again
+    assert versions.version("host-v3") == 0
+    delete_runner(platform, ADMIN, "host-v1", source="test")
+    versions.refresh()
+    assert versions.known() == 2  # read again: host-v2 and host-v3
 
 
 def runner(runner_id: str, api_address: str | None, clock: FakeClock) -> RunnerRecord:

@@ -20,6 +20,7 @@ from muster.domain.models import (
 )
 from muster.errors import ConflictError, NotFoundError
 from muster.storage import Store, open_store
+from tests.storage.test_contract import runner
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 PORTS = range(18000, 18003)
@@ -291,6 +292,44 @@ def test_instances_version_moves_with_every_change_of_what_an_allocator_runs(sto
         tx.update_instances("r1", ["i1"], moving=True)
         tx.delete_instances("r1", ["i0"])
     assert versions(store) == {"alloc-0": 4, "alloc-1": 0}
+
+
+def marks(store: Store) -> tuple[Any, ...]:
+    with store.read() as tx:
+        return tx.get_placement_marks()
+
+
+def test_placement_marks_move_with_versions_and_removals_not_with_joins(store: Store) -> None:
+    with_fleet(store, 2048, 2048, 2048)
+    joining = marks(store)
+    with store.write() as tx:
+        tx.create_allocators([AllocatorRecord("alloc-new", "zone-a", 2048)])  # a join
+    assert marks(store) == joining
+    with store.write() as tx:
+        tx.create_instances([instance("i0", "alloc-0")], PORTS)
+        tx.delete_instances("r1", ["i0"])
+    placed = marks(store)
+    assert placed != joining
+    # alloc-0 (version 2) removed as alloc-1 goes from 0 to 2: the versions' sum is as it was.
+    with store.write() as tx:
+        tx.create_instances([instance("i1", "alloc-1")], PORTS)
+        tx.delete_instances("r1", ["i1"])
+        tx.delete_allocator("alloc-0")
+    assert sum(versions(store).values()) == 2
+    removed = marks(store)
+    assert removed != placed
+    # Every removal counts, by each way an allocator goes, on its own or with its runner.
+    with store.write() as tx:
+        tx.delete_allocator("alloc-2")
+    assert marks(store) not in (placed, removed)
+    again = marks(store)
+    with store.write() as tx:
+        tx.create_runner(runner("host-gone"))
+        tx.create_allocators([AllocatorRecord("host-gone", "zone-a", 2048)])
+    assert marks(store) == again
+    with store.write() as tx:
+        tx.delete_runner("host-gone", T0)
+    assert marks(store) != again
 
 
 def test_instance_reports_land_only_on_the_reporting_allocators_instances(store: Store) -> None:

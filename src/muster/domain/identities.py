@@ -9,7 +9,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cryptography import x509
 
@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 # All serials are read again at least this often, even if the version did not move (in case a
 # future change to a runner's certificates does not move it).
 FULL_RELOAD_S = 30.0
+# A join's certificate is issued before the join waits for its group's commit (and another
+# process's group may commit first): under load a runner can be stored with an expiry older
+# than the newest already read, which the read along the expiry from that newest misses. The
+# refresh then reads this far back before it reads every serial (at 100,000 runners, while
+# hosts joined, every refresh did).
+LATE_COMMIT_S = timedelta(seconds=60)
 # Store answers about single certificates kept at most (a flood of unknown certificates must
 # not grow memory without bound).
 MAX_CHECKED = 100_000
@@ -179,11 +185,13 @@ class RunnerIdentities:
                     self._store_down = False
                     return False
                 if not full and self._only_added(version):
-                    # Joins and renewals: only the certificates since the newest one known.
-                    added = tx.list_runner_serials(expiring_from=self._version_expiry())
-                    if self._merge(started, added, version):
-                        self._store_down = False
-                        return True
+                    # Joins and renewals: only the certificates since the newest one known, then,
+                    # if one is missing, since LATE_COMMIT_S before it.
+                    for since in self._since():
+                        added = tx.list_runner_serials(expiring_from=since)
+                        if self._merge(started, added, version):
+                            self._store_down = False
+                            return True
                 read = tx.list_runner_serials()
                 revoked = frozenset(tx.list_revoked_serials())
         except MusterError:
@@ -217,8 +225,11 @@ class RunnerIdentities:
             and version[1] >= last[1]
         )
 
-    def _version_expiry(self) -> datetime | None:
-        return None if self._version is None else self._version[1]
+    def _since(self) -> tuple[datetime, ...]:
+        """Where the reads of certificates added since the last version start: the newest
+        expiry it held, and LATE_COMMIT_S before it for a join committed late."""
+        newest = None if self._version is None else self._version[1]
+        return () if newest is None else (newest, newest - LATE_COMMIT_S)
 
     def _merge(
         self,

@@ -414,8 +414,9 @@ class Transaction(Protocol):
 
     def get_placement_marks(self) -> tuple[Any, ...]:
         """Values that move whenever any allocator's instances version moves, or an allocator
-        comes or goes (a count and a sum, one scan in the database): refreshers compare them
-        before reading every allocator's version again."""
+        is removed (the versions' sum, one scan of an index, and a count of removals), but not
+        when one joins (its version is 0, what is assumed of an allocator not read yet):
+        refreshers compare them before reading every allocator's version again."""
         ...
 
     def get_routing_marks(self) -> tuple[Any, ...]:

@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import (
     Connection,
     Integer,
+    Text,
     and_,
     bindparam,
+    cast,
     delete,
     false,
     func,
@@ -59,10 +61,26 @@ _BUMP = (
     .where(_a.allocator_id == bindparam("aid"))
     .values(instances_version=_a.instances_version + 1)
 )
+# How many allocators were ever removed (a runner deleted, its allocator role taken away): a
+# platform setting, counted up in the removing transaction, absent until the first removal.
+ALLOCATORS_REMOVED = "allocators_removed"
+_settings = t.platform_settings.c
+_COUNT_REMOVED = (
+    update(t.platform_settings)
+    .where(_settings.name == ALLOCATORS_REMOVED)
+    .values(value=cast(cast(_settings.value, Integer) + 1, Text))
+)
 # The placement marks, which every coordinator process reads about twice a second (the desired
-# versions' refresher, the routing table's): a count and a sum over
-# ix_allocators_instances_version (migration 0010), not over every allocator's row.
-PLACEMENT_MARKS = select(func.count(), func.sum(_a.instances_version)).select_from(t.allocators)
+# versions' refresher, the routing table's): the versions' sum over the small
+# ix_allocators_instances_version (migration 0010), not every allocator's row, and the
+# removals. A version only ever grows while its allocator exists, so the two move with every
+# change of a version and every removal. Not with a join: a new allocator's version is 0, what
+# a refresher takes an allocator it has not read to have (a count of allocators here made every
+# process read every version again each second while hosts joined).
+PLACEMENT_MARKS = select(
+    func.sum(_a.instances_version),
+    select(_settings.value).where(_settings.name == ALLOCATORS_REMOVED).scalar_subquery(),
+).select_from(t.allocators)
 # What a host reports of an instance, written only where the instance is placed on that host:
 # a host can never change another's instances.
 _REPORT = (
@@ -434,6 +452,20 @@ class DeploymentTables:
 
     def get_placement_marks(self) -> tuple[Any, ...]:
         return tuple(self.conn.execute(PLACEMENT_MARKS).one())
+
+    def _count_allocator_removed(self) -> None:
+        """One more allocator removed (a placement mark), counted by the database: concurrent
+        removals each count."""
+        if self.conn.execute(_COUNT_REMOVED).rowcount:
+            return
+        try:  # the first removal of this store
+            self._insert(
+                t.platform_settings,
+                {"name": ALLOCATORS_REMOVED, "value": "1"},
+                conflict="counted by another removal meanwhile",
+            )
+        except ConflictError:
+            self.conn.execute(_COUNT_REMOVED)
 
     def get_routing_marks(self) -> tuple[Any, ...]:
         d = t.deployments.c

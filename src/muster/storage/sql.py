@@ -313,7 +313,11 @@ class SqlTransaction(FleetReads, DeploymentTables, UserRows, LimitRows):
                         serial=serial, runner_id=runner_id, revoked_at=at
                     )
                 )
-        self.conn.execute(delete(t.allocators).where(t.allocators.c.allocator_id == runner_id))
+        removed = self.conn.execute(
+            delete(t.allocators).where(t.allocators.c.allocator_id == runner_id)
+        )
+        if removed.rowcount:
+            self._count_allocator_removed()
         self.conn.execute(delete(t.runner_heartbeats).where(_beats.runner_id == runner_id))
         self.conn.execute(delete(t.runners).where(_runners.runner_id == runner_id))
         return runner
@@ -380,6 +384,7 @@ class SqlTransaction(FleetReads, DeploymentTables, UserRows, LimitRows):
             raise NotFoundError(
                 f"allocator {allocator_id!r} not found", code="allocators.allocator_not_found"
             )
+        self._count_allocator_removed()
 
     def delete_allocator(self, allocator_id: str) -> None:
         result = self.conn.execute(
@@ -389,6 +394,7 @@ class SqlTransaction(FleetReads, DeploymentTables, UserRows, LimitRows):
             raise NotFoundError(
                 f"allocator {allocator_id!r} not found", code="allocators.allocator_not_found"
             )
+        self._count_allocator_removed()
 
     # -- audit ---------------------------------------------------------------------------------
     def append_audit(self, event: AuditEvent) -> None:
