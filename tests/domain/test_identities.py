@@ -460,13 +460,16 @@ def test_a_join_stored_after_a_later_certificate_is_added_without_reading_every_
         )
     assert identities.refresh() is True
     # host-k2's certificate was issued before host-k3's, its join stored after it (it waited for
-    # its group's commit): its expiry is older than the newest the last refresh read.
-    with platform.store.write() as tx:
-        tx.create_runner(
-            replace(runner("host-k2", None, clock), cert_expires_at=newest + 100 * SECOND)
-        )
-    assert identities.refresh() is True
-    assert platform.liveness.fleet_size == 4  # host-k2 read
+    # its group's commit): its expiry is older than the newest the last refresh read (by a
+    # second, and by 20 s: past the first read back).
+    for n, (name, earlier) in enumerate([("host-k2", SECOND), ("host-k2b", 20 * SECOND)]):
+        with platform.store.write() as tx:
+            late = replace(
+                runner(name, None, clock), cert_expires_at=newest + 120 * SECOND - earlier
+            )
+            tx.create_runner(late)
+        assert identities.refresh() is True
+        assert platform.liveness.fleet_size == 4 + n  # read
     assert identities.vouch(first) is not None  # host-k1's row was not read again
 
 

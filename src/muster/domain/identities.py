@@ -28,9 +28,9 @@ FULL_RELOAD_S = 30.0
 # A join's certificate is issued before the join waits for its group's commit (and another
 # process's group may commit first): under load a runner can be stored with an expiry older
 # than the newest already read, which the read along the expiry from that newest misses. The
-# refresh then reads this far back before it reads every serial (at 100,000 runners, while
-# hosts joined, every refresh did).
-LATE_COMMIT_S = timedelta(seconds=60)
+# refresh then reads back from it by each of these in turn (a join rarely waits seconds)
+# before it reads every serial (at 100,000 runners, while hosts joined, every refresh did).
+LATE_COMMITS = (timedelta(seconds=5), timedelta(seconds=60))
 # Store answers about single certificates kept at most (a flood of unknown certificates must
 # not grow memory without bound).
 MAX_CHECKED = 100_000
@@ -186,7 +186,7 @@ class RunnerIdentities:
                     return False
                 if not full and self._only_added(version):
                     # Joins and renewals: only the certificates since the newest one known, then,
-                    # if one is missing, since LATE_COMMIT_S before it.
+                    # if one is missing, since LATE_COMMITS before it.
                     for since in self._since():
                         added = tx.list_runner_serials(expiring_from=since)
                         if self._merge(started, added, version):
@@ -227,9 +227,9 @@ class RunnerIdentities:
 
     def _since(self) -> tuple[datetime, ...]:
         """Where the reads of certificates added since the last version start: the newest
-        expiry it held, and LATE_COMMIT_S before it for a join committed late."""
+        expiry it held, then LATE_COMMITS before it for a join committed late."""
         newest = None if self._version is None else self._version[1]
-        return () if newest is None else (newest, newest - LATE_COMMIT_S)
+        return () if newest is None else (newest, *(newest - late for late in LATE_COMMITS))
 
     def _merge(
         self,
