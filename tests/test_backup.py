@@ -139,6 +139,9 @@ def test_backup_while_serving_restores_a_coordinator_that_accepts_the_same_hosts
     assert isinstance(members, dict)
     assert {*PRIVATE, backup.DATABASE, "coordinator/ca.crt", "agent/cert.pem"} <= set(members)
     assert all(len(m["sha256"]) == 64 for m in members.values())
+    # The store's side files are not: the writers' lock file (served, so it exists) neither.
+    assert (first.storage_path / f"{backup.DATABASE}-lock").exists()
+    assert not [name for name in members if name.startswith(f"{backup.DATABASE}-")]
     after_backup = first.create_token(roles=["allocator"])["token"]
 
     assert first.stop() == 0

@@ -156,9 +156,10 @@ def copy_sqlite(source: Path, target: Path) -> None:
 def _keep_owner(database: Path) -> None:
     """A read-only connection to a store nobody has open creates its WAL side files and cannot
     remove them; made by root (backup as root, service as `muster`), they would keep the
-    service from opening its own store. They go to the store's owner."""
+    service from opening its own store. They go to the store's owner, and so does the writers'
+    lock file (muster.storage.sqlite.WriterLock), if one made as root was left behind."""
     owner = database.stat()
-    for suffix in ("-wal", "-shm"):
+    for suffix in ("-wal", "-shm", "-lock"):
         side = database.with_name(database.name + suffix)
         with contextlib.suppress(FileNotFoundError):
             status = side.stat()
@@ -170,7 +171,7 @@ def _read_files(paths: HostPaths) -> dict[str, bytes]:
     """host.json and every file under the identity folders, by archive name, each read once so
     the checksum is of exactly what is archived. The store's own files are left out (the
     snapshot stands in for them), and so are half-written temporary files."""
-    skipped = {DATABASE, f"{DATABASE}-wal", f"{DATABASE}-shm", f"{DATABASE}-journal"}
+    skipped = {DATABASE, *(f"{DATABASE}-{side}" for side in ("wal", "shm", "journal", "lock"))}
     files = {"host.json": paths.host_file.read_bytes()}
     for folder in FOLDERS:
         for path in sorted((paths.root / folder).rglob("*")):

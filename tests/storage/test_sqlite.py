@@ -7,6 +7,7 @@ import os
 import sqlite3
 import stat
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,6 +144,76 @@ def test_two_stores_on_one_file_write_concurrently(path: Path) -> None:
     finally:
         for s in stores:
             s.close()
+
+
+def _lock_probe(lock: Path) -> subprocess.CompletedProcess[str]:
+    """Another process trying the writers' lock file without waiting."""
+    code = (
+        "import fcntl, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, str(lock)], capture_output=True, text=True, check=False
+    )
+
+
+def test_writers_of_other_processes_queue_on_a_lock_file(store: Store, path: Path) -> None:
+    """A coordinator's workers are processes: their writers wait on a lock file beside the
+    database, woken as it is let go, not in SQLite's busy handler, which sleeps up to 100 ms
+    between its tries."""
+    lock = path.with_name(path.name + "-lock")
+    with store.write() as tx:
+        tx.put_setting("x", "1")
+        held = _lock_probe(lock)
+    assert held.returncode != 0
+    assert "BlockingIOError" in held.stderr  # held while the transaction was open
+    assert mode(lock) == 0o600
+    free = _lock_probe(lock)
+    assert free.returncode == 0, free.stderr
+
+
+def test_a_lock_file_it_cannot_open_leaves_the_writes_to_sqlites_lock(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path.parent.mkdir(parents=True)
+    path.with_name(path.name + "-lock").mkdir()  # not a file it can open
+    store = open_store(f"sqlite:///{path}")
+    try:
+        for n in range(2):
+            with store.write() as tx:
+                tx.put_setting("x", str(n))
+        with store.read() as tx:
+            assert tx.find_setting("x") == "1"
+    finally:
+        store.close()
+    warned = [r for r in caplog.records if "busy handler" in r.getMessage()]
+    assert len(warned) == 1  # once, not at every write
+
+
+def test_writers_in_several_processes_all_succeed(path: Path) -> None:
+    """Read-modify-write transactions of four processes at once, each queueing on the lock
+    file: none fails or loses an update."""
+    open_store(f"sqlite:///{path}").close()
+    code = (
+        "import sys\n"
+        "from muster.storage import open_store\n"
+        "store = open_store(sys.argv[1])\n"
+        "for _ in range(25):\n"
+        "    with store.write() as tx:\n"
+        "        value = int(tx.find_setting('counter') or '0')\n"
+        "        tx.put_setting('counter', str(value + 1))\n"
+    )
+    argv = [sys.executable, "-c", code, f"sqlite:///{path}"]
+    procs = [subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0, 0], errors
+    store = open_store(f"sqlite:///{path}")
+    try:
+        with store.read() as tx:
+            assert tx.find_setting("counter") == "100"
+    finally:
+        store.close()
 
 
 # -- a file it cannot use ----------------------------------------------------------------------

@@ -9,7 +9,6 @@ deployments, instances and leases in `muster.storage._deployments`; failed sign-
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
@@ -472,21 +471,25 @@ class SqlTransaction(FleetReads, DeploymentTables, UserRows, LimitRows):
 class SqlStore:
     """A Store on SQLAlchemy engines: `reader` for snapshots, `writer` for serialised writes.
 
-    `single_writer` (SQLite): the database takes one writer at a time, so this process's writers
-    queue on a lock before they ask for the database's. Without it, threads that find the
-    database locked sleep in SQLite's busy handler (1, 2, 5 ... 100 ms) however soon the lock is
-    free again. Other processes on the same file still wait in the busy handler.
+    `write_lock` (SQLite: muster.storage.sqlite.WriterLock): the database takes one writer at a
+    time, so writers queue on this lock before they ask for the database's. Without it, a writer
+    that finds the database locked sleeps in SQLite's busy handler (1, 2, 5 ... 100 ms) however
+    soon the lock is free again. It must be re-entrant on a thread: a write nested in another
+    then waits in SQLite's busy handler and fails as it always did, rather than deadlocking.
     """
 
     def __init__(
-        self, url: str, *, reader: Engine, writer: Engine, single_writer: bool = False
+        self,
+        url: str,
+        *,
+        reader: Engine,
+        writer: Engine,
+        write_lock: AbstractContextManager[Any] | None = None,
     ) -> None:
         self.url = url
         self._reader = reader
         self._writer = writer
-        # A re-entrant lock: a write nested in another on one thread waits in SQLite's busy
-        # handler and fails as it always did, rather than deadlocking here.
-        self._write_lock: threading.RLock | None = threading.RLock() if single_writer else None
+        self._write_lock = write_lock
         self._savepoints = writer.dialect.name != "sqlite"
         for engine in {reader, writer}:
             event.listen(engine, "before_cursor_execute", refuse_nul)
