@@ -17,6 +17,7 @@ from sqlalchemy import (
     cast,
     false,
     func,
+    literal,
     not_,
     or_,
     select,
@@ -159,9 +160,12 @@ class FleetReads:
         if any(c.table is t.runner_heartbeats for c in picked):
             query = query.select_from(rec.RUNNERS_AND_HEARTBEATS)
         if role is not None:
-            # The roles' JSON text holds the role quoted (a cheap filter in the database over
-            # every row; the list itself is checked below).
-            query = query.where(cast(r.roles, Text).like(f'%"{role}"%'))
+            # The roles' JSON text holds the role quoted (a cheap filter in the database; the
+            # list itself is checked below). The pattern is written into the statement, not
+            # bound: a partial index's condition is matched as written (migration 0012 indexes
+            # the proxies; the other roles are most runners, read along the table).
+            pattern = literal(f'%"{role}"%', literal_execute=True)
+            query = query.where(cast(r.roles, Text).like(pattern))
         if runner_ids is None:
             rows = self._column_rows(query, [*picked, r.roles])
         else:
