@@ -304,6 +304,7 @@ def test_placement_marks_move_with_versions_and_removals_not_with_joins(store: S
     joining = marks(store)
     with store.write() as tx:
         tx.create_allocators([AllocatorRecord("alloc-new", "zone-a", 2048)])  # a join
+        tx.update_allocator("alloc-new", maintenance=True)  # neither does a change of settings
     assert marks(store) == joining
     with store.write() as tx:
         tx.create_instances([instance("i0", "alloc-0")], PORTS)

@@ -383,7 +383,6 @@ class SqlTransaction(FleetReads, DeploymentTables, UserRows, LimitRows):
             raise NotFoundError(
                 f"allocator {allocator_id!r} not found", code="allocators.allocator_not_found"
             )
-        self._count_allocator_removed()
 
     def delete_allocator(self, allocator_id: str) -> None:
         result = self.conn.execute(
