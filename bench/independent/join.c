@@ -78,13 +78,50 @@ static void failed(const char *reason) {
     pthread_mutex_unlock(&results_lock);
 }
 
-/* ---------------------------------------------------------------- the token's pin */
+/* ---------------------------------------------------------------- JSON, and the token's pin */
+
+/* The JSON string value of `key` in `json`, unescaped into a new buffer (NULL if absent). */
+static char *json_string(const char *json, const char *key) {
+    char quoted[64];
+    snprintf(quoted, sizeof quoted, "\"%s\"", key);
+    const char *p = strstr(json, quoted);
+    if (!p) return NULL;
+    p += strlen(quoted);
+    while (*p == ' ' || *p == ':') p++;
+    if (*p++ != '"') return NULL;
+    char *out = xmalloc(strlen(p) + 1), *o = out;
+    for (; *p && *p != '"'; p++) {
+        if (*p != '\\') {
+            *o++ = *p;
+            continue;
+        }
+        switch (*++p) {
+        case 'n': *o++ = '\n'; break;
+        case 'r': *o++ = '\r'; break;
+        case 't': *o++ = '\t'; break;
+        case 'u': /* ASCII only: a PEM needs no more */
+            if (strlen(p) < 5) goto bad;
+            *o++ = (char)strtol((char[]){p[1], p[2], p[3], p[4], 0}, NULL, 16);
+            p += 4;
+            break;
+        case 0: goto bad;
+        default: *o++ = *p; /* \" \\ \/ */
+        }
+    }
+    if (*p == '"') {
+        *o = 0;
+        return out;
+    }
+bad:
+    free(out);
+    return NULL;
+}
 
 /* The claim `name` of a JWT's payload, read without verifying it (the agent's
- * read_unverified_claims): a JSON string without escapes. */
-static int jwt_claim(const char *jwt, const char *name, char *out, size_t size) {
+ * read_unverified_claims): a new buffer, NULL if absent or not a string. */
+static char *jwt_claim(const char *jwt, const char *name) {
     const char *dot = strchr(jwt, '.'), *end = dot ? strchr(dot + 1, '.') : NULL;
-    if (!end) return -1;
+    if (!end) return NULL;
     size_t n = (size_t)(end - dot - 1);
     char *b64 = xmalloc(n + 4), *json = xmalloc(n + 4);
     for (size_t i = 0; i < n; i++) { /* base64url -> base64, padded */
@@ -93,36 +130,25 @@ static int jwt_claim(const char *jwt, const char *name, char *out, size_t size) 
     }
     while (n % 4) b64[n++] = '=';
     int len = EVP_DecodeBlock((unsigned char *)json, (unsigned char *)b64, (int)n);
-    int rc = -1;
+    char *claim = NULL;
     if (len > 0) {
         json[len] = 0;
-        char key[64];
-        snprintf(key, sizeof key, "\"%s\"", name);
-        const char *p = strstr(json, key);
-        if (p) {
-            p += strlen(key);
-            while (*p == ' ' || *p == ':') p++;
-            const char *q = *p == '"' ? strchr(p + 1, '"') : NULL;
-            if (q && (size_t)(q - p - 1) < size) {
-                memcpy(out, p + 1, (size_t)(q - p - 1));
-                out[q - p - 1] = 0;
-                rc = 0;
-            }
-        }
+        claim = json_string(json, name);
     }
     free(b64);
     free(json);
-    return rc;
+    return claim;
 }
 
 static void read_pin(void) {
-    char claim[160], *p = claim;
-    if (jwt_claim(token, "ca_fingerprint", claim, sizeof claim)) die("the token has no ca_fingerprint");
+    char *claim = jwt_claim(token, "ca_fingerprint"), *p = claim;
+    if (!claim) die("the token has no ca_fingerprint");
     if (!strncasecmp(p, "sha256:", 7)) p += 7;
     size_t n = 0;
     for (; *p && n < sizeof pin - 1; p++)
         if (*p != ':') pin[n++] = (char)(*p >= 'A' && *p <= 'F' ? *p + 32 : *p);
     pin[n] = 0;
+    free(claim);
     if (n != 64) die("the token's ca_fingerprint is not a SHA-256");
 }
 
@@ -215,43 +241,6 @@ static const char *call(conn_t *c, const char *request, size_t n) {
 }
 
 /* ---------------------------------------------------------------- the checks */
-
-/* The JSON string value of `key` in `json`, unescaped into a new buffer (NULL if absent). */
-static char *json_string(const char *json, const char *key) {
-    char quoted[64];
-    snprintf(quoted, sizeof quoted, "\"%s\"", key);
-    const char *p = strstr(json, quoted);
-    if (!p) return NULL;
-    p += strlen(quoted);
-    while (*p == ' ' || *p == ':') p++;
-    if (*p++ != '"') return NULL;
-    char *out = xmalloc(strlen(p) + 1), *o = out;
-    for (; *p && *p != '"'; p++) {
-        if (*p != '\\') {
-            *o++ = *p;
-            continue;
-        }
-        switch (*++p) {
-        case 'n': *o++ = '\n'; break;
-        case 'r': *o++ = '\r'; break;
-        case 't': *o++ = '\t'; break;
-        case 'u': /* ASCII only: a PEM needs no more */
-            if (strlen(p) < 5) goto bad;
-            *o++ = (char)strtol((char[]){p[1], p[2], p[3], p[4], 0}, NULL, 16);
-            p += 4;
-            break;
-        case 0: goto bad;
-        default: *o++ = *p; /* \" \\ \/ */
-        }
-    }
-    if (*p == '"') {
-        *o = 0;
-        return out;
-    }
-bad:
-    free(out);
-    return NULL;
-}
 
 static int pinned(X509 *ca) {
     unsigned char *der = NULL, md[SHA256_DIGEST_LENGTH];

@@ -206,17 +206,26 @@ def test_with_the_store_down_the_last_good_snapshot_answers_without_store_calls(
     assert identities.authenticate(later).name == "host-g"
 
 
+def read_then_rewritten(
+    platform: Platform, identities: RunnerIdentities, clock: FakeClock, runner_id: str
+) -> x509.Certificate:
+    """`runner_id` joined and read, then its serial rewritten in place: a change no mark moves
+    (never made by Muster), which shows which read a refresh made, as only a read of every
+    runner sees it. A later runner (`runner_id`b, 5 s later) holds the newest certificate at the
+    read, which is read again after it. Returns `runner_id`'s certificate."""
+    first = joined(platform, runner_id)
+    clock.advance(5)
+    joined(platform, f"{runner_id}b")
+    identities.refresh()
+    with platform.store.write() as tx:
+        tx.update_runner(runner_id, cert_serial="rewritten")
+    return first
+
+
 def test_joins_since_the_last_read_are_added_without_reading_every_runner(
     platform: Platform, identities: RunnerIdentities, clock: FakeClock
 ) -> None:
-    first = joined(platform, "host-j1")
-    clock.advance(5)
-    joined(platform, "host-j1b")  # the newest certificate at the read: read again after it
-    identities.refresh()
-    # A change no mark moves (never made by Muster: a serial rewritten in place) shows which
-    # read a refresh made: only a read of every runner sees it.
-    with platform.store.write() as tx:
-        tx.update_runner("host-j1", cert_serial="rewritten")
+    first = read_then_rewritten(platform, identities, clock, "host-j1")
     clock.advance(5)  # a later certificate, as any join's after the last read (no full read due)
     second = joined(platform, "host-j2")
     assert identities.refresh() is True
@@ -447,13 +456,8 @@ def test_the_refresher_reads_the_store_from_its_own_thread_only(
 def test_a_join_stored_after_a_later_certificate_is_added_without_reading_every_runner(
     platform: Platform, identities: RunnerIdentities, clock: FakeClock
 ) -> None:
-    first = joined(platform, "host-k1")
-    clock.advance(5)
-    joined(platform, "host-k1b")  # the newest certificate at the read: read again after it
-    identities.refresh()
-    with platform.store.write() as tx:  # seen only by a read of every runner (see above)
-        tx.update_runner("host-k1", cert_serial="rewritten")
-    newest = first.not_valid_after_utc + SECOND * 5
+    first = read_then_rewritten(platform, identities, clock, "host-k1")
+    newest = first.not_valid_after_utc + SECOND * 5  # host-k1b's
     with platform.store.write() as tx:
         tx.create_runner(
             replace(runner("host-k3", None, clock), cert_expires_at=newest + 120 * SECOND)
