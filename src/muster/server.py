@@ -270,7 +270,8 @@ def _uvicorn_config(app: Any, tls: ServerTLS, config: Settings, log_level: str) 
             express_path=app.state.heartbeats.path,
         ),
         ssl_context_factory=context,
-        # TLS handshakes capped per address and in time (muster.api.tls._Handshake).
+        # TLS on each connection's own socket, handshakes capped per address and in time
+        # (muster.api.tlsconn).
         loop="muster.api.tls:new_event_loop",
         lifespan="on",
         log_level=log_level,

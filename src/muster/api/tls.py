@@ -1,7 +1,9 @@
 """HTTPS for the coordinator: the TLS context (reloaded for new connections when a rotation
 changes the certificate or the trusted CAs: `ServerTLS`), the peer certificate handed to the app,
-and the connection-level guards uvicorn lacks (TLS handshakes per address and their time, request
-head size, time allowed to send a request).
+and the connection-level guards uvicorn lacks (request head size, time allowed to send a
+request). TLS connections themselves are served by muster.api.tlsconn (OpenSSL on each
+connection's own socket, handshakes guarded per address and in time), through the event loop
+that `new_event_loop` makes.
 
 uvicorn verifies a client certificate but does not pass it to the ASGI app, so this module's
 protocol subclass puts the verified DER certificate into `scope["extensions"]["tls"]`
@@ -19,7 +21,7 @@ import os
 import ssl
 import tempfile
 import threading
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -29,6 +31,7 @@ from cryptography import x509
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from muster.api.tlsconn import TLSListener, bind
 from muster.domain import pki
 from muster.domain.platform import Platform
 from muster.domain.proxy_tls import find_chain
@@ -46,11 +49,6 @@ MAX_URL_BYTES = 8 * 1024
 # A request must arrive whole (head and body) within this many seconds of its first byte (or of
 # the connection opening): a client that sends half a request is dropped (slowloris).
 READ_TIMEOUT_S = 30.0
-# A TLS handshake must finish within this many seconds (asyncio's default is 60), and one
-# address may have at most this many handshakes under way: a client that opens connections
-# and never starts TLS holds neither sockets nor memory for long, nor many of them.
-HANDSHAKE_TIMEOUT_S = 10.0
-MAX_PENDING_HANDSHAKES = 32
 # How often each server process reads the CAs and token keys again and looks at its certificate
 # files: a rotation (through any coordinator or worker) reaches new connections within this.
 SECURITY_RELOAD_S = 2.0
@@ -747,148 +745,29 @@ def peer_certificate(scope: Any) -> x509.Certificate | None:
     return cert if isinstance(cert, x509.Certificate) else None
 
 
-class _Handshake(asyncio.Protocol):
-    """The raw side of a TLS connection: TLS is started here rather than by the listener, so
-    that the peer address is known while the handshake is under way. Past
-    MAX_PENDING_HANDSHAKES from one address a new connection is dropped at once; a handshake
-    gets HANDSHAKE_TIMEOUT_S. Once TLS is up, the app protocol (uvicorn's) takes over the TLS
-    transport exactly as if the listener had done the handshake."""
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        app_factory: Callable[[], asyncio.BaseProtocol],
-        context: ssl.SSLContext,
-        pending: Counter[str],
-    ) -> None:
-        self.loop, self.app_factory, self.context, self.pending = (
-            loop,
-            app_factory,
-            context,
-            pending,
-        )
-        self.address = ""
-        # Bytes that arrive before the TLS layer takes the transport over (uvloop starts
-        # reading right after connection_made, whatever it asked): the ClientHello, usually.
-        self.early: list[bytes] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        raw = cast(asyncio.Transport, transport)
-        peer = raw.get_extra_info("peername")
-        self.address = str(peer[0]) if peer else "unknown"
-        if self.pending[self.address] >= MAX_PENDING_HANDSHAKES:
-            raw.abort()
-            return
-        self.pending[self.address] += 1
-        self.loop.create_task(self._start_tls(raw))
-
-    def data_received(self, data: bytes) -> None:
-        self.early.append(data)
-
-    async def _start_tls(self, raw: asyncio.Transport) -> None:
-        # The TLS layer hands decrypted bytes to its protocol the moment the handshake ends,
-        # before start_tls returns: they are held until the app protocol is connected.
-        held = _Held()
-        try:
-            upgrading = asyncio.ensure_future(
-                self.loop.start_tls(
-                    raw,
-                    held,
-                    self.context,
-                    server_side=True,
-                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
-                )
-            )
-            # start_tls's first step hands the transport to the TLS layer and queues that
-            # layer's connection_made; the early bytes are handed over right after it.
-            await asyncio.sleep(0)
-            self.loop.call_soon(self._replay, raw)
-            tls = await upgrading
-        except Exception:  # a failed, timed-out or abandoned handshake: nothing to serve
-            tls = None
-        finally:
-            self.pending[self.address] -= 1
-            if self.pending[self.address] <= 0:
-                del self.pending[self.address]
-        if tls is None:
-            raw.abort()
-            return
-        app = self.app_factory()
-        tls.set_protocol(app)
-        app.connection_made(tls)
-        held.hand_over(cast(asyncio.Protocol, app))
-
-    def _replay(self, raw: asyncio.Transport) -> None:
-        layer = raw.get_protocol()
-        data, self.early = b"".join(self.early), []
-        # No layer: the connection was closed meanwhile (a handshake timed out or the client
-        # went away under load), and there is nothing to hand the bytes to.
-        if not data or layer is None or layer is self or raw.is_closing():
-            return
-        # Both TLS layers (asyncio's and uvloop's, which is no asyncio.BufferedProtocol
-        # subclass) take bytes through the buffered-protocol calls.
-        if hasattr(layer, "get_buffer"):
-            buffered = cast(asyncio.BufferedProtocol, layer)
-            view = memoryview(data)
-            while view:
-                buffer = memoryview(buffered.get_buffer(len(view)))
-                size = min(len(buffer), len(view))
-                buffer[:size] = view[:size]
-                buffered.buffer_updated(size)
-                view = view[size:]
-        else:
-            cast(asyncio.Protocol, layer).data_received(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass  # before TLS: the handshake fails and says so; after: the TLS layer tells the app
-
-
-class _Held(asyncio.Protocol):
-    """Stands in for the app protocol while start_tls finishes: keeps what arrives."""
-
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-        self.eof = False
-        self.lost: tuple[Exception | None] | None = None
-
-    def data_received(self, data: bytes) -> None:
-        self.data.append(data)
-
-    def eof_received(self) -> bool | None:
-        self.eof = True
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = (exc,)
-
-    def hand_over(self, app: asyncio.Protocol) -> None:
-        for data in self.data:
-            app.data_received(data)
-        if self.eof:
-            app.eof_received()
-        if self.lost is not None:
-            app.connection_lost(self.lost[0])
-
-
 class _HandshakeGuard:
-    """An event loop's create_server, with TLS listeners handing each connection to _Handshake."""
+    """An event loop's create_server, with TLS listeners served by muster.api.tlsconn: OpenSSL on
+    each connection's own socket, handshakes guarded per address and in time."""
 
     async def create_server(
         self, protocol_factory: Callable[[], asyncio.BaseProtocol], *args: Any, **kwargs: Any
-    ) -> asyncio.Server:
+    ) -> asyncio.AbstractServer:
         context = kwargs.pop("ssl", None)
         base: Any = super()
         if context is None:
             return cast(asyncio.Server, await base.create_server(protocol_factory, *args, **kwargs))
         kwargs.pop("ssl_handshake_timeout", None)
-        pending: Counter[str] = Counter()
+        backlog = kwargs.pop("backlog", 100)
+        sock = kwargs.pop("sock", None)
+        host = kwargs.pop("host", args[0] if args else None)
+        port = kwargs.pop("port", args[1] if len(args) > 1 else 0)
+        if kwargs:
+            raise TypeError(f"TLS listeners take no {', '.join(sorted(kwargs))}")
+        sockets = [sock] if sock is not None else bind(host, port, backlog)
         loop = cast(asyncio.AbstractEventLoop, self)
-        return cast(
-            asyncio.Server,
-            await base.create_server(
-                lambda: _Handshake(loop, protocol_factory, context, pending), *args, **kwargs
-            ),
-        )
+        server = TLSListener(loop, sockets, context, protocol_factory)
+        await server.start_serving()
+        return server
 
 
 def _guarded_loop_class() -> type[asyncio.AbstractEventLoop]:
@@ -906,5 +785,5 @@ _GuardedLoop = _guarded_loop_class()
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvicorn's loop for the coordinator (`uvicorn.Config(loop="muster.api.tls:new_event_loop")`):
-    uvloop, or asyncio's without it, with TLS handshakes guarded per address (_Handshake)."""
+    uvloop, or asyncio's without it, with TLS listeners served by muster.api.tlsconn."""
     return _GuardedLoop()
