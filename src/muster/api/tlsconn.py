@@ -20,7 +20,6 @@ a `TLSTransport`, an `asyncio.Transport` as any other.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import socket
@@ -42,11 +41,24 @@ ACCEPTS_PER_WAKE = 128
 # After the process ran out of file descriptors (or memory for sockets), accepting rests this
 # long rather than spin on a backlog it cannot take (asyncio does the same).
 ACCEPT_RETRY_S = 1.0
+# A closing connection sends what is buffered, then TLS's close_notify, and reads (and drops)
+# what the peer still sends until the peer closes too: unread bytes in a closed socket make the
+# kernel reset the connection and drop the tail of the reply. All of it within this many
+# seconds of close(), as asyncio's ssl_shutdown_timeout; then the socket is closed regardless.
+CLOSE_TIMEOUT_S = 30.0
 # asyncio's write buffer limits: the protocol is paused above HIGH and resumed at LOW.
 WRITE_HIGH = 64 * 1024
 WRITE_LOW = WRITE_HIGH // 4
 
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+# get_extra_info's names read from the TLS socket while it is open.
+_EXTRA_INFO: dict[str, Callable[[ssl.SSLSocket], Any]] = {
+    "sockname": lambda sock: sock.getsockname(),
+    "peercert": lambda sock: sock.getpeercert(),
+    "cipher": lambda sock: sock.cipher(),
+    "compression": lambda sock: sock.compression(),
+}
 
 
 def bind(host: str | None, port: int, backlog: int) -> list[socket.socket]:
@@ -95,6 +107,7 @@ class TLSListener(asyncio.AbstractServer):
         self.pending: Counter[str] = Counter()  # handshakes under way, by peer address
         self.handshaking: set[TLSTransport] = set()
         self._serving = False
+        self._forever: asyncio.Future[None] | None = None
 
     # -- asyncio.AbstractServer -------------------------------------------------------------
 
@@ -117,8 +130,13 @@ class TLSListener(asyncio.AbstractServer):
             self._loop.add_reader(sock.fileno(), self._accept, sock)
 
     async def serve_forever(self) -> None:
+        """Serves until `close` (which ends this with CancelledError, as asyncio's)."""
         await self.start_serving()
-        await asyncio.Event().wait()
+        self._forever = self._loop.create_future()
+        try:
+            await self._forever
+        finally:
+            self._forever = None
 
     def close(self) -> None:
         if self._serving:
@@ -130,6 +148,8 @@ class TLSListener(asyncio.AbstractServer):
         self._sockets = []
         for connection in list(self.handshaking):
             connection.abort()
+        if self._forever is not None and not self._forever.done():
+            self._forever.cancel()
 
     async def wait_closed(self) -> None:
         return None
@@ -287,6 +307,7 @@ class TLSTransport(asyncio.Transport):
         self._reading = False
         self._loop.remove_reader(self._fd)
         self._loop.remove_writer(self._fd)
+        self._fd = -1
         self._sock.close()
 
     # -- reading --------------------------------------------------------------------------------
@@ -308,7 +329,13 @@ class TLSTransport(asyncio.Transport):
             if not data:  # the peer's close_notify, or its end of the stream
                 self._eof()
                 return
-            self._protocol.data_received(data)
+            try:
+                self._protocol.data_received(data)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:  # as asyncio's transports: the connection ends with it
+                self._fatal(exc)
+                return
             if not sock.pending():
                 return  # the socket says when more comes
 
@@ -384,7 +411,7 @@ class TLSTransport(asyncio.Transport):
             self._read_wants_write = False
             self._read_ready()
         if self._closing and not self._lost:
-            self._finish_close()
+            self._send_close_notify()
 
     def get_write_buffer_size(self) -> int:
         return len(self._buffer) if self._buffer else 0
@@ -433,23 +460,62 @@ class TLSTransport(asyncio.Transport):
         return self._closing
 
     def close(self) -> None:
-        """Sends what is buffered, then TLS's close_notify, then closes the socket."""
+        """Sends what is buffered, then TLS's close_notify; the protocol's connection_lost
+        follows. The socket lingers until the peer closes too (CLOSE_TIMEOUT_S at most from
+        now), reading and dropping what it still sends."""
         if self._closing:
+            return
+        if self._listener is not None:  # still in its handshake: no protocol to tell
+            self._force_close(None)
             return
         self._closing = True
         self._reading = False
-        self._loop.remove_reader(self._fd)
+        self._loop.add_reader(self._fd, self._drain)
+        self._timer = self._loop.call_later(CLOSE_TIMEOUT_S, self._close_timed_out)
         if not self._buffer:
-            self._finish_close()
+            self._send_close_notify()
 
     def abort(self) -> None:
         """Closes the socket now; what is buffered is dropped."""
         self._force_close(None)
 
-    def _finish_close(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._sock.unwrap()  # sends close_notify; the peer's is not waited for
-        self._force_close(None)
+    def _send_close_notify(self) -> None:
+        """Everything written: close_notify, then the protocol is told the connection is lost;
+        the socket waits for the peer's close_notify or end of stream (_drain)."""
+        try:
+            self._sock.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # sent; the peer's is still to come
+        except (OSError, ValueError):
+            self._force_close(None)
+            return
+        else:  # the peer's close_notify was in already: nothing more to wait for
+            self._force_close(None)
+            return
+        if not self._lost:
+            self._lost = True
+            self._loop.call_soon(self._tell_lost, None)
+
+    def _drain(self) -> None:
+        """The reader of a closing connection: what the peer sends is read and dropped, until
+        its close_notify or end of stream."""
+        while True:
+            try:
+                data = self._sock.recv(READ_BYTES)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except (OSError, ValueError):
+                data = b""
+            if not data:
+                break
+        if self._buffer:  # the peer stopped sending; it may still read: the writes go on
+            self._loop.remove_reader(self._fd)
+        else:
+            self._force_close(None)
+
+    def _close_timed_out(self) -> None:
+        self._timer = None
+        self._force_close(TimeoutError(f"the TLS connection did not close in {CLOSE_TIMEOUT_S} s"))
 
     def _fatal(self, exc: BaseException) -> None:
         if not isinstance(exc, (ConnectionError, ssl.SSLError, TimeoutError)):
@@ -457,26 +523,31 @@ class TLSTransport(asyncio.Transport):
         self._force_close(exc)
 
     def _force_close(self, exc: BaseException | None) -> None:
-        if self._lost:
-            return
+        """Closes the socket now and, unless it was told already, tells the protocol."""
         if self._listener is not None:  # still in its handshake: it never reached a protocol
             self._handshake_ended()
             self._drop()
             return
-        self._closing = self._lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._fd < 0:
+            return
+        self._closing = True
         self._reading = False
         self._buffer = None
         self._loop.remove_reader(self._fd)
         self._loop.remove_writer(self._fd)
-        self._loop.call_soon(self._connection_lost, exc)
+        self._fd = -1
+        self._sock.close()
+        if not self._lost:
+            self._lost = True
+            self._loop.call_soon(self._tell_lost, exc)
 
-    def _connection_lost(self, exc: BaseException | None) -> None:
-        try:
-            if self._protocol is not None:
-                self._protocol.connection_lost(exc)
-        finally:
-            self._sock.close()
-            self._protocol = None
+    def _tell_lost(self, exc: BaseException | None) -> None:
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None:
+            protocol.connection_lost(exc)
 
     # -- the rest of asyncio.Transport ------------------------------------------------------
 
@@ -484,22 +555,17 @@ class TLSTransport(asyncio.Transport):
         sock = self._sock
         if name == "peername":
             return self._peer
-        if name == "sockname":
-            try:
-                return sock.getsockname()
-            except OSError:
-                return default
         if name in ("ssl_object", "socket"):
             return sock
         if name == "sslcontext":
             return sock.context
-        if name == "peercert":
-            return sock.getpeercert()
-        if name == "cipher":
-            return sock.cipher()
-        if name == "compression":
-            return sock.compression()
-        return default
+        read = _EXTRA_INFO.get(name)
+        if read is None:
+            return default
+        try:
+            return read(sock)
+        except (AttributeError, OSError, ValueError):  # closed: its TLS state is gone
+            return default
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol
