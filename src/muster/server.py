@@ -230,10 +230,10 @@ def _serve(
 class _Server(uvicorn.Server):
     """uvicorn's server, stopping promptly: idle keep-alive connections are cut at once.
 
-    uvicorn closes an idle connection gracefully, and over TLS that waits for the peer's
-    close_notify; a peer that is not reading (an agent between heartbeats, a browser tab) never
-    sends it, so every Ctrl-C waited out the graceful timeout and logged an ERROR. A request in
-    progress still finishes (within `timeout_graceful_shutdown`)."""
+    uvicorn closes an idle connection gracefully, and over TLS a graceful close lingers for the
+    peer's close_notify (muster.api.tlsconn, up to 30 s); a peer that is not reading (an agent
+    between heartbeats, a browser tab) never sends it, and a stopping server has no reason to
+    wait for it. A request in progress still finishes (within `timeout_graceful_shutdown`)."""
 
     before_shutdown: Callable[[], None] | None = None
     # Answers the parked long polls (routes, desired instances): in flight, they would hold the
