@@ -8,7 +8,10 @@ heartbeat and so can drive 100,000 hosts on this machine.
     python -m bench.independent --hosts 25000 --interval 10 --seconds 120
     python -m bench.independent --hosts 100000 --interval 26 --seconds 60 --generator c
 
-The coordinator's pid is handed to the generator, which reads its CPU from /proc itself.
+The coordinator's pid is handed to the generator, which reads its CPU from /proc itself. Beside
+the generator's result, this harness reports the coordinator's resident memory (summed over
+its processes) before the generator starts and as the generator's window ends, every host
+connected, and the difference per host (`coordinator_kb_per_host`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from bench.coordinator import SQLITE, Store, drop_storage
 from bench.fleet import CACHE, ensure_fleet
 from bench.independent import c_program
 from bench.loadgen import raise_fd_limit
-from bench.run import HOSTS_PER_PROCESS, _start_copy, workers_needed
+from bench.run import HOSTS_PER_PROCESS, _start_copy, kb_per_host, workers_needed
+
+RSS_EVERY_S = 1.0  # how often the coordinator's memory is read while the generator runs
 
 SCRIPT = Path(__file__).with_name("heartbeat.mjs")
 GENERATORS = ("node", "c")
@@ -96,7 +101,21 @@ def run_independent(
                 cache=cache,
             )
             print(" ".join(argv), file=sys.stderr)
-            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+            rss_before = coordinator.rss_mb()
+            generator_process = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            # The last reading before the generator ends is at its window's end, with every
+            # host connected (read every RSS_EVERY_S, so within that of the end).
+            # communicate() reads both pipes meanwhile, so a chatty generator never blocks.
+            rss_connected = rss_before
+            while True:
+                try:
+                    stdout, stderr = generator_process.communicate(timeout=RSS_EVERY_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    rss_connected = coordinator.rss_mb()
+            done = subprocess.CompletedProcess(argv, generator_process.returncode, stdout, stderr)
         finally:
             coordinator.stop()
     finally:
@@ -106,6 +125,9 @@ def run_independent(
         raise RuntimeError(f"{argv[0]} exited {done.returncode}: {done.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     result["coordinator_workers"] = workers
+    result["coordinator_rss_mb_before"] = round(rss_before, 1)
+    result["coordinator_rss_mb_connected"] = round(rss_connected, 1)
+    result["coordinator_kb_per_host"] = kb_per_host(rss_before, rss_connected, result["connected"])
     return result
 
 

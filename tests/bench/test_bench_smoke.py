@@ -104,6 +104,10 @@ def test_independent_generator_heartbeats_twenty_hosts_without_errors(
     assert result["missed"] == 0
     assert result["coordinator_cpu_s"] >= 0
     assert result["generator_cpu_s"] > 0
+    # The coordinator's memory, read by this harness beside the generator's result.
+    assert result["coordinator_rss_mb_before"] > 10
+    assert result["coordinator_rss_mb_connected"] > 10
+    assert result["coordinator_kb_per_host"] is not None
     # The generator's own share of the latency, beside it: how late it sent, how long it stalled.
     lag, stall = result["generator_send_lag_ms"], result["generator_loop_delay_ms"]
     assert 0 <= lag["p99"] <= lag["max"]
