@@ -10,8 +10,8 @@ heartbeat and so can drive 100,000 hosts on this machine.
 
 The coordinator's pid is handed to the generator, which reads its CPU from /proc itself. Beside
 the generator's result, this harness reports the coordinator's resident memory (summed over
-its processes) before the generator starts and as the generator's window ends, every host
-connected, and the difference per host (`coordinator_kb_per_host`).
+its processes) before the generator starts, once it holds still, and as the generator's window
+ends, every host connected, and the difference per host (`coordinator_kb_per_host`).
 """
 
 from __future__ import annotations
@@ -22,17 +22,37 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import muster
-from bench.coordinator import SQLITE, Store, drop_storage
+from bench.coordinator import SQLITE, Coordinator, Store, drop_storage
 from bench.fleet import CACHE, ensure_fleet
 from bench.independent import c_program
 from bench.loadgen import raise_fd_limit
 from bench.run import HOSTS_PER_PROCESS, _start_copy, kb_per_host, workers_needed
 
 RSS_EVERY_S = 1.0  # how often the coordinator's memory is read while the generator runs
+# Before the generator starts, the coordinator's memory is read until it holds still (its
+# workers load the fleet's snapshots after they answer): two readings a second apart within
+# this share of each other, or RSS_SETTLE_MAX_S at most.
+RSS_SETTLE_SHARE = 0.01
+RSS_SETTLE_MAX_S = 30.0
+
+
+def _settled_rss_mb(coordinator: Coordinator) -> float:
+    """The coordinator's RSS (MB, summed over its processes) once it has stopped growing."""
+    deadline = time.monotonic() + RSS_SETTLE_MAX_S
+    last = coordinator.rss_mb()
+    while time.monotonic() < deadline:
+        time.sleep(RSS_EVERY_S)
+        now = coordinator.rss_mb()
+        if abs(now - last) <= RSS_SETTLE_SHARE * last:
+            return now
+        last = now
+    return last
+
 
 SCRIPT = Path(__file__).with_name("heartbeat.mjs")
 GENERATORS = ("node", "c")
@@ -101,7 +121,7 @@ def run_independent(
                 cache=cache,
             )
             print(" ".join(argv), file=sys.stderr)
-            rss_before = coordinator.rss_mb()
+            rss_before = _settled_rss_mb(coordinator)
             generator_process = subprocess.Popen(
                 argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
