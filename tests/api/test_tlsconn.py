@@ -378,3 +378,15 @@ def drain_raw(sock: socket.socket) -> bytes:
         while chunk := sock.recv(65536):
             data += chunk
     return data
+
+
+def test_a_reply_closing_the_connection_survives_an_upload_still_arriving(
+    certificates: Pki, served: Served
+) -> None:
+    """The server refuses and closes while the client is still sending (an upload, a 100 KB
+    URL refused at 8 KB): the client's writes go on without a reset, and it reads the reply
+    and a clean close_notify."""
+    with connect(certificates, served.port, ragged_ok=False) as sock:
+        sock.sendall(b"reply 10\n" + b"u" * 2_000_000)
+        assert drain(sock) == (10, None)
+    wait_until(lambda: was_lost(served), timeout_s=10, what="connection_lost")
