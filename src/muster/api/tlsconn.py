@@ -51,6 +51,7 @@ CLOSE_TIMEOUT_S = 30.0
 # asyncio's write buffer limits: the protocol is paused above HIGH and resumed at LOW.
 WRITE_HIGH = 64 * 1024
 WRITE_LOW = WRITE_HIGH // 4
+_DEFAULT_LIMITS = (WRITE_HIGH, WRITE_LOW)  # (high, low)
 
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
@@ -241,7 +242,7 @@ class TLSTransport(asyncio.Transport):
         self._timer: asyncio.TimerHandle | None = None
         self._protocol: Any = None
         self._buffer: bytearray | None = None  # what the socket has not taken yet
-        self._limits: tuple[int, int] | None = None  # (high, low), if not the defaults
+        self._limits = _DEFAULT_LIMITS  # (high, low)
         self._closing = False
         self._lost = False  # connection_lost is called (or scheduled)
         self._reading = False
@@ -271,8 +272,7 @@ class TLSTransport(asyncio.Transport):
             return
         except OSError as exc:  # ssl.SSLError too: a client that does not speak our TLS
             log.debug("TLS handshake with %s failed: %s", self.address, exc)
-            self._handshake_ended()
-            self._drop()
+            self._force_close(None)
             return
         listener = self._listener
         assert listener is not None
@@ -300,17 +300,7 @@ class TLSTransport(asyncio.Transport):
     def _handshake_timed_out(self) -> None:
         self._timer = None
         log.debug("TLS handshake with %s timed out", self.address)
-        self._handshake_ended()
-        self._drop()
-
-    def _drop(self) -> None:
-        """Closes a connection that never reached the app."""
-        self._closing = self._lost = True
-        self._reading = False
-        self._loop.remove_reader(self._fd)
-        self._loop.remove_writer(self._fd)
-        self._fd = -1
-        self._sock.close()
+        self._force_close(None)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -419,7 +409,7 @@ class TLSTransport(asyncio.Transport):
         return len(self._buffer) if self._buffer else 0
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
-        high, low = self._limits or (WRITE_HIGH, WRITE_LOW)
+        high, low = self._limits
         return low, high
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
@@ -433,8 +423,7 @@ class TLSTransport(asyncio.Transport):
         self._maybe_pause_protocol()
 
     def _maybe_pause_protocol(self) -> None:
-        high = (self._limits or (WRITE_HIGH, WRITE_LOW))[0]
-        if not self._paused and self.get_write_buffer_size() > high:
+        if not self._paused and self.get_write_buffer_size() > self._limits[0]:
             self._paused = True
             try:
                 self._protocol.pause_writing()
@@ -442,8 +431,7 @@ class TLSTransport(asyncio.Transport):
                 log.exception("protocol.pause_writing() failed")
 
     def _maybe_resume_protocol(self) -> None:
-        low = (self._limits or (WRITE_HIGH, WRITE_LOW))[1]
-        if self._paused and self.get_write_buffer_size() <= low:
+        if self._paused and self.get_write_buffer_size() <= self._limits[1]:
             self._paused = False
             try:
                 self._protocol.resume_writing()
@@ -530,11 +518,10 @@ class TLSTransport(asyncio.Transport):
         self._force_close(exc)
 
     def _force_close(self, exc: BaseException | None) -> None:
-        """Closes the socket now and, unless it was told already, tells the protocol."""
-        if self._listener is not None:  # still in its handshake: it never reached a protocol
+        """Closes the socket now and, unless it was told already, tells the protocol (a
+        connection still in its handshake has none: it only frees its listener's place)."""
+        if self._listener is not None:
             self._handshake_ended()
-            self._drop()
-            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -549,7 +536,8 @@ class TLSTransport(asyncio.Transport):
         self._sock.close()
         if not self._lost:
             self._lost = True
-            self._loop.call_soon(self._tell_lost, exc)
+            if self._protocol is not None:
+                self._loop.call_soon(self._tell_lost, exc)
 
     def _tell_lost(self, exc: BaseException | None) -> None:
         protocol, self._protocol = self._protocol, None
