@@ -14,14 +14,20 @@ and the generator's own CPU per join (its processes' getrusage): both share the 
 cores. `--against PORT:PID:TOKEN_FILE` measures a
 coordinator that is already running instead (e.g. under a profiler; its CPU is read from /proc
 for PID and its child processes).
+
+`--pin COORDINATOR:GENERATOR` (CPU lists, e.g. `0:1`) confines the coordinator's processes and
+threads to the first CPUs and the generator to the second, so that neither takes the other's
+core: the coordinator's joins/s on the cores it was given, without the generator's share.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
+import os
 import resource
 import shutil
 import ssl
@@ -31,6 +37,7 @@ import tempfile
 import time
 from array import array
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -334,22 +341,73 @@ class _Running:
     pid: int
 
 
+def _cpu_split(text: str) -> tuple[set[int], set[int]]:
+    """'0:1' or '0-1:2,3': the coordinator's CPUs and the generator's."""
+    try:
+        coordinator, generator = text.split(":")
+        sides = (_cpus(coordinator), _cpus(generator))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected COORDINATOR:GENERATOR, e.g. 0:1") from None
+    if sides[0] & sides[1]:
+        raise argparse.ArgumentTypeError("the two sides share a CPU")
+    missing = (sides[0] | sides[1]) - os.sched_getaffinity(0)
+    if missing:
+        raise argparse.ArgumentTypeError(f"no CPU {min(missing)} here")
+    return sides
+
+
+def _cpus(text: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def pin(pids: list[int], cpus: set[int]) -> None:
+    """Confine every thread of `pids` to `cpus` (a process's affinity is per thread: threads
+    already started keep theirs unless each is moved)."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(task.name), cpus)
+
+
+@contextlib.contextmanager
+def _affinity(cpus: set[int] | None) -> Iterator[None]:
+    """This process (and the generator processes it starts meanwhile) on `cpus`, then back."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def _round(
     coordinator: Coordinator | None, port: int, token: str, args: argparse.Namespace, n: int
 ) -> dict[str, Any]:
+    if args.pin and coordinator is not None:
+        # Threads started since the last round (the join writer, refreshers) included.
+        pin(coordinator.pids(), args.pin[0])
     sequences = args.sequence.split(",")
     sequence = sequences[n % len(sequences)]  # alternated round by round
     cpu0 = coordinator.cpu_s() if coordinator else 0.0
-    out = measure(
-        port,
-        token,
-        joins=args.joins,
-        concurrency=args.concurrency,
-        processes=args.processes,
-        prefix=f"j{int(time.time()) % 100000}r{n}p",
-        sequence=sequence,
-        generator=args.generator,
-    )
+    with _affinity(args.pin[1] if args.pin else None):
+        out = measure(
+            port,
+            token,
+            joins=args.joins,
+            concurrency=args.concurrency,
+            processes=args.processes,
+            prefix=f"j{int(time.time()) % 100000}r{n}p",
+            sequence=sequence,
+            generator=args.generator,
+        )
     cpu = coordinator.cpu_s() - cpu0 if coordinator else float("nan")
     joined = max(1, out["joined"])
     return {
@@ -362,6 +420,11 @@ def _round(
         "sequence": sequence,
         "generator": args.generator,
         "load": loadavg(),
+        **(
+            {"pinned": {"coordinator": sorted(args.pin[0]), "generator": sorted(args.pin[1])}}
+            if args.pin
+            else {}
+        ),
     }
 
 
@@ -386,6 +449,11 @@ def main(argv: list[str] | None = None) -> int:
         "sequence in C (built with gcc), which costs the shared cores less per join",
     )
     parser.add_argument("--against", help="PORT:PID:TOKEN_FILE of a running coordinator")
+    parser.add_argument(
+        "--pin",
+        type=_cpu_split,
+        help="COORDINATOR:GENERATOR CPU lists (e.g. 0:1): each side confined to its own CPUs",
+    )
     parser.add_argument("--out", type=Path, help="results JSON")
     args = parser.parse_args(argv)
     if not set(args.sequence.split(",")) <= {"agent", "two", "ca", "floor"}:
