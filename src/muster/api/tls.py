@@ -260,6 +260,14 @@ class SecurityReloader:
         self.tls.reload()
 
 
+def _request_parser(protocol: HttpToolsProtocol) -> httptools.HttpRequestParser:
+    """A request parser for `protocol`, as uvicorn makes the one it starts a connection with."""
+    parser = httptools.HttpRequestParser(protocol)
+    # A reply to the first of pipelined requests, as uvicorn allows it.
+    parser.set_dangerous_leniencies(lenient_data_after_close=True)
+    return parser
+
+
 class _Refused(httptools.HttpParserError):
     """Raised from a parser callback to stop parsing; uvicorn answers it via send_400_response."""
 
@@ -527,6 +535,8 @@ class PeerCertProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         self._idle_since = self.loop.time()
+        if self.parser is None:
+            self.parser = _request_parser(self)
         if self._reading_head and self._refusal is None:
             # Count the head as it arrives, before httptools buffers it.
             # The URL's own limit (414) is enforced by on_url as the parser sees it: counting
@@ -558,7 +568,13 @@ class PeerCertProtocol(HttpToolsProtocol):
             self.logger.warning(message)
             self.send_400_response(message)
             return
-        if self._in_message and self._deadline is None and not self.transport.is_closing():
+        if not self._in_message:
+            # Between requests the parser holds nothing of the connection's: its state is a new
+            # parser's. An idle connection (an agent's, between heartbeats) keeps none; the next
+            # read makes one (~0.4 µs against ~0.9 KB held per connection, bench.protomem).
+            self.parser = None  # type: ignore[assignment]
+            return
+        if self._deadline is None and not self.transport.is_closing():
             # A request begun in this read and not yet whole: its deadline runs from now (the
             # moment its first bytes were read). One that arrives whole in one read, as a
             # heartbeat does, never needs a timer set and cancelled.
