@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx2 as httpx
 
+from muster.agent.hosttls import host_context
+
 
 class WireError(Exception):
     """The connection failed or the reply was not HTTP/1.1 as expected."""
@@ -179,10 +181,12 @@ class Conn:
 
 
 def client_context(ca_file: Path, identity_file: Path | None = None) -> ssl.SSLContext:
-    """Trust only the platform CA; present the host's certificate (cert + key in one PEM)."""
+    """Trust only the platform CA. With `identity_file` (the host's certificate and key in one
+    PEM), the agent's own context (muster.agent.hosttls): the certificate presented alone, the
+    coordinator's checked in the handshake."""
+    if identity_file is not None:
+        return host_context(ca_file=ca_file, cert_file=identity_file, key_file=identity_file)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_verify_locations(cafile=str(ca_file))
-    if identity_file is not None:
-        ctx.load_cert_chain(str(identity_file))
     return ctx

@@ -21,7 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import VerificationError
 
-from muster.client import PinnedConnection, tls_context
+from muster.agent.hosttls import HostContext, host_context
+from muster.client import PinnedConnection
 from muster.domain import pki
 from muster.domain.models import HostReport
 from muster.domain.tokens import read_unverified_claims
@@ -233,18 +234,18 @@ def save_agent_state(paths: HostPaths, state: dict[str, Any]) -> None:
     write_json(paths.agent_state, state, 0o600)
 
 
-def client_context(paths: HostPaths) -> Any:
-    """The agent's mTLS context: its current key pair, or the previous one if an interrupted
-    renewal left the current pair mismatched."""
+def client_context(paths: HostPaths) -> HostContext:
+    """The agent's mTLS context (`muster.agent.hosttls`): its current key pair, or the previous
+    one if an interrupted renewal left the current pair mismatched."""
     try:
-        return tls_context(
+        return host_context(
             ca_file=paths.agent_ca, cert_file=paths.agent_cert, key_file=paths.agent_key
         )
     except ssl.SSLError:
         key, cert = _prev(paths.agent_key), _prev(paths.agent_cert)
         if not (key.exists() and cert.exists()):
             raise
-        return tls_context(ca_file=paths.agent_ca, cert_file=cert, key_file=key)
+        return host_context(ca_file=paths.agent_ca, cert_file=cert, key_file=key)
 
 
 def read_certificate(path: Path) -> Any:

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -117,20 +118,26 @@ def is_issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
 
 
 def verify_server_certificate(
-    leaf: x509.Certificate, ca: x509.Certificate, host: str, now: datetime | None = None
+    leaf: x509.Certificate,
+    ca: x509.Certificate | Sequence[x509.Certificate],
+    host: str,
+    now: datetime | None = None,
 ) -> None:
-    """Check, with cryptography's X.509 verification (its web PKI server policy), that `ca`
-    issued `leaf` as a TLS server certificate for `host` (a DNS name or an IP address, matched
-    against its subjectAltName), valid at `now` (the current time if None), with the serverAuth
-    extended key usage. `ca` is the only trust anchor and no intermediate is accepted: the
-    platform's CAs issue server certificates directly.
+    """Check, with cryptography's X.509 verification (its web PKI server policy), that `ca` (or
+    one of several, a bundle during a CA rotation) issued `leaf` as a TLS server certificate for
+    `host` (a DNS name or an IP address, matched against its subjectAltName), valid at `now`
+    (the current time if None), with the serverAuth extended key usage. The CAs given are the
+    only trust anchors and no intermediate is accepted: the platform's CAs issue server
+    certificates directly.
 
-    Raises cryptography's `VerificationError`, or ValueError for a host that is neither."""
+    Raises cryptography's `VerificationError`, or ValueError for a host that is neither (or no
+    CA given)."""
     try:
         subject: x509.DNSName | x509.IPAddress = x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
         subject = x509.DNSName(host)
-    builder = PolicyBuilder().store(Store([ca]))
+    anchors = [ca] if isinstance(ca, x509.Certificate) else list(ca)
+    builder = PolicyBuilder().store(Store(anchors))
     if now is not None:
         builder = builder.time(now)
     builder.build_server_verifier(subject).verify(leaf, [])
