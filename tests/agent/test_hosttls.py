@@ -240,3 +240,49 @@ def test_a_ca_file_without_certificates_is_refused(platform: Platform) -> None:
     platform.paths.agent_ca.write_text("")
     with pytest.raises(ValueError, match="PEM"):
         client_context(platform.paths)
+
+
+def test_a_write_before_the_handshake_is_checked_first(
+    platform: Platform, tmp_path: Path, serve: Serve
+) -> None:
+    """OpenSSL finishes a handshake inside a write when nobody asked for it first (a socket
+    wrapped with do_handshake_on_connect=False): the check runs then too, before any byte."""
+    stranger = pki.create_ca(NOW, "Not the platform")
+    server = serve(_server_context(tmp_path, stranger, platform.ca))
+    context = client_context(platform.paths)
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    tls = context.wrap_socket(raw, server_hostname="127.0.0.1", do_handshake_on_connect=False)
+    with tls, pytest.raises(ssl.SSLCertVerificationError):
+        tls.sendall(b"POST /api/v1/agent/heartbeat HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert server.received == b""
+
+
+def test_an_event_loops_write_before_the_handshake_is_checked_first(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """The same through ssl.SSLObject (memory BIOs, as an event loop drives TLS)."""
+    stranger = pki.create_ca(NOW, "Not the platform")
+    server_ctx = _server_context(tmp_path, stranger, platform.ca)
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    host = client_context(platform.paths).wrap_bio(c_in, c_out, server_hostname="127.0.0.1")
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    refused = False
+    received = b""
+    for _ in range(10):
+        try:
+            host.write(b"secret")
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLCertVerificationError:
+            refused = True
+        s_in.write(c_out.read())
+        try:
+            server.do_handshake()
+            received += server.read(1024)
+        except ssl.SSLWantReadError:
+            pass
+        c_in.write(s_out.read())
+        if refused:
+            break
+    assert refused
+    assert received == b""

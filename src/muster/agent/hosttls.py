@@ -12,8 +12,9 @@ the certificate alone, and the check is made here.
 The check is part of the handshake itself, whoever drives it: the context's socket and object
 classes (`ssl.SSLSocket` for httpx's sockets, `ssl.SSLObject` for an event loop's TLS) run it as
 soon as OpenSSL's handshake is done, and raise `ssl.SSLCertVerificationError` from
-`do_handshake` if it fails. Nothing is written on a connection before its handshake returns, so
-nothing reaches a server the check refused; what it saw is the host's certificate, which is
+`do_handshake` if it fails. Their reads and writes run `do_handshake` first until the check has
+passed (OpenSSL would otherwise finish a handshake nobody asked for inside them), so nothing
+reaches a server the check refused; what it saw is the host's certificate, which is
 public, and a handshake signature bound to that one connection.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.x509.verification import VerificationError
@@ -46,19 +48,54 @@ class HostContext(ssl.SSLContext):
 
 
 class _CheckedSocket(ssl.SSLSocket):
+    # OpenSSL also finishes a handshake inside a read or write (a socket wrapped with
+    # do_handshake_on_connect=False and written to at once): those run `do_handshake` first,
+    # so no byte moves before the check passed.
+    _server_checked = False
+
     def do_handshake(self, block: bool = False) -> None:
         super().do_handshake(block)
         _checked_context(self.context).check_server(
             self.getpeercert(binary_form=True), self.server_hostname
         )
+        self._server_checked = True
+
+    def _check_first(self) -> None:
+        if not self._server_checked:
+            self.do_handshake()
+
+    def read(self, len: int = 1024, buffer: Any = None) -> Any:
+        self._check_first()
+        return super().read(len, buffer)
+
+    def write(self, data: Any) -> int:
+        self._check_first()
+        return super().write(data)
+
+    def send(self, data: Any, flags: int = 0) -> int:  # sendall sends through it
+        self._check_first()
+        return super().send(data, flags)
 
 
 class _CheckedObject(ssl.SSLObject):
+    _server_checked = False
+
     def do_handshake(self) -> None:
         super().do_handshake()
         _checked_context(self.context).check_server(
             self.getpeercert(binary_form=True), self.server_hostname
         )
+        self._server_checked = True
+
+    def read(self, len: int = 1024, buffer: Any = None) -> Any:
+        if not self._server_checked:
+            self.do_handshake()
+        return super().read(len, buffer)
+
+    def write(self, data: Any) -> int:
+        if not self._server_checked:
+            self.do_handshake()
+        return super().write(data)
 
 
 HostContext.sslsocket_class = _CheckedSocket
@@ -72,6 +109,8 @@ def host_context(*, ca_file: Path, cert_file: Path, key_file: Path) -> HostConte
     anchors = tuple(pki.load_certificates(ca_file.read_bytes()))
     ctx = HostContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # A TLS 1.2 renegotiation could bring another server certificate after the check.
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     # OpenSSL verifies nothing and holds no trust store (from which it would build and send a
     # chain): every handshake is checked by `check_server` instead.
     ctx.check_hostname = False
