@@ -410,7 +410,7 @@ def _round(
         )
     cpu = coordinator.cpu_s() - cpu0 if coordinator else float("nan")
     joined = max(1, out["joined"])
-    return {
+    result: dict[str, Any] = {
         "joined": out["joined"],
         "rate": round(out["joined"] / out["seconds"]),
         "latency": summary_ms(out["latency"]),
@@ -420,12 +420,10 @@ def _round(
         "sequence": sequence,
         "generator": args.generator,
         "load": loadavg(),
-        **(
-            {"pinned": {"coordinator": sorted(args.pin[0]), "generator": sorted(args.pin[1])}}
-            if args.pin
-            else {}
-        ),
     }
+    if args.pin:
+        result["pinned"] = {"coordinator": sorted(args.pin[0]), "generator": sorted(args.pin[1])}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,10 +9,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ class Platform:
     ca: pki.CertificateAuthority
     previous: pki.CertificateAuthority  # a CA the host still trusts during a rotation
     paths: HostPaths
-    leaf_der: bytes = field(default=b"")
+    leaf_der: bytes  # the host's certificate
 
 
 @pytest.fixture
@@ -217,8 +216,7 @@ def test_the_check_runs_in_an_event_loops_tls_too(
     coordinator from another CA fails the handshake there, and one from the platform CA works."""
     stranger = pki.create_ca(NOW, "Not the platform")
     refused = serve(_server_context(tmp_path, stranger, platform.ca))
-    folder = Path(tempfile.mkdtemp(dir=tmp_path))
-    trusted = serve(_server_context(folder, platform.ca, platform.ca))
+    trusted = serve(_server_context(tmp_path, platform.ca, platform.ca))
     context = client_context(platform.paths)
 
     async def exchange(port: int) -> bytes:

@@ -48,32 +48,22 @@ class HostContext(ssl.SSLContext):
 
 
 class _CheckedSocket(ssl.SSLSocket):
-    # OpenSSL also finishes a handshake inside a read or write (a socket wrapped with
-    # do_handshake_on_connect=False and written to at once): those run `do_handshake` first,
-    # so no byte moves before the check passed.
     _server_checked = False
 
     def do_handshake(self, block: bool = False) -> None:
         super().do_handshake(block)
-        _checked_context(self.context).check_server(
-            self.getpeercert(binary_form=True), self.server_hostname
-        )
-        self._server_checked = True
-
-    def _check_first(self) -> None:
-        if not self._server_checked:
-            self.do_handshake()
+        _check_server(self)
 
     def read(self, len: int = 1024, buffer: Any = None) -> Any:
-        self._check_first()
+        _handshake_first(self)
         return super().read(len, buffer)
 
     def write(self, data: Any) -> int:
-        self._check_first()
+        _handshake_first(self)
         return super().write(data)
 
     def send(self, data: Any, flags: int = 0) -> int:  # sendall sends through it
-        self._check_first()
+        _handshake_first(self)
         return super().send(data, flags)
 
 
@@ -82,20 +72,31 @@ class _CheckedObject(ssl.SSLObject):
 
     def do_handshake(self) -> None:
         super().do_handshake()
-        _checked_context(self.context).check_server(
-            self.getpeercert(binary_form=True), self.server_hostname
-        )
-        self._server_checked = True
+        _check_server(self)
 
     def read(self, len: int = 1024, buffer: Any = None) -> Any:
-        if not self._server_checked:
-            self.do_handshake()
+        _handshake_first(self)
         return super().read(len, buffer)
 
     def write(self, data: Any) -> int:
-        if not self._server_checked:
-            self.do_handshake()
+        _handshake_first(self)
         return super().write(data)
+
+
+def _check_server(tls: _CheckedSocket | _CheckedObject) -> None:
+    """Once OpenSSL's handshake is done: the check, which raises unless it passes."""
+    _checked_context(tls.context).check_server(
+        tls.getpeercert(binary_form=True), tls.server_hostname
+    )
+    tls._server_checked = True
+
+
+def _handshake_first(tls: _CheckedSocket | _CheckedObject) -> None:
+    """Before a read or write: OpenSSL would finish a handshake nobody asked for inside it (a
+    socket wrapped with do_handshake_on_connect=False and written to at once), unchecked; the
+    handshake and the check run first, so no byte moves before the check passed."""
+    if not tls._server_checked:
+        tls.do_handshake()
 
 
 HostContext.sslsocket_class = _CheckedSocket
