@@ -92,7 +92,7 @@ def _join_fleet(platform: Any, token: str, hosts: int) -> list[x509.Certificate]
 class _Transport:
     """What the protocol writes to, in place of a TLS transport."""
 
-    def __init__(self, der: bytes, port: int) -> None:
+    def __init__(self, der: bytes | None, port: int) -> None:
         self.der, self.port = der, port
         self.written = 0
 
@@ -104,7 +104,7 @@ class _Transport:
             "ssl_object": self,
         }.get(name, default)
 
-    def getpeercert(self, binary_form: bool = False) -> bytes:
+    def getpeercert(self, binary_form: bool = False) -> bytes | None:
         return self.der
 
     def write(self, data: bytes) -> None:
@@ -131,9 +131,7 @@ async def _http_beats(
     config = uvicorn.Config(app, lifespan="off", log_level="warning", server_header=False)
     state = ServerState()
     state.default_headers = [(b"date", b"Wed, 02 Dec 2026 12:00:00 GMT")]
-    protocol_class = peer_cert_protocol(
-        express=app.state.heartbeats.express if express else None, express_path=HEARTBEAT_PATH
-    )
+    protocol_class = peer_cert_protocol(express=app.state.express if express else None)
     loop = asyncio.get_running_loop()
     transports = [
         _Transport(c.public_bytes(serialization.Encoding.DER), 40000 + i)

@@ -38,9 +38,7 @@ async def _measure(app: Any, ders: list[bytes], hosts: int, *, express: bool) ->
     config = uvicorn.Config(app, lifespan="off", log_level="warning", server_header=False)
     state = ServerState()
     state.default_headers = [(b"date", b"Wed, 02 Dec 2026 12:00:00 GMT")]
-    protocol_class = peer_cert_protocol(
-        express=app.state.heartbeats.express if express else None, express_path=HEARTBEAT_PATH
-    )
+    protocol_class = peer_cert_protocol(express=app.state.express if express else None)
     loop = asyncio.get_running_loop()
     data = request_bytes("POST", HEARTBEAT_PATH, "127.0.0.1:12443", REPORT)
     kept: list[tuple[Any, _Transport]] = []

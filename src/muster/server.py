@@ -263,12 +263,9 @@ def _uvicorn_config(app: Any, tls: ServerTLS, config: Settings, log_level: str) 
         log_config=None if config.log_format == "json" else LOGGING_CONFIG,
         host=config.bind,
         port=config.api_port,
-        # Heartbeats answered by the protocol itself, before any ASGI layer (muster.api.tls).
-        http=peer_cert_protocol(
-            read_timeout_s=config.read_timeout_s,
-            express=app.state.heartbeats.express,
-            express_path=app.state.heartbeats.path,
-        ),
+        # Heartbeats and the platform CA answered by the protocol itself, before any ASGI
+        # layer (muster.api.tls).
+        http=peer_cert_protocol(read_timeout_s=config.read_timeout_s, express=app.state.express),
         ssl_context_factory=context,
         # TLS on each connection's own socket, handshakes capped per address and in time
         # (muster.api.tlsconn).

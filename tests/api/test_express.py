@@ -20,9 +20,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from starlette.types import Receive, Scope, Send
 
-from muster.api import tls
+from muster.api import metrics, tls
 from muster.api.app import create_app
-from muster.api.edge import HEARTBEAT_PATH
+from muster.api.edge import CA_PATH, HEARTBEAT_PATH
 from muster.api.tls import peer_cert_protocol, server_context
 from muster.clock import SystemClock
 from muster.domain import pki, runners
@@ -87,7 +87,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         watched,
         host="127.0.0.1",
         port=port,
-        http=peer_cert_protocol(express=app.state.heartbeats.express, express_path=HEARTBEAT_PATH),
+        http=peer_cert_protocol(express=app.state.express),
         ssl_context_factory=lambda _config, _default: server_context(
             certfile=folder / "server.crt", keyfile=folder / "server.key", cadata=trusted
         ),
@@ -121,16 +121,19 @@ def request(path: str, body: bytes = REPORT, *extra: str) -> bytes:
     return "\r\n".join(head).encode() + b"\r\n\r\n" + body
 
 
-def get(path: str) -> bytes:
-    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+def get(path: str, *extra: str) -> bytes:
+    head = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", *extra]
+    return "\r\n".join(head).encode() + b"\r\n\r\n"
 
 
 class Connection:
-    """One keep-alive TLS connection with the host's certificate; replies read whole."""
+    """One keep-alive TLS connection with the host's certificate (or a joining host's, with
+    none: `context`); replies read whole."""
 
-    def __init__(self, served: Served) -> None:
+    def __init__(self, served: Served, context: ssl.SSLContext | None = None) -> None:
         raw = socket.create_connection(("127.0.0.1", served.port), timeout=10)
-        self.sock = served.context.wrap_socket(raw, server_hostname="127.0.0.1")
+        context = context or served.context
+        self.sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
         self.buffer = b""
 
     def send(self, data: bytes) -> None:
@@ -199,6 +202,75 @@ def test_a_heartbeat_the_express_path_declines_reaches_the_route_in_ece_shape(
     connection.send(request(HEARTBEAT_PATH))
     assert connection.reply()[0] == 200
     assert served.reached == [HEARTBEAT_PATH]
+
+
+def _joining_host(served: Served) -> Connection:
+    """A connection as a joining host opens it: no client certificate, the CA not yet known."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return Connection(served, context)
+
+
+def _ca_requests_counted() -> float:
+    return float(metrics.REQUESTS.labels(CA_PATH, "GET", "200")._value.get())
+
+
+def test_the_platform_ca_is_answered_before_the_app_with_the_asgi_paths_bytes(
+    served: Served,
+) -> None:
+    served.reached.clear()
+    counted = _ca_requests_counted()
+    conn = _joining_host(served)
+    try:
+        conn.send(get(CA_PATH, "X-Request-Id: ca-1"))
+        status, headers, names, body = conn.reply()
+        assert served.reached == []  # no ASGI layer ran
+        assert (status, headers["x-request-id"]) == (200, "ca-1")
+        assert _ca_requests_counted() == counted + 1  # as Telemetry counts the ASGI path's
+        # The same request through the ASGI path (a query string keeps it off the express
+        # path): the edge answers it with the same headers in the same order and the same body.
+        conn.send(get(CA_PATH + "?via=asgi", "X-Request-Id: ca-2"))
+        status2, headers2, names2, body2 = conn.reply()
+        assert served.reached == [CA_PATH + "?via=asgi"]
+        assert (status2, names2, body2) == (status, names, body)
+        assert {**headers2, "x-request-id": "ca-1", "date": ""} == {**headers, "date": ""}
+        assert json.loads(body)["ca_certificate"] == served.platform.ca.certificate_pem()
+        # The join that follows on the same connection reaches the app (the edge answers it).
+        conn.send(request("/api/v1/agent/join", b"{}"))
+        assert conn.reply()[0] == 400
+        assert served.reached[-1] == "/api/v1/agent/join"
+        # Without an id of its own, a request gets a new one.
+        conn.send(get(CA_PATH))
+        assert conn.reply()[1]["x-request-id"] not in ("", "ca-1", "ca-2")
+    finally:
+        conn.close()
+
+
+def test_a_platform_ca_request_that_closes_or_has_a_chunked_body_takes_the_asgi_path(
+    served: Served,
+) -> None:
+    served.reached.clear()
+    conn = _joining_host(served)
+    try:
+        chunked = f"GET {CA_PATH} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        conn.send(chunked.encode() + b"0\r\n\r\n")
+        assert conn.reply()[0] == 200
+        conn.send(request(CA_PATH, b""))  # a POST: the route takes GET only
+        assert conn.reply()[0] == 405
+        conn.send(get(CA_PATH, "Connection: close"))
+        status, headers, _names, _body = conn.reply()
+        assert (status, headers.get("connection")) == (200, "close")
+    finally:
+        conn.close()
+    assert served.reached == [CA_PATH, CA_PATH, CA_PATH]
+
+
+def test_an_express_path_has_one_method() -> None:
+    def answer(*_args: object) -> bytes | None:
+        return None
+
+    with pytest.raises(ValueError, match="one method"):
+        peer_cert_protocol(express={("GET", CA_PATH): answer, ("POST", CA_PATH): answer})
 
 
 def test_pipelined_requests_are_answered_in_order(served: Served, connection: Connection) -> None:
@@ -322,7 +394,7 @@ def test_an_idle_connection_keeps_no_request_head_after_an_express_reply() -> No
         return b"content-length: 0\r\n\r\n"
 
     async def run() -> None:
-        protocol_class = peer_cert_protocol(express=express, express_path=HEARTBEAT_PATH)
+        protocol_class = peer_cert_protocol(express={("POST", HEARTBEAT_PATH): express})
         config = uvicorn.Config(watched_app, lifespan="off", log_level="warning")
         state = uvicorn.server.ServerState()
         protocol = protocol_class(config=config, server_state=state, app_state={})
@@ -395,7 +467,7 @@ def test_a_request_arriving_whole_sets_no_read_deadline_and_one_arriving_in_part
         return b"content-length: 0\r\n\r\n"
 
     async def run() -> None:
-        protocol_class = peer_cert_protocol(express=express, express_path=HEARTBEAT_PATH)
+        protocol_class = peer_cert_protocol(express={("POST", HEARTBEAT_PATH): express})
         config = uvicorn.Config(watched_app, lifespan="off", log_level="warning")
         loop = _TimerCountingLoop(asyncio.get_running_loop())
         protocol = protocol_class(
@@ -433,7 +505,7 @@ def test_one_timer_a_loop_serves_every_connections_keep_alive_and_idle_ones_are_
         return b"content-length: 0\r\n\r\n"
 
     async def run() -> None:
-        protocol_class = peer_cert_protocol(express=express, express_path=HEARTBEAT_PATH)
+        protocol_class = peer_cert_protocol(express={("POST", HEARTBEAT_PATH): express})
         config = uvicorn.Config(watched_app, lifespan="off", log_level="warning")
         real = asyncio.get_running_loop()
         loop = _TimerCountingLoop(real)

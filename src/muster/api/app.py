@@ -295,12 +295,18 @@ def create_app(
         return response
 
     from muster.api import metrics
-    from muster.api.edge import Edge, Heartbeats
+    from muster.api.edge import Edge, Heartbeats, PlatformCA
 
-    # Heartbeats are answered by the edge or, under `muster start`, before any ASGI layer by
-    # the TLS protocol's express path (muster.server hands it `app.state.heartbeats`).
+    # Heartbeats and the platform CA are answered by the edge or, under `muster start`, before
+    # any ASGI layer by the TLS protocol's express path (muster.server hands it
+    # `app.state.express`).
     heartbeats = Heartbeats(platform, identities, directory, versions, routes)
+    platform_ca = PlatformCA(platform)
     app.state.heartbeats = heartbeats
+    app.state.express = {
+        ("POST", heartbeats.path): heartbeats.express,
+        ("GET", platform_ca.path): platform_ca.express,
+    }
     from muster.api.routes import (
         agent,
         allocators,
@@ -348,7 +354,12 @@ def create_app(
     # Outermost: reads every body (413 past MAX_BODY_BYTES); heartbeats and joins skip every
     # layer they do not need.
     app.add_middleware(
-        Edge, platform=platform, heartbeats=heartbeats, directory=directory, ping=bench_routes
+        Edge,
+        platform=platform,
+        heartbeats=heartbeats,
+        platform_ca=platform_ca,
+        directory=directory,
+        ping=bench_routes,
     )
     # Outermost: NUL in a path or query is refused, and every unexpected error ends here.
     app.add_middleware(Shield, state=app.state)

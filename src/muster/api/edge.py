@@ -72,6 +72,7 @@ class Edge:
         *,
         platform: Platform,
         heartbeats: Heartbeats,
+        platform_ca: PlatformCA,
         directory: CoordinatorDirectory,
         limit: int = MAX_BODY_BYTES,
         ping: bool = False,
@@ -79,12 +80,10 @@ class Edge:
         self.app = app
         self.platform = platform
         self.heartbeats = heartbeats
+        self.platform_ca = platform_ca
         self.directory = directory
         self.limit = limit
         self.ping = ping
-        # GET /agent/ca's reply, rendered again when the trusted CAs change (a rotation).
-        self._ca_trusted: tuple[str, ...] | None = None
-        self._ca_reply: list[Message] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,7 +105,7 @@ class Edge:
             return  # the client left before its request was whole: nobody to answer
         if path == CA_PATH and scope["method"] == "GET" and not scope.get("query_string"):
             metrics.note_route(scope, CA_PATH)
-            for message in self._platform_ca_reply():
+            for message in self.platform_ca.reply():
                 await send(message)
             return
         if (
@@ -141,23 +140,6 @@ class Edge:
         for message in heartbeats.reply(beat[0].name):
             await send(message)
 
-    def _platform_ca_reply(self) -> list[Message]:
-        """The route's reply (`get_platform_ca`), byte for byte: every joining host asks for it
-        first, on a connection of its own, so it costs no more than the floor."""
-        trusted = self.platform.ca_fingerprints
-        if trusted is not self._ca_trusted:
-            model = PlatformCAReply(
-                ca_certificate=self.platform.ca.certificate_pem(),
-                ca_fingerprint=self.platform.ca_fingerprint,
-                ca_certificates=[
-                    pki.certificate_to_pem(c)
-                    for c in pki.load_certificates(self.platform.ca_bundle_pem)
-                ],
-            )
-            self._ca_reply = _json_reply(_render(model))
-            self._ca_trusted = trusted
-        return self._ca_reply
-
     async def _join(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
         # FastAPI's layers, its thread pool hop and its response validation cost about as much
         # CPU as the join itself. Here the join's checks and signature run on the loop and its
@@ -180,6 +162,59 @@ class Edge:
         # As FastAPI renders the route's reply (pydantic's JSON, response_model_exclude_none).
         for message in _json_reply(reply.model_dump_json(exclude_none=True).encode()):
             await send(message)
+
+
+class PlatformCA:
+    """GET /agent/ca's reply, the route's (`get_platform_ca`) byte for byte, rendered again when
+    the trusted CAs change (a rotation); shared by the edge (ASGI) and the TLS protocol's
+    express path. Every joining host asks for it first, before its join, on the same
+    connection: answered by the protocol itself, it runs no ASGI layer and no task."""
+
+    path = CA_PATH
+
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+        self._trusted: tuple[str, ...] | None = None
+        self._reply: list[Message] = []
+        self._raw = (b"", b"")  # the reply's header lines and body
+
+    def reply(self) -> list[Message]:
+        """The reply as ASGI messages."""
+        trusted = self.platform.ca_fingerprints
+        if trusted is not self._trusted:
+            model = PlatformCAReply(
+                ca_certificate=self.platform.ca.certificate_pem(),
+                ca_fingerprint=self.platform.ca_fingerprint,
+                ca_certificates=[
+                    pki.certificate_to_pem(c)
+                    for c in pki.load_certificates(self.platform.ca_bundle_pem)
+                ],
+            )
+            content = _render(model)
+            self._reply = _json_reply(content)
+            head = b"".join(
+                name + b": " + value + b"\r\n" for name, value in self._reply[0]["headers"]
+            )
+            self._raw = (head, content)
+            self._trusted = trusted
+        return self._reply
+
+    def express(
+        self, names: pki.CertificateNames | None, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> bytes:
+        """For the TLS protocol: the reply's header lines (those after the server's own: date),
+        blank line and body, byte for byte what the ASGI path sends, X-Request-Id included.
+        Counted as the ASGI path counts it, but for its duration (microseconds, untimed)."""
+        given = None
+        for name, value in headers:
+            if name == logs.REQUEST_ID_HEADER:
+                given = value
+                break
+        self.reply()
+        head, content = self._raw
+        metrics.count_express(CA_PATH, "GET")
+        request_id = logs.request_id(given).encode()
+        return b"".join((head, b"x-request-id: ", request_id, b"\r\n\r\n", content))
 
 
 class Heartbeats:

@@ -22,9 +22,9 @@ import ssl
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import httptools
 from cryptography import x509
@@ -56,11 +56,13 @@ SECURITY_RELOAD_S = 2.0
 # instance an allocator runs); a larger one takes the ASGI path, which answers the same.
 EXPRESS_BODY_BYTES = 64 * 1024
 
-# The express path's answerer (muster.api.edge.Heartbeats.express): given the verified client
-# certificate's names (pki.certificate_names), the request's headers and body, the reply's
-# header lines after the server's own, blank line and body; or None, and the request takes the
-# ASGI path as any other.
+# An express path's answerer (muster.api.edge.Heartbeats.express, PlatformCA.express): given the
+# verified client certificate's names (pki.certificate_names), the request's headers and body,
+# the reply's header lines after the server's own, blank line and body; or None, and the request
+# takes the ASGI path as any other.
 Express = Callable[[pki.CertificateNames | None, list[tuple[bytes, bytes]], bytes], bytes | None]
+# The requests the protocol answers itself, by (method, path): a path has one method.
+ExpressRoutes = Mapping[tuple[str, str], Express]
 
 _REASONS = {
     408: (b"Request Timeout", "root.request_timeout", "the request did not arrive in time"),
@@ -444,15 +446,17 @@ class PeerCertProtocol(HttpToolsProtocol):
     the request head (414/431), a deadline for receiving each request (408, then close), and
     the express path.
 
-    The express path: a `POST express_path` that arrives on an idle keep-alive connection with a
-    declared, small body is read here and handed to `express` (the heartbeat's answerer) when
-    whole; its reply is written at once. No ASGI scope, request cycle, task or middleware runs
-    for it: on an agents' coordinator these are most of a heartbeat's cost besides TLS. If
-    `express` declines, the request goes to the app exactly as uvicorn would have sent it."""
+    The express path: a request for one of `express`'s routes (its method and path, no query)
+    that arrives on an idle keep-alive connection, with a declared, small body or (a GET) none,
+    is read here and handed to the route's answerer when whole; its reply is written at once.
+    The routes are the agents' hot requests: the heartbeat, and the platform CA every joining
+    host asks for first. No ASGI scope, request cycle, task or middleware runs for them: on an
+    agents' coordinator these are most of such a request's cost besides TLS. If the answerer
+    declines, the request goes to the app exactly as uvicorn would have sent it."""
 
     read_timeout_s: float = READ_TIMEOUT_S
-    express: Express | None = None
-    express_path: bytes = b""
+    # By path: the method answered and its answerer (peer_cert_protocol).
+    express: ClassVar[Mapping[bytes, tuple[bytes, Express]]] = {}
     # The fields this class adds to uvicorn's, in slots: uvicorn's own fill the instance
     # dictionary's shared keys, and one more there gave every connection a dictionary of its
     # own (~1.2 KB more per connection, bench.protomem).
@@ -612,17 +616,19 @@ class PeerCertProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._reading_head, self._head_bytes = False, 0
-        if self.express is not None and self.url == self.express_path and self._may_express():
+        route = self.express.get(self.url)
+        if route is not None and self._may_express(route[0]):
             self._express_body = bytearray()
             return
         self._to_app()
 
-    def _may_express(self) -> bool:
-        """A POST on an idle connection (nothing in flight or queued: replies keep their order)
-        that keeps it alive, with a declared body of at most EXPRESS_BODY_BYTES."""
+    def _may_express(self, method: bytes) -> bool:
+        """A request by `method` on an idle connection (nothing in flight or queued: replies
+        keep their order) that keeps it alive, with a declared body of at most
+        EXPRESS_BODY_BYTES or, a GET, with none."""
         parser = self.parser
         if (
-            parser.get_method() != b"POST"
+            parser.get_method() != method
             or parser.get_http_version() != "1.1"
             or not parser.should_keep_alive()
             or self.expect_100_continue
@@ -635,7 +641,9 @@ class PeerCertProtocol(HttpToolsProtocol):
                 length = value
             elif name == b"transfer-encoding":
                 return False
-        return length is not None and length.isdigit() and int(length) <= EXPRESS_BODY_BYTES
+        if length is None:
+            return method == b"GET"
+        return length.isdigit() and int(length) <= EXPRESS_BODY_BYTES
 
     def _answering(self) -> bool:
         """A request of this connection is in the app's hands or queued behind one."""
@@ -658,11 +666,10 @@ class PeerCertProtocol(HttpToolsProtocol):
             return
         self._express_body = None
         reply = None
-        if self.express is not None:
-            try:
-                reply = self.express(self._names, self.headers, bytes(body))
-            except Exception:  # the ASGI path meets it again, and answers it in ECE's shape
-                log.debug("the express path declined a request on an error", exc_info=True)
+        try:
+            reply = self.express[self.url][1](self._names, self.headers, bytes(body))
+        except Exception:  # the ASGI path meets it again, and answers it in ECE's shape
+            log.debug("the express path declined a request on an error", exc_info=True)
         if reply is None:
             # To the app, as uvicorn would have handed it: the head, then the body, whole.
             self._to_app()
@@ -741,17 +748,17 @@ class PeerCertProtocol(HttpToolsProtocol):
 def peer_cert_protocol(
     *,
     read_timeout_s: float = READ_TIMEOUT_S,
-    express: Express | None = None,
-    express_path: str = "",
+    express: ExpressRoutes | None = None,
 ) -> type[PeerCertProtocol]:
     """PeerCertProtocol with its own read deadline and, with `express`, the express path for
-    `POST express_path` (uvicorn builds one protocol per connection from the class it is
-    given)."""
-    attributes = {
-        "read_timeout_s": read_timeout_s,
-        "express": staticmethod(express) if express is not None else None,
-        "express_path": express_path.encode(),
-    }
+    its routes (uvicorn builds one protocol per connection from the class it is given). Raises
+    ValueError for a path given two methods."""
+    routes: dict[bytes, tuple[bytes, Express]] = {}
+    for (method, path), answer in (express or {}).items():
+        if path.encode() in routes:
+            raise ValueError(f"express: {path} has one method")
+        routes[path.encode()] = (method.upper().encode(), answer)
+    attributes = {"read_timeout_s": read_timeout_s, "express": routes}
     return cast(type[PeerCertProtocol], type("PeerCertProtocol", (PeerCertProtocol,), attributes))
 
 
