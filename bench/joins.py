@@ -15,6 +15,10 @@ cores. `--against PORT:PID:TOKEN_FILE` measures a
 coordinator that is already running instead (e.g. under a profiler; its CPU is read from /proc
 for PID and its child processes).
 
+`--generator c` and `--generator go` run bench/independent's join.c (OpenSSL 3) or join.go
+(Go's crypto/tls and crypto/x509) in place of this module's processes: the same sequence
+written apart from bench/, at less CPU a join on the shared cores (Go's the least).
+
 `--pin COORDINATOR:GENERATOR` (CPU lists, e.g. `0:1`) confines the coordinator's processes and
 threads to the first CPUs and the generator to the second, so that neither takes the other's
 core: the coordinator's joins/s on the cores it was given, without the generator's share.
@@ -46,7 +50,7 @@ from typing import Any
 from bench.agentjoin import local_ip
 from bench.coordinator import Coordinator, free_port, install, secrets
 from bench.fleet import CACHE
-from bench.independent import c_program
+from bench.independent import c_program, go_program
 from bench.stats import loadavg, merge, summary_ms
 from bench.wire import Conn, WireError, request_bytes
 from muster.agent.join import check_server_certificate, pinned_fingerprint
@@ -266,13 +270,13 @@ def measure(
     cache: Path = CACHE,
 ) -> dict[str, Any]:
     """Run the generator processes against the coordinator on `port`; their merged figures
-    (CPU of the coordinator is read by the caller around this). `generator="c"`: join.c
-    (bench/independent, built into `cache`), the agent's sequence in C, `concurrency` threads
-    over `processes` processes, in place of this module's."""
+    (CPU of the coordinator is read by the caller around this). `generator="c"` or `"go"`:
+    join.c or join.go (bench/independent, built into `cache`), the agent's sequence in C or Go,
+    `concurrency` threads or goroutines over `processes` processes, in place of this module's."""
     shares = [joins // processes + (1 if p < joins % processes else 0) for p in range(processes)]
     each = max(1, concurrency // processes)
-    if generator == "c":
-        answers = _run_c(port, token, shares, each, prefix, cache)
+    if generator in NATIVE:
+        answers = _run_native(NATIVE[generator]("join", cache), port, token, shares, each, prefix)
     else:
         answers = _run_python(port, token, shares, each, prefix, sequence)
     failures: Counter[str] = Counter()
@@ -309,10 +313,13 @@ def _run_python(
     return answers
 
 
-def _run_c(
-    port: int, token: str, shares: list[int], concurrency: int, prefix: str, cache: Path
+# The independent join generators, by --generator: their builders (bench.independent).
+NATIVE = {"c": c_program, "go": go_program}
+
+
+def _run_native(
+    program: Path, port: int, token: str, shares: list[int], concurrency: int, prefix: str
 ) -> list[dict[str, Any]]:
-    program = c_program("join", cache)
     with tempfile.TemporaryDirectory(prefix="muster-bench-joins-") as work:
         token_file = Path(work) / "token"
         token_file.write_text(token)
@@ -441,10 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--generator",
-        choices=("python", "c"),
+        choices=("python", *NATIVE),
         default="python",
         help="python: this module's processes; c: bench/independent/join.c, the agent's "
-        "sequence in C (built with gcc), which costs the shared cores less per join",
+        "sequence in C (built with gcc), which costs the shared cores less per join; go: "
+        "join.go, the same in Go (built with go), which costs them less again",
     )
     parser.add_argument("--against", help="PORT:PID:TOKEN_FILE of a running coordinator")
     parser.add_argument(
@@ -456,10 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not set(args.sequence.split(",")) <= {"agent", "two", "ca", "floor"}:
         parser.error("--sequence: agent, two, ca or floor, comma-separated")
-    if args.generator == "c" and args.sequence != "agent":
-        parser.error("--generator c: the agent's sequence only (--sequence agent)")
+    if args.generator in NATIVE and args.sequence != "agent":
+        parser.error(f"--generator {args.generator}: the agent's sequence only (--sequence agent)")
     if args.generator == "c" and shutil.which("gcc") is None:
         parser.error("--generator c needs gcc and OpenSSL's headers (libssl-dev)")
+    if args.generator == "go" and shutil.which("go") is None:
+        parser.error("--generator go needs Go (Debian's golang-go)")
     results: dict[str, Any] = {"command": "python -m bench.joins " + " ".join(sys.argv[1:])}
     rounds = []
     if args.against:

@@ -1,8 +1,9 @@
 """The benchmark harness works end to end on a tiny fleet: a real coordinator process, hosts
 joined through the join API, heartbeats over mTLS, the floor route (closed and open loop), joins
 through the agent's own code, the check that every heartbeat reached the store; on SQLite and on
-PostgreSQL; and the independent generators (Node.js and C heartbeats, C joins) on the same kind
-of fleet. No timing is asserted: only that every part produced results and nothing failed."""
+PostgreSQL; and the independent generators (Node.js and C heartbeats, C and Go joins) on the
+same kind of fleet. No timing is asserted: only that every part produced results and nothing
+failed."""
 
 from __future__ import annotations
 
@@ -127,11 +128,13 @@ def _with_claim(token: str, name: str, value: str) -> str:
     return f"{header}.{changed}.{signature}"
 
 
-def test_c_join_generator_joins_new_hosts_and_never_sends_a_token_to_an_unpinned_ca(
-    tmp_path: Path,
+@pytest.mark.parametrize("generator", ["c", "go"])
+def test_join_generator_joins_new_hosts_and_never_sends_a_token_to_an_unpinned_ca(
+    tmp_path: Path, generator: str
 ) -> None:
-    if shutil.which("gcc") is None:
-        unavailable("no gcc to build bench/independent/join.c")
+    builder = {"c": "gcc", "go": "go"}[generator]
+    if shutil.which(builder) is None:
+        unavailable(f"no {builder} to build bench/independent/join.{generator}")
     port, log = free_port(), tmp_path / "log.txt"
     install(tmp_path / "host", port, log)
     token = str(secrets(tmp_path / "host")["allocator_only_token"])
@@ -139,7 +142,7 @@ def test_c_join_generator_joins_new_hosts_and_never_sends_a_token_to_an_unpinned
     def joins(token: str, count: int, prefix: str) -> dict[str, Any]:
         return measure(
             port, token, joins=count, concurrency=4, processes=2, prefix=prefix,
-            generator="c", cache=tmp_path / "cache",
+            generator=generator, cache=tmp_path / "cache",
         )  # fmt: skip
 
     coordinator = Coordinator.start(tmp_path / "host", port, log, workers=1)
