@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -154,11 +155,21 @@ def set_database_url(root: Path, url: str) -> None:
     host.write_text(json.dumps(config, indent=2))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now on `host`, from below the kernel's ephemeral range
+    (net.ipv4.ip_local_port_range): a port from bind(0) is one the kernel may give the next
+    outgoing connection before the server that was meant to have it binds."""
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
+    ports = list(range(10000, low)) if low > 11000 else [0]
+    for port in random.sample(ports, min(len(ports), 200)):
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return int(probe.getsockname()[1])
+    raise OSError(f"no free port on {host} below {low}")
 
 
 def _env() -> dict[str, str]:

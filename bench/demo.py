@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from typing import Any, TypeVar
 import httpx2 as httpx
 from rich.console import Console
 from rich.table import Table
+
+from bench.coordinator import free_port
 
 MUSTER = str(Path(sys.executable).with_name("muster"))
 TOKENS = "/api/v1/platform/configuration/security/enrollment-tokens"
@@ -60,12 +61,6 @@ def show(command: Sequence[str], secret: str = "") -> None:
         for a in command
     )
     console.print(f"  [dim]$[/] {shown}")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_for(probe: Callable[[], T | None], timeout_s: float, what: str) -> T:

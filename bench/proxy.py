@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.coordinator import free_port
 from muster.agent.proxy import ProxyKeeper
 
 DEPLOYMENT = "0123456789abcdef0123456789abcdef"
@@ -61,12 +62,6 @@ class Result:
     @property
     def rate(self) -> float:
         return self.requests / self.duration_s
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def process_cpu_s(pids: list[int]) -> float:

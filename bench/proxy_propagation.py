@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx2 as httpx
 
+from bench.coordinator import free_port
 from muster.agent.proxy import ProxyKeeper
 from muster.clock import SystemClock
 from muster.domain import placement, proxy_tls, runners
@@ -54,15 +55,6 @@ from muster.storage import open_store
 SIZE_MB = 64
 PER_ALLOCATOR = 100
 DOMAIN = "muster.localhost"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Backends:
@@ -261,13 +253,13 @@ def run(deployments: int, samples: int, database_url: str | None) -> dict[str, A
             "private_key": chain.private_key_pem,
         }
 
-    http_port = _free_port()
+    http_port = free_port()
     keeper = ProxyKeeper(
         fetch_routes,
         fetch_certificate,
         state_dir=work / "proxy",
         http_port=http_port,
-        https_port=_free_port(),
+        https_port=free_port(),
         bind_address="127.0.0.1",
         on_event=lambda _message: None,
     )

@@ -8,7 +8,6 @@ import contextlib
 import json as _json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -20,18 +19,12 @@ from typing import Any, Literal, TypeVar
 
 import httpx2 as httpx
 import pytest
+from bench.coordinator import free_port as free_port
 
 MUSTER = str(Path(sys.executable).with_name("muster"))
 TOKENS = "/api/v1/platform/configuration/security/enrollment-tokens"
 _LOGS: list[Path] = []
 T = TypeVar("T")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (bind to 0, read it, close)."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 def log_tail(path: Path, lines: int = 40) -> str:

@@ -6,6 +6,7 @@ needed). No timing is asserted."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from bench.agentjoin import local_ip
-from bench.coordinator import descendants
+from bench.coordinator import descendants, free_port
 from bench.loadgen import HEARTBEAT, HEARTBEAT_BODY, KINDS, Samples
 from bench.run import (
     HOSTS_PER_PROCESS,
@@ -145,3 +146,14 @@ def test_errors_count_the_open_loop_floor_and_joins_too() -> None:
     results = Results(plan={}, machine={}, load_before="", levels=[level])
     results.joins = {"failures": {"TokenRefusedError: expired": 5}}
     assert results.errors() == 1 + 2 + 3 + 4 + 5
+
+
+def test_free_ports_come_from_below_the_ephemeral_range_and_can_be_bound() -> None:
+    # A port from bind(0) is one the kernel may give an outgoing connection before the server
+    # meant to have it binds; one below net.ipv4.ip_local_port_range it never hands out.
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert all(10000 <= port < low for port in ports)
+    assert len(ports) > 1
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", free_port()))
