@@ -161,8 +161,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     outgoing connection before the server that was meant to have it binds."""
     ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
     low = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
-    ports = list(range(10000, low)) if low > 11000 else [0]
-    for port in random.sample(ports, min(len(ports), 200)):
+    for _ in range(200):
+        port = random.randrange(10000, low) if low > 11000 else 0
         with socket.socket() as probe:
             try:
                 probe.bind((host, port))

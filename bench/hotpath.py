@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import json
 import os
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -123,25 +124,63 @@ class _Transport:
         pass
 
 
+class Server:
+    """The server's HTTP protocol as `muster start` builds it (uvicorn's httptools protocol with
+    muster.api.tls's additions, the express routes of `app.state.express` if `express`), a new
+    protocol for each connection, fed through in-memory transports."""
+
+    def __init__(self, app: Any, *, express: bool) -> None:
+        self.config = uvicorn.Config(app, lifespan="off", log_level="warning", server_header=False)
+        self.state = ServerState()
+        self.state.default_headers = [(b"date", b"Wed, 02 Dec 2026 12:00:00 GMT")]
+        self.protocol_class = peer_cert_protocol(express=app.state.express if express else None)
+        self.loop = asyncio.get_running_loop()
+
+    def connect(self, transport: _Transport) -> Any:
+        """A connection's protocol, made on `transport`."""
+        protocol = self.protocol_class(
+            config=self.config, server_state=self.state, app_state={}, _loop=self.loop
+        )
+        protocol.connection_made(transport)
+        return protocol
+
+    async def settle(self) -> None:
+        """Until every request task (the ASGI path's) the protocols started has finished, and
+        their coalesced writes are made."""
+        while self.state.tasks:
+            await asyncio.wait(set(self.state.tasks))
+        await asyncio.sleep(0)
+
+
+@contextlib.asynccontextmanager
+async def started(app: Any) -> AsyncIterator[None]:
+    """The app started by its lifespan, as the server starts it (the snapshot read, the flusher
+    running), for the block; shut down after it."""
+    lifespan: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    await lifespan.put({"type": "lifespan.startup"})
+    sent: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue()
+    task = asyncio.ensure_future(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan.get, sent.put)
+    )
+    await sent.get()  # started
+    try:
+        yield
+    finally:
+        await lifespan.put({"type": "lifespan.shutdown"})
+        await task
+
+
 async def _http_beats(
     app: Any, certs: list[x509.Certificate], reports: list[bytes], count: int, *, express: bool
 ) -> float:
     """CPU seconds for `count` heartbeats fed as bytes to the server's HTTP protocol, one
     connection per host, each request answered before the next is fed."""
-    config = uvicorn.Config(app, lifespan="off", log_level="warning", server_header=False)
-    state = ServerState()
-    state.default_headers = [(b"date", b"Wed, 02 Dec 2026 12:00:00 GMT")]
-    protocol_class = peer_cert_protocol(express=app.state.express if express else None)
-    loop = asyncio.get_running_loop()
+    server = Server(app, express=express)
     transports = [
         _Transport(c.public_bytes(serialization.Encoding.DER), 40000 + i)
         for i, c in enumerate(certs)
     ]
-    protocols = []
-    for transport in transports:
-        protocol = protocol_class(config=config, server_state=state, app_state={}, _loop=loop)
-        protocol.connection_made(transport)
-        protocols.append(protocol)
+    protocols = [server.connect(transport) for transport in transports]
     # The agent's own request bytes (httpx's seven headers), as a real host sends them.
     data = [
         agent_request_bytes("POST", HEARTBEAT_PATH, "127.0.0.1:12443", json.loads(r))
@@ -151,9 +190,7 @@ async def _http_beats(
     for n in range(count):
         protocol = protocols[n % len(protocols)]
         protocol.data_received(data[n % len(protocols)])
-        if state.tasks:  # the ASGI path's request task
-            await asyncio.wait(set(state.tasks))
-        await asyncio.sleep(0)  # the coalesced write
+        await server.settle()
     spent = time.process_time() - started
     written = sum(t.written for t in transports)
     for protocol in protocols:
@@ -223,41 +260,32 @@ def main() -> int:
         app = build_app(platform, coordinators=["127.0.0.1:12443"])
         reports = _reports(args.hosts, args.instances)
 
+        async def beats(count: int) -> float:
+            if args.via == "asgi":
+                return await _beats(app, certs, reports, count)
+            return await _http_beats(app, certs, reports, count, express=args.via == "express")
+
         async def run() -> None:
-            lifespan: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-            await lifespan.put({"type": "lifespan.startup"})
-            sent: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue()
-            task = asyncio.ensure_future(
-                app({"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan.get, sent.put)
-            )
-            await sent.get()  # started: the snapshot is read, the flusher runs
-
-            async def beats(count: int) -> float:
-                if args.via == "asgi":
-                    return await _beats(app, certs, reports, count)
-                return await _http_beats(app, certs, reports, count, express=args.via == "express")
-
-            await beats(1000)  # warm up
-            if args.profile:
-                profiler = cProfile.Profile()
-                profiler.enable()
-                await beats(args.beats)
-                profiler.disable()
-                pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
-            elif args.callgrind:
-                _callgrind("-z")
-                await beats(args.beats)
-                _callgrind("-d")
-                print(f"{args.via}: {args.beats} heartbeats counted by callgrind")
-            else:
-                best = min([await beats(args.beats) for _ in range(args.rounds)])
-                print(
-                    f"{args.via}: {best / args.beats * 1e6:.1f} µs CPU per heartbeat "
-                    f"(best of {args.rounds}; {args.instances} instances a report,"
-                    f" {len(reports[0])} bytes)"
-                )
-            await lifespan.put({"type": "lifespan.shutdown"})
-            await task
+            async with started(app):
+                await beats(1000)  # warm up
+                if args.profile:
+                    profiler = cProfile.Profile()
+                    profiler.enable()
+                    await beats(args.beats)
+                    profiler.disable()
+                    pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+                elif args.callgrind:
+                    _callgrind("-z")
+                    await beats(args.beats)
+                    _callgrind("-d")
+                    print(f"{args.via}: {args.beats} heartbeats counted by callgrind")
+                else:
+                    best = min([await beats(args.beats) for _ in range(args.rounds)])
+                    print(
+                        f"{args.via}: {best / args.beats * 1e6:.1f} µs CPU per heartbeat "
+                        f"(best of {args.rounds}; {args.instances} instances a report,"
+                        f" {len(reports[0])} bytes)"
+                    )
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # as the server's
             runner.run(run())

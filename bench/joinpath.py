@@ -37,18 +37,14 @@ import json
 import pstats
 import tempfile
 import time
-from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 import uvloop
-from uvicorn.server import ServerState
 
-from bench.hotpath import _callgrind, _Transport
+from bench.hotpath import Server, _callgrind, _Transport, started
 from bench.joins import CA_PATH, JOIN_PATH
 from bench.wire import agent_request_bytes
-from muster.api.tls import peer_cert_protocol
 from muster.clock import SystemClock
 from muster.domain import pki
 from muster.domain.platform import create_platform, load_platform
@@ -93,22 +89,11 @@ def join_requests(token: str, prefix: str, count: int) -> list[tuple[str, bytes]
     return requests
 
 
-async def _settle(state: ServerState) -> None:
-    """Until every request task the protocols started has finished."""
-    while state.tasks:
-        await asyncio.wait(set(state.tasks))
-    await asyncio.sleep(0)  # the coalesced writes
-
-
 async def run_joins(app: Any, requests: list[tuple[str, bytes]], concurrency: int) -> float:
     """CPU seconds for `requests`, `concurrency` hosts at a time, each on a new connection to
     the server's HTTP protocol: the CA, then the join. Raises SystemExit unless every join's
     reply is a 200 naming its runner with a certificate."""
-    config = uvicorn.Config(app, lifespan="off", log_level="warning", server_header=False)
-    state = ServerState()
-    state.default_headers = [(b"date", b"Sat, 05 Dec 2026 12:00:00 GMT")]
-    protocol_class = peer_cert_protocol(express=app.state.express)  # as `muster start`
-    loop = asyncio.get_running_loop()
+    server = Server(app, express=True)  # as `muster start`
     ca_request = agent_request_bytes("GET", CA_PATH, HOST)
     refused = 0
     started = time.process_time()
@@ -117,15 +102,14 @@ async def run_joins(app: Any, requests: list[tuple[str, bytes]], concurrency: in
         hosts = []
         for k in range(len(batch)):
             connection = _Connection(40000 + k)
-            protocol = protocol_class(config=config, server_state=state, app_state={}, _loop=loop)
-            protocol.connection_made(connection)
+            protocol = server.connect(connection)
             protocol.data_received(ca_request)
             hosts.append((connection, protocol))
-        await _settle(state)
+        await server.settle()
         for (connection, protocol), (_rid, raw) in zip(hosts, batch, strict=True):
             connection.replies.clear()
             protocol.data_received(raw)
-        await _settle(state)
+        await server.settle()
         for (connection, protocol), (rid, _raw) in zip(hosts, batch, strict=True):
             reply = bytes(connection.replies)
             if not (
@@ -164,30 +148,22 @@ def main(argv: list[str] | None = None) -> int:
         rounds = [join_requests(token, f"r{n}", args.joins) for n in range(measured)]
 
         async def run() -> list[float]:
-            lifespan: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-            await lifespan.put({"type": "lifespan.startup"})
-            sent: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue()
-            task = asyncio.ensure_future(
-                app({"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan.get, sent.put)
-            )
-            await sent.get()  # started
-            await run_joins(app, warm_up, args.concurrency)
             spent = []
-            if args.profile:
-                profiler = cProfile.Profile()
-                profiler.enable()
-                spent.append(await run_joins(app, rounds[0], args.concurrency))
-                profiler.disable()
-                pstats.Stats(profiler).sort_stats("tottime").print_stats(35)
-            elif args.callgrind:
-                _callgrind("-z")
-                spent.append(await run_joins(app, rounds[0], args.concurrency))
-                _callgrind("-d")
-            else:
-                for requests in rounds:
-                    spent.append(await run_joins(app, requests, args.concurrency))
-            await lifespan.put({"type": "lifespan.shutdown"})
-            await task
+            async with started(app):
+                await run_joins(app, warm_up, args.concurrency)
+                if args.profile:
+                    profiler = cProfile.Profile()
+                    profiler.enable()
+                    spent.append(await run_joins(app, rounds[0], args.concurrency))
+                    profiler.disable()
+                    pstats.Stats(profiler).sort_stats("tottime").print_stats(35)
+                elif args.callgrind:
+                    _callgrind("-z")
+                    spent.append(await run_joins(app, rounds[0], args.concurrency))
+                    _callgrind("-d")
+                else:
+                    for requests in rounds:
+                        spent.append(await run_joins(app, requests, args.concurrency))
             return spent
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # as the server's

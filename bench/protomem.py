@@ -19,15 +19,12 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 import uvloop
 from cryptography.hazmat.primitives import serialization
-from uvicorn.server import ServerState
 
-from bench.hotpath import REPORT, _join_fleet, _Transport
+from bench.hotpath import REPORT, Server, _join_fleet, _Transport
 from bench.wire import request_bytes
 from muster.api.edge import HEARTBEAT_PATH
-from muster.api.tls import peer_cert_protocol
 from muster.clock import SystemClock
 from muster.domain.platform import create_platform, load_platform
 from muster.storage import open_store
@@ -35,23 +32,16 @@ from muster.web import build_app
 
 
 async def _measure(app: Any, ders: list[bytes], hosts: int, *, express: bool) -> None:
-    config = uvicorn.Config(app, lifespan="off", log_level="warning", server_header=False)
-    state = ServerState()
-    state.default_headers = [(b"date", b"Wed, 02 Dec 2026 12:00:00 GMT")]
-    protocol_class = peer_cert_protocol(express=app.state.express if express else None)
-    loop = asyncio.get_running_loop()
+    server = Server(app, express=express)
     data = request_bytes("POST", HEARTBEAT_PATH, "127.0.0.1:12443", REPORT)
     kept: list[tuple[Any, _Transport]] = []
 
     async def connect(count: int, first_port: int) -> None:
         for i in range(count):
-            protocol = protocol_class(config=config, server_state=state, app_state={}, _loop=loop)
             transport = _Transport(ders[i % len(ders)], first_port + i)
-            protocol.connection_made(transport)
+            protocol = server.connect(transport)
             protocol.data_received(data)
-            if state.tasks:
-                await asyncio.wait(set(state.tasks))
-            await asyncio.sleep(0)
+            await server.settle()
             kept.append((protocol, transport))
 
     tracemalloc.start(4)

@@ -192,12 +192,9 @@ func (g *generator) join(n int64) error {
 	}
 	reader := bufio.NewReader(conn)
 
-	status, body, err := call(conn, reader, http.MethodGet, caPath, nil)
+	body, err := call(conn, reader, "ca", http.MethodGet, caPath, nil)
 	if err != nil {
 		return err
-	}
-	if status != http.StatusOK {
-		return fmt.Errorf("ca: http %d", status)
 	}
 	var caReply struct {
 		CACertificate string `json:"ca_certificate"`
@@ -239,12 +236,9 @@ func (g *generator) join(n int64) error {
 	if err != nil {
 		return errors.New("join body")
 	}
-	status, body, err = call(conn, reader, http.MethodPost, joinPath, request)
+	body, err = call(conn, reader, "join", http.MethodPost, joinPath, request)
 	if err != nil {
 		return err
-	}
-	if status != http.StatusOK {
-		return fmt.Errorf("join: http %d", status)
 	}
 	var joined struct {
 		RunnerID    string `json:"runner_id"`
@@ -258,15 +252,16 @@ func (g *generator) join(n int64) error {
 }
 
 // call sends one request on the connection and reads its reply (net/http's reader: framing by
-// Content-Length or chunks, as the server chose).
-func call(conn *tls.Conn, reader *bufio.Reader, method, path string, body []byte) (int, []byte, error) {
+// Content-Length or chunks, as the server chose): its body if it is a 200, else the error
+// "<step>: http <status>".
+func call(conn *tls.Conn, reader *bufio.Reader, step, method, path string, body []byte) ([]byte, error) {
 	var content io.Reader
 	if body != nil {
 		content = bytes.NewReader(body)
 	}
 	req, err := http.NewRequest(method, "https://127.0.0.1"+path, content)
 	if err != nil {
-		return 0, nil, err
+		return nil, err
 	}
 	req.Host = conn.RemoteAddr().String()
 	req.Header.Set("Accept", "*/*")
@@ -275,21 +270,24 @@ func call(conn *tls.Conn, reader *bufio.Reader, method, path string, body []byte
 		req.Header.Set("Content-Type", "application/json")
 	}
 	if err := req.Write(conn); err != nil {
-		return 0, nil, fmt.Errorf("tls: %s", reason(err))
+		return nil, fmt.Errorf("tls: %s", reason(err))
 	}
 	resp, err := http.ReadResponse(reader, req)
 	if err != nil {
-		return 0, nil, fmt.Errorf("reply: %s", reason(err))
+		return nil, fmt.Errorf("reply: %s", reason(err))
 	}
 	defer resp.Body.Close()
 	reply, err := io.ReadAll(io.LimitReader(resp.Body, maxReply+1))
 	if err != nil {
-		return 0, nil, fmt.Errorf("reply: %s", reason(err))
+		return nil, fmt.Errorf("reply: %s", reason(err))
 	}
 	if len(reply) > maxReply {
-		return 0, nil, errors.New("reply too large")
+		return nil, errors.New("reply too large")
 	}
-	return resp.StatusCode, reply, nil
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("%s: http %d", step, resp.StatusCode)
+	}
+	return reply, nil
 }
 
 // serverTrusted: the server's certificate is issued by ca, for ip, for a TLS server, valid now.
