@@ -22,10 +22,10 @@ from starlette.types import Receive, Scope, Send
 
 from muster.api import metrics, tls
 from muster.api.app import create_app
-from muster.api.edge import CA_PATH, HEARTBEAT_PATH
+from muster.api.edge import CA_PATH, HEARTBEAT_PATH, JOIN_PATH
 from muster.api.tls import peer_cert_protocol, server_context
 from muster.clock import SystemClock
-from muster.domain import pki, runners
+from muster.domain import audit, pki, runners
 from muster.domain.platform import Platform, create_platform, load_platform
 from muster.storage import open_store
 from tests.conftest import free_port, wait_until
@@ -41,6 +41,7 @@ class Served:
     port: int
     context: ssl.SSLContext  # the host's: its client certificate, the platform's CA
     reached: list[str]  # the paths (with query) that reached the ASGI app
+    token: str  # a roles token for allocators
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             timeout_s=15,
             what="the runner snapshot",
         )
-        yield Served(platform, port, context, reached)
+        yield Served(platform, port, context, reached, bootstrap.tokens["allocator_only_token"])
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -388,7 +389,9 @@ def test_an_idle_connection_keeps_no_request_head_after_an_express_reply() -> No
     )
     der = cert.public_bytes(serialization.Encoding.DER)
 
-    def express(names: object, headers: list[tuple[bytes, bytes]], _body: bytes) -> bytes:
+    def express(
+        names: object, _client: str, headers: list[tuple[bytes, bytes]], _body: bytes
+    ) -> bytes:
         vouched_by.append(names)
         answered.append(list(headers))
         return b"content-length: 0\r\n\r\n"
@@ -463,7 +466,9 @@ def test_a_request_arriving_whole_sets_no_read_deadline_and_one_arriving_in_part
     arrive in one read set no timer but the one keep-alive timer they share; a later request
     that stops half way is answered 408 once the deadline passes."""
 
-    def express(_names: object, _headers: list[tuple[bytes, bytes]], _body: bytes) -> bytes:
+    def express(
+        _names: object, _client: str, _headers: list[tuple[bytes, bytes]], _body: bytes
+    ) -> bytes:
         return b"content-length: 0\r\n\r\n"
 
     async def run() -> None:
@@ -501,7 +506,9 @@ def test_one_timer_a_loop_serves_every_connections_keep_alive_and_idle_ones_are_
     of its own (each made four objects for the young generation to hold): the loop's one wheel
     looks at each in the whole second after its keep-alive is due."""
 
-    def express(_names: object, _headers: list[tuple[bytes, bytes]], _body: bytes) -> bytes:
+    def express(
+        _names: object, _client: str, _headers: list[tuple[bytes, bytes]], _body: bytes
+    ) -> bytes:
         return b"content-length: 0\r\n\r\n"
 
     async def run() -> None:
@@ -563,3 +570,133 @@ def test_a_paused_writer_waits_alone_though_idle_connections_share_one_event() -
         await asyncio.wait_for(other.drain(), 1)
 
     asyncio.run(run())
+
+
+def _join_body(served: Served, runner_id: str) -> bytes:
+    """A new host's join request, as the agent sends it."""
+    csr = pki.build_csr(pki.generate_private_key(), runner_id)
+    request = {"token": served.token, "csr": csr, "runner_id": runner_id, "host_ip": "127.0.0.1"}
+    return json.dumps({**request, "zone": "ece-zone-1", "capacity_mb": 4096}).encode()
+
+
+def _joins_counted() -> tuple[float, float]:
+    return (
+        float(metrics.JOINS.labels("joined")._value.get()),
+        float(metrics.REQUESTS.labels(metrics.JOIN_ROUTE, "POST", "200")._value.get()),
+    )
+
+
+def _refusals_audited(served: Served, runner_id: str) -> int:
+    with served.platform.store.read() as tx:
+        events, _total = tx.list_audit(limit=1000, kind=audit.TOKEN_REFUSED)
+    return sum(1 for event in events if event.runner_id == runner_id)
+
+
+def test_a_join_is_answered_before_the_app_with_the_asgi_paths_bytes(served: Served) -> None:
+    served.reached.clear()
+    joined, requests = _joins_counted()
+    conn = _joining_host(served)
+    try:
+        conn.send(get(CA_PATH))
+        assert conn.reply()[0] == 200
+        conn.send(request(JOIN_PATH, _join_body(served, "express-join-1"), "X-Request-Id: j-1"))
+        status, headers, names, body = conn.reply()
+        assert served.reached == []  # no ASGI layer ran, for the CA nor the join
+        assert (status, headers["x-request-id"]) == (200, "j-1")
+        reply = json.loads(body)
+        assert reply["runner_id"] == "express-join-1"
+        assert "BEGIN CERTIFICATE" in reply["certificate"]
+        with served.platform.store.read() as tx:
+            assert tx.find_runner("express-join-1") is not None  # committed before the reply
+        assert _joins_counted() == (joined + 1, requests + 1)  # as Telemetry counts the route's
+        # Another host's join through the ASGI path (a query string keeps it off the express
+        # path), on the same connection: the same header lines in the same order, the same
+        # fields in the body.
+        conn.send(request(JOIN_PATH + "?via=asgi", _join_body(served, "express-join-2")))
+        status2, headers2, names2, body2 = conn.reply()
+        assert served.reached == [JOIN_PATH + "?via=asgi"]
+        assert (status2, names2) == (status, names)
+        assert headers2["content-type"] == headers["content-type"]
+        reply2 = json.loads(body2)
+        assert reply2.keys() == reply.keys()
+        assert reply2["runner_id"] == "express-join-2"
+        assert {k: v for k, v in reply2.items() if k not in ("runner_id", "certificate")} == {
+            k: v for k, v in reply.items() if k not in ("runner_id", "certificate")
+        }
+        assert _joins_counted() == (joined + 2, requests + 2)
+    finally:
+        conn.close()
+
+
+def test_a_refused_join_reaches_the_route_in_ece_shape_and_is_audited_once(
+    served: Served,
+) -> None:
+    served.reached.clear()
+    conn = _joining_host(served)
+    try:
+        # The runner id the fixture's host holds, with another key: refused at the commit,
+        # after the express path's checks and signature.
+        before = _refusals_audited(served, "express-host")
+        conn.send(request(JOIN_PATH, _join_body(served, "express-host")))
+        status, headers, _names, body = conn.reply()
+        assert served.reached == [JOIN_PATH]
+        assert status == 409
+        errors = json.loads(body)["errors"]
+        assert errors[0]["code"] == headers["x-cloud-error-codes"] == "runners.runner_id_taken"
+        assert _refusals_audited(served, "express-host") == before + 1  # not met twice
+        # A body the route's model refuses goes to the route as it came.
+        conn.send(request(JOIN_PATH, b'{"token": 1}'))
+        assert conn.reply()[0] == 400
+        assert served.reached == [JOIN_PATH, JOIN_PATH]
+        # The connection stays usable, and the next join is express again.
+        conn.send(request(JOIN_PATH, _join_body(served, "express-join-3")))
+        assert conn.reply()[0] == 200
+        assert served.reached == [JOIN_PATH, JOIN_PATH]
+    finally:
+        conn.close()
+
+
+def test_a_request_pipelined_behind_a_join_is_answered_after_it(served: Served) -> None:
+    served.reached.clear()
+    conn = _joining_host(served)
+    try:
+        # Both in one write: the join waits for its commit, the CA request must not pass it.
+        conn.send(request(JOIN_PATH, _join_body(served, "express-join-4")) + get(CA_PATH))
+        status, _headers, _names, body = conn.reply()
+        assert (status, json.loads(body)["runner_id"]) == (200, "express-join-4")
+        status, _headers, _names, body = conn.reply()
+        assert status == 200
+        assert json.loads(body)["ca_certificate"] == served.platform.ca.certificate_pem()
+        # Both went to the app, in order, as uvicorn hands pipelined requests to it.
+        assert served.reached == [JOIN_PATH, CA_PATH]
+        # The next request sent in a write of its own while the join waits: held, answered
+        # after it.
+        conn.send(request(JOIN_PATH, _join_body(served, "express-join-7")))
+        conn.send(get(CA_PATH, "X-Request-Id: after-join"))
+        status, _headers, _names, body = conn.reply()
+        assert (status, json.loads(body)["runner_id"]) == (200, "express-join-7")
+        status, headers, _names, _body = conn.reply()
+        assert (status, headers["x-request-id"]) == (200, "after-join")
+    finally:
+        conn.close()
+
+
+def test_a_host_that_leaves_before_its_join_is_answered_is_joined_all_the_same(
+    served: Served,
+) -> None:
+    conn = _joining_host(served)
+    conn.send(request(JOIN_PATH, _join_body(served, "express-join-5")))
+    conn.close()
+
+    def recorded() -> bool:
+        with served.platform.store.read() as tx:
+            return tx.find_runner("express-join-5") is not None
+
+    wait_until(recorded, timeout_s=10, what="the join's commit")
+    # The server goes on serving joins.
+    conn = _joining_host(served)
+    try:
+        conn.send(request(JOIN_PATH, _join_body(served, "express-join-6")))
+        assert conn.reply()[0] == 200
+    finally:
+        conn.close()

@@ -295,17 +295,19 @@ def create_app(
         return response
 
     from muster.api import metrics
-    from muster.api.edge import Edge, Heartbeats, PlatformCA
+    from muster.api.edge import Edge, Heartbeats, Joins, PlatformCA
 
-    # Heartbeats and the platform CA are answered by the edge or, under `muster start`, before
-    # any ASGI layer by the TLS protocol's express path (muster.server hands it
+    # Heartbeats, the platform CA and joins are answered by the edge or, under `muster start`,
+    # before any ASGI layer by the TLS protocol's express path (muster.server hands it
     # `app.state.express`).
     heartbeats = Heartbeats(platform, identities, directory, versions, routes)
     platform_ca = PlatformCA(platform)
+    joins = Joins(platform, directory)
     app.state.heartbeats = heartbeats
     app.state.express = {
         ("POST", heartbeats.path): heartbeats.express,
         ("GET", platform_ca.path): platform_ca.express,
+        ("POST", joins.path): joins.express,
     }
     from muster.api.routes import (
         agent,
@@ -355,10 +357,9 @@ def create_app(
     # layer they do not need.
     app.add_middleware(
         Edge,
-        platform=platform,
         heartbeats=heartbeats,
         platform_ca=platform_ca,
-        directory=directory,
+        joins=joins,
         ping=bench_routes,
     )
     # Outermost: NUL in a path or query is refused, and every unexpected error ends here.

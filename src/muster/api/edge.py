@@ -14,8 +14,9 @@ as JSON (ECE's curl recipes sometimes leave out the Content-Type).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,7 +27,7 @@ from muster.api.app import MAX_BODY_BYTES, error_response
 from muster.api.headers import JSON_REPLY_HEADERS
 from muster.api.routes.agent import REFUSED, join_reply, join_request
 from muster.api.schemas import HeartbeatReply, HostReportModel, JoinRequestModel, PlatformCAReply
-from muster.api.tls import peer_certificate
+from muster.api.tls import Deferred, peer_certificate
 from muster.domain import pki, runners
 from muster.domain.desired import InstanceVersions
 from muster.domain.identities import CoordinatorDirectory, RunnerIdentities
@@ -70,18 +71,16 @@ class Edge:
         self,
         app: ASGIApp,
         *,
-        platform: Platform,
         heartbeats: Heartbeats,
         platform_ca: PlatformCA,
-        directory: CoordinatorDirectory,
+        joins: Joins,
         limit: int = MAX_BODY_BYTES,
         ping: bool = False,
     ) -> None:
         self.app = app
-        self.platform = platform
         self.heartbeats = heartbeats
         self.platform_ca = platform_ca
-        self.directory = directory
+        self.joins = joins
         self.limit = limit
         self.ping = ping
 
@@ -111,6 +110,7 @@ class Edge:
         if (
             scope["method"] == "POST"
             and path in (HEARTBEAT_PATH, JOIN_PATH)
+            and REFUSED not in scope  # met on the express path already: the route raises it
             and len(body) <= FAST_BODY_BYTES
             and is_json(scope["headers"])
         ):
@@ -141,27 +141,72 @@ class Edge:
             await send(message)
 
     async def _join(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
-        # FastAPI's layers, its thread pool hop and its response validation cost about as much
-        # CPU as the join itself. Here the join's checks and signature run on the loop and its
-        # commit is awaited (`runners.join_host_async`).
         model = _parse(JoinRequestModel, body)
         if model is None:
             await self.app(scope, replay(body, receive), send)
             return
         client = scope.get("client")
         try:
-            result = await runners.join_host_async(
-                self.platform, join_request(model), source=client[0] if client else "unknown"
-            )
-            self.directory.admitted(result.runner)
-            reply = join_reply(result, [*self.directory.addresses()])
+            content = await self.joins.admit(model, client[0] if client else "unknown")
         except Exception as exc:
             await self.app({**scope, REFUSED: exc}, replay(body, receive), send)
             return
         metrics.note_route(scope, JOIN_PATH)
-        # As FastAPI renders the route's reply (pydantic's JSON, response_model_exclude_none).
-        for message in _json_reply(reply.model_dump_json(exclude_none=True).encode()):
+        for message in _json_reply(content):
             await send(message)
+
+
+class Joins:
+    """The join's fast path, shared by the edge (ASGI) and the TLS protocol's express path: a
+    join whose body the route's model takes is admitted here, its checks and signature on the
+    event loop and its commit awaited (`runners.join_host_async`). FastAPI's layers, its thread
+    pool hop and its response validation cost about as much CPU as the join itself; under
+    `muster start` the ASGI request cycle and the layers outside the edge are left out too."""
+
+    path = JOIN_PATH
+
+    def __init__(self, platform: Platform, directory: CoordinatorDirectory) -> None:
+        self.platform = platform
+        self.directory = directory
+
+    async def admit(self, model: JoinRequestModel, source: str) -> bytes:
+        """The admitted join's reply body, the route's bytes; raises what the route would."""
+        result = await runners.join_host_async(self.platform, join_request(model), source=source)
+        self.directory.admitted(result.runner)
+        reply = join_reply(result, [*self.directory.addresses()])
+        # As FastAPI renders the route's reply (pydantic's JSON, response_model_exclude_none).
+        return reply.model_dump_json(exclude_none=True).encode()
+
+    def express(
+        self,
+        names: pki.CertificateNames | None,
+        client: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> Deferred | None:
+        """For the TLS protocol: the join, to run once its request is read (None: the ASGI
+        path takes it). It gives the reply's header lines (those after the server's own:
+        date), blank line and body, byte for byte what the ASGI path sends, X-Request-Id
+        included; or, refused, the refusal for the route to raise (in the scope, as the edge
+        hands it over). Counted and timed as Telemetry counts the ASGI path's."""
+        given, json_body = _request_id_and_json(headers)
+        model = _parse(JoinRequestModel, body) if json_body else None
+        if model is None:
+            return None
+        return self._express(model, client, logs.request_id(given))
+
+    async def _express(
+        self, model: JoinRequestModel, client: str, request_id: str
+    ) -> bytes | dict[str, Any]:
+        started = time.perf_counter()
+        logs.CURRENT.set(logs.RequestContext(request_id))  # this task's own context
+        try:
+            content = await self.admit(model, client)
+        except Exception as exc:
+            return {REFUSED: exc}
+        metrics.count_express_join(time.perf_counter() - started)
+        head = _header_lines(_json_reply(content)[0]["headers"])
+        return _raw_reply(head, request_id.encode(), content)
 
 
 class PlatformCA:
@@ -192,29 +237,25 @@ class PlatformCA:
             )
             content = _render(model)
             self._reply = _json_reply(content)
-            head = b"".join(
-                name + b": " + value + b"\r\n" for name, value in self._reply[0]["headers"]
-            )
-            self._raw = (head, content)
+            self._raw = (_header_lines(self._reply[0]["headers"]), content)
             self._trusted = trusted
         return self._reply
 
     def express(
-        self, names: pki.CertificateNames | None, headers: list[tuple[bytes, bytes]], body: bytes
+        self,
+        names: pki.CertificateNames | None,
+        client: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
     ) -> bytes:
         """For the TLS protocol: the reply's header lines (those after the server's own: date),
         blank line and body, byte for byte what the ASGI path sends, X-Request-Id included.
         Counted as the ASGI path counts it, but for its duration (microseconds, untimed)."""
-        given = None
-        for name, value in headers:
-            if name == logs.REQUEST_ID_HEADER:
-                given = value
-                break
+        given, _json_body = _request_id_and_json(headers)
         self.reply()
         head, content = self._raw
         metrics.count_express(CA_PATH, "GET")
-        request_id = logs.request_id(given).encode()
-        return b"".join((head, b"x-request-id: ", request_id, b"\r\n\r\n", content))
+        return _raw_reply(head, logs.request_id(given).encode(), content)
 
 
 class Heartbeats:
@@ -278,20 +319,18 @@ class Heartbeats:
         runners.record_heartbeat(self.platform, *beat)
 
     def express(
-        self, names: pki.CertificateNames | None, headers: list[tuple[bytes, bytes]], body: bytes
+        self,
+        names: pki.CertificateNames | None,
+        client: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
     ) -> bytes | None:
         """For the TLS protocol: record the heartbeat and return its reply's header lines
         (those after the server's own: date), blank line and body, byte for byte what the ASGI
         path sends, X-Request-Id included; None if the ASGI path must take the request (it
         then does everything again, and a refusal reaches the route)."""
-        given = content_type = None  # the first X-Request-Id and Content-Type, in one pass
-        for name, value in headers:
-            if name == b"content-type":
-                if content_type is None:
-                    content_type = value
-            elif name == logs.REQUEST_ID_HEADER and given is None:
-                given = value
-        if content_type is not None and not is_json_media(content_type):
+        given, json_body = _request_id_and_json(headers)
+        if not json_body:
             return None
         beat = self.check(names, body)
         if beat is None:
@@ -308,8 +347,7 @@ class Heartbeats:
             self.reply(runner_id)
             raw = self._raw[key]
         head, content = raw
-        request_id = logs.request_id(given).encode()
-        return b"".join((head, b"x-request-id: ", request_id, b"\r\n\r\n", content))
+        return _raw_reply(head, logs.request_id(given).encode(), content)
 
     def _stale(self) -> bool:
         return (
@@ -351,8 +389,7 @@ class Heartbeats:
             if len(self._replies) >= MAX_CACHED_REPLIES:
                 self._replies, self._raw = {}, {}
             reply = self._replies[key] = _json_reply(content)
-            head = b"".join(name + b": " + value + b"\r\n" for name, value in reply[0]["headers"])
-            self._raw[key] = (head, content)
+            self._raw[key] = (_header_lines(reply[0]["headers"]), content)
         return reply
 
 
@@ -477,6 +514,30 @@ def _json_reply(content: bytes) -> list[Message]:
         {"type": "http.response.start", "status": 200, "headers": headers},
         {"type": "http.response.body", "body": content},
     ]
+
+
+def _header_lines(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    return b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+
+
+def _raw_reply(head: bytes, request_id: bytes, content: bytes) -> bytes:
+    """An express reply as the TLS protocol writes it after the server's own header lines:
+    `head` (the reply's header lines), the X-Request-Id that Telemetry adds last, a blank line
+    and the body."""
+    return b"".join((head, b"x-request-id: ", request_id, b"\r\n\r\n", content))
+
+
+def _request_id_and_json(headers: Iterable[tuple[bytes, bytes]]) -> tuple[bytes | None, bool]:
+    """The request's first X-Request-Id (None: it sent none), and whether its body is JSON as
+    FastAPI decides (no Content-Type, or a JSON one: `is_json`), in one pass over `headers`."""
+    given = content_type = None
+    for name, value in headers:
+        if name == b"content-type":
+            if content_type is None:
+                content_type = value
+        elif name == logs.REQUEST_ID_HEADER and given is None:
+            given = value
+    return given, content_type is None or is_json_media(content_type)
 
 
 def _too_large(limit: int) -> PayloadTooLargeError:

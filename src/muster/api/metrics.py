@@ -157,6 +157,12 @@ def count_express(route: str, method: str) -> None:
     REQUESTS.labels(route, method, "200").inc()
 
 
+def count_express_join(seconds: float) -> None:
+    """The TLS protocol's express path admitted a join, `seconds` after its request was read:
+    counted and timed as Telemetry counts and times the ASGI path's."""
+    _count("POST", JOIN_ROUTE, 200, None, seconds)
+
+
 def note_route(scope: Scope, route: str) -> None:
     """The route template a request is counted under, for replies that no FastAPI route sends
     (the edge's)."""

@@ -22,7 +22,7 @@ import ssl
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
@@ -56,11 +56,19 @@ SECURITY_RELOAD_S = 2.0
 # instance an allocator runs); a larger one takes the ASGI path, which answers the same.
 EXPRESS_BODY_BYTES = 64 * 1024
 
-# An express path's answerer (muster.api.edge.Heartbeats.express, PlatformCA.express): given the
-# verified client certificate's names (pki.certificate_names), the request's headers and body,
-# the reply's header lines after the server's own, blank line and body; or None, and the request
-# takes the ASGI path as any other.
-Express = Callable[[pki.CertificateNames | None, list[tuple[bytes, bytes]], bytes], bytes | None]
+# What an express answer that waits (a join: its commit) gives when done: the reply as Express
+# returns it; or what the request's scope gains when it takes the ASGI path after all (a refusal
+# met, for the route to raise); or None, to take the ASGI path as any other.
+Deferred = Coroutine[Any, Any, "bytes | dict[str, Any] | None"]
+# An express path's answerer (muster.api.edge.Heartbeats.express, PlatformCA.express,
+# Joins.express): given the verified client certificate's names (pki.certificate_names), the
+# client's address, the request's headers and body, the reply's header lines after the server's
+# own, blank line and body; or None, and the request takes the ASGI path as any other; or a
+# coroutine (Deferred) for an answer that waits, run once the request is read.
+Express = Callable[
+    [pki.CertificateNames | None, str, list[tuple[bytes, bytes]], bytes],
+    "bytes | Deferred | None",
+]
 # The requests the protocol answers itself, by (method, path): a path has one method.
 ExpressRoutes = Mapping[tuple[str, str], Express]
 
@@ -450,9 +458,15 @@ class PeerCertProtocol(HttpToolsProtocol):
     that arrives on an idle keep-alive connection, with a declared, small body or (a GET) none,
     is read here and handed to the route's answerer when whole; its reply is written at once.
     The routes are the agents' hot requests: the heartbeat, and the platform CA every joining
-    host asks for first. No ASGI scope, request cycle, task or middleware runs for them: on an
-    agents' coordinator these are most of such a request's cost besides TLS. If the answerer
-    declines, the request goes to the app exactly as uvicorn would have sent it."""
+    host asks for first, then its join. No ASGI scope, request cycle or middleware runs for
+    them: on an agents' coordinator these are most of such a request's cost besides TLS. If the
+    answerer declines, the request goes to the app exactly as uvicorn would have sent it.
+
+    An answer that waits (a join waits for its commit) is a coroutine, run as a task once the
+    read that completed the request has been parsed. Until it ends, what the client sends is
+    held unparsed (reading stops past MAX_HEAD_BYTES of it), so replies keep their order, and
+    a client that leaves is seen leaving; a request pipelined behind it in that same read sends
+    both to the app instead, the first as uvicorn would have sent it."""
 
     read_timeout_s: float = READ_TIMEOUT_S
     # By path: the method answered and its answerer (peer_cert_protocol).
@@ -462,9 +476,11 @@ class PeerCertProtocol(HttpToolsProtocol):
     # own (~1.2 KB more per connection, bench.protomem).
     __slots__ = (
         "_deadline",
+        "_deferred",
         "_express_body",
         "_field_bytes",
         "_head_bytes",
+        "_held",
         "_idle_since",
         "_idle_slot",
         "_in_message",
@@ -472,10 +488,16 @@ class PeerCertProtocol(HttpToolsProtocol):
         "_reading_head",
         "_refusal",
         "_url_bytes",
+        "_waiting",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._express_body: bytearray | None = None  # a request the express path reads
+        # An answer that waits: read and not yet begun (its coroutine and the request's body),
+        # then under way (its task).
+        self._deferred: tuple[Deferred, bytes] | None = None
+        self._waiting: asyncio.Task[Any] | None = None
+        self._held: bytearray | None = None  # what the client sent meanwhile
         self._names: pki.CertificateNames | None = None  # what the client certificate vouches for
         self._refusal: int | None = None
         self._reading_head = True  # from the end of one message to the end of the next's head
@@ -516,16 +538,18 @@ class PeerCertProtocol(HttpToolsProtocol):
             "client_cert": x509.load_der_x509_certificate(der) if der else None,
         }
 
-    def _to_app(self) -> None:
+    def _to_app(self, extra: dict[str, Any] | None = None) -> None:
         """uvicorn's end of a request's head: the request cycle that hands it to the app, with
         the scope uvicorn makes at a message's beginning, made now (it starts the head it keeps
-        afresh, so the head read so far is put back)."""
+        afresh, so the head read so far is put back), and `extra`'s entries added to it."""
         url, headers, expect_100_continue = self.url, self.headers, self.expect_100_continue
         super().on_message_begin()
         self.url, self.headers, self.expect_100_continue = url, headers, expect_100_continue
         scope = cast(dict[str, Any], self.scope)
         scope["headers"] = headers
         scope["extensions"] = {TLS_EXTENSION: self._tls_extension()}
+        if extra:
+            scope.update(extra)
         if self.pipeline is _NO_PIPELINE and self._answering():
             self.pipeline = deque()  # uvicorn queues this request behind the one in flight
         super().on_headers_complete()
@@ -539,6 +563,11 @@ class PeerCertProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         self._idle_since = self.loop.time()
+        if self._waiting is not None:
+            held = self._held = (self._held or bytearray()) + data
+            if len(held) > MAX_HEAD_BYTES:
+                self.transport.pause_reading()  # until the answer is written
+            return
         if self.parser is None:
             self.parser = _request_parser(self)
         if self._reading_head and self._refusal is None:
@@ -572,6 +601,9 @@ class PeerCertProtocol(HttpToolsProtocol):
             self.logger.warning(message)
             self.send_400_response(message)
             return
+        if self._deferred is not None:
+            self._begin_deferred()
+            return
         if not self._in_message:
             # Between requests the parser holds nothing of the connection's: its state is a new
             # parser's. An idle connection (an agent's, between heartbeats) keeps none; the next
@@ -590,6 +622,13 @@ class PeerCertProtocol(HttpToolsProtocol):
     # for a request the app takes (_to_app); a heartbeat the express path answers needs none.
 
     def on_message_begin(self) -> None:
+        if self._deferred is not None:
+            # Pipelined behind an answer that waits, in the same read: that request goes to the
+            # app first, as uvicorn would have sent it, and this one queues behind it there.
+            coroutine, body = self._deferred
+            self._deferred = None
+            coroutine.close()  # never begun: nothing of it ran
+            self._hand_to_app(body)
         self.url = b""
         self.expect_100_continue = False
         self.headers = []
@@ -646,8 +685,14 @@ class PeerCertProtocol(HttpToolsProtocol):
         return length.isdigit() and int(length) <= EXPRESS_BODY_BYTES
 
     def _answering(self) -> bool:
-        """A request of this connection is in the app's hands or queued behind one."""
-        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
+        """A request of this connection is in the app's hands, queued behind one, or waited
+        for by the express path."""
+        return (
+            bool(self.pipeline)
+            or (self.cycle is not None and not self.cycle.response_complete)
+            or self._deferred is not None
+            or self._waiting is not None
+        )
 
     def on_body(self, body: bytes) -> None:
         if self._express_body is not None:
@@ -666,17 +711,61 @@ class PeerCertProtocol(HttpToolsProtocol):
             return
         self._express_body = None
         reply = None
+        client = self.client[0] if self.client else "unknown"
         try:
-            reply = self.express[self.url][1](self._names, self.headers, bytes(body))
+            reply = self.express[self.url][1](self._names, client, self.headers, bytes(body))
         except Exception:  # the ASGI path meets it again, and answers it in ECE's shape
             log.debug("the express path declined a request on an error", exc_info=True)
         if reply is None:
-            # To the app, as uvicorn would have handed it: the head, then the body, whole.
-            self._to_app()
-            if body:
-                super().on_body(bytes(body))
-            super().on_message_complete()
+            self._hand_to_app(body)
+        elif isinstance(reply, bytes):
+            self._reply(reply)
+        else:
+            self._deferred = (reply, bytes(body))  # begun once this read is parsed
+
+    def _hand_to_app(self, body: bytes | bytearray, extra: dict[str, Any] | None = None) -> None:
+        """The request read so far to the app, as uvicorn would have handed it: the head (its
+        scope with `extra`'s entries added), then the body, whole."""
+        self._to_app(extra)
+        if body:
+            super().on_body(bytes(body))
+        super().on_message_complete()
+
+    def _begin_deferred(self) -> None:
+        """Run the answer that waits; what the client sends meanwhile is held (data_received)
+        until it has answered."""
+        assert self._deferred is not None
+        coroutine, body = self._deferred
+        self._deferred = None
+        task = self._waiting = self.loop.create_task(coroutine)
+        # uvicorn waits for these at shutdown, as for its request cycles.
+        self.server_state.tasks.add(task)
+        task.add_done_callback(lambda done: self._deferred_done(done, body))
+
+    def _deferred_done(self, task: asyncio.Task[Any], body: bytes) -> None:
+        self._waiting = None
+        self.server_state.tasks.discard(task)
+        if task.cancelled():
             return
+        error = task.exception()
+        if error is not None:  # the ASGI path meets it again, and answers it in ECE's shape
+            log.debug("the express path declined a request on an error", exc_info=error)
+        result = None if error is not None else task.result()
+        if self.transport.is_closing():  # the client left: nobody to answer
+            self.headers, self.url, self._held = _NO_HEADERS, b"", None
+            return
+        if isinstance(result, bytes):
+            self._reply(result)
+        else:
+            self._hand_to_app(body, result)
+        held, self._held = self._held, None
+        if held is not None:
+            self.transport.resume_reading()
+            self.data_received(bytes(held))
+
+    def _reply(self, reply: bytes) -> None:
+        """An express answer's reply written (`reply`: its header lines after the server's own,
+        blank line and body)."""
         transport: Any = self.transport  # the _CoalescingTransport given to uvicorn
         transport.write_now(_status_200(self.server_state.default_headers) + reply)
         self.server_state.total_requests += 1
@@ -692,6 +781,15 @@ class PeerCertProtocol(HttpToolsProtocol):
             self._idle_slot = _idle_wheel(self.loop).add(
                 self, self.loop.time() + self.timeout_keep_alive
             )
+
+    def shutdown(self) -> None:
+        # uvicorn closes an idle connection at once, and lets one finish the reply under way;
+        # an answer that waits is one under way.
+        waiting = self._waiting
+        if waiting is None:
+            super().shutdown()
+        else:  # after _deferred_done, which answers it
+            waiting.add_done_callback(lambda _task: self.shutdown())
 
     def _on_idle(self) -> None:
         """The keep-alive of express replies (its _IdleWheel slot came): closes a connection
