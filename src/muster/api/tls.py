@@ -449,6 +449,20 @@ def _idle_wheel(loop: asyncio.AbstractEventLoop) -> _IdleWheel:
     return wheel
 
 
+class _Wait:
+    """An express answer that waits (PeerCertProtocol): its coroutine and the request's body,
+    its task once begun, and what the client sent meanwhile. One slot of the protocol's, used
+    by a join once in a connection's life."""
+
+    __slots__ = ("body", "coroutine", "held", "task")
+
+    def __init__(self, coroutine: Deferred, body: bytes) -> None:
+        self.coroutine = coroutine
+        self.body = body
+        self.task: asyncio.Task[Any] | None = None
+        self.held: bytearray | None = None
+
+
 class PeerCertProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, plus the verified client certificate in the scope, a cap on
     the request head (414/431), a deadline for receiving each request (408, then close), and
@@ -476,11 +490,9 @@ class PeerCertProtocol(HttpToolsProtocol):
     # own (~1.2 KB more per connection, bench.protomem).
     __slots__ = (
         "_deadline",
-        "_deferred",
         "_express_body",
         "_field_bytes",
         "_head_bytes",
-        "_held",
         "_idle_since",
         "_idle_slot",
         "_in_message",
@@ -488,16 +500,12 @@ class PeerCertProtocol(HttpToolsProtocol):
         "_reading_head",
         "_refusal",
         "_url_bytes",
-        "_waiting",
+        "_wait",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._express_body: bytearray | None = None  # a request the express path reads
-        # An answer that waits: read and not yet begun (its coroutine and the request's body),
-        # then under way (its task).
-        self._deferred: tuple[Deferred, bytes] | None = None
-        self._waiting: asyncio.Task[Any] | None = None
-        self._held: bytearray | None = None  # what the client sent meanwhile
+        self._wait: _Wait | None = None  # an express answer that waits
         self._names: pki.CertificateNames | None = None  # what the client certificate vouches for
         self._refusal: int | None = None
         self._reading_head = True  # from the end of one message to the end of the next's head
@@ -563,8 +571,9 @@ class PeerCertProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         self._idle_since = self.loop.time()
-        if self._waiting is not None:
-            held = self._held = (self._held or bytearray()) + data
+        wait = self._wait
+        if wait is not None and wait.task is not None:
+            held = wait.held = (wait.held or bytearray()) + data
             if len(held) > MAX_HEAD_BYTES:
                 self.transport.pause_reading()  # until the answer is written
             return
@@ -601,8 +610,8 @@ class PeerCertProtocol(HttpToolsProtocol):
             self.logger.warning(message)
             self.send_400_response(message)
             return
-        if self._deferred is not None:
-            self._begin_deferred()
+        if self._wait is not None:
+            self._begin_deferred(self._wait)
             return
         if not self._in_message:
             # Between requests the parser holds nothing of the connection's: its state is a new
@@ -622,13 +631,13 @@ class PeerCertProtocol(HttpToolsProtocol):
     # for a request the app takes (_to_app); a heartbeat the express path answers needs none.
 
     def on_message_begin(self) -> None:
-        if self._deferred is not None:
+        wait = self._wait
+        if wait is not None:
             # Pipelined behind an answer that waits, in the same read: that request goes to the
             # app first, as uvicorn would have sent it, and this one queues behind it there.
-            coroutine, body = self._deferred
-            self._deferred = None
-            coroutine.close()  # never begun: nothing of it ran
-            self._hand_to_app(body)
+            self._wait = None
+            wait.coroutine.close()  # never begun: nothing of it ran
+            self._hand_to_app(wait.body)
         self.url = b""
         self.expect_100_continue = False
         self.headers = []
@@ -690,8 +699,7 @@ class PeerCertProtocol(HttpToolsProtocol):
         return (
             bool(self.pipeline)
             or (self.cycle is not None and not self.cycle.response_complete)
-            or self._deferred is not None
-            or self._waiting is not None
+            or self._wait is not None
         )
 
     def on_body(self, body: bytes) -> None:
@@ -721,7 +729,7 @@ class PeerCertProtocol(HttpToolsProtocol):
         elif isinstance(reply, bytes):
             self._reply(reply)
         else:
-            self._deferred = (reply, bytes(body))  # begun once this read is parsed
+            self._wait = _Wait(reply, bytes(body))  # begun once this read is parsed
 
     def _hand_to_app(self, body: bytes | bytearray, extra: dict[str, Any] | None = None) -> None:
         """The request read so far to the app, as uvicorn would have handed it: the head (its
@@ -731,19 +739,17 @@ class PeerCertProtocol(HttpToolsProtocol):
             super().on_body(bytes(body))
         super().on_message_complete()
 
-    def _begin_deferred(self) -> None:
+    def _begin_deferred(self, wait: _Wait) -> None:
         """Run the answer that waits; what the client sends meanwhile is held (data_received)
         until it has answered."""
-        assert self._deferred is not None
-        coroutine, body = self._deferred
-        self._deferred = None
-        task = self._waiting = self.loop.create_task(coroutine)
+        task = wait.task = self.loop.create_task(wait.coroutine)
         # uvicorn waits for these at shutdown, as for its request cycles.
         self.server_state.tasks.add(task)
-        task.add_done_callback(lambda done: self._deferred_done(done, body))
+        task.add_done_callback(lambda _task: self._deferred_done(wait))
 
-    def _deferred_done(self, task: asyncio.Task[Any], body: bytes) -> None:
-        self._waiting = None
+    def _deferred_done(self, wait: _Wait) -> None:
+        self._wait = None
+        task = cast("asyncio.Task[Any]", wait.task)
         self.server_state.tasks.discard(task)
         if task.cancelled():
             return
@@ -752,13 +758,13 @@ class PeerCertProtocol(HttpToolsProtocol):
             log.debug("the express path declined a request on an error", exc_info=error)
         result = None if error is not None else task.result()
         if self.transport.is_closing():  # the client left: nobody to answer
-            self.headers, self.url, self._held = _NO_HEADERS, b"", None
+            self.headers, self.url = _NO_HEADERS, b""
             return
         if isinstance(result, bytes):
             self._reply(result)
         else:
-            self._hand_to_app(body, result)
-        held, self._held = self._held, None
+            self._hand_to_app(wait.body, result)
+        held = wait.held
         if held is not None:
             self.transport.resume_reading()
             self.data_received(bytes(held))
@@ -785,11 +791,11 @@ class PeerCertProtocol(HttpToolsProtocol):
     def shutdown(self) -> None:
         # uvicorn closes an idle connection at once, and lets one finish the reply under way;
         # an answer that waits is one under way.
-        waiting = self._waiting
-        if waiting is None:
+        wait = self._wait
+        if wait is None or wait.task is None:
             super().shutdown()
         else:  # after _deferred_done, which answers it
-            waiting.add_done_callback(lambda _task: self.shutdown())
+            wait.task.add_done_callback(lambda _task: self.shutdown())
 
     def _on_idle(self) -> None:
         """The keep-alive of express replies (its _IdleWheel slot came): closes a connection
