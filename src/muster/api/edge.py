@@ -205,8 +205,7 @@ class Joins:
         except Exception as exc:
             return {REFUSED: exc}
         metrics.count_express_join(time.perf_counter() - started)
-        head = _header_lines(_json_reply(content)[0]["headers"])
-        return _raw_reply(head, request_id.encode(), content)
+        return _raw_reply(_header_lines(_json_headers(content)), request_id.encode(), content)
 
 
 class PlatformCA:
@@ -507,11 +506,15 @@ def _render(model: BaseModel) -> bytes:
     ).encode()
 
 
+def _json_headers(content: bytes) -> list[tuple[bytes, bytes]]:
+    """A 200 JSON reply's headers: those app.py's middleware gives every API reply."""
+    return [(b"content-length", str(len(content)).encode()), *JSON_REPLY_HEADERS]
+
+
 def _json_reply(content: bytes) -> list[Message]:
     """A 200 JSON reply with the headers app.py's middleware gives every API reply."""
-    headers = [(b"content-length", str(len(content)).encode()), *JSON_REPLY_HEADERS]
     return [
-        {"type": "http.response.start", "status": 200, "headers": headers},
+        {"type": "http.response.start", "status": 200, "headers": _json_headers(content)},
         {"type": "http.response.body", "body": content},
     ]
 

@@ -14,6 +14,7 @@ uvicorn's minor version is pinned and tests/api/test_tls.py fails if the hook st
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -573,8 +574,10 @@ class PeerCertProtocol(HttpToolsProtocol):
         self._idle_since = self.loop.time()
         wait = self._wait
         if wait is not None and wait.task is not None:
-            held = wait.held = (wait.held or bytearray()) + data
-            if len(held) > MAX_HEAD_BYTES:
+            if wait.held is None:
+                wait.held = bytearray()
+            wait.held += data
+            if len(wait.held) > MAX_HEAD_BYTES:
                 self.transport.pause_reading()  # until the answer is written
             return
         if self.parser is None:
@@ -745,11 +748,10 @@ class PeerCertProtocol(HttpToolsProtocol):
         task = wait.task = self.loop.create_task(wait.coroutine)
         # uvicorn waits for these at shutdown, as for its request cycles.
         self.server_state.tasks.add(task)
-        task.add_done_callback(lambda _task: self._deferred_done(wait))
+        task.add_done_callback(functools.partial(self._deferred_done, wait))
 
-    def _deferred_done(self, wait: _Wait) -> None:
+    def _deferred_done(self, wait: _Wait, task: asyncio.Task[Any]) -> None:
         self._wait = None
-        task = cast("asyncio.Task[Any]", wait.task)
         self.server_state.tasks.discard(task)
         if task.cancelled():
             return
